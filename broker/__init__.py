@@ -1,0 +1,1 @@
+"""The ZeroMQ broker: queues gateway requests and balances them over GPU workers."""

@@ -1,0 +1,177 @@
+"""The broker's socket shell: two ROUTER sockets around the pure :class:`BrokerState`.
+
+Each socket has one reader task; a timer task expires silent workers. Every received message is
+decoded and validated (:mod:`imagegen.protocol`), handed to the state with the current time, and
+the actions that come back are sent at once with DONTWAIT: the broker never blocks on a peer.
+Malformed input is dropped and counted per link; it never stops the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+from typing import Any, Sequence
+
+import zmq
+import zmq.asyncio
+
+from broker.config import BrokerSettings
+from broker.state import Action, BrokerPolicy, BrokerState, ToClient, ToWorker
+from broker.stats import build_stats
+from imagegen import protocol
+from imagegen.protocol import (
+    CLIENT_LINK,
+    PROTOCOL_VERSION,
+    WORKER_LINK,
+    Disconnect,
+    Failure,
+    Generate,
+    Heartbeat,
+    ProtocolError,
+    Register,
+    Result,
+    StatsQuery,
+    StatsReply,
+)
+from imagegen.sockets import make_router
+
+log = logging.getLogger(__name__)
+
+
+def send_now(sock: zmq.asyncio.Socket, frames: Sequence[Any]) -> Exception | None:
+    """Send without waiting; returns the error instead of raising (EHOSTUNREACH: peer gone)."""
+    future = sock.send_multipart(list(frames), flags=zmq.DONTWAIT, copy=False)
+    if not future.done():  # cannot happen while we never queue blocking sends on this socket
+        return None
+    return future.exception()
+
+
+class BrokerServer:
+    def __init__(self, settings: BrokerSettings, clock=time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        policy = BrokerPolicy(
+            strategy=settings.strategy,
+            max_queue_size=settings.max_queue_size,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            liveness=settings.heartbeat_liveness,
+            max_attempts=settings.max_attempts,
+        )
+        self.state = BrokerState(policy, epoch=uuid.uuid4().hex)
+        self.dropped: Counter[str] = Counter()  # malformed or undeliverable messages, by kind
+        self.ctx = zmq.asyncio.Context()
+        self.client_sock = make_router(self.ctx, settings.client_bind)
+        self.worker_sock = make_router(self.ctx, settings.worker_bind)
+        log.info("broker %s: gateways on %s, workers on %s, strategy %s",
+                 self.state.epoch[:8], settings.client_bind, settings.worker_bind, settings.strategy)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then close the sockets."""
+        tasks = [
+            asyncio.create_task(self._read(self.client_sock, self._on_client_message), name="clients"),
+            asyncio.create_task(self._read(self.worker_sock, self._on_worker_message), name="workers"),
+            asyncio.create_task(self._expire_workers(), name="liveness"),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.close()
+
+    def close(self) -> None:
+        self.client_sock.close(linger=0)
+        self.worker_sock.close(linger=0)
+        self.ctx.term()
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _read(self, sock: zmq.asyncio.Socket, handle) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            try:
+                handle(frames[0].bytes, frames[1:])
+            except ProtocolError as exc:
+                link = "client" if sock is self.client_sock else "worker"
+                self.dropped[f"malformed_{link}_messages"] += 1
+                log.warning("dropped a malformed %s message: %s", link, exc)
+            except Exception:  # a bug handling one message must not stop the broker
+                self.dropped["internal_errors"] += 1
+                log.exception("error while handling a message; dropped it")
+
+    def _on_client_message(self, client_id: bytes, frames: Sequence[Any]) -> None:
+        message, _ = protocol.decode(frames, CLIENT_LINK)
+        now = self.clock()
+        if isinstance(message, Generate):
+            self._execute(self.state.submit(client_id, message, now))
+        elif isinstance(message, StatsQuery):
+            stats = build_stats(self.state, now, dict(self.dropped))
+            self._send(self.client_sock, client_id, protocol.encode(CLIENT_LINK, StatsReply(message.query_id, stats)))
+        else:
+            raise ProtocolError(f"{type(message).__name__} is not something a gateway may send")
+
+    def _on_worker_message(self, routing_id: bytes, frames: Sequence[Any]) -> None:
+        message, payload = protocol.decode(frames, WORKER_LINK)
+        now = self.clock()
+        if isinstance(message, Register):
+            self._execute(self._register(routing_id, message, now))
+        elif isinstance(message, Heartbeat):
+            self._execute(self.state.heartbeat(routing_id, message, now))
+        elif isinstance(message, Result):
+            self._execute(self.state.result(routing_id, message, now), payload)
+        elif isinstance(message, Failure):
+            self._execute(self.state.failure(routing_id, message, now))
+        elif isinstance(message, Disconnect):
+            log.info("worker %s leaves: %s", self._worker_name(routing_id), message.reason)
+            self._execute(self.state.disconnect(routing_id, now))
+        else:
+            raise ProtocolError(f"{type(message).__name__} is not something a worker may send")
+
+    def _register(self, routing_id: bytes, message: Register, now: float) -> list[Action]:
+        if message.protocol_version != PROTOCOL_VERSION:
+            reason = f"protocol version {message.protocol_version} is not {PROTOCOL_VERSION}: upgrade the worker"
+            log.warning("refused worker %s: %s", message.worker_name, reason)
+            return [ToWorker(routing_id, Disconnect(reason))]
+        log.info("worker %s registered: host %s gpu %d pid %d model %s on %s, max batch %d, capacity %d",
+                 message.worker_name, message.host, message.gpu_id, message.pid, message.model_id,
+                 message.device, message.batching.max_batch_size, message.capacity)
+        return self.state.register(routing_id, message, now)
+
+    async def _expire_workers(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            before = set(self.state.workers)
+            actions = self.state.expire(self.clock())
+            for routing_id in before - set(self.state.workers):
+                log.warning("worker %s missed %d heartbeats: declared dead, its requests requeued",
+                            routing_id.hex()[:8], self.settings.heartbeat_liveness)
+            self._execute(actions)
+
+    # ------------------------------------------------------------------ sending
+
+    def _execute(self, actions: list[Action], payload: Sequence[Any] = ()) -> None:
+        for action in actions:
+            if isinstance(action, ToClient):
+                frames_payload = payload if isinstance(action.message, Result) else ()
+                frames = protocol.encode(CLIENT_LINK, action.message, frames_payload)
+                self._send(self.client_sock, action.client_id, frames)
+            elif not self._send(self.worker_sock, action.routing_id, protocol.encode(WORKER_LINK, action.message)):
+                # The worker's connection is gone: treat it as a disconnect, requeueing what it held.
+                self._execute(self.state.disconnect(action.routing_id, self.clock()))
+
+    def _send(self, sock: zmq.asyncio.Socket, peer: bytes, frames: list[Any]) -> bool:
+        error = send_now(sock, [peer, *frames])
+        if error is None:
+            return True
+        link = "client" if sock is self.client_sock else "worker"
+        self.dropped[f"undeliverable_{link}_messages"] += 1
+        log.warning("could not send to %s %s: %s", link, peer.hex()[:8], error)
+        return False
+
+    def _worker_name(self, routing_id: bytes) -> str:
+        worker = self.state.workers.get(routing_id)
+        return worker.info.worker_name if worker else routing_id.hex()[:8]

@@ -1,0 +1,129 @@
+"""The /stats document, built from the broker's state (pure; the seed's JSON shapes).
+
+With one worker (or none) the document has the seed's single-GPU shape; with two or more, the
+multi-GPU shape (num_gpus, gpu_ids, load_balance_strategy, per_gpu_stats[]). Every field the seed
+shows is present with a real value, plus a few more (marked below) that operators need.
+
+Definitions (all counts since the broker started, including workers that have since left):
+* total_requests: requests completed inside a batch; total_batches: batches run.
+* avg_batch_size = total_requests / total_batches.
+* avg_wait_time_ms: mean time a request waited in its worker for batch-mates (arrival at the
+  worker -> its batch starts), the wait the seed's MAX_BATCH_WAIT_TIME governs.
+* avg_generation_time_ms: mean time of one batch's inference.
+* current_queue_depth: requests accepted and not yet in a running batch (broker queue + workers').
+* max_queue_depth: the largest current_queue_depth seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.state import BrokerState, WorkerRecord
+from imagegen.protocol import WorkerStatus
+
+
+def _averages(status: WorkerStatus) -> dict[str, float]:
+    return {
+        "avg_batch_size": round(status.total_requests / status.total_batches, 2) if status.total_batches else 0.0,
+        "avg_wait_time_ms": round(status.sum_wait_ms / status.total_requests) if status.total_requests else 0,
+        "avg_generation_time_ms": (
+            round(status.sum_generation_ms / status.total_batches) if status.total_batches else 0
+        ),
+    }
+
+
+def _sum_status(statuses: list[WorkerStatus]) -> WorkerStatus:
+    return WorkerStatus(
+        state="cluster",
+        queue_depth=sum(s.queue_depth for s in statuses),
+        running=sum(s.running for s in statuses),
+        max_queue_depth=max((s.max_queue_depth for s in statuses), default=0),
+        total_requests=sum(s.total_requests for s in statuses),
+        total_batches=sum(s.total_batches for s in statuses),
+        total_failed=sum(s.total_failed for s in statuses),
+        sum_wait_ms=sum(s.sum_wait_ms for s in statuses),
+        sum_generation_ms=sum(s.sum_generation_ms for s in statuses),
+    )
+
+
+def _config(worker: WorkerRecord | None) -> dict[str, Any]:
+    if worker is None:
+        return {"max_batch_size": None, "max_wait_time": None, "adaptive_batching": None}
+    b = worker.info.batching
+    return {
+        "max_batch_size": b.max_batch_size,
+        "max_wait_time": b.max_wait_time,
+        "adaptive_batching": b.adaptive_batching,
+        # beyond the seed:
+        "enable_batching": b.enable_batching,
+        "max_batch_size_auto": b.max_batch_size_auto,
+        "min_batch_size": b.min_batch_size,
+        "min_wait_time": b.min_wait_time,
+        "adaptive_batch_threshold": b.adaptive_threshold,
+    }
+
+
+def _per_gpu(worker: WorkerRecord, now: float) -> dict[str, Any]:
+    return {
+        "gpu_id": worker.info.gpu_id,
+        "current_queue_depth": worker.queue_depth,
+        "total_requests": worker.status.total_requests,
+        "total_batches": worker.status.total_batches,
+        **_averages(worker.status),
+        # beyond the seed:
+        "worker": worker.info.worker_name,
+        "host": worker.info.host,
+        "state": worker.status.state,
+        "device": worker.info.device,
+        "model_id": worker.info.model_id,
+        "max_batch_size": worker.info.batching.max_batch_size,
+        "in_flight": len(worker.in_flight),
+        "running": worker.status.running,
+        "max_queue_depth": worker.status.max_queue_depth,
+        "failed_requests": worker.status.total_failed,
+        "last_seen_s_ago": round(now - worker.last_seen, 3),
+    }
+
+
+def _broker_section(state: BrokerState) -> dict[str, Any]:
+    c = state.counters
+    return {
+        "epoch": state.epoch,
+        "queue_depth": len(state.queue),
+        "max_queue_size": state.policy.max_queue_size,
+        "in_progress": state.in_progress(),
+        "requests_received": c.requests_received,
+        "requests_completed": c.requests_completed,
+        "requests_failed": c.requests_failed,
+        "rejected_overloaded": c.rejected_overloaded,
+        "deadline_expired": c.deadline_expired,
+        "requeued": c.requeued,
+        "duplicate_results": c.duplicate_results,
+        "workers_registered": c.workers_registered,
+        "workers_expired": c.workers_expired,
+    }
+
+
+def build_stats(state: BrokerState, now: float, extra_broker_counters: dict[str, int] | None = None) -> dict:
+    workers = sorted(state.workers.values(), key=lambda w: (w.info.host, w.info.gpu_id, w.info.worker_name))
+    totals = _sum_status([w.status for w in workers] + list(state.retired.values()))
+    common = {
+        "total_requests": totals.total_requests,
+        "total_batches": totals.total_batches,
+        "current_queue_depth": state.current_queue_depth(),
+        "max_queue_depth": state.max_queue_depth,
+        **_averages(totals),
+    }
+    broker = _broker_section(state) | (extra_broker_counters or {})
+    if len(workers) <= 1:
+        only = workers[0] if workers else None
+        return {**common, "num_gpus": len(workers), "config": _config(only), "broker": broker}
+    return {
+        "num_gpus": len(workers),
+        "gpu_ids": [w.info.gpu_id for w in workers],
+        "load_balance_strategy": state.policy.strategy,
+        **common,
+        "per_gpu_stats": [_per_gpu(w, now) for w in workers],
+        "config": _config(workers[0]),
+        "broker": broker,
+    }

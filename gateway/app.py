@@ -1,0 +1,205 @@
+"""The gateway's aiohttp application: routes, JSON errors, and the broker link's lifecycle.
+
+``create_app(settings, broker_client=None)`` builds the app; tests pass a fake broker client,
+``python -m gateway`` lets it open the real one (a ZeroMQ DEALER) at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+
+from gateway.broker_client import BrokerClient, BrokerFailure
+from gateway.config import GatewaySettings
+from gateway.images import ImageStore, new_image_id, png_size
+from gateway.validation import FieldError, GenerateRequest, parse_generate_request
+from imagegen.protocol import FailureCode, Result
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+BROKER = web.AppKey("broker", BrokerClient)
+IMAGES = web.AppKey("images", ImageStore)
+
+PRUNE_INTERVAL_S = 60.0
+READY_TIMEOUT_S = 1.0
+
+# How a broker-side failure reaches the HTTP client.
+FAILURE_STATUS = {
+    FailureCode.OVERLOADED.value: 503,
+    FailureCode.WORKER_LOST.value: 503,
+    FailureCode.SHUTTING_DOWN.value: 503,
+    FailureCode.INVALID_REQUEST.value: 400,
+    FailureCode.DEADLINE_EXCEEDED.value: 504,
+    FailureCode.GENERATION_FAILED.value: 500,
+}
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"code": code, "message": message, "field": field}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error, aiohttp's own 404/405/413 included, answers with the same JSON shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason,
+                              headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+
+
+async def read_json_body(request: web.Request, max_bytes: int) -> Any:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise FieldError(None, f"the request body is {request.content_length} bytes; the limit is {max_bytes} "
+                               "(MAX_REQUEST_BYTES)", status=413)
+    # read(n) returns what has arrived so far (up to n bytes), not the whole body: loop to EOF.
+    raw = b""
+    while len(raw) <= max_bytes:
+        chunk = await request.content.read(max_bytes + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    if len(raw) > max_bytes:
+        raise FieldError(None, f"the request body exceeds {max_bytes} bytes (MAX_REQUEST_BYTES)", status=413)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FieldError(None, f"the request body is not valid JSON: {exc}") from None
+
+
+async def generate(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    settings = request.app[SETTINGS]
+    try:
+        body = await read_json_body(request, settings.max_request_bytes)
+        parsed = parse_generate_request(body, settings)
+    except FieldError as exc:
+        return error_response(exc.status, "invalid_request", exc.message, exc.field)
+    request_id = uuid.uuid4().hex
+    try:
+        result, png = await request.app[BROKER].generate(request_id, parsed.params, settings.request_timeout_s)
+    except BrokerFailure as exc:
+        return _failure_response(exc, settings)
+    except asyncio.TimeoutError:
+        return error_response(504, "timeout", f"no image within REQUEST_TIMEOUT_S={settings.request_timeout_s:g}s; "
+                                              "the service is overloaded or no GPU worker is running")
+    if png_size(png) != (parsed.params.width, parsed.params.height):
+        log.error("request %s: worker %s sent an image of size %s, expected %dx%d", request_id,
+                  result.worker_name, png_size(png), parsed.params.width, parsed.params.height)
+        return error_response(502, "bad_worker_output", "the worker returned an image of the wrong size")
+    image_id = new_image_id()
+    await asyncio.get_running_loop().run_in_executor(None, request.app[IMAGES].save, image_id, png)
+    return web.json_response(_success_body(request, parsed, result, image_id, started))
+
+
+def _failure_response(exc: BrokerFailure, settings: GatewaySettings) -> web.Response:
+    status = FAILURE_STATUS.get(exc.code, 500)
+    headers = {"Retry-After": str(settings.retry_after_s)} if status == 503 else None
+    return error_response(status, exc.code, exc.message, headers=headers)
+
+
+def _success_body(request: web.Request, parsed: GenerateRequest, result: Result, image_id: str,
+                  started: float) -> dict[str, Any]:
+    base = request.app[SETTINGS].public_base_url or str(request.url.origin())
+    params = parsed.params
+    return {
+        "image_id": image_id,
+        "image_url": f"{base.rstrip('/')}/images/{image_id}.png",
+        "duration_ms": round((time.perf_counter() - started) * 1000.0, 1),
+        "game_id": parsed.game_id,
+        "round_id": parsed.round_id,
+        "player_id": parsed.player_id,
+        "width": params.width,
+        "height": params.height,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "seed": params.seed,
+        "batch_id": result.batch_id,
+        "batch_size": result.batch_size,
+        "gpu_id": result.gpu_id,
+        "worker": result.worker_name,
+        "host": result.host,
+        "queue_wait_ms": round(result.queue_wait_ms, 1),
+        "generation_ms": round(result.generation_ms, 1),
+    }
+
+
+async def stats(request: web.Request) -> web.Response:
+    try:
+        document = await request.app[BROKER].stats()
+    except asyncio.TimeoutError:
+        return error_response(503, "broker_unreachable", "the broker did not answer the stats query",
+                              headers={"Retry-After": str(request.app[SETTINGS].retry_after_s)})
+    return web.json_response(document)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: this process serves HTTP."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the broker answers and at least one worker is registered."""
+    try:
+        document = await request.app[BROKER].stats(READY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return web.json_response({"status": "not_ready", "reason": "the broker does not answer"}, status=503)
+    workers = document.get("num_gpus", 0)
+    if workers < 1:
+        return web.json_response({"status": "not_ready", "reason": "no GPU worker is registered"}, status=503)
+    return web.json_response({"status": "ready", "workers": workers})
+
+
+async def image(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    path = request.app[IMAGES].path_for(name.removesuffix(".png")) if name.endswith(".png") else None
+    if path is None or not path.is_file():
+        return error_response(404, "not_found", f"no image named {name!r} (images expire; see IMAGE_RETENTION_S)")
+    return web.FileResponse(path, headers={"Content-Type": "image/png", "Cache-Control": "public, max-age=86400"})
+
+
+async def _broker_link(app: web.Application) -> AsyncIterator[None]:
+    if BROKER not in app:
+        app[BROKER] = BrokerClient(app[SETTINGS].broker_address)
+    await app[BROKER].start()
+    yield
+    await app[BROKER].close()
+
+
+async def _prune_images(app: web.Application) -> AsyncIterator[None]:
+    async def loop() -> None:
+        while True:
+            await asyncio.get_running_loop().run_in_executor(None, app[IMAGES].prune)
+            await asyncio.sleep(PRUNE_INTERVAL_S)
+
+    task = asyncio.create_task(loop(), name="prune-images")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def create_app(settings: GatewaySettings, broker_client: Any = None) -> web.Application:
+    # client_max_size above our own limit: read_json_body enforces MAX_REQUEST_BYTES with a JSON error.
+    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_request_bytes + 1024)
+    app[SETTINGS] = settings
+    app[IMAGES] = ImageStore(settings.image_dir, settings.image_retention_count, settings.image_retention_s)
+    if broker_client is not None:
+        app[BROKER] = broker_client
+    app.cleanup_ctx.extend([_broker_link, _prune_images])
+    app.router.add_post("/generate", generate)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/images/{name}", image)
+    return app

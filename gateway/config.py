@@ -1,0 +1,59 @@
+"""The gateway's settings: environment variables, each with a matching command-line flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imagegen.protocol import MAX_PROMPT_CHARS as WIRE_MAX_PROMPT_CHARS
+from imagegen.settings import require, setting
+
+
+def _optional_str(text: str) -> str | None:
+    return text.strip() or None
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """python -m gateway: the HTTP API (POST /generate, GET /stats, images) in front of the broker."""
+
+    host: str = setting("GATEWAY_HOST", "0.0.0.0", "interface the HTTP server listens on")
+    port: int = setting("GATEWAY_PORT", 8080, "HTTP port")
+    broker_address: str = setting("BROKER_CLIENT_ADDRESS", "tcp://127.0.0.1:5555", "the broker's gateway endpoint")
+    image_dir: str = setting("IMAGE_DIR", "images", "folder where generated PNGs are kept and served from")
+    image_retention_count: int = setting("IMAGE_RETENTION_COUNT", 10000,
+                                         "most images kept; the oldest are deleted first")
+    image_retention_s: float = setting("IMAGE_RETENTION_S", 86400.0,
+                                       "images older than this many seconds are deleted")
+    public_base_url: str | None = setting("PUBLIC_BASE_URL", None,
+                                          "base of image_url in responses; unset: the request's own scheme and host",
+                                          parse=_optional_str)
+    request_timeout_s: float = setting("REQUEST_TIMEOUT_S", 600.0,
+                                       "seconds a request may take, queueing included, before 504")
+    retry_after_s: int = setting("RETRY_AFTER_S", 5, "Retry-After seconds sent with 503 answers")
+    max_request_bytes: int = setting("MAX_REQUEST_BYTES", 65536, "largest accepted request body")
+    max_prompt_chars: int = setting("MAX_PROMPT_LENGTH", 2000, "longest prompt or negative prompt, in characters")
+    min_image_side: int = setting("MIN_IMAGE_SIDE", 64, "smallest width or height, in pixels")
+    max_image_side: int = setting("MAX_IMAGE_SIDE", 2048, "largest width or height, in pixels")
+    max_image_pixels: int = setting("MAX_IMAGE_PIXELS", 2048 * 2048, "largest width x height")
+    max_inference_steps: int = setting("MAX_INFERENCE_STEPS", 150, "most denoising steps a request may ask for")
+    max_guidance_scale: float = setting("MAX_GUIDANCE_SCALE", 30.0, "largest guidance_scale")
+    default_width: int = setting("DEFAULT_WIDTH", 512, "width when a request gives none")
+    default_height: int = setting("DEFAULT_HEIGHT", 512, "height when a request gives none")
+    default_steps: int = setting("DEFAULT_INFERENCE_STEPS", 25, "num_inference_steps when a request gives none")
+    default_guidance_scale: float = setting("DEFAULT_GUIDANCE_SCALE", 7.5, "guidance_scale when a request gives none")
+    log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def validate(self) -> None:
+        require(1 <= self.port <= 65535, "GATEWAY_PORT", "must be a TCP port (1-65535)")
+        require(self.request_timeout_s > 0, "REQUEST_TIMEOUT_S", "must be positive")
+        require(self.image_retention_count >= 1, "IMAGE_RETENTION_COUNT", "must be at least 1")
+        require(self.image_retention_s > 0, "IMAGE_RETENTION_S", "must be positive")
+        require(1 <= self.max_prompt_chars <= WIRE_MAX_PROMPT_CHARS, "MAX_PROMPT_LENGTH",
+                f"must be between 1 and {WIRE_MAX_PROMPT_CHARS}")
+        require(8 <= self.min_image_side <= self.max_image_side <= 8192, "MAX_IMAGE_SIDE",
+                "need 8 <= MIN_IMAGE_SIDE <= MAX_IMAGE_SIDE <= 8192")
+        require(1 <= self.max_inference_steps <= 1000, "MAX_INFERENCE_STEPS", "must be between 1 and 1000")
+        require(0 < self.max_guidance_scale <= 100, "MAX_GUIDANCE_SCALE", "must be in (0, 100]")
+        for env, side in (("DEFAULT_WIDTH", self.default_width), ("DEFAULT_HEIGHT", self.default_height)):
+            require(side % 8 == 0 and self.min_image_side <= side <= self.max_image_side, env,
+                    "must be a multiple of 8 within MIN_IMAGE_SIDE..MAX_IMAGE_SIDE")

@@ -1,0 +1,1 @@
+"""GPU worker: loads one diffusion model per GPU and generates batches of images."""

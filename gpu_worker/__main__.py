@@ -1,0 +1,99 @@
+"""python -m gpu_worker [flags]: serve one GPU (every flag also reads an environment variable)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+
+from gpu_worker.batcher import BatchPolicyConfig
+from gpu_worker.config import WorkerSettings
+from gpu_worker.pipelines import (
+    BatchSettings,
+    GenerationJob,
+    ImagePipeline,
+    ModelLoadError,
+    auto_max_batch_size,
+    free_gpu_memory_bytes,
+    load_pipeline,
+)
+from gpu_worker.worker import Worker, WorkerIdentity
+from imagegen import settings as settings_lib
+from imagegen.logs import setup_logging
+from imagegen.runner import run_service, stop_event_on_signals
+
+log = logging.getLogger("gpu_worker")
+
+EXIT_MODEL_LOAD_FAILED = 3
+
+
+def batch_policy(settings: WorkerSettings, pipeline: ImagePipeline) -> tuple[BatchPolicyConfig, bool]:
+    """The batching policy, with MAX_BATCH_SIZE auto-detected when unset (returns whether it was)."""
+    size = settings.max_batch_size
+    max_batch_pixels = None
+    auto = size is None
+    if auto:
+        native = pipeline.native_size
+        size = auto_max_batch_size(pipeline, free_gpu_memory_bytes(), native, native)
+        if pipeline.device.type == "cuda":
+            # Memory grows with pixels: larger images form proportionally smaller batches.
+            max_batch_pixels = size * native * native
+        log.info("MAX_BATCH_SIZE unset: auto-detected %d for %s at %dx%d on %s",
+                 size, settings.model_id, native, native, pipeline.device)
+    size = size if settings.enable_batching else 1
+    policy = BatchPolicyConfig(
+        enable_batching=settings.enable_batching,
+        max_batch_size=size,
+        max_wait_time_s=settings.max_batch_wait_s,
+        min_batch_size=min(settings.min_batch_size, size),
+        min_wait_time_s=min(settings.min_batch_wait_s, settings.max_batch_wait_s),
+        adaptive=settings.adaptive_batching,
+        adaptive_threshold=settings.adaptive_threshold,
+        max_batch_pixels=max_batch_pixels,
+    )
+    return policy, auto
+
+
+def warm_up(pipeline: ImagePipeline) -> None:
+    """One small generation, so the first real request does not pay for lazy initialisation."""
+    started = time.perf_counter()
+    size = pipeline.native_size
+    pipeline.generate([GenerationJob("warm-up", None, 0)], BatchSettings(size, size, 2, 7.5))
+    log.info("warm-up generation took %.2fs", time.perf_counter() - started)
+
+
+async def main(settings: WorkerSettings) -> None:
+    setup_logging("gpu_worker", settings.log_level)
+    log.info("settings: %s", settings_lib.describe(settings))
+    started = time.perf_counter()
+    try:
+        pipeline = load_pipeline(settings.model_id, settings.device, settings.dtype)
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_MODEL_LOAD_FAILED)
+    log.info("loaded MODEL_ID=%s (%s) on %s as %s in %.1fs", settings.model_id, pipeline.architecture,
+             pipeline.device, pipeline.dtype, time.perf_counter() - started)
+    if settings.warmup:
+        warm_up(pipeline)
+    policy, auto = batch_policy(settings, pipeline)
+    gpu_id = settings.resolved_gpu_id(pipeline.device.type == "cuda")
+    host = settings.resolved_host()
+    identity = WorkerIdentity(
+        name=settings.worker_name or (f"{host}-gpu{gpu_id}" if gpu_id >= 0 else f"{host}-cpu"),
+        host=host,
+        gpu_id=gpu_id,
+        model_id=settings.model_id,
+        device=str(pipeline.device),
+    )
+    capacity = settings.max_in_flight or 2 * policy.max_batch_size
+    worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
+                    settings.heartbeat_interval_s, max_batch_size_auto=auto)
+    log.info("worker %s: max batch %d, capacity %d, broker %s", identity.name, policy.max_batch_size,
+             capacity, settings.broker_address)
+    await worker.serve(stop_event_on_signals(asyncio.get_running_loop()))
+    log.info("worker %s stopped", identity.name)
+
+
+if __name__ == "__main__":
+    sys.exit(run_service("gpu_worker", lambda: settings_lib.load(WorkerSettings, sys.argv[1:]), main))

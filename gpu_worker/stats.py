@@ -1,0 +1,43 @@
+"""A worker's own counters (pure): what it reports to the broker in heartbeats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imagegen.protocol import WorkerStatus
+
+
+@dataclass
+class WorkerCounters:
+    max_queue_depth: int = 0
+    total_requests: int = 0
+    total_batches: int = 0
+    total_failed: int = 0
+    sum_wait_ms: float = 0.0
+    sum_generation_ms: float = 0.0
+
+    def observe_queue_depth(self, depth: int) -> None:
+        self.max_queue_depth = max(self.max_queue_depth, depth)
+
+    def record_batch(self, wait_s: list[float], generation_s: float) -> None:
+        """A batch finished: one batch, len(wait_s) requests, each with its own wait."""
+        self.total_batches += 1
+        self.total_requests += len(wait_s)
+        self.sum_wait_ms += sum(wait_s) * 1000.0
+        self.sum_generation_ms += generation_s * 1000.0
+
+    def record_failed(self, count: int) -> None:
+        self.total_failed += count
+
+    def status(self, state: str, queue_depth: int, running: int) -> WorkerStatus:
+        return WorkerStatus(
+            state=state,
+            queue_depth=queue_depth,
+            running=running,
+            max_queue_depth=self.max_queue_depth,
+            total_requests=self.total_requests,
+            total_batches=self.total_batches,
+            total_failed=self.total_failed,
+            sum_wait_ms=self.sum_wait_ms,
+            sum_generation_ms=self.sum_generation_ms,
+        )

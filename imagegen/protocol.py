@@ -1,0 +1,357 @@
+"""The wire protocol spoken between gateway, broker and GPU workers.
+
+Every message is a list of ZeroMQ frames (the ROUTER side sees the peer's routing id first):
+
+    frame 0   link tag + protocol version: ``IGW1`` (worker <-> broker) or ``IGC1`` (gateway <-> broker)
+    frame 1   command, one byte (:class:`Command`)
+    frame 2   header: a msgpack map, at most :data:`MAX_HEADER_BYTES`
+    frame 3.. payload frames, raw bytes (PNG images); never inside msgpack, never pickled
+
+Each command has one typed message class (a frozen dataclass). :func:`encode` turns a message
+into frames; :func:`decode` turns frames back into a message, validating the tag, the command,
+the header's size, every field's type and bounds, and the payload frame count. Anything that
+fails raises :class:`ProtocolError`: the receiver drops the message, counts it and carries on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence, Union
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+WORKER_LINK = b"IGW%d" % PROTOCOL_VERSION
+CLIENT_LINK = b"IGC%d" % PROTOCOL_VERSION
+
+MAX_HEADER_BYTES = 256 * 1024
+MAX_PAYLOAD_FRAMES = 1
+# Per-frame cap applied with ZMQ_MAXMSGSIZE on the broker's sockets: a PNG of the largest allowed
+# image (2048 x 2048 RGB, incompressible) is about 12 MiB.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+MAX_PROMPT_CHARS = 4000
+MAX_ID_CHARS = 128
+MAX_SEED = 2**63 - 1
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol; the receiver drops it and counts it."""
+
+
+class Command(bytes, enum.Enum):
+    """One byte naming what a message is. Values are stable: never renumber, only add."""
+
+    # worker link (IGW)
+    REGISTER = b"\x01"  # W->B: I exist, this is what I can do
+    WELCOME = b"\x02"  # B->W: you are registered (answers REGISTER)
+    GENERATE = b"\x03"  # B->W: generate one image; also G->B on the client link
+    RESULT = b"\x04"  # W->B and B->G: one generated image (payload: PNG bytes)
+    FAILURE = b"\x05"  # W->B and B->G: a request that ended without an image
+    HEARTBEAT = b"\x06"  # W->B: I am alive; my queue and counters
+    DISCONNECT = b"\x07"  # both ways: W->B "I am leaving"; B->W "I don't know you, register again"
+    # client link (IGC)
+    STATS_QUERY = b"\x11"  # G->B
+    STATS_REPLY = b"\x12"  # B->G
+
+
+def _meta(*, max_len: int | None = None, low: float | None = None, high: float | None = None) -> dict:
+    return {"max_len": max_len, "low": low, "high": high}
+
+
+def bounded(default: Any = dataclasses.MISSING, **bounds: Any) -> Any:
+    """A dataclass field whose value decode() checks against bounds (max_len, low, high)."""
+    if default is dataclasses.MISSING:
+        return field(metadata=_meta(**bounds))
+    return field(default=default, metadata=_meta(**bounds))
+
+
+class Message:
+    """Base of every typed message: COMMAND says which command byte carries it."""
+
+    COMMAND: ClassVar[Command]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared structures
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What the user asked for. Requests with equal batch-relevant fields can share one inference."""
+
+    prompt: str = bounded(max_len=MAX_PROMPT_CHARS)
+    width: int = bounded(low=8, high=8192)
+    height: int = bounded(low=8, high=8192)
+    num_inference_steps: int = bounded(low=1, high=1000)
+    guidance_scale: float = bounded(low=0.0, high=100.0)
+    seed: int = bounded(low=0, high=MAX_SEED)
+    negative_prompt: str | None = bounded(None, max_len=MAX_PROMPT_CHARS)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """A worker's batching settings, as the seed names them; reported at registration for /stats."""
+
+    enable_batching: bool
+    max_batch_size: int = bounded(low=1, high=4096)
+    max_wait_time: float = bounded(low=0.0, high=3600.0)
+    min_batch_size: int = bounded(low=1, high=4096)
+    min_wait_time: float = bounded(low=0.0, high=3600.0)
+    adaptive_batching: bool
+    adaptive_threshold: int = bounded(low=1, high=1_000_000)
+    max_batch_size_auto: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """A worker's own view of its queue and counters (sent in heartbeats, after each batch)."""
+
+    state: str = bounded(max_len=16)  # "ready" | "draining"
+    queue_depth: int = bounded(low=0, high=1_000_000)  # accepted, waiting to be batched
+    running: int = bounded(low=0, high=1_000_000)  # requests in the batch on the GPU now
+    max_queue_depth: int = bounded(low=0, high=1_000_000)
+    total_requests: int = bounded(low=0)  # requests completed in batches
+    total_batches: int = bounded(low=0)
+    total_failed: int = bounded(low=0)
+    sum_wait_ms: float = bounded(low=0.0)  # arrival at the worker -> its batch starts, summed
+    sum_generation_ms: float = bounded(low=0.0)  # one batch's inference time, summed over batches
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker link
+
+
+@dataclass(frozen=True)
+class Register(Message):
+    COMMAND: ClassVar[Command] = Command.REGISTER
+    worker_name: str = bounded(max_len=MAX_ID_CHARS)
+    host: str = bounded(max_len=255)
+    gpu_id: int = bounded(low=-1, high=4096)  # -1: CPU
+    pid: int = bounded(low=0)
+    model_id: str = bounded(max_len=1024)
+    device: str = bounded(max_len=64)
+    capacity: int = bounded(low=1, high=100_000)  # most requests the broker may hand it at once
+    batching: BatchingConfig
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    COMMAND: ClassVar[Command] = Command.WELCOME
+    broker_epoch: str = bounded(max_len=64)  # changes whenever the broker restarts
+    heartbeat_interval_s: float = bounded(low=0.01, high=3600.0)
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    COMMAND: ClassVar[Command] = Command.HEARTBEAT
+    status: WorkerStatus
+
+
+@dataclass(frozen=True)
+class Disconnect(Message):
+    COMMAND: ClassVar[Command] = Command.DISCONNECT
+    reason: str = bounded(max_len=1024)
+
+
+@dataclass(frozen=True)
+class Generate(Message):
+    """A request to generate one image: gateway -> broker, then broker -> worker."""
+
+    COMMAND: ClassVar[Command] = Command.GENERATE
+    request_id: str = bounded(max_len=MAX_ID_CHARS)
+    params: GenerationParams
+    deadline_s: float = bounded(low=0.0, high=86_400.0)  # seconds the client waits; the broker counts from receipt
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    """One generated image (payload frame: PNG bytes) and how it was made."""
+
+    COMMAND: ClassVar[Command] = Command.RESULT
+    request_id: str = bounded(max_len=MAX_ID_CHARS)
+    worker_name: str = bounded(max_len=MAX_ID_CHARS)
+    host: str = bounded(max_len=255)
+    gpu_id: int = bounded(low=-1, high=4096)
+    batch_id: str = bounded(max_len=2 * MAX_ID_CHARS)
+    batch_size: int = bounded(low=1, high=100_000)
+    # Worker fills in its own wait (arrival -> batch start); the broker adds its queue time.
+    queue_wait_ms: float = bounded(low=0.0)
+    generation_ms: float = bounded(low=0.0)
+    width: int = bounded(low=1, high=8192)
+    height: int = bounded(low=1, high=8192)
+    seed: int = bounded(low=0, high=MAX_SEED)
+
+
+class FailureCode(str, enum.Enum):
+    OVERLOADED = "overloaded"  # broker queue full: retry later (HTTP 503)
+    INVALID_REQUEST = "invalid_request"  # the pipeline rejected the inputs (HTTP 400)
+    GENERATION_FAILED = "generation_failed"  # inference raised (HTTP 500)
+    WORKER_LOST = "worker_lost"  # the worker holding it went away too often (HTTP 503)
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # waited past the client's deadline (HTTP 504)
+    SHUTTING_DOWN = "shutting_down"  # (HTTP 503)
+
+
+@dataclass(frozen=True)
+class Failure(Message):
+    COMMAND: ClassVar[Command] = Command.FAILURE
+    request_id: str = bounded(max_len=MAX_ID_CHARS)
+    code: str = bounded(max_len=64)  # a FailureCode value
+    message: str = bounded(max_len=4096)
+
+
+# ---------------------------------------------------------------------------------------------
+# Client link
+
+
+@dataclass(frozen=True)
+class StatsQuery(Message):
+    COMMAND: ClassVar[Command] = Command.STATS_QUERY
+    query_id: str = bounded(max_len=MAX_ID_CHARS)
+
+
+@dataclass(frozen=True)
+class StatsReply(Message):
+    COMMAND: ClassVar[Command] = Command.STATS_REPLY
+    query_id: str = bounded(max_len=MAX_ID_CHARS)
+    stats: dict  # the /stats JSON document, built by the broker
+
+
+_WORKER_LINK_COMMANDS = {Register, Welcome, Heartbeat, Disconnect, Generate, Result, Failure}
+_CLIENT_LINK_COMMANDS = {Generate, Result, Failure, StatsQuery, StatsReply}
+MESSAGE_TYPES: dict[bytes, dict[Command, type[Message]]] = {
+    WORKER_LINK: {cls.COMMAND: cls for cls in _WORKER_LINK_COMMANDS},
+    CLIENT_LINK: {cls.COMMAND: cls for cls in _CLIENT_LINK_COMMANDS},
+}
+_PAYLOAD_COMMANDS = {Command.RESULT}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and decoding
+
+
+def encode(link: bytes, message: Message, payload: Sequence[bytes] = ()) -> list[bytes]:
+    """Frames for one message on ``link`` (WORKER_LINK or CLIENT_LINK), payload frames last."""
+    if type(message) not in MESSAGE_TYPES[link].values():
+        raise ValueError(f"{type(message).__name__} is not spoken on link {link!r}")
+    header = msgpack.packb(dataclasses.asdict(message), use_bin_type=True)
+    return [link, message.COMMAND.value, header, *payload]
+
+
+def decode(frames: Sequence[Any], link: bytes) -> tuple[Message, list[Any]]:
+    """Parse and validate frames received on ``link``; returns the message and its payload frames."""
+    if len(frames) < 3:
+        raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
+    tag, command_byte, header = bytes(frames[0]), bytes(frames[1]), bytes(frames[2])
+    if tag != link:
+        raise ProtocolError(f"unexpected link tag {tag[:8]!r} (expected {link!r}): version mismatch?")
+    try:
+        cls = MESSAGE_TYPES[link][Command(command_byte)]
+    except (ValueError, KeyError):
+        raise ProtocolError(f"unknown command {command_byte[:4]!r} on link {link!r}") from None
+    payload = list(frames[3:])  # kept as received (zmq.Frame or bytes): forwarded without a copy
+    expected_payload = MAX_PAYLOAD_FRAMES if cls.COMMAND in _PAYLOAD_COMMANDS else 0
+    if len(payload) != expected_payload:
+        raise ProtocolError(f"{cls.__name__} carries {expected_payload} payload frame(s), got {len(payload)}")
+    return from_header(cls, unpack_header(header)), payload
+
+
+def unpack_header(header: bytes) -> dict:
+    """Unpack a msgpack header safely: size-capped, string keys, no extension types."""
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        # msgpack bounds every container length by len(header), so a tiny "array of 2**32" bomb fails fast.
+        value = msgpack.unpackb(bytes(header), raw=False, strict_map_key=True, use_list=False, ext_hook=_reject_ext)
+    except Exception as exc:  # msgpack raises several unrelated types (ValueError, StackError, ExtraData...)
+        raise ProtocolError(f"undecodable header: {type(exc).__name__}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"header must be a map, got {type(value).__name__}")
+    return value
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def from_header(cls: type, header: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a decoded map, checking every field; unknown keys are ignored."""
+    if not isinstance(header, dict):
+        raise ProtocolError(f"{path or cls.__name__}: expected a map, got {type(header).__name__}")
+    hints = _type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        where = f"{path}.{f.name}" if path else f.name
+        if f.name not in header:
+            if f.default is dataclasses.MISSING:
+                raise ProtocolError(f"{where}: missing")
+            continue
+        values[f.name] = _check(header[f.name], hints[f.name], f.metadata, where)
+    return cls(**values)
+
+
+_type_hints = functools.cache(typing.get_type_hints)
+
+
+def _check(value: Any, hint: Any, meta: typing.Mapping, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _check(value, inner, meta, where)
+    if dataclasses.is_dataclass(hint):
+        return from_header(hint, value, where)
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map")
+        return _thaw(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{where}: expected a boolean")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError(f"{where}: expected an integer")
+        return _check_range(value, meta, where)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ProtocolError(f"{where}: expected a finite number")
+        return _check_range(float(value), meta, where)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"{where}: expected a string")
+        if meta.get("max_len") is not None and len(value) > meta["max_len"]:
+            raise ProtocolError(f"{where}: longer than {meta['max_len']} characters")
+        return value
+    raise TypeError(f"protocol field {where} has unsupported type {hint!r}")  # a bug in this module
+
+
+def _check_range(value: float, meta: typing.Mapping, where: str) -> Any:
+    if meta.get("low") is not None and value < meta["low"]:
+        raise ProtocolError(f"{where}: {value} is below {meta['low']}")
+    if meta.get("high") is not None and value > meta["high"]:
+        raise ProtocolError(f"{where}: {value} is above {meta['high']}")
+    return value
+
+
+# Nesting _thaw accepts inside a free-form map (the /stats document is 3 deep). msgpack accepts
+# ~1000 levels, which would overflow Python's recursion limit here: refuse them as malformed.
+MAX_NESTING = 32
+
+
+def _thaw(value: Any, depth: int = 0) -> Any:
+    """Turn the tuples that unpack_header produces back into lists (for JSON documents)."""
+    if depth > MAX_NESTING and isinstance(value, (dict, tuple)):
+        raise ProtocolError(f"value nested deeper than {MAX_NESTING} levels")
+    if isinstance(value, dict):
+        return {k: _thaw(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v, depth + 1) for v in value]
+    return value

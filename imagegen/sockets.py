@@ -1,0 +1,50 @@
+"""ZeroMQ socket construction with the options this cluster relies on (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import zmq
+
+from imagegen.protocol import MAX_FRAME_BYTES
+
+# High-water marks count messages, not bytes. Credit-based dispatch bounds what is in flight far
+# below this, so the HWM is a safety net, never the flow control.
+HIGH_WATER_MARK = 10_000
+
+
+def make_router(ctx: zmq.Context, bind: str) -> zmq.Socket:
+    """A broker-side ROUTER bound to ``bind``.
+
+    ROUTER_MANDATORY makes a send to a vanished peer raise EHOSTUNREACH instead of silently
+    dropping the message; MAXMSGSIZE disconnects a peer that sends an oversized frame before it
+    can fill our memory; LINGER 0 keeps shutdown from hanging on unsendable messages."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    _enable_ipv6_if_needed(sock, bind)
+    sock.bind(bind)
+    return sock
+
+
+def make_dealer(ctx: zmq.Context, connect: str, linger_ms: int = 2000) -> zmq.Socket:
+    """A DEALER connected to a broker; it reconnects by itself if the broker restarts."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL, 250)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    # Detect a dead TCP peer at the transport level too (answered by libzmq's I/O thread).
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+    _enable_ipv6_if_needed(sock, connect)
+    sock.connect(connect)
+    return sock
+
+
+def _enable_ipv6_if_needed(sock: zmq.Socket, endpoint: str) -> None:
+    if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
+        sock.setsockopt(zmq.IPV6, 1)

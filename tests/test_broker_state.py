@@ -1,0 +1,612 @@
+"""Unit tests of the broker's pure core: broker.state, broker.balancing and broker.stats.
+
+No sockets and no sleeping: every call takes ``now`` from a fake clock (plain floats).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.balancing import Balancer, Candidate
+from broker.state import BrokerPolicy, BrokerState, ToClient, ToWorker
+from broker.stats import build_stats
+from imagegen.protocol import (
+    BatchingConfig,
+    Disconnect,
+    Failure,
+    Generate,
+    GenerationParams,
+    Heartbeat,
+    Register,
+    Result,
+    Welcome,
+    WorkerStatus,
+)
+
+T0 = 100.0
+CLIENT = b"gateway-1"
+W1, W2, W3 = b"w1", b"w2", b"w3"
+
+
+# ------------------------------------------------------------------ message helpers
+
+
+def reg(name: str = "w1", capacity: int = 4, gpu_id: int = 0, host: str = "host-a", max_batch_size: int = 8,
+        max_wait_time: float = 5.0, adaptive: bool = True, pid: int | None = None) -> Register:
+    return Register(
+        worker_name=name, host=host, gpu_id=gpu_id, pid=1000 + gpu_id if pid is None else pid, model_id="tiny/sd", device=f"cuda:{gpu_id}",
+        capacity=capacity,
+        batching=BatchingConfig(enable_batching=True, max_batch_size=max_batch_size, max_wait_time=max_wait_time,
+                                min_batch_size=1, min_wait_time=0.5, adaptive_batching=adaptive,
+                                adaptive_threshold=10),
+    )
+
+
+def gen(request_id: str, deadline_s: float = 600.0) -> Generate:
+    return Generate(request_id, GenerationParams("a cat", 512, 512, 25, 7.5, 1, None), deadline_s)
+
+
+def status(state: str = "ready", queue_depth: int = 0, running: int = 0, max_queue_depth: int = 0,
+           total_requests: int = 0, total_batches: int = 0, total_failed: int = 0, sum_wait_ms: float = 0.0,
+           sum_generation_ms: float = 0.0) -> WorkerStatus:
+    return WorkerStatus(state, queue_depth, running, max_queue_depth, total_requests, total_batches, total_failed,
+                        sum_wait_ms, sum_generation_ms)
+
+
+def hb(**kwargs) -> Heartbeat:
+    return Heartbeat(status(**kwargs))
+
+
+def res(request_id: str, worker: str = "w1", queue_wait_ms: float = 0.0) -> Result:
+    return Result(request_id, worker, "host-a", 0, f"{worker}:1", 1, queue_wait_ms, 1000.0, 512, 512, 1)
+
+
+def state(**policy) -> BrokerState:
+    return BrokerState(BrokerPolicy(**policy), epoch="epoch-1")
+
+
+def dispatched(actions) -> list[tuple[bytes, str]]:
+    """(worker routing id, request id) of every Generate sent to a worker, in order."""
+    return [(a.routing_id, a.message.request_id) for a in actions
+            if isinstance(a, ToWorker) and isinstance(a.message, Generate)]
+
+
+def failures(actions) -> list[tuple[str, str]]:
+    return [(a.message.request_id, a.message.code) for a in actions
+            if isinstance(a, ToClient) and isinstance(a.message, Failure)]
+
+
+def submit_all(s: BrokerState, ids, now: float = T0) -> list:
+    actions = []
+    for rid in ids:
+        actions += s.submit(CLIENT, gen(rid), now)
+    return actions
+
+
+# ------------------------------------------------------------------ submit and registration
+
+
+def test_submit_with_no_workers_queues_the_request():
+    s = state()
+    assert s.submit(CLIENT, gen("r1"), T0) == []
+    assert list(s.queue) == ["r1"]
+    assert s.counters.requests_received == 1
+    assert s.current_queue_depth() == 1 and s.max_queue_depth == 1
+
+
+def test_resubmitting_a_held_request_is_ignored():
+    s = state()
+    s.submit(CLIENT, gen("r1"), T0)
+    assert s.submit(CLIENT, gen("r1"), T0 + 1) == []
+    assert list(s.queue) == ["r1"] and s.counters.requests_received == 1
+
+
+def test_registration_answers_welcome_and_dispatches_queued_work():
+    s = state(heartbeat_interval_s=2.0)
+    submit_all(s, ["r1", "r2"])
+    actions = s.register(W1, reg(), T0 + 1)
+    assert actions[0] == ToWorker(W1, Welcome("epoch-1", 2.0))
+    assert dispatched(actions) == [(W1, "r1"), (W1, "r2")]
+    assert not s.queue
+    assert s.workers[W1].in_flight == {"r1", "r2"}
+    assert s.counters.workers_registered == 1
+
+
+def test_dispatch_sends_the_clients_generate_message_unchanged():
+    s = state()
+    s.register(W1, reg(), T0)
+    message = gen("r1", deadline_s=30.0)
+    (action,) = s.submit(CLIENT, message, T0)
+    assert action == ToWorker(W1, message)
+
+
+# ------------------------------------------------------------------ credit
+
+
+def test_worker_gets_at_most_its_capacity_and_the_rest_stays_queued():
+    s = state()
+    s.register(W1, reg(capacity=2), T0)
+    actions = submit_all(s, ["r1", "r2", "r3", "r4"])
+    assert dispatched(actions) == [(W1, "r1"), (W1, "r2")]
+    assert list(s.queue) == ["r3", "r4"]
+
+
+def test_a_result_frees_a_slot_and_the_next_queued_request_goes_out():
+    s = state()
+    s.register(W1, reg(capacity=2), T0)
+    submit_all(s, ["r1", "r2", "r3", "r4"])
+    actions = s.result(W1, res("r1"), T0 + 5)
+    assert dispatched(actions) == [(W1, "r3")]
+    assert list(s.queue) == ["r4"]
+    assert s.workers[W1].in_flight == {"r2", "r3"}
+
+
+def test_a_failure_frees_a_slot_and_is_forwarded_to_the_client():
+    s = state()
+    s.register(W1, reg(capacity=1), T0)
+    submit_all(s, ["r1", "r2"])
+    failure = Failure("r1", "generation_failed", "boom")
+    actions = s.failure(W1, failure, T0 + 1)
+    assert actions[0] == ToClient(CLIENT, failure)
+    assert dispatched(actions) == [(W1, "r2")]
+    assert s.counters.requests_failed == 1
+
+
+def test_queue_full_answers_overloaded_and_counts_it():
+    s = state(max_queue_size=2)
+    submit_all(s, ["r1", "r2"])
+    actions = s.submit(CLIENT, gen("r3"), T0)
+    assert len(actions) == 1 and isinstance(actions[0], ToClient) and actions[0].client_id == CLIENT
+    assert failures(actions) == [("r3", "overloaded")]
+    assert s.counters.rejected_overloaded == 1
+    assert list(s.queue) == ["r1", "r2"] and "r3" not in s.requests
+
+
+def test_queue_full_counts_only_waiting_requests_not_dispatched_ones():
+    s = state(max_queue_size=1)
+    s.register(W1, reg(capacity=2), T0)
+    actions = submit_all(s, ["r1", "r2", "r3"])  # two go to the worker, one waits
+    assert failures(actions) == []
+    assert failures(s.submit(CLIENT, gen("r4"), T0)) == [("r4", "overloaded")]
+
+
+# ------------------------------------------------------------------ balancing through the state
+
+
+def test_round_robin_across_three_workers():
+    s = state(strategy="round-robin")
+    for rid, name in [(W1, "w1"), (W2, "w2"), (W3, "w3")]:
+        s.register(rid, reg(name, capacity=10), T0)
+    actions = submit_all(s, [f"r{i}" for i in range(7)])
+    assert [w for w, _ in dispatched(actions)] == [W1, W2, W3, W1, W2, W3, W1]
+
+
+def test_round_robin_ignores_load():
+    s = state(strategy="round-robin")
+    s.register(W1, reg("w1", capacity=10), T0)
+    submit_all(s, ["a", "b", "c"])  # all on W1 while it is alone
+    s.register(W2, reg("w2", capacity=10), T0)
+    actions = submit_all(s, ["d", "e"])
+    assert [w for w, _ in dispatched(actions)] == [W2, W1]
+
+
+def test_queue_depth_picks_the_worker_with_the_fewest_in_flight():
+    s = state(strategy="queue-depth")
+    s.register(W1, reg("w1", capacity=10), T0)
+    submit_all(s, ["a", "b", "c"])
+    s.register(W2, reg("w2", capacity=10), T0)
+    actions = submit_all(s, ["d", "e", "f"])
+    assert [w for w, _ in dispatched(actions)] == [W2, W2, W2]  # W2 catches up to 3 before W1 gets more
+
+
+def test_queue_depth_breaks_ties_round_robin():
+    s = state(strategy="queue-depth")
+    s.register(W1, reg("w1", capacity=10), T0)
+    s.register(W2, reg("w2", capacity=10), T0)
+    actions = submit_all(s, ["a", "b", "c", "d"])
+    assert [w for w, _ in dispatched(actions)] == [W1, W2, W1, W2]
+
+
+def test_draining_worker_gets_no_new_work():
+    s = state()
+    s.register(W1, reg("w1", capacity=10), T0)
+    s.register(W2, reg("w2", capacity=10), T0)
+    s.heartbeat(W1, hb(state="draining"), T0 + 1)
+    actions = submit_all(s, ["a", "b", "c"], now=T0 + 1)
+    assert [w for w, _ in dispatched(actions)] == [W2, W2, W2]
+
+
+def test_only_worker_draining_leaves_work_queued():
+    s = state()
+    s.register(W1, reg(), T0)
+    s.heartbeat(W1, hb(state="draining"), T0)
+    assert s.submit(CLIENT, gen("a"), T0) == []
+    assert list(s.queue) == ["a"]
+
+
+# ------------------------------------------------------------------ Balancer alone
+
+
+def cand(key, in_flight=0, capacity=4) -> Candidate:
+    return Candidate(key, in_flight, capacity)
+
+
+def test_balancer_unknown_strategy_raises():
+    with pytest.raises(ValueError):
+        Balancer("least-loaded")
+
+
+@pytest.mark.parametrize("strategy", ["round-robin", "queue-depth"])
+def test_balancer_without_credit_returns_none(strategy):
+    b = Balancer(strategy)
+    assert b.choose([]) is None
+    assert b.choose([cand("a", 4, 4), cand("b", 2, 2)]) is None
+
+
+def test_candidate_credit():
+    assert cand("a", 3, 4).has_credit and not cand("a", 4, 4).has_credit
+
+
+def test_balancer_round_robin_cycles_in_order():
+    b = Balancer("round-robin")
+    cs = [cand("a"), cand("b"), cand("c")]
+    assert [b.choose(cs) for _ in range(4)] == ["a", "b", "c", "a"]
+
+
+def test_balancer_round_robin_skips_workers_without_credit():
+    b = Balancer("round-robin")
+    assert b.choose([cand("a"), cand("b", 4, 4), cand("c")]) == "a"
+    assert b.choose([cand("a"), cand("b", 4, 4), cand("c")]) == "c"
+
+
+def test_balancer_round_robin_restarts_when_the_last_choice_is_gone():
+    b = Balancer("round-robin")
+    b.choose([cand("x")])
+    assert b.choose([cand("a"), cand("b")]) == "a"
+
+
+def test_balancer_queue_depth_picks_the_least_loaded():
+    b = Balancer("queue-depth")
+    assert b.choose([cand("a", 3), cand("b", 1), cand("c", 2)]) == "b"
+
+
+def test_balancer_queue_depth_ignores_a_least_loaded_worker_without_credit():
+    b = Balancer("queue-depth")
+    assert b.choose([cand("a", 3, 4), cand("b", 1, 1), cand("c", 2, 4)]) == "c"
+
+
+def test_balancer_queue_depth_tie_goes_to_the_one_after_the_last_chosen():
+    b = Balancer("queue-depth")
+    cs = [cand("a", 1), cand("b", 1), cand("c", 1)]
+    assert b.choose(cs) == "a"
+    assert b.choose(cs) == "b"
+    assert b.choose(cs) == "c"
+    assert b.choose(cs) == "a"
+
+
+# ------------------------------------------------------------------ results
+
+
+def test_result_is_forwarded_with_broker_queue_time_added_to_the_workers_wait():
+    s = state()
+    s.submit(CLIENT, gen("r1"), T0)  # waits 3 s in the broker for a worker
+    s.register(W1, reg(), T0 + 3.0)
+    actions = s.result(W1, res("r1", queue_wait_ms=250.0), T0 + 10.0)
+    assert len(actions) == 1 and isinstance(actions[0], ToClient)
+    assert actions[0].client_id == CLIENT
+    forwarded = actions[0].message
+    assert isinstance(forwarded, Result) and forwarded.request_id == "r1"
+    assert forwarded.queue_wait_ms == pytest.approx(3250.0)
+    assert forwarded.generation_ms == 1000.0
+    assert s.counters.requests_completed == 1
+    assert "r1" not in s.requests and s.workers[W1].in_flight == set()
+
+
+def test_result_dispatched_at_once_adds_no_broker_time():
+    s = state()
+    s.register(W1, reg(), T0)
+    s.submit(CLIENT, gen("r1"), T0 + 1.0)
+    (action,) = s.result(W1, res("r1", queue_wait_ms=250.0), T0 + 9.0)
+    assert action.message.queue_wait_ms == pytest.approx(250.0)
+
+
+def test_duplicate_result_is_dropped_and_counted():
+    s = state()
+    s.register(W1, reg(), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    s.result(W1, res("r1"), T0 + 1)
+    assert s.result(W1, res("r1"), T0 + 2) == []
+    assert s.counters.duplicate_results == 1
+    assert s.counters.requests_completed == 1
+
+
+def test_result_for_an_unknown_request_is_dropped_and_counted():
+    s = state()
+    s.register(W1, reg(), T0)
+    assert s.result(W1, res("never-sent"), T0) == []
+    assert s.counters.duplicate_results == 1
+
+
+def test_late_result_from_an_expired_worker_wins_and_the_second_answer_is_dropped():
+    s = state(heartbeat_interval_s=1.0, liveness=5)
+    s.register(W1, reg("w1"), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    s.register(W2, reg("w2"), T0 + 4)
+    actions = s.expire(T0 + 6)  # W1 silent for 6 s > 5 s: r1 goes to W2
+    assert dispatched(actions) == [(W2, "r1")]
+    late = s.result(W1, res("r1"), T0 + 6.5)  # W1 finished after all
+    assert [type(a.message) for a in late] == [Result]
+    assert s.workers[W2].in_flight == set()  # its slot is freed
+    assert s.result(W2, res("r1", "w2"), T0 + 7) == []
+    assert s.counters.duplicate_results == 1
+
+
+# ------------------------------------------------------------------ heartbeats and liveness
+
+
+def test_heartbeat_from_an_unknown_worker_is_answered_with_disconnect():
+    s = state()
+    actions = s.heartbeat(b"stranger", hb(), T0)
+    assert len(actions) == 1
+    assert actions[0].routing_id == b"stranger" and isinstance(actions[0].message, Disconnect)
+    assert b"stranger" not in s.workers
+
+
+def test_heartbeat_keeps_a_worker_alive():
+    s = state(heartbeat_interval_s=1.0, liveness=5)
+    s.register(W1, reg(), T0)
+    s.heartbeat(W1, hb(), T0 + 4)
+    assert s.expire(T0 + 8) == []
+    assert W1 in s.workers
+
+
+def test_expire_does_not_remove_a_worker_at_exactly_the_timeout():
+    s = state(heartbeat_interval_s=1.0, liveness=5)
+    s.register(W1, reg(), T0)
+    s.expire(T0 + 5.0)
+    assert W1 in s.workers
+    s.expire(T0 + 5.001)
+    assert W1 not in s.workers
+    assert s.counters.workers_expired == 1
+
+
+def test_expire_requeues_in_flight_work_at_the_front_oldest_first():
+    s = state(heartbeat_interval_s=1.0, liveness=5)
+    s.register(W1, reg("w1", capacity=2), T0)
+    s.submit(CLIENT, gen("old1"), T0 + 0.2)
+    s.submit(CLIENT, gen("old2"), T0 + 0.5)
+    s.submit(CLIENT, gen("new1"), T0 + 1.0)  # waits: W1 is full
+    assert list(s.queue) == ["new1"]
+    assert s.expire(T0 + 6) == []  # nobody to hand the work to
+    assert W1 not in s.workers
+    assert list(s.queue) == ["old1", "old2", "new1"]
+    assert s.counters.requeued == 2 and s.counters.workers_expired == 1
+    actions = s.register(W2, reg("w2", capacity=1), T0 + 7)
+    assert dispatched(actions) == [(W2, "old1")]
+
+
+def test_requests_received_at_the_same_instant_are_requeued_in_submission_order():
+    s = state(heartbeat_interval_s=1.0, liveness=5)
+    s.register(W1, reg("w1", capacity=8), T0)
+    ids = [f"same{i}" for i in range(8)]
+    submit_all(s, ids, now=T0)
+    s.expire(T0 + 6)
+    assert list(s.queue) == ids
+
+
+def test_requeued_request_goes_to_the_surviving_worker():
+    s = state(heartbeat_interval_s=1.0, liveness=5)
+    s.register(W1, reg("w1"), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    s.register(W2, reg("w2"), T0 + 4)
+    actions = s.expire(T0 + 6)
+    assert dispatched(actions) == [(W2, "r1")]
+    assert s.requests["r1"].attempts == 2
+
+
+def test_request_fails_with_worker_lost_after_max_attempts():
+    s = state(heartbeat_interval_s=1.0, liveness=1, max_attempts=2)
+    s.register(W1, reg("w1"), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    s.register(W2, reg("w2"), T0 + 1.5)
+    assert dispatched(s.expire(T0 + 1.5)) == [(W2, "r1")]  # attempt 2
+    actions = s.expire(T0 + 3.0)  # W2 dies too
+    assert failures(actions) == [("r1", "worker_lost")]
+    assert actions[0].client_id == CLIENT
+    assert "r1" not in s.requests and not s.queue
+    assert s.counters.requests_failed == 1
+
+
+def test_disconnect_requeues_what_the_worker_held():
+    s = state()
+    s.register(W1, reg("w1"), T0)
+    submit_all(s, ["a", "b"])
+    assert s.disconnect(W1, T0 + 1) == []
+    assert W1 not in s.workers
+    assert list(s.queue) == ["a", "b"]
+    assert s.requests["a"].worker is None
+
+
+def test_disconnect_of_an_unknown_worker_does_nothing():
+    s = state()
+    assert s.disconnect(b"stranger", T0) == []
+
+
+def test_disconnect_hands_the_work_to_another_worker():
+    s = state()
+    s.register(W1, reg("w1", capacity=4), T0)
+    submit_all(s, ["a", "b"])
+    s.register(W2, reg("w2", capacity=4), T0)
+    actions = s.disconnect(W1, T0 + 1)
+    assert dispatched(actions) == [(W2, "a"), (W2, "b")]
+
+
+def test_reregistering_under_the_same_name_retires_the_old_record():
+    s = state()
+    s.register(W1, reg("gpu0"), T0)
+    s.heartbeat(W1, hb(total_requests=10, total_batches=2), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    actions = s.register(W2, reg("gpu0", pid=2000), T0 + 1)  # the restarted worker: new process, new connection
+    assert W1 not in s.workers and W2 in s.workers
+    assert dispatched(actions) == [(W2, "r1")]
+    stats = build_stats(s, T0 + 1)
+    assert stats["total_requests"] == 10 and stats["total_batches"] == 2
+
+
+def test_the_same_process_registering_again_is_not_counted_twice():
+    """A worker cut off long enough to expire re-registers from the same process with its
+    cumulative counters: the retired copy of those counters must not be added on top."""
+    s = state()
+    s.register(W1, reg("gpu0", pid=77), T0)
+    s.heartbeat(W1, hb(total_requests=10, total_batches=2), T0)
+    s.expire(T0 + 60)
+    assert build_stats(s, T0 + 60)["total_requests"] == 10
+    s.register(W2, reg("gpu0", pid=77), T0 + 61)
+    s.heartbeat(W2, hb(total_requests=12, total_batches=3), T0 + 61)
+    stats = build_stats(s, T0 + 61)
+    assert stats["total_requests"] == 12 and stats["total_batches"] == 3
+
+
+def test_a_connection_registering_under_a_new_name_replaces_its_old_record():
+    s = state()
+    s.register(W1, reg("old-name", capacity=1), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    s.register(W1, reg("new-name", capacity=1), T0 + 1)
+    assert [w.info.worker_name for w in s.workers.values()] == ["new-name"]
+    assert s.workers[W1].in_flight == {"r1"}  # requeued and handed to the new record
+
+
+def test_expire_fails_queued_requests_past_their_deadline_even_with_no_workers():
+    s = state()
+    s.submit(CLIENT, gen("a", deadline_s=10.0), T0)
+    s.submit(CLIENT, gen("b", deadline_s=100.0), T0)
+    actions = s.expire(T0 + 11)
+    assert [(a.message.request_id, a.message.code) for a in actions] == [("a", "deadline_exceeded")]
+    assert list(s.queue) == ["b"]
+    assert s.counters.deadline_expired == 1
+
+
+# ------------------------------------------------------------------ deadlines
+
+
+def test_queued_request_past_its_deadline_fails_at_dispatch_time():
+    s = state()
+    s.submit(CLIENT, gen("late", deadline_s=10.0), T0)
+    s.submit(CLIENT, gen("fine", deadline_s=60.0), T0)
+    actions = s.register(W1, reg(), T0 + 11.0)
+    assert failures(actions) == [("late", "deadline_exceeded")]
+    assert dispatched(actions) == [(W1, "fine")]
+    assert s.counters.deadline_expired == 1 and s.counters.requests_failed == 1
+    assert "late" not in s.requests
+
+
+def test_queued_request_at_exactly_its_deadline_is_still_dispatched():
+    s = state()
+    s.submit(CLIENT, gen("edge", deadline_s=10.0), T0)
+    actions = s.register(W1, reg(), T0 + 10.0)
+    assert dispatched(actions) == [(W1, "edge")]
+
+
+# ------------------------------------------------------------------ stats
+
+SEED_SINGLE_KEYS = {"total_requests", "total_batches", "current_queue_depth", "max_queue_depth", "avg_batch_size",
+                    "avg_wait_time_ms", "avg_generation_time_ms", "config"}
+SEED_MULTI_KEYS = {"num_gpus", "gpu_ids", "load_balance_strategy", "total_requests", "total_batches",
+                   "max_queue_depth", "avg_batch_size", "avg_wait_time_ms", "avg_generation_time_ms",
+                   "per_gpu_stats", "config"}
+SEED_CONFIG_KEYS = {"max_batch_size", "max_wait_time", "adaptive_batching"}
+SEED_PER_GPU_KEYS = {"gpu_id", "current_queue_depth", "total_requests", "total_batches", "avg_batch_size"}
+
+
+def test_single_gpu_stats_have_the_seed_shape():
+    s = state()
+    s.register(W1, reg(max_batch_size=8, max_wait_time=5.0, adaptive=True), T0)
+    s.heartbeat(W1, hb(total_requests=150, total_batches=23, sum_wait_ms=150 * 2341.0,
+                       sum_generation_ms=23 * 38500.0, max_queue_depth=47), T0)
+    stats = build_stats(s, T0)
+    assert SEED_SINGLE_KEYS <= set(stats)
+    assert "per_gpu_stats" not in stats and "gpu_ids" not in stats
+    assert SEED_CONFIG_KEYS <= set(stats["config"])
+    assert stats["config"]["max_batch_size"] == 8
+    assert stats["config"]["max_wait_time"] == 5.0
+    assert stats["config"]["adaptive_batching"] is True
+    assert stats["total_requests"] == 150 and stats["total_batches"] == 23
+    assert stats["avg_batch_size"] == 6.52
+    assert stats["avg_wait_time_ms"] == 2341
+    assert stats["avg_generation_time_ms"] == 38500
+
+
+def test_stats_with_no_workers_have_the_single_gpu_shape_and_zero_averages():
+    stats = build_stats(state(), T0)
+    assert SEED_SINGLE_KEYS <= set(stats)
+    assert stats["total_requests"] == 0 and stats["avg_batch_size"] == 0.0 and stats["avg_wait_time_ms"] == 0
+    assert SEED_CONFIG_KEYS <= set(stats["config"])
+
+
+def test_multi_gpu_stats_have_the_seed_shape():
+    s = state(strategy="round-robin")
+    s.register(W2, reg("w-b", gpu_id=1), T0)
+    s.register(W1, reg("w-a", gpu_id=0), T0)
+    s.heartbeat(W1, hb(total_requests=150, total_batches=23), T0)
+    s.heartbeat(W2, hb(total_requests=148, total_batches=23), T0)
+    stats = build_stats(s, T0)
+    assert SEED_MULTI_KEYS <= set(stats)
+    assert stats["num_gpus"] == 2
+    assert stats["gpu_ids"] == [0, 1]
+    assert stats["load_balance_strategy"] == "round-robin"
+    assert SEED_CONFIG_KEYS <= set(stats["config"])
+    per_gpu = stats["per_gpu_stats"]
+    assert isinstance(per_gpu, list) and len(per_gpu) == 2
+    for entry in per_gpu:
+        assert SEED_PER_GPU_KEYS <= set(entry)
+    assert [(e["gpu_id"], e["total_requests"], e["total_batches"], e["avg_batch_size"]) for e in per_gpu] == [
+        (0, 150, 23, 6.52), (1, 148, 23, 6.43)]
+    assert stats["total_requests"] == 298 and stats["total_batches"] == 46
+    assert stats["avg_batch_size"] == 6.48
+
+
+def test_per_gpu_current_queue_depth_is_held_minus_running():
+    s = state(strategy="round-robin")
+    s.register(W1, reg("w1", gpu_id=0, capacity=10), T0)
+    s.register(W2, reg("w2", gpu_id=1, capacity=10), T0)
+    submit_all(s, [f"r{i}" for i in range(6)])  # 3 each
+    s.heartbeat(W1, hb(running=2), T0)
+    submit_all(s, ["q1", "q2"])  # W1 has 3 in flight, W2 3: tie-break sends one to each
+    stats = build_stats(s, T0)
+    depths = {e["gpu_id"]: e["current_queue_depth"] for e in stats["per_gpu_stats"]}
+    assert depths == {0: 4 - 2, 1: 4}
+    assert stats["current_queue_depth"] == 6
+
+
+def test_current_queue_depth_counts_broker_queue_and_worker_queues():
+    s = state()
+    s.register(W1, reg(capacity=2), T0)
+    submit_all(s, ["a", "b", "c"])
+    s.heartbeat(W1, hb(running=1), T0)
+    stats = build_stats(s, T0)
+    assert stats["current_queue_depth"] == 1 + (2 - 1)
+    assert stats["max_queue_depth"] == 3
+
+
+def test_expired_workers_counters_stay_in_the_totals():
+    s = state(heartbeat_interval_s=1.0, liveness=5)
+    s.register(W1, reg("w1", gpu_id=0), T0)
+    s.register(W2, reg("w2", gpu_id=1), T0)
+    s.heartbeat(W1, hb(total_requests=100, total_batches=10, sum_wait_ms=1000.0, sum_generation_ms=5000.0), T0)
+    s.heartbeat(W2, hb(total_requests=50, total_batches=13, sum_wait_ms=500.0, sum_generation_ms=6500.0), T0 + 4)
+    s.expire(T0 + 6)  # W1 is gone
+    assert list(s.workers) == [W2]
+    stats = build_stats(s, T0 + 6)
+    assert stats["total_requests"] == 150 and stats["total_batches"] == 23
+    assert stats["avg_batch_size"] == 6.52
+    assert stats["avg_wait_time_ms"] == 10  # 1500 ms / 150 requests
+    assert stats["avg_generation_time_ms"] == 500  # 11500 ms / 23 batches
+
+
+def test_stats_broker_section_reports_counters():
+    s = state(max_queue_size=1)
+    submit_all(s, ["a", "b"])
+    stats = build_stats(s, T0, {"malformed_client_messages": 3})
+    assert stats["broker"]["rejected_overloaded"] == 1
+    assert stats["broker"]["requests_received"] == 2
+    assert stats["broker"]["malformed_client_messages"] == 3
