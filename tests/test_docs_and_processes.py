@@ -1,0 +1,61 @@
+"""The README stays true to the code, and each service fails at start with a clear message."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.config import BrokerSettings
+from gateway.config import GatewaySettings
+from gpu_worker.config import WorkerSettings
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("settings_class", [BrokerSettings, GatewaySettings, WorkerSettings])
+def test_every_setting_is_documented_in_the_readme(settings_class):
+    missing = [f.metadata["env"] for f in dataclasses.fields(settings_class) if f"`{f.metadata['env']}`" not in README]
+    assert not missing, f"README.md does not document {missing}"
+
+
+def test_readme_starts_with_the_serve_and_test_commands_and_ci_runs_the_test_command():
+    first_block = README.split("```bash", 1)[1].split("```", 1)[0]
+    assert "./scripts/serve.sh" in first_block and "./scripts/test.sh" in first_block
+    assert "./scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+    for script in ("scripts/serve.sh", "scripts/test.sh", ".ci/run"):
+        assert os.access(REPO / script, os.X_OK), f"{script} must be executable"
+
+
+def run_service(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_worker_that_cannot_load_its_model_exits_naming_model_id_and_cause(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    done = run_service("gpu_worker", MODEL_ID=missing, BROKER_WORKER_ADDRESS="tcp://127.0.0.1:9")
+    assert done.returncode == 3
+    assert f"MODEL_ID '{missing}'" in done.stderr and "no such folder" in done.stderr
+
+
+@pytest.mark.parametrize("module, env, variable", [
+    ("broker", {"GPU_LOAD_BALANCE_STRATEGY": "fastest"}, "GPU_LOAD_BALANCE_STRATEGY"),
+    ("gpu_worker", {"MAX_BATCH_SIZE": "eight"}, "MAX_BATCH_SIZE"),
+    ("gpu_worker", {"ENABLE_BATCHING": "maybe"}, "ENABLE_BATCHING"),
+    ("gateway", {"GATEWAY_PORT": "70000"}, "GATEWAY_PORT"),
+])
+def test_bad_settings_stop_the_service_with_a_message_naming_the_variable(module, env, variable):
+    done = run_service(module, **env)
+    assert done.returncode == 2
+    assert "configuration error" in done.stderr and variable in done.stderr
+
+
+def test_flags_override_environment_variables():
+    done = run_service("broker", "--gpu-load-balance-strategy", "fastest", GPU_LOAD_BALANCE_STRATEGY="round-robin")
+    assert done.returncode == 2 and "'fastest'" in done.stderr
