@@ -93,7 +93,7 @@ def batching_report(config: BatchPolicyConfig, auto: bool) -> BatchingConfig:
 class Worker:
     def __init__(self, identity: WorkerIdentity, backend: ImageBackend, policy: BatchPolicyConfig,
                  capacity: int, broker_address: str, heartbeat_interval_s: float,
-                 max_batch_size_auto: bool = False, clock=time.monotonic) -> None:
+                 max_batch_size_auto: bool = False, clock=time.monotonic, batcher: Batcher | None = None) -> None:
         self.identity = identity
         self.backend = backend
         self.policy = policy
@@ -102,7 +102,9 @@ class Worker:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_batch_size_auto = max_batch_size_auto
         self.clock = clock
-        self.batcher: Batcher[Generate] = Batcher(policy)
+        # Any object with Batcher's methods (add, cancel, clear, next_batch, next_decision_at,
+        # queue_depth) can decide the batches; the seed's rule is the default.
+        self.batcher: Batcher[Generate] = batcher if batcher is not None else Batcher(policy)
         self.counters = WorkerCounters()
         self.running = 0
         self.state = "ready"
