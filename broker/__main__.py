@@ -19,7 +19,7 @@ async def main(settings: BrokerSettings) -> None:
     setup_logging("broker", settings.log_level)
     log.info("settings: %s", settings_lib.describe(settings))
     server = BrokerServer(settings)
-    await server.serve(stop_event_on_signals(asyncio.get_running_loop()))
+    await server.serve(stop_event_on_signals(asyncio.get_running_loop()), settings.drain_timeout_s)
     log.info("broker stopped")
 
 

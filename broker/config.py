@@ -26,6 +26,9 @@ class BrokerSettings:
                                       "heartbeats a worker may miss before the broker declares it dead and requeues its work")
     max_attempts: int = setting("MAX_REQUEST_ATTEMPTS", 3,
                                 "workers a request may be handed to before it fails (when workers die holding it)")
+    drain_timeout_s: float = setting("BROKER_DRAIN_TIMEOUT_S", 60.0,
+                                     "on SIGTERM, seconds to let accepted requests finish before answering "
+                                     "the rest with 503 shutting_down")
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def validate(self) -> None:
@@ -35,3 +38,4 @@ class BrokerSettings:
         require(self.heartbeat_interval_s > 0, "HEARTBEAT_INTERVAL_S", "must be positive")
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")
         require(self.max_attempts >= 1, "MAX_REQUEST_ATTEMPTS", "must be at least 1")
+        require(self.drain_timeout_s >= 0, "BROKER_DRAIN_TIMEOUT_S", "must not be negative")

@@ -26,10 +26,15 @@ from imagegen.protocol import (
     CLIENT_LINK,
     PROTOCOL_VERSION,
     WORKER_LINK,
+    BrokerHeartbeat,
+    Cancel,
     Disconnect,
+    FailureCode,
     Failure,
     Generate,
     Heartbeat,
+    Ping,
+    Pong,
     ProtocolError,
     Register,
     Result,
@@ -68,20 +73,36 @@ class BrokerServer:
         log.info("broker %s: gateways on %s, workers on %s, strategy %s",
                  self.state.epoch[:8], settings.client_bind, settings.worker_bind, settings.strategy)
 
-    async def serve(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then close the sockets."""
+    async def serve(self, stop: asyncio.Event, drain_timeout_s: float = 0.0) -> None:
+        """Run until ``stop`` is set; then drain (up to ``drain_timeout_s``) and close the sockets."""
         tasks = [
             asyncio.create_task(self._read(self.client_sock, self._on_client_message), name="clients"),
             asyncio.create_task(self._read(self.worker_sock, self._on_worker_message), name="workers"),
-            asyncio.create_task(self._expire_workers(), name="liveness"),
+            asyncio.create_task(self._liveness(), name="liveness"),
         ]
         try:
             await stop.wait()
+            await self._drain(drain_timeout_s)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.close()
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Refuse new requests, let accepted ones finish, then answer the rest with shutting_down."""
+        if timeout_s <= 0:
+            return
+        self.state.begin_drain()
+        log.info("draining: %d requests in progress, waiting up to %.0fs", self.state.in_progress(), timeout_s)
+        deadline = self.clock() + timeout_s
+        while not self.state.drained and self.clock() < deadline:
+            await asyncio.sleep(0.05)
+        leftovers = self.state.fail_all(FailureCode.SHUTTING_DOWN,
+                                        "the broker shut down before a worker finished this request")
+        self._execute(leftovers)
+        log.info("drained (%d requests answered shutting_down)", len(leftovers))
+        await asyncio.sleep(0.1)  # let the last replies leave (LINGER is 0)
 
     def close(self) -> None:
         self.client_sock.close(linger=0)
@@ -108,6 +129,11 @@ class BrokerServer:
         now = self.clock()
         if isinstance(message, Generate):
             self._execute(self.state.submit(client_id, message, now))
+        elif isinstance(message, Cancel):
+            self._execute(self.state.cancel(client_id, message, now))
+        elif isinstance(message, Ping):
+            pong = Pong(message.query_id, self.state.epoch, self.state.accepting_workers())
+            self._send(self.client_sock, client_id, protocol.encode(CLIENT_LINK, pong))
         elif isinstance(message, StatsQuery):
             stats = build_stats(self.state, now, dict(self.dropped))
             self._send(self.client_sock, client_id, protocol.encode(CLIENT_LINK, StatsReply(message.query_id, stats)))
@@ -141,9 +167,13 @@ class BrokerServer:
                  message.device, message.batching.max_batch_size, message.capacity)
         return self.state.register(routing_id, message, now)
 
-    async def _expire_workers(self) -> None:
+    async def _liveness(self) -> None:
+        """Every interval: tell each worker we are alive, and expire the workers that fell silent."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+            beat = protocol.encode(WORKER_LINK, BrokerHeartbeat(self.state.epoch))
+            for routing_id in list(self.state.workers):
+                self._send(self.worker_sock, routing_id, beat)
             before = set(self.state.workers)
             actions = self.state.expire(self.clock())
             for routing_id in before - set(self.state.workers):

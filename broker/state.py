@@ -20,6 +20,7 @@ from typing import Union
 
 from broker.balancing import Balancer, Candidate
 from imagegen.protocol import (
+    Cancel,
     Disconnect,
     Failure,
     FailureCode,
@@ -105,6 +106,8 @@ class Counters:
     duplicate_results: int = 0
     workers_registered: int = 0
     workers_expired: int = 0
+    cancelled: int = 0
+    rejected_draining: int = 0
 
 
 class BrokerState:
@@ -122,6 +125,15 @@ class BrokerState:
         # itself, so its retired entry is dropped then rather than counted twice.
         self.retired: dict[tuple[str, int], WorkerStatus] = {}
         self._registration_order = itertools.count()
+        self.draining = False
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; those already accepted still run to the end."""
+        self.draining = True
+
+    @property
+    def drained(self) -> bool:
+        return not self.requests
 
     # ------------------------------------------------------------------ client side
 
@@ -130,6 +142,10 @@ class BrokerState:
         if message.request_id in self.requests:
             return []  # a resend of a request we already hold; its answer will come once
         self.counters.requests_received += 1
+        if self.draining:
+            self.counters.rejected_draining += 1
+            text = "the broker is shutting down; retry in a few seconds"
+            return [ToClient(client_id, Failure(message.request_id, FailureCode.SHUTTING_DOWN.value, text))]
         if len(self.queue) >= self.policy.max_queue_size:
             self.counters.rejected_overloaded += 1
             text = f"the broker's queue is full ({self.policy.max_queue_size} requests waiting); retry later"
@@ -138,6 +154,34 @@ class BrokerState:
         self.queue.append(message.request_id)
         self._observe_depth()
         return self.dispatch(now)
+
+    def cancel(self, client_id: bytes, message: Cancel, now: float) -> list[Action]:
+        """The client gave up: forget the request; if a worker holds it, tell the worker to drop it."""
+        record = self.requests.get(message.request_id)
+        if record is None or record.client_id != client_id:
+            return []  # already answered, or not this client's to cancel
+        del self.requests[message.request_id]
+        self.counters.cancelled += 1
+        if record.worker is None:
+            self.queue.remove(message.request_id)
+            return []
+        worker = self.workers.get(record.worker)
+        if worker is None:
+            return []
+        # Free the slot now: if the request is already in a running batch, the worker holds one
+        # more than we count until that batch ends (its late result is dropped as a duplicate).
+        worker.in_flight.discard(message.request_id)
+        return [ToWorker(record.worker, message)] + self.dispatch(now)
+
+    def fail_all(self, code: FailureCode, text: str) -> list[Action]:
+        """Answer every request still held with ``code`` (the broker is going away)."""
+        self.queue.clear()
+        for worker in self.workers.values():
+            worker.in_flight.clear()
+        return [self._fail(request_id, code, text) for request_id in list(self.requests)]
+
+    def accepting_workers(self) -> int:
+        return sum(1 for w in self.workers.values() if w.accepting)
 
     # ------------------------------------------------------------------ worker side
 
@@ -237,7 +281,9 @@ class BrokerState:
             worker.in_flight.add(request_id)
             record.worker, record.dispatched_at = chosen, now
             record.attempts += 1
-            actions.append(ToWorker(chosen, record.message))
+            # The worker gets the time left, so it can drop the request before spending GPU on it.
+            remaining_s = max(0.0, record.received_at + record.message.deadline_s - now)
+            actions.append(ToWorker(chosen, replace(record.message, deadline_s=remaining_s)))
         return actions
 
     def _candidates(self) -> list[Candidate]:

@@ -51,7 +51,7 @@ def _config(worker: WorkerRecord | None) -> dict[str, Any]:
         return {"max_batch_size": None, "max_wait_time": None, "adaptive_batching": None}
     b = worker.info.batching
     return {
-        "max_batch_size": b.max_batch_size,
+        "max_batch_size": worker.status.max_batch_size or b.max_batch_size,  # lowered after out-of-memory
         "max_wait_time": b.max_wait_time,
         "adaptive_batching": b.adaptive_batching,
         # beyond the seed:
@@ -76,7 +76,7 @@ def _per_gpu(worker: WorkerRecord, now: float) -> dict[str, Any]:
         "state": worker.status.state,
         "device": worker.info.device,
         "model_id": worker.info.model_id,
-        "max_batch_size": worker.info.batching.max_batch_size,
+        "max_batch_size": worker.status.max_batch_size or worker.info.batching.max_batch_size,
         "in_flight": len(worker.in_flight),
         "running": worker.status.running,
         "max_queue_depth": worker.status.max_queue_depth,
@@ -101,6 +101,9 @@ def _broker_section(state: BrokerState) -> dict[str, Any]:
         "duplicate_results": c.duplicate_results,
         "workers_registered": c.workers_registered,
         "workers_expired": c.workers_expired,
+        "cancelled": c.cancelled,
+        "rejected_draining": c.rejected_draining,
+        "draining": state.draining,
     }
 
 

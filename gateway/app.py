@@ -35,6 +35,7 @@ FAILURE_STATUS = {
     FailureCode.OVERLOADED.value: 503,
     FailureCode.WORKER_LOST.value: 503,
     FailureCode.SHUTTING_DOWN.value: 503,
+    FailureCode.BROKER_RESTARTED.value: 503,
     FailureCode.INVALID_REQUEST.value: 400,
     FailureCode.DEADLINE_EXCEEDED.value: 504,
     FailureCode.GENERATION_FAILED.value: 500,
@@ -171,7 +172,7 @@ async def image(request: web.Request) -> web.StreamResponse:
 
 async def _broker_link(app: web.Application) -> AsyncIterator[None]:
     if BROKER not in app:
-        app[BROKER] = BrokerClient(app[SETTINGS].broker_address)
+        app[BROKER] = BrokerClient(app[SETTINGS].broker_address, max_pending=app[SETTINGS].max_pending)
     await app[BROKER].start()
     yield
     await app[BROKER].close()

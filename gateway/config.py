@@ -29,6 +29,10 @@ class GatewaySettings:
                                           parse=_optional_str)
     request_timeout_s: float = setting("REQUEST_TIMEOUT_S", 600.0,
                                        "seconds a request may take, queueing included, before 504")
+    max_pending: int = setting("GATEWAY_MAX_PENDING", 5000,
+                               "requests the gateway lets wait for the broker at once; beyond it, 503 overloaded")
+    shutdown_timeout_s: float = setting("GATEWAY_SHUTDOWN_TIMEOUT_S", 60.0,
+                                        "on SIGTERM, seconds to let requests in progress finish")
     retry_after_s: int = setting("RETRY_AFTER_S", 5, "Retry-After seconds sent with 503 answers")
     max_request_bytes: int = setting("MAX_REQUEST_BYTES", 65536, "largest accepted request body")
     max_prompt_chars: int = setting("MAX_PROMPT_LENGTH", 2000, "longest prompt or negative prompt, in characters")
@@ -46,6 +50,8 @@ class GatewaySettings:
     def validate(self) -> None:
         require(1 <= self.port <= 65535, "GATEWAY_PORT", "must be a TCP port (1-65535)")
         require(self.request_timeout_s > 0, "REQUEST_TIMEOUT_S", "must be positive")
+        require(self.max_pending >= 1, "GATEWAY_MAX_PENDING", "must be at least 1")
+        require(self.shutdown_timeout_s >= 0, "GATEWAY_SHUTDOWN_TIMEOUT_S", "must not be negative")
         require(self.image_retention_count >= 1, "IMAGE_RETENTION_COUNT", "must be at least 1")
         require(self.image_retention_s > 0, "IMAGE_RETENTION_S", "must be positive")
         require(1 <= self.max_prompt_chars <= WIRE_MAX_PROMPT_CHARS, "MAX_PROMPT_LENGTH",

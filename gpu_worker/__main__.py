@@ -18,6 +18,7 @@ from gpu_worker.pipelines import (
     free_gpu_memory_bytes,
     load_pipeline,
 )
+from gpu_worker.fake_backend import is_fake_model_id, parse_fake_model_id
 from gpu_worker.worker import Worker, WorkerIdentity
 from imagegen import settings as settings_lib
 from imagegen.logs import setup_logging
@@ -68,13 +69,15 @@ async def main(settings: WorkerSettings) -> None:
     log.info("settings: %s", settings_lib.describe(settings))
     started = time.perf_counter()
     try:
-        pipeline = load_pipeline(settings.model_id, settings.device, settings.dtype)
-    except ModelLoadError as exc:
+        # MODEL_ID=fake[:...] is the test backend of gpu_worker/fake_backend.py (no model at all).
+        pipeline = parse_fake_model_id(settings.model_id) or load_pipeline(
+            settings.model_id, settings.device, settings.dtype)
+    except (ModelLoadError, ValueError) as exc:  # ValueError: a malformed fake id
         log.error("%s", exc)
         sys.exit(EXIT_MODEL_LOAD_FAILED)
     log.info("loaded MODEL_ID=%s (%s) on %s as %s in %.1fs", settings.model_id, pipeline.architecture,
              pipeline.device, pipeline.dtype, time.perf_counter() - started)
-    if settings.warmup:
+    if settings.warmup and not is_fake_model_id(settings.model_id):
         warm_up(pipeline)
     policy, auto = batch_policy(settings, pipeline)
     gpu_id = settings.resolved_gpu_id(pipeline.device.type == "cuda")
@@ -88,7 +91,7 @@ async def main(settings: WorkerSettings) -> None:
     )
     capacity = settings.max_in_flight or 2 * policy.max_batch_size
     worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
-                    settings.heartbeat_interval_s, max_batch_size_auto=auto)
+                    settings.heartbeat_interval_s, settings.heartbeat_liveness, max_batch_size_auto=auto)
     log.info("worker %s: max batch %d, capacity %d, broker %s", identity.name, policy.max_batch_size,
              capacity, settings.broker_address)
     await worker.serve(stop_event_on_signals(asyncio.get_running_loop()))

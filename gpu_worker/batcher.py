@@ -30,7 +30,7 @@ The rule (dynamic-batching.md, "Request Flow" and "Adaptive Wait Time Calculatio
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -142,6 +142,14 @@ class Batcher(Generic[T]):
         self._groups.clear()
         self._ids.clear()
         return dropped
+
+    def lower_max_batch_size(self, size: int) -> int:
+        """Lower config.max_batch_size to ``size`` (never raises it, never below 1); returns the new
+        maximum. min_batch_size is lowered with it when needed. Used after a GPU out-of-memory error."""
+        new_max = max(1, min(size, self.config.max_batch_size))
+        self.config = replace(self.config, max_batch_size=new_max,
+                              min_batch_size=min(self.config.min_batch_size, new_max))
+        return new_max
 
     def max_batch_size_for(self, key: BatchKey) -> int:
         if not self.config.enable_batching:

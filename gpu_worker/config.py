@@ -55,6 +55,8 @@ class WorkerSettings:
                                 parse=_optional_str)
     heartbeat_interval_s: float = setting("HEARTBEAT_INTERVAL_S", 1.0,
                                           "seconds between heartbeats (the broker's WELCOME may override it)")
+    heartbeat_liveness: int = setting("HEARTBEAT_LIVENESS", 5,
+                                      "broker heartbeats the worker may miss before it reconnects and registers again")
     warmup: bool = setting("WORKER_WARMUP", True,
                            "run one small generation before registering, so no request pays for first-call setup")
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -69,6 +71,7 @@ class WorkerSettings:
         require(self.adaptive_threshold >= 1, "ADAPTIVE_BATCH_THRESHOLD", "must be at least 1")
         require(self.max_in_flight is None or self.max_in_flight >= 1, "WORKER_MAX_IN_FLIGHT", "must be at least 1")
         require(self.heartbeat_interval_s > 0, "HEARTBEAT_INTERVAL_S", "must be positive")
+        require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")
 
     def resolved_gpu_id(self, cuda_available: bool) -> int:
         if self.gpu_id is not None:

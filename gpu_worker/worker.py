@@ -1,13 +1,15 @@
-"""The GPU worker's shell: one DEALER socket, the pure :class:`Batcher`, and the pipeline.
+"""The GPU worker's shell: the broker link, the pure :class:`Batcher`, and the pipeline.
 
-Three asyncio tasks share one thread (only that thread touches the socket; pyzmq sockets are
-not thread-safe):
+Tasks on one event-loop thread (only that thread touches the socket; pyzmq sockets are not
+thread-safe):
 
-* the reader takes GENERATE messages into the batcher and handles WELCOME / DISCONNECT;
+* the link (:mod:`gpu_worker.link`) registers, watches the broker's liveness and reconnects, and
+  hands GENERATE and CANCEL messages to this worker;
 * the heartbeat task reports queue depth and counters every interval;
 * the batch loop asks the batcher for the next batch whenever the GPU is free, sleeping until
-  the batcher's next decision instant or the next arrival, and runs the pipeline in a dedicated
-  thread (so heartbeats flow while the GPU computes).
+  the batcher's next decision instant or the next arrival, drops requests whose deadline has
+  passed before they cost GPU time, and runs the pipeline in a dedicated thread (so heartbeats
+  flow while the GPU computes).
 
 PNG encoding runs in its own thread pool and overlaps the next batch's inference: the GPU never
 waits for compression or sockets.
@@ -21,34 +23,29 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence
-
-import zmq
-import zmq.asyncio
 
 from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig
 from gpu_worker.pipelines import BatchSettings, GenerationJob
 from gpu_worker.stats import WorkerCounters
 from imagegen import protocol
+from gpu_worker.link import BrokerLink
+from gpu_worker.oom import OomSplittingBackend
 from imagegen.protocol import (
-    WORKER_LINK,
     BatchingConfig,
+    Cancel,
     Disconnect,
     Failure,
     FailureCode,
     Generate,
     Heartbeat,
-    ProtocolError,
     Register,
     Result,
-    Welcome,
 )
-from imagegen.sockets import make_dealer
 
 log = logging.getLogger(__name__)
 
-REGISTER_RETRY_S = 3.0
 DRAIN_TIMEOUT_S = 300.0
 
 
@@ -92,47 +89,46 @@ def batching_report(config: BatchPolicyConfig, auto: bool) -> BatchingConfig:
 
 class Worker:
     def __init__(self, identity: WorkerIdentity, backend: ImageBackend, policy: BatchPolicyConfig,
-                 capacity: int, broker_address: str, heartbeat_interval_s: float,
+                 capacity: int, broker_address: str, heartbeat_interval_s: float, liveness: int = 5,
                  max_batch_size_auto: bool = False, clock=time.monotonic, batcher: Batcher | None = None) -> None:
         self.identity = identity
-        self.backend = backend
+        # A batch that runs out of GPU memory is split and retried in halves (gpu_worker/oom.py).
+        self.backend = OomSplittingBackend(backend, on_oom=self._out_of_memory_in_gpu_thread)
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.policy = policy
         self.capacity = capacity
-        self.broker_address = broker_address
-        self.heartbeat_interval_s = heartbeat_interval_s
         self.max_batch_size_auto = max_batch_size_auto
         self.clock = clock
         # Any object with Batcher's methods (add, cancel, clear, next_batch, next_decision_at,
         # queue_depth) can decide the batches; the seed's rule is the default.
         self.batcher: Batcher[Generate] = batcher if batcher is not None else Batcher(policy)
+        self.deadlines: dict[str, float] = {}  # request id -> instant (our clock) its client gives up
         self.counters = WorkerCounters()
         self.running = 0
         self.state = "ready"
-        self.registered = asyncio.Event()
         self.arrival = asyncio.Event()
         self.batch_seq = 0
-        self.malformed_messages = 0
+        self.expired_requests = 0
+        self.cancelled_requests = 0
         self.gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self.encoder_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="png")
         self.delivery_tasks: set[asyncio.Task] = set()
-        self.ctx = zmq.asyncio.Context()
-        self.sock = make_dealer(self.ctx, broker_address)
+        self.link = BrokerLink(broker_address, self._registration, self._on_message, self._forget_queue,
+                               heartbeat_interval_s, liveness, clock)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def serve(self, stop: asyncio.Event) -> None:
-        tasks = [
-            asyncio.create_task(self._read(), name="reader"),
-            asyncio.create_task(self._register_until_welcomed(), name="register"),
-            asyncio.create_task(self._heartbeat(), name="heartbeat"),
-        ]
+        self.loop = asyncio.get_running_loop()
+        self.link.start()
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         batch_loop = asyncio.create_task(self._batch_loop(), name="batches")
         try:
             await stop.wait()
         finally:
-            await self._leave(batch_loop, tasks)
+            await self._leave(batch_loop, heartbeat)
 
-    async def _leave(self, batch_loop: asyncio.Task, tasks: list[asyncio.Task]) -> None:
+    async def _leave(self, batch_loop: asyncio.Task, heartbeat: asyncio.Task) -> None:
         """Drain: stop taking work, finish the batch on the GPU, deliver it, then say goodbye.
 
         The broker stops dispatching as soon as it sees state "draining"; the DISCONNECT at the end
@@ -146,23 +142,30 @@ class Worker:
             batch_loop.cancel()
         if self.delivery_tasks:
             await asyncio.wait(self.delivery_tasks, timeout=DRAIN_TIMEOUT_S)
-        self._send(Disconnect(f"worker shutting down; {self.batcher.queue_depth} unstarted requests to requeue"))
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self.link.send(Disconnect(f"worker shutting down; {self.batcher.queue_depth} unstarted requests to requeue"))
+        heartbeat.cancel()
+        await asyncio.gather(heartbeat, return_exceptions=True)
         self.gpu_thread.shutdown(wait=False, cancel_futures=True)
         self.encoder_threads.shutdown(wait=False, cancel_futures=True)
-        self.sock.close(linger=2000)  # let the goodbye and the last results reach the broker
-        self.ctx.term()
+        await self.link.close()
+
+    def _out_of_memory_in_gpu_thread(self, failed_size: int, succeeded_size: int) -> None:
+        """Called by OomSplittingBackend in the GPU thread: hand over to the event loop."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.lower_max_batch_size, failed_size, succeeded_size)
+
+    def lower_max_batch_size(self, failed_size: int, succeeded_size: int) -> None:
+        """After an out-of-memory split: never form batches larger than what succeeded again."""
+        lower = getattr(self.batcher, "lower_max_batch_size", None)
+        if lower is None:
+            return
+        new_size = lower(succeeded_size)
+        self.policy = replace(self.policy, max_batch_size=new_size,
+                              min_batch_size=min(self.policy.min_batch_size, new_size))
+        log.warning("out of GPU memory on a batch of %d: max batch size lowered to %d", failed_size, new_size)
+        self._send_status()
 
     # ------------------------------------------------------------------ broker link
-
-    def _send(self, message: protocol.Message, payload: Sequence[bytes] = ()) -> None:
-        # DONTWAIT: the DEALER queues up to its HWM while the broker is away; never block the loop.
-        future = self.sock.send_multipart(protocol.encode(WORKER_LINK, message, payload),
-                                          flags=zmq.DONTWAIT, copy=False)
-        if future.done() and future.exception() is not None:
-            log.warning("could not send %s to the broker: %s", type(message).__name__, future.exception())
 
     def _registration(self) -> Register:
         return Register(
@@ -176,71 +179,65 @@ class Worker:
             batching=batching_report(self.policy, self.max_batch_size_auto),
         )
 
-    async def _register_until_welcomed(self) -> None:
-        """Register, and again every few seconds until WELCOME (the broker may not be up yet)."""
-        while True:
-            if not self.registered.is_set():
-                self._send(self._registration())
-            await asyncio.sleep(REGISTER_RETRY_S)
-
-    async def _read(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            try:
-                message, _ = protocol.decode(frames, WORKER_LINK)
-            except ProtocolError as exc:
-                self.malformed_messages += 1
-                log.warning("dropped a malformed message from the broker: %s", exc)
-                continue
-            self._on_message(message)
-
-    def _on_message(self, message: protocol.Message) -> None:
+    def _on_message(self, message: object) -> None:
         if isinstance(message, Generate):
             self._accept(message)
-        elif isinstance(message, Welcome):
-            if not self.registered.is_set():
-                log.info("registered with broker %s at %s", message.broker_epoch[:8], self.broker_address)
-            self.registered.set()
-            self.heartbeat_interval_s = message.heartbeat_interval_s
-        elif isinstance(message, Disconnect):
-            # The broker does not know us (it restarted, or declared us dead): whatever we still
-            # queue has been requeued elsewhere or is lost with the old broker; running it would
-            # only produce duplicates and hide our true load from the new registration.
-            dropped = self.batcher.clear()
-            log.warning("broker asks us to register again (%s); dropped %d queued requests",
-                        message.reason, dropped)
-            self.registered.clear()
-            self._send(self._registration())
+        elif isinstance(message, Cancel):
+            if self.batcher.cancel(message.request_id):
+                self.deadlines.pop(message.request_id, None)
+                self.cancelled_requests += 1
         else:
-            self.malformed_messages += 1
             log.warning("ignored unexpected %s from the broker", type(message).__name__)
 
+    def _forget_queue(self, why: str) -> None:
+        """The broker no longer counts on what we queued (it requeued it, or it restarted)."""
+        dropped = self.batcher.clear()
+        self.deadlines.clear()
+        log.warning("%s; dropped %d queued requests", why, dropped)
+
     def _accept(self, message: Generate) -> None:
+        now = self.clock()
         try:
-            self.batcher.add(message.request_id, batch_key(message.params), message, self.clock())
+            self.batcher.add(message.request_id, batch_key(message.params), message, now)
         except ValueError:
             return  # the broker resent a request we already hold: one answer will come
+        self.deadlines[message.request_id] = now + message.deadline_s
         self.counters.observe_queue_depth(self.batcher.queue_depth)
         self.arrival.set()
 
     async def _heartbeat(self) -> None:
         while True:
-            await asyncio.sleep(self.heartbeat_interval_s)
-            if self.registered.is_set():
+            await asyncio.sleep(self.link.heartbeat_interval_s)
+            if self.link.registered.is_set():
                 self._send_status()
 
     def _send_status(self) -> None:
-        self._send(Heartbeat(self.counters.status(self.state, self.batcher.queue_depth, self.running)))
+        max_batch = getattr(getattr(self.batcher, "config", None), "max_batch_size", 0)
+        status = self.counters.status(self.state, self.batcher.queue_depth, self.running)
+        self.link.send(Heartbeat(replace(status, max_batch_size=max_batch)))
 
     # ------------------------------------------------------------------ batches
 
     async def _batch_loop(self) -> None:
         while self.state != "draining":
+            self._drop_expired(self.clock())
             batch = self.batcher.next_batch(self.clock())
             if batch is None:
                 await self._sleep_until_next_decision()
                 continue
+            for pending in batch.requests:
+                self.deadlines.pop(pending.request_id, None)
             await self._run(batch)
+
+    def _drop_expired(self, now: float) -> None:
+        """Answer deadline_exceeded for queued requests whose client has given up: no GPU for them."""
+        late = [rid for rid, deadline in self.deadlines.items() if deadline < now]
+        for request_id in late:
+            del self.deadlines[request_id]
+            if self.batcher.cancel(request_id):
+                self.expired_requests += 1
+                self.link.send(Failure(request_id, FailureCode.DEADLINE_EXCEEDED.value,
+                                       "the request's deadline passed while it waited for a batch"))
 
     async def _sleep_until_next_decision(self) -> None:
         self.arrival.clear()
@@ -283,7 +280,7 @@ class Worker:
         log.exception("batch of %d failed", len(batch), exc_info=exc)
         self.counters.record_failed(len(batch))
         for pending in batch.requests:
-            self._send(Failure(pending.request_id, code.value, f"{type(exc).__name__}: {exc}"[:4000]))
+            self.link.send(Failure(pending.request_id, code.value, f"{type(exc).__name__}: {exc}"[:4000]))
         self._send_status()
 
     async def _deliver(self, batch: Batch[Generate], batch_id: str, images: list[Any], generation_s: float) -> None:
@@ -291,7 +288,7 @@ class Worker:
         for pending, image in zip(batch.requests, images):
             png = await loop.run_in_executor(self.encoder_threads, encode_png, image)
             params = pending.item.params
-            self._send(Result(
+            self.link.send(Result(
                 request_id=pending.request_id,
                 worker_name=self.identity.name,
                 host=self.identity.host,

@@ -55,9 +55,13 @@ class Command(bytes, enum.Enum):
     FAILURE = b"\x05"  # W->B and B->G: a request that ended without an image
     HEARTBEAT = b"\x06"  # W->B: I am alive; my queue and counters
     DISCONNECT = b"\x07"  # both ways: W->B "I am leaving"; B->W "I don't know you, register again"
+    BROKER_HEARTBEAT = b"\x08"  # B->W: I am alive (and which broker I am)
+    CANCEL = b"\x09"  # G->B, B->W: the client gave up; drop the request if it has not started
     # client link (IGC)
     STATS_QUERY = b"\x11"  # G->B
     STATS_REPLY = b"\x12"  # B->G
+    PING = b"\x13"  # G->B: are you there?
+    PONG = b"\x14"  # B->G: yes, and this is my epoch (a new epoch: the broker restarted)
 
 
 def _meta(*, max_len: int | None = None, low: float | None = None, high: float | None = None) -> dict:
@@ -121,6 +125,7 @@ class WorkerStatus:
     total_failed: int = bounded(low=0)
     sum_wait_ms: float = bounded(low=0.0)  # arrival at the worker -> its batch starts, summed
     sum_generation_ms: float = bounded(low=0.0)  # one batch's inference time, summed over batches
+    max_batch_size: int = bounded(0, low=0, high=100_000)  # now (lowered after out-of-memory); 0: unknown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +200,8 @@ class FailureCode(str, enum.Enum):
     GENERATION_FAILED = "generation_failed"  # inference raised (HTTP 500)
     WORKER_LOST = "worker_lost"  # the worker holding it went away too often (HTTP 503)
     DEADLINE_EXCEEDED = "deadline_exceeded"  # waited past the client's deadline (HTTP 504)
-    SHUTTING_DOWN = "shutting_down"  # (HTTP 503)
+    SHUTTING_DOWN = "shutting_down"  # the broker is draining for a restart (HTTP 503)
+    BROKER_RESTARTED = "broker_restarted"  # lost in a broker restart even after one resend (HTTP 503)
 
 
 @dataclass(frozen=True)
@@ -206,8 +212,36 @@ class Failure(Message):
     message: str = bounded(max_len=4096)
 
 
+@dataclass(frozen=True)
+class BrokerHeartbeat(Message):
+    COMMAND: ClassVar[Command] = Command.BROKER_HEARTBEAT
+    broker_epoch: str = bounded(max_len=64)
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    """The client stopped waiting: drop the request wherever it still waits (best effort)."""
+
+    COMMAND: ClassVar[Command] = Command.CANCEL
+    request_id: str = bounded(max_len=MAX_ID_CHARS)
+
+
 # ---------------------------------------------------------------------------------------------
 # Client link
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    COMMAND: ClassVar[Command] = Command.PING
+    query_id: str = bounded(max_len=MAX_ID_CHARS)
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    COMMAND: ClassVar[Command] = Command.PONG
+    query_id: str = bounded(max_len=MAX_ID_CHARS)
+    broker_epoch: str = bounded(max_len=64)
+    workers: int = bounded(low=0)  # workers registered and accepting work
 
 
 @dataclass(frozen=True)
@@ -223,8 +257,8 @@ class StatsReply(Message):
     stats: dict  # the /stats JSON document, built by the broker
 
 
-_WORKER_LINK_COMMANDS = {Register, Welcome, Heartbeat, Disconnect, Generate, Result, Failure}
-_CLIENT_LINK_COMMANDS = {Generate, Result, Failure, StatsQuery, StatsReply}
+_WORKER_LINK_COMMANDS = {Register, Welcome, Heartbeat, Disconnect, Generate, Result, Failure, BrokerHeartbeat, Cancel}
+_CLIENT_LINK_COMMANDS = {Generate, Result, Failure, StatsQuery, StatsReply, Cancel, Ping, Pong}
 MESSAGE_TYPES: dict[bytes, dict[Command, type[Message]]] = {
     WORKER_LINK: {cls.COMMAND: cls for cls in _WORKER_LINK_COMMANDS},
     CLIENT_LINK: {cls.COMMAND: cls for cls in _CLIENT_LINK_COMMANDS},

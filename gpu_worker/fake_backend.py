@@ -1,0 +1,202 @@
+"""A FAKE image backend: no model, no diffusers, no GPU. For tests of the serving layer only.
+
+This is NOT an image model. It exists so that the gateway -> broker -> worker path (batching,
+delivery, failure handling, fault injection such as out-of-memory errors) can be exercised quickly
+and deterministically without loading diffusers or owning a GPU. Never use it as a stand-in in
+tests that are named for, or claim to check, the real pipeline (gpu_worker.pipelines).
+
+It offers the surface the worker uses from :class:`gpu_worker.pipelines.ImagePipeline`:
+``model_id``, ``architecture`` ("fake"), ``device`` (cpu), ``dtype`` (float32), ``native_size``
+(64), ``generate(jobs, settings)`` and ``per_image_memory_bytes(width, height)``.
+
+It is chosen with a MODEL_ID of the form ``fake`` or ``fake:key=value,key=value``::
+
+    fake                         instant images
+    fake:delay=0.5               sleep 0.5 s per generate call (per batch), to simulate GPU time
+    fake:oom_above=2             raise torch.OutOfMemoryError for a batch of more than 2 images
+    fake:fail=1                  raise RuntimeError("fake failure") on every generate call
+    fake:delay=0.2,oom_above=2   options combine
+
+:func:`parse_fake_model_id` returns None for any MODEL_ID that is not a fake id, and raises
+ValueError for a malformed one. Importing this module imports torch, numpy and PIL, never diffusers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from gpu_worker.oom import OUT_OF_MEMORY_ERROR
+from gpu_worker.pipelines import BatchSettings, GenerationJob
+
+FAKE_PREFIX = "fake"
+FAKE_ARCHITECTURE = "fake"
+FAKE_NATIVE_SIZE = 64
+# Width and height must be multiples of this, as with the real pipelines' VAE scale factor (8).
+FAKE_SIZE_MULTIPLE = 8
+# Images are a grid of flat colour cells of this many pixels a side: distinct per job, yet cheap to
+# build and to compress as PNG (pure per-pixel noise at 1024x1024 would make 3 MB PNGs).
+_CELL = 8
+
+_KEYS = ("delay", "oom_above", "fail")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class FakeBackend:
+    """A fake text-to-image backend (no model): deterministic coloured-grid images.
+
+    delay_s: seconds slept per generate call (whatever the batch size). oom_above: raise
+    torch.OutOfMemoryError when a call asks for more than this many images (None: never).
+    fail: raise RuntimeError("fake failure") on every call. The checks run in this order: empty
+    batch / bad settings (ValueError), fail, oom_above, then the delay, then the images; so
+    failures are instant.
+
+    ``batch_sizes`` records the size of every generate call, including those that raised (for
+    tests; appended from whichever thread calls generate).
+    """
+
+    def __init__(self, model_id: str = FAKE_PREFIX, delay_s: float = 0.0,
+                 oom_above: int | None = None, fail: bool = False) -> None:
+        if not (math.isfinite(delay_s) and delay_s >= 0):
+            raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay_s}")
+        if oom_above is not None and oom_above < 0:
+            raise ValueError(f"oom_above must be >= 0, got {oom_above}")
+        self.model_id = model_id
+        self.architecture = FAKE_ARCHITECTURE
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.native_size = FAKE_NATIVE_SIZE
+        self.delay_s = float(delay_s)
+        self.oom_above = oom_above
+        self.fail = fail
+        self.batch_sizes: list[int] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"FakeBackend(model_id={self.model_id!r}, delay_s={self.delay_s}, "
+                f"oom_above={self.oom_above}, fail={self.fail})")
+
+    def generate(self, jobs: Sequence[GenerationJob],
+                 settings: BatchSettings) -> list[PIL.Image.Image]:
+        """One RGB image of settings.width x settings.height per job, in job order.
+
+        Each image depends only on the job (seed, prompt, negative prompt) and the settings, never
+        on its batch-mates: generating a job alone or in any batch gives the same pixels.
+        """
+        jobs = list(jobs)
+        with self._lock:
+            self.batch_sizes.append(len(jobs))
+        if not jobs:
+            raise ValueError("a batch needs at least one job")
+        _check_settings(settings)
+        if self.fail:
+            raise RuntimeError("fake failure")
+        if self.oom_above is not None and len(jobs) > self.oom_above:
+            raise OUT_OF_MEMORY_ERROR(
+                f"CUDA out of memory (fake: a batch of {len(jobs)} images is more than "
+                f"oom_above={self.oom_above})")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return [fake_image(job, settings) for job in jobs]
+
+    def per_image_memory_bytes(self, width: int, height: int) -> int:
+        """A nominal figure (one float32 RGB image): positive, growing with pixels, not measured."""
+        if width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive, got {width}x{height}")
+        return width * height * 3 * 4
+
+
+def fake_image(job: GenerationJob, settings: BatchSettings) -> PIL.Image.Image:
+    """The fake's image for one job: a grid of 8x8-pixel cells of random colours.
+
+    The colours come from a numpy RNG seeded with SHA-256 of (seed, prompt, negative prompt,
+    steps, guidance scale), so the image is the same in every process and run, and two jobs that
+    differ in seed or prompt get different images (64x64 already has 64 cells x 3 random bytes).
+    """
+    key = repr((job.seed, job.prompt, job.negative_prompt, settings.num_inference_steps,
+                float(settings.guidance_scale))).encode("utf-8")
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:16], "little"))
+    rows, cols = -(-settings.height // _CELL), -(-settings.width // _CELL)
+    cells = rng.integers(0, 256, size=(rows, cols, 3), dtype=np.uint8)
+    pixels = np.repeat(np.repeat(cells, _CELL, axis=0), _CELL, axis=1)
+    pixels = np.ascontiguousarray(pixels[:settings.height, :settings.width])
+    return PIL.Image.fromarray(pixels)  # uint8 (h, w, 3): RGB
+
+
+def _check_settings(settings: BatchSettings) -> None:
+    for name in ("width", "height"):
+        value = getattr(settings, name)
+        if value <= 0 or value % FAKE_SIZE_MULTIPLE:
+            raise ValueError(
+                f"{name} must be a positive multiple of {FAKE_SIZE_MULTIPLE}, got {value}")
+    if settings.num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {settings.num_inference_steps}")
+
+
+def is_fake_model_id(model_id: str) -> bool:
+    """True for ``fake`` and ``fake:...`` (whether or not the options are valid)."""
+    return model_id == FAKE_PREFIX or model_id.startswith(FAKE_PREFIX + ":")
+
+
+def parse_fake_model_id(model_id: str) -> FakeBackend | None:
+    """A FakeBackend for a fake MODEL_ID (``fake`` or ``fake:key=value,...``), else None.
+
+    Keys: ``delay`` (seconds per batch, float >= 0), ``oom_above`` (int >= 0), ``fail``
+    (1/0, true/false, yes/no, on/off). A malformed fake id (unknown or repeated key, missing
+    ``=``, bad value, empty option list) raises ValueError naming the id and the problem.
+    """
+    if not is_fake_model_id(model_id):
+        return None
+    if model_id == FAKE_PREFIX:
+        return FakeBackend(model_id)
+    spec = model_id[len(FAKE_PREFIX) + 1:]
+    options: dict[str, str] = {}
+    for item in spec.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise _bad(model_id, f"option {item.strip()!r} is not key=value")
+        if key not in _KEYS:
+            raise _bad(model_id, f"unknown option {key!r}")
+        if key in options:
+            raise _bad(model_id, f"option {key!r} is given twice")
+        options[key] = value
+    delay_s = 0.0
+    oom_above: int | None = None
+    fail = False
+    if "delay" in options:
+        try:
+            delay_s = float(options["delay"])
+        except ValueError:
+            raise _bad(model_id, f"delay must be a number of seconds, got "
+                                 f"{options['delay']!r}") from None
+        if not (math.isfinite(delay_s) and delay_s >= 0):
+            raise _bad(model_id, f"delay must be a finite number >= 0, got {options['delay']!r}")
+    if "oom_above" in options:
+        try:
+            oom_above = int(options["oom_above"])
+        except ValueError:
+            raise _bad(model_id, f"oom_above must be an integer, got "
+                                 f"{options['oom_above']!r}") from None
+        if oom_above < 0:
+            raise _bad(model_id, f"oom_above must be >= 0, got {oom_above}")
+    if "fail" in options:
+        flag = options["fail"].lower()
+        if flag not in _TRUE + _FALSE:
+            raise _bad(model_id, f"fail must be 1 or 0, got {options['fail']!r}")
+        fail = flag in _TRUE
+    return FakeBackend(model_id, delay_s=delay_s, oom_above=oom_above, fail=fail)
+
+
+def _bad(model_id: str, problem: str) -> ValueError:
+    return ValueError(
+        f"bad fake MODEL_ID {model_id!r}: {problem}. Expected 'fake' or "
+        f"'fake:key=value,...' with keys delay (seconds per batch, >= 0), oom_above "
+        f"(integer >= 0) and fail (1 or 0), e.g. 'fake:delay=0.2,oom_above=2'")

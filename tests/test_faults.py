@@ -1,0 +1,151 @@
+"""Faults with real processes and sockets: every accepted request ends with its image or a clear
+error within its deadline, never a hang or a silent drop.
+
+Workers run the FAKE backend (gpu_worker/fake_backend.py: no model, a fixed delay per batch), since
+what is under test is the serving layer's behaviour when processes die, hang or restart.
+Heartbeats every 0.2 s with a liveness of 5 put the detection window at 1 s.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from cluster import Cluster, post, request_body, send_concurrently
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made: list[Cluster] = []
+
+    def make(**settings: str) -> Cluster:
+        made.append(Cluster(tmp_path, **settings))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def start_cluster(make, workers: int, **settings: str) -> Cluster:
+    c = make(**settings)
+    c.start("broker", "broker")
+    c.start("gateway", "gateway")
+    for i in range(workers):
+        c.start_worker(i)
+    c.wait_for_workers(workers)
+    return c
+
+
+def results(futures) -> list[tuple[int, dict, float]]:
+    return [f.result() for f in futures]
+
+
+def test_sigkill_of_a_worker_under_load_loses_no_request(cluster):
+    c = start_cluster(cluster, workers=2, MAX_BATCH_SIZE="2")
+    pool, futures = send_concurrently(c.url, 16)
+    time.sleep(0.5)
+    c.signal("worker0", signal.SIGKILL)
+    done = results(futures)
+    assert [status for status, _, _ in done] == [200] * 16, done
+    stats = c.stats()
+    assert stats["broker"]["workers_expired"] == 1 and stats["broker"]["requeued"] >= 1, stats
+    assert {r["worker"] for _, r, _ in done} >= {"worker1"}
+
+
+def test_sigstop_worker_is_detected_within_the_liveness_window_and_its_work_requeued(cluster):
+    c = start_cluster(cluster, workers=2, MAX_BATCH_SIZE="2", MODEL_ID="fake:delay=0.5")
+    pool, futures = send_concurrently(c.url, 12)
+    time.sleep(0.3)
+    stopped_at = time.monotonic()
+    c.signal("worker0", signal.SIGSTOP)
+    c.wait_for(lambda s: s["broker"]["workers_expired"] == 1, 5, "the stopped worker to expire")
+    detection_s = time.monotonic() - stopped_at
+    assert detection_s < 1.0 + 0.2 + 0.5, detection_s  # liveness window + one check interval + polling
+    done = results(futures)
+    assert [status for status, _, _ in done] == [200] * 12, done
+    # Woken up, it learns the broker forgot it, drops its stale queue and registers again.
+    c.signal("worker0", signal.SIGCONT)
+    c.wait_for_workers(2, timeout_s=10)
+    assert post(c.url, request_body(99))[0] == 200
+
+
+def test_broker_restart_under_load_resumes_service_and_nothing_hangs(cluster):
+    c = start_cluster(cluster, workers=1, MAX_BATCH_SIZE="2", REQUEST_TIMEOUT_S="20")
+    pool, futures = send_concurrently(c.url, 8, timeout_s=30)
+    time.sleep(0.4)
+    c.signal("broker", signal.SIGKILL)
+    c.processes["broker"].wait()
+    time.sleep(0.5)
+    c.start("broker", "broker")
+    done = results(futures)
+    statuses = [status for status, _, _ in done]
+    assert all(seconds < 20 + 2 for _, _, seconds in done), done  # each ended within its deadline
+    assert set(statuses) <= {200, 503}, done
+    assert all(body["error"]["code"] == "broker_restarted" for status, body, _ in done if status == 503), done
+    assert statuses.count(200) >= 6, done  # resent once with the same id, most are served
+    c.wait_for_workers(1, timeout_s=15)
+    assert post(c.url, request_body(99))[0] == 200
+
+
+def test_sigterm_drains_a_worker_with_zero_loss(cluster):
+    c = start_cluster(cluster, workers=2, MAX_BATCH_SIZE="2", MODEL_ID="fake:delay=0.4")
+    pool, futures = send_concurrently(c.url, 16)
+    time.sleep(0.5)
+    c.signal("worker0", signal.SIGTERM)
+    done = results(futures)
+    assert [status for status, _, _ in done] == [200] * 16, done
+    assert c.processes["worker0"].wait(timeout=30) == 0
+    assert "worker0 leaves: worker shutting down" in (c.dir / "broker.log").read_text()
+
+
+def test_sigterm_drains_the_broker_refusing_new_work_meanwhile(cluster):
+    c = start_cluster(cluster, workers=1, MAX_BATCH_SIZE="4", MODEL_ID="fake:delay=1.0")
+    pool, futures = send_concurrently(c.url, 4)
+    time.sleep(0.3)
+    c.signal("broker", signal.SIGTERM)
+    time.sleep(0.2)
+    status, body, _ = post(c.url, request_body(50))
+    assert status == 503 and body["error"]["code"] == "shutting_down", body
+    done = results(futures)
+    assert [s for s, _, _ in done] == [200] * 4, done
+    assert c.processes["broker"].wait(timeout=30) == 0
+
+
+def test_out_of_memory_batches_are_split_and_the_worker_lowers_its_batch_size(cluster):
+    c = start_cluster(cluster, workers=1, MAX_BATCH_SIZE="8", MAX_BATCH_WAIT_TIME="1.0",
+                      MODEL_ID="fake:delay=0.1,oom_above=2")
+    pool, futures = send_concurrently(c.url, 8)
+    done = results(futures)
+    assert [s for s, _, _ in done] == [200] * 8, done
+    assert len({body["image_id"] for _, body, _ in done}) == 8
+    c.wait_for(lambda s: s["config"]["max_batch_size"] == 2, 5, "the lowered batch size in /stats")
+    assert "max batch size lowered to 2" in (c.dir / "worker0.log").read_text()
+
+
+def test_deadline_passed_answers_504_and_the_request_is_dropped(cluster):
+    c = make_without_workers(cluster, REQUEST_TIMEOUT_S="1")
+    status, body, seconds = post(c.url, request_body(1))
+    assert status == 504 and body["error"]["code"] == "timeout" and seconds < 3, (status, body, seconds)
+    c.wait_for(lambda s: s["broker"]["in_progress"] == 0 and s["broker"]["cancelled"] == 1, 3,
+               "the broker to drop the abandoned request")
+
+
+def test_client_disconnect_cancels_its_queued_request(cluster):
+    c = make_without_workers(cluster)
+    with pytest.raises(OSError):  # urllib gives up after 0.5 s and closes the connection
+        post(c.url, request_body(1), timeout_s=0.5)
+    c.wait_for(lambda s: s["broker"]["cancelled"] == 1 and s["broker"]["queue_depth"] == 0, 5,
+               "the disconnected client's request to be cancelled")
+
+
+def make_without_workers(cluster, **settings: str) -> Cluster:
+    c = cluster(**settings)
+    c.start("broker", "broker")
+    c.start("gateway", "gateway")
+    c.wait_for(lambda s: s["num_gpus"] == 0, 30, "the gateway and broker to answer")
+    return c
