@@ -16,7 +16,7 @@ log = logging.getLogger("broker")
 
 
 async def main(settings: BrokerSettings) -> None:
-    setup_logging("broker", settings.log_level)
+    setup_logging("broker", settings.log_level, settings.log_format)
     log.info("settings: %s", settings_lib.describe(settings))
     server = BrokerServer(settings)
     await server.serve(stop_event_on_signals(asyncio.get_running_loop()), settings.drain_timeout_s)

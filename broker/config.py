@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from broker.balancing import STRATEGIES
+from imagegen.logs import parse_log_format
 from imagegen.settings import require, setting
+
+
+def _optional_path(text: str) -> str | None:
+    return text.strip() or None
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,17 @@ class BrokerSettings:
     drain_timeout_s: float = setting("BROKER_DRAIN_TIMEOUT_S", 60.0,
                                      "on SIGTERM, seconds to let accepted requests finish before answering "
                                      "the rest with 503 shutting_down")
+    curve_secret_key: str | None = setting("BROKER_CURVE_SECRET_KEY", None,
+                                           "the broker's .key_secret file (python -m imagegen.keys broker DIR); "
+                                           "set: workers must authenticate with CurveZMQ and the link is encrypted",
+                                           parse=_optional_path)
+    authorized_keys_dir: str | None = setting("BROKER_AUTHORIZED_KEYS_DIR", None,
+                                              "folder of the public .key files of the workers allowed to join",
+                                              parse=_optional_path)
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting("LOG_FORMAT", "text",
+                              "text (one readable line per record) or json (one JSON object per line)",
+                              parse=parse_log_format)
 
     def validate(self) -> None:
         require(self.strategy in STRATEGIES, "GPU_LOAD_BALANCE_STRATEGY",
@@ -39,3 +55,8 @@ class BrokerSettings:
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")
         require(self.max_attempts >= 1, "MAX_REQUEST_ATTEMPTS", "must be at least 1")
         require(self.drain_timeout_s >= 0, "BROKER_DRAIN_TIMEOUT_S", "must not be negative")
+        require((self.curve_secret_key is None) == (self.authorized_keys_dir is None), "BROKER_CURVE_SECRET_KEY",
+                "set it together with BROKER_AUTHORIZED_KEYS_DIR, or neither")
+        for env, path in (("BROKER_CURVE_SECRET_KEY", self.curve_secret_key),
+                          ("BROKER_AUTHORIZED_KEYS_DIR", self.authorized_keys_dir)):
+            require(path is None or os.path.exists(path), env, f"{path} does not exist")

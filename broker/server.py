@@ -13,10 +13,11 @@ import logging
 import time
 import uuid
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from broker.config import BrokerSettings
 from broker.state import Action, BrokerPolicy, BrokerState, ToClient, ToWorker
@@ -41,9 +42,14 @@ from imagegen.protocol import (
     StatsQuery,
     StatsReply,
 )
-from imagegen.sockets import make_router
+from imagegen.keys import KeyAllowList, load_secret, name_allowed
+from imagegen.sockets import CurveServerKeys, make_router
 
 log = logging.getLogger(__name__)
+
+# Refusals under load or at shutdown: counted in /stats and /metrics, logged at DEBUG only (one
+# INFO line per refused request would flood the log exactly when the broker is busiest).
+_QUIET_FAILURES = {FailureCode.OVERLOADED.value, FailureCode.SHUTTING_DOWN.value}
 
 
 def send_now(sock: zmq.asyncio.Socket, frames: Sequence[Any]) -> Exception | None:
@@ -52,6 +58,14 @@ def send_now(sock: zmq.asyncio.Socket, frames: Sequence[Any]) -> Exception | Non
     if not future.done():  # cannot happen while we never queue blocking sends on this socket
         return None
     return future.exception()
+
+
+def _user_id(frame: Any) -> str | None:
+    """The ZAP User-Id of the connection a frame came in on (the z85 public key under CurveZMQ)."""
+    try:
+        return frame.get("User-Id")
+    except (AttributeError, zmq.ZMQError):
+        return None
 
 
 class BrokerServer:
@@ -68,10 +82,26 @@ class BrokerServer:
         self.state = BrokerState(policy, epoch=uuid.uuid4().hex)
         self.dropped: Counter[str] = Counter()  # malformed or undeliverable messages, by kind
         self.ctx = zmq.asyncio.Context()
+        self.allow_list: KeyAllowList | None = None
+        self.authenticator: AsyncioAuthenticator | None = None
         self.client_sock = make_router(self.ctx, settings.client_bind)
-        self.worker_sock = make_router(self.ctx, settings.worker_bind)
-        log.info("broker %s: gateways on %s, workers on %s, strategy %s",
-                 self.state.epoch[:8], settings.client_bind, settings.worker_bind, settings.strategy)
+        self.worker_sock = make_router(self.ctx, settings.worker_bind, self._start_authentication())
+        log.info("broker %s: gateways on %s, workers on %s (%s), strategy %s", self.state.epoch[:8],
+                 settings.client_bind, settings.worker_bind,
+                 "CurveZMQ, %d authorized keys" % len(self.allow_list.keys) if self.allow_list else "no authentication",
+                 settings.strategy)
+
+    def _start_authentication(self) -> CurveServerKeys | None:
+        """With BROKER_CURVE_SECRET_KEY set, only workers whose public key is authorized may connect."""
+        if self.settings.curve_secret_key is None:
+            return None
+        public, secret = load_secret(self.settings.curve_secret_key)
+        self.allow_list = KeyAllowList(self.settings.authorized_keys_dir)
+        # Without a running ZAP handler a CURVE server would accept ANY client key.
+        self.authenticator = AsyncioAuthenticator(self.ctx)
+        self.authenticator.start()
+        self.authenticator.configure_curve_callback("*", self.allow_list)
+        return CurveServerKeys(public, secret)
 
     async def serve(self, stop: asyncio.Event, drain_timeout_s: float = 0.0) -> None:
         """Run until ``stop`` is set; then drain (up to ``drain_timeout_s``) and close the sockets."""
@@ -105,6 +135,8 @@ class BrokerServer:
         await asyncio.sleep(0.1)  # let the last replies leave (LINGER is 0)
 
     def close(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
         self.ctx.term()
@@ -130,12 +162,20 @@ class BrokerServer:
         if isinstance(message, Generate):
             self._execute(self.state.submit(client_id, message, now))
         elif isinstance(message, Cancel):
+            record = self.state.requests.get(message.request_id)
+            if record is not None and record.client_id == client_id:
+                log.info("request %s cancelled: its client stopped waiting (%s)", message.request_id,
+                         "queued" if record.worker is None else f"at worker {self._worker_name(record.worker)}",
+                         extra={"request_id": message.request_id})
             self._execute(self.state.cancel(client_id, message, now))
         elif isinstance(message, Ping):
             pong = Pong(message.query_id, self.state.epoch, self.state.accepting_workers())
             self._send(self.client_sock, client_id, protocol.encode(CLIENT_LINK, pong))
         elif isinstance(message, StatsQuery):
-            stats = build_stats(self.state, now, dict(self.dropped))
+            counters = dict(self.dropped)
+            if self.allow_list is not None:
+                counters["connections_refused_unknown_key"] = self.allow_list.refused
+            stats = build_stats(self.state, now, counters)
             self._send(self.client_sock, client_id, protocol.encode(CLIENT_LINK, StatsReply(message.query_id, stats)))
         else:
             raise ProtocolError(f"{type(message).__name__} is not something a gateway may send")
@@ -144,7 +184,7 @@ class BrokerServer:
         message, payload = protocol.decode(frames, WORKER_LINK)
         now = self.clock()
         if isinstance(message, Register):
-            self._execute(self._register(routing_id, message, now))
+            self._execute(self._register(routing_id, message, now, _user_id(frames[0])))
         elif isinstance(message, Heartbeat):
             self._execute(self.state.heartbeat(routing_id, message, now))
         elif isinstance(message, Result):
@@ -153,19 +193,33 @@ class BrokerServer:
             self._execute(self.state.failure(routing_id, message, now))
         elif isinstance(message, Disconnect):
             log.info("worker %s leaves: %s", self._worker_name(routing_id), message.reason)
-            self._execute(self.state.disconnect(routing_id, now))
+            self._execute(self._logging_requeues("left", lambda: self.state.disconnect(routing_id, now)))
         else:
             raise ProtocolError(f"{type(message).__name__} is not something a worker may send")
 
-    def _register(self, routing_id: bytes, message: Register, now: float) -> list[Action]:
-        if message.protocol_version != PROTOCOL_VERSION:
-            reason = f"protocol version {message.protocol_version} is not {PROTOCOL_VERSION}: upgrade the worker"
+    def _register(self, routing_id: bytes, message: Register, now: float, user_id: str | None) -> list[Action]:
+        reason = self._refusal(message, user_id)
+        if reason is not None:
+            self.dropped["registrations_refused"] += 1
             log.warning("refused worker %s: %s", message.worker_name, reason)
             return [ToWorker(routing_id, Disconnect(reason))]
         log.info("worker %s registered: host %s gpu %d pid %d model %s on %s, max batch %d, capacity %d",
                  message.worker_name, message.host, message.gpu_id, message.pid, message.model_id,
                  message.device, message.batching.max_batch_size, message.capacity)
-        return self.state.register(routing_id, message, now)
+        return self._logging_requeues("registered again", lambda: self.state.register(routing_id, message, now))
+
+    def _refusal(self, message: Register, user_id: str | None) -> str | None:
+        """Why this registration is refused, or None. With CurveZMQ on, the connection's key (its
+        ZAP User-Id) must be authorized for the worker name it claims (imagegen/keys.py)."""
+        if message.protocol_version != PROTOCOL_VERSION:
+            return f"protocol version {message.protocol_version} is not {PROTOCOL_VERSION}: upgrade the worker"
+        if self.allow_list is None:
+            return None
+        stem = self.allow_list.keys.get((user_id or "").encode())
+        if stem is None or not name_allowed(message.worker_name, stem):
+            return (f"key {stem or user_id!r} may not register as {message.worker_name!r}: "
+                    f"name the worker after its key file (NAME or NAME-...)")
+        return None
 
     async def _liveness(self) -> None:
         """Every interval: tell each worker we are alive, and expire the workers that fell silent."""
@@ -175,7 +229,7 @@ class BrokerServer:
             for routing_id in list(self.state.workers):
                 self._send(self.worker_sock, routing_id, beat)
             before = set(self.state.workers)
-            actions = self.state.expire(self.clock())
+            actions = self._logging_requeues("missed heartbeats", lambda: self.state.expire(self.clock()))
             for routing_id in before - set(self.state.workers):
                 log.warning("worker %s missed %d heartbeats: declared dead, its requests requeued",
                             routing_id.hex()[:8], self.settings.heartbeat_liveness)
@@ -183,15 +237,45 @@ class BrokerServer:
 
     # ------------------------------------------------------------------ sending
 
+    def _logging_requeues(self, why: str, change: Callable[[], list[Action]]) -> list[Action]:
+        """Run ``change`` (it may remove workers) and log, by id, each request it took back from one."""
+        held = {rid: w for w in self.state.workers.values() for rid in w.in_flight}
+        actions = change()
+        for request_id, worker in held.items():
+            record = self.state.requests.get(request_id)
+            if (record is not None and record.worker != worker.routing_id
+                    and self.state.workers.get(worker.routing_id) is not worker):
+                log.info("request %s requeued: worker %s %s", request_id, worker.info.worker_name, why,
+                         extra={"request_id": request_id})
+        return actions
+
+    def _log_action(self, action: Action) -> None:
+        """Dispatches and answers at DEBUG, failures at INFO: each line names its request's id."""
+        message = action.message
+        if isinstance(message, Failure) and isinstance(action, ToClient):
+            level = logging.DEBUG if message.code in _QUIET_FAILURES else logging.INFO
+            log.log(level, "request %s failed: %s: %s", message.request_id, message.code, message.message,
+                    extra={"request_id": message.request_id})
+        elif not log.isEnabledFor(logging.DEBUG):
+            return
+        elif isinstance(message, Generate):
+            log.debug("request %s dispatched to worker %s", message.request_id, self._worker_name(action.routing_id),
+                      extra={"request_id": message.request_id})
+        elif isinstance(message, Result):
+            log.debug("request %s answered by worker %s, batch %s", message.request_id, message.worker_name,
+                      message.batch_id, extra={"request_id": message.request_id})
+
     def _execute(self, actions: list[Action], payload: Sequence[Any] = ()) -> None:
         for action in actions:
+            self._log_action(action)
             if isinstance(action, ToClient):
                 frames_payload = payload if isinstance(action.message, Result) else ()
                 frames = protocol.encode(CLIENT_LINK, action.message, frames_payload)
                 self._send(self.client_sock, action.client_id, frames)
             elif not self._send(self.worker_sock, action.routing_id, protocol.encode(WORKER_LINK, action.message)):
                 # The worker's connection is gone: treat it as a disconnect, requeueing what it held.
-                self._execute(self.state.disconnect(action.routing_id, self.clock()))
+                self._execute(self._logging_requeues(
+                    "could not be reached", lambda: self.state.disconnect(action.routing_id, self.clock())))
 
     def _send(self, sock: zmq.asyncio.Socket, peer: bytes, frames: list[Any]) -> bool:
         error = send_now(sock, [peer, *frames])

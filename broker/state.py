@@ -139,8 +139,14 @@ class BrokerState:
 
     def submit(self, client_id: bytes, message: Generate, now: float) -> list[Action]:
         """A gateway asks for an image: queue it (then dispatch) or refuse it when the queue is full."""
-        if message.request_id in self.requests:
+        held = self.requests.get(message.request_id)
+        if held is not None and held.client_id == client_id:
             return []  # a resend of a request we already hold; its answer will come once
+        if held is not None:
+            # Another gateway's request has this id (ids may come from clients' X-Request-ID): refuse
+            # it rather than drop it silently or mix the two up.
+            text = f"request id {message.request_id!r} is already in use; send a unique X-Request-ID"
+            return [ToClient(client_id, Failure(message.request_id, FailureCode.INVALID_REQUEST.value, text))]
         self.counters.requests_received += 1
         if self.draining:
             self.counters.rejected_draining += 1

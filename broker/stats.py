@@ -12,6 +12,9 @@ Definitions (all counts since the broker started, including workers that have si
 * avg_generation_time_ms: mean time of one batch's inference.
 * current_queue_depth: requests accepted and not yet in a running batch (broker queue + workers').
 * max_queue_depth: the largest current_queue_depth seen.
+
+Beyond the seed, the single-GPU shape carries ``worker``: its one worker's entry, with the fields of
+a per_gpu_stats entry (absent with no worker), so per-worker metrics need no second shape.
 """
 
 from __future__ import annotations
@@ -120,7 +123,8 @@ def build_stats(state: BrokerState, now: float, extra_broker_counters: dict[str,
     broker = _broker_section(state) | (extra_broker_counters or {})
     if len(workers) <= 1:
         only = workers[0] if workers else None
-        return {**common, "num_gpus": len(workers), "config": _config(only), "broker": broker}
+        single = {**common, "num_gpus": len(workers), "config": _config(only), "broker": broker}
+        return single | ({"worker": _per_gpu(only, now)} if only is not None else {})
     return {
         "num_gpus": len(workers),
         "gpu_ids": [w.info.gpu_id for w in workers],

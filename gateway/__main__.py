@@ -21,14 +21,14 @@ def main(argv: list[str]) -> int:
     except settings_lib.SettingsError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging("gateway", settings.log_level)
+    setup_logging("gateway", settings.log_level, settings.log_format)
     log.info("settings: %s", settings_lib.describe(settings))
     # run_app stops on SIGTERM (supervisorctl stop) and SIGINT: it stops accepting connections,
     # lets requests in progress finish for up to shutdown_timeout, then runs the cleanup contexts.
     # handler_cancellation: a client that disconnects cancels its handler, which tells the broker
     # to drop the request before it costs GPU time.
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                access_log_format='%a "%r" %s %b %Tfs', handler_cancellation=True,
+                access_log_format='%a "%r" %s %b %Tfs id=%{X-Request-ID}o', handler_cancellation=True,
                 shutdown_timeout=settings.shutdown_timeout_s)
     return 0
 

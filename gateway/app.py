@@ -10,15 +10,21 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from typing import Any, AsyncIterator
 
 from aiohttp import web
 
+from gateway.auth import api_key_middleware, load_api_keys
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.images import ImageStore, new_image_id, png_size
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import OUTCOME, GatewayMetrics, metrics_middleware
+from gateway.openapi import openapi_handler
+from gateway.request_ids import request_id_middleware, request_id_of
+from gateway.openai_api import images_generations
 from gateway.validation import FieldError, GenerateRequest, parse_generate_request
+from gateway.web_page import index_page
 from imagegen.protocol import FailureCode, Result
 
 log = logging.getLogger(__name__)
@@ -26,9 +32,11 @@ log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("settings", GatewaySettings)
 BROKER = web.AppKey("broker", BrokerClient)
 IMAGES = web.AppKey("images", ImageStore)
+METRICS = web.AppKey("metrics", GatewayMetrics)
 
 PRUNE_INTERVAL_S = 60.0
 READY_TIMEOUT_S = 1.0
+METRICS_STATS_TIMEOUT_S = 2.0  # within Prometheus' default scrape_timeout (10 s)
 
 # How a broker-side failure reaches the HTTP client.
 FAILURE_STATUS = {
@@ -45,7 +53,9 @@ FAILURE_STATUS = {
 def error_response(status: int, code: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": {"code": code, "message": message, "field": field}}
-    return web.json_response(body, status=status, headers=headers)
+    response = web.json_response(body, status=status, headers=headers)
+    response[OUTCOME] = code  # the outcome label of imagegen_gateway_http_requests_total
+    return response
 
 
 @web.middleware
@@ -75,29 +85,50 @@ async def read_json_body(request: web.Request, max_bytes: int) -> Any:
         raise FieldError(None, f"the request body exceeds {max_bytes} bytes (MAX_REQUEST_BYTES)", status=413)
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers JSONDecodeError and integers over Python's 4300-digit limit;
+    # RecursionError, arrays nested tens of thousands deep: both are the client's fault (400).
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FieldError(None, f"the request body is not valid JSON: {exc}") from None
 
 
 async def generate(request: web.Request) -> web.Response:
+    """POST /generate; logs the request's id (X-Request-ID) with its answer's status and duration."""
     started = time.perf_counter()
+    request_id = request_id_of(request)
+    try:
+        response = await _generate(request, request_id, started)
+    except asyncio.CancelledError:
+        log.info("request %s: the client went away after %.3fs", request_id, time.perf_counter() - started,
+                 extra={"request_id": request_id})
+        raise
+    log.info("request %s: %d %s in %.3fs", request_id, response.status, response.get(OUTCOME) or "ok",
+             time.perf_counter() - started, extra={"request_id": request_id})
+    return response
+
+
+async def _generate(request: web.Request, request_id: str, started: float) -> web.Response:
     settings = request.app[SETTINGS]
     try:
         body = await read_json_body(request, settings.max_request_bytes)
         parsed = parse_generate_request(body, settings)
     except FieldError as exc:
         return error_response(exc.status, "invalid_request", exc.message, exc.field)
-    request_id = uuid.uuid4().hex
+    params = parsed.params
+    log.info("request %s accepted: %dx%d, %d steps", request_id, params.width, params.height,
+             params.num_inference_steps, extra={"request_id": request_id})
     try:
-        result, png = await request.app[BROKER].generate(request_id, parsed.params, settings.request_timeout_s)
+        with request.app[METRICS].requests_waiting.track_inprogress():
+            result, png = await request.app[BROKER].generate(request_id, params, settings.request_timeout_s)
     except BrokerFailure as exc:
         return _failure_response(exc, settings)
     except asyncio.TimeoutError:
         return error_response(504, "timeout", f"no image within REQUEST_TIMEOUT_S={settings.request_timeout_s:g}s; "
                                               "the service is overloaded or no GPU worker is running")
+    request.app[METRICS].observe_result(result)
     if png_size(png) != (parsed.params.width, parsed.params.height):
         log.error("request %s: worker %s sent an image of size %s, expected %dx%d", request_id,
-                  result.worker_name, png_size(png), parsed.params.width, parsed.params.height)
+                  result.worker_name, png_size(png), parsed.params.width, parsed.params.height,
+                  extra={"request_id": request_id})
         return error_response(502, "bad_worker_output", "the worker returned an image of the wrong size")
     image_id = new_image_id()
     await asyncio.get_running_loop().run_in_executor(None, request.app[IMAGES].save, image_id, png)
@@ -143,6 +174,16 @@ async def stats(request: web.Request) -> web.Response:
         return error_response(503, "broker_unreachable", "the broker did not answer the stats query",
                               headers={"Retry-After": str(request.app[SETTINGS].retry_after_s)})
     return web.json_response(document)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: the gateway's own metrics, and the cluster's from the broker's stats
+    (without an answer from the broker, imagegen_broker_up is 0 and the cluster's metrics are left out)."""
+    try:
+        document = await request.app[BROKER].stats(METRICS_STATS_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        document = None
+    return web.Response(body=request.app[METRICS].exposition(document), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -192,15 +233,26 @@ async def _prune_images(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: GatewaySettings, broker_client: Any = None) -> web.Application:
     # client_max_size above our own limit: read_json_body enforces MAX_REQUEST_BYTES with a JSON error.
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_request_bytes + 1024)
+    # With API keys configured, authentication runs inside json_errors (see gateway/auth.py).
+    # Request ids and metrics come first, so they see every answer, errors and 401s included.
+    api_keys = load_api_keys(settings)
+    gateway_metrics = GatewayMetrics()
+    middlewares = [request_id_middleware(), metrics_middleware(gateway_metrics), json_errors]
+    middlewares += [api_key_middleware(api_keys)] if api_keys else []
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes + 1024)
     app[SETTINGS] = settings
+    app[METRICS] = gateway_metrics
     app[IMAGES] = ImageStore(settings.image_dir, settings.image_retention_count, settings.image_retention_s)
     if broker_client is not None:
         app[BROKER] = broker_client
     app.cleanup_ctx.extend([_broker_link, _prune_images])
     app.router.add_post("/generate", generate)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/images/{name}", image)
+    app.router.add_get("/openapi.json", openapi_handler)
+    app.router.add_post("/v1/images/generations", images_generations)
+    app.router.add_get("/", index_page)
     return app

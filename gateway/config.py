@@ -5,11 +5,63 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imagegen.protocol import MAX_PROMPT_CHARS as WIRE_MAX_PROMPT_CHARS
+from imagegen.logs import parse_log_format
 from imagegen.settings import require, setting
 
 
 def _optional_str(text: str) -> str | None:
     return text.strip() or None
+
+
+MIN_API_KEY_CHARS = 16
+
+
+class ApiKeys(tuple):
+    """API keys, never shown: the start-up log prints every setting with repr()."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} API key{'' if len(self) == 1 else 's'}, redacted>"
+
+
+def _api_keys(text: str) -> ApiKeys | None:
+    """GATEWAY_API_KEYS: comma-separated keys; empty means none."""
+    return ApiKeys(key.strip() for key in text.split(",") if key.strip()) or None
+
+
+def _check_api_key(env: str, key: str, where: str) -> None:
+    """Refuse a key that is short or could not travel in an Authorization header. The message never
+    shows the key itself."""
+    require(len(key) >= MIN_API_KEY_CHARS, env,
+            f"the key {where} is {len(key)} characters; API keys must be at least {MIN_API_KEY_CHARS}")
+    require(all(33 <= ord(char) <= 126 for char in key), env,
+            f"the key {where} must be printable ASCII without spaces")
+
+
+def read_api_keys_file(path: str) -> ApiKeys:
+    """GATEWAY_API_KEYS_FILE: one key per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        require(False, "GATEWAY_API_KEYS_FILE", f"cannot read {path!r}: {exc}")
+    keys = []
+    for number, line in enumerate(lines, 1):
+        key = line.strip()
+        if key and not key.startswith("#"):
+            _check_api_key("GATEWAY_API_KEYS_FILE", key, f"on line {number} of {path!r}")
+            keys.append(key)
+    # A key file that holds no key would silently turn authentication off: refuse it.
+    require(bool(keys), "GATEWAY_API_KEYS_FILE", f"{path!r} holds no key")
+    return ApiKeys(keys)
+
+
+def configured_api_keys(settings: "GatewaySettings") -> frozenset[str]:
+    """Every key of GATEWAY_API_KEYS and GATEWAY_API_KEYS_FILE, checked; empty: no authentication."""
+    keys = list(settings.api_keys or ())
+    for index, key in enumerate(keys, 1):
+        _check_api_key("GATEWAY_API_KEYS", key, f"number {index}")
+    if settings.api_keys_file is not None:
+        keys += read_api_keys_file(settings.api_keys_file)
+    return frozenset(keys)
 
 
 @dataclass(frozen=True)
@@ -45,9 +97,20 @@ class GatewaySettings:
     default_height: int = setting("DEFAULT_HEIGHT", 512, "height when a request gives none")
     default_steps: int = setting("DEFAULT_INFERENCE_STEPS", 25, "num_inference_steps when a request gives none")
     default_guidance_scale: float = setting("DEFAULT_GUIDANCE_SCALE", 7.5, "guidance_scale when a request gives none")
+    api_keys: ApiKeys | None = setting("GATEWAY_API_KEYS", None,
+                                       "comma-separated API keys (16+ characters each) clients must send as "
+                                       "'Authorization: Bearer KEY'; unset or empty: no authentication",
+                                       parse=_api_keys)
+    api_keys_file: str | None = setting("GATEWAY_API_KEYS_FILE", None,
+                                        "file of API keys, one per line ('#' starts a comment line); "
+                                        "combined with GATEWAY_API_KEYS", parse=_optional_str)
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting("LOG_FORMAT", "text",
+                              "text (one readable line per record) or json (one JSON object per line)",
+                              parse=parse_log_format)
 
     def validate(self) -> None:
+        configured_api_keys(self)  # raises SettingsError for a short key or an unreadable or empty file
         require(1 <= self.port <= 65535, "GATEWAY_PORT", "must be a TCP port (1-65535)")
         require(self.request_timeout_s > 0, "REQUEST_TIMEOUT_S", "must be positive")
         require(self.max_pending >= 1, "GATEWAY_MAX_PENDING", "must be at least 1")

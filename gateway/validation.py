@@ -75,6 +75,7 @@ def _prompt(body: dict, field: str, settings: GatewaySettings, required: bool) -
         return None
     if not isinstance(value, str):
         raise FieldError(field, f"{field} must be a string, got {_json_type(value)}")
+    _check_unicode(field, value)
     if required and not value.strip():
         raise FieldError(field, f"{field} must not be empty")
     if len(value) > settings.max_prompt_chars:
@@ -88,9 +89,19 @@ def _identifier(body: dict, field: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise FieldError(field, f"{field} must be a string, got {_json_type(value)}")
-    value = str(value)
+    value = _check_unicode(field, str(value))
     if len(value) > MAX_ID_CHARS:
         raise FieldError(field, f"{field} is {len(value)} characters; the limit is {MAX_ID_CHARS}")
+    return value
+
+
+def _check_unicode(field: str, value: str) -> str:
+    """Refuse lone surrogates: JSON's "\\ud800" escape decodes to one, which UTF-8 (and so msgpack, on
+    the way to the broker) cannot encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FieldError(field, f"{field} is not valid Unicode: lone surrogate at character {exc.start}") from None
     return value
 
 

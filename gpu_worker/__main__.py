@@ -8,6 +8,7 @@ import sys
 import time
 
 from gpu_worker.batcher import BatchPolicyConfig
+from gpu_worker.policies import make_batcher
 from gpu_worker.config import WorkerSettings
 from gpu_worker.pipelines import (
     BatchSettings,
@@ -65,8 +66,13 @@ def warm_up(pipeline: ImagePipeline) -> None:
 
 
 async def main(settings: WorkerSettings) -> None:
-    setup_logging("gpu_worker", settings.log_level)
+    setup_logging("gpu_worker", settings.log_level, settings.log_format)
     log.info("settings: %s", settings_lib.describe(settings))
+    try:
+        curve = settings.curve_keys()
+    except (OSError, ValueError) as exc:
+        log.error("cannot load the CurveZMQ keys (WORKER_CURVE_SECRET_KEY, BROKER_CURVE_PUBLIC_KEY): %s", exc)
+        sys.exit(2)
     started = time.perf_counter()
     try:
         # MODEL_ID=fake[:...] is the test backend of gpu_worker/fake_backend.py (no model at all).
@@ -91,9 +97,10 @@ async def main(settings: WorkerSettings) -> None:
     )
     capacity = settings.max_in_flight or 2 * policy.max_batch_size
     worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
-                    settings.heartbeat_interval_s, settings.heartbeat_liveness, max_batch_size_auto=auto)
-    log.info("worker %s: max batch %d, capacity %d, broker %s", identity.name, policy.max_batch_size,
-             capacity, settings.broker_address)
+                    settings.heartbeat_interval_s, settings.heartbeat_liveness, max_batch_size_auto=auto,
+                    curve=curve, batcher=make_batcher(settings.batch_policy, policy))
+    log.info("worker %s: max batch %d, capacity %d, batch policy %s, broker %s", identity.name,
+             policy.max_batch_size, capacity, settings.batch_policy, settings.broker_address)
     await worker.serve(stop_event_on_signals(asyncio.get_running_loop()))
     log.info("worker %s stopped", identity.name)
 

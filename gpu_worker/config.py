@@ -6,7 +6,11 @@ import os
 import socket
 from dataclasses import dataclass
 
+from gpu_worker.policies import DEFAULT, POLICY_NAMES
+from imagegen.keys import load_public, load_secret
+from imagegen.logs import parse_log_format
 from imagegen.settings import parse_optional_int, require, setting
+from imagegen.sockets import CurveClientKeys
 
 
 def _optional_str(text: str) -> str | None:
@@ -38,6 +42,9 @@ class WorkerSettings:
                                       "shorten the window when the queue is deep")
     adaptive_threshold: int = setting("ADAPTIVE_BATCH_THRESHOLD", 10,
                                       "queue depth at which adaptive batching starts shortening the window")
+    batch_policy: str = setting("BATCH_POLICY", DEFAULT,
+                                "default: run as soon as the GPU is free unless batch-mates are due (docs/scheduling.md); "
+                                "seed: the seed's windowed rule, exactly")
     max_in_flight: int | None = setting("WORKER_MAX_IN_FLIGHT", None,
                                         "requests the broker may hand this worker at once; "
                                         "unset: 2 x MAX_BATCH_SIZE (one batch running, one forming)",
@@ -57,9 +64,18 @@ class WorkerSettings:
                                           "seconds between heartbeats (the broker's WELCOME may override it)")
     heartbeat_liveness: int = setting("HEARTBEAT_LIVENESS", 5,
                                       "broker heartbeats the worker may miss before it reconnects and registers again")
+    curve_secret_key: str | None = setting("WORKER_CURVE_SECRET_KEY", None,
+                                           "this worker's .key_secret file (python -m imagegen.keys worker NAME DIR); "
+                                           "set when the broker requires CurveZMQ", parse=_optional_str)
+    broker_public_key: str | None = setting("BROKER_CURVE_PUBLIC_KEY", None,
+                                            "the broker's public broker.key file (with WORKER_CURVE_SECRET_KEY)",
+                                            parse=_optional_str)
     warmup: bool = setting("WORKER_WARMUP", True,
                            "run one small generation before registering, so no request pays for first-call setup")
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting("LOG_FORMAT", "text",
+                              "text (one readable line per record) or json (one JSON object per line)",
+                              parse=parse_log_format)
 
     def validate(self) -> None:
         require(self.max_batch_size is None or self.max_batch_size >= 1, "MAX_BATCH_SIZE", "must be at least 1")
@@ -69,9 +85,15 @@ class WorkerSettings:
         require(self.max_batch_size is None or self.min_batch_size <= self.max_batch_size, "MIN_BATCH_SIZE",
                 "must not exceed MAX_BATCH_SIZE")
         require(self.adaptive_threshold >= 1, "ADAPTIVE_BATCH_THRESHOLD", "must be at least 1")
+        require(self.batch_policy in POLICY_NAMES, "BATCH_POLICY", f"must be one of {', '.join(POLICY_NAMES)}")
         require(self.max_in_flight is None or self.max_in_flight >= 1, "WORKER_MAX_IN_FLIGHT", "must be at least 1")
         require(self.heartbeat_interval_s > 0, "HEARTBEAT_INTERVAL_S", "must be positive")
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")
+        require((self.curve_secret_key is None) == (self.broker_public_key is None), "WORKER_CURVE_SECRET_KEY",
+                "set it together with BROKER_CURVE_PUBLIC_KEY, or neither")
+        for env, path in (("WORKER_CURVE_SECRET_KEY", self.curve_secret_key),
+                          ("BROKER_CURVE_PUBLIC_KEY", self.broker_public_key)):
+            require(path is None or os.path.exists(path), env, f"{path} does not exist")
 
     def resolved_gpu_id(self, cuda_available: bool) -> int:
         if self.gpu_id is not None:
@@ -80,6 +102,12 @@ class WorkerSettings:
         if visible.isdigit():
             return int(visible)
         return 0 if cuda_available else -1
+
+    def curve_keys(self) -> CurveClientKeys | None:
+        if self.curve_secret_key is None or self.broker_public_key is None:
+            return None
+        public, secret = load_secret(self.curve_secret_key)
+        return CurveClientKeys(public, secret, load_public(self.broker_public_key))
 
     def resolved_host(self) -> str:
         return self.host or socket.gethostname()

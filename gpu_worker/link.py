@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from imagegen import protocol
 from imagegen.protocol import WORKER_LINK, BrokerHeartbeat, Disconnect, ProtocolError, Register, Welcome
-from imagegen.sockets import make_dealer
+from imagegen.sockets import CurveClientKeys, make_dealer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ RECONNECT_MAX_S = 32.0
 class BrokerLink:
     def __init__(self, address: str, registration: Callable[[], Register],
                  on_message: Callable[[protocol.Message], None], on_forgotten: Callable[[str], None],
-                 heartbeat_interval_s: float, liveness: int, clock=time.monotonic) -> None:
+                 heartbeat_interval_s: float, liveness: int, clock=time.monotonic,
+                 curve: CurveClientKeys | None = None) -> None:
         self.address = address
         self.registration = registration
         self.on_message = on_message
@@ -45,13 +46,14 @@ class BrokerLink:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         self.clock = clock
+        self.curve = curve
         self.registered = asyncio.Event()
         self.broker_epoch: str | None = None
         self.last_heard = clock()
         self.malformed_messages = 0
         self.reconnects = 0
         self.ctx = zmq.asyncio.Context()
-        self.sock = make_dealer(self.ctx, address)
+        self.sock = make_dealer(self.ctx, address, curve=curve)
         self._reader: asyncio.Task | None = None
         self._keeper: asyncio.Task | None = None
         self._forgotten_event = asyncio.Event()  # wakes the keeper to register again at once
@@ -110,7 +112,7 @@ class BrokerLink:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
         self.sock.close(linger=0)
-        self.sock = make_dealer(self.ctx, self.address)
+        self.sock = make_dealer(self.ctx, self.address, curve=self.curve)
         self.reconnects += 1
         self.last_heard = self.clock()  # give the new connection a full liveness window
         self._reader = asyncio.create_task(self._read(), name="broker-reader")

@@ -32,6 +32,7 @@ from gpu_worker.stats import WorkerCounters
 from imagegen import protocol
 from gpu_worker.link import BrokerLink
 from gpu_worker.oom import OomSplittingBackend
+from imagegen.sockets import CurveClientKeys
 from imagegen.protocol import (
     BatchingConfig,
     Cancel,
@@ -47,6 +48,15 @@ from imagegen.protocol import (
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 300.0
+# PNG encoding of one 1024x1024 image takes ~0.2 s of CPU: encode a batch's images in parallel so
+# delivery keeps up with the GPU, leaving cores for the event loop and the GPU thread.
+PNG_ENCODER_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))
+LOGGED_ID_CHARS = 8  # request ids in the per-batch INFO line are cut to this; JSON logs carry them whole
+
+
+def short_ids(request_ids: Sequence[str]) -> str:
+    """Request ids for a log line a human reads: the first LOGGED_ID_CHARS characters of each."""
+    return " ".join(request_id[:LOGGED_ID_CHARS] for request_id in request_ids)
 
 
 class ImageBackend(Protocol):
@@ -90,7 +100,8 @@ def batching_report(config: BatchPolicyConfig, auto: bool) -> BatchingConfig:
 class Worker:
     def __init__(self, identity: WorkerIdentity, backend: ImageBackend, policy: BatchPolicyConfig,
                  capacity: int, broker_address: str, heartbeat_interval_s: float, liveness: int = 5,
-                 max_batch_size_auto: bool = False, clock=time.monotonic, batcher: Batcher | None = None) -> None:
+                 max_batch_size_auto: bool = False, clock=time.monotonic, batcher: Batcher | None = None,
+                 curve: CurveClientKeys | None = None) -> None:
         self.identity = identity
         # A batch that runs out of GPU memory is split and retried in halves (gpu_worker/oom.py).
         self.backend = OomSplittingBackend(backend, on_oom=self._out_of_memory_in_gpu_thread)
@@ -111,10 +122,10 @@ class Worker:
         self.expired_requests = 0
         self.cancelled_requests = 0
         self.gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
-        self.encoder_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="png")
+        self.encoder_threads = ThreadPoolExecutor(max_workers=PNG_ENCODER_THREADS, thread_name_prefix="png")
         self.delivery_tasks: set[asyncio.Task] = set()
         self.link = BrokerLink(broker_address, self._registration, self._on_message, self._forget_queue,
-                               heartbeat_interval_s, liveness, clock)
+                               heartbeat_interval_s, liveness, clock, curve)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -186,6 +197,8 @@ class Worker:
             if self.batcher.cancel(message.request_id):
                 self.deadlines.pop(message.request_id, None)
                 self.cancelled_requests += 1
+                log.info("request %s cancelled before its batch started", message.request_id,
+                         extra={"request_id": message.request_id})
         else:
             log.warning("ignored unexpected %s from the broker", type(message).__name__)
 
@@ -202,6 +215,8 @@ class Worker:
         except ValueError:
             return  # the broker resent a request we already hold: one answer will come
         self.deadlines[message.request_id] = now + message.deadline_s
+        log.debug("request %s queued: %dx%d, %d steps", message.request_id, message.params.width,
+                  message.params.height, message.params.num_inference_steps, extra={"request_id": message.request_id})
         self.counters.observe_queue_depth(self.batcher.queue_depth)
         self.arrival.set()
 
@@ -236,6 +251,8 @@ class Worker:
             del self.deadlines[request_id]
             if self.batcher.cancel(request_id):
                 self.expired_requests += 1
+                log.info("request %s failed: its deadline passed while it waited for a batch", request_id,
+                         extra={"request_id": request_id})
                 self.link.send(Failure(request_id, FailureCode.DEADLINE_EXCEEDED.value,
                                        "the request's deadline passed while it waited for a batch"))
 
@@ -258,6 +275,7 @@ class Worker:
         self.running = len(batch)
         self._send_status()
         started = time.perf_counter()
+        splits_before = self.backend.oom_splits
         try:
             images = await asyncio.get_running_loop().run_in_executor(
                 self.gpu_thread, self.backend.generate, jobs, settings)
@@ -267,17 +285,29 @@ class Worker:
         finally:
             self.running = 0
         generation_s = time.perf_counter() - started
+        self._observe_batch_time(key, len(batch), generation_s, splits_before)
         self.counters.record_batch([batch.wait_s(p) for p in batch.requests], generation_s)
-        log.info("batch %s: %d x %dx%d, %d steps in %.2fs", batch_id, len(batch), key.width, key.height,
-                 key.num_inference_steps, generation_s)
+        request_ids = [p.request_id for p in batch.requests]
+        log.info("batch %s: %d x %dx%d, %d steps in %.2fs; requests %s", batch_id, len(batch), key.width,
+                 key.height, key.num_inference_steps, generation_s, short_ids(request_ids),
+                 extra={"batch_id": batch_id, "request_ids": request_ids})
         task = asyncio.create_task(self._deliver(batch, batch_id, images, generation_s))
         self.delivery_tasks.add(task)
         task.add_done_callback(self.delivery_tasks.discard)
         self._send_status()
 
+    def _observe_batch_time(self, key: BatchKey, size: int, generation_s: float, splits_before: int) -> None:
+        """Teach a learning policy (BATCH_POLICY=default) what this batch cost; a batch that was split
+        after running out of memory is skipped, since its time is not that of one call of its size."""
+        observe = getattr(self.batcher, "observe_batch", None)
+        if observe is not None and self.backend.oom_splits == splits_before:
+            observe(key, size, generation_s, self.clock())
+
     def _fail_batch(self, batch: Batch[Generate], exc: Exception) -> None:
         code = FailureCode.INVALID_REQUEST if isinstance(exc, ValueError) else FailureCode.GENERATION_FAILED
-        log.exception("batch of %d failed", len(batch), exc_info=exc)
+        request_ids = [p.request_id for p in batch.requests]
+        log.error("batch of %d failed (%s); requests %s", len(batch), code.value, " ".join(request_ids),
+                  exc_info=exc, extra={"request_ids": request_ids})
         self.counters.record_failed(len(batch))
         for pending in batch.requests:
             self.link.send(Failure(pending.request_id, code.value, f"{type(exc).__name__}: {exc}"[:4000]))
@@ -285,8 +315,10 @@ class Worker:
 
     async def _deliver(self, batch: Batch[Generate], batch_id: str, images: list[Any], generation_s: float) -> None:
         loop = asyncio.get_running_loop()
-        for pending, image in zip(batch.requests, images):
-            png = await loop.run_in_executor(self.encoder_threads, encode_png, image)
+        # Encode every image of the batch at once (zlib releases the GIL), then send in order.
+        encodings = [loop.run_in_executor(self.encoder_threads, encode_png, image) for image in images]
+        for pending, encoding in zip(batch.requests, encodings):
+            png = await encoding
             params = pending.item.params
             self.link.send(Result(
                 request_id=pending.request_id,

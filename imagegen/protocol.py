@@ -4,7 +4,7 @@ Every message is a list of ZeroMQ frames (the ROUTER side sees the peer's routin
 
     frame 0   link tag + protocol version: ``IGW1`` (worker <-> broker) or ``IGC1`` (gateway <-> broker)
     frame 1   command, one byte (:class:`Command`)
-    frame 2   header: a msgpack map, at most :data:`MAX_HEADER_BYTES`
+    frame 2   header: a msgpack map, at most :data:`MAX_HEADER_BYTES` (STATS_REPLY: :data:`MAX_STATS_HEADER_BYTES`)
     frame 3.. payload frames, raw bytes (PNG images); never inside msgpack, never pickled
 
 Each command has one typed message class (a frozen dataclass). :func:`encode` turns a message
@@ -35,6 +35,9 @@ MAX_PAYLOAD_FRAMES = 1
 # Per-frame cap applied with ZMQ_MAXMSGSIZE on the broker's sockets: a PNG of the largest allowed
 # image (2048 x 2048 RGB, incompressible) is about 12 MiB.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+# The /stats document grows by about 300 bytes per worker, so past ~870 workers it outgrows
+# MAX_HEADER_BYTES (then /stats and /readyz failed): STATS_REPLY alone may use a whole frame.
+MAX_STATS_HEADER_BYTES = MAX_FRAME_BYTES
 MAX_PROMPT_CHARS = 4000
 MAX_ID_CHARS = 128
 MAX_SEED = 2**63 - 1
@@ -293,13 +296,14 @@ def decode(frames: Sequence[Any], link: bytes) -> tuple[Message, list[Any]]:
     expected_payload = MAX_PAYLOAD_FRAMES if cls.COMMAND in _PAYLOAD_COMMANDS else 0
     if len(payload) != expected_payload:
         raise ProtocolError(f"{cls.__name__} carries {expected_payload} payload frame(s), got {len(payload)}")
-    return from_header(cls, unpack_header(header)), payload
+    max_bytes = MAX_STATS_HEADER_BYTES if cls.COMMAND is Command.STATS_REPLY else MAX_HEADER_BYTES
+    return from_header(cls, unpack_header(header, max_bytes)), payload
 
 
-def unpack_header(header: bytes) -> dict:
+def unpack_header(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> dict:
     """Unpack a msgpack header safely: size-capped, string keys, no extension types."""
-    if len(header) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(header) > max_bytes:
+        raise ProtocolError(f"header of {len(header)} bytes exceeds {max_bytes}")
     try:
         # msgpack bounds every container length by len(header), so a tiny "array of 2**32" bomb fails fast.
         value = msgpack.unpackb(bytes(header), raw=False, strict_map_key=True, use_list=False, ext_hook=_reject_ext)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import zmq
 
 from imagegen.protocol import MAX_FRAME_BYTES
@@ -11,7 +13,24 @@ from imagegen.protocol import MAX_FRAME_BYTES
 HIGH_WATER_MARK = 10_000
 
 
-def make_router(ctx: zmq.Context, bind: str) -> zmq.Socket:
+@dataclass(frozen=True)
+class CurveServerKeys:
+    """The broker's key pair: its worker socket then speaks CurveZMQ (authenticated, encrypted)."""
+
+    public: bytes
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """A worker's key pair and the broker's public key."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+
+def make_router(ctx: zmq.Context, bind: str, curve: CurveServerKeys | None = None) -> zmq.Socket:
     """A broker-side ROUTER bound to ``bind``.
 
     ROUTER_MANDATORY makes a send to a vanished peer raise EHOSTUNREACH instead of silently
@@ -24,12 +43,17 @@ def make_router(ctx: zmq.Context, bind: str) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
     sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    if curve is not None:  # the server role must be set before bind
+        sock.curve_secretkey = curve.secret
+        sock.curve_publickey = curve.public
+        sock.curve_server = True
     _enable_ipv6_if_needed(sock, bind)
     sock.bind(bind)
     return sock
 
 
-def make_dealer(ctx: zmq.Context, connect: str, linger_ms: int = 2000) -> zmq.Socket:
+def make_dealer(ctx: zmq.Context, connect: str, linger_ms: int = 2000,
+                curve: CurveClientKeys | None = None) -> zmq.Socket:
     """A DEALER connected to a broker; it reconnects by itself if the broker restarts."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, linger_ms)
@@ -40,6 +64,10 @@ def make_dealer(ctx: zmq.Context, connect: str, linger_ms: int = 2000) -> zmq.So
     # Detect a dead TCP peer at the transport level too (answered by libzmq's I/O thread).
     sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+    if curve is not None:
+        sock.curve_secretkey = curve.secret
+        sock.curve_publickey = curve.public
+        sock.curve_serverkey = curve.server_public
     _enable_ipv6_if_needed(sock, connect)
     sock.connect(connect)
     return sock

@@ -23,6 +23,20 @@ http://localhost:8080), ``--width``/``--height`` (default 512, multiples of 8),
 ``--timeout`` (seconds per request, default 900), ``--seed-base`` (seed = base + i),
 ``--requests-per-user`` (default 5, only with ``--users``), ``--no-stats``.
 
+Readable output beyond the text report:
+
+* a progress bar on stderr while the run goes (``[#####-----] 25/50 done, 0 failed, 12.3s``;
+  ``--no-progress`` turns it off);
+* ``--json PATH``: every request's outcome (times in seconds from the run's start, status, error,
+  batch_id, batch_size, gpu_id, worker, queue_wait_ms, generation_ms, seed), the summary, the
+  ``/stats`` samples and the final ``/stats`` document, as one JSON object;
+* ``--plot PATH.png``: three charts (needs matplotlib): the latency CDF of the successful
+  requests, the batch sizes over time (one point per distinct batch, at its first response), and
+  the queue depth over time (cluster-wide, plus one line per GPU with several workers).
+
+With ``--json`` or ``--plot`` the script samples ``GET /stats`` every ``--stats-interval``
+seconds (default 0.5) during the run, unless ``--no-stats``.
+
 Every request i (0-based across the whole run) gets prompt ``"<prompt> #i"``,
 ``player_id`` ``player-i``, ``game_id`` ``loadtest`` and one ``round_id`` shared by the
 whole run (``round-<unix timestamp>``), so the requests are distinct but easy to find
@@ -69,13 +83,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
 
 import aiohttp
 
@@ -88,6 +104,8 @@ USER_HEADER = "X-Loadtest-User"
 REQUEST_HEADER = "X-Loadtest-Request"
 # /stats is a cheap in-memory read; it must not hold up the report for long.
 STATS_TIMEOUT_S = 10.0
+DEFAULT_STATS_INTERVAL_S = 0.5
+JSON_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -285,6 +303,158 @@ def format_gateway_stats(stats: dict[str, Any]) -> str:
     return "Gateway /stats (cumulative): " + (" ".join(parts) if parts else "no counters")
 
 
+# --------------------------------------------------------------------------- progress, JSON, plot
+
+
+def format_progress(done: int, failed: int, total: int, elapsed_s: float, width: int = 30) -> str:
+    """``[#######-----] 12/50 done, 1 failed, 3.4s`` (no newline)."""
+    filled = width if total <= 0 else min(width, width * done // total)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total} done, {failed} failed, {elapsed_s:.1f}s"
+
+
+class Progress:
+    """A one-line progress bar on ``stream`` (stderr), redrawn in place with a carriage return.
+
+    Redrawn at most every ``min_interval_s`` (0.1 s on a terminal, 1 s into a log file), and always
+    for the last request; ``finish`` ends the line."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, clock: Callable[[], float] = time.perf_counter,
+                 min_interval_s: float | None = None) -> None:
+        stream = stream if stream is not None else sys.stderr  # looked up now: tests replace sys.stderr
+        self.total, self.stream, self.clock = total, stream, clock
+        self.done = self.failed = 0
+        self.started = clock()
+        self.min_interval_s = min_interval_s if min_interval_s is not None else (
+            0.1 if getattr(stream, "isatty", lambda: False)() else 1.0)
+        self._drawn_at = float("-inf")
+        self._drawn_done = -1
+
+    def update(self, result: RequestResult) -> None:
+        self.done += 1
+        self.failed += not result.ok
+        if self.done >= self.total or self.clock() - self._drawn_at >= self.min_interval_s:
+            self._draw()
+
+    def _draw(self) -> None:
+        self._drawn_at, self._drawn_done = self.clock(), self.done
+        line = format_progress(self.done, self.failed, self.total, self._drawn_at - self.started)
+        self.stream.write("\r" + line)
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self._drawn_done != self.done:  # the last request always draws; this covers an empty run
+            self._draw()
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def compact_stats(stats: dict[str, Any], t_s: float) -> dict[str, Any]:
+    """One /stats sample as kept for --json and --plot: the queue and batch counters, per GPU too."""
+    sample = {"t_s": round(t_s, 3), **{k: stats.get(k) for k in ("current_queue_depth", "total_requests",
+                                                                   "total_batches", "num_gpus")}}
+    per_gpu = stats.get("per_gpu_stats")
+    if isinstance(per_gpu, list):
+        sample["per_gpu"] = [{k: g.get(k) for k in ("gpu_id", "worker", "current_queue_depth", "total_batches")}
+                             for g in per_gpu if isinstance(g, dict)]
+    return sample
+
+
+def result_record(result: RequestResult, t0: float) -> dict[str, Any]:
+    """One request for --json: times in seconds from ``t0`` (the run's start)."""
+    body = result.body or {}
+    record = {
+        "index": result.index, "user": result.user, "ok": result.ok, "status": result.status,
+        "sent_s": round(result.sent_at - t0, 4), "received_s": round(result.received_at - t0, 4),
+        "latency_s": round(result.latency_s, 4), "error_code": result.error_code,
+        "error_message": result.error_message, "batch_id": result.batch_id, "batch_size": result.batch_size,
+        "gpu_id": result.gpu_id,
+    }
+    if result.ok:
+        record.update({k: body.get(k) for k in ("worker", "queue_wait_ms", "generation_ms", "seed", "image_url")})
+    return record
+
+
+def json_report(run: dict[str, Any], results: Sequence[RequestResult], summary: Summary, t0: float,
+                samples: Sequence[dict[str, Any]], final_stats: dict[str, Any] | None) -> dict[str, Any]:
+    """The whole run as one JSON-ready object (written by --json)."""
+    return {
+        "format_version": JSON_FORMAT_VERSION,
+        "run": run,
+        "summary": {**asdict(summary), "failed": summary.failed},
+        "results": [result_record(r, t0) for r in sorted(results, key=lambda r: r.index)],
+        "stats_samples": list(samples),
+        "final_stats": final_stats,
+    }
+
+
+def batch_points(results: Sequence[RequestResult], t0: float) -> list[tuple[float, int, int | None]]:
+    """(seconds from t0, batch_size, gpu_id) per distinct batch, at its first response; requests
+    without a batch_id count as their own batch."""
+    first: dict[str, tuple[float, int, int | None]] = {}
+    for r in results:
+        if not r.ok or r.batch_size is None:
+            continue
+        key = r.batch_id if r.batch_id is not None else f"request-{r.index}"
+        point = (r.received_at - t0, r.batch_size, r.gpu_id)
+        if key not in first or point[0] < first[key][0]:
+            first[key] = point
+    return sorted(first.values())
+
+
+def write_plot(path: str, results: Sequence[RequestResult], samples: Sequence[dict[str, Any]], t0: float,
+               title: str) -> None:
+    """The PNG of --plot: latency CDF, batch size over time, queue depth over time."""
+    from matplotlib.figure import Figure  # lazily: only --plot needs matplotlib
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(9, 11), layout="constrained")
+    cdf, batches, queue = fig.subplots(3, 1)
+    fig.suptitle(title)
+    latencies = sorted(r.latency_s for r in results if r.ok)
+    if latencies:
+        cdf.step(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))], where="post")
+        for pct, style in ((50, "--"), (95, ":")):
+            cdf.axvline(percentile_nearest_rank(latencies, pct), color="grey", linestyle=style, label=f"p{pct}")
+        cdf.legend(loc="lower right")
+    _empty_note(cdf, not latencies, "no successful request")
+    cdf.set(title="Latency CDF (successful requests)", xlabel="latency (s)", ylabel="fraction <= x", ylim=(0, 1.02))
+    points = batch_points(results, t0)
+    for gpu in sorted({p[2] for p in points}, key=lambda g: (g is None, g)):
+        mine = [p for p in points if p[2] == gpu]
+        batches.scatter([p[0] for p in mine], [p[1] for p in mine], label=f"GPU {gpu}", s=24)
+    if len({p[2] for p in points}) > 1:
+        batches.legend(loc="best")
+    _empty_note(batches, not points, "no batch reported")
+    batches.set(title="Batch size over time (at each batch's first response)", xlabel="time since start (s)",
+                ylabel="batch size", ylim=(0, max((p[1] for p in points), default=1) + 1))
+    for ax in (batches, queue):
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _plot_queue(queue, samples)
+    fig.savefig(path, dpi=100)
+
+
+def _plot_queue(ax: Any, samples: Sequence[dict[str, Any]]) -> None:
+    times = [s["t_s"] for s in samples if s.get("current_queue_depth") is not None]
+    if times:
+        ax.step(times, [s["current_queue_depth"] for s in samples if s.get("current_queue_depth") is not None],
+                where="post", label="all GPUs", linewidth=2)
+        per_gpu: dict[Any, list[tuple[float, int]]] = {}
+        for s in samples:
+            for g in s.get("per_gpu", []):
+                per_gpu.setdefault(g["gpu_id"], []).append((s["t_s"], g["current_queue_depth"]))
+        for gpu, series in sorted(per_gpu.items(), key=lambda kv: str(kv[0])):
+            ax.step([t for t, _ in series], [d for _, d in series], where="post", label=f"GPU {gpu}", alpha=0.7)
+        ax.legend(loc="best")
+    _empty_note(ax, not times, "no /stats samples (--no-stats, or the gateway did not answer)")
+    ax.set(title="Queue depth over time (GET /stats samples)", xlabel="time since start (s)",
+           ylabel="requests waiting")
+
+
+def _empty_note(ax: Any, empty: bool, text: str) -> None:
+    if empty:
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
 # --------------------------------------------------------------------------- network
 
 
@@ -383,17 +553,28 @@ async def send_one(
     )
 
 
+OnResult = Callable[[RequestResult], None]
+
+
+async def _reported(on_result: OnResult | None, pending: Any) -> RequestResult:
+    """Await one request; tell ``on_result`` (the progress bar) as soon as it ends."""
+    result = await pending
+    if on_result is not None:
+        on_result(result)
+    return result
+
+
 async def run_burst(
-    url: str, count: int, template: RequestTemplate, timeout_s: float = 900.0
+    url: str, count: int, template: RequestTemplate, timeout_s: float = 900.0,
+    on_result: OnResult | None = None,
 ) -> list[RequestResult]:
     """Send `count` requests at once and wait for all of them."""
     url = url.rstrip("/")
     async with _make_session(timeout_s) as session:
         # gather starts every coroutine in the same loop iteration, so all requests
         # are on the wire together, which is what lets the gateway batch them.
-        return list(
-            await asyncio.gather(*(send_one(session, url, template, i) for i in range(count)))
-        )
+        return list(await asyncio.gather(
+            *(_reported(on_result, send_one(session, url, template, i)) for i in range(count))))
 
 
 async def run_users(
@@ -402,6 +583,7 @@ async def run_users(
     requests_per_user: int,
     template: RequestTemplate,
     timeout_s: float = 900.0,
+    on_result: OnResult | None = None,
 ) -> list[RequestResult]:
     """`users` concurrent users; each sends its requests back to back (no think time)."""
     url = url.rstrip("/")
@@ -411,7 +593,7 @@ async def run_users(
         for k in range(requests_per_user):
             # Request index unique across the run, so prompts/player ids stay distinct.
             index = user * requests_per_user + k
-            out.append(await send_one(session, url, template, index, user=user))
+            out.append(await _reported(on_result, send_one(session, url, template, index, user=user)))
         return out
 
     async with _make_session(timeout_s) as session:
@@ -430,6 +612,32 @@ async def fetch_stats(url: str, timeout_s: float = STATS_TIMEOUT_S) -> dict[str,
                 return body if isinstance(body, dict) else None
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         return None
+
+
+async def sample_stats(url: str, interval_s: float, samples: list[dict[str, Any]], t0: float) -> None:
+    """Append a compact GET /stats sample every ``interval_s`` until cancelled (times from ``t0``)."""
+    while True:
+        asked_at = time.perf_counter()
+        stats = await fetch_stats(url, timeout_s=max(2.0, 4 * interval_s))
+        if stats is not None:
+            samples.append(compact_stats(stats, asked_at - t0))
+        await asyncio.sleep(max(0.0, interval_s - (time.perf_counter() - asked_at)))
+
+
+async def run_sampled(load: Any, url: str, interval_s: float | None) -> tuple[list[RequestResult], list, float]:
+    """Run the ``load`` coroutine while sampling /stats (unless ``interval_s`` is None).
+
+    Returns (results, samples, t0), t0 being the perf_counter value the sample times count from."""
+    t0 = time.perf_counter()
+    samples: list[dict[str, Any]] = []
+    sampler = asyncio.ensure_future(sample_stats(url, interval_s, samples, t0)) if interval_s else None
+    try:
+        results = await load
+    finally:
+        if sampler is not None:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+    return results, samples, t0
 
 
 # --------------------------------------------------------------------------- CLI
@@ -489,21 +697,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=900.0,
         help="per-request timeout in seconds (default 900: a deep queue is slow, not broken)",
     )
-    p.add_argument("--no-stats", action="store_true", help="do not query GET /stats afterwards")
+    p.add_argument("--no-stats", action="store_true",
+                   help="do not query GET /stats (neither afterwards nor samples during the run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="write every request's result, the summary and the /stats samples to PATH as JSON")
+    p.add_argument("--plot", metavar="PATH.png", default=None,
+                   help="draw latency CDF, batch size and queue depth over time into a PNG (needs matplotlib)")
+    p.add_argument("--stats-interval", type=_positive_float, default=DEFAULT_STATS_INTERVAL_S, metavar="S",
+                   help=f"seconds between GET /stats samples with --json/--plot (default {DEFAULT_STATS_INTERVAL_S})")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the load test; returns the exit code (0 all ok, 1 some failed, 2 usage error)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if args.requests_per_user is not None and args.burst is not None:
-            parser.error("--requests-per-user only applies with --users")
-    except SystemExit as exc:  # argparse exits 2 on errors, 0 on --help
-        return exc.code if isinstance(exc.code, int) else 2
+def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse --json/--plot paths that cannot be written before the run, not after it."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            parser.error(f"{flag}: the folder of {path!r} does not exist")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib: pip install matplotlib")
 
-    template = RequestTemplate(
+
+def _write_outputs(args: argparse.Namespace, run: dict[str, Any], results: list[RequestResult], summary: Summary,
+                   t0: float, samples: list[dict[str, Any]], final_stats: dict[str, Any] | None) -> None:
+    if args.json is not None:
+        report = json_report(run, results, summary, t0, samples, final_stats)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"Wrote {args.json}", file=sys.stderr)
+    if args.plot is not None:
+        title = f"{run['what']} -> {run['url']} ({run['width']}x{run['height']}, {run['steps']} steps)"
+        write_plot(args.plot, results, samples, t0, title)
+        print(f"Wrote {args.plot}", file=sys.stderr)
+
+
+def _template(args: argparse.Namespace) -> RequestTemplate:
+    return RequestTemplate(
         prompt=args.prompt,
         width=args.width,
         height=args.height,
@@ -514,30 +742,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         negative_prompt=args.negative_prompt,
         seed_base=args.seed_base,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the load test; returns the exit code (0 all ok, 1 some failed, 2 usage error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.requests_per_user is not None and args.burst is not None:
+            parser.error("--requests-per-user only applies with --users")
+        _check_outputs(parser, args)
+    except SystemExit as exc:  # argparse exits 2 on errors, 0 on --help
+        return exc.code if isinstance(exc.code, int) else 2
+
+    template = _template(args)
     url = args.url.rstrip("/")
+    rpu = args.requests_per_user or DEFAULT_REQUESTS_PER_USER
+    total = args.burst if args.burst is not None else args.users * rpu
+    progress = None if args.no_progress else Progress(total)
+    on_result = progress.update if progress is not None else None
     if args.burst is not None:
         what = f"burst of {args.burst} requests"
-        coro = run_burst(url, args.burst, template, args.timeout)
+        load = run_burst(url, args.burst, template, args.timeout, on_result)
     else:
-        rpu = args.requests_per_user or DEFAULT_REQUESTS_PER_USER
         what = f"{args.users} users x {rpu} requests"
-        coro = run_users(url, args.users, rpu, template, args.timeout)
+        load = run_users(url, args.users, rpu, template, args.timeout, on_result)
     # Progress goes to stderr so stdout is just the report.
     print(f"Load test: {what} -> {url}/generate "
           f"({args.width}x{args.height}, {args.steps} steps)", file=sys.stderr, flush=True)
+    sampling = (args.json is not None or args.plot is not None) and not args.no_stats
 
     try:
-        results = asyncio.run(coro)
+        results, samples, t0 = asyncio.run(run_sampled(load, url, args.stats_interval if sampling else None))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if progress is not None:
+        progress.finish()
 
     summary = summarize(results, wall_duration(results))
     print(format_summary(summary), flush=True)
+    stats = None
     if not args.no_stats:
         stats = asyncio.run(fetch_stats(url))
         if stats is not None:
             print(format_gateway_stats(stats), flush=True)
+    run = {"what": what, "url": url, "mode": "burst" if args.burst is not None else "users", "total": total,
+           "users": args.users, "requests_per_user": rpu if args.users is not None else None,
+           "width": args.width, "height": args.height, "steps": args.steps, "guidance_scale": args.guidance_scale,
+           "prompt": args.prompt, "round_id": template.round_id, "timeout_s": args.timeout,
+           "stats_interval_s": args.stats_interval if sampling else None}
+    _write_outputs(args, run, results, summary, t0, samples, stats)
     return 0 if summary.all_ok else 1
 
 

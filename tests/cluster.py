@@ -54,7 +54,8 @@ class Cluster:
         return process
 
     def start_worker(self, index: int, **settings: str) -> subprocess.Popen:
-        return self.start(f"worker{index}", "gpu_worker", GPU_ID=str(index), WORKER_NAME=f"worker{index}", **settings)
+        return self.start(f"worker{index}", "gpu_worker", **{"GPU_ID": str(index), "WORKER_NAME": f"worker{index}",
+                                                             **settings})
 
     def signal(self, name: str, sig: signal.Signals) -> None:
         os.kill(self.processes[name].pid, sig)

@@ -13,12 +13,13 @@ import pytest
 from broker.config import BrokerSettings
 from gateway.config import GatewaySettings
 from gpu_worker.config import WorkerSettings
+from gpu_worker.supervisor_config import LauncherSettings
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 
 
-@pytest.mark.parametrize("settings_class", [BrokerSettings, GatewaySettings, WorkerSettings])
+@pytest.mark.parametrize("settings_class", [BrokerSettings, GatewaySettings, WorkerSettings, LauncherSettings])
 def test_every_setting_is_documented_in_the_readme(settings_class):
     missing = [f.metadata["env"] for f in dataclasses.fields(settings_class) if f"`{f.metadata['env']}`" not in README]
     assert not missing, f"README.md does not document {missing}"

@@ -65,6 +65,7 @@ def test_sigstop_worker_is_detected_within_the_liveness_window_and_its_work_requ
     c.signal("worker0", signal.SIGSTOP)
     c.wait_for(lambda s: s["broker"]["workers_expired"] == 1, 5, "the stopped worker to expire")
     detection_s = time.monotonic() - stopped_at
+    print(f"SIGSTOP detected after {detection_s:.2f}s")  # for docs/reliability.md (pytest -s)
     assert detection_s < 1.0 + 0.2 + 0.5, detection_s  # liveness window + one check interval + polling
     done = results(futures)
     assert [status for status, _, _ in done] == [200] * 12, done

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
+import json
 import re
 import socket
 import subprocess
@@ -21,6 +23,7 @@ from typing import Any, Callable
 
 import pytest
 from aiohttp import web
+from PIL import Image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "test_batching.py"
 
@@ -165,6 +168,9 @@ def test_build_payload_distinct_and_seeded():
     ["--burst", "5", "--requests-per-user", "3"],  # per-user count without --users
     ["--users", "2", "--timeout", "0"],
     ["--burst", "x"],
+    ["--burst", "5", "--json", "/no/such/folder/run.json"],   # checked before the run, not after
+    ["--burst", "5", "--plot", "/no/such/folder/run.png"],
+    ["--burst", "5", "--stats-interval", "0"],
 ])
 def test_usage_errors_exit_2(argv, capsys):
     assert lt.main(argv) == 2
@@ -272,7 +278,8 @@ class FakeGateway:
     async def stats(self, request: web.Request) -> web.Response:
         n, b = sum(self.batches.values()), len(self.batches)
         return web.json_response({"total_requests": n, "total_batches": b,
-                                  "avg_batch_size": round(n / b, 2) if b else 0.0})
+                                  "avg_batch_size": round(n / b, 2) if b else 0.0,
+                                  "current_queue_depth": self._in_flight})
 
 
 async def start_fake(fake: FakeGateway) -> tuple[web.AppRunner, str]:
@@ -425,3 +432,105 @@ def test_cli_subprocess_usage_error_and_help():
     ok = subprocess.run([sys.executable, str(SCRIPT), "--help"],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "--requests-per-user" in ok.stdout
+
+
+# --------------------------------------------------------------------------- progress, --json, --plot
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_format_progress():
+    assert lt.format_progress(0, 0, 4, 0.0, width=8) == "[--------] 0/4 done, 0 failed, 0.0s"
+    assert lt.format_progress(3, 1, 4, 2.25, width=8) == "[######--] 3/4 done, 1 failed, 2.2s"
+    assert lt.format_progress(4, 0, 4, 9.0, width=8).startswith("[########] 4/4")
+
+
+def test_progress_redraws_in_place_at_most_every_interval_and_always_at_the_end():
+    now = [0.0]
+    stream = io.StringIO()
+    bar = lt.Progress(4, stream=stream, clock=lambda: now[0], min_interval_s=1.0)
+    for t, ok in ((0.1, True), (0.2, False), (1.5, True), (1.6, True)):
+        now[0] = t
+        bar.update(res(0, ok=ok))
+    bar.finish()
+    frames = stream.getvalue().split("\r")[1:]
+    # 0.1: drawn (first); 0.2: too soon; 1.5: drawn; 1.6: the last request, drawn; finish: the newline
+    assert [f.split("] ")[1] for f in frames] == ["1/4 done, 0 failed, 0.1s", "3/4 done, 1 failed, 1.5s",
+                                                   "4/4 done, 1 failed, 1.6s\n"]
+
+
+def test_compact_stats_keeps_queue_and_batches_in_both_shapes():
+    single = {"num_gpus": 1, "current_queue_depth": 3, "total_requests": 10, "total_batches": 4, "config": {}}
+    assert lt.compact_stats(single, 1.23456) == {"t_s": 1.235, "current_queue_depth": 3, "total_requests": 10,
+                                                 "total_batches": 4, "num_gpus": 1}
+    multi = {**single, "num_gpus": 2, "per_gpu_stats": [
+        {"gpu_id": 0, "worker": "w0", "current_queue_depth": 1, "total_batches": 3, "host": "h"},
+        {"gpu_id": 1, "worker": "w1", "current_queue_depth": 2, "total_batches": 1}]}
+    assert lt.compact_stats(multi, 0.0)["per_gpu"] == [
+        {"gpu_id": 0, "worker": "w0", "current_queue_depth": 1, "total_batches": 3},
+        {"gpu_id": 1, "worker": "w1", "current_queue_depth": 2, "total_batches": 1}]
+
+
+def test_batch_points_one_per_batch_at_its_first_response():
+    results = [res(0, sent_at=10.0, latency=2.0, batch_id="a", batch_size=2),
+               res(1, sent_at=10.0, latency=1.5, batch_id="a", batch_size=2),
+               res(2, sent_at=10.0, latency=3.0, batch_id="b", batch_size=1),
+               res(3, ok=False, status=503, sent_at=10.0)]
+    assert lt.batch_points(results, t0=10.0) == [(1.5, 2, None), (3.0, 1, None)]
+
+
+def test_plot_of_a_run_with_nothing_to_show_is_still_a_png(tmp_path):
+    path = tmp_path / "empty.png"
+    lt.write_plot(str(path), [res(0, ok=False, status=503)], [], t0=0.0, title="nothing")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+async def test_json_plot_and_progress_of_a_real_run(tmp_path, capsys):
+    fake = FakeGateway(window_s=0.1, gen_s=0.3, max_batch=4)
+    runner, url = await start_fake(fake)
+    json_path, png_path = tmp_path / "run.json", tmp_path / "run.png"
+    try:
+        code = await run_main(["--url", url, "--burst", "8", "--seed-base", "5", "--json", str(json_path),
+                               "--plot", str(png_path), "--stats-interval", "0.05", *FAST])
+    finally:
+        await runner.cleanup()
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    assert "] 8/8 done, 0 failed," in captured.err and "\r[" in captured.err  # the bar, on stderr
+    assert "done," not in captured.out  # stdout stays the report
+
+    report = json.loads(json_path.read_text())
+    assert report["format_version"] == 1 and report["run"]["mode"] == "burst" and report["run"]["total"] == 8
+    assert report["summary"]["successful"] == 8 and report["summary"]["failed"] == 0
+    assert report["summary"]["avg_batch_size"] == pytest.approx(8 / len(fake.batches))
+    results = report["results"]
+    assert [r["index"] for r in results] == list(range(8)) and all(r["ok"] for r in results)
+    assert sorted(r["seed"] for r in results) == list(range(5, 13))
+    assert all(0 <= r["sent_s"] <= r["received_s"] and r["batch_size"] >= 1 and r["batch_id"] for r in results)
+    samples = report["stats_samples"]
+    assert len(samples) >= 3, samples  # a 0.4 s run sampled every 0.05 s
+    assert all(isinstance(s["current_queue_depth"], int) for s in samples)
+    assert max(s["current_queue_depth"] for s in samples) > 0  # it saw the requests waiting
+    assert [s["t_s"] for s in samples] == sorted(s["t_s"] for s in samples)
+    assert report["final_stats"]["total_requests"] == 8
+
+    png = png_path.read_bytes()
+    assert png[:8] == PNG_SIGNATURE
+    assert Image.open(io.BytesIO(png)).size == (900, 1100)
+
+
+async def test_users_mode_with_no_stats_and_no_progress(tmp_path, capsys):
+    fake = FakeGateway()
+    runner, url = await start_fake(fake)
+    json_path = tmp_path / "users.json"
+    try:
+        code = await run_main(["--url", url, "--users", "2", "--requests-per-user", "2", "--no-stats",
+                               "--no-progress", "--json", str(json_path), *FAST])
+    finally:
+        await runner.cleanup()
+    captured = capsys.readouterr()
+    assert code == 0 and "done," not in captured.err
+    report = json.loads(json_path.read_text())
+    assert report["run"]["mode"] == "users" and report["run"]["requests_per_user"] == 2
+    assert report["stats_samples"] == [] and report["final_stats"] is None
+    assert sorted(r["user"] for r in report["results"]) == [0, 0, 1, 1]

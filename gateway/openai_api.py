@@ -1,0 +1,278 @@
+"""OpenAI-compatible image generation: ``POST /v1/images/generations``.
+
+Lets OpenAI's client libraries (``openai.OpenAI(base_url="http://gateway:8080/v1")``) and tools
+built on them use the cluster. The request is turned into ``n`` ordinary generate requests, each
+checked by :func:`gateway.validation.parse_generate_request` (the same bounds as POST /generate)
+and each with its own seed; they go to the broker together, so the worker batches them like any
+other concurrent requests. The answer is all ``n`` images or an error, never part of them.
+
+Fields, as in OpenAI's API:
+
+* ``prompt`` (required); ``n``: 1 to :data:`MAX_N` images (default 1);
+* ``size``: ``"WxH"`` within the gateway's bounds (multiples of 8, MIN/MAX_IMAGE_SIDE,
+  MAX_IMAGE_PIXELS); ``"auto"``, null or absent: DEFAULT_WIDTH x DEFAULT_HEIGHT;
+* ``response_format``: ``"url"`` (default; the PNG is stored and served like /generate's) or
+  ``"b64_json"`` (the PNG inline, base64; nothing is stored);
+* ``model``: any string, ignored: the cluster serves the one model its workers loaded (MODEL_ID),
+  which the gateway does not know; ``user``: any string, ignored.
+
+Extensions beyond OpenAI's fields (send them with the client's ``extra_body``):
+``negative_prompt``, ``num_inference_steps``, ``guidance_scale`` (as in /generate) and ``seed``
+(image i gets ``seed + i``; without it every image gets a random seed). Any other field is refused
+with 400, like /generate's unknown fields.
+
+Answer: ``{"created": <unix seconds>, "data": [{"url": ...} | {"b64_json": ...}, ...]}``. Errors
+use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400/413
+``invalid_request_error`` with ``param`` naming the field; 5xx ``server_error`` with ``code`` the
+gateway's failure code (``overloaded``, ``worker_lost``, ``timeout``, ...), 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import re
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aiohttp import web
+
+from gateway.broker_client import BrokerFailure
+from gateway.config import GatewaySettings
+from gateway.images import new_image_id, png_size
+from gateway.validation import FieldError, parse_generate_request
+from imagegen.protocol import MAX_SEED, GenerationParams, Result
+
+MAX_N = 10
+RESPONSE_FORMATS = ("url", "b64_json")
+OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
+# Fields of POST /generate accepted here too, passed through to its validator unchanged.
+EXTENSION_FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "seed")
+SIZE_PATTERN = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+
+
+class UnknownField(FieldError):
+    """A field this route does not accept (OpenAI's code for it: ``unknown_parameter``)."""
+
+
+@dataclass(frozen=True)
+class ImagesRequest:
+    """A checked /v1/images/generations request: one GenerationParams per image, seeds distinct."""
+
+    images: tuple[GenerationParams, ...]
+    response_format: str
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> web.Response:
+    """An error in OpenAI's shape; ``type`` follows from the status as OpenAI's API does."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def parse_images_request(body: Any, settings: GatewaySettings, rng: random.Random | None = None) -> ImagesRequest:
+    """Check a decoded body (pure but for the random seeds); raises FieldError naming the
+    OpenAI field at fault (``size`` for width/height problems)."""
+    if not isinstance(body, dict):
+        raise FieldError(None, "the request body must be a JSON object")
+    accepted = OPENAI_FIELDS + EXTENSION_FIELDS
+    unknown = sorted(set(body) - set(accepted))
+    if unknown:
+        raise UnknownField(unknown[0], f"Unrecognized request argument supplied: {unknown[0]}; accepted: "
+                                     f"{', '.join(accepted)}")
+    for field in ("model", "user"):
+        if body.get(field) is not None and not isinstance(body[field], str):
+            raise FieldError(field, f"{field} must be a string")
+    n = _count(body.get("n"))
+    response_format = body.get("response_format") or "url"
+    if response_format not in RESPONSE_FORMATS:
+        raise FieldError("response_format", f"response_format must be 'url' or 'b64_json', got {response_format!r}")
+    generate_body = {key: body[key] for key in ("prompt", *EXTENSION_FIELDS) if key in body}
+    generate_body.update(_size(body.get("size")))
+    try:
+        first = parse_generate_request(generate_body, settings, rng).params
+    except FieldError as exc:
+        raise FieldError("size" if exc.field in ("width", "height") else exc.field, exc.message, exc.status) from None
+    return ImagesRequest(_with_seeds(first, n, body.get("seed") is not None, rng), response_format)
+
+
+def _count(value: Any) -> int:
+    if value is None:
+        return 1
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_N:
+        raise FieldError("n", f"n must be an integer between 1 and {MAX_N}, got {value!r}")
+    return value
+
+
+def _size(value: Any) -> dict[str, int]:
+    """``"WxH"`` as /generate's width and height; ``"auto"`` or None: the defaults."""
+    if value is None or value == "auto":
+        return {}
+    match = SIZE_PATTERN.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise FieldError("size", f"size must be a string 'WIDTHxHEIGHT' such as '512x512' (or 'auto'), got {value!r}")
+    return {"width": int(match[1]), "height": int(match[2])}
+
+
+def _with_seeds(first: GenerationParams, n: int, seeded: bool,
+                rng: random.Random | None) -> tuple[GenerationParams, ...]:
+    """n copies of ``first``: seed, seed+1, ... when the client gave a seed; otherwise random seeds."""
+    if seeded:
+        if first.seed + n - 1 > MAX_SEED:
+            raise FieldError("seed", f"seed + n - 1 must not exceed {MAX_SEED}")
+        return tuple(replace(first, seed=first.seed + i) for i in range(n))
+    pick = rng or random.SystemRandom()
+    return (first, *(replace(first, seed=pick.randrange(0, 2**32)) for _ in range(n - 1)))
+
+
+async def generate_all(broker: Any, images: tuple[GenerationParams, ...],
+                       timeout_s: float) -> list[tuple[Result, bytes]]:
+    """Send every image's request at once (so they can share a batch) and wait for all of them.
+
+    The first failure cancels the others (the broker client tells the broker to drop them) and is
+    raised; so does cancellation of the caller (its HTTP client went away)."""
+    tasks = [asyncio.ensure_future(broker.generate(uuid.uuid4().hex, params, timeout_s)) for params in images]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def images_generations(request: web.Request) -> web.Response:
+    """POST /v1/images/generations. gateway.app is imported here: it imports this module."""
+    from gateway.app import BROKER, FAILURE_STATUS, SETTINGS, read_json_body
+
+    settings = request.app[SETTINGS]
+    try:
+        parsed = parse_images_request(await read_json_body(request, settings.max_request_bytes), settings)
+    except FieldError as exc:
+        code = ("request_too_large" if exc.status == 413 else "unknown_parameter" if isinstance(exc, UnknownField)
+                else "invalid_value" if exc.field else "invalid_json")
+        return openai_error(exc.status, exc.message, param=exc.field, code=code)
+    try:
+        made = await generate_all(request.app[BROKER], parsed.images, settings.request_timeout_s)
+    except BrokerFailure as exc:
+        status = FAILURE_STATUS.get(exc.code, 500)
+        headers = {"Retry-After": str(settings.retry_after_s)} if status == 503 else None
+        return openai_error(status, exc.message, code=exc.code, headers=headers)
+    except asyncio.TimeoutError:
+        return openai_error(504, f"no image within REQUEST_TIMEOUT_S={settings.request_timeout_s:g}s; the service "
+                                 "is overloaded or no GPU worker is running", code="timeout")
+    if any(png_size(png) != (p.width, p.height) for p, (_, png) in zip(parsed.images, made)):
+        return openai_error(502, "a worker returned an image of the wrong size", code="bad_worker_output")
+    data = [await _image_entry(request, parsed.response_format, png) for _, png in made]
+    return web.json_response({"created": int(time.time()), "data": data})
+
+
+async def _image_entry(request: web.Request, response_format: str, png: bytes) -> dict[str, str]:
+    """One item of the answer's ``data``: the PNG inline, or stored and its URL."""
+    from gateway.app import IMAGES, SETTINGS
+
+    if response_format == "b64_json":
+        return {"b64_json": base64.b64encode(png).decode("ascii")}
+    image_id = new_image_id()
+    await asyncio.get_running_loop().run_in_executor(None, request.app[IMAGES].save, image_id, png)
+    base = request.app[SETTINGS].public_base_url or str(request.url.origin())
+    return {"url": f"{base.rstrip('/')}/images/{image_id}.png"}
+
+
+# --------------------------------------------------------------------------- OpenAPI description
+
+
+def openapi_schemas(settings: GatewaySettings) -> dict[str, Any]:
+    """Components for gateway/openapi.py: the request, the answer and the error of this route."""
+    s = settings
+    nullable_string = {"type": ["string", "null"]}
+    return {
+        "ImagesRequest": {
+            "type": "object",
+            "title": "ImagesRequest",
+            "description": "OpenAI's images.generate body. Unknown fields are refused (400 naming the field). "
+                           "Extensions: negative_prompt, num_inference_steps, guidance_scale and seed, as in "
+                           "POST /generate (image i gets seed + i).",
+            "properties": {
+                "prompt": {"type": "string", "minLength": 1, "maxLength": s.max_prompt_chars,
+                           "description": "What to draw: at least one non-whitespace character."},
+                "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_N, "default": 1,
+                      "description": "How many images; they are generated together (batched)."},
+                "size": {"type": ["string", "null"], "pattern": r"^(auto|[0-9]{1,5}x[0-9]{1,5})$",
+                         "default": f"{s.default_width}x{s.default_height}",
+                         "description": f"WIDTHxHEIGHT, each a multiple of 8 in {s.min_image_side}.."
+                                        f"{s.max_image_side}, at most {s.max_image_pixels} pixels; "
+                                        "auto: the default."},
+                "response_format": {"enum": [*RESPONSE_FORMATS, None], "default": "url"},
+                "model": {**nullable_string, "description": "Ignored: the workers' MODEL_ID is served."},
+                "user": {**nullable_string, "description": "Ignored."},
+                "negative_prompt": {**nullable_string, "maxLength": s.max_prompt_chars},
+                "num_inference_steps": {"type": ["integer", "null"], "minimum": 1,
+                                        "maximum": s.max_inference_steps, "default": s.default_steps},
+                "guidance_scale": {"type": ["number", "null"], "minimum": 0, "maximum": s.max_guidance_scale,
+                                   "default": s.default_guidance_scale},
+                "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_SEED},
+            },
+            "required": ["prompt"],
+            "additionalProperties": False,
+        },
+        "ImagesResponse": {
+            "type": "object",
+            "title": "ImagesResponse",
+            "properties": {
+                "created": {"type": "integer", "description": "Unix time, seconds."},
+                "data": {"type": "array", "minItems": 1, "maxItems": MAX_N, "items": {
+                    "type": "object",
+                    "properties": {"url": {"type": "string", "format": "uri"},
+                                   "b64_json": {"type": "string", "contentEncoding": "base64",
+                                                "contentMediaType": "image/png"}},
+                    "minProperties": 1, "maxProperties": 1,
+                }},
+            },
+            "required": ["created", "data"],
+        },
+        "OpenAIError": {
+            "type": "object",
+            "title": "OpenAIError",
+            "properties": {"error": {
+                "type": "object",
+                "properties": {"message": {"type": "string"},
+                               "type": {"enum": ["invalid_request_error", "server_error"]},
+                               "param": nullable_string, "code": nullable_string},
+                "required": ["message", "type", "param", "code"],
+            }},
+            "required": ["error"],
+        },
+    }
+
+
+def openapi_paths(settings: GatewaySettings) -> dict[str, Any]:
+    """The /v1/images/generations path item for gateway/openapi.py."""
+    def answer(description: str, schema: str, retry_after: bool = False) -> dict[str, Any]:
+        response: dict[str, Any] = {"description": description, "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+        if retry_after:
+            response["headers"] = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
+        return response
+
+    return {"/v1/images/generations": {"post": {
+        "operationId": "openaiImagesGenerations",
+        "summary": "OpenAI-compatible image generation (n images, batched)",
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ImagesRequest"}}}},
+        "responses": {
+            "200": answer("All n images.", "ImagesResponse"),
+            "400": answer("A field is wrong; error.param names it.", "OpenAIError"),
+            "401": answer("API keys are configured and none valid was sent (code invalid_api_key).", "OpenAIError"),
+            "413": answer(f"The body exceeds {settings.max_request_bytes} bytes.", "OpenAIError"),
+            "500": answer("Generation failed (code generation_failed).", "OpenAIError"),
+            "502": answer("A worker returned an image of the wrong size.", "OpenAIError"),
+            "503": answer("Overloaded, shutting down or worker lost (code says which).", "OpenAIError", True),
+            "504": answer("No images within REQUEST_TIMEOUT_S.", "OpenAIError"),
+        },
+    }}}

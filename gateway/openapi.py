@@ -1,0 +1,347 @@
+"""The gateway's OpenAPI 3.1 document, built from its settings so every bound is the one enforced.
+
+``openapi_document(settings)`` describes POST /generate (the request body as
+:mod:`gateway.validation` checks it, the response as ``gateway.app._success_body`` builds it, and
+every error answer), GET /stats, /healthz, /readyz, /images/{name} and / (the web page), and
+POST /v1/images/generations (its schemas come from gateway.openai_api). The schemas are JSON Schema
+2020-12 (OpenAPI 3.1's dialect), so the property tests (tests/test_fuzz_gateway.py) generate
+request bodies from them and validate the answers against them.
+
+Rules of the validator that JSON Schema cannot state are given as descriptions (two also as
+``x-`` extensions): ``width * height <= MAX_IMAGE_PIXELS`` (``x-max-image-pixels``), the body-size
+limit MAX_REQUEST_BYTES (413, ``x-max-request-bytes``), strings must be valid Unicode (no lone
+surrogates), and game_id/round_id/player_id take integers written without a fraction only (JSON
+Schema's "integer" also admits 7.0, which those fields refuse; the numeric fields accept it).
+
+``openapi_handler`` serves it; gateway.app adds the route (``/openapi.json``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import GatewaySettings
+from gateway.openai_api import openapi_paths as openai_paths, openapi_schemas as openai_schemas
+from imagegen.protocol import MAX_ID_CHARS, MAX_SEED
+
+OPENAPI_VERSION = "3.1.0"
+IMAGE_NAME_PATTERN = r"^[0-9a-f]{32}\.png$"
+# "At least one character that is not whitespace", whitespace as Python's str.strip() (which the
+# validator uses) defines it, spelled out: ECMA-262's \s (JSON Schema's regex dialect) differs
+# from Python's on U+001C-U+001F, U+0085 and U+FEFF.
+NON_BLANK_PATTERN = r"[^\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("imagegen-batching")
+    except Exception:  # not installed (running from a checkout)
+        return "0.1.0"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable_integer(low: int, high: int, default: Any, description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": ["integer", "null"], "minimum": low, "maximum": high, "default": default,
+            "description": description, **extra}
+
+
+def _identifier_schema() -> dict[str, Any]:
+    # The validator accepts a string of at most MAX_ID_CHARS characters, or an integer whose
+    # decimal form is at most that long (it is echoed back as a string); booleans are refused.
+    return {
+        "description": f"Your own label for the request, echoed back in the response as a string "
+                       f"(an integer is accepted and turned into its decimal string). At most "
+                       f"{MAX_ID_CHARS} characters. Integers must be written without a fraction "
+                       f"(7, not 7.0). null or absent: null in the response.",
+        "anyOf": [
+            {"type": "string", "maxLength": MAX_ID_CHARS},
+            {"type": "integer", "minimum": -(10 ** (MAX_ID_CHARS - 1) - 1), "maximum": 10 ** MAX_ID_CHARS - 1},
+            {"type": "null"},
+        ],
+    }
+
+
+def generate_request_schema(settings: GatewaySettings) -> dict[str, Any]:
+    """The POST /generate body, exactly as gateway.validation.parse_generate_request accepts it."""
+    s = settings
+    side = "must be a multiple of 8 (the VAE works on 8x8 blocks)"
+    pixels_rule = f"width x height must not exceed {s.max_image_pixels} pixels (MAX_IMAGE_PIXELS)"
+    prompt = {
+        "type": "string", "minLength": 1, "maxLength": s.max_prompt_chars, "pattern": NON_BLANK_PATTERN,
+        "description": f"What to draw: at least one non-whitespace character, at most {s.max_prompt_chars} "
+                       "characters (Unicode code points; MAX_PROMPT_LENGTH).",
+    }
+    negative = {
+        "type": ["string", "null"], "maxLength": s.max_prompt_chars,
+        "description": f"What to avoid; at most {s.max_prompt_chars} characters. null or absent: none.",
+    }
+    return {
+        "type": "object",
+        "title": "GenerateRequest",
+        "description": "Unknown fields are refused (400 naming the field), not ignored. A field given as null "
+                       f"takes its default. Also: {pixels_rule}. Integer fields accept a number with an integral "
+                       "value (512.0 means 512). Strings must be valid Unicode (no lone surrogates).",
+        "properties": {
+            "prompt": prompt,
+            "negative_prompt": negative,
+            "width": _nullable_integer(s.min_image_side, s.max_image_side, s.default_width,
+                                       f"Image width in pixels; {side}.", multipleOf=8),
+            "height": _nullable_integer(s.min_image_side, s.max_image_side, s.default_height,
+                                        f"Image height in pixels; {side}.", multipleOf=8),
+            "num_inference_steps": _nullable_integer(1, s.max_inference_steps, s.default_steps,
+                                                     "Denoising steps (MAX_INFERENCE_STEPS)."),
+            "guidance_scale": {
+                "type": ["number", "null"], "minimum": 0, "maximum": s.max_guidance_scale,
+                "default": s.default_guidance_scale,
+                "description": "Classifier-free guidance scale (MAX_GUIDANCE_SCALE); NaN and infinities are refused.",
+            },
+            "seed": _nullable_integer(0, MAX_SEED, None,
+                                      "Random seed, for reproducible images. null or absent: the gateway picks "
+                                      "one in [0, 2**32) and returns it in the response."),
+            "game_id": _identifier_schema(),
+            "round_id": _identifier_schema(),
+            "player_id": _identifier_schema(),
+        },
+        "required": ["prompt"],
+        "additionalProperties": False,
+        "x-max-image-pixels": s.max_image_pixels,
+    }
+
+
+def generate_response_schema(settings: GatewaySettings) -> dict[str, Any]:
+    """A 200 answer of POST /generate (gateway.app._success_body). Clients must ignore unknown fields."""
+    s = settings
+    label = {"type": ["string", "null"], "maxLength": MAX_ID_CHARS,
+             "description": "The request's label, as a string; null if none was given."}
+    non_negative_ms = {"type": "number", "minimum": 0}
+    return {
+        "type": "object",
+        "title": "GenerateResponse",
+        "properties": {
+            "image_id": {"type": "string", "pattern": r"^[0-9a-f]{32}$"},
+            "image_url": {"type": "string", "format": "uri",
+                          "description": "Where to GET the PNG: PUBLIC_BASE_URL (or the request's own origin) "
+                                         "+ /images/{image_id}.png. Images expire (IMAGE_RETENTION_S)."},
+            "duration_ms": {**non_negative_ms, "description": "Time the gateway spent on the request."},
+            "game_id": label,
+            "round_id": label,
+            "player_id": label,
+            "width": {"type": "integer", "minimum": s.min_image_side, "maximum": s.max_image_side, "multipleOf": 8},
+            "height": {"type": "integer", "minimum": s.min_image_side, "maximum": s.max_image_side, "multipleOf": 8},
+            "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": s.max_inference_steps},
+            "guidance_scale": {"type": "number", "minimum": 0, "maximum": s.max_guidance_scale},
+            "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
+                     "description": "The seed used (the one given, or the one the gateway picked)."},
+            "batch_id": {"type": "string", "description": "The batch this image was generated in."},
+            "batch_size": {"type": "integer", "minimum": 1, "description": "How many requests shared that batch."},
+            "gpu_id": {"type": "integer", "minimum": -1, "description": "The worker's GPU (-1: CPU)."},
+            "worker": {"type": "string", "description": "The worker's name."},
+            "host": {"type": "string", "description": "The worker's host."},
+            "queue_wait_ms": {**non_negative_ms, "description": "Time spent queued (broker and worker)."},
+            "generation_ms": {**non_negative_ms, "description": "Inference time of the batch."},
+        },
+        "required": ["image_id", "image_url", "duration_ms", "game_id", "round_id", "player_id", "width",
+                     "height", "num_inference_steps", "guidance_scale", "seed", "batch_id", "batch_size",
+                     "gpu_id", "worker", "host", "queue_wait_ms", "generation_ms"],
+    }
+
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "title": "Error",
+    "description": "Every error answer of the gateway (aiohttp's own 404/405/413 included) has this shape.",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "minLength": 1,
+                         "description": "Machine-readable: invalid_request, not_found, method_not_allowed, "
+                                        "overloaded, worker_lost, shutting_down, deadline_exceeded, timeout, "
+                                        "generation_failed, bad_worker_output, broker_unreachable, ..."},
+                "message": {"type": "string", "minLength": 1, "description": "Human-readable explanation."},
+                "field": {"type": ["string", "null"],
+                          "description": "The request field at fault (400 invalid_request); null otherwise."},
+            },
+            "required": ["code", "message", "field"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["error"],
+    "additionalProperties": False,
+}
+
+
+def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description,
+                                "content": {"application/json": {"schema": _ref("Error")}}}
+    if retry_after:
+        response["headers"] = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
+    return response
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
+    s = settings
+    document: dict[str, Any] = {
+        "openapi": OPENAPI_VERSION,
+        "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
+        "info": {
+            "title": "imagegen gateway",
+            "version": _version(),
+            "description": "Text-to-image generation with dynamic batching over GPU workers. Every error answer "
+                           "is JSON: {\"error\": {\"code\", \"message\", \"field\"}}.",
+        },
+        "paths": {
+            "/generate": {
+                "post": {
+                    "operationId": "generate",
+                    "summary": "Generate one image",
+                    "description": f"Request bodies larger than {s.max_request_bytes} bytes (MAX_REQUEST_BYTES) "
+                                   "are refused with 413.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("GenerateRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("GenerateResponse"), "The image was generated; fetch it at image_url."),
+                        "400": _error("The body is not JSON, not an object, or a field is wrong (error.field "
+                                      "names it); or the pipeline refused the inputs."),
+                        "413": _error(f"The body exceeds {s.max_request_bytes} bytes (MAX_REQUEST_BYTES)."),
+                        "500": _error("Generation failed on the worker (generation_failed) or an unexpected "
+                                      "failure code came back."),
+                        "502": _error("The worker returned an image of the wrong size (bad_worker_output)."),
+                        "503": _error("Overloaded, shutting down, or the worker holding the request was lost: "
+                                      "retry after Retry-After seconds.", retry_after=True),
+                        "504": _error(f"No image within REQUEST_TIMEOUT_S={s.request_timeout_s:g}s (timeout), "
+                                      "or the request waited past its deadline (deadline_exceeded)."),
+                    },
+                    "x-max-request-bytes": s.max_request_bytes,
+                },
+            },
+            "/stats": {
+                "get": {
+                    "operationId": "stats",
+                    "summary": "Cluster statistics (the broker's /stats document)",
+                    "responses": {
+                        "200": _json(_ref("Stats"), "The broker's statistics."),
+                        "503": _error("The broker did not answer (broker_unreachable).", retry_after=True),
+                    },
+                },
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics: the gateway's and the cluster's (docs/metrics.md)",
+                    "responses": {"200": {
+                        "description": "The Prometheus text format (version 0.0.4).",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }},
+                },
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "summary": "Liveness: this process serves HTTP",
+                    "responses": {"200": _json(_ref("Health"), "Alive.")},
+                },
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readyz",
+                    "summary": "Readiness: the broker answers and at least one GPU worker is registered",
+                    "responses": {
+                        "200": _json(_ref("Ready"), "Ready to serve."),
+                        "503": _json(_ref("NotReady"), "Not ready (no broker answer, or no worker)."),
+                    },
+                },
+            },
+            "/images/{name}": {
+                "get": {
+                    "operationId": "image",
+                    "summary": "A generated image",
+                    "parameters": [{
+                        "name": "name", "in": "path", "required": True,
+                        "description": "{image_id}.png, as in a generate response's image_url.",
+                        "schema": {"type": "string", "pattern": IMAGE_NAME_PATTERN},
+                    }],
+                    "responses": {
+                        "200": {
+                            "description": "The PNG.",
+                            "headers": {"Cache-Control": {"schema": {"type": "string"},
+                                                          "description": "public, max-age=86400"}},
+                            "content": {"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}},
+                        },
+                        "404": _error(f"No such image (not_found); images expire after "
+                                      f"{s.image_retention_s:g}s or beyond {s.image_retention_count} images."),
+                    },
+                },
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {"200": _json({"type": "object"}, "The OpenAPI document.")},
+                },
+            },
+            "/": {
+                "get": {
+                    "operationId": "webPage",
+                    "summary": "The web page: prompt, image, live queue and batch stats (needs no key)",
+                    "responses": {"200": {"description": "The page.",
+                                          "content": {"text/html": {"schema": {"type": "string"}}}}},
+                },
+            },
+            **openai_paths(s),
+        },
+        "components": {
+            "schemas": {
+                "GenerateRequest": generate_request_schema(s),
+                "GenerateResponse": generate_response_schema(s),
+                "Error": ERROR_SCHEMA,
+                **openai_schemas(s),
+                "Stats": {
+                    "type": "object",
+                    "description": "num_gpus, total_requests, total_batches, avg_batch_size, current_queue_depth, "
+                                   "..., per_gpu_stats[] with two or more workers, and a broker section.",
+                    "properties": {"num_gpus": {"type": "integer", "minimum": 0}},
+                },
+                "Health": {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]},
+                "Ready": {
+                    "type": "object",
+                    "properties": {"status": {"const": "ready"}, "workers": {"type": "integer", "minimum": 1}},
+                    "required": ["status", "workers"],
+                },
+                "NotReady": {
+                    "type": "object",
+                    "properties": {"status": {"const": "not_ready"}, "reason": {"type": "string"}},
+                    "required": ["status", "reason"],
+                },
+            },
+            "headers": {
+                "RetryAfter": {
+                    "description": "Seconds to wait before retrying (RETRY_AFTER_S).",
+                    "schema": {"type": "integer", "minimum": 0, "example": s.retry_after_s},
+                },
+            },
+        },
+    }
+    if s.public_base_url:
+        document["servers"] = [{"url": s.public_base_url.rstrip("/")}]
+    return document
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    """GET /openapi.json. SETTINGS is imported here: gateway.app imports this module."""
+    from gateway.app import SETTINGS
+
+    return web.json_response(openapi_document(request.app[SETTINGS]))

@@ -1,0 +1,23 @@
+"""The web page at ``GET /``: type a prompt, see the image, watch the cluster's queue and batches.
+
+One self-contained HTML file (``gateway/static/index.html``: plain HTML, CSS and JavaScript, no
+build step, nothing loaded from other sites, so it works offline). The page itself talks to the
+gateway's public API only: POST /generate, GET /stats every 1.5 s, and the image URLs. With API
+keys configured, GET / needs none (gateway/auth.py exempts it); the page asks for a key and sends
+it as ``Authorization: Bearer`` on its API calls, keeping it in the browser's localStorage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+INDEX_HTML = Path(__file__).resolve().parent / "static" / "index.html"
+
+
+async def index_page(request: web.Request) -> web.FileResponse:
+    """GET /: the page. no-cache: a browser revalidates it, so a new gateway version shows at once."""
+    return web.FileResponse(INDEX_HTML, headers={"Content-Type": "text/html; charset=utf-8",
+                                                 "Cache-Control": "no-cache",
+                                                 "X-Content-Type-Options": "nosniff"})

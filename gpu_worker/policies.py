@@ -1,0 +1,232 @@
+"""Batching policies a worker can run, chosen by ``BATCH_POLICY``: ``default`` and ``seed`` (pure).
+
+``seed`` is :class:`gpu_worker.batcher.Batcher`, the seed's windowed rule with its exact semantics.
+
+``default`` is :class:`AdaptiveBatcher`. Same interface, same grouping by :class:`BatchKey`, same
+limits (``max_batch_size``, ``max_batch_pixels``, ``min_batch_size``), but it does not hold an idle
+GPU for batch-mates unless they are expected soon enough to pay for the wait:
+
+* A group that fills a batch runs at once (as in the seed).
+* Otherwise a group may run as soon as the GPU is free, unless one of two holds applies, both
+  counted from the group's *newest* arrival and both capped at ``max_wait_time_s`` from its oldest:
+
+  - **coalescing**: requests of one burst reach the worker a few milliseconds apart (the gateway
+    and broker forward them one by one). Waiting ``coalesce_gap_s`` after the latest arrival (at
+    most ``coalesce_fraction`` of the estimated batch-1 time, so a lone request pays at most that
+    fraction) lets the burst land before the GPU commits to a batch of one.
+  - **break-even**: one more request is worth waiting ``w`` for while
+    ``w < t(k) - t(k+1) + t(1) / (k + 1)`` (t: batch seconds from the online cost model, k: the
+    group's size): the k wait w, but the newcomer does not wait for a whole batch and then run
+    alone. With Poisson arrivals at mean gap ``g`` the expected gain is positive only while
+    ``g < B (k + 1) / k`` (B: that break-even wait), and the best hold is ``(k + 1) B - k g``.
+    Both t and g are learned online, so this hold appears only where measured costs show a saving
+    (launch-bound small batches) and arrivals are frequent enough.
+* When several groups may run, the one whose oldest request arrived first runs first (as the seed).
+* While the GPU is busy nothing is decided: requests accumulate and form the next batch by
+  themselves, which is where the large batches of a loaded server come from.
+
+Costs come from :meth:`AdaptiveBatcher.observe_batch`, which the worker calls after every batch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
+from typing import Generic, Iterator, TypeVar, Union
+
+from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig, Pending
+from gpu_worker.cost_model import OnlineCostModel
+
+T = TypeVar("T")
+
+DEFAULT = "default"
+SEED = "seed"
+POLICY_NAMES = (DEFAULT, SEED)
+
+
+@dataclass(frozen=True)
+class HoldTuning:
+    """How long :class:`AdaptiveBatcher` may hold an idle GPU, beyond the shared BatchPolicyConfig."""
+
+    coalesce_gap_s: float = 0.02  # a burst's requests arrive closer together than this
+    coalesce_fraction: float = 0.02  # ...but never hold more than this fraction of a batch-1 inference
+    rate_alpha: float = 0.3  # weight of the newest inter-arrival gap in the moving average
+    cost_alpha: float = 0.3  # weight of the newest batch duration in the online cost model
+    break_even: bool = True  # False: only the coalescing hold (the "greedy" variant)
+    coalesce: bool = True  # False: no coalescing hold either
+
+    def __post_init__(self) -> None:
+        if self.coalesce_gap_s < 0 or not 0 <= self.coalesce_fraction <= 1:
+            raise ValueError("need coalesce_gap_s >= 0 and 0 <= coalesce_fraction <= 1")
+        if not 0 < self.rate_alpha <= 1 or not 0 < self.cost_alpha <= 1:
+            raise ValueError("rate_alpha and cost_alpha must be in (0, 1]")
+
+
+@dataclass
+class ArrivalGaps:
+    """Moving average of the gaps between arrivals of one key, and the latest arrival."""
+
+    alpha: float
+    last_s: float | None = None
+    mean_gap_s: float | None = None
+
+    def observe(self, now: float) -> None:
+        if self.last_s is not None:
+            gap = max(0.0, now - self.last_s)
+            self.mean_gap_s = gap if self.mean_gap_s is None else self.mean_gap_s + self.alpha * (gap - self.mean_gap_s)
+        self.last_s = now if self.last_s is None else max(self.last_s, now)
+
+
+@dataclass
+class AdaptiveBatcher(Generic[T]):
+    """The default policy: :class:`gpu_worker.batcher.Batcher`'s interface, holds only when they pay.
+
+    Contract (as Batcher's): the shell calls :meth:`add` on arrival, :meth:`next_batch` only when the
+    GPU is free, sleeps until :meth:`next_decision_at` or the next arrival, and reports each finished
+    batch to :meth:`observe_batch`. Every method that needs the time takes ``now``."""
+
+    config: BatchPolicyConfig = field(default_factory=BatchPolicyConfig)
+    tuning: HoldTuning = field(default_factory=HoldTuning)
+    _groups: "OrderedDict[BatchKey, deque[Pending[T]]]" = field(default_factory=OrderedDict)
+    _ids: dict[str, BatchKey] = field(default_factory=dict)
+    _gaps: dict[BatchKey, ArrivalGaps] = field(default_factory=dict)
+    costs: OnlineCostModel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.costs = OnlineCostModel(self.tuning.cost_alpha)
+
+    # ------------------------------------------------------------------ the shell's interface
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._ids)
+
+    def add(self, request_id: str, key: BatchKey, item: T, now: float) -> None:
+        if request_id in self._ids:
+            raise ValueError(f"request {request_id} is already queued")
+        self._groups.setdefault(key, deque()).append(Pending(request_id, key, now, item))
+        self._ids[request_id] = key
+        self._gaps.setdefault(key, ArrivalGaps(self.tuning.rate_alpha)).observe(now)
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a queued request (its client went away); False if it is not queued."""
+        key = self._ids.pop(request_id, None)
+        if key is None:
+            return False
+        group = self._groups[key]
+        for pending in group:
+            if pending.request_id == request_id:
+                group.remove(pending)
+                break
+        if not group:
+            del self._groups[key]
+        return True
+
+    def clear(self) -> int:
+        """Drop every queued request (the broker has requeued them elsewhere); returns how many."""
+        dropped = len(self._ids)
+        self._groups.clear()
+        self._ids.clear()
+        return dropped
+
+    def next_batch(self, now: float) -> Batch[T] | None:
+        """The batch to run now, removed from the queue; None if every group should keep waiting."""
+        ready = [g for g in self._groups.values() if self.ready_at(g) <= now]
+        if not ready:
+            return None
+        group = min(ready, key=lambda g: g[0].arrived_at)
+        key = group[0].key
+        taken = tuple(group.popleft() for _ in range(min(len(group), self.max_batch_size_for(key))))
+        if not group:
+            del self._groups[key]
+        for pending in taken:
+            del self._ids[pending.request_id]
+        return Batch(key, taken, now)
+
+    def next_decision_at(self) -> float | None:
+        """When next_batch's answer can next change without a new arrival; None if nothing is queued."""
+        if not self._groups:
+            return None
+        return min(self.ready_at(g) for g in self._groups.values())
+
+    def observe_batch(self, key: BatchKey, size: int, duration_s: float, now: float) -> None:
+        """A batch of ``size`` requests of ``key`` took ``duration_s`` of GPU time (ended at ``now``)."""
+        self.costs.observe(key, size, duration_s)
+
+    def lower_max_batch_size(self, size: int) -> int:
+        """Never form batches above ``size`` again (after an out-of-memory error); returns the new max."""
+        new_max = max(1, min(size, self.config.max_batch_size))
+        self.config = replace(self.config, max_batch_size=new_max,
+                              min_batch_size=min(self.config.min_batch_size, new_max))
+        return new_max
+
+    def __iter__(self) -> Iterator[Pending[T]]:
+        for group in self._groups.values():
+            yield from group
+
+    # ------------------------------------------------------------------ the rule
+
+    def max_batch_size_for(self, key: BatchKey) -> int:
+        if not self.config.enable_batching:
+            return 1
+        size = self.config.max_batch_size
+        if self.config.max_batch_pixels is not None:
+            size = min(size, max(1, self.config.max_batch_pixels // key.pixels))
+        return size
+
+    def ready_at(self, group: deque[Pending[T]]) -> float:
+        """The instant this group may run if the GPU is free (-inf: at once)."""
+        key, size = group[0].key, len(group)
+        if size >= self.max_batch_size_for(key) or not self.config.enable_batching:
+            return float("-inf")
+        give_up_at = group[0].arrived_at + self.config.max_wait_time_s
+        if size < self.config.min_batch_size:
+            return give_up_at  # the operator asked for batches of at least this size (seed semantics)
+        newest = max(p.arrived_at for p in group)
+        return min(give_up_at, newest + self.hold_s(key, size))
+
+    def hold_s(self, key: BatchKey, size: int) -> float:
+        """How long after a group's newest arrival an idle GPU still waits for one more request."""
+        return max(self.coalesce_hold_s(key), self.break_even_hold_s(key, size))
+
+    def coalesce_hold_s(self, key: BatchKey) -> float:
+        if not self.tuning.coalesce:
+            return 0.0
+        batch1_s = self.costs.estimate_s(key, 1)
+        if batch1_s is None:
+            return self.tuning.coalesce_gap_s
+        return min(self.tuning.coalesce_gap_s, self.tuning.coalesce_fraction * batch1_s)
+
+    def break_even_wait_s(self, key: BatchKey, size: int) -> float:
+        """The longest wait for request ``size + 1`` that still lowers the summed latency (<= 0: none).
+
+        Compares running the ``size`` queued requests now (a newcomer then waits for the batch and
+        runs alone) with waiting ``w`` and running ``size + 1`` together."""
+        if size + 1 > self.max_batch_size_for(key):
+            return 0.0
+        now_s, one_s, more_s = (self.costs.estimate_s(key, n) for n in (size, 1, size + 1))
+        if now_s is None or one_s is None or more_s is None:
+            return 0.0
+        return now_s - more_s + one_s / (size + 1)
+
+    def break_even_hold_s(self, key: BatchKey, size: int) -> float:
+        """The best hold for Poisson arrivals at the observed mean gap: (k + 1) B - k g, at most B."""
+        if not self.tuning.break_even:
+            return 0.0
+        wait_s = self.break_even_wait_s(key, size)
+        gaps = self._gaps.get(key)
+        if wait_s <= 0.0 or gaps is None or gaps.mean_gap_s is None:
+            return 0.0
+        return max(0.0, min(wait_s, (size + 1) * wait_s - size * gaps.mean_gap_s))
+
+
+AnyBatcher = Union[Batcher, AdaptiveBatcher]
+
+
+def make_batcher(name: str, config: BatchPolicyConfig, tuning: HoldTuning | None = None) -> AnyBatcher:
+    """The batcher for policy ``name`` ("default" or "seed"), with the shared limits in ``config``."""
+    if name == SEED:
+        return Batcher(config)
+    if name == DEFAULT:
+        return AdaptiveBatcher(config, tuning or HoldTuning())
+    raise ValueError(f"unknown batching policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Simulate the serving cluster in virtual time with the real policy code (docs/scheduling.md).
+
+    python scripts/simulate.py --compare --json      # every workload x policy, as a JSON list
+    python scripts/simulate.py --compare             # the same as a markdown table, then the checks
+    python scripts/simulate.py --validate            # the seed's policy and costs vs the seed's tables
+    python scripts/simulate.py --robustness          # other arrival seeds and PNG costs (~40 s)
+    python scripts/simulate.py --write docs/scheduling   # all of the above as JSON, and the PNG plots
+    python scripts/simulate.py --workload poisson --load 0.9 --gpus 8 --policy default
+
+No sleeping, no sockets: broker.state.BrokerState, broker.balancing.Balancer and the batchers of
+gpu_worker.policies run against a virtual clock, and a GPU cost model fitted to measured tables
+says how long each batch takes. The whole --compare takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+
+from simulator import costs as cost_models  # noqa: E402
+from simulator import runs  # noqa: E402
+from simulator import workloads as wl  # noqa: E402
+from simulator.metrics import latencies_s  # noqa: E402
+
+COMPARE_COLUMNS = ("workload", "gpus", "policy", "throughput_img_s", "p50_s", "p95_s", "p99_s",
+                   "avg_batch_size", "gpu_busy_fraction")
+VALIDATION_COLUMNS = ("row", "seed_50_images_s", "sim_50_images_s", "diff_50_images", "lower_bound_50_images_s",
+                      "seed_throughput_img_s", "sim_sustained_img_s", "diff_throughput", "sim_avg_batch_size")
+ROBUSTNESS_COLUMNS = ("workload", "variants", "p95_ratio_max", "p95_cleared", "throughput_ratio_min",
+                      "throughput_cleared")
+CDF_WORKLOADS = ("burst-50", "users-10x5", "poisson-30", "poisson-60", "poisson-90", "mixed-60")
+SWEEP_LOADS = tuple(round(0.1 * i, 1) for i in range(1, 14))
+
+
+def markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str], raw: bool = False) -> str:
+    """A markdown table; ``raw`` prints values as they are (already rounded) instead of 3 digits."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")) if raw else _cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def side_by_side(rows: Sequence[dict[str, Any]], policies: Sequence[str] = runs.COMPARED) -> str:
+    """One line per workload; each cell lists the policies' values in ``policies`` order."""
+    fields = ("throughput_img_s", "p50_s", "p95_s", "p99_s", "avg_batch_size")
+    by = {(r["workload"], r["policy"]): r for r in rows}
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    lines = ["| workload | GPUs | " + " | ".join(fields) + " |", "|" + "---|" * (len(fields) + 2),
+             "| | | " + " | ".join([" / ".join(policies)] * len(fields)) + " |"]
+    for name in workloads:
+        mine = [by[(name, p)] for p in policies]
+        cells = [" / ".join(_cell(r[f]) for r in mine) for f in fields]
+        lines.append(f"| {name} | {mine[0]['gpus']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_checks(rows: list[dict[str, Any]]) -> int:
+    failures = runs.check_default(rows)
+    for line in failures:
+        print("FAIL:", line)
+    print(f"{'all checks pass' if not failures else f'{len(failures)} checks fail'}: default vs seed on "
+          f"{len({r['workload'] for r in rows})} workloads")
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib only here, imported when asked for: pip install -e '.[sim]')
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+STYLE = {"seed": dict(color="#c0392b", ls="-"), "default": dict(color="#1f6fb2", ls="-"),
+         "greedy": dict(color="#7f8c8d", ls="--")}
+
+
+def plot_latency_cdfs(path: Path) -> None:
+    plt = _pyplot()
+    cases = {c.workload.name: c for c in runs.comparison_cases()}
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5.6), dpi=80)
+    for ax, name in zip(axes.flat, CDF_WORKLOADS):
+        case = cases[name]
+        for label in runs.COMPARED:
+            sim, _ = runs.run(case.workload, runs.cluster_for(label, case.gpus), case.costs, label)
+            lat = sorted(latencies_s(sim))
+            ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=label, **STYLE[label])
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("latency (s)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("fraction of requests", fontsize=8)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Latency CDFs, SDXL 1024x1024 on one GPU (H200 cost table), max batch 16", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_load_sweep(path: Path) -> None:
+    plt = _pyplot()
+    reports = runs.load_sweep(SWEEP_LOADS)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
+    for label in runs.COMPARED:
+        mine = [r for r in reports if r.policy == label]
+        loads = [r.extra["offered_load"] * 100 for r in mine]
+        left.plot(loads, [r.throughput_img_s for r in mine], marker="o", ms=3, label=label, **STYLE[label])
+        right.plot(loads, [r.p95_s for r in mine], marker="o", ms=3, label=label, **STYLE[label])
+    left.set_title("throughput vs offered load", fontsize=10)
+    left.set_ylabel("images/s", fontsize=8)
+    right.set_title("p95 latency vs offered load", fontsize=10)
+    right.set_ylabel("p95 latency (s, log)", fontsize=8)
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.set_xlabel("offered load (% of capacity at batch 16)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Poisson arrivals, SDXL 1024x1024 on one GPU (H200 cost table), 1000 requests each", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def single_run(args: argparse.Namespace) -> dict[str, Any]:
+    costs = cost_models.get(args.costs)
+    key = costs.reference_key
+    capacity = args.gpus * cost_models.capacity_img_s(costs, key, runs.MAX_BATCH)
+    workload = {
+        "burst": lambda: wl.burst(args.requests, key),
+        "users": lambda: wl.users(10, 5, key),
+        "poisson": lambda: wl.poisson(args.load * capacity, args.requests, [key], seed=args.seed),
+        "mixed": lambda: wl.mixed(args.load * wl.mixed_capacity_img_s(costs, runs.MAX_BATCH, args.gpus),
+                                  args.requests, seed=args.seed),
+        "lone": lambda: wl.lone(key),
+    }[args.workload]()
+    _, report = runs.run(workload, runs.cluster_for(args.policy, args.gpus), costs, args.policy)
+    return report.row()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", action="store_true", help="every workload x policy (docs/scheduling.md)")
+    parser.add_argument("--validate", action="store_true", help="the seed's policy and costs vs the seed's tables")
+    parser.add_argument("--robustness", action="store_true",
+                        help="Poisson and mixed workloads over 10 arrival seeds x 3 PNG-encoding costs (~40 s)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    parser.add_argument("--write", metavar="DIR", type=Path,
+                        help="write compare.json, validation.json, robustness.json, latency_cdf.png and load_sweep.png")
+    parser.add_argument("--workload", choices=("burst", "users", "poisson", "mixed", "lone"),
+                        help="one run of one workload (with --policy, --gpus, --costs, --load, --requests)")
+    parser.add_argument("--policy", choices=tuple(runs.POLICIES), default="default")
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--costs", choices=tuple(cost_models.COST_MODELS), default="sdxl-h200")
+    parser.add_argument("--load", type=float, default=0.9, help="fraction of capacity (poisson, mixed)")
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if not (args.compare or args.validate or args.robustness or args.write or args.workload):
+        parser.error("say what to run: --compare, --validate, --robustness, --write DIR or --workload NAME")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    status = 0
+    if args.workload:
+        row = single_run(args)
+        print(json.dumps(row, indent=1) if args.json else markdown([row], COMPARE_COLUMNS))
+    if args.compare:
+        rows = [r.row() for r in runs.compare()]
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(side_by_side(rows))
+            status = print_checks(rows)
+    if args.validate:
+        rows = runs.validate()
+        print(json.dumps(rows, indent=1) if args.json else markdown(rows, VALIDATION_COLUMNS, raw=True))
+    if args.robustness:
+        rows = runs.robustness()
+        print(json.dumps(rows, indent=1) if args.json else markdown(rows, ROBUSTNESS_COLUMNS, raw=True))
+    if args.write:
+        args.write.mkdir(parents=True, exist_ok=True)
+        (args.write / "compare.json").write_text(json.dumps([r.row() for r in runs.compare()], indent=1) + "\n")
+        (args.write / "validation.json").write_text(json.dumps(runs.validate(), indent=1) + "\n")
+        (args.write / "robustness.json").write_text(json.dumps(runs.robustness(), indent=1) + "\n")
+        plot_latency_cdfs(args.write / "latency_cdf.png")
+        plot_load_sweep(args.write / "load_sweep.png")
+        print(f"wrote compare.json, validation.json, robustness.json, latency_cdf.png, load_sweep.png to {args.write}",
+              file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

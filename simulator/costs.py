@@ -1,0 +1,127 @@
+"""GPU cost models: how long one batch of a given key and size takes, from measured tables.
+
+* ``sdxl-h200`` and ``sd15-h200``: ../shared/notes/gpu-measurements.md (one H200, bf16, eager,
+  25 steps, CFG on). A batch costs ``steps x step_ms(UNet rows) + vae_ms(images)``, the two
+  columns of the table interpolated piecewise-linearly (exact at every measured size). Rows are
+  ``batch x 2`` with CFG (guidance > 1) and ``batch`` without; other resolutions count as
+  ``pixels / native pixels`` images, so a 512x512 SDXL image is a quarter of a 1024x1024 one.
+  Below the smallest measured row count a UNet step costs what it costs there (small batches are
+  launch-bound: batch 1 costs what batch 2 does).
+* ``sdxl-h100`` and ``sd15-h100``: our own figures, the worker's whole batch call timed per batch
+  size on one H100 (scripts/measure_batch_costs.py); other keys scale with their work.
+* ``seed-l40s`` and ``seed-h100``: the seed's own figures (dynamic-batching.md): an L40S takes
+  ~15 s for one image, ~30 s for a batch of 4 (its "Batch Size 4: ~375 s" for 50 images) and
+  ~40 s for a batch of 8; an H100 is "~3x faster per-GPU than L40S" and does a batch of 16 in
+  25 s (0.64 images/s per GPU). Other keys scale with their work (pixels x steps x CFG).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+from gpu_worker.batcher import BatchKey
+from gpu_worker.cost_model import work_units
+
+SDXL_1024 = BatchKey(1024, 1024, 25, 5.0)
+SD15_512 = BatchKey(512, 512, 25, 7.5)
+
+
+class CostModel(Protocol):
+    name: str
+    reference_key: BatchKey  # the key the workloads use unless they mix
+
+    def batch_s(self, key: BatchKey, size: int) -> float: ...
+
+
+def interpolate(points: Mapping[float, float], x: float, below: str = "clamp") -> float:
+    """Piecewise-linear through ``points``; beyond the largest x, the last segment's slope.
+
+    Below the smallest x: ``clamp`` keeps its value, ``proportional`` scales it down with x."""
+    xs = sorted(points)
+    if x <= xs[0]:
+        return points[xs[0]] if below == "clamp" else points[xs[0]] * x / xs[0]
+    i = min(bisect.bisect_left(xs, x), len(xs) - 1)
+    x0, x1 = xs[i - 1], xs[i]
+    return points[x0] + (x - x0) * (points[x1] - points[x0]) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class MeasuredTable:
+    """steps x UNet step time (by UNet rows) + VAE decode time (by images), from a measured table."""
+
+    name: str
+    reference_key: BatchKey
+    step_ms_by_rows: Mapping[float, float]
+    vae_ms_by_images: Mapping[float, float]
+
+    def batch_s(self, key: BatchKey, size: int) -> float:
+        scale = key.pixels / self.reference_key.pixels
+        rows = size * scale * (2 if key.guidance_scale > 1.0 else 1)
+        step_ms = interpolate(self.step_ms_by_rows, rows, below="clamp")
+        vae_ms = interpolate(self.vae_ms_by_images, size * scale, below="proportional")
+        return (key.num_inference_steps * step_ms + vae_ms) / 1000.0
+
+
+@dataclass(frozen=True)
+class BatchCurve:
+    """Seconds per batch by batch size at the reference key; other keys scale with work units."""
+
+    name: str
+    reference_key: BatchKey
+    seconds_by_size: Mapping[float, float]
+
+    def batch_s(self, key: BatchKey, size: int) -> float:
+        work = work_units(key) / work_units(self.reference_key)
+        return work * interpolate(self.seconds_by_size, size, below="proportional")
+
+
+# gpu-measurements.md, "SDXL architecture, 1024x1024": batch 1/2/4/8/16 with CFG (2x rows).
+SDXL_H200 = MeasuredTable(
+    "sdxl-h200", SDXL_1024,
+    step_ms_by_rows={2: 77.3, 4: 76.3, 8: 143.4, 16: 275.2, 32: 542.8},
+    vae_ms_by_images={1: 86.6, 2: 174.5, 4: 302.7, 8: 560.5, 16: 1085.0},
+)
+# gpu-measurements.md, "SD-1.5 architecture, 512x512": batch 1..64 with CFG.
+SD15_H200 = MeasuredTable(
+    "sd15-h200", SD15_512,
+    step_ms_by_rows={2: 39.9, 4: 27.7, 8: 50.2, 16: 59.3, 32: 93.4, 64: 179.8, 128: 355.3},
+    vae_ms_by_images={1: 21.7, 2: 38.9, 4: 62.4, 8: 110.7, 16: 208.5, 32: 415.8, 64: 670.1},
+)
+SEED_L40S = BatchCurve("seed-l40s", SDXL_1024, {1: 15.0, 4: 30.0, 8: 40.0})
+# "~3x faster per-GPU than L40S" up to batch 8, and 0.64 images/s per GPU at batch 16.
+SEED_H100 = BatchCurve("seed-h100", SDXL_1024, {1: 5.0, 4: 10.0, 8: 40.0 / 3, 16: 25.0})
+
+# Our own H100 figures: scripts/measure_batch_costs.py on one H100 80GB HBM3 (device tool, torch
+# 2.11.0+cu130, bf16, eager, random weights): the worker's whole generate() call per batch, median
+# of 2 (SDXL) or 3 (SD-1.5) runs after a warm-up. Raw output: docs/scheduling/measured-*.json.
+SDXL_H100 = BatchCurve("sdxl-h100", SDXL_1024, {1: 2.3118, 2: 2.3486, 4: 4.2056, 8: 7.9997, 16: 15.7828})
+SD15_H100 = BatchCurve("sd15-h100", SD15_512, {1: 1.2316, 2: 0.8269, 4: 1.035, 8: 1.6103, 16: 2.9443,
+                                               32: 5.6161})
+
+COST_MODELS: dict[str, CostModel] = {
+    m.name: m for m in (SDXL_H200, SD15_H200, SDXL_H100, SD15_H100, SEED_L40S, SEED_H100)
+}
+
+
+def get(name: str) -> CostModel:
+    try:
+        return COST_MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown cost model {name!r}; expected one of {', '.join(COST_MODELS)}") from None
+
+
+def ideal_packing_s(costs: CostModel, key: BatchKey, n: int, max_batch: int) -> float:
+    """Least total GPU time to run ``n`` requests of ``key`` in batches of at most ``max_batch``
+    (dynamic programming over batch sizes): the best any policy can do for a burst on one GPU."""
+    batch = [0.0] + [costs.batch_s(key, b) for b in range(1, max_batch + 1)]
+    best = [0.0] * (n + 1)
+    for m in range(1, n + 1):
+        best[m] = min(batch[b] + best[m - b] for b in range(1, min(m, max_batch) + 1))
+    return best[n]
+
+
+def capacity_img_s(costs: CostModel, key: BatchKey, max_batch: int) -> float:
+    """Most images per second one GPU can sustain for ``key`` (its most efficient batch size)."""
+    return max(b / costs.batch_s(key, b) for b in range(1, max_batch + 1))

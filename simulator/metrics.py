@@ -1,0 +1,89 @@
+"""What a run reports: throughput, latency percentiles, batch sizes, GPU busy fraction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from simulator.engine import Simulation
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between order statistics (numpy's default method)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(rank)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (rank - lo) * (ordered[hi] - ordered[lo])
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """One (workload, policy) run. Latency: client sends -> client has the answer (seconds).
+    Throughput: images answered / (last answer - first request sent)."""
+
+    workload: str
+    policy: str
+    gpus: int
+    cost_model: str
+    requests: int
+    completed: int
+    throughput_img_s: float
+    p50_s: float
+    p95_s: float
+    p99_s: float
+    mean_s: float
+    max_s: float
+    avg_batch_size: float
+    batches: int
+    gpu_busy_fraction: float
+    makespan_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, digits: int = 4) -> dict[str, Any]:
+        """A flat JSON-ready dict (extras merged in), floats rounded to ``digits`` significant places."""
+        flat = {k: v for k, v in asdict(self).items() if k != "extra"}
+        flat.update(self.extra)
+        return {k: (_round(v, digits) if isinstance(v, float) else v) for k, v in flat.items()}
+
+
+def _round(value: float, digits: int) -> float:
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, max(0, digits - 1 - int(math.floor(math.log10(abs(value))))))
+
+
+def latencies_s(sim: Simulation) -> list[float]:
+    return [r.latency_s for r in sim.requests.values() if r.done_at is not None and r.failed is None]
+
+
+def summarize(sim: Simulation, workload: str, policy: str, **extra: Any) -> RunReport:
+    done = [r for r in sim.requests.values() if r.done_at is not None and r.failed is None]
+    lat = [r.latency_s for r in done]
+    first_sent = min(r.sent_at for r in sim.requests.values())
+    last_done = max((r.done_at for r in done), default=first_sent)
+    makespan = last_done - first_sent
+    images = sum(b.size for b in sim.batches)
+    busy = sum(b.duration_s for b in sim.batches)
+    return RunReport(
+        workload=workload,
+        policy=policy,
+        gpus=len(sim.workers),
+        cost_model=sim.costs.name,
+        requests=len(sim.requests),
+        completed=len(done),
+        throughput_img_s=len(done) / makespan if makespan > 0 else math.nan,
+        p50_s=percentile(lat, 50),
+        p95_s=percentile(lat, 95),
+        p99_s=percentile(lat, 99),
+        mean_s=sum(lat) / len(lat) if lat else math.nan,
+        max_s=max(lat, default=math.nan),
+        avg_batch_size=images / len(sim.batches) if sim.batches else math.nan,
+        batches=len(sim.batches),
+        gpu_busy_fraction=busy / (len(sim.workers) * makespan) if makespan > 0 else math.nan,
+        makespan_s=makespan,
+        extra=dict(extra),
+    )

@@ -1,0 +1,229 @@
+"""The runs behind docs/scheduling.md: the policy comparison and the validation against the seed.
+
+* :func:`compare`: every workload of the issue (a burst of 50, 10 users x 5 sequential requests,
+  Poisson at 30/60/90/120% of capacity, a mixed workload, a lone request), plus the same at several
+  GPUs and on the SD-1.5 cost table, once per policy. The seed's policy runs with the seed's
+  defaults (5 s window, adaptive); every policy gets the same limits (max batch 16 on the measured
+  tables) and the same broker.
+* :func:`validate`: the seed's policy on the seed's own cost figures against the seed's tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+from gpu_worker.batcher import BatchPolicyConfig
+from gpu_worker.policies import DEFAULT, SEED, HoldTuning
+from simulator import costs as cost_models
+from simulator import workloads as wl
+from simulator.costs import CostModel
+from simulator.engine import ClusterConfig, Simulation
+from simulator.metrics import RunReport, summarize
+
+# Policy name in the reports -> (BATCH_POLICY value, tuning of the default policy).
+POLICIES: dict[str, tuple[str, HoldTuning | None]] = {
+    "seed": (SEED, None),
+    "default": (DEFAULT, HoldTuning()),
+    # The default without its holds: run whatever is queued the moment the GPU is free. Shown to
+    # make the case for the holds (a burst's first request would otherwise run alone).
+    "greedy": (DEFAULT, HoldTuning(coalesce=False, break_even=False)),
+}
+COMPARED = ("seed", "default", "greedy")
+
+MAX_BATCH = 16  # measured up to 16 on the SDXL table (47 GiB); the H100 smoke test auto-detected 20
+POISSON_LOADS = (0.3, 0.6, 0.9, 1.2)
+POISSON_REQUESTS = 1000
+
+
+def run(workload: wl.Workload, cluster: ClusterConfig, costs: CostModel, policy_label: str,
+        **extra: Any) -> tuple[Simulation, RunReport]:
+    sim = Simulation(cluster, costs)
+    workload.schedule(sim)
+    sim.run()
+    return sim, summarize(sim, workload.name, policy_label, **extra)
+
+
+def cluster_for(policy_label: str, gpus: int = 1, batching: BatchPolicyConfig | None = None) -> ClusterConfig:
+    name, tuning = POLICIES[policy_label]
+    return ClusterConfig(gpus=gpus, policy=name, tuning=tuning,
+                         batching=batching or BatchPolicyConfig(max_batch_size=MAX_BATCH))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One workload on one cluster size and cost table; ``extra`` adds reference figures to its rows."""
+
+    workload: wl.Workload
+    costs: CostModel
+    gpus: int = 1
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _suffix(name: str, costs: CostModel, gpus: int) -> str:
+    prefix = "" if costs is cost_models.SDXL_H200 else costs.name + "-"
+    return prefix + name + (f"-{gpus}gpu" if gpus > 1 else "")
+
+
+def _renamed(workload: wl.Workload, name: str) -> wl.Workload:
+    return replace(workload, name=name)
+
+
+def cases_for(costs: CostModel, gpus: int = 1, poisson_requests: int = POISSON_REQUESTS,
+              loads: Sequence[float] = POISSON_LOADS, mixed: bool = True, seed: int = 1) -> list[Case]:
+    key = costs.reference_key
+    capacity = gpus * cost_models.capacity_img_s(costs, key, MAX_BATCH)
+    cases = [
+        Case(_renamed(wl.burst(50, key), _suffix("burst-50", costs, gpus)), costs, gpus,
+             {"ideal_s": cost_models.ideal_packing_s(costs, key, 50, MAX_BATCH)} if gpus == 1 else {}),
+        Case(_renamed(wl.users(10, 5, key), _suffix("users-10x5", costs, gpus)), costs, gpus),
+    ]
+    for load in loads:
+        name = _suffix(f"poisson-{round(load * 100)}", costs, gpus)
+        workload = wl.poisson(load * capacity, poisson_requests * gpus, [key], seed=seed, name=name,
+                              description=f"Poisson arrivals at {load:.0%} of capacity")
+        cases.append(Case(workload, costs, gpus, {"offered_load": load}))
+    if mixed:
+        rate = 0.6 * wl.mixed_capacity_img_s(costs, MAX_BATCH, gpus)
+        cases.append(Case(wl.mixed(rate, poisson_requests * gpus, seed=seed + 2, name=_suffix("mixed-60", costs, gpus)),
+                          costs, gpus, {"offered_load": 0.6}))
+    cases.append(Case(_renamed(wl.lone(key), _suffix("lone", costs, gpus)), costs, gpus,
+                      {"batch1_s": costs.batch_s(key, 1)}))
+    return cases
+
+
+def comparison_cases() -> list[Case]:
+    """The issue's workloads on one SDXL GPU (H200 table), then at 4 and 64 GPUs, then on the SD-1.5
+    table and on our own H100 measurements of both models."""
+    sdxl = cost_models.SDXL_H200
+    short = dict(loads=(0.6, 0.9), mixed=False)
+    return (cases_for(sdxl)
+            + cases_for(sdxl, gpus=4, poisson_requests=500, **short)[:4]
+            + cases_for(sdxl, gpus=64, poisson_requests=100, loads=(0.9,), mixed=False)[2:3]
+            + cases_for(cost_models.SD15_H200, **short)
+            + cases_for(cost_models.SDXL_H100, **short)
+            + cases_for(cost_models.SD15_H100, **short))
+
+
+def compare(policies: Sequence[str] = COMPARED, cases: Sequence[Case] | None = None,
+            **cluster_overrides: Any) -> list[RunReport]:
+    """One report per (case, policy), in case order; ``cluster_overrides`` change ClusterConfig
+    fields (e.g. ``encode_s_per_mpixel``) for every run."""
+    reports = []
+    for case in cases if cases is not None else comparison_cases():
+        for label in policies:
+            cluster = replace(cluster_for(label, case.gpus), **cluster_overrides)
+            _, report = run(case.workload, cluster, case.costs, label, **case.extra)
+            reports.append(report)
+    return reports
+
+
+def robustness(seeds: Sequence[int] = range(1, 11),
+               encodes_s_per_mpixel: Sequence[float] = (0.0, 0.03, 0.23)) -> list[dict[str, Any]]:
+    """The Poisson and mixed workloads again with other arrival seeds and PNG-encoding costs: per
+    workload, the worst ratios default/seed over all variants (p95: lower is better; throughput:
+    higher is better) and how many variants the default cleared."""
+    worst: dict[str, dict[str, Any]] = {}
+    for seed in seeds:
+        cases = [c for c in cases_for(cost_models.SDXL_H200, seed=seed) + cases_for(cost_models.SD15_H200, seed=seed)
+                 + cases_for(cost_models.SDXL_H200, gpus=4, poisson_requests=500, seed=seed)
+                 if "offered_load" in c.extra]
+        for encode in encodes_s_per_mpixel:
+            reports = compare(("seed", "default"), cases, encode_s_per_mpixel=encode)
+            for seed_run, default_run in zip(reports[::2], reports[1::2]):
+                entry = worst.setdefault(seed_run.workload, {"workload": seed_run.workload, "variants": 0,
+                                                             "p95_ratio_max": 0.0, "throughput_ratio_min": math.inf,
+                                                             "p95_cleared": 0, "throughput_cleared": 0})
+                p95, thr = default_run.p95_s / seed_run.p95_s, default_run.throughput_img_s / seed_run.throughput_img_s
+                entry["variants"] += 1
+                entry["p95_ratio_max"] = round(max(entry["p95_ratio_max"], p95), 3)
+                entry["throughput_ratio_min"] = round(min(entry["throughput_ratio_min"], thr), 4)
+                entry["p95_cleared"] += p95 <= 1.0
+                entry["throughput_cleared"] += thr >= 1.0
+    return list(worst.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation against the seed's own tables (dynamic-batching.md)
+
+
+@dataclass(frozen=True)
+class SeedRow:
+    label: str
+    costs: CostModel
+    gpus: int
+    max_batch: int
+    seed_50_images_s: float
+    seed_throughput_img_s: float | None = None
+    enable_batching: bool = True
+
+
+SEED_ROWS = (
+    SeedRow("L40S, no batching", cost_models.SEED_L40S, 1, 1, 750.0, None, enable_batching=False),
+    SeedRow("L40S, batch 4", cost_models.SEED_L40S, 1, 4, 375.0),
+    SeedRow("L40S, batch 8 (load test: 258 s)", cost_models.SEED_L40S, 1, 8, 250.0, 0.20),
+    SeedRow("2x L40S, batch 8", cost_models.SEED_L40S, 2, 8, 125.0, 0.40),
+    SeedRow("4x L40S, batch 8", cost_models.SEED_L40S, 4, 8, 62.0, 0.80),
+    SeedRow("8x L40S, batch 8", cost_models.SEED_L40S, 8, 8, 31.0, 1.60),
+    SeedRow("2x H100, batch 16", cost_models.SEED_H100, 2, 16, 39.0, 1.28),
+    SeedRow("4x H100, batch 16", cost_models.SEED_H100, 4, 16, 19.0, 2.56),
+    SeedRow("8x H100, batch 16", cost_models.SEED_H100, 8, 16, 10.0, 5.12),
+)
+
+
+def validate_row(row: SeedRow, policy_label: str = "seed") -> dict[str, Any]:
+    """Simulated time for 50 images and sustained throughput (a burst of 10 full batches per GPU)."""
+    batching = BatchPolicyConfig(enable_batching=row.enable_batching, max_batch_size=row.max_batch)
+    cluster = cluster_for(policy_label, row.gpus, batching)
+    key = row.costs.reference_key
+    _, fifty = run(wl.burst(50, key), cluster, row.costs, policy_label)
+    _, sustained = run(wl.burst(10 * row.max_batch * row.gpus, key), cluster, row.costs, policy_label)
+    busiest = math.ceil(50 / row.gpus)  # some GPU must make at least this many of the 50
+    out = {
+        "row": row.label, "policy": policy_label, "gpus": row.gpus, "max_batch": row.max_batch,
+        "seed_50_images_s": row.seed_50_images_s,
+        "sim_50_images_s": round(fifty.makespan_s, 1),
+        "diff_50_images": round(fifty.makespan_s / row.seed_50_images_s - 1, 3),
+        "lower_bound_50_images_s": round(cost_models.ideal_packing_s(row.costs, key, busiest, row.max_batch), 1),
+        "sim_avg_batch_size": round(fifty.avg_batch_size, 2),
+        "sim_sustained_img_s": round(sustained.throughput_img_s, 3),
+    }
+    if row.seed_throughput_img_s is not None:
+        out["seed_throughput_img_s"] = row.seed_throughput_img_s
+        out["diff_throughput"] = round(sustained.throughput_img_s / row.seed_throughput_img_s - 1, 3)
+    return out
+
+
+def validate(policy_label: str = "seed") -> list[dict[str, Any]]:
+    return [validate_row(row, policy_label) for row in SEED_ROWS]
+
+
+def load_sweep(loads: Sequence[float], policies: Sequence[str] = COMPARED, costs: CostModel = cost_models.SDXL_H200,
+               gpus: int = 1, requests_per_gpu: int = POISSON_REQUESTS) -> list[RunReport]:
+    """Poisson arrivals at each offered load (fraction of capacity), once per policy."""
+    cases = cases_for(costs, gpus, requests_per_gpu, loads, mixed=False)
+    return compare(policies, [c for c in cases if "offered_load" in c.extra])
+
+
+def check_default(rows: Sequence[dict[str, Any]], within: float = 0.05) -> list[str]:
+    """The issue's bar for the default policy, on --compare's rows; returns what fails (empty: all pass).
+
+    On every workload: p95 no worse and throughput no lower than the seed's. A lone request within
+    ``within`` of one batch-1 inference; a burst on one GPU within ``within`` of the ideal packing."""
+    by = {(r["workload"], r["policy"]): r for r in rows}
+    failures = []
+    for (workload, policy), seed in by.items():
+        if policy != "seed":
+            continue
+        default = by[(workload, "default")]
+        if default["p95_s"] > seed["p95_s"]:
+            failures.append(f"{workload}: p95 {default['p95_s']} s > seed's {seed['p95_s']} s")
+        if default["throughput_img_s"] < seed["throughput_img_s"]:
+            failures.append(f"{workload}: throughput {default['throughput_img_s']} < seed's {seed['throughput_img_s']}")
+        limit = 1 + within
+        if "batch1_s" in default and default["p50_s"] > limit * default["batch1_s"]:
+            failures.append(f"{workload}: lone latency {default['p50_s']} s > {limit} x batch1 {default['batch1_s']} s")
+        if "ideal_s" in default and default["makespan_s"] > limit * default["ideal_s"]:
+            failures.append(f"{workload}: {default['makespan_s']} s > {limit} x ideal packing {default['ideal_s']} s")
+    return failures

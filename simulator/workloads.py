@@ -1,0 +1,90 @@
+"""Arrival patterns: what the clients send, and when (seeded, so every policy sees the same one).
+
+A :class:`Workload` schedules its submissions on a :class:`~simulator.engine.Simulation`; closed-loop
+ones (users who wait for an answer before asking again) submit from ``on_done`` callbacks.
+A "simultaneous" burst reaches the broker ``spacing_s`` apart (2 ms): the gateway parses,
+validates and forwards requests one by one, and that spread is what a policy sees.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from gpu_worker.batcher import BatchKey
+from simulator.costs import CostModel
+from simulator.engine import RequestRecord, Simulation
+
+BURST_SPACING_S = 0.002
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    schedule: Callable[[Simulation], None]
+
+
+def burst(n: int, key: BatchKey, spacing_s: float = BURST_SPACING_S, name: str | None = None) -> Workload:
+    def schedule(sim: Simulation) -> None:
+        for i in range(n):
+            sim.submit(key, i * spacing_s)
+    return Workload(name or f"burst-{n}", f"{n} requests at once ({spacing_s * 1000:.0f} ms apart)", schedule)
+
+
+def lone(key: BatchKey) -> Workload:
+    def schedule(sim: Simulation) -> None:
+        sim.submit(key, 0.0)
+    return Workload("lone", "one request on an idle cluster", schedule)
+
+
+def users(n_users: int, per_user: int, key: BatchKey, think_s: float = 0.0,
+          spacing_s: float = BURST_SPACING_S) -> Workload:
+    """``n_users`` start together; each sends its next request when the previous answer arrives."""
+    def schedule(sim: Simulation) -> None:
+        for user in range(n_users):
+            _user_loop(sim, key, per_user, think_s, user * spacing_s)
+    return Workload(f"users-{n_users}x{per_user}", f"{n_users} users x {per_user} sequential requests", schedule)
+
+
+def _user_loop(sim: Simulation, key: BatchKey, remaining: int, think_s: float, at_s: float) -> None:
+    def next_request(_: RequestRecord) -> None:
+        if remaining > 1:
+            _user_loop(sim, key, remaining - 1, think_s, sim.now + think_s)
+    sim.submit(key, at_s, on_done=next_request)
+
+
+def poisson(rate_img_s: float, n: int, keys: Sequence[BatchKey], weights: Sequence[float] | None = None,
+            seed: int = 1, name: str = "poisson", description: str = "") -> Workload:
+    """``n`` open-loop arrivals at ``rate_img_s`` (exponential gaps), each key drawn by ``weights``."""
+    def schedule(sim: Simulation) -> None:
+        rng = random.Random(seed)
+        at_s = 0.0
+        for _ in range(n):
+            at_s += rng.expovariate(rate_img_s)
+            sim.submit(rng.choices(keys, weights)[0] if len(keys) > 1 else keys[0], at_s)
+    return Workload(name, description or f"Poisson arrivals at {rate_img_s:.3g} images/s", schedule)
+
+
+# Several sizes, step counts and guidance scales, as a game's players would send (weights sum to 1).
+MIXED_KEYS: tuple[tuple[BatchKey, float], ...] = (
+    (BatchKey(1024, 1024, 25, 5.0), 0.30),
+    (BatchKey(1024, 1024, 25, 7.5), 0.20),
+    (BatchKey(1024, 1024, 40, 5.0), 0.10),
+    (BatchKey(768, 768, 25, 5.0), 0.20),
+    (BatchKey(512, 512, 20, 5.0), 0.10),
+    (BatchKey(1024, 1024, 8, 1.0), 0.10),  # few steps, no CFG: a distilled ("turbo") style request
+)
+
+
+def mixed_capacity_img_s(costs: CostModel, max_batch: int, gpus: int = 1) -> float:
+    """Images per second the cluster sustains on the mix if every key ran in full batches."""
+    mean_s_per_image = sum(w * costs.batch_s(k, max_batch) / max_batch for k, w in MIXED_KEYS)
+    return gpus / mean_s_per_image
+
+
+def mixed(rate_img_s: float, n: int, seed: int = 3, name: str = "mixed") -> Workload:
+    keys, weights = zip(*MIXED_KEYS)
+    return poisson(rate_img_s, n, keys, weights, seed, name,
+                   f"Poisson at {rate_img_s:.3g} images/s over {len(keys)} sizes/steps/guidance scales")

@@ -1,0 +1,110 @@
+"""Who may join as a worker: CurveZMQ keys and the ZAP allow-list, over real sockets and processes.
+
+The broker is the real one (in a subprocess); the authorized worker is the real gpu_worker process
+(FAKE backend: the model is not what is tested); intruders are raw DEALER sockets.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+import zmq.auth
+
+from cluster import Cluster, post, request_body
+from imagegen import protocol
+from imagegen.keys import main as keys_main
+from imagegen.protocol import WORKER_LINK, BatchingConfig, Disconnect, Register, Welcome
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+
+@pytest.fixture
+def keys(tmp_path):
+    keys_dir, authorized = tmp_path / "keys", tmp_path / "authorized"
+    assert keys_main(["broker", str(keys_dir)]) == 0
+    for name in ("gpu-host-1", "intruder"):
+        assert keys_main(["worker", name, str(keys_dir)]) == 0
+    authorized.mkdir()
+    (authorized / "gpu-host-1.key").write_bytes((keys_dir / "gpu-host-1.key").read_bytes())
+    return keys_dir, authorized
+
+
+@pytest.fixture
+def secured(tmp_path, keys):
+    keys_dir, authorized = keys
+    c = Cluster(tmp_path, BROKER_CURVE_SECRET_KEY=str(keys_dir / "broker.key_secret"),
+                BROKER_AUTHORIZED_KEYS_DIR=str(authorized))
+    c.start("broker", "broker")
+    c.start("gateway", "gateway")
+    yield c, keys_dir
+    c.stop()
+
+
+def register(name: str) -> Register:
+    batching = BatchingConfig(enable_batching=True, max_batch_size=4, max_wait_time=1.0, min_batch_size=1,
+                              min_wait_time=0.5, adaptive_batching=True, adaptive_threshold=10)
+    return Register(worker_name=name, host="h", gpu_id=0, pid=1, model_id="fake", device="cpu", capacity=4,
+                    batching=batching)
+
+
+def dealer(ctx: zmq.Context, address: str, keys_dir, key_name: str | None) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = 2000
+    if key_name is not None:
+        public, secret = zmq.auth.load_certificate(keys_dir / f"{key_name}.key_secret")
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_serverkey, _ = zmq.auth.load_certificate(keys_dir / "broker.key")
+    sock.connect(address)
+    return sock
+
+
+def answer(sock: zmq.Socket) -> protocol.Message | None:
+    try:
+        return protocol.decode(sock.recv_multipart(), WORKER_LINK)[0]
+    except zmq.Again:
+        return None
+
+
+def test_authorized_worker_serves_and_unknown_keys_are_refused(secured):
+    c, keys_dir = secured
+    c.start_worker(0, WORKER_NAME="gpu-host-1-gpu0", WORKER_CURVE_SECRET_KEY=str(keys_dir / "gpu-host-1.key_secret"),
+                   BROKER_CURVE_PUBLIC_KEY=str(keys_dir / "broker.key"))
+    c.wait_for_workers(1)
+    status, body, _ = post(c.url, request_body(1))
+    assert status == 200 and body["worker"] == "gpu-host-1-gpu0", body
+
+    ctx = zmq.Context()
+    try:
+        address = c.env["BROKER_WORKER_ADDRESS"]
+        for key_name in ("intruder", None):  # a key not on the allow-list, and no key at all
+            sock = dealer(ctx, address, keys_dir, key_name)
+            sock.send_multipart(protocol.encode(WORKER_LINK, register(f"sneaky-{key_name}")))
+            assert answer(sock) is None, "an unknown worker must get nothing back, not even a refusal"
+            sock.close()
+        stats = c.stats()
+        assert stats["num_gpus"] == 1 and stats["broker"]["connections_refused_unknown_key"] >= 1, stats
+        # The intruders never saw a prompt: every request still goes to the one real worker.
+        for i in range(3):
+            assert post(c.url, request_body(10 + i))[1]["worker"] == "gpu-host-1-gpu0"
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_registered_key_cannot_pose_as_another_hosts_worker(secured):
+    c, keys_dir = secured
+    ctx = zmq.Context()
+    try:
+        sock = dealer(ctx, c.env["BROKER_WORKER_ADDRESS"], keys_dir, "gpu-host-1")
+        sock.send_multipart(protocol.encode(WORKER_LINK, register("gpu-host-2-gpu0")))
+        refusal = answer(sock)
+        assert isinstance(refusal, Disconnect) and "may not register as 'gpu-host-2-gpu0'" in refusal.reason
+        sock.send_multipart(protocol.encode(WORKER_LINK, register("gpu-host-1-gpu3")))
+        assert isinstance(answer(sock), Welcome)
+        time.sleep(0.3)
+        stats = c.stats()
+        assert stats["num_gpus"] == 1 and stats["broker"]["registrations_refused"] == 1, stats
+    finally:
+        ctx.destroy(linger=0)

@@ -1,0 +1,317 @@
+"""Unit tests of gpu_worker.policies (the default batching policy) and gpu_worker.cost_model.
+
+Every method takes ``now``; the tests pass plain floats (a fake clock), so no test sleeps.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig
+from gpu_worker.cost_model import OnlineCostModel, SizeTable, work_units
+from gpu_worker.policies import AdaptiveBatcher, HoldTuning, make_batcher
+
+T0 = 1000.0
+KEY = BatchKey(1024, 1024, 25, 5.0)
+OTHER = BatchKey(512, 512, 25, 5.0)
+GAP = HoldTuning().coalesce_gap_s
+
+
+def make(tuning: HoldTuning | None = None, **overrides) -> AdaptiveBatcher[str]:
+    config = BatchPolicyConfig(**{"max_batch_size": 8, **overrides})
+    return AdaptiveBatcher(config, tuning or HoldTuning())
+
+
+def ids_of(batch: Batch | None) -> list[str]:
+    assert batch is not None
+    return [p.request_id for p in batch.requests]
+
+
+def learn(b: AdaptiveBatcher, costs: dict[int, float], key: BatchKey = KEY) -> None:
+    for size, seconds in costs.items():
+        b.observe_batch(key, size, seconds, T0)
+
+
+# launch-bound small batches, as SDXL on an H200 (gpu-measurements.md): batch 2 costs about batch 1
+SDXL_LIKE = {1: 2.0, 2: 2.05, 3: 2.95, 4: 3.9}
+# no saving from batching at all
+PROPORTIONAL = {1: 1.0, 2: 2.0, 3: 3.0}
+
+
+# ------------------------------------------------------------------ a lone request, bursts
+
+
+def test_lone_request_on_an_idle_gpu_waits_only_the_coalescing_gap():
+    b = make(max_wait_time_s=5.0)
+    b.add("a", KEY, "a", T0)
+    assert b.next_decision_at() == pytest.approx(T0 + GAP)
+    assert b.next_batch(T0 + GAP * 0.99) is None
+    assert ids_of(b.next_batch(T0 + GAP)) == ["a"]
+
+
+def test_coalescing_gap_shrinks_to_a_fraction_of_the_learned_batch1_time():
+    b = make()
+    learn(b, {1: 0.25})  # a fast model: 2% of 0.25 s is 5 ms, less than the 20 ms default gap
+    b.add("a", KEY, "a", T0)
+    assert b.next_decision_at() == pytest.approx(T0 + 0.005)
+
+
+def test_burst_arrivals_extend_the_hold_from_the_newest_arrival():
+    b = make()
+    for i, at in enumerate([T0, T0 + 0.010, T0 + 0.015]):
+        b.add(f"r{i}", KEY, None, at)
+    assert b.next_batch(T0 + 0.015 + GAP * 0.99) is None
+    assert b.next_decision_at() == pytest.approx(T0 + 0.015 + GAP)
+    assert ids_of(b.next_batch(T0 + 0.015 + GAP)) == ["r0", "r1", "r2"]
+
+
+def test_hold_never_exceeds_max_wait_time_from_the_oldest_request():
+    b = make(max_wait_time_s=0.05, min_wait_time_s=0.0, max_batch_size=100)
+    for i in range(10):  # arrivals keep coming every 10 ms, each would extend the hold
+        b.add(f"r{i}", KEY, None, T0 + 0.01 * i)
+    assert b.next_decision_at() == pytest.approx(T0 + 0.05)
+    assert len(b.next_batch(T0 + 0.05)) == 10
+
+
+def test_full_group_runs_at_once():
+    b = make(max_batch_size=4)
+    for i in range(4):
+        b.add(f"r{i}", KEY, None, T0)
+    assert b.next_decision_at() == float("-inf")
+    assert ids_of(b.next_batch(T0)) == ["r0", "r1", "r2", "r3"]
+    assert b.queue_depth == 0
+
+
+def test_a_batch_takes_at_most_max_batch_size_and_the_rest_stays():
+    b = make(max_batch_size=4)
+    for i in range(6):
+        b.add(f"r{i}", KEY, None, T0)
+    assert ids_of(b.next_batch(T0)) == ["r0", "r1", "r2", "r3"]
+    assert b.queue_depth == 2
+    assert b.next_batch(T0) is None  # two left: they get their own (short) hold
+    assert ids_of(b.next_batch(T0 + GAP)) == ["r4", "r5"]
+
+
+def test_without_coalescing_a_request_runs_the_moment_the_gpu_is_free():
+    b = make(HoldTuning(coalesce=False, break_even=False))
+    b.add("a", KEY, None, T0)
+    assert ids_of(b.next_batch(T0)) == ["a"]
+
+
+# ------------------------------------------------------------------ the break-even hold
+
+
+def _with_gaps(b: AdaptiveBatcher, gap_s: float, n: int = 6) -> float:
+    """Arrivals ``gap_s`` apart, each run at once in a batch of 1 (so the GPU is idle again);
+    returns the time of the last one, which stays queued."""
+    at = T0
+    for i in range(n):
+        b.add(f"h{i}", KEY, None, at)
+        if i < n - 1:
+            assert b.next_batch(at + 10.0) is not None
+            at += gap_s
+    return at
+
+
+def test_break_even_wait_follows_the_cost_model():
+    b = make()
+    learn(b, SDXL_LIKE)
+    # w < t(1) - t(2) + t(1)/2 = 2.0 - 2.05 + 1.0
+    assert b.break_even_wait_s(KEY, 1) == pytest.approx(0.95)
+    # w < t(2) - t(3) + t(1)/3: negative, a third request is never worth waiting for
+    assert b.break_even_wait_s(KEY, 2) < 0
+
+
+def test_frequent_arrivals_and_launch_bound_costs_hold_an_idle_gpu_for_a_batch_mate():
+    b = make()
+    learn(b, SDXL_LIKE)
+    last = _with_gaps(b, 0.5)  # mean gap 0.5 s: hold = min(B, 2B - g) = min(0.95, 1.4)
+    assert b.next_decision_at() == pytest.approx(last + 0.95)
+    assert b.next_batch(last + 0.9) is None
+    b.add("mate", KEY, None, last + 0.9)  # the mate came: two queued, nothing more worth waiting for
+    assert ids_of(b.next_batch(last + 0.9 + GAP)) == ["h5", "mate"]
+
+
+def test_the_hold_shortens_as_arrivals_get_sparser():
+    b = make()
+    learn(b, SDXL_LIKE)
+    last = _with_gaps(b, 1.5)  # hold = 2B - g = 1.9 - 1.5 = 0.4
+    assert b.next_decision_at() == pytest.approx(last + 0.4)
+
+
+def test_sparse_arrivals_get_no_break_even_hold():
+    b = make()
+    learn(b, SDXL_LIKE)
+    last = _with_gaps(b, 5.0)  # a mate would come too late to pay (2B - g < 0)
+    assert b.next_decision_at() == pytest.approx(last + GAP)
+
+
+def test_no_hold_when_the_cost_model_shows_batching_saves_nothing():
+    b = make()
+    learn(b, PROPORTIONAL)
+    last = _with_gaps(b, 0.01)
+    assert b.break_even_wait_s(KEY, 1) < 0
+    assert b.next_decision_at() == pytest.approx(last + GAP)
+
+
+def test_no_break_even_hold_before_costs_are_known():
+    b = make()
+    last = _with_gaps(b, 0.01)
+    assert b.break_even_wait_s(KEY, 1) == 0.0
+    assert b.next_decision_at() == pytest.approx(last + GAP)
+
+
+def test_break_even_hold_can_be_switched_off():
+    b = make(HoldTuning(break_even=False))
+    learn(b, SDXL_LIKE)
+    last = _with_gaps(b, 0.5)
+    assert b.next_decision_at() == pytest.approx(last + GAP)
+
+
+# ------------------------------------------------------------------ groups, limits, settings
+
+
+def test_incompatible_keys_never_share_a_batch_and_the_oldest_group_runs_first():
+    b = make()
+    b.add("o1", OTHER, None, T0)
+    b.add("k1", KEY, None, T0 + 0.001)
+    b.add("o2", OTHER, None, T0 + 0.002)
+    first, second = b.next_batch(T0 + 1), b.next_batch(T0 + 1)
+    assert (first.key, ids_of(first)) == (OTHER, ["o1", "o2"])
+    assert (second.key, ids_of(second)) == (KEY, ["k1"])
+
+
+def test_a_held_group_does_not_block_a_ready_one():
+    b = make()
+    b.add("old", OTHER, None, T0)
+    b.add("new", KEY, None, T0 + 1.0)
+    assert ids_of(b.next_batch(T0 + 1.0)) == ["old"]
+    assert b.next_batch(T0 + 1.0) is None
+
+
+def test_max_batch_pixels_makes_large_images_form_smaller_batches():
+    b = make(max_batch_size=8, max_batch_pixels=2 * 1024 * 1024)
+    for i in range(3):
+        b.add(f"r{i}", KEY, None, T0)
+    assert b.max_batch_size_for(KEY) == 2 and b.max_batch_size_for(OTHER) == 8
+    assert ids_of(b.next_batch(T0)) == ["r0", "r1"]
+
+
+def test_group_below_min_batch_size_waits_max_wait_time():
+    b = make(min_batch_size=3, max_wait_time_s=5.0)
+    b.add("a", KEY, None, T0)
+    assert b.next_decision_at() == T0 + 5.0
+    assert b.next_batch(T0 + 4.99) is None
+    b.add("b", KEY, None, T0 + 1.0)
+    b.add("c", KEY, None, T0 + 1.0)  # min reached: the ordinary hold applies
+    assert b.next_decision_at() == pytest.approx(T0 + 1.0 + GAP)
+
+
+def test_batching_disabled_runs_one_request_at_a_time_without_waiting():
+    b = make(enable_batching=False)
+    b.add("a", KEY, None, T0)
+    b.add("b", KEY, None, T0)
+    assert ids_of(b.next_batch(T0)) == ["a"]
+    assert ids_of(b.next_batch(T0)) == ["b"]
+
+
+def test_cancel_clear_and_duplicates():
+    b = make()
+    b.add("a", KEY, None, T0)
+    b.add("b", KEY, None, T0)
+    with pytest.raises(ValueError):
+        b.add("a", KEY, None, T0)
+    assert b.cancel("a") and not b.cancel("a") and not b.cancel("zzz")
+    assert b.queue_depth == 1 and [p.request_id for p in b] == ["b"]
+    assert b.clear() == 1 and b.queue_depth == 0
+    assert b.next_decision_at() is None and b.next_batch(T0 + 100) is None
+
+
+def test_cancelling_the_last_request_of_a_group_removes_the_group():
+    b = make()
+    b.add("a", KEY, None, T0)
+    b.cancel("a")
+    assert b.next_decision_at() is None
+
+
+def test_lower_max_batch_size_after_out_of_memory():
+    b = make(max_batch_size=8, min_batch_size=6)
+    assert b.lower_max_batch_size(4) == 4
+    assert b.config.max_batch_size == 4 and b.config.min_batch_size == 4
+    assert b.lower_max_batch_size(16) == 4  # never raised
+    assert b.lower_max_batch_size(0) == 1
+
+
+def test_make_batcher_selects_the_policy():
+    config = BatchPolicyConfig()
+    assert type(make_batcher("seed", config)) is Batcher
+    assert type(make_batcher("default", config)) is AdaptiveBatcher
+    with pytest.raises(ValueError, match="seed"):
+        make_batcher("fastest", config)
+
+
+def test_the_decision_instant_always_yields_a_batch():
+    """The worker sleeps until next_decision_at(): at that instant, with no arrival in between,
+    next_batch must answer with a batch (or the loop would spin or stall)."""
+    rng = random.Random(7)
+    b = make(max_batch_size=4, max_wait_time_s=1.0)
+    learn(b, SDXL_LIKE)
+    now, served = T0, 0
+    for i in range(300):
+        now += rng.expovariate(2.0)
+        b.add(f"r{i}", rng.choice([KEY, OTHER]), None, now)
+        while b.queue_depth and rng.random() < 0.5:
+            wake = b.next_decision_at()
+            assert wake is not None
+            now = max(now, wake)
+            batch = b.next_batch(now)
+            assert batch is not None, f"no batch at the decision instant {wake}"
+            served += len(batch)
+    assert served + b.queue_depth == 300
+
+
+# ------------------------------------------------------------------ the online cost model
+
+
+def test_size_table_interpolates_and_extrapolates_proportionally():
+    table = SizeTable(alpha=1.0)
+    table.observe(2, 2.0)
+    table.observe(6, 4.0)
+    assert table.estimate(4) == pytest.approx(3.0)
+    assert table.estimate(1) == pytest.approx(1.0)  # proportional below the smallest size seen
+    assert table.estimate(12) == pytest.approx(8.0)  # and above the largest
+    assert SizeTable(alpha=1.0).estimate(3) is None
+
+
+def test_cost_model_averages_observations():
+    model = OnlineCostModel(alpha=0.5)
+    model.observe(KEY, 4, 4.0)
+    model.observe(KEY, 4, 2.0)
+    assert model.estimate_s(KEY, 4) == pytest.approx(3.0)
+    model.observe(KEY, 4, -1.0)  # a failed batch says nothing
+    assert model.estimate_s(KEY, 4) == pytest.approx(3.0)
+
+
+def test_an_unseen_key_borrows_other_keys_costs_scaled_by_work():
+    model = OnlineCostModel(alpha=1.0)
+    model.observe(KEY, 2, 4.0)
+    assert not model.knows(OTHER)
+    assert model.estimate_s(OTHER, 2) == pytest.approx(4.0 * work_units(OTHER) / work_units(KEY))
+    assert OnlineCostModel().estimate_s(KEY, 1) is None
+
+
+def test_work_units_count_pixels_steps_and_cfg_rows():
+    assert work_units(BatchKey(512, 512, 20, 1.0)) * 2 == work_units(BatchKey(512, 512, 20, 7.5))
+    assert work_units(BatchKey(1024, 1024, 25, 5.0)) == 4 * work_units(BatchKey(512, 512, 25, 5.0))
+
+
+def test_batch_policy_setting_defaults_to_default_and_rejects_unknown_names():
+    from gpu_worker.config import WorkerSettings
+    from imagegen import settings as settings_lib
+
+    assert settings_lib.load(WorkerSettings, [], {}).batch_policy == "default"
+    assert settings_lib.load(WorkerSettings, ["--batch-policy", "seed"], {}).batch_policy == "seed"
+    with pytest.raises(settings_lib.SettingsError, match="BATCH_POLICY"):
+        settings_lib.load(WorkerSettings, [], {"BATCH_POLICY": "fastest"})

@@ -1,0 +1,174 @@
+"""Tests of the simulator (simulator/, scripts/simulate.py): it runs the real policy code, it
+reproduces the seed's tables from the seed's own figures, and the default policy clears the issue's
+bar against the seed's. Fast: a few seconds in all, virtual time, no sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.state import BrokerState
+from gpu_worker.batcher import Batcher, BatchKey
+from gpu_worker.policies import AdaptiveBatcher
+from simulator import costs as cost_models
+from simulator import runs
+from simulator import workloads as wl
+from simulator.engine import ClusterConfig, Simulation
+from simulator.metrics import percentile
+
+REPO = Path(__file__).resolve().parents[1]
+SDXL = cost_models.SDXL_H200
+KEY = SDXL.reference_key
+
+
+def simulate(workload: wl.Workload, policy: str = "default", gpus: int = 1, costs=SDXL):
+    return runs.run(workload, runs.cluster_for(policy, gpus), costs, policy)
+
+
+# ------------------------------------------------------------------ the simulator itself
+
+
+def test_the_simulator_drives_the_real_broker_and_batchers():
+    for policy, cls in (("seed", Batcher), ("default", AdaptiveBatcher)):
+        sim = Simulation(runs.cluster_for(policy, gpus=2), SDXL)
+        assert isinstance(sim.broker, BrokerState)
+        assert all(type(w.batcher) is cls for w in sim.workers)
+
+
+def test_every_request_is_answered_once_and_batches_add_up():
+    sim, report = simulate(wl.mixed(3.0, 300), gpus=3)
+    assert report.completed == report.requests == 300
+    assert sum(b.size for b in sim.batches) == 300
+    assert {b.worker for b in sim.batches} == {0, 1, 2}  # the broker spread the work
+    assert all(b.size <= runs.MAX_BATCH for b in sim.batches)
+    assert not sim.broker.requests and not sim.broker.queue
+
+
+def test_no_gpu_runs_two_batches_at_once():
+    sim, _ = simulate(wl.poisson(4.0, 400, [KEY]), gpus=2)
+    for worker in (0, 1):
+        mine = sorted((b.started_at, b.started_at + b.duration_s) for b in sim.batches if b.worker == worker)
+        assert all(end <= next_start + 1e-9 for (_, end), (next_start, _) in zip(mine, mine[1:]))
+
+
+def test_runs_are_deterministic():
+    assert [r.row() for r in runs.compare(cases=runs.cases_for(SDXL, loads=(0.6,), mixed=False))] == \
+           [r.row() for r in runs.compare(cases=runs.cases_for(SDXL, loads=(0.6,), mixed=False))]
+
+
+def test_the_seed_policy_makes_a_lone_request_wait_its_whole_window():
+    _, report = simulate(wl.lone(KEY), policy="seed")
+    assert report.p50_s == pytest.approx(5.0 + SDXL.batch_s(KEY, 1), abs=0.1)
+
+
+def test_measured_cost_table_reproduces_its_seconds_per_batch_column():
+    # gpu-measurements.md, SDXL 1024x1024: "s per batch" for batch 1, 2, 4, 8, 16
+    for size, seconds in {1: 2.02, 2: 2.08, 4: 3.89, 8: 7.44, 16: 14.65}.items():
+        assert SDXL.batch_s(KEY, size) == pytest.approx(seconds, rel=0.01)
+    # without CFG the UNet sees half the rows: cheaper, but never below a launch-bound step
+    no_cfg = BatchKey(1024, 1024, 25, 1.0)
+    assert SDXL.batch_s(no_cfg, 8) < SDXL.batch_s(KEY, 8)
+    assert SDXL.batch_s(no_cfg, 1) == pytest.approx(SDXL.batch_s(KEY, 1))
+
+
+def test_ideal_packing_is_the_cheapest_split():
+    curve = cost_models.BatchCurve("toy", KEY, {1: 10.0, 2: 11.0, 4: 30.0})
+    # 4 requests: two batches of 2 (22 s) beat one of 4 (30 s) and four of 1 (40 s)
+    assert cost_models.ideal_packing_s(curve, KEY, 4, 4) == pytest.approx(22.0)
+
+
+def test_percentile_matches_numpy_linear():
+    np = pytest.importorskip("numpy")
+    values = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    for q in (0, 50, 95, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+# ------------------------------------------------------------------ validation against the seed
+
+
+@pytest.fixture(scope="module")
+def validation():
+    return {row["row"]: row for row in runs.validate()}
+
+
+@pytest.mark.parametrize("row", ["L40S, no batching", "L40S, batch 4", "L40S, batch 8 (load test: 258 s)",
+                                 "2x L40S, batch 8", "2x H100, batch 16"])
+def test_seed_policy_on_seed_costs_reproduces_the_seeds_50_image_times(validation, row):
+    assert abs(validation[row]["diff_50_images"]) <= 0.10, validation[row]
+
+
+def test_seed_policy_on_seed_costs_reproduces_the_seeds_throughput_column(validation):
+    for row in validation.values():
+        if "seed_throughput_img_s" in row:
+            assert abs(row["diff_throughput"]) <= 0.10, row
+
+
+def test_the_seeds_four_and_eight_gpu_times_are_below_what_its_own_costs_allow(validation):
+    """Where the simulation differs by more than 10% the seed's figure is 50 / (N x throughput),
+    which ignores batch granularity (50 images do not fill N GPUs' batches) and its own window."""
+    for name, row in validation.items():
+        assert row["sim_50_images_s"] >= row["lower_bound_50_images_s"] - 0.5, row
+        if row["diff_50_images"] > 0.10:
+            assert row["gpus"] >= 4, row
+            window_s = 5.0  # at most the seed's MAX_BATCH_WAIT_TIME separates the sim from the bound
+            assert row["sim_50_images_s"] <= row["lower_bound_50_images_s"] + window_s + 0.5, row
+
+
+# ------------------------------------------------------------------ the default policy's bar
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    return [r.row() for r in runs.compare(("seed", "default"))]
+
+
+def test_default_beats_or_equals_the_seed_on_every_workload(comparison):
+    assert runs.check_default(comparison) == []
+
+
+def test_the_comparison_covers_the_issues_workloads(comparison):
+    names = {r["workload"] for r in comparison}
+    assert {"burst-50", "users-10x5", "poisson-30", "poisson-60", "poisson-90", "poisson-120",
+            "mixed-60", "lone"} <= names
+
+
+def test_lone_request_and_burst_bars(comparison):
+    by = {(r["workload"], r["policy"]): r for r in comparison}
+    lone = by[("lone", "default")]
+    assert lone["p50_s"] <= 1.05 * lone["batch1_s"]
+    burst = by[("burst-50", "default")]
+    assert burst["makespan_s"] <= 1.05 * burst["ideal_s"]
+
+
+def test_check_default_reports_a_worse_p95():
+    rows = [{"workload": "w", "policy": "seed", "p95_s": 1.0, "throughput_img_s": 1.0},
+            {"workload": "w", "policy": "default", "p95_s": 1.1, "throughput_img_s": 1.0}]
+    assert len(runs.check_default(rows)) == 1
+
+
+def test_the_holds_pay_off_on_a_burst():
+    """Without the coalescing hold the first request of a burst runs alone and the rest wait for it."""
+    _, greedy = runs.run(wl.burst(50, KEY), runs.cluster_for("greedy"), SDXL, "greedy")
+    _, default = simulate(wl.burst(50, KEY))
+    assert default.makespan_s < greedy.makespan_s and default.p95_s < greedy.p95_s
+
+
+def test_compare_json_command_prints_the_rows():
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "simulate.py"), "--compare", "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert {"seed", "default"} <= {r["policy"] for r in rows}
+    for row in rows:
+        assert {"workload", "policy", "throughput_img_s", "p50_s", "p95_s", "p99_s", "avg_batch_size"} <= set(row)
+    assert all("batch1_s" in r for r in rows if r["workload"] == "lone")
+
+
+def test_cluster_config_credit_defaults_to_two_batches():
+    assert ClusterConfig().worker_capacity == 2 * runs.MAX_BATCH
