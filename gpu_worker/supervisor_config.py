@@ -181,6 +181,8 @@ def main(argv: list[str], environ: dict[str, str] | os._Environ = os.environ) ->
                   args.no_workers)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
+    # The config logs under <template folder>/run/logs; supervisord refuses to start without it.
+    (args.template.resolve().parent / "run" / "logs").mkdir(parents=True, exist_ok=True)
     what = f"GPU {','.join(map(str, gpu_ids))}" if gpu_ids else "no GPU found: one CPU worker"
     workers = 0 if args.no_workers else len(worker_slots(gpu_ids))
     print(f"supervisor_config: {workers} worker(s) ({'--no-workers' if args.no_workers else what}; "

@@ -21,6 +21,13 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = (REPO / "supervisord.conf").read_text()
 
 
+@pytest.fixture
+def here(tmp_path) -> Path:
+    """A folder standing in for the template's: supervisord checks that its run/logs exists."""
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    return tmp_path
+
+
 def parse(text: str, tmp_path: Path) -> dict:
     """{group name: {process name: process config}} as supervisord itself reads ``text``."""
     path = tmp_path / "generated.conf"
@@ -31,8 +38,8 @@ def parse(text: str, tmp_path: Path) -> dict:
     return {g.name: {p.name: p for p in g.process_configs} for g in options.process_group_configs}
 
 
-def test_one_worker_per_gpu_each_pinned_to_its_gpu(tmp_path):
-    groups = parse(render(TEMPLATE, REPO, [0, 2]), tmp_path)
+def test_one_worker_per_gpu_each_pinned_to_its_gpu(tmp_path, here):
+    groups = parse(render(TEMPLATE, here, [0, 2]), tmp_path)
     assert set(groups) == {"broker", "gateway", "gpu_worker"}
     workers = groups["gpu_worker"]
     assert set(workers) == {"gpu_worker_0", "gpu_worker_2"}  # supervisorctl: gpu_worker:gpu_worker_0
@@ -41,28 +48,28 @@ def test_one_worker_per_gpu_each_pinned_to_its_gpu(tmp_path):
         assert worker.environment["CUDA_VISIBLE_DEVICES"] == str(gpu)
         assert worker.environment["GPU_ID"] == str(gpu)
         assert worker.environment["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
-        assert worker.stdout_logfile == f"{REPO}/run/logs/gpu_worker_{gpu}.log"
+        assert worker.stdout_logfile == f"{here}/run/logs/gpu_worker_{gpu}.log"
         assert worker.command == "python -m gpu_worker"
         # The template's options are kept: drain time, start order after the broker.
         assert worker.stopwaitsecs == 300 and worker.priority == 20 and worker.stopasgroup
     assert groups["broker"]["broker"].priority < 20 < groups["gateway"]["gateway"].priority
 
 
-def test_no_gpu_gives_one_cpu_worker_with_gpus_hidden(tmp_path):
-    workers = parse(render(TEMPLATE, REPO, []), tmp_path)["gpu_worker"]
+def test_no_gpu_gives_one_cpu_worker_with_gpus_hidden(tmp_path, here):
+    workers = parse(render(TEMPLATE, here, []), tmp_path)["gpu_worker"]
     assert list(workers) == ["gpu_worker_cpu"]
     env = workers["gpu_worker_cpu"].environment
     assert env["CUDA_VISIBLE_DEVICES"] == "" and "GPU_ID" not in env
 
 
-def test_workers_only_leaves_out_broker_and_gateway(tmp_path):
-    groups = parse(render(TEMPLATE, REPO, [0, 1, 2, 3, 4, 5, 6, 7], workers_only=True), tmp_path)
+def test_workers_only_leaves_out_broker_and_gateway(tmp_path, here):
+    groups = parse(render(TEMPLATE, here, [0, 1, 2, 3, 4, 5, 6, 7], workers_only=True), tmp_path)
     assert set(groups) == {"gpu_worker"}
     assert len(groups["gpu_worker"]) == 8
 
 
-def test_no_workers_leaves_broker_and_gateway_only(tmp_path):
-    assert set(parse(render(TEMPLATE, REPO, [0, 1], no_workers=True), tmp_path)) == {"broker", "gateway"}
+def test_no_workers_leaves_broker_and_gateway_only(tmp_path, here):
+    assert set(parse(render(TEMPLATE, here, [0, 1], no_workers=True), tmp_path)) == {"broker", "gateway"}
 
 
 def test_the_template_decides_options_and_extra_environment(tmp_path):
