@@ -117,6 +117,16 @@ def test_sigterm_drains_the_broker_refusing_new_work_meanwhile(cluster):
     assert c.processes["broker"].wait(timeout=30) == 0
 
 
+def test_sigterm_to_the_gateway_lets_requests_in_progress_finish(cluster):
+    c = start_cluster(cluster, workers=1, MAX_BATCH_SIZE="4", MODEL_ID="fake:delay=1.5")
+    pool, futures = send_concurrently(c.url, 3)
+    time.sleep(0.5)
+    c.signal("gateway", signal.SIGTERM)
+    done = results(futures)
+    assert [s for s, _, _ in done] == [200] * 3, done
+    assert c.processes["gateway"].wait(timeout=30) == 0
+
+
 def test_out_of_memory_batches_are_split_and_the_worker_lowers_its_batch_size(cluster):
     c = start_cluster(cluster, workers=1, MAX_BATCH_SIZE="8", MAX_BATCH_WAIT_TIME="1.0",
                       MODEL_ID="fake:delay=0.1,oom_above=2")
