@@ -7,11 +7,8 @@ from dataclasses import dataclass
 
 from broker.balancing import STRATEGIES
 from imagegen.logs import parse_log_format
-from imagegen.settings import require, setting
+from imagegen.settings import parse_optional_str, require, setting
 
-
-def _optional_path(text: str) -> str | None:
-    return text.strip() or None
 
 
 @dataclass(frozen=True)
@@ -38,10 +35,10 @@ class BrokerSettings:
     curve_secret_key: str | None = setting("BROKER_CURVE_SECRET_KEY", None,
                                            "the broker's .key_secret file (python -m imagegen.keys broker DIR); "
                                            "set: workers must authenticate with CurveZMQ and the link is encrypted",
-                                           parse=_optional_path)
+                                           parse=parse_optional_str)
     authorized_keys_dir: str | None = setting("BROKER_AUTHORIZED_KEYS_DIR", None,
                                               "folder of the public .key files of the workers allowed to join",
-                                              parse=_optional_path)
+                                              parse=parse_optional_str)
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting("LOG_FORMAT", "text",
                               "text (one readable line per record) or json (one JSON object per line)",

@@ -6,11 +6,8 @@ from dataclasses import dataclass
 
 from imagegen.protocol import MAX_PROMPT_CHARS as WIRE_MAX_PROMPT_CHARS
 from imagegen.logs import parse_log_format
-from imagegen.settings import require, setting
+from imagegen.settings import parse_optional_str, require, setting
 
-
-def _optional_str(text: str) -> str | None:
-    return text.strip() or None
 
 
 MIN_API_KEY_CHARS = 16
@@ -78,7 +75,7 @@ class GatewaySettings:
                                        "images older than this many seconds are deleted")
     public_base_url: str | None = setting("PUBLIC_BASE_URL", None,
                                           "base of image_url in responses; unset: the request's own scheme and host",
-                                          parse=_optional_str)
+                                          parse=parse_optional_str)
     request_timeout_s: float = setting("REQUEST_TIMEOUT_S", 600.0,
                                        "seconds a request may take, queueing included, before 504")
     max_pending: int = setting("GATEWAY_MAX_PENDING", 5000,
@@ -103,7 +100,7 @@ class GatewaySettings:
                                        parse=_api_keys)
     api_keys_file: str | None = setting("GATEWAY_API_KEYS_FILE", None,
                                         "file of API keys, one per line ('#' starts a comment line); "
-                                        "combined with GATEWAY_API_KEYS", parse=_optional_str)
+                                        "combined with GATEWAY_API_KEYS", parse=parse_optional_str)
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting("LOG_FORMAT", "text",
                               "text (one readable line per record) or json (one JSON object per line)",

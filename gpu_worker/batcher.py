@@ -165,8 +165,10 @@ class Batcher(Generic[T]):
             return 0.0
         return adaptive_wait_time_s(self.queue_depth, self.config)
 
-    def _ready_at(self, group: deque[Pending[T]]) -> float:
-        """The instant this group may run (it runs at once if already full)."""
+    def ready_at(self, group: deque[Pending[T]]) -> float:
+        """The instant this group may run if the GPU is free (it runs at once if already full).
+
+        The one rule a subclass policy replaces (gpu_worker/policies.py)."""
         oldest = group[0].arrived_at
         if len(group) >= self.max_batch_size_for(group[0].key):
             return float("-inf")
@@ -175,7 +177,7 @@ class Batcher(Generic[T]):
         return oldest + self.config.max_wait_time_s  # starvation guard for groups below min size
 
     def _ready_groups(self, now: float) -> Iterator[deque[Pending[T]]]:
-        return (g for g in self._groups.values() if self._ready_at(g) <= now)
+        return (g for g in self._groups.values() if self.ready_at(g) <= now)
 
     def next_batch(self, now: float) -> Batch[T] | None:
         """The batch to run now, removed from the queue; None if every group should keep waiting.
@@ -197,7 +199,7 @@ class Batcher(Generic[T]):
         """When next_batch's answer can next change without a new arrival; None if nothing is queued."""
         if not self._groups:
             return None
-        return min(self._ready_at(g) for g in self._groups.values())
+        return min(self.ready_at(g) for g in self._groups.values())
 
     def __iter__(self) -> Iterator[Pending[T]]:
         for group in self._groups.values():

@@ -9,12 +9,9 @@ from dataclasses import dataclass
 from gpu_worker.policies import DEFAULT, POLICY_NAMES
 from imagegen.keys import load_public, load_secret
 from imagegen.logs import parse_log_format
-from imagegen.settings import parse_optional_int, require, setting
+from imagegen.settings import parse_optional_int, parse_optional_str, require, setting
 from imagegen.sockets import CurveClientKeys
 
-
-def _optional_str(text: str) -> str | None:
-    return text.strip() or None
 
 
 @dataclass(frozen=True)
@@ -53,23 +50,23 @@ class WorkerSettings:
                                  "GPU id reported in stats; unset: the first entry of CUDA_VISIBLE_DEVICES",
                                  parse=parse_optional_int)
     worker_name: str | None = setting("WORKER_NAME", None, "unique worker name; unset: HOST-gpuN",
-                                      parse=_optional_str)
+                                      parse=parse_optional_str)
     host: str | None = setting("WORKER_HOST", None, "host name reported in stats; unset: this machine's",
-                               parse=_optional_str)
+                               parse=parse_optional_str)
     device: str | None = setting("DEVICE", None, "torch device; unset: cuda if available, else cpu",
-                                 parse=_optional_str)
+                                 parse=parse_optional_str)
     dtype: str | None = setting("DTYPE", None, "bfloat16 | float16 | float32; unset: bf16 on CUDA, fp32 on CPU",
-                                parse=_optional_str)
+                                parse=parse_optional_str)
     heartbeat_interval_s: float = setting("HEARTBEAT_INTERVAL_S", 1.0,
                                           "seconds between heartbeats (the broker's WELCOME may override it)")
     heartbeat_liveness: int = setting("HEARTBEAT_LIVENESS", 5,
                                       "broker heartbeats the worker may miss before it reconnects and registers again")
     curve_secret_key: str | None = setting("WORKER_CURVE_SECRET_KEY", None,
                                            "this worker's .key_secret file (python -m imagegen.keys worker NAME DIR); "
-                                           "set when the broker requires CurveZMQ", parse=_optional_str)
+                                           "set when the broker requires CurveZMQ", parse=parse_optional_str)
     broker_public_key: str | None = setting("BROKER_CURVE_PUBLIC_KEY", None,
                                             "the broker's public broker.key file (with WORKER_CURVE_SECRET_KEY)",
-                                            parse=_optional_str)
+                                            parse=parse_optional_str)
     warmup: bool = setting("WORKER_WARMUP", True,
                            "run one small generation before registering, so no request pays for first-call setup")
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")

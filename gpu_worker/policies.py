@@ -30,11 +30,11 @@ Costs come from :meth:`AdaptiveBatcher.observe_batch`, which the worker calls af
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field, replace
-from typing import Generic, Iterator, TypeVar, Union
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TypeVar
 
-from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig, Pending
+from gpu_worker.batcher import Batcher, BatchKey, BatchPolicyConfig, Pending
 from gpu_worker.cost_model import OnlineCostModel
 
 T = TypeVar("T")
@@ -78,101 +78,31 @@ class ArrivalGaps:
 
 
 @dataclass
-class AdaptiveBatcher(Generic[T]):
-    """The default policy: :class:`gpu_worker.batcher.Batcher`'s interface, holds only when they pay.
+class AdaptiveBatcher(Batcher[T]):
+    """The default policy: :class:`gpu_worker.batcher.Batcher` with another readiness rule.
 
-    Contract (as Batcher's): the shell calls :meth:`add` on arrival, :meth:`next_batch` only when the
-    GPU is free, sleeps until :meth:`next_decision_at` or the next arrival, and reports each finished
-    batch to :meth:`observe_batch`. Every method that needs the time takes ``now``."""
+    Queueing, grouping, cancelling, taking a batch and the limits are Batcher's own; this class
+    replaces only :meth:`ready_at` (when an idle GPU should run a group), and learns arrival gaps
+    (in :meth:`add`) and batch costs (from :meth:`observe_batch`, which the worker calls after
+    every batch). Every method that needs the time takes ``now``."""
 
     config: BatchPolicyConfig = field(default_factory=BatchPolicyConfig)
     tuning: HoldTuning = field(default_factory=HoldTuning)
-    _groups: "OrderedDict[BatchKey, deque[Pending[T]]]" = field(default_factory=OrderedDict)
-    _ids: dict[str, BatchKey] = field(default_factory=dict)
     _gaps: dict[BatchKey, ArrivalGaps] = field(default_factory=dict)
     costs: OnlineCostModel = field(init=False)
 
     def __post_init__(self) -> None:
         self.costs = OnlineCostModel(self.tuning.cost_alpha)
 
-    # ------------------------------------------------------------------ the shell's interface
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._ids)
-
     def add(self, request_id: str, key: BatchKey, item: T, now: float) -> None:
-        if request_id in self._ids:
-            raise ValueError(f"request {request_id} is already queued")
-        self._groups.setdefault(key, deque()).append(Pending(request_id, key, now, item))
-        self._ids[request_id] = key
+        super().add(request_id, key, item, now)
         self._gaps.setdefault(key, ArrivalGaps(self.tuning.rate_alpha)).observe(now)
-
-    def cancel(self, request_id: str) -> bool:
-        """Drop a queued request (its client went away); False if it is not queued."""
-        key = self._ids.pop(request_id, None)
-        if key is None:
-            return False
-        group = self._groups[key]
-        for pending in group:
-            if pending.request_id == request_id:
-                group.remove(pending)
-                break
-        if not group:
-            del self._groups[key]
-        return True
-
-    def clear(self) -> int:
-        """Drop every queued request (the broker has requeued them elsewhere); returns how many."""
-        dropped = len(self._ids)
-        self._groups.clear()
-        self._ids.clear()
-        return dropped
-
-    def next_batch(self, now: float) -> Batch[T] | None:
-        """The batch to run now, removed from the queue; None if every group should keep waiting."""
-        ready = [g for g in self._groups.values() if self.ready_at(g) <= now]
-        if not ready:
-            return None
-        group = min(ready, key=lambda g: g[0].arrived_at)
-        key = group[0].key
-        taken = tuple(group.popleft() for _ in range(min(len(group), self.max_batch_size_for(key))))
-        if not group:
-            del self._groups[key]
-        for pending in taken:
-            del self._ids[pending.request_id]
-        return Batch(key, taken, now)
-
-    def next_decision_at(self) -> float | None:
-        """When next_batch's answer can next change without a new arrival; None if nothing is queued."""
-        if not self._groups:
-            return None
-        return min(self.ready_at(g) for g in self._groups.values())
 
     def observe_batch(self, key: BatchKey, size: int, duration_s: float, now: float) -> None:
         """A batch of ``size`` requests of ``key`` took ``duration_s`` of GPU time (ended at ``now``)."""
         self.costs.observe(key, size, duration_s)
 
-    def lower_max_batch_size(self, size: int) -> int:
-        """Never form batches above ``size`` again (after an out-of-memory error); returns the new max."""
-        new_max = max(1, min(size, self.config.max_batch_size))
-        self.config = replace(self.config, max_batch_size=new_max,
-                              min_batch_size=min(self.config.min_batch_size, new_max))
-        return new_max
-
-    def __iter__(self) -> Iterator[Pending[T]]:
-        for group in self._groups.values():
-            yield from group
-
     # ------------------------------------------------------------------ the rule
-
-    def max_batch_size_for(self, key: BatchKey) -> int:
-        if not self.config.enable_batching:
-            return 1
-        size = self.config.max_batch_size
-        if self.config.max_batch_pixels is not None:
-            size = min(size, max(1, self.config.max_batch_pixels // key.pixels))
-        return size
 
     def ready_at(self, group: deque[Pending[T]]) -> float:
         """The instant this group may run if the GPU is free (-inf: at once)."""
@@ -220,13 +150,10 @@ class AdaptiveBatcher(Generic[T]):
         return max(0.0, min(wait_s, (size + 1) * wait_s - size * gaps.mean_gap_s))
 
 
-AnyBatcher = Union[Batcher, AdaptiveBatcher]
-
-
-def make_batcher(name: str, config: BatchPolicyConfig, tuning: HoldTuning | None = None) -> AnyBatcher:
+def make_batcher(name: str, config: BatchPolicyConfig, tuning: HoldTuning | None = None) -> Batcher:
     """The batcher for policy ``name`` ("default" or "seed"), with the shared limits in ``config``."""
     if name == SEED:
         return Batcher(config)
     if name == DEFAULT:
-        return AdaptiveBatcher(config, tuning or HoldTuning())
+        return AdaptiveBatcher(config=config, tuning=tuning or HoldTuning())
     raise ValueError(f"unknown batching policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

@@ -39,6 +39,11 @@ def parse_optional_int(text: str) -> int | None:
     return None if stripped in ("", "auto") else int(stripped)
 
 
+def parse_optional_str(text: str) -> str | None:
+    """A string, or None when empty (an unset path or name)."""
+    return text.strip() or None
+
+
 def parse_int_list(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part.strip())
 

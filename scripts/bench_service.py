@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,12 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LOAD_TEST = REPO / "scripts" / "test_batching.py"
+sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from imagegen.local_cluster import loopback_settings  # noqa: E402
 
 
 def card_name() -> str:
@@ -52,16 +48,11 @@ class Service:
     """broker + gateway + one worker per GPU id, in their own process groups, logs in ``log_dir``."""
 
     def __init__(self, gpus: list[int], log_dir: Path, **settings: str) -> None:
-        client, workers, http = free_port(), free_port(), free_port()
-        self.url = f"http://127.0.0.1:{http}"
+        loopback, self.url = loopback_settings(log_dir / "images")
         self.gpus = gpus
         self.log_dir = log_dir
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-                        [str(REPO), os.environ.get("PYTHONPATH", "")]),
-                    "BROKER_CLIENT_BIND": f"tcp://127.0.0.1:{client}", "BROKER_CLIENT_ADDRESS": f"tcp://127.0.0.1:{client}",
-                    "BROKER_WORKER_BIND": f"tcp://127.0.0.1:{workers}", "BROKER_WORKER_ADDRESS": f"tcp://127.0.0.1:{workers}",
-                    "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(http), "IMAGE_DIR": str(log_dir / "images"),
-                    **settings}
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                    **loopback, **settings}
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> "Service":

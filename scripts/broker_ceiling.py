@@ -25,7 +25,6 @@ import io
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from imagegen import protocol  # noqa: E402
+from imagegen.local_cluster import free_port  # noqa: E402
 from imagegen.keys import main as keys_main  # noqa: E402
 from imagegen.protocol import (  # noqa: E402
     CLIENT_LINK,
@@ -62,12 +62,6 @@ SIZE = 64  # requested image side; the gateway checks the PNG it gets has this s
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_by_thread(pid: int) -> dict[str, float]:

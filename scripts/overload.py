@@ -15,7 +15,7 @@ VmRSS (/proc/PID/status) and the broker's queue depth (GET /stats) every 0.5 s.
     .venv/bin/python scripts/overload.py --rate 80 --duration 5 --max-queue-size 20 --json out.json
 
 Everything listens on 127.0.0.1 on free ports; every process started runs in its own process group,
-which is killed on exit, Ctrl-C and errors included. Self-contained: it imports nothing from tests/.
+which is killed on exit, Ctrl-C and errors included. It imports nothing from tests/.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,9 @@ from typing import Any
 import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from imagegen.local_cluster import loopback_settings  # noqa: E402
 SAMPLE_INTERVAL_S = 0.5
 READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 5.0
@@ -50,12 +52,6 @@ DROPPED_ENV = ("GATEWAY_API_KEYS", "GATEWAY_API_KEYS_FILE", "BROKER_CURVE_SECRET
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int | None:
@@ -75,20 +71,12 @@ class Stack:
     def __init__(self, workdir: Path, max_queue_size: int, batch_size: int, delay_s: float,
                  max_pending: int | None) -> None:
         self.dir = workdir
-        client_port, worker_port, gateway_port = free_port(), free_port(), free_port()
-        self.url = f"http://127.0.0.1:{gateway_port}"
+        loopback, self.url = loopback_settings(workdir / "images")
         env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self.env = {
             **env,
-            "PYTHONUNBUFFERED": "1",
-            "BROKER_CLIENT_BIND": f"tcp://127.0.0.1:{client_port}",
-            "BROKER_CLIENT_ADDRESS": f"tcp://127.0.0.1:{client_port}",
-            "BROKER_WORKER_BIND": f"tcp://127.0.0.1:{worker_port}",
-            "BROKER_WORKER_ADDRESS": f"tcp://127.0.0.1:{worker_port}",
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_PORT": str(gateway_port),
-            "IMAGE_DIR": str(workdir / "images"),
+            **loopback,
             "MAX_QUEUE_SIZE": str(max_queue_size),
             "MODEL_ID": f"fake:delay={delay_s:g}",  # the FAKE backend: the serving layer is under test
             "MAX_BATCH_SIZE": str(batch_size),

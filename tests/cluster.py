@@ -18,7 +18,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from procs import free_port, get_json, kill_tree
+from imagegen.local_cluster import loopback_settings
+from procs import get_json, kill_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,18 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 class Cluster:
     def __init__(self, tmp_path: Path, **settings: str) -> None:
         self.dir = tmp_path
-        client_port, worker_port, gateway_port = free_port(), free_port(), free_port()
-        self.url = f"http://127.0.0.1:{gateway_port}"
+        loopback, self.url = loopback_settings(tmp_path / "images")
         self.env = {
             **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "BROKER_CLIENT_BIND": f"tcp://127.0.0.1:{client_port}",
-            "BROKER_CLIENT_ADDRESS": f"tcp://127.0.0.1:{client_port}",
-            "BROKER_WORKER_BIND": f"tcp://127.0.0.1:{worker_port}",
-            "BROKER_WORKER_ADDRESS": f"tcp://127.0.0.1:{worker_port}",
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_PORT": str(gateway_port),
-            "IMAGE_DIR": str(tmp_path / "images"),
+            **loopback,
             "HEARTBEAT_INTERVAL_S": "0.2",
             "HEARTBEAT_LIVENESS": "5",
             "MAX_BATCH_WAIT_TIME": "0.05",

@@ -5,17 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from imagegen.local_cluster import free_port  # noqa: F401 (tests import it from here)
 
 
 def descendants(pid: int) -> list[int]:

@@ -21,7 +21,7 @@ GAP = HoldTuning().coalesce_gap_s
 
 def make(tuning: HoldTuning | None = None, **overrides) -> AdaptiveBatcher[str]:
     config = BatchPolicyConfig(**{"max_batch_size": 8, **overrides})
-    return AdaptiveBatcher(config, tuning or HoldTuning())
+    return AdaptiveBatcher(config=config, tuning=tuning or HoldTuning())
 
 
 def ids_of(batch: Batch | None) -> list[str]:
