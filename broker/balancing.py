@@ -12,19 +12,23 @@ STRATEGIES = (ROUND_ROBIN, QUEUE_DEPTH)
 
 @dataclass(frozen=True)
 class Candidate:
-    """A worker as the balancer sees it: identity, the requests it holds, and how many it may hold."""
+    """A worker as the balancer sees it: identity, the requests it holds, and how many it may hold.
+
+    ``over_share``: it already holds its fair share of the unfinished work while requests wait in
+    the broker for credit (:meth:`broker.state.BrokerState.fair_share`), so it may take nothing now."""
 
     key: Hashable
     in_flight: int
     capacity: int
+    over_share: bool = False
 
     @property
     def has_credit(self) -> bool:
-        return self.in_flight < self.capacity
+        return self.in_flight < self.capacity and not self.over_share
 
 
 class Balancer:
-    """Chooses among workers that still have credit (in_flight < capacity).
+    """Chooses among workers that still have credit (in_flight < capacity, and not over their share).
 
     * ``round-robin``: the next worker after the last one chosen, in the given order.
     * ``queue-depth``: the worker holding the fewest requests; ties go round-robin, so equal

@@ -9,11 +9,16 @@ Requests live in one table keyed by request id, in one of two places: the broker
 requests it may hold at once (its ``capacity``, announced at registration): the broker hands
 work only to workers below it, so a slow worker is never flooded and the backlog waits here,
 bounded by ``max_queue_size``.
+
+While requests wait here for credit, a *fair share* caps what each worker may take
+(:meth:`BrokerState.fair_share`): the backlog is spread over all workers instead of going to
+whichever frees credit first (docs/scheduling.md, "Dispatch across GPUs").
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Union
@@ -56,6 +61,7 @@ class BrokerPolicy:
     heartbeat_interval_s: float = 1.0
     liveness: int = 5  # heartbeats a worker may miss before it is declared dead
     max_attempts: int = 3  # dispatches of one request before it fails with worker_lost
+    fair_share: bool = True  # spread a backlog over the workers (see dispatch); False: greedy, as before
 
     @property
     def worker_timeout_s(self) -> float:
@@ -74,6 +80,34 @@ class RequestRecord:
 
 _EMPTY_STATUS = WorkerStatus("ready", 0, 0, 0, 0, 0, 0, 0.0, 0.0)
 
+# What makes requests share a batch (gpu_worker.batcher.BatchKey): width, height, steps, guidance.
+RequestKey = tuple[int, int, int, float]
+
+
+def request_key(message: Generate) -> RequestKey:
+    p = message.params
+    return (p.width, p.height, p.num_inference_steps, p.guidance_scale)
+
+
+class BatchTimes:
+    """The latest batch duration the workers reported (Result.generation_ms) per request key, as
+    (seconds, batch size); the oldest keys are forgotten beyond ``max_keys``."""
+
+    def __init__(self, max_keys: int = 256) -> None:
+        self.max_keys = max_keys
+        self._latest: dict[RequestKey, tuple[float, int]] = {}
+
+    def observe(self, key: RequestKey, seconds: float, size: int) -> None:
+        self._latest.pop(key, None)
+        self._latest[key] = (seconds, size)
+        if len(self._latest) > self.max_keys:
+            del self._latest[next(iter(self._latest))]
+
+    def estimate_s(self, key: RequestKey, size: int) -> float | None:
+        """Seconds for a batch of ``size`` of ``key``: the latest one's, scaled by size; None if unknown."""
+        latest = self._latest.get(key)
+        return None if latest is None else latest[0] * size / latest[1]
+
 
 @dataclass
 class WorkerRecord:
@@ -84,6 +118,12 @@ class WorkerRecord:
     status: WorkerStatus = _EMPTY_STATUS
     in_flight: set[str] = field(default_factory=set)
     order: int = 0  # registration order, for stable round-robin
+    # For the fair share (BrokerState.unfinished): what was sent since the last status, when that
+    # status announced the running batch, and the batch's key if everything the worker held then
+    # had one key (None: several, or no running batch).
+    sent_since_status: int = 0
+    batch_started_at: float | None = None
+    running_key: RequestKey | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -125,6 +165,7 @@ class BrokerState:
         # itself, so its retired entry is dropped then rather than counted twice.
         self.retired: dict[tuple[str, int], WorkerStatus] = {}
         self._registration_order = itertools.count()
+        self.batch_times = BatchTimes()
         self.draining = False
 
     def begin_drain(self) -> None:
@@ -212,7 +253,15 @@ class BrokerState:
             # Unknown sender: we restarted, or expired it. Ask it to register again.
             return [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
         worker.last_seen = now
+        previous = worker.status
+        if message.status.running == 0:
+            worker.batch_started_at, worker.running_key = None, None
+        elif (previous.running == 0 or worker.batch_started_at is None
+              or message.status.total_batches != previous.total_batches):  # a new batch started
+            keys = {request_key(self.requests[rid].message) for rid in worker.in_flight if rid in self.requests}
+            worker.batch_started_at, worker.running_key = now, keys.pop() if len(keys) == 1 else None
         worker.status = message.status
+        worker.sent_since_status = 0
         self._observe_depth()
         return self.dispatch(now)
 
@@ -222,6 +271,8 @@ class BrokerState:
         if record is None:
             return self.dispatch(now)
         self.counters.requests_completed += 1
+        if message.generation_ms > 0:
+            self.batch_times.observe(request_key(record.message), message.generation_ms / 1000.0, message.batch_size)
         broker_wait_ms = ((record.dispatched_at or record.received_at) - record.received_at) * 1000.0
         forwarded = replace(message, queue_wait_ms=message.queue_wait_ms + broker_wait_ms)
         return [ToClient(record.client_id, forwarded)] + self.dispatch(now)
@@ -270,7 +321,16 @@ class BrokerState:
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float) -> list[Action]:
-        """Hand queued requests, oldest first, to workers with credit, as the balancer chooses."""
+        """Hand queued requests, oldest first, to workers with credit, as the balancer chooses.
+
+        **Fair share.** While requests wait here for credit (a backlog), a worker may take one only
+        while its unfinished work (:meth:`unfinished`) is below its fair share of all unfinished
+        work, this queue's included (:meth:`fair_share`). Without it the backlog goes to
+        whichever worker frees credit first: workers that finish a batch together return its images
+        over a fraction of a second, and the first to return them queued most of an extra batch
+        (4 GPUs, a burst of 200: 40 each at once, then the 40 left over went 16/8/8/8 in the
+        simulator, and on four H100s one GPU's third batch ran ~19 s, instead of 10 each). Without
+        a backlog the balancer alone decides, as before; with one worker the share never binds."""
         actions: list[Action] = []
         while self.queue:
             request_id = self.queue[0]
@@ -279,12 +339,13 @@ class BrokerState:
                 self.queue.popleft()
                 actions.append(self._fail_late(request_id))
                 continue
-            chosen = self.balancer.choose(self._candidates())
+            chosen = self.balancer.choose(self._candidates(now))
             if chosen is None:
                 break
             self.queue.popleft()
             worker = self.workers[chosen]
             worker.in_flight.add(request_id)
+            worker.sent_since_status += 1
             record.worker, record.dispatched_at = chosen, now
             record.attempts += 1
             # The worker gets the time left, so it can drop the request before spending GPU on it.
@@ -292,9 +353,66 @@ class BrokerState:
             actions.append(ToWorker(chosen, replace(record.message, deadline_s=remaining_s)))
         return actions
 
-    def _candidates(self) -> list[Candidate]:
-        ordered = sorted(self.workers.values(), key=lambda w: w.order)
-        return [Candidate(w.routing_id, len(w.in_flight), w.info.capacity) for w in ordered if w.accepting]
+    def _candidates(self, now: float) -> list[Candidate]:
+        ordered = [w for w in sorted(self.workers.values(), key=lambda w: w.order) if w.accepting]
+        share = self.fair_share(now, ordered)
+        return [Candidate(w.routing_id, len(w.in_flight), w.info.capacity,
+                          over_share=share is not None and self.unfinished(w, now) >= share)
+                for w in ordered]
+
+    def fair_share(self, now: float, workers: list[WorkerRecord] | None = None) -> int | None:
+        """A worker holding this many unfinished requests or more may take no other now; None: no cap.
+
+        None unless the policy asks for it, two workers or more accept work, and there is a backlog:
+        the request at the head of the queue has waited (it arrived before ``now``, or was
+        requeued), so requests are waiting for credit rather than being handed out as they come.
+        Then: the smallest level L at which the workers, each holding min(L, its capacity), could
+        hold all the unfinished work (``total``: the queue plus every worker's ``unfinished``), or
+        None if even full workers could not. With equal capacities L = ceil(total / workers). A
+        worker below L always exists (the workers hold less than ``total`` between them while
+        anything is queued), so the cap only redirects a request, or keeps it queued until a worker
+        under its share has credit again (its images are back). A worker at or over its share is
+        busy with that much work, so no GPU idles for it."""
+        if not self.policy.fair_share or not self.queue:
+            return None
+        if workers is None:
+            workers = [w for w in self.workers.values() if w.accepting]
+        if len(workers) < 2 or self.requests[self.queue[0]].received_at >= now:
+            return None
+        total = len(self.queue) + sum(self.unfinished(w, now) for w in workers)
+        capacities = sorted(w.info.capacity for w in workers)
+        if total >= sum(capacities):
+            return None
+        # Water-filling: below the level L, a worker of capacity c holds min(L, c).
+        remaining, left = total, len(capacities)
+        for capacity in capacities:
+            level = -(-remaining // left)  # ceil: the level if every worker left can reach it
+            if level <= capacity:
+                return max(1, level)
+            remaining -= capacity
+            left -= 1
+        return None
+
+    def unfinished(self, worker: WorkerRecord, now: float) -> int:
+        """Requests ``worker`` holds that its GPU has not finished, as far as the broker can tell: its
+        running batch and queue by its latest status, plus what was sent to it since; never more
+        than it holds. Unlike ``in_flight`` this leaves out images already generated and still being
+        encoded and sent back, which hold credit for a moment but no GPU time.
+
+        The running batch counts in proportion to its expected time left (rounded up): the time
+        since the status that announced it, against the latest duration of a batch of its key
+        (:class:`BatchTimes`), scaled to its size. In full when that is unknown: before the first
+        batch of the key has finished, or when the worker held several keys as the batch started.
+        So GPUs that finish a batch a little apart still share the backlog: the first to finish
+        does not count the others' nearly finished batches as a whole batch of work each."""
+        running = worker.status.running
+        if running and worker.running_key is not None and worker.batch_started_at is not None:
+            expected_s = self.batch_times.estimate_s(worker.running_key, running)
+            if expected_s:
+                left = 1.0 - (now - worker.batch_started_at) / expected_s
+                running = math.ceil(running * min(1.0, max(0.0, left)))
+        reported = running + worker.status.queue_depth + worker.sent_since_status
+        return min(len(worker.in_flight), reported)
 
     # ------------------------------------------------------------------ internals
 

@@ -5,6 +5,7 @@
     python scripts/simulate.py --compare             # the same as a markdown table, then the checks
     python scripts/simulate.py --validate            # the seed's policy and costs vs the seed's tables
     python scripts/simulate.py --robustness          # other arrival seeds and PNG costs (~40 s)
+    python scripts/simulate.py --scaling             # a burst of 50 per GPU, 1-64 GPUs: broker dispatch (~40 s)
     python scripts/simulate.py --write docs/scheduling   # all of the above as JSON, and the PNG plots
     python scripts/simulate.py --workload poisson --load 0.9 --gpus 8 --policy default
 
@@ -34,6 +35,8 @@ VALIDATION_COLUMNS = ("row", "seed_50_images_s", "sim_50_images_s", "diff_50_ima
                       "seed_throughput_img_s", "sim_sustained_img_s", "diff_throughput", "sim_avg_batch_size")
 ROBUSTNESS_COLUMNS = ("workload", "variants", "p95_ratio_max", "p95_cleared", "throughput_ratio_min",
                       "throughput_cleared")
+SWEEP_COLUMNS = ("workload", "offered_load", "runs", "changed", "throughput_ratio_min", "throughput_ratio_median",
+                 "p95_ratio_max", "p95_ratio_median")
 CDF_WORKLOADS = ("burst-50", "users-10x5", "poisson-30", "poisson-60", "poisson-90", "mixed-60")
 SWEEP_LOADS = tuple(round(0.1 * i, 1) for i in range(1, 14))
 
@@ -64,6 +67,45 @@ def side_by_side(rows: Sequence[dict[str, Any]], policies: Sequence[str] = runs.
         cells = [" / ".join(_cell(r[f]) for r in mine) for f in fields]
         lines.append(f"| {name} | {mine[0]['gpus']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def scaling_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per (setup, GPUs, speed spread): efficiency and per-GPU images, before -> after."""
+    by = {(r["setup"], r["gpus"], r["speed_spread"], r["strategy"], r["dispatch"]): r for r in rows}
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    lines = ["| setup | GPUs | images | speed spread | " + " | ".join(f"efficiency, {s}" for s in strategies)
+             + " | makespan (s), " + strategies[0] + " | images per GPU (min-max), " + strategies[0] + " |",
+             "|" + "---|" * (6 + len(strategies))]
+    for setup, gpus, spread in dict.fromkeys((r["setup"], r["gpus"], r["speed_spread"]) for r in rows):
+        before = {s: by[(setup, gpus, spread, s, "greedy-refill")] for s in strategies}
+        after = {s: by[(setup, gpus, spread, s, "fair-share")] for s in strategies}
+        first = strategies[0]
+        cells = [f"{before[s]['efficiency']} → **{after[s]['efficiency']}**" for s in strategies]
+        spread_cell = f"{spread:.0%}" if spread else "0"
+        lines.append(f"| {setup} | {gpus} | {after[first]['images']} | {spread_cell} | " + " | ".join(cells)
+                     + f" | {before[first]['makespan_s']} → {after[first]['makespan_s']}"
+                     + f" | {before[first]['per_gpu_images_min']}-{before[first]['per_gpu_images_max']} → "
+                       f"{after[first]['per_gpu_images_min']}-{after[first]['per_gpu_images_max']} |")
+    return "\n".join(lines)
+
+
+def print_scaling(report: dict[str, Any]) -> int:
+    print("Bursts of 50 per GPU, without (greedy-refill) -> with the broker's fair share:\n")
+    print(scaling_table(report["bursts"]))
+    print("\nGPUs that are not quite equal (GPU i slower by speed_spread x i / (GPUs - 1)):\n")
+    print(scaling_table(report["skew"]))
+    changed = report["compare_rows_changed"]
+    print(f"\n--compare rows changed by the fair share: {len(changed)}")
+    for row in changed:
+        print("  ", row)
+    print("\nAround and above capacity (default policy; ratios with / without the fair share):\n")
+    print(markdown(report["sweep"], SWEEP_COLUMNS, raw=True))
+    failures = runs.check_scaling(report["bursts"])
+    for line in failures:
+        print("FAIL:", line)
+    print("all scaling checks pass: fair-share efficiency >= 0.95 at 2 GPUs or more" if not failures
+          else f"{len(failures)} scaling checks fail")
+    return 1 if failures else 0
 
 
 def print_checks(rows: list[dict[str, Any]]) -> int:
@@ -164,9 +206,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--validate", action="store_true", help="the seed's policy and costs vs the seed's tables")
     parser.add_argument("--robustness", action="store_true",
                         help="Poisson and mixed workloads over 10 arrival seeds x 3 PNG-encoding costs (~40 s)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="bursts of 50 per GPU on 1-64 GPUs with and without the broker's fair share (~40 s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     parser.add_argument("--write", metavar="DIR", type=Path,
-                        help="write compare.json, validation.json, robustness.json, latency_cdf.png and load_sweep.png")
+                        help="write compare.json, validation.json, robustness.json, scaling.json, latency_cdf.png "
+                             "and load_sweep.png")
     parser.add_argument("--workload", choices=("burst", "users", "poisson", "mixed", "lone"),
                         help="one run of one workload (with --policy, --gpus, --costs, --load, --requests)")
     parser.add_argument("--policy", choices=tuple(runs.POLICIES), default="default")
@@ -176,8 +221,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    if not (args.compare or args.validate or args.robustness or args.write or args.workload):
-        parser.error("say what to run: --compare, --validate, --robustness, --write DIR or --workload NAME")
+    if not (args.compare or args.validate or args.robustness or args.scaling or args.write or args.workload):
+        parser.error("say what to run: --compare, --validate, --robustness, --scaling, --write DIR or --workload NAME")
     return args
 
 
@@ -200,15 +245,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.robustness:
         rows = runs.robustness()
         print(json.dumps(rows, indent=1) if args.json else markdown(rows, ROBUSTNESS_COLUMNS, raw=True))
+    if args.scaling:
+        report = runs.scaling_report()
+        if args.json:
+            print(json.dumps(report, indent=1))
+        else:
+            status = print_scaling(report) or status
     if args.write:
         args.write.mkdir(parents=True, exist_ok=True)
         (args.write / "compare.json").write_text(json.dumps([r.row() for r in runs.compare()], indent=1) + "\n")
         (args.write / "validation.json").write_text(json.dumps(runs.validate(), indent=1) + "\n")
         (args.write / "robustness.json").write_text(json.dumps(runs.robustness(), indent=1) + "\n")
+        (args.write / "scaling.json").write_text(json.dumps(runs.scaling_report(), indent=1) + "\n")
         plot_latency_cdfs(args.write / "latency_cdf.png")
         plot_load_sweep(args.write / "load_sweep.png")
-        print(f"wrote compare.json, validation.json, robustness.json, latency_cdf.png, load_sweep.png to {args.write}",
-              file=sys.stderr)
+        print(f"wrote compare.json, validation.json, robustness.json, scaling.json, latency_cdf.png, load_sweep.png "
+              f"to {args.write}", file=sys.stderr)
     return status
 
 

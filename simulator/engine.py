@@ -6,7 +6,10 @@ balancing through :class:`broker.balancing.Balancer`) and, per worker, the batch
 batch takes ``CostModel.batch_s(key, size)`` seconds. The worker shell is mirrored as it is in
 gpu_worker/worker.py: ask the batcher for a batch whenever the GPU is free, otherwise sleep until
 ``next_decision_at()`` or the next arrival; after a batch, report its duration to the batcher
-(``observe_batch``, when it has one) and deliver the images one by one (PNG encoding takes time).
+(``observe_batch``, when it has one) and deliver the images in order, ``encode_threads`` PNG
+encodings at a time (each result frees one of the worker's credits at the broker when it lands).
+Like the worker, it sends the broker a status (its queue and running batch) when a batch starts
+and when it ends, which is what the broker's fair-share dispatch reads.
 
 Messages between processes take ``hop_s``. Events at the same instant run in the order they were
 scheduled, and a worker decides only after every message that reached it at that instant is in its
@@ -23,7 +26,16 @@ from typing import Any, Callable
 from broker.state import BrokerPolicy, BrokerState, ToClient, ToWorker
 from gpu_worker.batcher import Batch, BatchKey, BatchPolicyConfig
 from gpu_worker.policies import HoldTuning, make_batcher
-from imagegen.protocol import BatchingConfig, Failure, Generate, GenerationParams, Register, Result
+from imagegen.protocol import (
+    BatchingConfig,
+    Failure,
+    Generate,
+    GenerationParams,
+    Heartbeat,
+    Register,
+    Result,
+    WorkerStatus,
+)
 from simulator.costs import CostModel
 
 CLIENT_ID = b"sim-gateway"
@@ -40,8 +52,11 @@ class ClusterConfig:
     tuning: HoldTuning | None = None  # default policy only; None: HoldTuning()
     capacity: int | None = None  # WORKER_MAX_IN_FLIGHT; None: 2 x max batch size, as the worker does
     strategy: str = "queue-depth"  # GPU_LOAD_BALANCE_STRATEGY
+    fair_share: bool = True  # BrokerPolicy.fair_share; False: the broker's dispatch before it
     hop_s: float = 0.0005  # one ZeroMQ message between two processes on a LAN
-    encode_s_per_mpixel: float = 0.03  # PNG encoding (compress level 1), per image, one after another
+    encode_s_per_mpixel: float = 0.03  # PNG encoding (compress level 1) of one image on one thread
+    encode_threads: int = 8  # PNG_ENCODER_THREADS: a batch's images are encoded this many at a time
+    speed_spread: float = 0.0  # GPU i's batches take (1 + speed_spread * i / (gpus - 1)) x the cost model's
 
     @property
     def worker_capacity(self) -> int:
@@ -82,7 +97,8 @@ class Simulation:
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
-        self.broker = BrokerState(BrokerPolicy(strategy=cluster.strategy, max_queue_size=10**9), epoch="sim")
+        self.broker = BrokerState(BrokerPolicy(strategy=cluster.strategy, max_queue_size=10**9,
+                                               fair_share=cluster.fair_share), epoch="sim")
         self.requests: dict[str, RequestRecord] = {}
         self.batches: list[BatchRecord] = []
         self.workers = [SimWorker(self, i) for i in range(cluster.gpus)]
@@ -148,6 +164,10 @@ class SimWorker:
         self.routing_id = b"sim-worker-%d" % index
         self.batcher = make_batcher(sim.cluster.policy, sim.cluster.batching, sim.cluster.tuning)
         self.busy = False
+        self.running = 0
+        self.batches_done = 0
+        self.requests_done = 0
+        self.speed = 1.0 + sim.cluster.speed_spread * index / max(1, sim.cluster.gpus - 1)
         self._wake_token = 0
         self._decision_pending = False
 
@@ -189,20 +209,38 @@ class SimWorker:
 
     def _start(self, batch: Batch[Generate]) -> None:
         self.busy = True
-        duration_s = self.sim.costs.batch_s(batch.key, len(batch))
+        self.running = len(batch)
+        duration_s = self.sim.costs.batch_s(batch.key, len(batch)) * self.speed
         self.sim.batches.append(BatchRecord(self.index, batch.key, len(batch), self.sim.now, duration_s))
+        self._send_status()
         self.sim.at(self.sim.now + duration_s, self._finish, batch, duration_s)
 
     def _finish(self, batch: Batch[Generate], duration_s: float) -> None:
         self.busy = False
+        self.running = 0
+        self.batches_done += 1
+        self.requests_done += len(batch)
         observe = getattr(self.batcher, "observe_batch", None)
         if observe is not None:
             observe(batch.key, len(batch), duration_s, self.sim.now)
+        self._send_status()
+        # Encoded `encode_threads` at a time and sent in batch order: result i leaves when its
+        # round of encodings ends.
         encode_s = self.sim.cluster.encode_s_per_mpixel * batch.key.pixels / 1e6
+        threads = max(1, self.sim.cluster.encode_threads)
         for i, pending in enumerate(batch.requests):
-            self.sim.at(self.sim.now + (i + 1) * encode_s + self.sim.cluster.hop_s, self._result_reaches_broker,
-                        batch, pending.request_id, duration_s)
+            self.sim.at(self.sim.now + (i // threads + 1) * encode_s + self.sim.cluster.hop_s,
+                        self._result_reaches_broker, batch, pending.request_id, duration_s)
         self._decide()
+
+    def _send_status(self) -> None:
+        """The status the worker sends when a batch starts or ends (its heartbeat's content)."""
+        status = WorkerStatus("ready", self.batcher.queue_depth, self.running, 0, self.requests_done,
+                              self.batches_done, 0, 0.0, 0.0, self.sim.cluster.batching.max_batch_size)
+        self.sim.at(self.sim.now + self.sim.cluster.hop_s, self._status_reaches_broker, status)
+
+    def _status_reaches_broker(self, status: WorkerStatus) -> None:
+        self.sim.apply(self.sim.broker.heartbeat(self.routing_id, Heartbeat(status), self.sim.now))
 
     def _result_reaches_broker(self, batch: Batch[Generate], request_id: str, duration_s: float) -> None:
         pending = next(p for p in batch.requests if p.request_id == request_id)

@@ -6,6 +6,8 @@
   defaults (5 s window, adaptive); every policy gets the same limits (max batch 16 on the measured
   tables) and the same broker.
 * :func:`validate`: the seed's policy on the seed's own cost figures against the seed's tables.
+* :func:`scaling`: the GPU scaling runs (docs/benchmarks/scaling-*.json: a burst of 50 per GPU) at
+  1 to 64 GPUs, with the broker's fair-share dispatch and without it (:data:`DISPATCH`).
 """
 
 from __future__ import annotations
@@ -184,14 +186,14 @@ def validate_row(row: SeedRow, policy_label: str = "seed") -> dict[str, Any]:
         "row": row.label, "policy": policy_label, "gpus": row.gpus, "max_batch": row.max_batch,
         "seed_50_images_s": row.seed_50_images_s,
         "sim_50_images_s": round(fifty.makespan_s, 1),
-        "diff_50_images": round(fifty.makespan_s / row.seed_50_images_s - 1, 3),
+        "diff_50_images": round(fifty.makespan_s / row.seed_50_images_s - 1, 3) or 0.0,  # never -0.0
         "lower_bound_50_images_s": round(cost_models.ideal_packing_s(row.costs, key, busiest, row.max_batch), 1),
         "sim_avg_batch_size": round(fifty.avg_batch_size, 2),
         "sim_sustained_img_s": round(sustained.throughput_img_s, 3),
     }
     if row.seed_throughput_img_s is not None:
         out["seed_throughput_img_s"] = row.seed_throughput_img_s
-        out["diff_throughput"] = round(sustained.throughput_img_s / row.seed_throughput_img_s - 1, 3)
+        out["diff_throughput"] = round(sustained.throughput_img_s / row.seed_throughput_img_s - 1, 3) or 0.0
     return out
 
 
@@ -227,3 +229,138 @@ def check_default(rows: Sequence[dict[str, Any]], within: float = 0.05) -> list[
         if "ideal_s" in default and default["makespan_s"] > limit * default["ideal_s"]:
             failures.append(f"{workload}: {default['makespan_s']} s > {limit} x ideal packing {default['ideal_s']} s")
     return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling across GPUs: the bursts of docs/benchmarks/scaling-*.json (docs/scheduling.md, "Dispatch across GPUs")
+
+# measured-sdxl-h100.json: one 1024x1024 random-weight (noise) image, PNG level 1, one thread: 0.2269 s.
+H100_HOST_PNG_S_PER_MPIXEL = 0.2269 / (1024 * 1024 / 1e6)
+
+# Dispatch label in the rows -> BrokerPolicy.fair_share.
+DISPATCH: dict[str, bool] = {"greedy-refill": False, "fair-share": True}
+
+
+@dataclass(frozen=True)
+class ScalingSetup:
+    """One GPU scaling benchmark (scripts/bench_service.py scaling): its cost table and the max batch
+    size the worker auto-detected there (capacity 2 x that), PNGs encoded as on the H100 host."""
+
+    name: str
+    costs: CostModel
+    max_batch: int
+    encode_s_per_mpixel: float = H100_HOST_PNG_S_PER_MPIXEL
+
+
+SCALING_SETUPS = (
+    ScalingSetup("sdxl-h100", cost_models.SDXL_H100, 20),  # scaling-sdxl-h100x4.json: auto max batch 20
+    ScalingSetup("sdxl-h200", cost_models.SDXL_H200, 40),  # scaling-sdxl-h200x2.json: auto max batch 40
+)
+SCALING_GPUS = (1, 2, 4, 8, 64)
+SCALING_PER_GPU = 50
+SCALING_STRATEGIES = ("queue-depth", "round-robin")
+# GPUs that are not quite equal: GPU i runs (1 + spread * i / (gpus - 1)) x slower, so they finish
+# their first batch of a burst apart (2%: 0.4 s between the first and the last on the H100 table).
+SKEW_RUNS: dict[str, Any] = dict(setups=SCALING_SETUPS[:1], gpu_counts=(4, 8), strategies=("queue-depth",),
+                                 speed_spreads=(0.01, 0.02, 0.03, 0.05))
+
+
+def scaling_run(setup: ScalingSetup, gpus: int, strategy: str, dispatch: str, speed_spread: float = 0.0,
+                per_gpu: int = SCALING_PER_GPU, policy_label: str = "default") -> RunReport:
+    """A burst of ``per_gpu`` x ``gpus`` requests on ``gpus`` GPUs of ``setup``."""
+    batching = BatchPolicyConfig(max_batch_size=setup.max_batch)
+    cluster = replace(cluster_for(policy_label, gpus, batching), strategy=strategy, fair_share=DISPATCH[dispatch],
+                      encode_s_per_mpixel=setup.encode_s_per_mpixel, speed_spread=speed_spread)
+    sim, report = run(wl.burst(per_gpu * gpus, setup.costs.reference_key), cluster, setup.costs, policy_label)
+    per_gpu_images = [sum(b.size for b in sim.batches if b.worker == w) for w in range(gpus)]
+    return replace(report, extra={"per_gpu_images_max": max(per_gpu_images),
+                                  "per_gpu_images_min": min(per_gpu_images)})
+
+
+def scaling(setups: Sequence[ScalingSetup] = SCALING_SETUPS, gpu_counts: Sequence[int] = SCALING_GPUS,
+            strategies: Sequence[str] = SCALING_STRATEGIES, dispatches: Sequence[str] = tuple(DISPATCH),
+            speed_spreads: Sequence[float] = (0.0,), per_gpu: int = SCALING_PER_GPU) -> list[dict[str, Any]]:
+    """Scaling efficiency as scripts/bench_service.py reports it: (images/s on N GPUs) / (N x images/s
+    on one), i.e. one GPU's makespan for ``per_gpu`` images over N GPUs' for N x ``per_gpu``."""
+    rows = []
+    for setup in setups:
+        for strategy in strategies:
+            for dispatch in dispatches:
+                one = scaling_run(setup, 1, strategy, dispatch, per_gpu=per_gpu)
+                for spread in speed_spreads:
+                    for gpus in gpu_counts:
+                        report = one if gpus == 1 else scaling_run(setup, gpus, strategy, dispatch, spread, per_gpu)
+                        row = report.row()
+                        rows.append({
+                            "setup": setup.name, "gpus": gpus, "strategy": strategy, "dispatch": dispatch,
+                            "speed_spread": spread if gpus > 1 else 0.0, "max_batch": setup.max_batch,
+                            "images": row["requests"], "makespan_s": row["makespan_s"],
+                            "efficiency": round(one.makespan_s / report.makespan_s, 3),
+                            "avg_batch_size": row["avg_batch_size"], "batches": row["batches"],
+                            "per_gpu_images_max": row["per_gpu_images_max"],
+                            "per_gpu_images_min": row["per_gpu_images_min"], "p95_s": row["p95_s"],
+                        })
+    return rows
+
+
+def check_scaling(rows: Sequence[dict[str, Any]], minimum: float = 0.95) -> list[str]:
+    """Every fair-share row on equal GPUs (no speed spread) at 2 GPUs or more reaches ``minimum``."""
+    return [f"{r['setup']} x{r['gpus']} {r['strategy']}: efficiency {r['efficiency']} < {minimum}"
+            for r in rows if r["dispatch"] == "fair-share" and r["gpus"] > 1 and r["speed_spread"] == 0
+            and r["efficiency"] < minimum]
+
+
+def dispatch_effect(cases: Sequence[Case] | None = None) -> list[dict[str, Any]]:
+    """--compare's rows without and with the fair share: one entry per row that differs."""
+    before = [r.row() for r in compare(cases=cases, fair_share=False)]
+    after = [r.row() for r in compare(cases=cases, fair_share=True)]
+    changed = []
+    for old, new in zip(before, after):
+        if old != new:
+            changed.append({"workload": old["workload"], "policy": old["policy"], "gpus": old["gpus"],
+                            **{f"{k}_{when}": row[k] for k in ("throughput_img_s", "p95_s")
+                               for when, row in (("before", old), ("after", new))}})
+    return changed
+
+
+def dispatch_sweep(gpu_counts: Sequence[int] = (2, 4, 8), loads: Sequence[float] = (0.6, 0.9, 1.0, 1.1, 1.2),
+                   seeds: Sequence[int] = (1, 2, 3), requests_per_gpu: int = 300) -> list[dict[str, Any]]:
+    """Poisson and mixed arrivals around and above capacity, where the broker does hold a backlog,
+    without and with the fair share (default policy): per workload and load, over the cost tables
+    (SDXL on the H100 table at max batch 20, SDXL and SD-1.5 on the H200 tables at 16), GPU counts
+    and arrival seeds, how many runs changed and the worst and median ratios after/before."""
+    setups = ((cost_models.SDXL_H100, 20), (cost_models.SDXL_H200, MAX_BATCH), (cost_models.SD15_H200, MAX_BATCH))
+    ratios: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    for costs, max_batch in setups:
+        key = costs.reference_key
+        batching = BatchPolicyConfig(max_batch_size=max_batch)
+        for gpus in gpu_counts:
+            for load in loads:
+                for seed in seeds:
+                    n = requests_per_gpu * gpus
+                    workloads = {
+                        "poisson": wl.poisson(load * gpus * cost_models.capacity_img_s(costs, key, max_batch), n,
+                                              [key], seed=seed),
+                        "mixed": wl.mixed(load * wl.mixed_capacity_img_s(costs, max_batch, gpus), n, seed=seed),
+                    }
+                    for name, workload in workloads.items():
+                        before, after = (run(workload, replace(cluster_for("default", gpus, batching), fair_share=fair),
+                                             costs, "default")[1] for fair in (False, True))
+                        ratios.setdefault((name, load), []).append(
+                            (after.throughput_img_s / before.throughput_img_s, after.p95_s / before.p95_s))
+    rows = []
+    for (name, load), pairs in ratios.items():
+        throughput, p95 = [t for t, _ in pairs], [p for _, p in pairs]
+        rows.append({"workload": name, "offered_load": load, "runs": len(pairs),
+                     "changed": sum(1 for t, p in pairs if t != 1.0 or p != 1.0),
+                     "throughput_ratio_min": round(min(throughput), 4),
+                     "throughput_ratio_median": round(sorted(throughput)[len(throughput) // 2], 4),
+                     "p95_ratio_max": round(max(p95), 4), "p95_ratio_median": round(sorted(p95)[len(p95) // 2], 4)})
+    return sorted(rows, key=lambda r: (r["workload"] != "poisson", r["offered_load"]))
+
+
+def scaling_report() -> dict[str, Any]:
+    """Everything of docs/scheduling.md's "Dispatch across GPUs" (scaling.json; ~40 s)."""
+    return {"bursts": scaling(), "skew": scaling(**SKEW_RUNS), "compare_rows_changed": dispatch_effect(),
+            "sweep": dispatch_sweep()}
+

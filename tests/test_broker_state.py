@@ -610,3 +610,156 @@ def test_stats_broker_section_reports_counters():
     assert stats["broker"]["rejected_overloaded"] == 1
     assert stats["broker"]["requests_received"] == 2
     assert stats["broker"]["malformed_client_messages"] == 3
+
+
+# ------------------------------------------------------------------ fair share of a backlog
+
+W4 = b"w4"
+FOUR = [W1, W2, W3, W4]
+
+
+def batch_res(request_id: str, worker: bytes, size: int, seconds: float) -> Result:
+    return Result(request_id, worker.decode(), "host-a", 0, f"{worker.decode()}:b", size, 0.0, seconds * 1000.0,
+                  512, 512, 1)
+
+
+def four_workers_with_a_backlog(**policy) -> tuple[BrokerState, dict[bytes, list[str]]]:
+    """Four equal workers of capacity 4 (batches of 2) and a burst of 20 at T0: each takes 4, 4 wait
+    here. Every worker starts its first batch at once (its status says so)."""
+    s = state(**policy)
+    for i, routing_id in enumerate(FOUR):
+        s.register(routing_id, reg(f"w{i + 1}", capacity=4, gpu_id=i, max_batch_size=2), T0)
+    submit_all(s, [f"r{i:02d}" for i in range(20)])
+    assert len(s.queue) == 4
+    for routing_id in FOUR:
+        s.heartbeat(routing_id, hb(running=2, queue_depth=2), T0 + 0.1)
+    return s, {w: sorted(s.workers[w].in_flight) for w in FOUR}
+
+
+def next_batch_starts(s: BrokerState, worker: bytes, now: float) -> None:
+    """The worker's statuses as a batch ends and the next (its last 2 queued) starts."""
+    s.heartbeat(worker, hb(running=0, queue_depth=2, total_batches=1), now)
+    s.heartbeat(worker, hb(running=2, queue_depth=0, total_batches=1), now)
+
+
+def test_fair_share_spreads_the_tail_of_a_burst_over_every_worker():
+    """All four finish their first batch together; its images come back worker after worker. Before,
+    the first two workers to return theirs took the 4 waiting requests (2 + 2, a whole extra batch
+    each); with the fair share each worker gets 1 (unfinished 12 / 4 workers = 3 each)."""
+    for fair_share, expected in ((True, FOUR), (False, [W1, W1, W2, W2])):
+        s, held = four_workers_with_a_backlog(fair_share=fair_share)
+        for worker in FOUR:
+            next_batch_starts(s, worker, T0 + 10.1)
+        got = []
+        for k, worker in enumerate(FOUR):
+            for request_id in held[worker][:2]:
+                got += dispatched(s.result(worker, batch_res(request_id, worker, 2, 10.0), T0 + 10.3 + 0.01 * k))
+        assert [w for w, _ in got] == expected, fair_share
+        assert not s.queue
+
+
+def test_fair_share_holds_the_backlog_for_a_worker_about_to_free_credit():
+    """W1 frees 2 credits first but is at its share after 1: the other request waits for W2 to free one."""
+    s, held = four_workers_with_a_backlog()
+    for worker in FOUR:
+        next_batch_starts(s, worker, T0 + 10.1)
+    actions = []
+    for request_id in held[W1][:2]:
+        actions += s.result(W1, batch_res(request_id, W1, 2, 10.0), T0 + 10.3)
+    assert [w for w, _ in dispatched(actions)] == [W1]
+    assert len(s.queue) == 3 and len(s.workers[W1].in_flight) == 3  # a free slot, held back
+    assert s.fair_share(T0 + 10.3) == 3 and s.unfinished(s.workers[W1], T0 + 10.3) == 3
+    assert dispatched(s.result(W2, batch_res(held[W2][0], W2, 2, 10.0), T0 + 10.31)) == [(W2, "r17")]  # r16 went to W1
+
+
+def test_fair_share_counts_a_batch_about_to_end_as_nearly_done():
+    """W1 ends its first batch first. The others' first batches started with W1's and a batch of
+    that key takes 10 s (W1's results say so): at T0 + 10.3 they are as good as done, so each of
+    them holds only its 2 queued requests and W1 may take 1, not the 2 its results free."""
+    s, held = four_workers_with_a_backlog()
+    next_batch_starts(s, W1, T0 + 10.1)
+    actions = []
+    for request_id in held[W1][:2]:
+        actions += s.result(W1, batch_res(request_id, W1, 2, 10.0), T0 + 10.3)
+    assert [w for w, _ in dispatched(actions)] == [W1]
+    assert [s.unfinished(s.workers[w], T0 + 10.3) for w in FOUR] == [3, 2, 2, 2]
+    # Counting their running batches in full (4 each), W1 would have taken both.
+    greedy, _ = four_workers_with_a_backlog(fair_share=False)
+    next_batch_starts(greedy, W1, T0 + 10.1)
+    actions = []
+    for request_id in held[W1][:2]:
+        actions += greedy.result(W1, batch_res(request_id, W1, 2, 10.0), T0 + 10.3)
+    assert [w for w, _ in dispatched(actions)] == [W1, W1]
+
+
+def test_a_running_batch_counts_in_full_until_a_batch_of_its_key_has_finished():
+    s, _ = four_workers_with_a_backlog()
+    assert s.unfinished(s.workers[W2], T0 + 50.0) == 4  # no batch time known yet
+    s.batch_times.observe((512, 512, 25, 7.5), 10.0, 2)
+    assert s.unfinished(s.workers[W2], T0 + 5.1) == 3  # half of the batch of 2 left, rounded up
+    assert s.unfinished(s.workers[W2], T0 + 50.0) == 2  # only its queue
+
+
+def test_fair_share_gives_a_small_workers_share_to_the_others():
+    """Water-filling: W1 can hold 2, so the level of the other two is (20 - 2) / 2 = 9, not 20 / 3."""
+    s = state()
+    s.register(W1, reg("w1", capacity=2, gpu_id=0), T0)
+    s.register(W2, reg("w2", capacity=10, gpu_id=1), T0)
+    s.register(W3, reg("w3", capacity=10, gpu_id=2), T0)
+    submit_all(s, [f"r{i:02d}" for i in range(30)])
+    assert [len(s.workers[w].in_flight) for w in (W1, W2, W3)] == [2, 10, 10] and len(s.queue) == 8
+    s.heartbeat(W2, hb(running=0, total_batches=1), T0 + 20)  # finished its 10; images on their way
+    s.heartbeat(W1, hb(running=2), T0 + 20)  # W1 and W3 have just started a batch
+    s.heartbeat(W3, hb(running=10), T0 + 20)
+    assert s.fair_share(T0 + 20) == 9
+    got = []
+    for request_id in sorted(s.workers[W2].in_flight):
+        got += dispatched(s.result(W2, batch_res(request_id, W2, 10, 20.0), T0 + 20.5))
+    assert [w for w, _ in got] == [W2] * 8  # W3 is busy with its 10, W1 is full
+
+
+def test_fair_share_never_binds_with_one_worker():
+    """One worker: the same actions, step for step, with the fair share on and off."""
+    def scenario(fair_share: bool) -> list:
+        s = state(fair_share=fair_share)
+        s.register(W1, reg(capacity=4, max_batch_size=2), T0)
+        log = submit_all(s, [f"r{i}" for i in range(10)])
+        for step in range(5):
+            now = T0 + 10 * step
+            log += s.heartbeat(W1, hb(running=2, queue_depth=2, total_batches=step), now + 0.1)
+            assert s.fair_share(now + 0.2) is None
+            for request_id in sorted(s.workers[W1].in_flight)[:2]:
+                log += s.result(W1, batch_res(request_id, W1, 2, 10.0), now + 10.0)
+        return log
+
+    assert scenario(True) == scenario(False)
+
+
+def test_fair_share_needs_a_backlog():
+    """A request handed out as it arrives is the balancer's alone; one that waited is capped."""
+    s, _ = four_workers_with_a_backlog()
+    assert s.fair_share(T0) is None  # the queue's head arrived at T0: no backlog yet at T0
+    assert s.fair_share(T0 + 0.2) is None  # a backlog, but more than the workers can hold: no cap
+    for worker in FOUR:
+        next_batch_starts(s, worker, T0 + 10.1)
+    assert s.fair_share(T0 + 10.2) == 3
+    assert state().fair_share(T0) is None
+
+
+def test_batch_times_keep_the_latest_per_key_and_forget_the_oldest_key():
+    from broker.state import BatchTimes
+
+    times = BatchTimes(max_keys=2)
+    times.observe(("a",), 10.0, 2)
+    times.observe(("a",), 8.0, 2)
+    assert times.estimate_s(("a",), 4) == 16.0 and times.estimate_s(("b",), 1) is None
+    times.observe(("b",), 1.0, 1)
+    times.observe(("c",), 1.0, 1)
+    assert times.estimate_s(("a",), 2) is None and times.estimate_s(("c",), 2) == 2.0
+
+
+def test_balancer_skips_a_worker_over_its_share():
+    b = Balancer("queue-depth")
+    assert not Candidate("a", 0, 4, over_share=True).has_credit
+    assert b.choose([Candidate("a", 0, 4, over_share=True), Candidate("b", 3, 4)]) == "b"
+    assert b.choose([Candidate("a", 0, 4, over_share=True)]) is None
