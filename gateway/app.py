@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -17,6 +16,7 @@ from aiohttp import web
 from gateway.auth import api_key_middleware, load_api_keys
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.config import GatewaySettings
+from gateway.context import BROKER, FAILURE_STATUS, IMAGES, METRICS, SETTINGS, read_json_body
 from gateway.images import ImageStore, new_image_id, png_size
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import OUTCOME, GatewayMetrics, metrics_middleware
@@ -25,30 +25,13 @@ from gateway.request_ids import request_id_middleware, request_id_of
 from gateway.openai_api import images_generations
 from gateway.validation import FieldError, GenerateRequest, parse_generate_request
 from gateway.web_page import index_page
-from imagegen.protocol import FailureCode, Result
+from imagegen.protocol import Result
 
 log = logging.getLogger(__name__)
-
-SETTINGS = web.AppKey("settings", GatewaySettings)
-BROKER = web.AppKey("broker", BrokerClient)
-IMAGES = web.AppKey("images", ImageStore)
-METRICS = web.AppKey("metrics", GatewayMetrics)
 
 PRUNE_INTERVAL_S = 60.0
 READY_TIMEOUT_S = 1.0
 METRICS_STATS_TIMEOUT_S = 2.0  # within Prometheus' default scrape_timeout (10 s)
-
-# How a broker-side failure reaches the HTTP client.
-FAILURE_STATUS = {
-    FailureCode.OVERLOADED.value: 503,
-    FailureCode.WORKER_LOST.value: 503,
-    FailureCode.SHUTTING_DOWN.value: 503,
-    FailureCode.BROKER_RESTARTED.value: 503,
-    FailureCode.INVALID_REQUEST.value: 400,
-    FailureCode.DEADLINE_EXCEEDED.value: 504,
-    FailureCode.GENERATION_FAILED.value: 500,
-}
-
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
@@ -68,27 +51,6 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
             raise
         return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason,
                               headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
-
-
-async def read_json_body(request: web.Request, max_bytes: int) -> Any:
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise FieldError(None, f"the request body is {request.content_length} bytes; the limit is {max_bytes} "
-                               "(MAX_REQUEST_BYTES)", status=413)
-    # read(n) returns what has arrived so far (up to n bytes), not the whole body: loop to EOF.
-    raw = b""
-    while len(raw) <= max_bytes:
-        chunk = await request.content.read(max_bytes + 1 - len(raw))
-        if not chunk:
-            break
-        raw += chunk
-    if len(raw) > max_bytes:
-        raise FieldError(None, f"the request body exceeds {max_bytes} bytes (MAX_REQUEST_BYTES)", status=413)
-    try:
-        return json.loads(raw)
-    # ValueError covers JSONDecodeError and integers over Python's 4300-digit limit;
-    # RecursionError, arrays nested tens of thousands deep: both are the client's fault (400).
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FieldError(None, f"the request body is not valid JSON: {exc}") from None
 
 
 async def generate(request: web.Request) -> web.Response:

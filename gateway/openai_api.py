@@ -42,6 +42,7 @@ from aiohttp import web
 
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
+from gateway.context import BROKER, FAILURE_STATUS, IMAGES, SETTINGS, read_json_body
 from gateway.images import new_image_id, png_size
 from gateway.validation import FieldError, parse_generate_request
 from imagegen.protocol import MAX_SEED, GenerationParams, Result
@@ -147,9 +148,7 @@ async def generate_all(broker: Any, images: tuple[GenerationParams, ...],
 
 
 async def images_generations(request: web.Request) -> web.Response:
-    """POST /v1/images/generations. gateway.app is imported here: it imports this module."""
-    from gateway.app import BROKER, FAILURE_STATUS, SETTINGS, read_json_body
-
+    """POST /v1/images/generations."""
     settings = request.app[SETTINGS]
     try:
         parsed = parse_images_request(await read_json_body(request, settings.max_request_bytes), settings)
@@ -174,8 +173,6 @@ async def images_generations(request: web.Request) -> web.Response:
 
 async def _image_entry(request: web.Request, response_format: str, png: bytes) -> dict[str, str]:
     """One item of the answer's ``data``: the PNG inline, or stored and its URL."""
-    from gateway.app import IMAGES, SETTINGS
-
     if response_format == "b64_json":
         return {"b64_json": base64.b64encode(png).decode("ascii")}
     image_id = new_image_id()

@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config import GatewaySettings
+from gateway.context import SETTINGS
 from gateway.openai_api import openapi_paths as openai_paths, openapi_schemas as openai_schemas
 from imagegen.protocol import MAX_ID_CHARS, MAX_SEED
 
@@ -341,7 +342,5 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
-    """GET /openapi.json. SETTINGS is imported here: gateway.app imports this module."""
-    from gateway.app import SETTINGS
-
+    """GET /openapi.json."""
     return web.json_response(openapi_document(request.app[SETTINGS]))

@@ -1,0 +1,55 @@
+"""What the gateway's request handlers share: the application's keys, how broker failures map to
+HTTP statuses, and reading a bounded JSON body. Handler modules (app.py, openai_api.py, openapi.py)
+import it, so none of them needs to import another."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gateway.broker_client import BrokerClient
+from gateway.config import GatewaySettings
+from gateway.images import ImageStore
+from gateway.metrics import GatewayMetrics
+from gateway.validation import FieldError
+from imagegen.protocol import FailureCode
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+BROKER = web.AppKey("broker", BrokerClient)
+IMAGES = web.AppKey("images", ImageStore)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+
+# How a broker-side failure reaches the HTTP client.
+FAILURE_STATUS = {
+    FailureCode.OVERLOADED.value: 503,
+    FailureCode.WORKER_LOST.value: 503,
+    FailureCode.SHUTTING_DOWN.value: 503,
+    FailureCode.BROKER_RESTARTED.value: 503,
+    FailureCode.INVALID_REQUEST.value: 400,
+    FailureCode.DEADLINE_EXCEEDED.value: 504,
+    FailureCode.GENERATION_FAILED.value: 500,
+}
+
+
+
+async def read_json_body(request: web.Request, max_bytes: int) -> Any:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise FieldError(None, f"the request body is {request.content_length} bytes; the limit is {max_bytes} "
+                               "(MAX_REQUEST_BYTES)", status=413)
+    # read(n) returns what has arrived so far (up to n bytes), not the whole body: loop to EOF.
+    raw = b""
+    while len(raw) <= max_bytes:
+        chunk = await request.content.read(max_bytes + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    if len(raw) > max_bytes:
+        raise FieldError(None, f"the request body exceeds {max_bytes} bytes (MAX_REQUEST_BYTES)", status=413)
+    try:
+        return json.loads(raw)
+    # ValueError covers JSONDecodeError and integers over Python's 4300-digit limit;
+    # RecursionError, arrays nested tens of thousands deep: both are the client's fault (400).
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FieldError(None, f"the request body is not valid JSON: {exc}") from None
