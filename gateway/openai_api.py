@@ -42,8 +42,9 @@ from aiohttp import web
 
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
-from gateway.context import BROKER, FAILURE_STATUS, IMAGES, SETTINGS, read_json_body
+from gateway.context import BROKER, FAILURE_STATUS, IMAGES, METRICS, SETTINGS, read_json_body
 from gateway.images import new_image_id, png_size
+from gateway.request_ids import request_id_of
 from gateway.validation import FieldError, parse_generate_request
 from imagegen.protocol import MAX_SEED, GenerationParams, Result
 
@@ -132,13 +133,17 @@ def _with_seeds(first: GenerationParams, n: int, seeded: bool,
     return (first, *(replace(first, seed=pick.randrange(0, 2**32)) for _ in range(n - 1)))
 
 
-async def generate_all(broker: Any, images: tuple[GenerationParams, ...],
-                       timeout_s: float) -> list[tuple[Result, bytes]]:
+async def generate_all(broker: Any, images: tuple[GenerationParams, ...], timeout_s: float,
+                       request_id: str | None = None) -> list[tuple[Result, bytes]]:
     """Send every image's request at once (so they can share a batch) and wait for all of them.
 
-    The first failure cancels the others (the broker client tells the broker to drop them) and is
-    raised; so does cancellation of the caller (its HTTP client went away)."""
-    tasks = [asyncio.ensure_future(broker.generate(uuid.uuid4().hex, params, timeout_s)) for params in images]
+    Image i's id is ``<request_id>.<i>``, so the HTTP request's X-Request-ID finds all of them in
+    the broker's and workers' logs. The first failure cancels the others (the broker client tells
+    the broker to drop them) and is raised; so does cancellation of the caller (its HTTP client
+    went away)."""
+    request_id = request_id or uuid.uuid4().hex
+    tasks = [asyncio.ensure_future(broker.generate(f"{request_id}.{i}", params, timeout_s))
+             for i, params in enumerate(images)]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
@@ -157,7 +162,8 @@ async def images_generations(request: web.Request) -> web.Response:
                 else "invalid_value" if exc.field else "invalid_json")
         return openai_error(exc.status, exc.message, param=exc.field, code=code)
     try:
-        made = await generate_all(request.app[BROKER], parsed.images, settings.request_timeout_s)
+        made = await generate_all(request.app[BROKER], parsed.images, settings.request_timeout_s,
+                                  request_id_of(request))
     except BrokerFailure as exc:
         status = FAILURE_STATUS.get(exc.code, 500)
         headers = {"Retry-After": str(settings.retry_after_s)} if status == 503 else None
@@ -165,6 +171,8 @@ async def images_generations(request: web.Request) -> web.Response:
     except asyncio.TimeoutError:
         return openai_error(504, f"no image within REQUEST_TIMEOUT_S={settings.request_timeout_s:g}s; the service "
                                  "is overloaded or no GPU worker is running", code="timeout")
+    for result, _ in made:
+        request.app[METRICS].observe_result(result)
     if any(png_size(png) != (p.width, p.height) for p, (_, png) in zip(parsed.images, made)):
         return openai_error(502, "a worker returned an image of the wrong size", code="bad_worker_output")
     data = [await _image_entry(request, parsed.response_format, png) for _, png in made]

@@ -141,6 +141,17 @@ async def test_urls_are_stored_images_and_n_requests_reach_the_broker_together(g
         assert image.status == 200 and Image.open(io.BytesIO(await image.read())).size == (64, 64)
 
 
+async def test_image_ids_follow_x_request_id_and_results_feed_the_metrics(gateway):
+    client, broker = await gateway()
+    response = await client.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, "size": "64x64"},
+                                 headers={"X-Request-ID": "round-7.player-3"})
+    assert response.status == 200, await response.text()
+    assert sorted(request_id for request_id, _, _ in broker.calls) == ["round-7.player-3.0", "round-7.player-3.1"]
+    metrics = await (await client.get("/metrics")).text()
+    counts = [line for line in metrics.splitlines() if line.startswith("imagegen_queue_wait_seconds_count")]
+    assert counts and sum(float(line.rsplit(" ", 1)[1]) for line in counts) == 2, metrics
+
+
 async def test_b64_json_answers_the_pngs_inline(gateway):
     client, _ = await gateway()
     response = await client.post("/v1/images/generations",
