@@ -119,8 +119,6 @@ class Worker:
         self.state = "ready"
         self.arrival = asyncio.Event()
         self.batch_seq = 0
-        self.expired_requests = 0
-        self.cancelled_requests = 0
         self.gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self.encoder_threads = ThreadPoolExecutor(max_workers=PNG_ENCODER_THREADS, thread_name_prefix="png")
         self.delivery_tasks: set[asyncio.Task] = set()
@@ -196,7 +194,6 @@ class Worker:
         elif isinstance(message, Cancel):
             if self.batcher.cancel(message.request_id):
                 self.deadlines.pop(message.request_id, None)
-                self.cancelled_requests += 1
                 log.info("request %s cancelled before its batch started", message.request_id,
                          extra={"request_id": message.request_id})
         else:
@@ -250,7 +247,6 @@ class Worker:
         for request_id in late:
             del self.deadlines[request_id]
             if self.batcher.cancel(request_id):
-                self.expired_requests += 1
                 log.info("request %s failed: its deadline passed while it waited for a batch", request_id,
                          extra={"request_id": request_id})
                 self.link.send(Failure(request_id, FailureCode.DEADLINE_EXCEEDED.value,
