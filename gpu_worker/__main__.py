@@ -6,13 +6,15 @@ import asyncio
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
+from gpu_worker.acceleration import AccelerationConfig
 from gpu_worker.batcher import BatchPolicyConfig
+from gpu_worker.oom import is_out_of_memory, release_cached_memory
 from gpu_worker.policies import make_batcher
 from gpu_worker.config import WorkerSettings
 from gpu_worker.pipelines import (
-    BatchSettings,
-    GenerationJob,
     ImagePipeline,
     ModelLoadError,
     auto_max_batch_size,
@@ -28,6 +30,11 @@ from imagegen.runner import run_service, stop_event_on_signals
 log = logging.getLogger("gpu_worker")
 
 EXIT_MODEL_LOAD_FAILED = 3
+
+
+def optimizations(settings: WorkerSettings) -> AccelerationConfig:
+    """channels_last and fused QKV always on a GPU; torch.compile and CUDA graphs when asked for."""
+    return AccelerationConfig(compile=settings.torch_compile, cuda_graph_max_batch=settings.cuda_graph_max_batch)
 
 
 def batch_policy(settings: WorkerSettings, pipeline: ImagePipeline) -> tuple[BatchPolicyConfig, bool]:
@@ -57,12 +64,37 @@ def batch_policy(settings: WorkerSettings, pipeline: ImagePipeline) -> tuple[Bat
     return policy, auto
 
 
-def warm_up(pipeline: ImagePipeline) -> None:
-    """One small generation, so the first real request does not pay for lazy initialisation."""
-    started = time.perf_counter()
+def warm_up_batch_sizes(max_batch_size: int, compiled: bool) -> list[int]:
+    """Every size the worker may form when compiled (each one not warmed would run eager); else the
+    smallest and the largest (cuDNN's choices and the allocator's growth, and a check that the
+    largest batch fits)."""
+    if compiled:
+        return list(range(1, max_batch_size + 1))
+    return sorted({1, max_batch_size})
+
+
+def warm_up(pipeline: ImagePipeline, policy: BatchPolicyConfig, compiled: bool) -> BatchPolicyConfig:
+    """Generate at the served resolution before registering; returns the policy, with a smaller
+    max batch size if the auto-detected one ran out of memory (then the largest that fit)."""
     size = pipeline.native_size
-    pipeline.generate([GenerationJob("warm-up", None, 0)], BatchSettings(size, size, 2, 7.5))
-    log.info("warm-up generation took %.2fs", time.perf_counter() - started)
+    started = time.perf_counter()
+    sizes = warm_up_batch_sizes(policy.max_batch_size, compiled)
+    try:
+        seconds = pipeline.warm_up(sizes, size, size)
+    except Exception as exc:  # noqa: BLE001 - only an out-of-memory error is survivable here
+        if not is_out_of_memory(exc) or policy.max_batch_size == 1:
+            raise
+        release_cached_memory()
+        smaller = max(1, policy.max_batch_size // 2)
+        log.warning("warm-up: a batch of %d ran out of GPU memory at %dx%d; MAX_BATCH_SIZE %d",
+                    policy.max_batch_size, size, size, smaller)
+        return warm_up(pipeline, replace(policy, max_batch_size=smaller,
+                                         min_batch_size=min(policy.min_batch_size, smaller),
+                                         max_batch_pixels=None if policy.max_batch_pixels is None
+                                         else smaller * size * size), compiled)
+    log.info("warm-up at %dx%d took %.1fs (seconds per batch size: %s)", size, size,
+             time.perf_counter() - started, seconds)
+    return policy
 
 
 async def main(settings: WorkerSettings) -> None:
@@ -77,15 +109,18 @@ async def main(settings: WorkerSettings) -> None:
     try:
         # MODEL_ID=fake[:...] is the test backend of gpu_worker/fake_backend.py (no model at all).
         pipeline = parse_fake_model_id(settings.model_id) or load_pipeline(
-            settings.model_id, settings.device, settings.dtype)
+            settings.model_id, settings.device, settings.dtype, optimizations(settings))
     except (ModelLoadError, ValueError) as exc:  # ValueError: a malformed fake id
         log.error("%s", exc)
         sys.exit(EXIT_MODEL_LOAD_FAILED)
     log.info("loaded MODEL_ID=%s (%s) on %s as %s in %.1fs", settings.model_id, pipeline.architecture,
              pipeline.device, pipeline.dtype, time.perf_counter() - started)
-    if settings.warmup and not is_fake_model_id(settings.model_id):
-        warm_up(pipeline)
     policy, auto = batch_policy(settings, pipeline)
+    # One thread runs every generation, the warm-up's too: CUDA graphs are recorded per thread.
+    gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+    if settings.warmup and not is_fake_model_id(settings.model_id):
+        policy = await asyncio.get_running_loop().run_in_executor(
+            gpu_thread, warm_up, pipeline, policy, settings.torch_compile)
     gpu_id = settings.resolved_gpu_id(pipeline.device.type == "cuda")
     host = settings.resolved_host()
     identity = WorkerIdentity(
@@ -98,7 +133,7 @@ async def main(settings: WorkerSettings) -> None:
     capacity = settings.max_in_flight or 2 * policy.max_batch_size
     worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
                     settings.heartbeat_interval_s, settings.heartbeat_liveness, max_batch_size_auto=auto,
-                    curve=curve, batcher=make_batcher(settings.batch_policy, policy))
+                    curve=curve, batcher=make_batcher(settings.batch_policy, policy), gpu_thread=gpu_thread)
     log.info("worker %s: max batch %d, capacity %d, batch policy %s, broker %s", identity.name,
              policy.max_batch_size, capacity, settings.batch_policy, settings.broker_address)
     await worker.serve(stop_event_on_signals(asyncio.get_running_loop()))

@@ -68,7 +68,14 @@ class WorkerSettings:
                                             "the broker's public broker.key file (with WORKER_CURVE_SECRET_KEY)",
                                             parse=parse_optional_str)
     warmup: bool = setting("WORKER_WARMUP", True,
-                           "run one small generation before registering, so no request pays for first-call setup")
+                           "generate at the served resolution before registering (batch 1 and the largest "
+                           "batch; every batch size with TORCH_COMPILE), so no request pays for first-call setup")
+    torch_compile: bool = setting("TORCH_COMPILE", False,
+                                  "compile the UNet with torch.compile at start (minutes the first time, cached "
+                                  "in TORCHINDUCTOR_CACHE_DIR after): faster batches, docs/benchmarks.md")
+    cuda_graph_max_batch: int = setting("CUDA_GRAPH_MAX_BATCH", 2,
+                                        "with TORCH_COMPILE on a GPU: batches of up to this many images replay "
+                                        "CUDA graphs (0: none)")
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting("LOG_FORMAT", "text",
                               "text (one readable line per record) or json (one JSON object per line)",
@@ -84,6 +91,7 @@ class WorkerSettings:
         require(self.adaptive_threshold >= 1, "ADAPTIVE_BATCH_THRESHOLD", "must be at least 1")
         require(self.batch_policy in POLICY_NAMES, "BATCH_POLICY", f"must be one of {', '.join(POLICY_NAMES)}")
         require(self.max_in_flight is None or self.max_in_flight >= 1, "WORKER_MAX_IN_FLIGHT", "must be at least 1")
+        require(self.cuda_graph_max_batch >= 0, "CUDA_GRAPH_MAX_BATCH", "must not be negative")
         require(self.heartbeat_interval_s > 0, "HEARTBEAT_INTERVAL_S", "must be positive")
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")
         require((self.curve_secret_key is None) == (self.broker_public_key is None), "WORKER_CURVE_SECRET_KEY",

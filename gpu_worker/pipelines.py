@@ -23,6 +23,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from gpu_worker import acceleration
+from gpu_worker.acceleration import AccelerationConfig
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
@@ -120,6 +123,30 @@ class ImagePipeline:
     def generate_array(self, jobs: Sequence[GenerationJob], settings: BatchSettings) -> np.ndarray:
         """Like generate, but float32 (N, height, width, 3) in [0, 1], before 8-bit rounding."""
         return np.asarray(self._run(jobs, settings, output_type="np"), dtype=np.float32)
+
+    def warm_up(self, batch_sizes: Sequence[int], width: int, height: int,
+                steps: int = 2) -> dict[int, float]:
+        """Generate one batch of each size at width x height (``steps`` steps), so no request pays
+        for first-call work: cuDNN's algorithm choice and the allocator's growth per shape, and with
+        TORCH_COMPILE the compilation and CUDA graph recording. Returns seconds per size.
+
+        With torch.compile, recompiling is forbidden afterwards (gpu_worker.acceleration): shapes
+        not warmed up here run eager. Call it from the thread that will generate (CUDA graphs are
+        recorded per thread).
+        """
+        settings = BatchSettings(width, height, steps, 7.5)
+
+        def generate(size: int) -> None:
+            self.generate([GenerationJob("warm-up", None, index) for index in range(size)], settings)
+
+        if acceleration.compiled_forward(self.diffusers_pipeline.unet) is not None:
+            return acceleration.warm_up_shapes(generate, list(batch_sizes))
+        seconds = {}
+        for size in batch_sizes:
+            started = time.perf_counter()
+            generate(size)
+            seconds[size] = round(time.perf_counter() - started, 3)
+        return seconds
 
     def per_image_memory_bytes(self, width: int, height: int) -> int:
         """Estimated extra GPU memory one more image in a batch costs at width x height."""
@@ -260,14 +287,15 @@ def _nvml_free_bytes(cuda_index: int) -> int | None:
             pass
 
 
-def load_pipeline(model_id: str, device: str | None = None,
-                  dtype: str | None = None) -> ImagePipeline:
+def load_pipeline(model_id: str, device: str | None = None, dtype: str | None = None,
+                  optimizations: AccelerationConfig | None = None) -> ImagePipeline:
     """Load MODEL_ID as an ImagePipeline; any failure raises ModelLoadError.
 
     model_id: a built-in model (tiny, tiny-sdxl, sd15, sdxl: random weights from a fixed seed), a
     local folder in save_pretrained layout, or a hub id. device: None picks "cuda" when available,
     else "cpu". dtype: "float32" / "bfloat16" / "float16" (or fp32/bf16/fp16); None picks bfloat16
-    on a GPU that supports it, else float16 on CUDA, float32 on the CPU.
+    on a GPU that supports it, else float16 on CUDA, float32 on the CPU. optimizations: what
+    gpu_worker.acceleration applies (None: nothing; torch.compile needs a warm_up afterwards).
     """
     _quiet_library_logging()
     started = time.perf_counter()
@@ -282,13 +310,15 @@ def load_pipeline(model_id: str, device: str | None = None,
             pipe = _from_pretrained(model_id, torch_device, torch_dtype)
         architecture = _detect_architecture(pipe)
         pipe.set_progress_bar_config(disable=True)
+        applied = acceleration.accelerate(pipe, torch_device, optimizations or AccelerationConfig(
+            compile=False, channels_last=False, fuse_qkv=False))
     except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
         raise ModelLoadError(
             f"cannot load MODEL_ID {model_id!r}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
             f"Hint: {_HINT}"
         ) from exc
     pipeline = ImagePipeline(pipe, model_id, architecture, torch_device, torch_dtype)
-    logger.info("loaded %r in %.1f s", pipeline, time.perf_counter() - started)
+    logger.info("loaded %r in %.1f s; optimizations: %s", pipeline, time.perf_counter() - started, applied)
     return pipeline
 
 

@@ -1,0 +1,78 @@
+"""PNG encoding split across threads, so a lone image's encoding costs a fraction of its serial time.
+
+A PNG's pixels are one zlib stream, which PIL compresses on one core: ~0.14-0.23 s for a 1024x1024
+image on the GPU machines, 10-20% of a lone SDXL request once the GPU part is fast. Deflate allows
+what pigz does: compress stripes of rows independently, end every stripe but the last with a sync
+flush (byte-aligned, no final-block bit), and concatenate; the result is one valid zlib stream
+(Adler-32 of all the data at the end). zlib releases the GIL, so the stripes compress in parallel
+threads. Rows use PNG's "Up" filter (difference to the row above), computed with numpy.
+
+:func:`encode_png` gives a standard 8-bit RGB (or grayscale / RGBA) PNG that any decoder reads; for
+one stripe it is simply a single-threaded encoder.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grayscale, RGB, RGBA
+FILTER_UP = 2
+MIN_STRIPE_BYTES = 256 * 1024  # below this a stripe's thread hand-off costs more than it saves
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+def filtered_rows(pixels: np.ndarray) -> np.ndarray:
+    """(height, 1 + width * channels) uint8: each row prefixed by filter type Up, minus the row above."""
+    height = pixels.shape[0]
+    flat = pixels.reshape(height, -1)
+    out = np.empty((height, flat.shape[1] + 1), dtype=np.uint8)
+    out[:, 0] = FILTER_UP
+    out[0, 1:] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=out[1:, 1:], dtype=np.uint8, casting="unsafe")
+    return out
+
+
+def _deflate(data: memoryview, level: int, last: bool) -> bytes:
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15)  # raw deflate: the header is written once
+    return compressor.compress(data) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+def encode_png(image: Any, executor: Executor | None = None, stripes: int = 1, level: int = 1) -> bytes:
+    """PNG bytes of a PIL image or a (height, width[, channels]) uint8 array.
+
+    stripes > 1 with an executor compresses that many stripes of rows in parallel. level: zlib's
+    compression level (1: fast; the files are ~10% larger than at 6 and encode several times faster).
+    """
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"expected 8-bit pixels, got {pixels.dtype}")
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    height, width, channels = pixels.shape
+    if channels not in COLOR_TYPES or height == 0 or width == 0:
+        raise ValueError(f"cannot encode an image of shape {pixels.shape}")
+    raw = filtered_rows(np.ascontiguousarray(pixels))
+    data = memoryview(raw.reshape(-1))
+    stripes = max(1, min(stripes, height, raw.nbytes // MIN_STRIPE_BYTES or 1)) if executor is not None else 1
+    rows_per_stripe = -(-height // stripes)
+    row_bytes = raw.shape[1]
+    bounds = [(start * row_bytes, min(height, start + rows_per_stripe) * row_bytes)
+              for start in range(0, height, rows_per_stripe)]
+    parts_args = [(data[begin:end], level, index == len(bounds) - 1) for index, (begin, end) in enumerate(bounds)]
+    if executor is not None and len(parts_args) > 1:
+        parts = list(executor.map(lambda args: _deflate(*args), parts_args))
+    else:
+        parts = [_deflate(*args) for args in parts_args]
+    header = bytes([0x78, 0x01])  # deflate, 32 KiB window, no preset dictionary, "fastest" level hint
+    stream = b"".join([header, *parts, struct.pack(">I", zlib.adler32(data))])
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, COLOR_TYPES[channels], 0, 0, 0)
+    return PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", stream) + _chunk(b"IEND", b"")

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""One GPU, one call: the raw pipeline per optimisation and batch size, then the whole service.
+
+    # raw pipeline only (eager, + channels_last/fused QKV, + torch.compile, + CUDA graphs)
+    python scripts/bench_gpu.py raw --model sdxl --size 1024 --batches 1,2,16 --out $OUT/raw-sdxl.json
+    # the service as users start it, with TORCH_COMPILE on: lone request, burst of 50, 10 users x 5,
+    # and the burst with ENABLE_BATCHING=false
+    python scripts/bench_gpu.py service --model sdxl --size 1024 --set TORCH_COMPILE=true --out $OUT/svc.json
+    # both, and the summary rows of docs/benchmarks (one per model and setting)
+    python scripts/bench_gpu.py all --model sd15 --size 512 --batches 1,2,32 --set TORCH_COMPILE=true --out $OUT/sd15.json
+
+Raw: the worker's own ImagePipeline.generate (text encoding, denoising with CFG, VAE decode, PIL
+conversion) called in a loop, one model load, optimisations applied one after the other so every
+variant is measured on the same weights, card and call:
+
+* ``eager``: bf16, SDPA attention (diffusers' default), nothing else;
+* ``layout``: + channels_last for UNet and VAE, fused QKV projections;
+* ``compiled``: + torch.compile of the UNet (dynamic batch dimension, mode default);
+* ``graphs``: + CUDA graphs (mode reduce-overhead) for batches up to 2 images.
+
+Each batch size is warmed up first (a 2-step call: compilation and graph recording land there), then
+timed ``--repeats`` times (median). Peak memory above the loaded weights is recorded per size; the
+per-image memory is the slope between the smallest and the largest batch.
+
+Service: scripts/bench_service.py's runs (the real processes, the seed's load test over HTTP), plus
+the worker's own per-batch generation times from its log, which separate GPU time from serving time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+VARIANTS = ("eager", "layout", "compiled", "graphs")
+GRAPH_MAX_BATCH = 2
+
+
+def raw(args: argparse.Namespace) -> dict:
+    import torch
+
+    from gpu_worker import acceleration
+    from gpu_worker.acceleration import AccelerationConfig
+    from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
+
+    started = time.perf_counter()
+    pipeline = load_pipeline(args.model)
+    load_s = time.perf_counter() - started
+    on_cuda = torch.cuda.is_available()
+    weights_bytes = torch.cuda.memory_allocated() if on_cuda else 0
+    settings = BatchSettings(args.size, args.size, args.steps, args.guidance)
+    sizes = [int(b) for b in args.batches.split(",")]
+    variants = {}
+
+    def measure(variant: str, batch_sizes: list[int]) -> None:
+        rows = variants.setdefault(variant, {})
+        warm = pipeline.warm_up(batch_sizes, args.size, args.size) if variant in ("compiled", "graphs") else {}
+        for size in batch_sizes:
+            jobs = [GenerationJob(f"a lighthouse on a cliff, variant {i}", None, 1000 + i) for i in range(size)]
+            if size not in warm:
+                pipeline.generate(jobs, BatchSettings(args.size, args.size, 2, args.guidance))
+            seconds = []
+            if on_cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.repeats):
+                began = time.perf_counter()
+                pipeline.generate(jobs, settings)
+                if on_cuda:
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - began)
+            median = statistics.median(seconds)
+            rows[size] = {"seconds": round(median, 4), "images_per_s": round(size / median, 4),
+                          "warm_up_s": warm.get(size),
+                          "peak_above_weights_gib": round((torch.cuda.max_memory_allocated() - weights_bytes) / 2**30, 2)
+                          if on_cuda else None}
+            print(f"{variant} batch {size}: {median:.3f} s ({size / median:.3f} images/s)", file=sys.stderr, flush=True)
+
+    for variant in args.variants.split(","):
+        if variant == "layout":
+            acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
+                                    AccelerationConfig(compile=False, channels_last=True, fuse_qkv=True))
+        elif variant == "compiled":
+            acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
+                                    AccelerationConfig(compile=True, cuda_graph_max_batch=0,
+                                                       channels_last=False, fuse_qkv=False))
+        elif variant == "graphs":
+            forward = acceleration.compiled_forward(pipeline.diffusers_pipeline.unet)
+            forward.enable_cuda_graphs(GRAPH_MAX_BATCH)
+        measure(variant, sizes if variant != "graphs" else [s for s in sizes if s <= GRAPH_MAX_BATCH])
+    image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
+    return {"model": args.model, "resolution": f"{args.size}x{args.size}", "steps": args.steps,
+            "guidance_scale": args.guidance, "torch": torch.__version__, "load_s": round(load_s, 1),
+            "weights_gib": round(weights_bytes / 2**30, 2), "variants": variants, "png_encode_s": png_seconds(image)}
+
+
+def png_seconds(image) -> dict:
+    """Encoding one output image: PIL (the previous encoder) and gpu_worker.png, serial and striped."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpu_worker import png
+    from gpu_worker.worker import PNG_STRIPE_THREADS
+
+    def timed(encode) -> float:
+        encode()
+        began = time.perf_counter()
+        for _ in range(3):
+            encode()
+        return round((time.perf_counter() - began) / 3, 4)
+
+    with ThreadPoolExecutor(PNG_STRIPE_THREADS) as stripes:
+        return {"pil_level1": timed(lambda: image.save(io.BytesIO(), format="PNG", compress_level=1)),
+                "striped_1": timed(lambda: png.encode_png(image)),
+                f"striped_{PNG_STRIPE_THREADS}": timed(lambda: png.encode_png(image, stripes, PNG_STRIPE_THREADS))}
+
+
+def per_image_gib(rows: dict) -> float | None:
+    sizes = sorted(rows)
+    if len(sizes) < 2 or rows[sizes[0]]["peak_above_weights_gib"] is None:
+        return None
+    low, high = sizes[0], sizes[-1]
+    return round((rows[high]["peak_above_weights_gib"] - rows[low]["peak_above_weights_gib"]) / (high - low), 3)
+
+
+def worker_batch_seconds(log_dir: Path) -> list[tuple[int, float]]:
+    """(batch size, generation seconds) of every batch the workers logged."""
+    found = []
+    for path in sorted(log_dir.glob("worker*.log")):
+        for match in re.finditer(r"batch \S+: (\d+) x \d+x\d+, \d+ steps in ([\d.]+)s", path.read_text(errors="replace")):
+            found.append((int(match.group(1)), float(match.group(2))))
+    return found
+
+
+def service(args: argparse.Namespace, log_dir: Path) -> dict:
+    from bench_service import Service, row
+
+    settings = {"MODEL_ID": args.model, **args.settings}
+    rows = []
+    with Service([0], log_dir, **settings) as svc:
+        for _ in range(args.lone_repeats):
+            rows.append(row("lone", args, 1, svc.load("--burst", "1", size=args.size, steps=args.steps)))
+        rows.append(row("burst50", args, 1, svc.load("--burst", "50", size=args.size, steps=args.steps)))
+        rows.append(row("users10x5", args, 1, svc.load("--users", "10", "--requests-per-user", "5",
+                                                       size=args.size, steps=args.steps)))
+    batches = worker_batch_seconds(log_dir)
+    with Service([0], log_dir, **settings, ENABLE_BATCHING="false") as svc:
+        rows.append(row("burst50_no_batching", args, 1, svc.load("--burst", "50", size=args.size, steps=args.steps)))
+    return {"settings": settings, "rows": rows, "worker_batches": batches}
+
+
+def summary_row(args: argparse.Namespace, raw_result: dict | None, service_result: dict | None) -> dict:
+    """The fields docs/benchmarks promises, for one model and setting."""
+    out = {"card": args.card, "model": args.model, "resolution": f"{args.size}x{args.size}", "steps": args.steps,
+           "gpus": 1, "setting": " ".join(f"{k}={v}" for k, v in sorted(args.settings.items())) or "defaults"}
+    best_variant = None
+    if raw_result:
+        variants = raw_result["variants"]
+        best_variant = "graphs" if "graphs" in variants else list(variants)[-1]
+        fastest = variants.get("compiled") or variants[best_variant]
+        out["raw_variant"] = "compiled" if "compiled" in variants else best_variant
+        best_size = max(fastest, key=lambda size: fastest[size]["images_per_s"])
+        out["batch_size"] = best_size
+        out["raw_images_per_s"] = fastest[best_size]["images_per_s"]
+        ones = [variants[v][1]["seconds"] for v in variants if 1 in variants[v]]
+        out["raw_batch1_s"] = min(ones) if ones else None
+        out["per_image_gib"] = {v: per_image_gib(rows) for v, rows in variants.items()}
+    if service_result:
+        by_mode: dict[str, list[dict]] = {}
+        for r in service_result["rows"]:
+            by_mode.setdefault(r["mode"], []).append(r)
+        lones = [r["latency_max_s"] for r in by_mode.get("lone", [])]
+        out["lone_latency_s"] = round(statistics.median(lones), 3) if lones else None
+        burst = by_mode["burst50"][0]
+        out["burst50_s"] = burst["duration_s"]
+        out["service_images_per_s"] = burst["service_images_per_s"]
+        out["service_avg_batch_size"] = burst["avg_batch_size"]
+        out["users10x5_images_per_s"] = by_mode["users10x5"][0]["service_images_per_s"]
+        out["no_batching_images_per_s"] = by_mode["burst50_no_batching"][0]["service_images_per_s"]
+        if raw_result and out.get("raw_images_per_s"):
+            out["service_over_raw"] = round(out["service_images_per_s"] / out["raw_images_per_s"], 3)
+        if out.get("raw_batch1_s") and out["lone_latency_s"]:
+            out["lone_over_raw_batch1"] = round(out["lone_latency_s"] / out["raw_batch1_s"], 3)
+    return out
+
+
+def main() -> int:
+    from bench_service import card_name
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["raw", "service", "all"])
+    parser.add_argument("--model", default="sdxl")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--batches", default="1,2,16", help="raw: batch sizes")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="raw: which, in this order")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--lone-repeats", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="service: a setting for every process (repeatable)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--log-dir", type=Path)
+    args = parser.parse_args()
+    args.settings = dict(item.split("=", 1) for item in args.set)
+    args.card = card_name()
+    log_dir = args.log_dir or Path(f"/tmp/bench-gpu-{int(time.time())}")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    document = {"command": "python scripts/bench_gpu.py " + " ".join(sys.argv[1:]), "card": args.card}
+
+    def save() -> None:
+        text = json.dumps(document, indent=1)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return text
+
+    if args.mode in ("raw", "all"):
+        document["raw"] = raw(args)
+        save()
+    if args.mode in ("service", "all"):
+        document["service"] = service(args, log_dir)
+    document["summary"] = summary_row(args, document.get("raw"), document.get("service"))
+    print(save())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
