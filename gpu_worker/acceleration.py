@@ -54,21 +54,28 @@ def accelerate(diffusers_pipeline: Any, device: torch.device, config: Accelerati
 
     On the CPU only ``compile`` applies (no CUDA graphs; channels_last and fused QKV buy nothing there).
     """
-    applied = []
     on_cuda = device.type == "cuda"
-    if on_cuda and config.channels_last:
-        diffusers_pipeline.unet.to(memory_format=torch.channels_last)
-        diffusers_pipeline.vae.to(memory_format=torch.channels_last)
-        applied.append("channels_last")
-    if on_cuda and config.fuse_qkv and hasattr(diffusers_pipeline, "fuse_qkv_projections"):
-        diffusers_pipeline.fuse_qkv_projections()
-        applied.append("fused QKV")
+    applied = apply_layout(diffusers_pipeline, config.channels_last, config.fuse_qkv) if on_cuda else []
     if config.compile:
         graph_max_batch = config.cuda_graph_max_batch if on_cuda else 0
         unet = diffusers_pipeline.unet
         unet.forward = CompiledUnetForward(unet.forward, graph_max_batch)
         applied.append("torch.compile" + (f" + CUDA graphs up to batch {graph_max_batch}" if graph_max_batch else ""))
     return ", ".join(applied) or "none"
+
+
+def apply_layout(diffusers_pipeline: Any, channels_last: bool, fuse_qkv: bool) -> list[str]:
+    """channels_last memory format for UNet and VAE; fused q/k/v projections. Same results up to
+    rounding (bf16 kernels may sum in another order). Returns what was applied."""
+    applied = []
+    if channels_last:
+        diffusers_pipeline.unet.to(memory_format=torch.channels_last)
+        diffusers_pipeline.vae.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if fuse_qkv and hasattr(diffusers_pipeline, "fuse_qkv_projections"):
+        diffusers_pipeline.fuse_qkv_projections()
+        applied.append("fused QKV")
+    return applied
 
 
 def compiled_forward(pipeline_unet: Any) -> "CompiledUnetForward | None":

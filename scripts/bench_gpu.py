@@ -44,7 +44,7 @@ VARIANTS = ("eager", "layout", "compiled", "graphs")
 GRAPH_MAX_BATCH = 2
 
 
-def raw(args: argparse.Namespace) -> dict:
+def raw(args: argparse.Namespace, progress) -> dict:
     import torch
 
     from gpu_worker import acceleration
@@ -59,6 +59,9 @@ def raw(args: argparse.Namespace) -> dict:
     settings = BatchSettings(args.size, args.size, args.steps, args.guidance)
     sizes = [int(b) for b in args.batches.split(",")]
     variants = {}
+    result = {"model": args.model, "resolution": f"{args.size}x{args.size}", "steps": args.steps,
+              "guidance_scale": args.guidance, "torch": torch.__version__, "load_s": round(load_s, 1),
+              "weights_gib": round(weights_bytes / 2**30, 2), "variants": variants}
 
     def measure(variant: str, batch_sizes: list[int]) -> None:
         rows = variants.setdefault(variant, {})
@@ -96,10 +99,10 @@ def raw(args: argparse.Namespace) -> dict:
             forward = acceleration.compiled_forward(pipeline.diffusers_pipeline.unet)
             forward.enable_cuda_graphs(GRAPH_MAX_BATCH)
         measure(variant, sizes if variant != "graphs" else [s for s in sizes if s <= GRAPH_MAX_BATCH])
+        progress(result)  # what is measured comes back even if a later variant fails or runs out of time
     image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
-    return {"model": args.model, "resolution": f"{args.size}x{args.size}", "steps": args.steps,
-            "guidance_scale": args.guidance, "torch": torch.__version__, "load_s": round(load_s, 1),
-            "weights_gib": round(weights_bytes / 2**30, 2), "variants": variants, "png_encode_s": png_seconds(image)}
+    result["png_encode_s"] = png_seconds(image)
+    return result
 
 
 def png_seconds(image) -> dict:
@@ -223,7 +226,11 @@ def main() -> int:
         return text
 
     if args.mode in ("raw", "all"):
-        document["raw"] = raw(args)
+        def progress(partial: dict) -> None:
+            document["raw"] = partial
+            save()
+
+        document["raw"] = raw(args, progress)
         save()
     if args.mode in ("service", "all"):
         document["service"] = service(args, log_dir)
