@@ -69,7 +69,8 @@ class WorkerSettings:
                                             parse=parse_optional_str)
     warmup: bool = setting("WORKER_WARMUP", True,
                            "generate at the served resolution before registering (batch 1 and the largest "
-                           "batch; every batch size with TORCH_COMPILE), so no request pays for first-call setup")
+                           "batch; with TORCH_COMPILE also the CUDA-graph sizes, 3 and powers of two), so no "
+                           "request pays for first-call setup")
     torch_compile: bool = setting("TORCH_COMPILE", False,
                                   "compile the UNet with torch.compile at start (minutes the first time, cached "
                                   "in TORCHINDUCTOR_CACHE_DIR after): faster batches, docs/benchmarks.md")

@@ -8,6 +8,8 @@
     python scripts/bench_gpu.py service --model sdxl --size 1024 --set TORCH_COMPILE=true --out $OUT/svc.json
     # both, and the summary rows of docs/benchmarks (one per model and setting)
     python scripts/bench_gpu.py all --model sd15 --size 512 --batches 1,2,32 --set TORCH_COMPILE=true --out $OUT/sd15.json
+    # the summary row of a raw file and a service file measured in separate calls on one card
+    python scripts/bench_gpu.py summarize --raw-file raw.json --service-file service.json
 
 Raw: the worker's own ImagePipeline.generate (text encoding, denoising with CFG, VAE decode, PIL
 conversion) called in a loop, one model load, optimisations applied one after the other so every
@@ -195,11 +197,38 @@ def summary_row(args: argparse.Namespace, raw_result: dict | None, service_resul
     return out
 
 
-def main() -> int:
-    from bench_service import card_name
+def summarize(args: argparse.Namespace) -> int:
+    """Print the summary row of earlier results (model, size, steps, settings and card from the files)."""
+    raw_document = json.loads(args.raw_file.read_text()) if args.raw_file else {}
+    service_document = json.loads(args.service_file.read_text()) if args.service_file else {}
+    cards = {document["card"] for document in (raw_document, service_document) if document}
+    if len(cards) != 1:
+        sys.exit(f"compare results of one card only; got {sorted(cards)}")
+    raw_result = raw_document.get("raw")
+    if raw_result:  # JSON made the batch sizes strings
+        raw_result = {**raw_result, "variants": {variant: {int(size): row for size, row in rows.items()}
+                                                  for variant, rows in raw_result["variants"].items()}}
+    service_result = service_document.get("service")
+    reference = raw_result or {}
+    args.card = cards.pop()
+    args.model = reference.get("model") or service_document["summary"]["model"]
+    args.size = int((reference.get("resolution") or service_document["summary"]["resolution"]).split("x")[0])
+    args.steps = reference.get("steps") or service_document["summary"]["steps"]
+    args.settings = {k: v for k, v in (service_result or {}).get("settings", {}).items() if k != "MODEL_ID"}
+    row = summary_row(args, raw_result, service_result)
+    row["sources"] = [str(path) for path in (args.raw_file, args.service_file) if path]
+    print(json.dumps(row, indent=1))
+    return 0
 
+
+def main() -> int:
+    from bench_service import card_name, exit_on_sigterm
+
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["raw", "service", "all"])
+    parser.add_argument("mode", choices=["raw", "service", "all", "summarize"])
+    parser.add_argument("--raw-file", type=Path, help="summarize: a raw (or all) result of this script")
+    parser.add_argument("--service-file", type=Path, help="summarize: a service (or all) result of this script")
     parser.add_argument("--model", default="sdxl")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=25)
@@ -225,6 +254,8 @@ def main() -> int:
             args.out.write_text(text + "\n")
         return text
 
+    if args.mode == "summarize":
+        return summarize(args)
     if args.mode in ("raw", "all"):
         def progress(partial: dict) -> None:
             document["raw"] = partial

@@ -152,7 +152,18 @@ def service(args: argparse.Namespace, log_dir: Path) -> list[dict]:
     return rows
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a killed device call) unwinds like Ctrl-C: every Service context exits and
+    stops its process groups. Without this the workers, which run in their own sessions, outlive the
+    benchmark and hold GPU memory (a later run on the machine then auto-detects smaller batches)."""
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def main() -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["scaling", "service"])
     parser.add_argument("--model", default="sdxl")

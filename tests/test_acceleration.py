@@ -1,0 +1,137 @@
+"""gpu_worker.acceleration on the CPU: torch.compile of a real (tiny) UNet inside the real pipeline.
+
+CUDA graphs need a GPU (scripts/bench_gpu.py measures them there); the compiled path, the dynamic
+batch dimension, the warm-up and the eager fallback for shapes not warmed up are tested here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from gpu_worker import acceleration
+from gpu_worker.__main__ import warm_up, warm_up_batch_sizes
+from gpu_worker.acceleration import AccelerationConfig, CompiledUnetForward, compiled_forward
+from gpu_worker.batcher import BatchPolicyConfig
+from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
+
+SETTINGS = BatchSettings(64, 64, 3, 7.5)
+
+
+def jobs(count: int) -> list[GenerationJob]:
+    return [GenerationJob(f"a lighthouse, variant {i}", "blurry" if i % 2 else None, 500 + i) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    """(eager, compiled) tiny-sdxl pipelines with the same weights; the compiled one warmed up for
+    batches 1-3 at 64x64 (SDXL's UNet also takes the added text and time conditions)."""
+    eager = load_pipeline("tiny-sdxl", "cpu", "float32")
+    compiled = load_pipeline("tiny-sdxl", "cpu", "float32", AccelerationConfig(compile=True))
+    seconds = compiled.warm_up([1, 2, 3], 64, 64)
+    yield eager, compiled, seconds
+    acceleration.allow_recompiles()
+
+
+def test_compiled_batches_match_eager_ones(pipelines):
+    eager, compiled, seconds = pipelines
+    assert sorted(seconds) == [1, 2, 3]
+    forward = compiled_forward(compiled.diffusers_pipeline.unet)
+    assert forward is not None and compiled_forward(eager.diffusers_pipeline.unet) is None
+    np.testing.assert_allclose(compiled.generate_array(jobs(3), SETTINGS), eager.generate_array(jobs(3), SETTINGS),
+                               atol=2e-4)
+    assert forward.eager_shapes == set()
+
+
+def test_one_compilation_serves_batch_sizes_not_warmed_up(pipelines):
+    eager, compiled, _ = pipelines
+    forward = compiled_forward(compiled.diffusers_pipeline.unet)
+    # Recompiling is forbidden after the warm-up: a batch of 5 runs only because the batch
+    # dimension is dynamic (otherwise it would fall back to eager and be listed below).
+    np.testing.assert_allclose(compiled.generate_array(jobs(5), SETTINGS), eager.generate_array(jobs(5), SETTINGS),
+                               atol=2e-4)
+    assert forward.eager_shapes == set()
+
+
+def test_a_shape_that_would_compile_runs_eager_instead(pipelines, caplog):
+    eager, compiled, _ = pipelines
+    forward = compiled_forward(compiled.diffusers_pipeline.unet)
+    other = BatchSettings(128, 64, 2, 7.5)
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="gpu_worker.acceleration"):
+        images = compiled.generate_array(jobs(2), other)
+    assert time.perf_counter() - started < 10  # no compilation (tens of seconds on this CPU)
+    np.testing.assert_allclose(images, eager.generate_array(jobs(2), other), atol=2e-4)
+    assert (4, 4, 8, 16) in forward.eager_shapes
+    assert "was not warmed up; it runs eager" in caplog.text
+
+
+def test_cuda_graphs_only_for_small_batches_and_never_for_one_row():
+    forward = CompiledUnetForward(lambda *args, **kwargs: None, cuda_graph_max_batch=2)
+    assert [forward.mode_for(rows) for rows in (1, 2, 4, 5, 6, 32)] == [
+        "eager", "graphs", "graphs", "compiled", "compiled", "compiled"]
+    no_graphs = CompiledUnetForward(lambda *args, **kwargs: None, cuda_graph_max_batch=0)
+    assert no_graphs.graphed is None and no_graphs.mode_for(2) == "compiled"
+    no_graphs.enable_cuda_graphs(1)
+    assert no_graphs.graphed is not None and no_graphs.mode_for(2) == "graphs" and no_graphs.mode_for(4) == "compiled"
+
+
+def test_layout_changes_keep_the_images():
+    reference = load_pipeline("tiny", "cpu", "float32")
+    changed = load_pipeline("tiny", "cpu", "float32")
+    applied = acceleration.apply_layout(changed.diffusers_pipeline, channels_last=True, fuse_qkv=True)
+    assert applied == ["channels_last", "fused QKV"]
+    np.testing.assert_allclose(changed.generate_array(jobs(2), SETTINGS), reference.generate_array(jobs(2), SETTINGS),
+                               atol=2e-4)
+
+
+def test_on_the_cpu_layout_changes_are_not_applied():
+    pipeline = load_pipeline("tiny", "cpu", "float32")
+    assert acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device, AccelerationConfig()) == "none"
+
+
+@pytest.mark.parametrize("max_batch, compiled, graphs, expected", [
+    (1, False, 2, [1]), (16, False, 2, [1, 16]), (21, True, 2, [1, 2, 3, 4, 8, 16, 21]),
+    (64, True, 0, [1, 2, 3, 4, 8, 16, 32, 64]), (5, True, 5, [1, 2, 3, 4, 5]), (2, True, 2, [1, 2]),
+])
+def test_warm_up_batch_sizes(max_batch, compiled, graphs, expected):
+    assert warm_up_batch_sizes(max_batch, compiled, graphs) == expected
+
+
+class RunsOutOfMemoryAbove:
+    """Stands in for ImagePipeline.warm_up: batches larger than ``limit`` raise CUDA's OOM error."""
+
+    native_size = 64
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.calls: list[list[int]] = []
+
+    def warm_up(self, sizes, width, height):
+        self.calls.append(list(sizes))
+        if max(sizes) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {size: 0.0 for size in sizes}
+
+
+def test_a_warm_up_that_runs_out_of_memory_halves_the_max_batch_size():
+    policy = BatchPolicyConfig(max_batch_size=20, min_batch_size=16, max_batch_pixels=20 * 64 * 64)
+    fake = RunsOutOfMemoryAbove(limit=6)
+    fitted = warm_up(fake, policy, compiled=False)
+    assert fake.calls == [[1, 20], [1, 10], [1, 5]]
+    assert (fitted.max_batch_size, fitted.min_batch_size, fitted.max_batch_pixels) == (5, 5, 5 * 64 * 64)
+    assert warm_up(RunsOutOfMemoryAbove(limit=64), policy, compiled=False) == policy
+
+
+def test_other_warm_up_errors_and_a_batch_of_one_that_does_not_fit_are_raised():
+    with pytest.raises(torch.OutOfMemoryError):
+        warm_up(RunsOutOfMemoryAbove(limit=0), BatchPolicyConfig(max_batch_size=4), compiled=False)
+    broken = SimpleNamespace(native_size=64, warm_up=lambda *args: (_ for _ in ()).throw(ValueError("bad config")))
+    with pytest.raises(ValueError):
+        warm_up(broken, replace(BatchPolicyConfig(), max_batch_size=4), compiled=False)

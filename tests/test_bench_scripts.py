@@ -1,0 +1,113 @@
+"""The GPU benchmark scripts, run on the CPU: the raw-pipeline half with the tiny model, the service
+half with the FAKE backend (MODEL_ID=fake: no model; it says so), and their clean-up when killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout_s, start_new_session=True)
+
+
+def test_raw_half_measures_each_variant_and_batch_size(tmp_path):
+    out = tmp_path / "raw.json"
+    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
+                        "--batches", "1,2", "--variants", "eager,layout", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    variants = document["raw"]["variants"]
+    assert list(variants) == ["eager", "layout"] and all(list(rows) == ["1", "2"] for rows in variants.values())
+    assert all(row["seconds"] > 0 and row["images_per_s"] > 0 for rows in variants.values() for row in rows.values())
+    assert set(document["raw"]["png_encode_s"]) >= {"pil_level1", "striped_1"}
+    summary = document["summary"]
+    assert summary["model"] == "tiny" and summary["resolution"] == "64x64" and summary["gpus"] == 1
+    assert summary["batch_size"] in (1, 2) and summary["raw_batch1_s"] == min(
+        variants[v]["1"]["seconds"] for v in variants)
+    assert "service_images_per_s" not in summary  # no service half was run
+
+
+def test_service_half_reports_the_promised_fields(tmp_path):
+    out, logs = tmp_path / "service.json", tmp_path / "logs"
+    result = run_script("scripts/bench_gpu.py", "service", "--model", "fake:delay=0.02", "--size", "64", "--steps",
+                        "2", "--lone-repeats", "2", "--out", str(out), "--log-dir", str(logs))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    modes = [row["mode"] for row in document["service"]["rows"]]
+    assert modes == ["lone", "lone", "burst50", "users10x5", "burst50_no_batching"]
+    assert all(row["successful"] == row["images"] for row in document["service"]["rows"])
+    summary = document["summary"]
+    for field in ("card", "model", "resolution", "steps", "gpus", "lone_latency_s", "burst50_s",
+                  "service_images_per_s", "users10x5_images_per_s", "no_batching_images_per_s"):
+        assert summary[field] is not None, field
+    assert summary["burst50_s"] > 0 and summary["service_avg_batch_size"] > 1
+    # The workers' own per-batch times, read from their logs: 2 lone + burst + users batches.
+    sizes = [size for size, _ in document["service"]["worker_batches"]]
+    assert sizes[:2] == [1, 1] and sum(sizes) == 2 + 50 + 50
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_a_killed_benchmark_stops_the_service_it_started(tmp_path):
+    marker = f"BENCH_TEST_MARKER={uuid.uuid4().hex}"
+    bench = subprocess.Popen([sys.executable, "scripts/bench_service.py", "scaling", "--model", "fake:delay=2",
+                              "--size", "64", "--steps", "2", "--gpus", "1", "--per-gpu", "50", "--set", marker,
+                              "--log-dir", str(tmp_path)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(processes_with(marker)) < 3 and time.monotonic() < deadline:  # broker, gateway, worker
+            time.sleep(0.2)
+        started = processes_with(marker)
+        assert len(started) >= 3, "the benchmark did not start its service"
+        time.sleep(2)  # the load test is running against it
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_with(marker) == [], "service processes outlived the killed benchmark"
+    finally:
+        for pid in processes_with(marker) + [bench.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        bench.wait(timeout=10)
+
+
+def test_the_automatic_batch_size_never_plans_past_the_measured_memory():
+    """scripts/batch_size_table.py: per card, the worker's automatic MAX_BATCH_SIZE (its own function)
+    against the largest batch the committed H100 memory measurements say fits."""
+    result = run_script("scripts/batch_size_table.py", timeout_s=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "GB)" in line]
+    assert [row.split("|")[1].strip().split(" (")[0] for row in rows] == [
+        "RTX 3060", "RTX 3090", "RTX 4090", "L40S", "A100", "H100", "H200"]
+    for row in rows:
+        for cell in row.split("|")[2:4]:
+            auto, fits = (int(part) for part in cell.split("/"))
+            assert 1 <= auto <= fits, row
