@@ -12,7 +12,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
