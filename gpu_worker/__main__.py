@@ -125,6 +125,9 @@ async def main(settings: WorkerSettings) -> None:
     policy, auto = batch_policy(settings, pipeline)
     # One thread runs every generation, the warm-up's too: CUDA graphs are recorded per thread.
     gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+    if settings.torch_compile and not settings.warmup:
+        log.warning("TORCH_COMPILE without WORKER_WARMUP: the first request of each batch size will wait "
+                    "for torch.compile (minutes for SDXL)")
     if settings.warmup and not is_fake_model_id(settings.model_id):
         policy = await asyncio.get_running_loop().run_in_executor(
             gpu_thread, warm_up, pipeline, policy, settings.torch_compile, settings.cuda_graph_max_batch)

@@ -13,10 +13,12 @@ latents it is given:
 * **eager**, the original forward, for any shape that was not warmed up.
 
 The batch dimension is marked dynamic, so one compilation per mode serves every batch size (instead
-of one compilation, a minute or two for SDXL, per size). :func:`warm_up_shapes` runs every batch size
-the worker will form at the resolution it serves, which compiles both modes and records a CUDA graph
-per small size; then :func:`forbid_recompiles` makes torch raise instead of compiling, and any shape
-that would need compiling (another resolution, a batch larger than warmed) runs eager from then on.
+of one compilation, a minute or two for SDXL, per size; torch may still compile once more for a
+larger range of sizes). :func:`warm_up_shapes` runs the batch sizes it is given at the resolution the
+worker serves (the worker passes the CUDA-graph sizes, 3, the powers of two and its maximum), which
+compiles both modes and records a CUDA graph per small size; then :func:`forbid_recompiles` makes
+torch raise instead of compiling, and any shape that would need compiling (another resolution, say)
+runs eager from then on.
 Compile time therefore never lands in a request.
 
 Compiled artefacts are cached on disk by torch (``TORCHINDUCTOR_CACHE_DIR``, default under /tmp): a
@@ -41,7 +43,8 @@ RECOMPILE_REFUSED = "fail_on_recompile"  # in the message torch raises once reco
 
 @dataclass(frozen=True)
 class AccelerationConfig:
-    """What to apply (the worker's TORCH_COMPILE, CUDA_GRAPH_MAX_BATCH and CHANNELS_LAST settings)."""
+    """What to apply. The worker sets compile from TORCH_COMPILE and cuda_graph_max_batch from
+    CUDA_GRAPH_MAX_BATCH, and turns channels_last and fuse_qkv on only with TORCH_COMPILE."""
 
     compile: bool = False
     cuda_graph_max_batch: int = 2  # images; 0 turns CUDA graphs off (used only with compile on CUDA)

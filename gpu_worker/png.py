@@ -50,8 +50,12 @@ def encode_png(image: Any, executor: Executor | None = None, stripes: int = 1, l
     """PNG bytes of a PIL image or a (height, width[, channels]) uint8 array.
 
     stripes > 1 with an executor compresses that many stripes of rows in parallel. level: zlib's
-    compression level (1: fast; the files are ~10% larger than at 6 and encode several times faster).
+    compression level (1: several times faster than 6, files somewhat larger). PIL images must be
+    in mode L, RGB or RGBA (convert others first: a palette image's array holds indices, not colours).
     """
+    mode = getattr(image, "mode", None)
+    if mode is not None and mode not in ("L", "RGB", "RGBA"):
+        raise ValueError(f"cannot encode a PIL image of mode {mode}; convert it to RGB first")
     pixels = np.asarray(image)
     if pixels.dtype != np.uint8:
         raise ValueError(f"expected 8-bit pixels, got {pixels.dtype}")

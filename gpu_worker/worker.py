@@ -78,7 +78,7 @@ class WorkerIdentity:
 
 
 def encode_png(image: Any, stripe_threads: Executor | None = None) -> bytes:
-    # zlib level 1: several times faster than 6, files ~10% larger.
+    # zlib level 1: several times faster than 6, files somewhat larger.
     return png.encode_png(image, stripe_threads, stripes=PNG_STRIPE_THREADS, level=1)
 
 

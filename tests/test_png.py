@@ -69,3 +69,8 @@ def test_the_zlib_stream_is_one_valid_stream(stripe_threads, monkeypatch):
 def test_unsupported_input_is_refused(bad):
     with pytest.raises(ValueError):
         png.encode_png(bad)
+
+
+def test_a_palette_image_is_refused_rather_than_written_as_indices():
+    with pytest.raises(ValueError, match="convert it to RGB"):
+        png.encode_png(PIL.Image.new("P", (4, 4)))
