@@ -23,7 +23,7 @@ import numpy as np
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grayscale, RGB, RGBA
 FILTER_UP = 2
-MIN_STRIPE_BYTES = 256 * 1024  # below this a stripe's thread hand-off costs more than it saves
+MIN_STRIPE_BYTES = 128 * 1024  # below this a stripe's thread hand-off costs more than it saves
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

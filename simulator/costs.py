@@ -9,6 +9,8 @@
   launch-bound: batch 1 costs what batch 2 does).
 * ``sdxl-h100`` and ``sd15-h100``: our own figures, the worker's whole batch call timed per batch
   size on one H100 (scripts/measure_batch_costs.py); other keys scale with their work.
+* ``sdxl-h100-compiled`` and ``sd15-h100-compiled``: the same with ``TORCH_COMPILE=true``
+  (scripts/bench_gpu.py).
 * ``seed-l40s`` and ``seed-h100``: the seed's own figures (dynamic-batching.md): an L40S takes
   ~15 s for one image, ~30 s for a batch of 4 (its "Batch Size 4: ~375 s" for 50 images) and
   ~40 s for a batch of 8; an H100 is "~3x faster per-GPU than L40S" and does a batch of 16 in
@@ -100,8 +102,17 @@ SDXL_H100 = BatchCurve("sdxl-h100", SDXL_1024, {1: 2.3118, 2: 2.3486, 4: 4.2056,
 SD15_H100 = BatchCurve("sd15-h100", SD15_512, {1: 1.2316, 2: 0.8269, 4: 1.035, 8: 1.6103, 16: 2.9443,
                                                32: 5.6161})
 
+# With TORCH_COMPILE=true (torch.compile of the UNet, CUDA graphs for batches of 1-2), one H100: the
+# raw pipeline's batch call (docs/benchmarks/raw-*-h100.json, variants "graphs" for 1-2 and
+# "compiled" above) and the worker's own time for its largest batch in the service
+# (service-*-h100-worker-batches.txt: SDXL 21 in 18.04 s, SD-1.5 34 in 4.59 s). Sizes between are
+# interpolated linearly: at these sizes the cost per image is nearly flat.
+SDXL_H100_COMPILED = BatchCurve("sdxl-h100-compiled", SDXL_1024, {1: 1.0478, 2: 1.8618, 16: 13.7249, 21: 18.04})
+SD15_H100_COMPILED = BatchCurve("sd15-h100-compiled", SD15_512, {1: 0.2725, 2: 0.4067, 32: 4.2714, 34: 4.59})
+
 COST_MODELS: dict[str, CostModel] = {
-    m.name: m for m in (SDXL_H200, SD15_H200, SDXL_H100, SD15_H100, SEED_L40S, SEED_H100)
+    m.name: m for m in (SDXL_H200, SD15_H200, SDXL_H100, SD15_H100, SDXL_H100_COMPILED, SD15_H100_COMPILED,
+                        SEED_L40S, SEED_H100)
 }
 
 
