@@ -95,10 +95,10 @@ def warm_up(pipeline: ImagePipeline, policy: BatchPolicyConfig, compiled: bool,
         smaller = max(1, policy.max_batch_size // 2)
         log.warning("warm-up: a batch of %d ran out of GPU memory at %dx%d; MAX_BATCH_SIZE %d",
                     policy.max_batch_size, size, size, smaller)
-        return warm_up(pipeline, replace(policy, max_batch_size=smaller,
-                                         min_batch_size=min(policy.min_batch_size, smaller),
-                                         max_batch_pixels=None if policy.max_batch_pixels is None
-                                         else smaller * size * size), compiled, cuda_graph_max_batch)
+        smaller_policy = policy.with_max_batch_size(smaller)
+        if policy.max_batch_pixels is not None:  # auto-detected: the pixel budget is the same batch at native size
+            smaller_policy = replace(smaller_policy, max_batch_pixels=smaller * size * size)
+        return warm_up(pipeline, smaller_policy, compiled, cuda_graph_max_batch)
     log.info("warm-up at %dx%d took %.1fs (seconds per batch size: %s)", size, size,
              time.perf_counter() - started, seconds)
     return policy

@@ -95,8 +95,8 @@ class CompiledUnetForward:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
         self.eager = eager
         self.compiled = torch.compile(eager, mode="default", fullgraph=False)
-        self.graphed = torch.compile(eager, mode="reduce-overhead") if cuda_graph_max_batch > 0 else None
-        self.cuda_graph_max_batch = cuda_graph_max_batch
+        self.graphed = None
+        self.enable_cuda_graphs(cuda_graph_max_batch)
         self.eager_shapes: set[tuple[int, ...]] = set()  # shapes torch refused to compile: eager
 
     def enable_cuda_graphs(self, max_batch: int) -> None:
@@ -162,12 +162,17 @@ def warm_up_shapes(generate: Callable[[int], Any], batch_sizes: list[int]) -> di
     """Call ``generate(batch_size)`` for each size (compiling and recording on first use); returns
     seconds per size. Recompiles stay allowed during the warm-up and are forbidden afterwards."""
     allow_recompiles()
-    seconds = {}
     try:
-        for size in batch_sizes:
-            started = time.perf_counter()
-            generate(size)
-            seconds[size] = round(time.perf_counter() - started, 3)
+        return time_each(generate, batch_sizes)
     finally:
         forbid_recompiles()
+
+
+def time_each(generate: Callable[[int], Any], batch_sizes: list[int]) -> dict[int, float]:
+    """Call ``generate(batch_size)`` for each size; returns seconds per size (rounded to ms)."""
+    seconds = {}
+    for size in batch_sizes:
+        started = time.perf_counter()
+        generate(size)
+        seconds[size] = round(time.perf_counter() - started, 3)
     return seconds

@@ -73,6 +73,10 @@ class BatchPolicyConfig:
         if self.adaptive_threshold < 1:
             raise ValueError("adaptive_threshold must be at least 1")
 
+    def with_max_batch_size(self, size: int) -> "BatchPolicyConfig":
+        """The same policy with max_batch_size = size; min_batch_size comes down with it if needed."""
+        return replace(self, max_batch_size=size, min_batch_size=min(self.min_batch_size, size))
+
 
 def adaptive_wait_time_s(queue_depth: int, config: BatchPolicyConfig) -> float:
     """The seed's adaptive wait formula: the window shrinks linearly as the queue deepens."""
@@ -147,8 +151,7 @@ class Batcher(Generic[T]):
         """Lower config.max_batch_size to ``size`` (never raises it, never below 1); returns the new
         maximum. min_batch_size is lowered with it when needed. Used after a GPU out-of-memory error."""
         new_max = max(1, min(size, self.config.max_batch_size))
-        self.config = replace(self.config, max_batch_size=new_max,
-                              min_batch_size=min(self.config.min_batch_size, new_max))
+        self.config = self.config.with_max_batch_size(new_max)
         return new_max
 
     def max_batch_size_for(self, key: BatchKey) -> int:

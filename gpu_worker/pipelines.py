@@ -125,29 +125,25 @@ class ImagePipeline:
         """Like generate, but float32 (N, height, width, 3) in [0, 1], before 8-bit rounding."""
         return np.asarray(self._run(jobs, settings, output_type="np"), dtype=np.float32)
 
-    def warm_up(self, batch_sizes: Sequence[int], width: int, height: int,
-                steps: int = 2) -> dict[int, float]:
+    def warm_up(self, batch_sizes: Sequence[int], width: int, height: int, steps: int = 2,
+                guidance_scale: float = 7.5) -> dict[int, float]:
         """Generate one batch of each size at width x height (``steps`` steps), so no request pays
         for first-call work: cuDNN's algorithm choice and the allocator's growth per shape, and with
         TORCH_COMPILE the compilation and CUDA graph recording. Returns seconds per size.
 
         With torch.compile, recompiling is forbidden afterwards (gpu_worker.acceleration): shapes
         not warmed up here run eager. Call it from the thread that will generate (CUDA graphs are
-        recorded per thread).
+        recorded per thread). guidance_scale: above 1 the UNet sees two rows per image (CFG), so
+        warm up with the guidance the batches will use.
         """
-        settings = BatchSettings(width, height, steps, 7.5)
+        settings = BatchSettings(width, height, steps, guidance_scale)
 
         def generate(size: int) -> None:
             self.generate([GenerationJob("warm-up", None, index) for index in range(size)], settings)
 
         if acceleration.compiled_forward(self.diffusers_pipeline.unet) is not None:
             return acceleration.warm_up_shapes(generate, list(batch_sizes))
-        seconds = {}
-        for size in batch_sizes:
-            started = time.perf_counter()
-            generate(size)
-            seconds[size] = round(time.perf_counter() - started, 3)
-        return seconds
+        return acceleration.time_each(generate, list(batch_sizes))
 
     def per_image_memory_bytes(self, width: int, height: int) -> int:
         """Estimated extra GPU memory one more image in a batch costs at width x height."""

@@ -175,8 +175,7 @@ class Worker:
         if lower is None:
             return
         new_size = lower(succeeded_size)
-        self.policy = replace(self.policy, max_batch_size=new_size,
-                              min_batch_size=min(self.policy.min_batch_size, new_size))
+        self.policy = self.policy.with_max_batch_size(new_size)
         log.warning("out of GPU memory on a batch of %d: max batch size lowered to %d", failed_size, new_size)
         self._send_status()
 
