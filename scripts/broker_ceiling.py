@@ -230,6 +230,26 @@ def wait_for_workers(client: zmq.Socket, count: int, timeout_s: float = 60.0) ->
     raise RuntimeError(f"{count} fake workers did not register within {timeout_s:.0f}s")
 
 
+@contextmanager
+def client_once_registered(address: str, workers: int) -> Iterator[zmq.Socket]:
+    """A client socket on the broker, handed over once ``workers`` workers have registered."""
+    ctx = zmq.Context()
+    client = ctx.socket(zmq.DEALER)
+    client.linger, client.rcvtimeo = 0, 10_000
+    client.connect(address)
+    try:
+        wait_for_workers(client, workers)
+        yield client
+    finally:
+        ctx.destroy(linger=0)
+
+
+def fake_workers_args(ends: Endpoints, workers: int, payload_bytes: int, keys_dir: Path | None = None) -> list[str]:
+    """This script run as ``workers`` zero-time workers on the broker's worker endpoint."""
+    return [sys.executable, __file__, "--role", "workers", "--address", ends.worker, "--count", str(workers),
+            "--payload-bytes", str(payload_bytes)] + (["--keys", str(keys_dir)] if keys_dir else [])
+
+
 def generate_header(request_id: str) -> bytes:
     params = {"prompt": "ceiling", "width": SIZE, "height": SIZE, "num_inference_steps": 1,
               "guidance_scale": 7.5, "seed": 0, "negative_prompt": None}
@@ -309,20 +329,11 @@ def measure_broker(workers: int, payload_bytes: int, curve: bool, args: argparse
     ends = Endpoints(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", "http://127.0.0.1:0")
     keys_dir = make_keys(tmp / "keys") if curve else None
     env = service_env(ends, keys_dir, tmp / "images")
-    worker_args = [sys.executable, __file__, "--role", "workers", "--address", ends.worker, "--count", str(workers),
-                   "--payload-bytes", str(payload_bytes)] + (["--keys", str(keys_dir)] if keys_dir else [])
     with spawned([sys.executable, "-m", "broker"], env, tmp / "broker.log") as broker, \
-            spawned(worker_args, env, tmp / "workers.log"):
-        ctx = zmq.Context()
-        client = ctx.socket(zmq.DEALER)
-        client.linger, client.rcvtimeo = 0, 10_000
-        client.connect(ends.client)
-        try:
-            wait_for_workers(client, workers)
-            idle = idle_cpu(broker.pid, args.idle_s)
-            row = drive(client, broker.pid, args.window, args.warmup_s, args.duration_s)
-        finally:
-            ctx.destroy(linger=0)
+            spawned(fake_workers_args(ends, workers, payload_bytes, keys_dir), env, tmp / "workers.log"), \
+            client_once_registered(ends.client, workers) as client:
+        idle = idle_cpu(broker.pid, args.idle_s)
+        row = drive(client, broker.pid, args.window, args.warmup_s, args.duration_s)
     row = with_ceiling({"workers": workers, "payload_bytes": payload_bytes, "curve": curve, "window": args.window,
                         "broker_idle_cpu_per_s": idle, **row}, idle)
     print(f"workers {workers:4d}  payload {payload_bytes:>9,d} B  curve {'on ' if curve else 'off'}  "
@@ -371,19 +382,11 @@ def measure_gateway(workers: int, args: argparse.Namespace, tmp: Path) -> dict:
     ends = Endpoints(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}",
                      f"http://127.0.0.1:{free_port()}")
     env = service_env(ends, None, tmp / "images")
-    worker_args = [sys.executable, __file__, "--role", "workers", "--address", ends.worker, "--count", str(workers),
-                   "--payload-bytes", "0"]
     with spawned([sys.executable, "-m", "broker"], env, tmp / "broker.log") as broker, \
-            spawned(worker_args, env, tmp / "workers.log"), \
+            spawned(fake_workers_args(ends, workers, 0), env, tmp / "workers.log"), \
             spawned([sys.executable, "-m", "gateway"], env, tmp / "gateway.log") as gateway:
-        ctx = zmq.Context()
-        client = ctx.socket(zmq.DEALER)
-        client.linger, client.rcvtimeo = 0, 10_000
-        client.connect(ends.client)
-        try:
-            wait_for_workers(client, workers)
-        finally:
-            ctx.destroy(linger=0)
+        with client_once_registered(ends.client, workers):
+            pass  # only to wait until every fake worker has registered
         _wait_http(ends.http)
         row = asyncio.run(http_load(ends.http, args.http_concurrency, args.warmup_s, args.duration_s,
                                     {"gateway": gateway.pid, "broker": broker.pid}))
