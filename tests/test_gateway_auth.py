@@ -1,58 +1,29 @@
 """Optional API keys on the gateway (gateway/auth.py, GATEWAY_API_KEYS, GATEWAY_API_KEYS_FILE).
 
-The gateway runs in-process on aiohttp's TestServer with `FakeBroker` (below), a FAKE in place of the
-ZeroMQ broker link: it draws a PNG with PIL and talks to no broker. What is under test is only the
+The gateway runs in-process on aiohttp's TestServer with `FakeBrokerClient` (tests/test_gateway.py), a
+FAKE in place of the ZeroMQ broker link: it draws a PNG with PIL and talks to no broker. What is under test is only the
 HTTP layer's authentication, so these tests need no broker, worker, GPU or model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from PIL import Image
 
 from gateway.app import create_app
 from gateway.auth import api_key_middleware, load_api_keys
 from gateway.config import GatewaySettings
 from imagegen import settings as settings_lib
-from imagegen.protocol import GenerationParams, Result
 from imagegen.settings import SettingsError
+from test_gateway import FakeBrokerClient
 
 ENV_KEY = "env-key-0123456789abcdef"
 FILE_KEY = "file-key-fedcba9876543210"
 OTHER_KEY = "not-a-key-0000000000000000"
-
-
-class FakeBroker:
-    """A FAKE broker link (same async interface as gateway.broker_client.BrokerClient, no ZeroMQ):
-    generate returns a real PNG of the requested size and a made-up Result; stats a fixed document."""
-
-    def __init__(self) -> None:
-        self.generated = 0
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float) -> tuple[Result, bytes]:
-        self.generated += 1
-        buffer = io.BytesIO()
-        Image.new("RGB", (params.width, params.height), (10, 20, 30)).save(buffer, format="PNG")
-        result = Result(request_id=request_id, width=params.width, height=params.height, seed=params.seed,
-                        worker_name="fake-worker", host="fake-host", gpu_id=0, batch_id="fake-batch",
-                        batch_size=1, queue_wait_ms=1.0, generation_ms=2.0)
-        return result, buffer.getvalue()
-
-    async def stats(self, timeout_s: float = 2.0) -> dict[str, Any]:
-        return {"num_gpus": 1, "queue_depth": 0}
 
 
 BODY = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "num_inference_steps": 2}
@@ -72,8 +43,8 @@ def key_file(tmp_path: Path, text: str) -> str:
 async def make_client():
     clients: list[TestClient] = []
 
-    async def make(settings: GatewaySettings) -> tuple[TestClient, FakeBroker]:
-        broker = FakeBroker()
+    async def make(settings: GatewaySettings) -> tuple[TestClient, FakeBrokerClient]:
+        broker = FakeBrokerClient()
         client = TestClient(TestServer(create_app(settings, broker_client=broker)))
         await client.start_server()
         clients.append(client)
@@ -85,7 +56,7 @@ async def make_client():
 
 
 @pytest.fixture
-async def secured(tmp_path, make_client) -> tuple[TestClient, FakeBroker]:
+async def secured(tmp_path, make_client) -> tuple[TestClient, FakeBrokerClient]:
     path = key_file(tmp_path, f"# keys for the game servers\n\n  {FILE_KEY}  \n# retired: {OTHER_KEY}\n")
     return await make_client(load(tmp_path, GATEWAY_API_KEYS=f" {ENV_KEY} ,", GATEWAY_API_KEYS_FILE=path))
 
@@ -115,7 +86,7 @@ async def test_without_keys_no_authentication_is_needed(tmp_path, make_client):
     assert (await client.get("/stats")).status == 200
     # A header nobody asked for changes nothing.
     assert (await client.post("/generate", json=BODY, headers=bearer(OTHER_KEY))).status == 200
-    assert broker.generated == 2
+    assert len(broker.calls) == 2
 
 
 def test_the_middleware_refuses_an_empty_key_set():
@@ -144,7 +115,7 @@ async def test_generate_and_stats_without_a_valid_key_answer_401_json(secured, h
     client, broker = secured
     await assert_unauthorized(await client.post("/generate", json=BODY, headers=headers))
     await assert_unauthorized(await client.get("/stats", headers=headers))
-    assert broker.generated == 0
+    assert len(broker.calls) == 0
 
 
 @pytest.mark.parametrize("key", [ENV_KEY, FILE_KEY], ids=["from-env", "from-file"])
@@ -155,7 +126,7 @@ async def test_either_configured_key_is_accepted(secured, key):
     assert (await client.get("/stats", headers=bearer(key))).status == 200
     # The scheme is case-insensitive (RFC 7235).
     assert (await client.get("/stats", headers={"Authorization": f"bearer {key}"})).status == 200
-    assert broker.generated == 1
+    assert len(broker.calls) == 1
 
 
 async def test_a_commented_out_key_is_not_a_key(secured):
@@ -178,7 +149,7 @@ async def test_exempt_routes_need_no_key(secured):
 
 
 async def test_openapi_json_needs_no_key(tmp_path):
-    app = create_app(load(tmp_path, GATEWAY_API_KEYS=ENV_KEY), broker_client=FakeBroker())
+    app = create_app(load(tmp_path, GATEWAY_API_KEYS=ENV_KEY), broker_client=FakeBrokerClient())
     if not any(resource.canonical == "/openapi.json" for resource in app.router.resources()):
         # gateway.app does not serve it (yet): a stand-in route, to test the exemption itself.
         async def openapi(request):
@@ -202,7 +173,7 @@ async def test_exemption_is_by_route_and_method_not_by_path_prefix(secured):
                  "//stats", "/stats/", "/healthz/../generate"):
         status = await raw_status(client, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         assert status in (b"401", b"404"), (path, status)
-    assert broker.generated == 0
+    assert len(broker.calls) == 0
 
 
 async def test_unknown_routes_answer_401_without_a_key_and_json_404_405_with_one(secured):
