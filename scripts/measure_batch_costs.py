@@ -7,8 +7,9 @@ Loads MODEL_ID the way the worker does (gpu_worker.pipelines.load_pipeline: rand
 ``sd15``/``sdxl``, bf16 on CUDA), warms each batch size up once, then times
 ``ImagePipeline.generate`` (text encoding, denoising, VAE decode and PIL conversion: everything the
 worker's GPU thread does per batch) ``--repeats`` times and keeps the median. It also times PNG
-encoding of one output image as the worker does it (compress level 1). Prints JSON; ``--out``
-writes it too. simulator/costs.py holds the figures measured with it.
+encoding of one output image with PIL at compress level 1, on one thread: what the worker did
+before gpu_worker/png.py (scripts/bench_gpu.py times both encoders). Prints JSON; ``--out`` writes
+it too. simulator/costs.py holds the figures measured with it.
 """
 
 from __future__ import annotations
