@@ -118,8 +118,7 @@ class ImagePipeline:
         One pipeline call for the whole batch. Raises ValueError for an empty batch or bad
         settings, RuntimeError if the pipeline returns a different number of images.
         """
-        images = self._run(jobs, settings, output_type="pil")
-        return [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+        return to_rgb_images(self._run(jobs, settings, output_type="pt"))
 
     def generate_array(self, jobs: Sequence[GenerationJob], settings: BatchSettings) -> np.ndarray:
         """Like generate, but float32 (N, height, width, 3) in [0, 1], before 8-bit rounding."""
@@ -187,6 +186,22 @@ class ImagePipeline:
         if len(images) != len(jobs):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(jobs)} jobs")
         return images
+
+
+def to_rgb_images(images: torch.Tensor) -> list[PIL.Image.Image]:
+    """(N, C, H, W) pixels in [0, 1] on any device -> N RGB images.
+
+    The arithmetic of diffusers' own ``output_type="pil"`` (float32, x 255, round half to even, to
+    8 bits), so the bytes are the same, but done where the tensor is: on the GPU that moves a quarter
+    of the bytes to the host and saves the GPU thread ~0.1-0.8 s of CPU work per large batch
+    (diffusers converts on the CPU in float32) before it can start the next batch.
+    """
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    converted = []
+    for image in pixels:
+        picture = PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+        converted.append(picture if picture.mode == "RGB" else picture.convert("RGB"))
+    return converted
 
 
 def estimate_per_image_memory_bytes(architecture: str, dtype: torch.dtype,

@@ -27,6 +27,7 @@ from gpu_worker.pipelines import (
     estimate_per_image_memory_bytes,
     free_gpu_memory_bytes,
     load_pipeline,
+    to_rgb_images,
 )
 
 GIB = 1024**3
@@ -228,6 +229,32 @@ def test_missing_negative_prompt_means_empty_string(tiny_sdxl: ImagePipeline) ->
     without = tiny_sdxl.generate_array([GenerationJob("a cat", None, 5)], SETTINGS)
     empty = tiny_sdxl.generate_array([GenerationJob("a cat", "", 5)], SETTINGS)
     assert np.array_equal(without, empty)
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_sdxl"])
+def test_images_are_the_bytes_of_diffusers_own_pil_output(fixture: str, request: pytest.FixtureRequest) -> None:
+    # generate converts to 8 bits where the pixels are (the GPU in service): same arithmetic as
+    # diffusers' CPU conversion, so the same bytes.
+    pipeline: ImagePipeline = request.getfixturevalue(fixture)
+    ours = pipeline.generate(JOBS[:2], SETTINGS)
+    with torch.inference_mode():
+        theirs = pipeline.diffusers_pipeline(
+            prompt=[job.prompt for job in JOBS[:2]], negative_prompt=["", "blurry"],
+            generator=[torch.Generator("cpu").manual_seed(job.seed) for job in JOBS[:2]],
+            width=SETTINGS.width, height=SETTINGS.height, num_inference_steps=SETTINGS.num_inference_steps,
+            guidance_scale=SETTINGS.guidance_scale, output_type="pil").images
+    assert [image.mode for image in ours] == ["RGB", "RGB"]
+    assert [image.tobytes() for image in ours] == [image.tobytes() for image in theirs]
+
+
+def test_eight_bit_conversion_is_numpys_float32_arithmetic() -> None:
+    pixels = (torch.tensor([0.0, 0.5, 1.5, 2.5, 127.5, 255.0]) / 255).reshape(1, 1, 1, 6).expand(1, 3, 1, 6)
+    (image,) = to_rgb_images(pixels)
+    assert image.mode == "RGB" and image.size == (6, 1)
+    expected = (pixels[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")  # diffusers' numpy_to_pil
+    assert np.array_equal(np.asarray(image), expected)
+    (gray,) = to_rgb_images(torch.full((1, 1, 2, 2), 0.5))  # one channel: grey, given as RGB
+    assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (128, 128, 128)
 
 
 def test_generate_makes_one_pipeline_call_and_checks_count(tiny: ImagePipeline,
