@@ -1,4 +1,5 @@
-"""gpu_worker.acceleration on the CPU: torch.compile of a real (tiny) UNet inside the real pipeline.
+"""gpu_worker.acceleration on the CPU: torch.compile of a real (tiny) UNet and VAE decoder inside the
+real pipeline.
 
 CUDA graphs need a GPU (scripts/bench_gpu.py measures them there); the compiled path, the dynamic
 batch dimension, the warm-up and the eager fallback for shapes not warmed up are tested here.
@@ -17,7 +18,7 @@ import torch
 
 from gpu_worker import acceleration
 from gpu_worker.__main__ import warm_up, warm_up_batch_sizes
-from gpu_worker.acceleration import AccelerationConfig, CompiledUnetForward, compiled_forward
+from gpu_worker.acceleration import AccelerationConfig, CompiledUnetForward, CompiledVaeDecode, compiled_forward
 from gpu_worker.batcher import BatchPolicyConfig
 from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
 
@@ -44,19 +45,24 @@ def test_compiled_batches_match_eager_ones(pipelines):
     assert sorted(seconds) == [1, 2, 3]
     forward = compiled_forward(compiled.diffusers_pipeline.unet)
     assert forward is not None and compiled_forward(eager.diffusers_pipeline.unet) is None
+    decode = compiled.diffusers_pipeline.vae.decode
+    assert isinstance(decode, CompiledVaeDecode)
+    assert not isinstance(eager.diffusers_pipeline.vae.decode, CompiledVaeDecode)
     np.testing.assert_allclose(compiled.generate_array(jobs(3), SETTINGS), eager.generate_array(jobs(3), SETTINGS),
                                atol=2e-4)
-    assert forward.eager_shapes == set()
+    assert forward.eager_shapes == set() and decode.eager_shapes == set()
 
 
 def test_one_compilation_serves_batch_sizes_not_warmed_up(pipelines):
     eager, compiled, _ = pipelines
     forward = compiled_forward(compiled.diffusers_pipeline.unet)
+    decode = compiled.diffusers_pipeline.vae.decode
     # Recompiling is forbidden after the warm-up: a batch of 5 runs only because the batch
-    # dimension is dynamic (otherwise it would fall back to eager and be listed below).
+    # dimension is dynamic (otherwise it would fall back to eager and be listed below), in the UNet
+    # and in the VAE decoder.
     np.testing.assert_allclose(compiled.generate_array(jobs(5), SETTINGS), eager.generate_array(jobs(5), SETTINGS),
                                atol=2e-4)
-    assert forward.eager_shapes == set()
+    assert forward.eager_shapes == set() and decode.eager_shapes == set()
 
 
 def test_a_shape_that_would_compile_runs_eager_instead(pipelines, caplog):
@@ -69,7 +75,9 @@ def test_a_shape_that_would_compile_runs_eager_instead(pipelines, caplog):
     assert time.perf_counter() - started < 10  # no compilation (tens of seconds on this CPU)
     np.testing.assert_allclose(images, eager.generate_array(jobs(2), other), atol=2e-4)
     assert (4, 4, 8, 16) in forward.eager_shapes
-    assert "was not warmed up; it runs eager" in caplog.text
+    assert (2, 4, 8, 16) in compiled.diffusers_pipeline.vae.decode.eager_shapes
+    assert "UNet input (4, 4, 8, 16) was not warmed up; it runs eager" in caplog.text
+    assert "VAE decoder input (2, 4, 8, 16) was not warmed up; it runs eager" in caplog.text
 
 
 def test_cuda_graphs_only_for_small_batches_and_never_for_one_row():
@@ -135,3 +143,55 @@ def test_other_warm_up_errors_and_a_batch_of_one_that_does_not_fit_are_raised():
     broken = SimpleNamespace(native_size=64, warm_up=lambda *args: (_ for _ in ()).throw(ValueError("bad config")))
     with pytest.raises(ValueError):
         warm_up(broken, replace(BatchPolicyConfig(), max_batch_size=4), compiled=False)
+
+
+@pytest.mark.parametrize("name, latent_size, per_decode", [("sd15", 64, 31), ("sdxl", 128, 7), ("tiny", 8, None)])
+def test_largest_decoder_activation_is_the_one_the_decoder_makes(name, latent_size, per_decode):
+    from diffusers import AutoencoderKL
+
+    from gpu_worker.architectures import _VAES
+
+    with torch.device("meta"):  # real sizes, no memory, no arithmetic
+        vae = AutoencoderKL(**_VAES[name])
+    largest = [0]
+
+    def record(module, inputs, output):
+        largest[0] = max([largest[0], output.numel()] + [t.numel() for t in inputs if isinstance(t, torch.Tensor)])
+
+    for module in vae.decoder.modules():
+        module.register_forward_hook(record)
+    with torch.no_grad():
+        vae.decode(torch.empty(1, 4, latent_size, latent_size, device="meta"))
+    assert acceleration.largest_decoder_activation(vae.config, latent_size, latent_size) == largest[0]
+    if per_decode:
+        assert acceleration.images_per_decode(vae.config, latent_size, latent_size) == per_decode
+
+
+@pytest.mark.parametrize("rows, most, sizes", [(50, 31, [25, 25]), (31, 31, [31]), (16, 7, [6, 5, 5]),
+                                               (5, 2, [2, 2, 1]), (2, 1, [1, 1])])
+def test_equal_parts(rows, most, sizes):
+    parts = acceleration.equal_parts(torch.arange(rows), most)
+    assert [len(part) for part in parts] == sizes
+    assert torch.equal(torch.cat(parts), torch.arange(rows))
+
+
+def test_large_batches_are_decoded_in_equal_parts_like_one_decode(pipelines):
+    eager = pipelines[0]
+    vae = eager.diffusers_pipeline.vae
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    two_images = 2 * acceleration.largest_decoder_activation(vae.config, 8, 8)
+    decode = CompiledVaeDecode(vae.decode, vae.config, max_elements=two_images)
+    compiled_rows = []
+
+    def compiled(part, return_dict):  # stands in for torch.compile's function: records what it is given
+        compiled_rows.append(part.shape[0])
+        return vae.decode(part, return_dict=return_dict)
+
+    decode.compiled = compiled
+    with torch.inference_mode():
+        whole = vae.decode(latents).sample
+        (in_parts,) = decode(latents, return_dict=False, generator=[torch.Generator()] * 5)
+        as_output = decode(latents[:2]).sample
+    assert compiled_rows == [2, 2, 2]  # 5 = 2 + 2 + 1 (one image: eager), then the batch of 2
+    torch.testing.assert_close(in_parts, whole, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(as_output, whole[:2], atol=1e-5, rtol=1e-4)
