@@ -86,6 +86,8 @@ def warm_up(pipeline: ImagePipeline, policy: BatchPolicyConfig, compiled: bool,
     size = pipeline.native_size
     started = time.perf_counter()
     sizes = warm_up_batch_sizes(policy.max_batch_size, compiled, cuda_graph_max_batch)
+    log.info("warm-up at %dx%d, batch sizes %s%s", size, size, sizes,
+             " (TORCH_COMPILE: compiling takes minutes on a cold cache)" if compiled else "")
     try:
         seconds = pipeline.warm_up(sizes, size, size)
     except Exception as exc:  # noqa: BLE001 - only an out-of-memory error is survivable here

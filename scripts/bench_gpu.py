@@ -85,6 +85,7 @@ def raw(args: argparse.Namespace, progress) -> dict:
                           "warm_up_s": warm.get(size),
                           "peak_above_weights_gib": round((torch.cuda.max_memory_allocated() - weights_bytes) / 2**30, 2)
                           if on_cuda else None}
+            progress(result)  # what is measured comes back even if the call runs out of time later
             print(f"{variant} batch {size}: {median:.3f} s ({size / median:.3f} images/s)", file=sys.stderr, flush=True)
 
     for variant in args.variants.split(","):
@@ -99,7 +100,6 @@ def raw(args: argparse.Namespace, progress) -> dict:
             forward = acceleration.compiled_forward(pipeline.diffusers_pipeline.unet)
             forward.enable_cuda_graphs(GRAPH_MAX_BATCH)
         measure(variant, sizes if variant != "graphs" else [s for s in sizes if s <= GRAPH_MAX_BATCH])
-        progress(result)  # what is measured comes back even if a later variant fails or runs out of time
     image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
     result["png_encode_s"] = png_seconds(image)
     return result
@@ -143,21 +143,26 @@ def worker_batch_seconds(log_dir: Path) -> list[tuple[int, float]]:
     return found
 
 
-def service(args: argparse.Namespace, log_dir: Path) -> dict:
+def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
     from bench_service import Service, row
 
     settings = {"MODEL_ID": args.model, **args.settings}
-    rows = []
+    rows: list[dict] = []
+    result = {"settings": settings, "rows": rows}
+
+    def measured(mode: str, load_output: dict) -> None:
+        rows.append(row(mode, args, 1, load_output))
+        progress(result)  # each row comes back even if the call runs out of time later
+
     with Service([0], log_dir, **settings) as svc:
         for _ in range(args.lone_repeats):
-            rows.append(row("lone", args, 1, svc.load("--burst", "1", size=args.size, steps=args.steps)))
-        rows.append(row("burst50", args, 1, svc.load("--burst", "50", size=args.size, steps=args.steps)))
-        rows.append(row("users10x5", args, 1, svc.load("--users", "10", "--requests-per-user", "5",
-                                                       size=args.size, steps=args.steps)))
-    batches = worker_batch_seconds(log_dir)
+            measured("lone", svc.load("--burst", "1", size=args.size, steps=args.steps))
+        measured("burst50", svc.load("--burst", "50", size=args.size, steps=args.steps))
+        measured("users10x5", svc.load("--users", "10", "--requests-per-user", "5", size=args.size, steps=args.steps))
+    result["worker_batches"] = worker_batch_seconds(log_dir)
     with Service([0], log_dir, **settings, ENABLE_BATCHING="false") as svc:
-        rows.append(row("burst50_no_batching", args, 1, svc.load("--burst", "50", size=args.size, steps=args.steps)))
-    return {"settings": settings, "rows": rows, "worker_batches": batches}
+        measured("burst50_no_batching", svc.load("--burst", "50", size=args.size, steps=args.steps))
+    return result
 
 
 def summary_row(args: argparse.Namespace, raw_result: dict | None, service_result: dict | None) -> dict:
@@ -245,7 +250,7 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     document = {"command": "python scripts/bench_gpu.py " + " ".join(sys.argv[1:]), "card": args.card}
 
-    def save() -> None:
+    def save() -> str:
         text = json.dumps(document, indent=1)
         if args.out:
             args.out.write_text(text + "\n")
@@ -253,15 +258,19 @@ def main() -> int:
 
     if args.mode == "summarize":
         return summarize(args)
-    if args.mode in ("raw", "all"):
-        def progress(partial: dict) -> None:
-            document["raw"] = partial
-            save()
 
-        document["raw"] = raw(args, progress)
+    def progress_of(part: str):
+        """Saves the document with ``part``'s results so far (a call cut off still returns them)."""
+        def progress(partial: dict) -> None:
+            document[part] = partial
+            save()
+        return progress
+
+    if args.mode in ("raw", "all"):
+        document["raw"] = raw(args, progress_of("raw"))
         save()
     if args.mode in ("service", "all"):
-        document["service"] = service(args, log_dir)
+        document["service"] = service(args, log_dir, progress_of("service"))
     document["summary"] = summary_row(args, document.get("raw"), document.get("service"))
     print(save())
     return 0

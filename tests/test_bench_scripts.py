@@ -1,5 +1,6 @@
 """The GPU benchmark scripts, run on the CPU: the raw-pipeline half with the tiny model, the service
-half with the FAKE backend (MODEL_ID=fake: no model; it says so), and their clean-up when killed."""
+half with the FAKE backend (MODEL_ID=fake: no model; it says so), their clean-up and saved results
+when killed, and unet_variants.py with the tiny model."""
 
 from __future__ import annotations
 
@@ -37,6 +38,42 @@ def test_raw_half_measures_each_variant_and_batch_size(tmp_path):
     assert summary["batch_size"] in (1, 2) and summary["raw_batch1_s"] == min(
         variants[v]["1"]["seconds"] for v in variants)
     assert "service_images_per_s" not in summary  # no service half was run
+
+
+def test_a_raw_run_cut_off_has_already_saved_what_it_measured(tmp_path):
+    # A device call has a time limit: every finished batch size is in --out before the next starts.
+    out = tmp_path / "raw.json"
+    bench = subprocess.Popen([sys.executable, "scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64",
+                              "--steps", "2", "--batches", "1,2", "--variants", "eager,layout", "--out", str(out)],
+                             cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        for line in bench.stderr:
+            if line.startswith("eager batch 1:"):
+                os.killpg(bench.pid, signal.SIGKILL)  # the moment the first size is reported
+                break
+        bench.wait(timeout=60)
+        assert bench.returncode == -signal.SIGKILL
+        variants = json.loads(out.read_text())["raw"]["variants"]
+        assert list(variants) == ["eager"] and "1" in variants["eager"]
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait(timeout=10)
+
+
+def test_unet_variants_times_each_variant_on_the_same_inputs(tmp_path):
+    out = tmp_path / "variants.json"
+    result = run_script("scripts/unet_variants.py", "--model", "tiny", "--size", "64", "--batch", "2", "--repeats",
+                        "2", "--variants", "eager,eager-layout,compiled-nolayout", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert document["unet_rows"] == 4  # classifier-free guidance: two rows per image
+    rows = document["variants"]
+    assert list(rows) == ["eager", "eager-layout", "compiled-nolayout"]
+    assert all(row["ms_per_step"] > 0 and row["graph_breaks"] == 0 for row in rows.values()), rows
+    assert rows["eager"]["relative_error_vs_first"] == 0
+    assert 0 <= rows["compiled-nolayout"]["relative_error_vs_first"] < 1e-3  # compiled: same outputs, float32 CPU
 
 
 def test_service_half_reports_the_promised_fields(tmp_path):
