@@ -1,6 +1,6 @@
 """The GPU benchmark scripts, run on the CPU: the raw-pipeline half with the tiny model, the service
 half with the FAKE backend (MODEL_ID=fake: no model; it says so), their clean-up and saved results
-when killed, and unet_variants.py with the tiny model."""
+when killed, and unet_variants.py and profile_batch.py with the tiny models."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+import pytest
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,3 +149,25 @@ def test_the_automatic_batch_size_never_plans_past_the_measured_memory():
         for cell in row.split("|")[2:4]:
             auto, fits = (int(part) for part in cell.split("/"))
             assert 1 <= auto <= fits, row
+
+
+@pytest.mark.parametrize("model, extra, unet_calls, encoder_calls", [
+    ("tiny", ["--trace"], 4, 2),  # SD-1.5's PNDM scheduler: one UNet call more than steps; prompt + negative
+    ("tiny-sdxl", ["--compile"], 3, 4),  # Euler: one per step; SDXL's two text encoders, twice each
+])
+def test_profile_batch_accounts_for_every_phase(tmp_path, model, extra, unet_calls, encoder_calls):
+    out = tmp_path / "phases.json"
+    if extra == ["--trace"]:
+        extra = ["--trace", str(tmp_path / "trace.json.gz")]
+    result = run_script("scripts/profile_batch.py", "--model", model, "--size", "64", "--batch", "2", "--steps", "3",
+                        "--out", str(out), *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    calls = {phase: row["calls"] for phase, row in document["phases"].items()}
+    assert calls == {"unet": unet_calls, "scheduler_step": unet_calls, "vae_decode": 1,
+                     "text_encoders": encoder_calls, "to_8bit_images": 1}
+    timed = sum(row["seconds"] for row in document["phases"].values())
+    assert 0 < timed <= document["phased_s"] and document["rest_s"] >= 0
+    assert document["compiled"] == ("--compile" in extra)
+    if "--trace" in extra:
+        assert (tmp_path / "trace.json.gz").stat().st_size > 0 and document["top_gpu_operators"]
