@@ -110,7 +110,8 @@ def broker() -> FakeBrokerClient:
     return FakeBrokerClient()
 
 
-async def start_client(settings: GatewaySettings, broker: FakeBrokerClient) -> TestClient:
+async def start_client(settings: GatewaySettings, broker: Any) -> TestClient:
+    """The gateway app on a test server, with ``broker`` (any fake of the broker client) behind it."""
     client = TestClient(TestServer(create_app(settings, broker_client=broker)))
     await client.start_server()
     return client

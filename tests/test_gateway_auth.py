@@ -19,7 +19,7 @@ from gateway.auth import api_key_middleware, load_api_keys
 from gateway.config import GatewaySettings
 from imagegen import settings as settings_lib
 from imagegen.settings import SettingsError
-from test_gateway import FakeBrokerClient
+from test_gateway import FakeBrokerClient, start_client
 
 ENV_KEY = "env-key-0123456789abcdef"
 FILE_KEY = "file-key-fedcba9876543210"
@@ -45,8 +45,7 @@ async def make_client():
 
     async def make(settings: GatewaySettings) -> tuple[TestClient, FakeBrokerClient]:
         broker = FakeBrokerClient()
-        client = TestClient(TestServer(create_app(settings, broker_client=broker)))
-        await client.start_server()
+        client = await start_client(settings, broker)
         clients.append(client)
         return client, broker
 

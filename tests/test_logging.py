@@ -16,17 +16,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from broker.config import BrokerSettings
 from broker.state import BrokerPolicy, BrokerState, ToClient
 from cluster import Cluster, request_body
-from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gpu_worker.config import WorkerSettings
 from imagegen import settings as settings_lib
 from imagegen.logs import JsonFormatter, make_formatter, parse_log_format
 from imagegen.protocol import Failure, Generate, GenerationParams
+from test_gateway import start_client
 from test_metrics import FakeBroker, generate_body
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -87,8 +86,7 @@ def test_text_stays_the_default_and_bad_formats_are_refused_naming_log_format():
 @pytest.fixture
 async def gateway(tmp_path):
     broker = FakeBroker()
-    client = TestClient(TestServer(create_app(GatewaySettings(image_dir=str(tmp_path / "images")), broker)))
-    await client.start_server()
+    client = await start_client(GatewaySettings(image_dir=str(tmp_path / "images")), broker)
     try:
         yield client, broker
     finally:

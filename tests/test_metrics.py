@@ -28,6 +28,7 @@ from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.metrics import GatewayMetrics, RecentKeys
 from imagegen.protocol import BatchingConfig, GenerationParams, Heartbeat, Register, Result, WorkerStatus
+from test_gateway import start_client
 
 
 def make_png(width: int, height: int) -> bytes:
@@ -81,8 +82,7 @@ def broker() -> FakeBroker:
 
 @pytest.fixture
 async def client(tmp_path: Path, broker: FakeBroker):
-    client = TestClient(TestServer(create_app(GatewaySettings(image_dir=str(tmp_path / "images")), broker)))
-    await client.start_server()
+    client = await start_client(GatewaySettings(image_dir=str(tmp_path / "images")), broker)
     try:
         yield client
     finally:

@@ -17,16 +17,15 @@ import time
 import urllib.request
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from cluster import Cluster
-from gateway.app import create_app
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.openai_api import MAX_N, generate_all, parse_images_request
 from gateway.validation import FieldError
-from test_gateway import FakeBrokerClient
+from test_gateway import FakeBrokerClient, start_client
 
 openai = pytest.importorskip("openai", reason="the official client is in the test extra: pip install -e '.[test]'")
 
@@ -110,9 +109,7 @@ async def gateway(tmp_path):
 
     async def start(**settings) -> tuple[TestClient, FakeBrokerClient]:
         broker = FakeBrokerClient()
-        client = TestClient(TestServer(create_app(GatewaySettings(image_dir=str(tmp_path / "images"), **settings),
-                                                  broker_client=broker)))
-        await client.start_server()
+        client = await start_client(GatewaySettings(image_dir=str(tmp_path / "images"), **settings), broker)
         started.append(client)
         return client, broker
 

@@ -16,13 +16,11 @@ import re
 import time
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from cluster import Cluster
-from gateway.app import create_app
 from gateway.config import GatewaySettings
 from procs import free_port, get_json
-from test_gateway import FakeBrokerClient
+from test_gateway import FakeBrokerClient, start_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -36,8 +34,7 @@ WAIT_MS = 20_000
 
 async def test_page_is_served_without_a_key_and_loads_nothing_from_other_sites(tmp_path):
     settings = GatewaySettings(image_dir=str(tmp_path / "images"), api_keys=(API_KEY,))
-    client = TestClient(TestServer(create_app(settings, broker_client=FakeBrokerClient())))
-    await client.start_server()
+    client = await start_client(settings, FakeBrokerClient())
     try:
         response = await client.get("/")
         assert response.status == 200 and response.content_type == "text/html"
