@@ -224,7 +224,7 @@ def summarize(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    from bench_service import card_name, exit_on_sigterm
+    from bench_service import card_name, exit_on_sigterm, save_json
 
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,10 +251,7 @@ def main() -> int:
     document = {"command": "python scripts/bench_gpu.py " + " ".join(sys.argv[1:]), "card": args.card}
 
     def save() -> str:
-        text = json.dumps(document, indent=1)
-        if args.out:
-            args.out.write_text(text + "\n")
-        return text
+        return save_json(document, args.out)
 
     if args.mode == "summarize":
         return summarize(args)

@@ -183,12 +183,16 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     command = "python scripts/bench_service.py " + " ".join(sys.argv[1:])
     rows = (scaling if args.mode == "scaling" else service)(args, log_dir)
-    document = {"command": command, "card": args.card, "rows": rows}
-    text = json.dumps(document, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print(save_json({"command": command, "card": args.card, "rows": rows}, args.out, indent=2))
     return 0
+
+
+def save_json(document: dict, out: Path | None, indent: int = 1) -> str:
+    """The benchmark scripts' result: ``document`` as JSON text, also written to ``out`` when given."""
+    text = json.dumps(document, indent=indent)
+    if out:
+        out.write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ it too. simulator/costs.py holds the figures measured with it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench_service import save_json  # noqa: E402 - scripts/ is on the path: this script's folder
 from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline  # noqa: E402
 
 
@@ -77,10 +77,7 @@ def main() -> int:
         print(f"batch {size}: {seconds:.3f} s ({size / seconds:.3f} images/s)", file=sys.stderr, flush=True)
     if torch.cuda.is_available():
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print(save_json(result, args.out))
     return 0
 
 

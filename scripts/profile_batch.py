@@ -21,7 +21,6 @@ a little longer than the plain one; both are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -76,7 +75,7 @@ def instrument(pipeline: Any, timer: PhaseTimer) -> None:
 def main() -> int:
     import torch
 
-    from bench_service import card_name, exit_on_sigterm
+    from bench_service import card_name, exit_on_sigterm, save_json
     from gpu_worker.acceleration import AccelerationConfig
     from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
 
@@ -127,10 +126,7 @@ def main() -> int:
     if args.trace:
         document["top_gpu_operators"] = trace(call, args.trace, on_cuda)
         document["trace"] = str(args.trace)
-    text = json.dumps(document, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print(save_json(document, args.out))
     return 0
 
 

@@ -230,7 +230,7 @@ def main() -> int:
     import torch
     import torch._dynamo.utils
 
-    from bench_service import card_name, exit_on_sigterm
+    from bench_service import card_name, exit_on_sigterm, save_json
     from gpu_worker.pipelines import load_pipeline
 
     exit_on_sigterm()
@@ -273,10 +273,9 @@ def main() -> int:
         except Exception as exc:  # one failing variant must not cost the others' figures
             rows[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
         print(variant, json.dumps(rows[variant]), file=sys.stderr, flush=True)
-        if args.out:
-            args.out.write_text(json.dumps(document, indent=1) + "\n")
+        save_json(document, args.out)
     setup.reset()
-    print(json.dumps(document, indent=1))
+    print(save_json(document, args.out))
     return 0
 
 
