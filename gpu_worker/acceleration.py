@@ -163,8 +163,6 @@ class CompiledVaeDecode:
     def __call__(self, latents: torch.Tensor, return_dict: bool = True, generator: Any = None) -> Any:
         # AutoencoderKL.decode ignores ``generator``; SD-1.5's pipeline passes its list of generators,
         # and torch would guard on the list's length: one compilation per batch size. Not passed on.
-        if latents.shape[0] < 2:
-            return self.eager(latents, return_dict=return_dict)
         per_decode = images_per_decode(self.vae_config, latents.shape[-2], latents.shape[-1], self.max_elements)
         parts = [self._decode(part) for part in equal_parts(latents, per_decode)]
         decoded = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -175,7 +173,7 @@ class CompiledVaeDecode:
         return DecoderOutput(sample=decoded)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if latents.shape[0] < 2 or tuple(latents.shape) in self.eager_shapes:
+        if latents.shape[0] < 2 or tuple(latents.shape) in self.eager_shapes:  # size 1 would be specialised
             return self.eager(latents, return_dict=False)[0]
         import torch._dynamo
 
