@@ -39,14 +39,38 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-VARIANTS = ("eager", "eager-layout", "eager-cudnn-attention", "compiled", "compiled-nolayout", "compiled-static",
-            "compiled-cudnn-attention", "compiled-tuned", "autotuned", "vae")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one variant runs the UNet. compile: None (eager), "worker" (the worker's
+    CompiledUnetForward: batch dimension dynamic), or a torch.compile mode compiled for the one size."""
+
+    layout: bool = False  # channels_last + fused QKV
+    cudnn_attention: bool = False
+    tuned_inductor: bool = False
+    compile: str | None = None
+
+
+UNET_VARIANTS = {
+    "eager": Variant(),
+    "eager-layout": Variant(layout=True),
+    "eager-cudnn-attention": Variant(cudnn_attention=True),
+    "compiled": Variant(layout=True, compile="worker"),
+    "compiled-nolayout": Variant(compile="worker"),
+    "compiled-static": Variant(layout=True, compile="default"),
+    "compiled-cudnn-attention": Variant(layout=True, cudnn_attention=True, compile="worker"),
+    "compiled-tuned": Variant(layout=True, tuned_inductor=True, compile="worker"),
+    "autotuned": Variant(layout=True, compile="max-autotune-no-cudagraphs"),
+}
+VARIANTS = (*UNET_VARIANTS, "vae")
 TUNED_INDUCTOR_SETTINGS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True}
 
 
@@ -127,7 +151,6 @@ class Setup:
     def __init__(self, pipeline: Any) -> None:
         import torch._inductor.config as inductor_config
 
-        self.pipeline = pipeline
         self.dp = pipeline.diffusers_pipeline
         self.eager_forward = self.dp.unet.forward
         self.inductor_config = inductor_config
@@ -177,21 +200,18 @@ def unet_call(setup: Setup, inputs: Inputs, variant: str) -> Callable[[], Any]:
     from gpu_worker.acceleration import CompiledUnetForward
 
     setup.reset()
-    if variant in ("eager-layout", "compiled", "compiled-static", "compiled-cudnn-attention", "compiled-tuned",
-                   "autotuned"):
+    how = UNET_VARIANTS[variant]
+    if how.layout:
         setup.layout()
-    if variant.endswith("cudnn-attention"):
+    if how.cudnn_attention:
         attention_only("cudnn")
-    if variant == "compiled-tuned":
+    if how.tuned_inductor:
         setup.tuned()
-    unet = setup.dp.unet
-    eager = unet.forward
-    if variant in ("compiled", "compiled-nolayout", "compiled-cudnn-attention", "compiled-tuned"):
+    eager = setup.dp.unet.forward
+    if how.compile == "worker":
         forward = CompiledUnetForward(eager, cuda_graph_max_batch=0)
-    elif variant == "compiled-static":
-        forward = torch.compile(eager, mode="default")
-    elif variant == "autotuned":
-        forward = torch.compile(eager, mode="max-autotune-no-cudagraphs")
+    elif how.compile:
+        forward = torch.compile(eager, mode=how.compile)
     else:
         forward = eager
 
