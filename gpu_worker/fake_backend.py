@@ -35,6 +35,7 @@ import torch
 
 from gpu_worker.oom import OUT_OF_MEMORY_ERROR
 from gpu_worker.pipelines import BatchSettings, GenerationJob
+from imagegen.settings import parse_bool
 
 FAKE_PREFIX = "fake"
 FAKE_ARCHITECTURE = "fake"
@@ -46,8 +47,6 @@ FAKE_SIZE_MULTIPLE = 8
 _CELL = 8
 
 _KEYS = ("delay", "oom_above", "fail")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 class FakeBackend:
@@ -188,10 +187,10 @@ def parse_fake_model_id(model_id: str) -> FakeBackend | None:
         if oom_above < 0:
             raise _bad(model_id, f"oom_above must be >= 0, got {oom_above}")
     if "fail" in options:
-        flag = options["fail"].lower()
-        if flag not in _TRUE + _FALSE:
-            raise _bad(model_id, f"fail must be 1 or 0, got {options['fail']!r}")
-        fail = flag in _TRUE
+        try:
+            fail = parse_bool(options["fail"])
+        except ValueError:
+            raise _bad(model_id, f"fail must be 1 or 0, got {options['fail']!r}") from None
     return FakeBackend(model_id, delay_s=delay_s, oom_above=oom_above, fail=fail)
 
 
