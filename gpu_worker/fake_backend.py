@@ -27,7 +27,7 @@ import hashlib
 import math
 import threading
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import PIL.Image
@@ -83,12 +83,13 @@ class FakeBackend:
         return (f"FakeBackend(model_id={self.model_id!r}, delay_s={self.delay_s}, "
                 f"oom_above={self.oom_above}, fail={self.fail})")
 
-    def generate(self, jobs: Sequence[GenerationJob],
-                 settings: BatchSettings) -> list[PIL.Image.Image]:
+    def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
+                 on_images: Callable[[int, Sequence[Any]], None] | None = None) -> list[PIL.Image.Image]:
         """One RGB image of settings.width x settings.height per job, in job order.
 
         Each image depends only on the job (seed, prompt, negative prompt) and the settings, never
-        on its batch-mates: generating a job alone or in any batch gives the same pixels.
+        on its batch-mates: generating a job alone or in any batch gives the same pixels. Like the
+        real pipeline, hands the images to ``on_images(0, images)`` before returning them.
         """
         jobs = list(jobs)
         with self._lock:
@@ -104,7 +105,10 @@ class FakeBackend:
                 f"oom_above={self.oom_above})")
         if self.delay_s:
             time.sleep(self.delay_s)
-        return [fake_image(job, settings) for job in jobs]
+        images = [fake_image(job, settings) for job in jobs]
+        if on_images is not None:
+            on_images(0, images)
+        return images
 
     def per_image_memory_bytes(self, width: int, height: int) -> int:
         """A nominal figure (one float32 RGB image): positive, growing with pixels, not measured."""

@@ -1,6 +1,6 @@
 """Surviving GPU out-of-memory errors: split the batch in halves and retry.
 
-:class:`OomSplittingBackend` wraps any backend with ``generate(jobs, settings) -> list[image]``
+:class:`OomSplittingBackend` wraps any backend with ``generate(jobs, settings, on_images) -> list[image]``
 (gpu_worker.pipelines.ImagePipeline, gpu_worker.fake_backend.FakeBackend). When a batch raises an
 out-of-memory error it is split in two halves (the first half gets the extra job when the size is
 odd) and each half is generated on its own, recursively, so every job still gets its image, in the
@@ -42,6 +42,14 @@ OUT_OF_MEMORY_ERROR: type[RuntimeError] = getattr(torch, "OutOfMemoryError",
                                                   torch.cuda.OutOfMemoryError)
 
 OnOom = Callable[[int, int], None]
+OnImages = Callable[[int, Sequence[Any]], None]  # on_images(first_index, images), see gpu_worker.decoding
+
+
+def _shifted(on_images: OnImages | None, offset: int) -> OnImages | None:
+    """on_images for a sub-batch that starts at ``offset`` in the whole batch."""
+    if on_images is None or offset == 0:
+        return on_images
+    return lambda first, images: on_images(offset + first, images)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -103,16 +111,19 @@ class OomSplittingBackend:
     def __repr__(self) -> str:
         return f"OomSplittingBackend({self.inner!r})"
 
-    def generate(self, jobs: Sequence[Any], settings: Any) -> list[Any]:
+    def generate(self, jobs: Sequence[Any], settings: Any, on_images: OnImages | None = None) -> list[Any]:
         """The inner backend's images for ``jobs``, in order, splitting on out-of-memory errors.
 
+        ``on_images(first_index, images)`` is passed on with each sub-batch's indices shifted to
+        the whole batch's; images handed over before a sub-batch ran out of memory come again when
+        it is retried in halves (the same images: a job's image does not depend on its batch).
         Raises what the inner backend raises, except OOM errors of batches of two or more jobs;
         an OOM of a single job is re-raised as it is.
         """
         jobs = list(jobs)
         state = _CallState()
         try:
-            return self._generate(jobs, settings, state)
+            return self._generate(jobs, settings, state, on_images, 0)
         finally:
             if state.ooms:
                 self.oom_splits += 1
@@ -122,12 +133,13 @@ class OomSplittingBackend:
                             "completed %d, smallest that ran out of memory %s", state.ooms,
                             len(jobs), state.largest_succeeded, state.smallest_failed)
 
-    def _generate(self, jobs: list[Any], settings: Any, state: _CallState) -> list[Any]:
+    def _generate(self, jobs: list[Any], settings: Any, state: _CallState, on_images: OnImages | None,
+                  offset: int) -> list[Any]:
         size = len(jobs)
         known_to_fail = state.smallest_failed is not None and size >= state.smallest_failed
         if size < 2 or not known_to_fail:
             try:
-                images = list(self.inner.generate(jobs, settings))
+                images = list(self.inner.generate(jobs, settings, _shifted(on_images, offset)))
             except Exception as exc:
                 if not is_out_of_memory(exc) or size < 2:
                     raise
@@ -142,8 +154,8 @@ class OomSplittingBackend:
                 return images
             release_cached_memory()
         half = (size + 1) // 2
-        return (self._generate(jobs[:half], settings, state)
-                + self._generate(jobs[half:], settings, state))
+        return (self._generate(jobs[:half], settings, state, on_images, offset)
+                + self._generate(jobs[half:], settings, state, on_images, offset + half))
 
     def _report(self, failed_size: int, succeeded_size: int) -> None:
         if self.on_oom is None:

@@ -23,7 +23,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from gpu_worker import acceleration
+from gpu_worker import acceleration, decoding
 from gpu_worker.acceleration import AccelerationConfig
 
 if TYPE_CHECKING:
@@ -106,19 +106,26 @@ class ImagePipeline:
         if isinstance(sample_size, (list, tuple)):
             sample_size = max(sample_size)
         self.native_size = int(sample_size) * self.vae_scale_factor
+        self.images_per_part = decoding.IMAGES_PER_PART  # latents per VAE decode (gpu_worker.decoding)
 
     def __repr__(self) -> str:
         return (f"ImagePipeline(model_id={self.model_id!r}, architecture={self.architecture!r}, "
                 f"device={self.device}, dtype={self.dtype}, native_size={self.native_size})")
 
-    def generate(self, jobs: Sequence[GenerationJob],
-                 settings: BatchSettings) -> list[PIL.Image.Image]:
+    def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
+                 on_images: decoding.OnImages | None = None) -> list[PIL.Image.Image]:
         """Generate one RGB image of settings.width x settings.height per job, in job order.
 
-        One pipeline call for the whole batch. Raises ValueError for an empty batch or bad
-        settings, RuntimeError if the pipeline returns a different number of images.
+        One pipeline call denoises the whole batch; its latents are then decoded in parts
+        (gpu_worker.decoding), and ``on_images(first_index, arrays)``, if given, receives each
+        part's (H, W, 3) uint8 arrays as soon as they are on the host, before the next part is
+        decoded, in the calling thread. Raises ValueError for an empty batch or bad settings,
+        RuntimeError if the pipeline returns a different number of latents.
         """
-        return to_rgb_images(self._run(jobs, settings, output_type="pt"))
+        latents = self._run(jobs, settings, output_type="latent")
+        with torch.inference_mode():  # as inside the pipeline: no autograd, and what torch.compile guards on
+            arrays = decoding.decode_in_parts(self.diffusers_pipeline, latents, on_images, self.images_per_part)
+        return [rgb_image(array) for array in arrays]
 
     def generate_array(self, jobs: Sequence[GenerationJob], settings: BatchSettings) -> np.ndarray:
         """Like generate, but float32 (N, height, width, 3) in [0, 1], before 8-bit rounding."""
@@ -188,20 +195,10 @@ class ImagePipeline:
         return images
 
 
-def to_rgb_images(images: torch.Tensor) -> list[PIL.Image.Image]:
-    """(N, C, H, W) pixels in [0, 1] on any device -> N RGB images.
-
-    The arithmetic of diffusers' own ``output_type="pil"`` (float32, x 255, round half to even, to
-    8 bits), so the bytes are the same, but done where the tensor is: on the GPU that moves a quarter
-    of the bytes to the host and saves the GPU thread ~0.1-0.8 s of CPU work per large batch
-    (diffusers converts on the CPU in float32) before it can start the next batch.
-    """
-    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    converted = []
-    for image in pixels:
-        picture = PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-        converted.append(picture if picture.mode == "RGB" else picture.convert("RGB"))
-    return converted
+def rgb_image(pixels: np.ndarray) -> PIL.Image.Image:
+    """(H, W, C) uint8 -> an RGB image (one channel is grey; four would keep only RGB)."""
+    picture = PIL.Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    return picture if picture.mode == "RGB" else picture.convert("RGB")
 
 
 def estimate_per_image_memory_bytes(architecture: str, dtype: torch.dtype,
@@ -322,6 +319,9 @@ def load_pipeline(model_id: str, device: str | None = None, dtype: str | None = 
             pipe = _from_pretrained(model_id, torch_device, torch_dtype)
         architecture = _detect_architecture(pipe)
         pipe.set_progress_bar_config(disable=True)
+        from gpu_worker import schedulers  # imports diffusers
+
+        pipe.scheduler = schedulers.without_gpu_waits(pipe.scheduler)
         applied = acceleration.accelerate(pipe, torch_device, optimizations or AccelerationConfig(
             compile=False, channels_last=False, fuse_qkv=False))
     except Exception as exc:  # noqa: BLE001 - every failure is reported the same way

@@ -11,8 +11,11 @@ thread-safe):
   passed before they cost GPU time, and runs the pipeline in a dedicated thread (so heartbeats
   flow while the GPU computes).
 
-PNG encoding runs in its own thread pools and overlaps the next batch's inference: the GPU never
-waits for compression or sockets. Each image is also split into stripes compressed in parallel
+PNG encoding runs in its own thread pools and overlaps the GPU's work: a batch's images are handed
+over part by part as the VAE decodes them (gpu_worker.decoding), each part's PNGs are compressed
+while the GPU decodes the next part and then runs the next batch, and the results are sent once the
+whole batch is done (they all carry the batch's generation time). The GPU never waits for
+compression or sockets. Each image is also split into stripes compressed in parallel
 (gpu_worker/png.py), so a lone image is not held up by one core's zlib.
 """
 
@@ -24,7 +27,7 @@ import os
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from gpu_worker import png
 from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig
@@ -50,10 +53,12 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 300.0
 # PNG encoding of one 1024x1024 image takes ~0.03-0.2 s of CPU: encode a batch's images in parallel
-# so delivery keeps up with the GPU, leaving cores for the event loop and the GPU thread; and split
-# each image into stripes on a second pool (a pool's thread never waits on its own pool).
+# so delivery keeps up with the GPU, and split each image into stripes on a second pool (a pool's
+# thread never waits on its own pool). The stripes do the compressing: give them every core but two,
+# for the event loop and the GPU thread (the last part of a burst's last batch is compressed after
+# the GPU has finished: its time is the burst's tail).
 PNG_ENCODER_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))
-PNG_STRIPE_THREADS = PNG_ENCODER_THREADS
+PNG_STRIPE_THREADS = max(1, min(16, (os.cpu_count() or 2) - 2))
 LOGGED_ID_CHARS = 8  # request ids in the per-batch INFO line are cut to this; JSON logs carry them whole
 
 
@@ -63,9 +68,13 @@ def short_ids(request_ids: Sequence[str]) -> str:
 
 
 class ImageBackend(Protocol):
-    """What the worker needs from a pipeline (gpu_worker.pipelines.ImagePipeline is the real one)."""
+    """What the worker needs from a pipeline (gpu_worker.pipelines.ImagePipeline is the real one).
 
-    def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings) -> list[Any]: ...
+    generate may hand images over early, ``on_images(first_index, images)`` from its own thread, for
+    consecutive slices of the batch; whatever it did not hand over is taken from its return value."""
+
+    def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
+                 on_images: Callable[[int, Sequence[Any]], None] | None = None) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,39 @@ def batching_report(config: BatchPolicyConfig, auto: bool) -> BatchingConfig:
         adaptive_threshold=config.adaptive_threshold,
         max_batch_size_auto=auto,
     )
+
+
+class BatchEncodings:
+    """One batch's PNG encodings, started as its images are handed over (by index in the batch).
+
+    An image handed over twice (a part retried after an out-of-memory split) is encoded once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, encoder_threads: Executor, stripe_threads: Executor) -> None:
+        self.loop = loop
+        self.encoder_threads = encoder_threads
+        self.stripe_threads = stripe_threads
+        self.pngs: dict[int, asyncio.Future[bytes]] = {}
+        self.cancelled = False
+
+    def on_images_in_gpu_thread(self, first_index: int, images: Sequence[Any]) -> None:
+        self.loop.call_soon_threadsafe(self.encode, first_index, images)
+
+    def encode(self, first_index: int, images: Sequence[Any]) -> None:
+        """Start encoding the images not yet started (event-loop thread; zlib releases the GIL)."""
+        if self.cancelled:
+            return  # the batch failed after handing these over: nobody will send them
+        for index, image in enumerate(images, first_index):
+            if index not in self.pngs:
+                self.pngs[index] = self.loop.run_in_executor(self.encoder_threads, encode_png, image,
+                                                             self.stripe_threads)
+
+    async def png(self, index: int) -> bytes:
+        return await self.pngs[index]
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for future in self.pngs.values():
+            future.cancel()
 
 
 class Worker:
@@ -277,14 +319,17 @@ class Worker:
         self._send_status()
         started = time.perf_counter()
         splits_before = self.backend.oom_splits
+        encodings = BatchEncodings(asyncio.get_running_loop(), self.encoder_threads, self.stripe_threads)
         try:
             images = await asyncio.get_running_loop().run_in_executor(
-                self.gpu_thread, self.backend.generate, jobs, settings)
+                self.gpu_thread, self.backend.generate, jobs, settings, encodings.on_images_in_gpu_thread)
         except Exception as exc:  # the pipeline's errors end this batch's requests, never the worker
+            encodings.cancel()
             self._fail_batch(batch, exc)
             return
         finally:
             self.running = 0
+        encodings.encode(0, images)  # those not handed over early
         generation_s = time.perf_counter() - started
         self._observe_batch_time(key, len(batch), generation_s, splits_before)
         self.counters.record_batch([batch.wait_s(p) for p in batch.requests], generation_s)
@@ -292,7 +337,7 @@ class Worker:
         log.info("batch %s: %d x %dx%d, %d steps in %.2fs; requests %s", batch_id, len(batch), key.width,
                  key.height, key.num_inference_steps, generation_s, short_ids(request_ids),
                  extra={"batch_id": batch_id, "request_ids": request_ids})
-        task = asyncio.create_task(self._deliver(batch, batch_id, images, generation_s))
+        task = asyncio.create_task(self._deliver(batch, batch_id, encodings, generation_s))
         self.delivery_tasks.add(task)
         task.add_done_callback(self.delivery_tasks.discard)
         self._send_status()
@@ -314,13 +359,10 @@ class Worker:
             self.link.send(Failure(pending.request_id, code.value, f"{type(exc).__name__}: {exc}"[:4000]))
         self._send_status()
 
-    async def _deliver(self, batch: Batch[Generate], batch_id: str, images: list[Any], generation_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        # Encode every image of the batch at once (zlib releases the GIL), then send in order.
-        encodings = [loop.run_in_executor(self.encoder_threads, encode_png, image, self.stripe_threads)
-                     for image in images]
-        for pending, encoding in zip(batch.requests, encodings):
-            png = await encoding
+    async def _deliver(self, batch: Batch[Generate], batch_id: str, encodings: BatchEncodings,
+                       generation_s: float) -> None:
+        for index, pending in enumerate(batch.requests):
+            png = await encodings.png(index)
             params = pending.item.params
             self.link.send(Result(
                 request_id=pending.request_id,

@@ -46,12 +46,17 @@ class Scripted:
         self.error_for = error_for
         self.batches: list[list[str]] = []
 
-    def generate(self, jobs, settings):
+    def generate(self, jobs, settings, on_images=None):
         self.batches.append([job.prompt for job in jobs])
+        tokens = [job.prompt for job in jobs]
+        if on_images is not None:  # like the real pipeline: the first image goes before the decode fails
+            on_images(0, tokens[:1])
         error = self.error_for(jobs)
         if error is not None:
             raise error
-        return [job.prompt for job in jobs]
+        if on_images is not None:
+            on_images(1, tokens[1:])
+        return tokens
 
 
 # ------------------------------------------------------------------ recognising OOM
@@ -110,6 +115,20 @@ def test_order_is_kept_with_a_scripted_backend():
     expected = [job.prompt for job in jobs(11)]
     assert backend.generate(jobs(11), SETTINGS) == expected
     assert recorder.calls == [(11, 3)]
+
+
+def test_images_handed_over_early_carry_their_index_in_the_whole_batch():
+    inner = Scripted(lambda js: OUT_OF_MEMORY_ERROR("oom") if len(js) > 3 else None)
+    backend = OomSplittingBackend(inner)
+    handed_over: list[tuple[int, str]] = []
+    expected = [job.prompt for job in jobs(11)]
+    images = backend.generate(jobs(11), SETTINGS, on_images=lambda first, tokens: handed_over.extend(
+        enumerate(tokens, first)))
+    assert images == expected
+    assert all(expected[index] == token for index, token in handed_over)
+    assert {index for index, _ in handed_over} == set(range(11))
+    # before each out of memory (11, 6, 5), the failed sub-batch's first image had been handed over
+    assert len(handed_over) == 11 + 3
 
 
 def test_no_oom_means_one_call_and_no_report():

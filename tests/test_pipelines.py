@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker import architectures
+from gpu_worker import architectures, decoding
 from gpu_worker.pipelines import (
     BUILTIN_MODELS,
     BatchSettings,
@@ -27,7 +27,7 @@ from gpu_worker.pipelines import (
     estimate_per_image_memory_bytes,
     free_gpu_memory_bytes,
     load_pipeline,
-    to_rgb_images,
+    rgb_image,
 )
 
 GIB = 1024**3
@@ -232,29 +232,47 @@ def test_missing_negative_prompt_means_empty_string(tiny_sdxl: ImagePipeline) ->
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_sdxl"])
-def test_images_are_the_bytes_of_diffusers_own_pil_output(fixture: str, request: pytest.FixtureRequest) -> None:
-    # generate converts to 8 bits where the pixels are (the GPU in service): same arithmetic as
-    # diffusers' CPU conversion, so the same bytes.
+@pytest.mark.parametrize("images_per_part", [1, 2, decoding.IMAGES_PER_PART])
+def test_images_are_the_bytes_of_diffusers_own_pil_output(fixture: str, images_per_part: int,
+                                                          request: pytest.FixtureRequest,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # generate decodes the latents itself, in parts, and converts to 8 bits where the pixels are (the
+    # GPU in service): the same operations as diffusers' own decode and CPU conversion, so the same
+    # bytes when the batch is one part (a convolution over fewer images may round differently: then
+    # within one level); and each part is handed over, in order, before generate returns.
     pipeline: ImagePipeline = request.getfixturevalue(fixture)
-    ours = pipeline.generate(JOBS[:2], SETTINGS)
+    monkeypatch.setattr(pipeline, "images_per_part", images_per_part)
+    jobs = JOBS[:3]
+    handed_over: list[tuple[int, list[bytes]]] = []
+    ours = pipeline.generate(jobs, SETTINGS, on_images=lambda first, arrays: handed_over.append(
+        (first, [array.tobytes() for array in arrays])))
     with torch.inference_mode():
         theirs = pipeline.diffusers_pipeline(
-            prompt=[job.prompt for job in JOBS[:2]], negative_prompt=["", "blurry"],
-            generator=[torch.Generator("cpu").manual_seed(job.seed) for job in JOBS[:2]],
+            prompt=[job.prompt for job in jobs], negative_prompt=["", "blurry", ""],
+            generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
             width=SETTINGS.width, height=SETTINGS.height, num_inference_steps=SETTINGS.num_inference_steps,
             guidance_scale=SETTINGS.guidance_scale, output_type="pil").images
-    assert [image.mode for image in ours] == ["RGB", "RGB"]
-    assert [image.tobytes() for image in ours] == [image.tobytes() for image in theirs]
+    assert [image.mode for image in ours] == ["RGB"] * 3
+    if images_per_part >= len(jobs):
+        assert [image.tobytes() for image in ours] == [image.tobytes() for image in theirs]
+    for mine, diffusers_image in zip(ours, theirs):
+        difference = np.abs(np.asarray(mine, dtype=int) - np.asarray(diffusers_image, dtype=int))
+        assert difference.max() <= 1 and difference.mean() < 0.01
+    part_sizes = [len(arrays) for _, arrays in handed_over]
+    assert part_sizes == {1: [1, 1, 1], 2: [2, 1]}.get(images_per_part, [3])
+    assert [first for first, _ in handed_over] == [0, *np.cumsum(part_sizes)[:-1]]
+    assert [data for _, arrays in handed_over for data in arrays] == [image.tobytes() for image in ours]
 
 
 def test_eight_bit_conversion_is_numpys_float32_arithmetic() -> None:
     pixels = (torch.tensor([0.0, 0.5, 1.5, 2.5, 127.5, 255.0]) / 255).reshape(1, 1, 1, 6).expand(1, 3, 1, 6)
-    (image,) = to_rgb_images(pixels)
+    (array,) = decoding.to_rgb8(pixels).numpy()
+    image = rgb_image(array)
     assert image.mode == "RGB" and image.size == (6, 1)
     expected = (pixels[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")  # diffusers' numpy_to_pil
     assert np.array_equal(np.asarray(image), expected)
-    (gray,) = to_rgb_images(torch.full((1, 1, 2, 2), 0.5))  # one channel: grey, given as RGB
-    assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (128, 128, 128)
+    (gray,) = decoding.to_rgb8(torch.full((1, 1, 2, 2), 0.5)).numpy()  # one channel: grey, given as RGB
+    assert rgb_image(gray).mode == "RGB" and rgb_image(gray).getpixel((0, 0)) == (128, 128, 128)
 
 
 def test_generate_makes_one_pipeline_call_and_checks_count(tiny: ImagePipeline,
