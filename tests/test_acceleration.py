@@ -104,12 +104,9 @@ def test_on_the_cpu_layout_changes_are_not_applied():
     assert acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device, AccelerationConfig()) == "none"
 
 
-@pytest.mark.parametrize("max_batch, compiled, graphs, expected", [
-    (1, False, 2, [1]), (16, False, 2, [1, 16]), (21, True, 2, [1, 2, 3, 4, 8, 16, 21]),
-    (64, True, 0, [1, 2, 3, 4, 8, 16, 32, 64]), (5, True, 5, [1, 2, 3, 4, 5]), (2, True, 2, [1, 2]),
-])
-def test_warm_up_batch_sizes(max_batch, compiled, graphs, expected):
-    assert warm_up_batch_sizes(max_batch, compiled, graphs) == expected
+@pytest.mark.parametrize("max_batch, expected", [(1, [1]), (2, [2, 1]), (5, [5, 1, 2, 3, 4])])
+def test_warm_up_batch_sizes_are_every_size_the_largest_first(max_batch, expected):
+    assert warm_up_batch_sizes(max_batch) == expected
 
 
 class RunsOutOfMemoryAbove:
@@ -132,7 +129,7 @@ def test_a_warm_up_that_runs_out_of_memory_halves_the_max_batch_size():
     policy = BatchPolicyConfig(max_batch_size=20, min_batch_size=16, max_batch_pixels=20 * 64 * 64)
     fake = RunsOutOfMemoryAbove(limit=6)
     fitted = warm_up(fake, policy, compiled=False)
-    assert fake.calls == [[1, 20], [1, 10], [1, 5]]
+    assert fake.calls == [[20, *range(1, 20)], [10, *range(1, 10)], [5, 1, 2, 3, 4]]
     assert (fitted.max_batch_size, fitted.min_batch_size, fitted.max_batch_pixels) == (5, 5, 5 * 64 * 64)
     assert warm_up(RunsOutOfMemoryAbove(limit=64), policy, compiled=False) == policy
 
