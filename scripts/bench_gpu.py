@@ -6,6 +6,8 @@
     # the service as users start it, with TORCH_COMPILE on: lone request, burst of 50, 10 users x 5,
     # and the burst with ENABLE_BATCHING=false
     python scripts/bench_gpu.py service --model sdxl --size 1024 --set TORCH_COMPILE=true --out $OUT/svc.json
+    # some of the service's runs only (of lone, burst50, users10x5, burst50_no_batching)
+    python scripts/bench_gpu.py service --model sdxl --size 1024 --set TORCH_COMPILE=true --service-runs lone,burst50
     # both, and the summary rows of docs/benchmarks (one per model and setting)
     python scripts/bench_gpu.py all --model sd15 --size 512 --batches 1,2,32 --set TORCH_COMPILE=true --out $OUT/sd15.json
     # the summary row of a raw file and a service file measured in separate calls on one card
@@ -17,7 +19,9 @@ variant is measured on the same weights, card and call:
 
 * ``eager``: bf16, SDPA attention (diffusers' default), nothing else;
 * ``layout``: + channels_last for UNet and VAE, fused QKV projections;
-* ``compiled``: + torch.compile of the UNet (dynamic batch dimension, mode default);
+* ``compiled``: + torch.compile of the UNet and the VAE decoder (dynamic batch dimension, mode
+  default; with channels_last and fused QKV even when ``layout`` was not measured, as the worker
+  applies them with TORCH_COMPILE);
 * ``graphs``: + CUDA graphs (mode reduce-overhead) for batches up to 2 images.
 
 Each batch size is warmed up first (a 2-step call: compilation and graph recording land there), then
@@ -44,6 +48,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 VARIANTS = ("eager", "layout", "compiled", "graphs")
 GRAPH_MAX_BATCH = 2
+SERVICE_RUNS = ("lone", "burst50", "users10x5", "burst50_no_batching")
 
 
 def raw(args: argparse.Namespace, progress) -> dict:
@@ -88,14 +93,17 @@ def raw(args: argparse.Namespace, progress) -> dict:
             progress(result)  # what is measured comes back even if the call runs out of time later
             print(f"{variant} batch {size}: {median:.3f} s ({size / median:.3f} images/s)", file=sys.stderr, flush=True)
 
+    layout_applied = False
     for variant in args.variants.split(","):
         if variant == "layout":
             acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
                                     AccelerationConfig(compile=False, channels_last=True, fuse_qkv=True))
-        elif variant == "compiled":
+            layout_applied = True
+        elif variant == "compiled":  # with the layout, as TORCH_COMPILE applies it, if not applied yet
             acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
                                     AccelerationConfig(compile=True, cuda_graph_max_batch=0,
-                                                       channels_last=False, fuse_qkv=False))
+                                                       channels_last=not layout_applied, fuse_qkv=not layout_applied))
+            layout_applied = True
         elif variant == "graphs":
             forward = acceleration.compiled_forward(pipeline.diffusers_pipeline.unet)
             forward.enable_cuda_graphs(GRAPH_MAX_BATCH)
@@ -154,14 +162,19 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
         rows.append(row(mode, args, 1, load_output))
         progress(result)  # each row comes back even if the call runs out of time later
 
+    runs = set(args.service_runs.split(","))
     with Service([0], log_dir, **settings) as svc:
-        for _ in range(args.lone_repeats):
+        for _ in range(args.lone_repeats if "lone" in runs else 0):
             measured("lone", svc.load("--burst", "1", size=args.size, steps=args.steps))
-        measured("burst50", svc.load("--burst", "50", size=args.size, steps=args.steps))
-        measured("users10x5", svc.load("--users", "10", "--requests-per-user", "5", size=args.size, steps=args.steps))
+        if "burst50" in runs:
+            measured("burst50", svc.load("--burst", "50", size=args.size, steps=args.steps))
+        if "users10x5" in runs:
+            measured("users10x5", svc.load("--users", "10", "--requests-per-user", "5", size=args.size,
+                                           steps=args.steps))
     result["worker_batches"] = worker_batch_seconds(log_dir)
-    with Service([0], log_dir, **settings, ENABLE_BATCHING="false") as svc:
-        measured("burst50_no_batching", svc.load("--burst", "50", size=args.size, steps=args.steps))
+    if "burst50_no_batching" in runs:
+        with Service([0], log_dir, **settings, ENABLE_BATCHING="false") as svc:
+            measured("burst50_no_batching", svc.load("--burst", "50", size=args.size, steps=args.steps))
     return result
 
 
@@ -186,13 +199,14 @@ def summary_row(args: argparse.Namespace, raw_result: dict | None, service_resul
             by_mode.setdefault(r["mode"], []).append(r)
         lones = [r["latency_max_s"] for r in by_mode.get("lone", [])]
         out["lone_latency_s"] = round(statistics.median(lones), 3) if lones else None
-        burst = by_mode["burst50"][0]
-        out["burst50_s"] = burst["duration_s"]
-        out["service_images_per_s"] = burst["service_images_per_s"]
-        out["service_avg_batch_size"] = burst["avg_batch_size"]
-        out["users10x5_images_per_s"] = by_mode["users10x5"][0]["service_images_per_s"]
-        out["no_batching_images_per_s"] = by_mode["burst50_no_batching"][0]["service_images_per_s"]
-        if raw_result and out.get("raw_images_per_s"):
+        burst = by_mode.get("burst50", [{}])[0]
+        out["burst50_s"] = burst.get("duration_s")
+        out["service_images_per_s"] = burst.get("service_images_per_s")
+        out["service_avg_batch_size"] = burst.get("avg_batch_size")
+        for mode, field in (("users10x5", "users10x5_images_per_s"),
+                            ("burst50_no_batching", "no_batching_images_per_s")):
+            out[field] = by_mode[mode][0]["service_images_per_s"] if mode in by_mode else None
+        if raw_result and out.get("raw_images_per_s") and out["service_images_per_s"]:
             out["service_over_raw"] = round(out["service_images_per_s"] / out["raw_images_per_s"], 3)
         if out.get("raw_batch1_s") and out["lone_latency_s"]:
             out["lone_over_raw_batch1"] = round(out["lone_latency_s"] / out["raw_batch1_s"], 3)
@@ -239,12 +253,17 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="raw: which, in this order")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--lone-repeats", type=int, default=3)
+    parser.add_argument("--service-runs", default=",".join(SERVICE_RUNS),
+                        help="service: which load runs, of " + ", ".join(SERVICE_RUNS))
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="service: a setting for every process (repeatable)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--log-dir", type=Path)
     args = parser.parse_args()
     args.settings = dict(item.split("=", 1) for item in args.set)
+    unknown_runs = set(args.service_runs.split(",")) - set(SERVICE_RUNS)
+    if unknown_runs:
+        parser.error(f"--service-runs: unknown {', '.join(sorted(unknown_runs))}; choose from {', '.join(SERVICE_RUNS)}")
     args.card = card_name()
     log_dir = args.log_dir or Path(f"/tmp/bench-gpu-{int(time.time())}")
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,13 @@ and warmed up at the batch size. Then:
 2. one call with every phase timed on its own, the GPU synchronised before and after each: text
    encoders, UNet calls, scheduler steps, VAE decode, 8-bit conversion to images. ``rest`` is the
    call's time minus those phases (prompt handling, CFG arithmetic, latents, Python between them);
-3. with ``--trace``, one more call under torch.profiler: its Chrome trace (open in
-   chrome://tracing or ui.perfetto.dev) and the 25 operators with the most GPU time.
+3. on CUDA, one more call with torch's sync debug mode on: every place (file:line) where the CPU
+   waited for the GPU, and how often (``sync_sites``). A wait stops the CPU from queuing work ahead,
+   so the GPU idles while Python prepares the next kernels;
+4. with ``--trace``, one more call under torch.profiler: its Chrome trace (open in
+   chrome://tracing or ui.perfetto.dev), the 25 kernels with the most GPU time, and the share of
+   the call's wall time the GPU was busy (``device_busy_fraction``; the profiler's own cost counts
+   against it).
 
 Synchronising around phases stops the CPU from running ahead of the GPU, so the phased call takes
 a little longer than the plain one; both are reported.
@@ -59,7 +64,7 @@ class PhaseTimer:
 
 def instrument(pipeline: Any, timer: PhaseTimer) -> None:
     """Route the pipeline's phases through ``timer`` (in place; instance attributes shadow methods)."""
-    from gpu_worker import pipelines
+    from gpu_worker import decoding
 
     dp = pipeline.diffusers_pipeline
     for name in ("text_encoder", "text_encoder_2"):
@@ -69,7 +74,7 @@ def instrument(pipeline: Any, timer: PhaseTimer) -> None:
     dp.unet.forward = timer.wrap("unet", dp.unet.forward)
     dp.vae.decode = timer.wrap("vae_decode", dp.vae.decode)
     dp.scheduler.step = timer.wrap("scheduler_step", dp.scheduler.step)
-    pipelines.to_rgb_images = timer.wrap("to_8bit_images", pipelines.to_rgb_images)
+    decoding.to_rgb8 = timer.wrap("to_8bit_images", decoding.to_rgb8)
 
 
 def main() -> int:
@@ -123,26 +128,57 @@ def main() -> int:
                 "warm_up_s": warm_up_s, "plain_s": round(plain_s, 4), "images_per_s": round(args.batch / plain_s, 3),
                 "phased_s": round(phased_s, 4), "phases": phases,
                 "rest_s": round(phased_s - sum(timer.seconds.values()), 4)}
+    if on_cuda:
+        document["sync_sites"] = sync_sites(call)
     if args.trace:
-        document["top_gpu_operators"] = trace(call, args.trace, on_cuda)
+        document.update(trace(call, args.trace, on_cuda))
         document["trace"] = str(args.trace)
     print(save_json(document, args.out))
     return 0
 
 
-def trace(call: Callable[[], float], path: Path, on_cuda: bool) -> list[dict]:
-    """One call under torch.profiler; writes its Chrome trace; returns the top operators by device time."""
+def sync_sites(call: Callable[[], float]) -> dict[str, int]:
+    """One call with CUDA sync debug mode on: {"file:line": count} of the places that waited for the GPU."""
+    import torch
+
+    counts: dict[str, int] = defaultdict(int)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        if "synchroniz" in str(warning.message):
+            counts[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def trace(call: Callable[[], float], path: Path, on_cuda: bool) -> dict:
+    """One call under torch.profiler; writes its Chrome trace; returns the top operators by device
+    time and (on CUDA) the fraction of the call's wall time the device was busy."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as profiler:
-        call()
+        wall_s = call()
     profiler.export_chrome_trace(str(path))
     events = profiler.key_averages()
+    if on_cuda:  # kernels only: an operator's device time is its kernels' again
+        from torch.autograd import DeviceType
+
+        events = [event for event in events if event.device_type == DeviceType.CUDA]
     device_time = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     top = sorted(events, key=lambda event: getattr(event, device_time, 0), reverse=True)[:25]
-    return [{"name": event.key, "calls": event.count, "self_ms": round(getattr(event, device_time, 0) / 1000, 3)}
-            for event in top]
+    result: dict[str, Any] = {"top_gpu_operators": [
+        {"name": event.key, "calls": event.count, "self_ms": round(getattr(event, device_time, 0) / 1000, 3)}
+        for event in top]}
+    if on_cuda:
+        busy_s = sum(event.self_device_time_total for event in events) / 1e6
+        result.update(profiled_s=round(wall_s, 4), device_busy_s=round(busy_s, 4),
+                      device_busy_fraction=round(busy_s / wall_s, 3))
+    return result
 
 
 if __name__ == "__main__":

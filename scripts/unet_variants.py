@@ -84,6 +84,8 @@ class Inputs:
 
 
 def capture_inputs(pipeline: Any, batch: int, size: int, guidance: float) -> Inputs:
+    import torch
+
     from gpu_worker.pipelines import BatchSettings, GenerationJob
 
     unet = pipeline.diffusers_pipeline.unet
@@ -96,7 +98,7 @@ def capture_inputs(pipeline: Any, batch: int, size: int, guidance: float) -> Inp
         return unet_forward(*args, **kwargs)
 
     def record_vae(latents: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.setdefault("vae", latents.clone())
+        seen.setdefault("vae", []).append(latents.clone())  # the batch is decoded in parts
         return vae_decode(latents, *args, **kwargs)
 
     unet.forward, vae.decode = record_unet, record_vae
@@ -106,7 +108,7 @@ def capture_inputs(pipeline: Any, batch: int, size: int, guidance: float) -> Inp
     finally:
         unet.forward, vae.decode = unet_forward, vae_decode
     args, kwargs = seen["unet"]
-    return Inputs(args, kwargs, seen["vae"])
+    return Inputs(args, kwargs, torch.cat(seen["vae"]))
 
 
 def _clone(value: Any) -> Any:
@@ -227,7 +229,7 @@ def measure_vae(setup: Setup, inputs: Inputs, repeats: int) -> dict:
 
     setup.reset()
     vae = setup.dp.vae
-    latents = inputs.vae_latents / vae.config.scaling_factor
+    latents = inputs.vae_latents  # as the pipeline gives them to the decoder (already unscaled)
 
     def decoder(decode: Callable) -> Callable[[], Any]:
         def call() -> Any:

@@ -97,6 +97,20 @@ def test_service_half_reports_the_promised_fields(tmp_path):
     assert sizes[:2] == [1, 1] and sum(sizes) == 2 + 50 + 50
 
 
+def test_service_half_runs_only_the_runs_asked_for(tmp_path):
+    out = tmp_path / "service.json"
+    result = run_script("scripts/bench_gpu.py", "service", "--model", "fake:delay=0.02", "--size", "64", "--steps",
+                        "2", "--service-runs", "burst50", "--out", str(out), "--log-dir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert [row["mode"] for row in document["service"]["rows"]] == ["burst50"]
+    summary = document["summary"]
+    assert summary["service_images_per_s"] > 0 and summary["lone_latency_s"] is None
+    assert summary["users10x5_images_per_s"] is None and summary["no_batching_images_per_s"] is None
+    refused = run_script("scripts/bench_gpu.py", "service", "--model", "fake", "--service-runs", "burst5")
+    assert refused.returncode == 2 and "unknown burst5" in refused.stderr
+
+
 def processes_with(marker: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
