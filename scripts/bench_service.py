@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,7 +108,22 @@ class Service:
             document = json.loads(Path(report.name).read_text())
         summary = document["summary"]
         summary["final_stats"] = document.get("final_stats")
+        summary["median_ms"] = latency_parts_ms(document.get("results", []))
         return summary
+
+
+def latency_parts_ms(results: list[dict]) -> dict | None:
+    """Medians over the successful requests of where a request's latency went: waiting in the worker's
+    queue (the batching policy's hold included), its batch's generation, and the rest (PNG encoding,
+    ZeroMQ, HTTP, the gateway's file write): the serving layer's own cost."""
+    done = [r for r in results if r.get("ok") and r.get("queue_wait_ms") is not None
+            and r.get("generation_ms") is not None]
+    if not done:
+        return None
+    return {"queue_wait": round(statistics.median(r["queue_wait_ms"] for r in done), 2),
+            "generation": round(statistics.median(r["generation_ms"] for r in done), 2),
+            "rest": round(statistics.median(r["latency_s"] * 1000 - r["queue_wait_ms"] - r["generation_ms"]
+                                            for r in done), 2)}
 
 
 def row(mode: str, args: argparse.Namespace, gpus: int, summary: dict, **extra) -> dict:
@@ -117,7 +133,8 @@ def row(mode: str, args: argparse.Namespace, gpus: int, summary: dict, **extra) 
             "gpus": gpus, "mode": mode, "images": summary["total"], "successful": summary["successful"],
             "duration_s": round(summary["duration_s"], 3), "service_images_per_s": round(summary["throughput"], 4),
             "avg_batch_size": summary["avg_batch_size"], "latency_p50_s": summary["latency_p50_s"],
-            "latency_p95_s": summary["latency_p95_s"], "latency_max_s": summary["latency_max_s"], **extra}
+            "latency_p95_s": summary["latency_p95_s"], "latency_max_s": summary["latency_max_s"],
+            "median_ms": summary.get("median_ms"), **extra}
 
 
 def scaling(args: argparse.Namespace, log_dir: Path) -> list[dict]:

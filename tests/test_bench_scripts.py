@@ -92,6 +92,9 @@ def test_service_half_reports_the_promised_fields(tmp_path):
                   "service_images_per_s", "users10x5_images_per_s", "no_batching_images_per_s"):
         assert summary[field] is not None, field
     assert summary["burst50_s"] > 0 and summary["service_avg_batch_size"] > 1
+    # Where a lone request's time went: its batch (the fake backend sleeps 20 ms), the queue, the rest.
+    parts = document["service"]["rows"][0]["median_ms"]
+    assert parts["generation"] >= 20 and parts["queue_wait"] >= 0 and parts["rest"] > 0
     # The workers' own per-batch times, read from their logs: 2 lone + burst + users batches.
     sizes = [size for size, _ in document["service"]["worker_batches"]]
     assert sizes[:2] == [1, 1] and sum(sizes) == 2 + 50 + 50
