@@ -71,11 +71,11 @@ def warm_up_batch_sizes(max_batch_size: int) -> list[int]:
     """Every batch size the worker may run, the largest first.
 
     Every size: a size's first batch pays one-off costs besides compiling (likely cuDNN's choice of
-    convolution plans per input shape and the allocator's growth; not profiled): on an H100 the first
-    SD-1.5 batch of 6 took 1.44 s and later ones 0.83-0.90 s, the first batch of 50 ran 0.7 s slower
-    than the raw pipeline's rate (docs/benchmarks.md). With TORCH_COMPILE this also compiles both graphs and
-    records a CUDA graph per small size. The largest first: an auto-detected maximum that runs out of
-    memory is found before the others are warmed up."""
+    convolution plans per input shape and the allocator's growth; not profiled): on an H100 the
+    first SD-1.5 batch of 6 took 1.44 s and later ones 0.83-0.90 s, the first batch of 50 ran 0.7 s
+    slower than the raw pipeline's rate (docs/benchmarks.md). With TORCH_COMPILE this also compiles
+    both graphs and records a CUDA graph per small size. The largest first: an auto-detected
+    maximum that runs out of memory is found before the others are warmed up."""
     return [max_batch_size, *range(1, max_batch_size)]
 
 

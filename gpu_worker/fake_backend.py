@@ -27,13 +27,13 @@ import hashlib
 import math
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 
-from gpu_worker.oom import OUT_OF_MEMORY_ERROR
+from gpu_worker.oom import OUT_OF_MEMORY_ERROR, OnImages
 from gpu_worker.pipelines import BatchSettings, GenerationJob
 from imagegen.settings import parse_bool
 
@@ -84,7 +84,7 @@ class FakeBackend:
                 f"oom_above={self.oom_above}, fail={self.fail})")
 
     def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
-                 on_images: Callable[[int, Sequence[Any]], None] | None = None) -> list[PIL.Image.Image]:
+                 on_images: OnImages | None = None) -> list[PIL.Image.Image]:
         """One RGB image of settings.width x settings.height per job, in job order.
 
         Each image depends only on the job (seed, prompt, negative prompt) and the settings, never

@@ -27,7 +27,7 @@ import os
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from gpu_worker import png
 from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig
@@ -35,7 +35,7 @@ from gpu_worker.pipelines import BatchSettings, GenerationJob
 from gpu_worker.stats import WorkerCounters
 from imagegen import protocol
 from gpu_worker.link import BrokerLink
-from gpu_worker.oom import OomSplittingBackend
+from gpu_worker.oom import OnImages, OomSplittingBackend
 from imagegen.sockets import CurveClientKeys
 from imagegen.protocol import (
     BatchingConfig,
@@ -74,7 +74,7 @@ class ImageBackend(Protocol):
     consecutive slices of the batch; whatever it did not hand over is taken from its return value."""
 
     def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
-                 on_images: Callable[[int, Sequence[Any]], None] | None = None) -> list[Any]: ...
+                 on_images: OnImages | None = None) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
