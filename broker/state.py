@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Union
 
 from broker.balancing import Balancer, Candidate
+from gpu_worker.batcher import BatchKey
 from imagegen.protocol import (
     Cancel,
     Disconnect,
@@ -80,30 +81,21 @@ class RequestRecord:
 
 _EMPTY_STATUS = WorkerStatus("ready", 0, 0, 0, 0, 0, 0, 0.0, 0.0)
 
-# What makes requests share a batch (gpu_worker.batcher.BatchKey): width, height, steps, guidance.
-RequestKey = tuple[int, int, int, float]
-
-
-def request_key(message: Generate) -> RequestKey:
-    p = message.params
-    return (p.width, p.height, p.num_inference_steps, p.guidance_scale)
-
-
 class BatchTimes:
-    """The latest batch duration the workers reported (Result.generation_ms) per request key, as
+    """The latest batch duration the workers reported (Result.generation_ms) per BatchKey, as
     (seconds, batch size); the oldest keys are forgotten beyond ``max_keys``."""
 
     def __init__(self, max_keys: int = 256) -> None:
         self.max_keys = max_keys
-        self._latest: dict[RequestKey, tuple[float, int]] = {}
+        self._latest: dict[BatchKey, tuple[float, int]] = {}
 
-    def observe(self, key: RequestKey, seconds: float, size: int) -> None:
+    def observe(self, key: BatchKey, seconds: float, size: int) -> None:
         self._latest.pop(key, None)
         self._latest[key] = (seconds, size)
         if len(self._latest) > self.max_keys:
             del self._latest[next(iter(self._latest))]
 
-    def estimate_s(self, key: RequestKey, size: int) -> float | None:
+    def estimate_s(self, key: BatchKey, size: int) -> float | None:
         """Seconds for a batch of ``size`` of ``key``: the latest one's, scaled by size; None if unknown."""
         latest = self._latest.get(key)
         return None if latest is None else latest[0] * size / latest[1]
@@ -123,7 +115,7 @@ class WorkerRecord:
     # had one key (None: several, or no running batch).
     sent_since_status: int = 0
     batch_started_at: float | None = None
-    running_key: RequestKey | None = None
+    running_key: BatchKey | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -258,7 +250,7 @@ class BrokerState:
             worker.batch_started_at, worker.running_key = None, None
         elif (previous.running == 0 or worker.batch_started_at is None
               or message.status.total_batches != previous.total_batches):  # a new batch started
-            keys = {request_key(self.requests[rid].message) for rid in worker.in_flight if rid in self.requests}
+            keys = {BatchKey.of(self.requests[rid].message.params) for rid in worker.in_flight if rid in self.requests}
             worker.batch_started_at, worker.running_key = now, keys.pop() if len(keys) == 1 else None
         worker.status = message.status
         worker.sent_since_status = 0
@@ -272,7 +264,8 @@ class BrokerState:
             return self.dispatch(now)
         self.counters.requests_completed += 1
         if message.generation_ms > 0:
-            self.batch_times.observe(request_key(record.message), message.generation_ms / 1000.0, message.batch_size)
+            self.batch_times.observe(BatchKey.of(record.message.params), message.generation_ms / 1000.0,
+                                     message.batch_size)
         broker_wait_ms = ((record.dispatched_at or record.received_at) - record.received_at) * 1000.0
         forwarded = replace(message, queue_wait_ms=message.queue_wait_ms + broker_wait_ms)
         return [ToClient(record.client_id, forwarded)] + self.dispatch(now)

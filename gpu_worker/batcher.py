@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
-from typing import Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -44,6 +44,13 @@ class BatchKey:
     height: int
     num_inference_steps: int
     guidance_scale: float
+
+    @classmethod
+    def of(cls, params: Any) -> "BatchKey":
+        """The key of a request's parameters (imagegen.protocol.GenerationParams, or anything with
+        its width, height, num_inference_steps and guidance_scale): the worker's batcher, the
+        broker's batch-time estimates and the simulator all group by it."""
+        return cls(params.width, params.height, params.num_inference_steps, params.guidance_scale)
 
     @property
     def pixels(self) -> int:

@@ -33,7 +33,6 @@ from gpu_worker import png
 from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig
 from gpu_worker.pipelines import BatchSettings, GenerationJob
 from gpu_worker.stats import WorkerCounters
-from imagegen import protocol
 from gpu_worker.link import BrokerLink
 from gpu_worker.oom import OnImages, OomSplittingBackend
 from imagegen.sockets import CurveClientKeys
@@ -89,10 +88,6 @@ class WorkerIdentity:
 def encode_png(image: Any, stripe_threads: Executor | None = None) -> bytes:
     # zlib level 1: several times faster than 6, files somewhat larger.
     return png.encode_png(image, stripe_threads, stripes=PNG_STRIPE_THREADS, level=1)
-
-
-def batch_key(params: protocol.GenerationParams) -> BatchKey:
-    return BatchKey(params.width, params.height, params.num_inference_steps, params.guidance_scale)
 
 
 def batching_report(config: BatchPolicyConfig, auto: bool) -> BatchingConfig:
@@ -255,7 +250,7 @@ class Worker:
     def _accept(self, message: Generate) -> None:
         now = self.clock()
         try:
-            self.batcher.add(message.request_id, batch_key(message.params), message, now)
+            self.batcher.add(message.request_id, BatchKey.of(message.params), message, now)
         except ValueError:
             return  # the broker resent a request we already hold: one answer will come
         self.deadlines[message.request_id] = now + message.deadline_s

@@ -180,9 +180,7 @@ class SimWorker:
                         "sim", self.sim.cluster.worker_capacity, batching)
 
     def receive(self, message: Generate) -> None:
-        params = message.params
-        key = BatchKey(params.width, params.height, params.num_inference_steps, params.guidance_scale)
-        self.batcher.add(message.request_id, key, message, self.sim.now)
+        self.batcher.add(message.request_id, BatchKey.of(message.params), message, self.sim.now)
         if not self._decision_pending:  # decide once every message of this instant is queued
             self._decision_pending = True
             self.sim.at(self.sim.now, self._decide)

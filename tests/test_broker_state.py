@@ -10,6 +10,7 @@ import pytest
 from broker.balancing import Balancer, Candidate
 from broker.state import BrokerPolicy, BrokerState, ToClient, ToWorker
 from broker.stats import build_stats
+from gpu_worker.batcher import BatchKey
 from imagegen.protocol import (
     BatchingConfig,
     Disconnect,
@@ -57,8 +58,10 @@ def hb(**kwargs) -> Heartbeat:
     return Heartbeat(status(**kwargs))
 
 
-def res(request_id: str, worker: str = "w1", queue_wait_ms: float = 0.0) -> Result:
-    return Result(request_id, worker, "host-a", 0, f"{worker}:1", 1, queue_wait_ms, 1000.0, 512, 512, 1)
+def res(request_id: str, worker: str = "w1", queue_wait_ms: float = 0.0, batch_size: int = 1,
+        generation_s: float = 1.0) -> Result:
+    return Result(request_id, worker, "host-a", 0, f"{worker}:1", batch_size, queue_wait_ms, generation_s * 1000.0,
+                  512, 512, 1)
 
 
 def state(**policy) -> BrokerState:
@@ -619,8 +622,8 @@ FOUR = [W1, W2, W3, W4]
 
 
 def batch_res(request_id: str, worker: bytes, size: int, seconds: float) -> Result:
-    return Result(request_id, worker.decode(), "host-a", 0, f"{worker.decode()}:b", size, 0.0, seconds * 1000.0,
-                  512, 512, 1)
+    """One result of ``worker``'s batch of ``size`` that took ``seconds``."""
+    return res(request_id, worker.decode(), batch_size=size, generation_s=seconds)
 
 
 def four_workers_with_a_backlog(**policy) -> tuple[BrokerState, dict[bytes, list[str]]]:
@@ -695,7 +698,7 @@ def test_fair_share_counts_a_batch_about_to_end_as_nearly_done():
 def test_a_running_batch_counts_in_full_until_a_batch_of_its_key_has_finished():
     s, _ = four_workers_with_a_backlog()
     assert s.unfinished(s.workers[W2], T0 + 50.0) == 4  # no batch time known yet
-    s.batch_times.observe((512, 512, 25, 7.5), 10.0, 2)
+    s.batch_times.observe(BatchKey(512, 512, 25, 7.5), 10.0, 2)
     assert s.unfinished(s.workers[W2], T0 + 5.1) == 3  # half of the batch of 2 left, rounded up
     assert s.unfinished(s.workers[W2], T0 + 50.0) == 2  # only its queue
 
