@@ -56,6 +56,7 @@ def raw(args: argparse.Namespace, progress) -> dict:
 
     from gpu_worker import acceleration
     from gpu_worker.acceleration import AccelerationConfig
+    from bench_service import benchmark_jobs
     from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
 
     started = time.perf_counter()
@@ -74,7 +75,7 @@ def raw(args: argparse.Namespace, progress) -> dict:
         rows = variants.setdefault(variant, {})
         warm = pipeline.warm_up(batch_sizes, args.size, args.size, guidance_scale=args.guidance)
         for size in batch_sizes:
-            jobs = [GenerationJob(f"a lighthouse on a cliff, variant {i}", None, 1000 + i) for i in range(size)]
+            jobs = benchmark_jobs(size)
             seconds = []
             if on_cuda:
                 torch.cuda.synchronize()

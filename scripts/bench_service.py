@@ -204,6 +204,13 @@ def main() -> int:
     return 0
 
 
+def benchmark_jobs(count: int) -> list:
+    """The batch every benchmark script times: ``count`` requests with their own prompt and seed."""
+    from gpu_worker.pipelines import GenerationJob
+
+    return [GenerationJob(f"a lighthouse on a cliff, variant {i}", None, 1000 + i) for i in range(count)]
+
+
 def save_json(document: dict, out: Path | None, indent: int = 1) -> str:
     """The benchmark scripts' result: ``document`` as JSON text, also written to ``out`` when given."""
     text = json.dumps(document, indent=indent)

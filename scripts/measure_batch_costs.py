@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench_service import save_json  # noqa: E402 - scripts/ is on the path: this script's folder
-from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline  # noqa: E402
+from bench_service import benchmark_jobs, save_json  # noqa: E402 - scripts/ is on the path: this script's folder
+from gpu_worker.pipelines import BatchSettings, load_pipeline  # noqa: E402
 
 
 def time_batch(pipeline, size: int, settings: BatchSettings, repeats: int) -> tuple[float, list]:
-    jobs = [GenerationJob(f"a lighthouse on a cliff, variant {i}", None, 1000 + i) for i in range(size)]
+    jobs = benchmark_jobs(size)
     images = pipeline.generate(jobs, settings)  # warm-up: allocator, cuDNN/cuBLAS heuristics
     seconds = []
     for _ in range(repeats):

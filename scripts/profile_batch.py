@@ -80,9 +80,9 @@ def instrument(pipeline: Any, timer: PhaseTimer) -> None:
 def main() -> int:
     import torch
 
-    from bench_service import card_name, exit_on_sigterm, save_json
+    from bench_service import benchmark_jobs, card_name, exit_on_sigterm, save_json
     from gpu_worker.acceleration import AccelerationConfig
-    from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
+    from gpu_worker.pipelines import BatchSettings, load_pipeline
 
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,7 +107,7 @@ def main() -> int:
     timer = PhaseTimer(synchronize)
     instrument(pipeline, timer)
     settings = BatchSettings(args.size, args.size, args.steps, args.guidance)
-    jobs = [GenerationJob(f"a lighthouse on a cliff, variant {i}", None, 1000 + i) for i in range(args.batch)]
+    jobs = benchmark_jobs(args.batch)
 
     def call() -> float:
         synchronize()

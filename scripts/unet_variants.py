@@ -86,7 +86,8 @@ class Inputs:
 def capture_inputs(pipeline: Any, batch: int, size: int, guidance: float) -> Inputs:
     import torch
 
-    from gpu_worker.pipelines import BatchSettings, GenerationJob
+    from bench_service import benchmark_jobs
+    from gpu_worker.pipelines import BatchSettings
 
     unet = pipeline.diffusers_pipeline.unet
     vae = pipeline.diffusers_pipeline.vae
@@ -103,7 +104,7 @@ def capture_inputs(pipeline: Any, batch: int, size: int, guidance: float) -> Inp
 
     unet.forward, vae.decode = record_unet, record_vae
     try:
-        jobs = [GenerationJob(f"a lighthouse on a cliff, variant {i}", None, 1000 + i) for i in range(batch)]
+        jobs = benchmark_jobs(batch)
         pipeline.generate(jobs, BatchSettings(size, size, 1, guidance))
     finally:
         unet.forward, vae.decode = unet_forward, vae_decode
