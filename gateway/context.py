@@ -33,7 +33,6 @@ FAILURE_STATUS = {
 }
 
 
-
 async def read_json_body(request: web.Request, max_bytes: int) -> Any:
     if request.content_length is not None and request.content_length > max_bytes:
         raise FieldError(None, f"the request body is {request.content_length} bytes; the limit is {max_bytes} "

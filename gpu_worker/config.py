@@ -68,12 +68,12 @@ class WorkerSettings:
                                             "the broker's public broker.key file (with WORKER_CURVE_SECRET_KEY)",
                                             parse=parse_optional_str)
     warmup: bool = setting("WORKER_WARMUP", True,
-                           "generate at the served resolution before registering (batch 1 and the largest "
-                           "batch; with TORCH_COMPILE also the CUDA-graph sizes, 3 and powers of two), so no "
-                           "request pays for first-call setup")
+                           "generate at the served resolution before registering, at every batch size (the "
+                           "largest first), so no request pays for first-call setup or compiling")
     torch_compile: bool = setting("TORCH_COMPILE", False,
-                                  "compile the UNet with torch.compile at start (minutes the first time, cached "
-                                  "in TORCHINDUCTOR_CACHE_DIR after): faster batches, docs/benchmarks.md")
+                                  "compile the UNet and the VAE decoder with torch.compile at start (minutes the "
+                                  "first time, cached in TORCHINDUCTOR_CACHE_DIR after): faster batches, "
+                                  "docs/benchmarks.md")
     cuda_graph_max_batch: int = setting("CUDA_GRAPH_MAX_BATCH", 2,
                                         "with TORCH_COMPILE on a GPU: batches of up to this many images replay "
                                         "CUDA graphs (0: none)")
