@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -354,8 +355,8 @@ def dispatch_sweep(gpu_counts: Sequence[int] = (2, 4, 8), loads: Sequence[float]
         rows.append({"workload": name, "offered_load": load, "runs": len(pairs),
                      "changed": sum(1 for t, p in pairs if t != 1.0 or p != 1.0),
                      "throughput_ratio_min": round(min(throughput), 4),
-                     "throughput_ratio_median": round(sorted(throughput)[len(throughput) // 2], 4),
-                     "p95_ratio_max": round(max(p95), 4), "p95_ratio_median": round(sorted(p95)[len(p95) // 2], 4)})
+                     "throughput_ratio_median": round(statistics.median_high(throughput), 4),
+                     "p95_ratio_max": round(max(p95), 4), "p95_ratio_median": round(statistics.median_high(p95), 4)})
     return sorted(rows, key=lambda r: (r["workload"] != "poisson", r["offered_load"]))
 
 
