@@ -29,6 +29,11 @@ def test_real_size_pipeline_batches_on_the_gpu(model_id, size):
     assert batched.shape == (3, size, size, 3) and np.isfinite(batched).all()
     # bf16 kernels may pick other algorithms per batch size: close, not bit-identical.
     assert np.abs(batched[0] - alone[0]).mean() < 0.02
+    # The worker's own path: latents decoded in parts, 8-bit on the GPU, pinned copies handed over.
+    handed_over = []
+    images = pipeline.generate(jobs, settings, on_images=lambda first, arrays: handed_over.append((first, len(arrays))))
+    assert [image.size for image in images] == [(size, size)] * 3 and handed_over == [(0, 3)]
+    assert np.abs(np.asarray(images[0], dtype=np.float32) / 255 - batched[0]).mean() < 0.02
     free = free_gpu_memory_bytes()
     assert free is not None and free > 0
     assert auto_max_batch_size(pipeline, free, size, size) >= 1
