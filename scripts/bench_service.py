@@ -57,11 +57,17 @@ class Service:
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> "Service":
-        self._start("broker", "broker", {})
-        self._start("gateway", "gateway", {})
-        for gpu in self.gpus:
-            self._start(f"worker{gpu}", "gpu_worker", {"CUDA_VISIBLE_DEVICES": str(gpu), "GPU_ID": str(gpu)})
-        self._wait_ready(timeout_s=900)
+        # A with statement calls __exit__ only once __enter__ has returned: stop what was started if
+        # starting fails or is interrupted (SIGTERM during a worker's minutes-long warm-up, say).
+        try:
+            self._start("broker", "broker", {})
+            self._start("gateway", "gateway", {})
+            for gpu in self.gpus:
+                self._start(f"worker{gpu}", "gpu_worker", {"CUDA_VISIBLE_DEVICES": str(gpu), "GPU_ID": str(gpu)})
+            self._wait_ready(timeout_s=900)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -126,11 +126,16 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
-def test_a_killed_benchmark_stops_the_service_it_started(tmp_path):
+@pytest.mark.parametrize("when", ["under load", "while it starts"])
+def test_a_killed_benchmark_stops_the_service_it_started(tmp_path, when):
+    """Killed (timeout, a device call's limit) at any time, the benchmark leaves no process behind: not
+    under load, and not while it waits for the service to be ready (a worker's warm-up is minutes)."""
     marker = f"BENCH_TEST_MARKER={uuid.uuid4().hex}"
+    # A worker sent to a port where no broker listens never registers: the service never gets ready.
+    never_ready = ["--set", "BROKER_WORKER_ADDRESS=tcp://127.0.0.1:9"] if when == "while it starts" else []
     bench = subprocess.Popen([sys.executable, "scripts/bench_service.py", "scaling", "--model", "fake:delay=2",
                               "--size", "64", "--steps", "2", "--gpus", "1", "--per-gpu", "50", "--set", marker,
-                              "--log-dir", str(tmp_path)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                              *never_ready, "--log-dir", str(tmp_path)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -138,7 +143,8 @@ def test_a_killed_benchmark_stops_the_service_it_started(tmp_path):
             time.sleep(0.2)
         started = processes_with(marker)
         assert len(started) >= 3, "the benchmark did not start its service"
-        time.sleep(2)  # the load test is running against it
+        time.sleep(2)  # the load test is running against it, or the benchmark still waits for readiness
+        assert bench.poll() is None, "the benchmark ended by itself"
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=60) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 30
