@@ -207,11 +207,24 @@ def summary_row(args: argparse.Namespace, raw_result: dict | None, service_resul
         for mode, field in (("users10x5", "users10x5_images_per_s"),
                             ("burst50_no_batching", "no_batching_images_per_s")):
             out[field] = by_mode[mode][0]["service_images_per_s"] if mode in by_mode else None
-        if raw_result and out.get("raw_images_per_s") and out["service_images_per_s"]:
-            out["service_over_raw"] = round(out["service_images_per_s"] / out["raw_images_per_s"], 3)
+        raw_rows = raw_result["variants"][out["raw_variant"]] if raw_result else {}
+        same = raw_batch_like(raw_rows, out["service_avg_batch_size"])
+        if same is not None and out["service_images_per_s"]:
+            out["service_over_raw"] = round(out["service_images_per_s"] / raw_rows[same]["images_per_s"], 3)
+            out["service_over_raw_batch_size"] = same
         if out.get("raw_batch1_s") and out["lone_latency_s"]:
             out["lone_over_raw_batch1"] = round(out["lone_latency_s"] / out["raw_batch1_s"], 3)
     return out
+
+
+def raw_batch_like(raw_rows: dict, service_batch: float | None) -> int | None:
+    """The raw batch size to hold the service's throughput against: the measured size nearest the
+    service's average batch, if within 10% of it (a burst of 50 in batches of 17, 17, 16: raw 16);
+    None when no raw size is that close (a raw run of batch 1 says nothing about a batch of 50)."""
+    if not raw_rows or not service_batch:
+        return None
+    nearest = min(raw_rows, key=lambda size: abs(size - service_batch))
+    return nearest if abs(nearest - service_batch) <= 0.1 * service_batch else None
 
 
 def summarize(args: argparse.Namespace) -> int:

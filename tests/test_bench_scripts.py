@@ -160,6 +160,18 @@ def test_a_killed_benchmark_stops_the_service_it_started(tmp_path, when):
         bench.wait(timeout=10)
 
 
+def test_the_service_is_held_against_the_raw_batch_of_its_own_size():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_gpu import raw_batch_like
+
+    raw_rows = {1: {}, 16: {}, 50: {}}
+    assert raw_batch_like(raw_rows, 50.0) == 50
+    assert raw_batch_like(raw_rows, 16.67) == 16  # a burst of 50 in batches of 17, 17 and 16
+    assert raw_batch_like({1: {}}, 50.0) is None  # batch 1 says nothing about a batch of 50
+    assert raw_batch_like({1: {}, 32: {}}, 50.0) is None
+    assert raw_batch_like(raw_rows, None) is None and raw_batch_like({}, 50.0) is None
+
+
 def test_the_automatic_batch_size_never_plans_past_the_measured_memory():
     """scripts/batch_size_table.py: per card, the worker's automatic MAX_BATCH_SIZE (its own function)
     against the largest batch the committed H100 memory measurements say fits."""
