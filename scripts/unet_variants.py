@@ -23,6 +23,9 @@ Variants (``--variants``, in order):
 * ``compiled-static``: layout + torch.compile without marking the batch dynamic (one size per graph);
 * ``compiled-cudnn-attention``: ``compiled`` with the cuDNN attention backend;
 * ``compiled-tuned``: ``compiled`` with inductor's conv_1x1_as_mm and coordinate-descent tuning;
+* ``compiled-cudnn-benchmark``: ``compiled`` with torch.backends.cudnn.benchmark (cuDNN times its
+  convolution algorithms for each new shape and keeps the fastest; inductor calls cuDNN for convs);
+* ``compiled-tuned-cudnn-benchmark``: both;
 * ``autotuned``: layout + mode max-autotune-no-cudagraphs, static (long compile);
 * ``vae``: VAE decode of the batch: eager, + channels_last, + torch.compile (static shape).
 
@@ -56,6 +59,7 @@ class Variant:
     layout: bool = False  # channels_last + fused QKV
     cudnn_attention: bool = False
     tuned_inductor: bool = False
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark: cuDNN times its algorithms per shape
     compile: str | None = None
 
 
@@ -68,6 +72,9 @@ UNET_VARIANTS = {
     "compiled-static": Variant(layout=True, compile="default"),
     "compiled-cudnn-attention": Variant(layout=True, cudnn_attention=True, compile="worker"),
     "compiled-tuned": Variant(layout=True, tuned_inductor=True, compile="worker"),
+    "compiled-cudnn-benchmark": Variant(layout=True, cudnn_benchmark=True, compile="worker"),
+    "compiled-tuned-cudnn-benchmark": Variant(layout=True, tuned_inductor=True, cudnn_benchmark=True,
+                                              compile="worker"),
     "autotuned": Variant(layout=True, compile="max-autotune-no-cudagraphs"),
 }
 VARIANTS = (*UNET_VARIANTS, "vae")
@@ -174,6 +181,7 @@ class Setup:
             self.fused = False
         for name, value in self.inductor_defaults.items():
             setattr(self.inductor_config, name, value)
+        torch.backends.cudnn.benchmark = False
         attention_only(None)
 
     def layout(self) -> None:
@@ -210,6 +218,7 @@ def unet_call(setup: Setup, inputs: Inputs, variant: str) -> Callable[[], Any]:
         attention_only("cudnn")
     if how.tuned_inductor:
         setup.tuned()
+    torch.backends.cudnn.benchmark = how.cudnn_benchmark
     eager = setup.dp.unet.forward
     if how.compile == "worker":
         forward = CompiledUnetForward(eager, cuda_graph_max_batch=0)
