@@ -143,12 +143,15 @@ def per_image_gib(rows: dict) -> float | None:
     return round((rows[high]["peak_above_weights_gib"] - rows[low]["peak_above_weights_gib"]) / (high - low), 3)
 
 
-def worker_batch_seconds(log_dir: Path) -> list[tuple[int, float]]:
-    """(batch size, generation seconds) of every batch the workers logged."""
+def worker_batch_seconds(log_dir: Path) -> list[tuple]:
+    """(batch size, generation seconds[, seconds in the GPU thread]) of every batch the workers logged
+    (the third where the log has it: the pipeline call alone, without the event loop's hand-offs)."""
     found = []
+    pattern = r"batch \S+: (\d+) x \d+x\d+, \d+ steps in ([\d.]+)s(?: \(GPU thread ([\d.]+)s\))?"
     for path in sorted(log_dir.glob("worker*.log")):
-        for match in re.finditer(r"batch \S+: (\d+) x \d+x\d+, \d+ steps in ([\d.]+)s", path.read_text(errors="replace")):
-            found.append((int(match.group(1)), float(match.group(2))))
+        for match in re.finditer(pattern, path.read_text(errors="replace")):
+            seconds = (float(match.group(2)),) + ((float(match.group(3)),) if match.group(3) else ())
+            found.append((int(match.group(1)), *seconds))
     return found
 
 

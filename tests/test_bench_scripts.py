@@ -96,8 +96,12 @@ def test_service_half_reports_the_promised_fields(tmp_path):
     parts = document["service"]["rows"][0]["median_ms"]
     assert parts["generation"] >= 20 and parts["queue_wait"] >= 0 and parts["rest"] > 0
     # The workers' own per-batch times, read from their logs: 2 lone + burst + users batches.
-    sizes = [size for size, _ in document["service"]["worker_batches"]]
+    batches = document["service"]["worker_batches"]
+    sizes = [size for size, _, _ in batches]
     assert sizes[:2] == [1, 1] and sum(sizes) == 2 + 50 + 50
+    # Each batch's time in the GPU thread (the 20 ms sleep and the fake images) within the batch's time
+    # as the event loop saw it (the log rounds both to the millisecond).
+    assert all(0.02 <= gpu_thread_s <= seconds + 0.001 for _, seconds, gpu_thread_s in batches), batches
 
 
 def test_service_half_runs_only_the_runs_asked_for(tmp_path):
