@@ -25,7 +25,9 @@ variant is measured on the same weights, card and call:
 * ``graphs``: + CUDA graphs (mode reduce-overhead) for batches up to 2 images.
 
 Each batch size is warmed up first (a 2-step call: compilation and graph recording land there), then
-timed ``--repeats`` times (median). Peak memory above the loaded weights is recorded per size; the
+timed ``--repeats`` times (median). ``--pause-s`` leaves the GPU idle that long before each timed
+call, as a lone request finds it on an idle service (the service's lone runs come ~0.65 s apart):
+a GPU that has just been busy may run a batch faster than one woken from idle. Peak memory above the loaded weights is recorded per size; the
 per-image memory is the slope between the smallest and the largest batch.
 
 Service: scripts/bench_service.py's runs (the real processes, the seed's load test over HTTP), plus
@@ -69,7 +71,7 @@ def raw(args: argparse.Namespace, progress) -> dict:
     variants = {}
     result = {"model": args.model, "resolution": f"{args.size}x{args.size}", "steps": args.steps,
               "guidance_scale": args.guidance, "torch": torch.__version__, "load_s": round(load_s, 1),
-              "weights_gib": round(weights_bytes / 2**30, 2), "variants": variants}
+              "weights_gib": round(weights_bytes / 2**30, 2), "pause_s": args.pause_s, "variants": variants}
 
     def measure(variant: str, batch_sizes: list[int]) -> None:
         rows = variants.setdefault(variant, {})
@@ -81,6 +83,7 @@ def raw(args: argparse.Namespace, progress) -> dict:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(args.repeats):
+                time.sleep(args.pause_s)  # idle before the call, outside its timing
                 began = time.perf_counter()
                 pipeline.generate(jobs, settings)
                 if on_cuda:
@@ -269,6 +272,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,2,16", help="raw: batch sizes")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="raw: which, in this order")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--pause-s", type=float, default=0.0, help="raw: idle seconds before each timed call")
     parser.add_argument("--lone-repeats", type=int, default=3)
     parser.add_argument("--service-runs", default=",".join(SERVICE_RUNS),
                         help="service: which load runs, of " + ", ".join(SERVICE_RUNS))

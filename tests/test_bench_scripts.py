@@ -42,6 +42,17 @@ def test_raw_half_measures_each_variant_and_batch_size(tmp_path):
     assert "service_images_per_s" not in summary  # no service half was run
 
 
+def test_the_raw_pause_idles_the_gpu_outside_the_timing(tmp_path):
+    out = tmp_path / "raw.json"
+    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
+                        "--batches", "1", "--variants", "eager", "--repeats", "3", "--pause-s", "0.5",
+                        "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert document["raw"]["pause_s"] == 0.5
+    assert 0 < document["raw"]["variants"]["eager"]["1"]["seconds"] < 0.5  # a tiny 64x64 batch: well under
+
+
 def test_a_raw_run_cut_off_has_already_saved_what_it_measured(tmp_path):
     # A device call has a time limit: every finished batch size is in --out before the next starts.
     out = tmp_path / "raw.json"
