@@ -84,6 +84,23 @@ class BatchPolicyConfig:
         """The same policy with max_batch_size = size; min_batch_size comes down with it if needed."""
         return replace(self, max_batch_size=size, min_batch_size=min(self.min_batch_size, size))
 
+    def after_out_of_memory(self, succeeded: int, pixels: int | None = None) -> "BatchPolicyConfig":
+        """The limits after a batch ran out of GPU memory and ``succeeded`` of its images (each of
+        ``pixels``) fitted in one batch. Never raised, never below one image.
+
+        Without a pixel budget the count limit comes down to ``succeeded``. With one (the automatic
+        MAX_BATCH_SIZE: a budget of max_batch_size images at the model's native size) the budget comes
+        down to ``succeeded * pixels`` and the count limit with it, in native-size images but never
+        below ``succeeded``: a batch of large images that ran out of memory leaves smaller images
+        their larger batches (a 1024x1024 SD-1.5 batch of 4 that fits allows 16 at 512x512)."""
+        succeeded = max(1, succeeded)
+        if self.max_batch_pixels is None or pixels is None:
+            return self.with_max_batch_size(max(1, min(self.max_batch_size, succeeded)))
+        counted_pixels = max(1, self.max_batch_pixels // self.max_batch_size)  # the image the count is for
+        budget = min(self.max_batch_pixels, succeeded * pixels)
+        count = max(1, min(self.max_batch_size, max(succeeded, budget // counted_pixels)))
+        return replace(self.with_max_batch_size(count), max_batch_pixels=budget)
+
 
 def adaptive_wait_time_s(queue_depth: int, config: BatchPolicyConfig) -> float:
     """The seed's adaptive wait formula: the window shrinks linearly as the queue deepens."""
@@ -154,12 +171,12 @@ class Batcher(Generic[T]):
         self._ids.clear()
         return dropped
 
-    def lower_max_batch_size(self, size: int) -> int:
-        """Lower config.max_batch_size to ``size`` (never raises it, never below 1); returns the new
-        maximum. min_batch_size is lowered with it when needed. Used after a GPU out-of-memory error."""
-        new_max = max(1, min(size, self.config.max_batch_size))
-        self.config = self.config.with_max_batch_size(new_max)
-        return new_max
+    def lower_max_batch_size(self, size: int, pixels: int | None = None) -> int:
+        """After a GPU out-of-memory error: a batch of ``size`` images (of ``pixels`` each, when known)
+        is the most that fitted. Lowers the limits (BatchPolicyConfig.after_out_of_memory: never
+        raised, never below 1, min_batch_size with them) and returns the new max_batch_size."""
+        self.config = self.config.after_out_of_memory(size, pixels)
+        return self.config.max_batch_size
 
     def max_batch_size_for(self, key: BatchKey) -> int:
         if not self.config.enable_batching:

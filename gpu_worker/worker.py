@@ -163,6 +163,7 @@ class Worker:
         self.deadlines: dict[str, float] = {}  # request id -> instant (our clock) its client gives up
         self.counters = WorkerCounters()
         self.running = 0
+        self.running_key: BatchKey | None = None  # the batch in the GPU thread, for an out-of-memory report
         self.state = "ready"
         self.arrival = asyncio.Event()
         self.batch_seq = 0
@@ -210,18 +211,28 @@ class Worker:
         await self.link.close()
 
     def _out_of_memory_in_gpu_thread(self, failed_size: int, succeeded_size: int) -> None:
-        """Called by OomSplittingBackend in the GPU thread: hand over to the event loop."""
+        """Called by OomSplittingBackend in the GPU thread: hand over to the event loop (with the
+        running batch's key, which the loop set before handing the batch to this thread)."""
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.lower_max_batch_size, failed_size, succeeded_size)
+            self.loop.call_soon_threadsafe(self.lower_max_batch_size, failed_size, succeeded_size, self.running_key)
 
-    def lower_max_batch_size(self, failed_size: int, succeeded_size: int) -> None:
-        """After an out-of-memory split: never form batches larger than what succeeded again."""
+    def lower_max_batch_size(self, failed_size: int, succeeded_size: int, key: BatchKey | None = None) -> None:
+        """After an out-of-memory split: never form batches larger than what succeeded again (for
+        images of the failed batch's size: see BatchPolicyConfig.after_out_of_memory)."""
         lower = getattr(self.batcher, "lower_max_batch_size", None)
         if lower is None:
             return
-        new_size = lower(succeeded_size)
-        self.policy = self.policy.with_max_batch_size(new_size)
-        log.warning("out of GPU memory on a batch of %d: max batch size lowered to %d", failed_size, new_size)
+        new_size = lower(succeeded_size, key.pixels if key is not None else None)
+        limits = getattr(self.batcher, "config", None)
+        self.policy = (replace(self.policy, max_batch_size=limits.max_batch_size, min_batch_size=limits.min_batch_size,
+                               max_batch_pixels=limits.max_batch_pixels)
+                       if limits is not None else self.policy.with_max_batch_size(new_size))
+        where = f" at {key.width}x{key.height}" if key is not None else ""
+        budget = (f" (pixel budget {self.policy.max_batch_pixels}: {key.width}x{key.height} batches of at most "
+                  f"{max(1, self.policy.max_batch_pixels // key.pixels)})"
+                  if key is not None and self.policy.max_batch_pixels is not None else "")
+        log.warning("out of GPU memory on a batch of %d%s: max batch size lowered to %d%s", failed_size, where,
+                    new_size, budget)
         self._send_status()
 
     # ------------------------------------------------------------------ broker link
@@ -319,6 +330,7 @@ class Worker:
         self.batch_seq += 1
         batch_id = f"{self.identity.name}:{self.batch_seq}"
         self.running = len(batch)
+        self.running_key = key
         self._send_status()
         started = time.perf_counter()
         splits_before = self.backend.oom_splits

@@ -315,6 +315,68 @@ def test_lower_max_batch_size_lowers_min_batch_size_with_it():
     assert (batcher.config.max_batch_size, batcher.config.min_batch_size) == (3, 3)
 
 
+NATIVE = BatchKey(512, 512, 25, 7.5)
+LARGE = BatchKey(1024, 1024, 25, 7.5)
+SMALL = BatchKey(64, 64, 25, 7.5)
+
+
+def budgeted(max_batch_size: int = 64) -> Batcher[str]:
+    """As the automatic MAX_BATCH_SIZE configures it on a GPU: a pixel budget of that many native-size images."""
+    return Batcher(BatchPolicyConfig(max_batch_size=max_batch_size, max_batch_pixels=max_batch_size * NATIVE.pixels))
+
+
+def test_an_out_of_memory_batch_of_large_images_leaves_smaller_images_their_larger_batches():
+    batcher = budgeted()
+    assert batcher.max_batch_size_for(LARGE) == 16  # the budget: 64 images at 512x512
+    assert batcher.lower_max_batch_size(4, LARGE.pixels) == 16  # 4 at 1024x1024 fit: 16 at 512x512
+    assert batcher.config.max_batch_pixels == 4 * LARGE.pixels
+    assert (batcher.max_batch_size_for(LARGE), batcher.max_batch_size_for(NATIVE)) == (4, 16)
+
+
+def test_an_out_of_memory_batch_at_the_native_size_lowers_the_count_as_before():
+    batcher = budgeted()
+    assert batcher.lower_max_batch_size(20, NATIVE.pixels) == 20
+    assert (batcher.max_batch_size_for(NATIVE), batcher.max_batch_size_for(LARGE)) == (20, 5)
+
+
+def test_an_out_of_memory_batch_of_small_images_keeps_the_count_that_fitted():
+    batcher = budgeted()
+    assert batcher.lower_max_batch_size(2, SMALL.pixels) == 2  # not 2 * 64^2 // 512^2 = 0
+    assert batcher.max_batch_size_for(SMALL) == 2
+    assert batcher.max_batch_size_for(NATIVE) == 1  # what fitted says nothing more about 512x512
+
+
+def test_limits_lowered_by_a_pixel_budget_are_never_raised():
+    batcher = budgeted()
+    batcher.lower_max_batch_size(4, LARGE.pixels)
+    assert batcher.lower_max_batch_size(8, LARGE.pixels) == 16  # a later, larger report changes nothing
+    assert batcher.config.max_batch_pixels == 4 * LARGE.pixels
+    # Nothing fitted: one 1024x1024 image at a time, four at 512x512 (the same pixels).
+    assert batcher.lower_max_batch_size(0, LARGE.pixels) == 4
+    assert (batcher.max_batch_size_for(LARGE), batcher.max_batch_size_for(NATIVE)) == (1, 4)
+
+
+def test_the_worker_lowers_its_limits_for_the_batch_that_ran_out_of_memory(caplog):
+    from gpu_worker.worker import Worker, WorkerIdentity
+
+    config = BatchPolicyConfig(max_batch_size=64, max_batch_pixels=64 * NATIVE.pixels)
+    worker = Worker(WorkerIdentity("w", "h", 0, "fake", "cpu"), FakeBackend(), config, capacity=128,
+                    broker_address="tcp://127.0.0.1:9", heartbeat_interval_s=1.0, batcher=Batcher(config))
+    worker._send_status = lambda: None  # no broker here
+    try:
+        with caplog.at_level("WARNING"):
+            worker.lower_max_batch_size(8, 4, LARGE)
+        assert worker.batcher.config == worker.policy
+        assert (worker.policy.max_batch_size, worker.policy.max_batch_pixels) == (16, 4 * LARGE.pixels)
+        assert "batch of 8 at 1024x1024: max batch size lowered to 16" in caplog.text
+        assert "1024x1024 batches of at most 4" in caplog.text
+    finally:  # the link's socket and context (a context left to the garbage collector can block it)
+        worker.link.sock.close(linger=0)
+        worker.link.ctx.term()
+        for pool in (worker.gpu_thread, worker.encoder_threads, worker.stripe_threads):
+            pool.shutdown()
+
+
 def test_lower_max_batch_size_keeps_every_other_setting():
     config = BatchPolicyConfig(enable_batching=True, max_batch_size=8, max_wait_time_s=2.0,
                                min_batch_size=2, min_wait_time_s=0.25, adaptive=False,
