@@ -15,20 +15,18 @@ next part's work is queued, so the GPU never idles while the CPU hands over or c
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from gpu_worker.acceleration import equal_parts, images_per_decode
+from gpu_worker.oom import OnImages  # on_images(first_index, images): here (H, W, 3) uint8 arrays
 
 # Latents per VAE decode: small enough that the first part's images are ready early (PNG encoding
 # of a part overlaps the decode of the next), large enough that the decode stays efficient (a
 # decode of 8 SDXL latents costs 3% more per image than one of 16 on an H200, gpu-measurements.md).
 IMAGES_PER_PART = 8
-
-# on_images(first_index, arrays): arrays[i] is image first_index + i of the batch, (H, W, 3) uint8.
-OnImages = Callable[[int, Sequence[np.ndarray]], None]
 
 
 def to_rgb8(pixels: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,8 @@ OUT_OF_MEMORY_ERROR: type[RuntimeError] = getattr(torch, "OutOfMemoryError",
                                                   torch.cuda.OutOfMemoryError)
 
 OnOom = Callable[[int, int], None]
-OnImages = Callable[[int, Sequence[Any]], None]  # on_images(first_index, images), see gpu_worker.decoding
+# on_images(first_index, images): images[i] is image first_index + i of the batch (gpu_worker.decoding)
+OnImages = Callable[[int, Sequence[Any]], None]
 
 
 def _shifted(on_images: OnImages | None, offset: int) -> OnImages | None:
