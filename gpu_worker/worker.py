@@ -222,11 +222,9 @@ class Worker:
         lower = getattr(self.batcher, "lower_max_batch_size", None)
         if lower is None:
             return
-        new_size = lower(succeeded_size, key.pixels if key is not None else None)
-        limits = getattr(self.batcher, "config", None)
-        self.policy = (replace(self.policy, max_batch_size=limits.max_batch_size, min_batch_size=limits.min_batch_size,
-                               max_batch_pixels=limits.max_batch_pixels)
-                       if limits is not None else self.policy.with_max_batch_size(new_size))
+        pixels = key.pixels if key is not None else None
+        new_size = lower(succeeded_size, pixels)
+        self.policy = self.policy.after_out_of_memory(succeeded_size, pixels)  # what the registration reports
         where = f" at {key.width}x{key.height}" if key is not None else ""
         budget = (f" (pixel budget {self.policy.max_batch_pixels}: {key.width}x{key.height} batches of at most "
                   f"{max(1, self.policy.max_batch_pixels // key.pixels)})"
