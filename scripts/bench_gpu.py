@@ -27,8 +27,9 @@ variant is measured on the same weights, card and call:
 Each batch size is warmed up first (a 2-step call: compilation and graph recording land there), then
 timed ``--repeats`` times (median). ``--pause-s`` leaves the GPU idle that long before each timed
 call, as a lone request finds it on an idle service (the service's lone runs come ~0.65 s apart):
-a GPU that has just been busy may run a batch faster than one woken from idle. Peak memory above the loaded weights is recorded per size; the
-per-image memory is the slope between the smallest and the largest batch.
+a GPU that has just been busy may run a batch faster than one woken from idle. Peak memory above
+the loaded weights is recorded per size; the per-image memory is the slope between the smallest and
+the largest batch.
 
 Service: scripts/bench_service.py's runs (the real processes, the seed's load test over HTTP), plus
 the worker's own per-batch generation times from its log, which separate GPU time from serving time.
