@@ -27,7 +27,9 @@ variant is measured on the same weights, card and call:
 Each batch size is warmed up first (a 2-step call: compilation and graph recording land there), then
 timed ``--repeats`` times (median). ``--pause-s`` leaves the GPU idle that long before each timed
 call, as a lone request finds it on an idle service (the service's lone runs come ~0.65 s apart):
-a GPU that has just been busy may run a batch faster than one woken from idle. Peak memory above
+a GPU that has just been busy may run a batch faster than one woken from idle. Several pauses
+(``--pause-s 0,0.65``) are interleaved call by call, so both medians see the same machine; the
+first is the row's ``seconds``, each is in ``seconds_by_pause_s``. Peak memory above
 the loaded weights is recorded per size; the per-image memory is the slope between the smallest and
 the largest batch.
 
@@ -72,26 +74,30 @@ def raw(args: argparse.Namespace, progress) -> dict:
     variants = {}
     result = {"model": args.model, "resolution": f"{args.size}x{args.size}", "steps": args.steps,
               "guidance_scale": args.guidance, "torch": torch.__version__, "load_s": round(load_s, 1),
-              "weights_gib": round(weights_bytes / 2**30, 2), "pause_s": args.pause_s, "variants": variants}
+              "weights_gib": round(weights_bytes / 2**30, 2), "pause_s": args.pause_s[0],
+              "pauses_s": args.pause_s, "variants": variants}
 
     def measure(variant: str, batch_sizes: list[int]) -> None:
         rows = variants.setdefault(variant, {})
         warm = pipeline.warm_up(batch_sizes, args.size, args.size, guidance_scale=args.guidance)
         for size in batch_sizes:
             jobs = benchmark_jobs(size)
-            seconds = []
+            seconds: dict[float, list[float]] = {pause: [] for pause in args.pause_s}
             if on_cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(args.repeats):
-                time.sleep(args.pause_s)  # idle before the call, outside its timing
-                began = time.perf_counter()
-                pipeline.generate(jobs, settings)
-                if on_cuda:
-                    torch.cuda.synchronize()
-                seconds.append(time.perf_counter() - began)
-            median = statistics.median(seconds)
+                for pause in args.pause_s:  # interleaved: every pause's calls see the same machine
+                    time.sleep(pause)  # idle before the call, outside its timing
+                    began = time.perf_counter()
+                    pipeline.generate(jobs, settings)
+                    if on_cuda:
+                        torch.cuda.synchronize()
+                    seconds[pause].append(time.perf_counter() - began)
+            medians = {pause: statistics.median(times) for pause, times in seconds.items()}
+            median = medians[args.pause_s[0]]
             rows[size] = {"seconds": round(median, 4), "images_per_s": round(size / median, 4),
+                          "seconds_by_pause_s": {f"{pause:g}": round(m, 4) for pause, m in medians.items()},
                           "warm_up_s": warm.get(size),
                           "peak_above_weights_gib": round((torch.cuda.max_memory_allocated() - weights_bytes) / 2**30, 2)
                           if on_cuda else None}
@@ -258,6 +264,17 @@ def summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def pause_list(text: str) -> list[float]:
+    """--pause-s: one or more idle times in seconds, comma-separated, each >= 0 and listed once."""
+    try:
+        pauses = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds like 0 or 0,0.65, got {text!r}") from None
+    if any(not 0 <= pause < 3600 for pause in pauses) or len(set(pauses)) != len(pauses):
+        raise argparse.ArgumentTypeError(f"each pause must be 0 to 3600 s and listed once, got {text!r}")
+    return pauses
+
+
 def main() -> int:
     from bench_service import card_name, exit_on_sigterm, save_json
 
@@ -273,7 +290,8 @@ def main() -> int:
     parser.add_argument("--batches", default="1,2,16", help="raw: batch sizes")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="raw: which, in this order")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--pause-s", type=float, default=0.0, help="raw: idle seconds before each timed call")
+    parser.add_argument("--pause-s", type=pause_list, default=[0.0],
+                        help="raw: idle seconds before each timed call; several (0,0.65) are interleaved")
     parser.add_argument("--lone-repeats", type=int, default=3)
     parser.add_argument("--service-runs", default=",".join(SERVICE_RUNS),
                         help="service: which load runs, of " + ", ".join(SERVICE_RUNS))

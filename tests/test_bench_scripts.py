@@ -53,6 +53,25 @@ def test_the_raw_pause_idles_the_gpu_outside_the_timing(tmp_path):
     assert 0 < document["raw"]["variants"]["eager"]["1"]["seconds"] < 0.5  # a tiny 64x64 batch: well under
 
 
+def test_several_raw_pauses_are_each_timed(tmp_path):
+    out = tmp_path / "raw.json"
+    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
+                        "--batches", "1", "--variants", "eager", "--repeats", "2", "--pause-s", "0,0.3",
+                        "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    raw = json.loads(out.read_text())["raw"]
+    assert raw["pauses_s"] == [0.0, 0.3] and raw["pause_s"] == 0.0
+    row = raw["variants"]["eager"]["1"]
+    assert set(row["seconds_by_pause_s"]) == {"0", "0.3"}
+    assert row["seconds"] == row["seconds_by_pause_s"]["0"]
+    assert all(0 < seconds < 0.3 for seconds in row["seconds_by_pause_s"].values())
+
+
+def test_a_pause_list_must_be_seconds():
+    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--pause-s", "0,fast")
+    assert result.returncode == 2 and "--pause-s" in result.stderr and "0,0.65" in result.stderr
+
+
 def test_a_raw_run_cut_off_has_already_saved_what_it_measured(tmp_path):
     # A device call has a time limit: every finished batch size is in --out before the next starts.
     out = tmp_path / "raw.json"
