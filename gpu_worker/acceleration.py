@@ -1,5 +1,5 @@
 """Making a loaded pipeline fast: channels_last, fused QKV, torch.compile and CUDA graphs for the UNet,
-torch.compile for the VAE decoder.
+torch.compile for the VAE decoder and the text encoders.
 
 The UNet runs ~25 times per image and is where the time goes (shared/notes/gpu-measurements.md),
 so that is what gets compiled. :func:`accelerate` replaces ``unet.forward`` with a
@@ -15,8 +15,13 @@ latents it is given:
 
 The VAE decoder, run once per batch, is the next cost (an SD-1.5 batch of 32 at 512²: 457 ms eager,
 215 ms compiled on an H100, docs/benchmarks.md): :class:`CompiledVaeDecode` compiles it the same way
-(batch dimension dynamic, eager for one image and for shapes not warmed up; no CUDA graphs), in
-parts small enough for one compilation to serve every batch size.
+(batch dimension dynamic, no CUDA graphs), in parts small enough for one compilation to serve every
+batch size, and once more for a single image (torch cannot make a dimension of size 1 the dynamic
+one), which a lone request would otherwise decode eager.
+
+A lone request also runs the text encoders eager: small, launch-bound calls (two per request, SDXL
+four), where the CPU's speed sets the time. :class:`CompiledTextEncoderForward` compiles them the
+same way (batch dynamic from two prompts, a compilation of its own for one).
 
 The batch dimension is marked dynamic, so one compilation per mode serves every batch size (instead
 of one compilation, a minute or two for SDXL, per size; torch may still compile once more for a
@@ -56,6 +61,10 @@ class AccelerationConfig:
     cuda_graph_max_batch: int = 2  # images; 0 turns CUDA graphs off (used only with compile on CUDA)
     channels_last: bool = True  # NHWC convolutions, the layout cuDNN's fastest kernels use (CUDA only)
     fuse_qkv: bool = True  # one matmul for attention's q, k, v projections (CUDA only)
+    # With compile: the text encoders too, and the VAE decoder for a single image (a lone request's
+    # launch-bound parts). False: only the UNet and the decoder's batches of two or more, as before
+    # (bench_gpu's "compiled" variant, so that its "encoders" variant measures the difference).
+    compile_encoders: bool = True
 
 
 def accelerate(diffusers_pipeline: Any, device: torch.device, config: AccelerationConfig) -> str:
@@ -73,7 +82,22 @@ def accelerate(diffusers_pipeline: Any, device: torch.device, config: Accelerati
         vae.decode = CompiledVaeDecode(vae.decode, vae.config)
         applied.append("torch.compile of UNet and VAE decoder"
                        + (f" + CUDA graphs up to batch {graph_max_batch}" if graph_max_batch else ""))
+        if config.compile_encoders:
+            applied.append(compile_encoders(diffusers_pipeline))
     return ", ".join(applied) or "none"
+
+
+def compile_encoders(diffusers_pipeline: Any) -> str:
+    """torch.compile of the text encoders, and of the VAE decoder for single images (after
+    :func:`accelerate` with ``compile_encoders=False``, or as part of it). Returns what was applied."""
+    for name in TEXT_ENCODERS:
+        encoder = getattr(diffusers_pipeline, name, None)
+        if encoder is not None and not isinstance(encoder.forward, CompiledTextEncoderForward):
+            encoder.forward = CompiledTextEncoderForward(encoder.forward)
+    decode = diffusers_pipeline.vae.decode
+    if isinstance(decode, CompiledVaeDecode):
+        decode.compile_single = True
+    return "torch.compile of the text encoders and of single-image VAE decodes"
 
 
 def apply_layout(diffusers_pipeline: Any, channels_last: bool, fuse_qkv: bool) -> list[str]:
@@ -88,6 +112,9 @@ def apply_layout(diffusers_pipeline: Any, channels_last: bool, fuse_qkv: bool) -
         diffusers_pipeline.fuse_qkv_projections()
         applied.append("fused QKV")
     return applied
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD-1.5 has the first, SDXL both
 
 
 def compiled_forward(pipeline_unet: Any) -> "CompiledUnetForward | None":
@@ -141,8 +168,33 @@ class CompiledUnetForward:
 INT32_ELEMENTS = 2**31 - 1  # the largest tensor torch's generated kernels index with 32-bit integers
 
 
+class CompiledTextEncoderForward:
+    """Stands in for a CLIP text encoder's ``forward``: compiled, the batch dimension dynamic from two
+    prompts (one prompt: a compilation of its own), eager for shapes not warmed up.
+
+    The pipelines tokenize to a fixed length (77 tokens), so the batch is the only varying dimension
+    and the warm-up's batch sizes cover every call: prompts and negative prompts, one call each."""
+
+    def __init__(self, eager: Callable[..., Any]) -> None:
+        self.eager = eager
+        self.compiled = torch.compile(eager, mode="default", fullgraph=False)
+        self.eager_shapes: set[tuple[int, ...]] = set()
+
+    def __call__(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        shape = tuple(input_ids.shape)
+        if shape in self.eager_shapes:
+            return self.eager(input_ids, *args, **kwargs)
+        if input_ids.shape[0] >= 2:
+            import torch._dynamo
+
+            torch._dynamo.maybe_mark_dynamic(input_ids, 0)
+        return _compiled_or_eager(self.compiled, self.eager, "text encoder", shape, self.eager_shapes,
+                                  (input_ids, *args), kwargs)
+
+
 class CompiledVaeDecode:
-    """Stands in for ``AutoencoderKL.decode``: compiled for two or more latents, eager otherwise.
+    """Stands in for ``AutoencoderKL.decode``: compiled for two or more latents, and with
+    ``compile_single`` for one (a compilation of its own); eager otherwise.
 
     Large batches are decoded in equal parts of at most :func:`images_per_decode` latents, so that no
     activation reaches 2**31 elements, past which generated kernels need 64-bit indexing. Whole
@@ -158,6 +210,7 @@ class CompiledVaeDecode:
         self.compiled = torch.compile(eager, mode="default", fullgraph=False)
         self.vae_config = vae_config
         self.max_elements = max_elements
+        self.compile_single = False  # set by compile_encoders
         self.eager_shapes: set[tuple[int, ...]] = set()
 
     def __call__(self, latents: torch.Tensor, return_dict: bool = True, generator: Any = None) -> Any:
@@ -173,13 +226,15 @@ class CompiledVaeDecode:
         return DecoderOutput(sample=decoded)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if latents.shape[0] < 2 or tuple(latents.shape) in self.eager_shapes:  # size 1 would be specialised
+        single = latents.shape[0] < 2
+        if (single and not self.compile_single) or tuple(latents.shape) in self.eager_shapes:
             return self.eager(latents, return_dict=False)[0]
-        import torch._dynamo
+        if not single:  # a size of 1 cannot be the dynamic one: torch specialises it (its own compilation)
+            import torch._dynamo
 
-        # "maybe": should torch still specialise the size, that size compiles at the warm-up (or runs
-        # eager after it) instead of failing.
-        torch._dynamo.maybe_mark_dynamic(latents, 0)
+            # "maybe": should torch still specialise the size, that size compiles at the warm-up (or
+            # runs eager after it) instead of failing.
+            torch._dynamo.maybe_mark_dynamic(latents, 0)
         return _compiled_or_eager(self.compiled, self.eager, "VAE decoder", tuple(latents.shape), self.eager_shapes,
                                   (latents,), {"return_dict": False})[0]
 

@@ -22,7 +22,9 @@ variant is measured on the same weights, card and call:
 * ``compiled``: + torch.compile of the UNet and the VAE decoder (dynamic batch dimension, mode
   default; with channels_last and fused QKV even when ``layout`` was not measured, as the worker
   applies them with TORCH_COMPILE);
-* ``graphs``: + CUDA graphs (mode reduce-overhead) for batches up to 2 images.
+* ``graphs``: + CUDA graphs (mode reduce-overhead) for batches up to 2 images;
+* ``encoders``: + torch.compile of the text encoders and of the VAE decoder for one image (what
+  TORCH_COMPILE applies beyond ``graphs``: the launch-bound parts of a lone request).
 
 Each batch size is warmed up first (a 2-step call: compilation and graph recording land there), then
 timed ``--repeats`` times (median). ``--pause-s`` leaves the GPU idle that long before each timed
@@ -51,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-VARIANTS = ("eager", "layout", "compiled", "graphs")
+VARIANTS = ("eager", "layout", "compiled", "graphs", "encoders")
 GRAPH_MAX_BATCH = 2
 SERVICE_RUNS = ("lone", "burst50", "users10x5", "burst50_no_batching")
 
@@ -112,12 +114,14 @@ def raw(args: argparse.Namespace, progress) -> dict:
             layout_applied = True
         elif variant == "compiled":  # with the layout, as TORCH_COMPILE applies it, if not applied yet
             acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
-                                    AccelerationConfig(compile=True, cuda_graph_max_batch=0,
+                                    AccelerationConfig(compile=True, cuda_graph_max_batch=0, compile_encoders=False,
                                                        channels_last=not layout_applied, fuse_qkv=not layout_applied))
             layout_applied = True
         elif variant == "graphs":
             forward = acceleration.compiled_forward(pipeline.diffusers_pipeline.unet)
             forward.enable_cuda_graphs(GRAPH_MAX_BATCH)
+        elif variant == "encoders":
+            acceleration.compile_encoders(pipeline.diffusers_pipeline)
         measure(variant, sizes if variant != "graphs" else [s for s in sizes if s <= GRAPH_MAX_BATCH])
     image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
     result["png_encode_s"] = png_seconds(image)

@@ -18,7 +18,8 @@ import torch
 
 from gpu_worker import acceleration
 from gpu_worker.__main__ import warm_up, warm_up_batch_sizes
-from gpu_worker.acceleration import AccelerationConfig, CompiledUnetForward, CompiledVaeDecode, compiled_forward
+from gpu_worker.acceleration import (AccelerationConfig, CompiledTextEncoderForward, CompiledUnetForward,
+                                     CompiledVaeDecode, compiled_forward)
 from gpu_worker.batcher import BatchPolicyConfig
 from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
 
@@ -53,6 +54,42 @@ def test_compiled_batches_match_eager_ones(pipelines):
     assert forward.eager_shapes == set() and decode.eager_shapes == set()
 
 
+def recording_calls(stand_in, rows: list[int]):
+    """Make a compiled stand-in record the batch size of each call to its compiled function (which
+    still runs); returns a function that undoes it."""
+    compiled = stand_in.compiled
+
+    def recorded(first, *args, **kwargs):
+        rows.append(first.shape[0])
+        return compiled(first, *args, **kwargs)
+
+    stand_in.compiled = recorded
+    return lambda: setattr(stand_in, "compiled", compiled)
+
+
+def test_a_lone_image_runs_compiled_text_encoders_and_decoder(pipelines):
+    # A lone request's launch-bound parts: both SDXL text encoders and the single-image VAE decode
+    # run their compiled functions (warmed up for one image, so recompiling is refused: an eager
+    # fallback would list the shape in eager_shapes).
+    eager, compiled, _ = pipelines
+    pipe = compiled.diffusers_pipeline
+    stand_ins = {name: getattr(pipe, name).forward for name in ("text_encoder", "text_encoder_2")}
+    stand_ins["vae"] = pipe.vae.decode
+    assert all(isinstance(stand_ins[name], CompiledTextEncoderForward) for name in ("text_encoder", "text_encoder_2"))
+    assert stand_ins["vae"].compile_single
+    assert not isinstance(eager.diffusers_pipeline.text_encoder.forward, CompiledTextEncoderForward)
+    rows = {name: [] for name in stand_ins}
+    undo = [recording_calls(stand_in, rows[name]) for name, stand_in in stand_ins.items()]
+    try:
+        one = compiled.generate_array(jobs(1), SETTINGS)
+    finally:
+        for restore in undo:
+            restore()
+    np.testing.assert_allclose(one, eager.generate_array(jobs(1), SETTINGS), atol=2e-4)
+    assert rows == {"text_encoder": [1, 1], "text_encoder_2": [1, 1], "vae": [1]}  # prompt and negative prompt
+    assert all(stand_in.eager_shapes == set() for stand_in in stand_ins.values())
+
+
 def test_one_compilation_serves_batch_sizes_not_warmed_up(pipelines):
     eager, compiled, _ = pipelines
     forward = compiled_forward(compiled.diffusers_pipeline.unet)
@@ -63,6 +100,8 @@ def test_one_compilation_serves_batch_sizes_not_warmed_up(pipelines):
     np.testing.assert_allclose(compiled.generate_array(jobs(5), SETTINGS), eager.generate_array(jobs(5), SETTINGS),
                                atol=2e-4)
     assert forward.eager_shapes == set() and decode.eager_shapes == set()
+    encoder = compiled.diffusers_pipeline.text_encoder_2.forward
+    assert encoder.eager_shapes == set()  # 5 prompts: the text encoders' batch is dynamic too
 
 
 def test_a_shape_that_would_compile_runs_eager_instead(pipelines, caplog):
@@ -190,5 +229,11 @@ def test_large_batches_are_decoded_in_equal_parts_like_one_decode(pipelines):
         (in_parts,) = decode(latents, return_dict=False, generator=[torch.Generator()] * 5)
         as_output = decode(latents[:2]).sample
     assert compiled_rows == [2, 2, 2]  # 5 = 2 + 2 + 1 (one image: eager), then the batch of 2
+    decode.compile_single = True  # as TORCH_COMPILE sets it: the single image compiled too
+    compiled_rows.clear()
+    with torch.inference_mode():
+        (in_parts,) = decode(latents, return_dict=False)
+    assert compiled_rows == [2, 2, 1]
+    torch.testing.assert_close(in_parts, whole, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(in_parts, whole, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(as_output, whole[:2], atol=1e-5, rtol=1e-4)
