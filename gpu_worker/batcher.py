@@ -123,6 +123,10 @@ class Batch(Generic[T]):
     key: BatchKey
     requests: tuple[Pending[T], ...]
     formed_at: float
+    # Until this instant a request of the same key may stop this batch at its next step boundary and
+    # join it (gpu_worker/preemption.py); None: the batch runs to the end. Only the default policy
+    # sets it (AdaptiveBatcher: a lone request started instead of held).
+    preemptible_until: float | None = None
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -163,6 +167,23 @@ class Batcher(Generic[T]):
                         del self._groups[key]
                     return True
         raise AssertionError("id index and groups disagree")  # unreachable unless the state is corrupt
+
+    def requeue(self, batch: Batch[T]) -> None:
+        """Put a stopped batch's requests back at the front of their group, with their arrival times
+        (they run again in the next batch, before anything that arrived after them)."""
+        queued = [p.request_id for p in batch.requests if p.request_id in self._ids]
+        if queued:
+            raise ValueError(f"request {queued[0]} is already queued")
+        group = self._groups.setdefault(batch.key, deque())
+        self._groups.move_to_end(batch.key, last=False)  # its requests are the oldest queued
+        group.extendleft(reversed(batch.requests))
+        self._ids.update(p.request_id for p in batch.requests)
+
+    def should_preempt(self, running: Batch[T], key: BatchKey, now: float) -> bool:
+        """Whether a request of ``key`` arriving at ``now`` should stop the ``running`` batch so that
+        the two run together: the batch is still preemptible and the request could join it."""
+        return (running.preemptible_until is not None and now <= running.preemptible_until
+                and key == running.key and len(running) < self.max_batch_size_for(key))
 
     def clear(self) -> int:
         """Drop every queued request (the broker has requeued them elsewhere); returns how many."""

@@ -40,7 +40,8 @@ class WorkerSettings:
     adaptive_threshold: int = setting("ADAPTIVE_BATCH_THRESHOLD", 10,
                                       "queue depth at which adaptive batching starts shortening the window")
     batch_policy: str = setting("BATCH_POLICY", DEFAULT,
-                                "default: run as soon as the GPU is free unless batch-mates are due (docs/scheduling.md); "
+                                "default: run as soon as the GPU is free unless batch-mates are due; a lone request "
+                                "starts at once and is restarted with a burst that follows it (docs/scheduling.md); "
                                 "seed: the seed's windowed rule, exactly")
     max_in_flight: int | None = setting("WORKER_MAX_IN_FLIGHT", None,
                                         "requests the broker may hand this worker at once; "

@@ -35,6 +35,7 @@ import torch
 
 from gpu_worker.oom import OUT_OF_MEMORY_ERROR, OnImages
 from gpu_worker.pipelines import BatchSettings, GenerationJob
+from gpu_worker.preemption import Preemption
 from imagegen.settings import parse_bool
 
 FAKE_PREFIX = "fake"
@@ -84,12 +85,14 @@ class FakeBackend:
                 f"oom_above={self.oom_above}, fail={self.fail})")
 
     def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
-                 on_images: OnImages | None = None) -> list[PIL.Image.Image]:
+                 on_images: OnImages | None = None, preemption: Preemption | None = None) -> list[PIL.Image.Image]:
         """One RGB image of settings.width x settings.height per job, in job order.
 
         Each image depends only on the job (seed, prompt, negative prompt) and the settings, never
         on its batch-mates: generating a job alone or in any batch gives the same pixels. Like the
-        real pipeline, hands the images to ``on_images(0, images)`` before returning them.
+        real pipeline, hands the images to ``on_images(0, images)`` before returning them. With a
+        ``preemption`` the delay is slept in num_inference_steps equal steps, each preceded by
+        ``preemption.before_step`` (which may raise BatchPreempted), as the real denoising loop does.
         """
         jobs = list(jobs)
         with self._lock:
@@ -103,7 +106,12 @@ class FakeBackend:
             raise OUT_OF_MEMORY_ERROR(
                 f"CUDA out of memory (fake: a batch of {len(jobs)} images is more than "
                 f"oom_above={self.oom_above})")
-        if self.delay_s:
+        if self.delay_s and preemption is not None:
+            began, steps = time.monotonic(), settings.num_inference_steps
+            for step in range(steps):  # steps end at fixed instants: no drift from 25 sleeps
+                preemption.before_step(lambda: None)  # nothing queued on a device to wait for
+                time.sleep(max(0.0, began + self.delay_s * (step + 1) / steps - time.monotonic()))
+        elif self.delay_s:
             time.sleep(self.delay_s)
         images = [fake_image(job, settings) for job in jobs]
         if on_images is not None:

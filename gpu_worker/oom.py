@@ -80,6 +80,9 @@ class _CallState:
     smallest_failed: int | None = None  # smallest size that ran out of memory in this call
     largest_succeeded: int = 0          # largest sub-batch that completed in this call (0: none)
     ooms: int = 0
+    # gpu_worker.preemption.Preemption of the call, passed to the first attempt only: a batch that
+    # had to be split is past any preemption window.
+    preemption: Any = None
 
 
 class OomSplittingBackend:
@@ -112,17 +115,19 @@ class OomSplittingBackend:
     def __repr__(self) -> str:
         return f"OomSplittingBackend({self.inner!r})"
 
-    def generate(self, jobs: Sequence[Any], settings: Any, on_images: OnImages | None = None) -> list[Any]:
+    def generate(self, jobs: Sequence[Any], settings: Any, on_images: OnImages | None = None,
+                 preemption: Any = None) -> list[Any]:
         """The inner backend's images for ``jobs``, in order, splitting on out-of-memory errors.
 
         ``on_images(first_index, images)`` is passed on with each sub-batch's indices shifted to
         the whole batch's; images handed over before a sub-batch ran out of memory come again when
         it is retried in halves (the same images: a job's image does not depend on its batch).
         Raises what the inner backend raises, except OOM errors of batches of two or more jobs;
-        an OOM of a single job is re-raised as it is.
+        an OOM of a single job is re-raised as it is. ``preemption`` (gpu_worker.preemption) goes to
+        the first attempt only, and only when given (BatchPreempted passes through).
         """
         jobs = list(jobs)
-        state = _CallState()
+        state = _CallState(preemption=preemption)
         try:
             return self._generate(jobs, settings, state, on_images, 0)
         finally:
@@ -140,7 +145,9 @@ class OomSplittingBackend:
         known_to_fail = state.smallest_failed is not None and size >= state.smallest_failed
         if size < 2 or not known_to_fail:
             try:
-                images = list(self.inner.generate(jobs, settings, _shifted(on_images, offset)))
+                preemption, state.preemption = state.preemption, None
+                extra = () if preemption is None else (preemption,)  # inner backends may not take it
+                images = list(self.inner.generate(jobs, settings, _shifted(on_images, offset), *extra))
             except Exception as exc:
                 if not is_out_of_memory(exc) or size < 2:
                     raise

@@ -12,12 +12,13 @@ a model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
@@ -25,6 +26,7 @@ import torch
 
 from gpu_worker import acceleration, decoding
 from gpu_worker.acceleration import AccelerationConfig
+from gpu_worker.preemption import Preemption
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -113,16 +115,19 @@ class ImagePipeline:
                 f"device={self.device}, dtype={self.dtype}, native_size={self.native_size})")
 
     def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
-                 on_images: decoding.OnImages | None = None) -> list[PIL.Image.Image]:
+                 on_images: decoding.OnImages | None = None,
+                 preemption: Preemption | None = None) -> list[PIL.Image.Image]:
         """Generate one RGB image of settings.width x settings.height per job, in job order.
 
         One pipeline call denoises the whole batch; its latents are then decoded in parts
         (gpu_worker.decoding), and ``on_images(first_index, arrays)``, if given, receives each
         part's (H, W, 3) uint8 arrays as soon as they are on the host, before the next part is
-        decoded, in the calling thread. Raises ValueError for an empty batch or bad settings,
+        decoded, in the calling thread. With a ``preemption`` (gpu_worker.preemption) every
+        denoising step starts with ``preemption.before_step``, which raises BatchPreempted when the
+        worker stops the batch. Raises ValueError for an empty batch or bad settings,
         RuntimeError if the pipeline returns a different number of latents.
         """
-        latents = self._run(jobs, settings, output_type="latent")
+        latents = self._run(jobs, settings, output_type="latent", preemption=preemption)
         with torch.inference_mode():  # as inside the pipeline: no autograd, and what torch.compile guards on
             arrays = decoding.decode_in_parts(self.diffusers_pipeline, latents, on_images, self.images_per_part)
         return [rgb_image(array) for array in arrays]
@@ -166,14 +171,14 @@ class ImagePipeline:
                 f"num_inference_steps must be >= 1, got {settings.num_inference_steps}")
 
     def _run(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
-             output_type: str) -> Any:
+             output_type: str, preemption: Preemption | None = None) -> Any:
         jobs = list(jobs)
         if not jobs:
             raise ValueError("a batch needs at least one job")
         self._check_settings(settings)
         # CPU generators: the initial noise is the same whichever device runs the model.
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._checked_before_each_step(preemption):
             output = self.diffusers_pipeline(
                 prompt=[job.prompt for job in jobs],
                 # Always a string: SDXL encodes None as zeros but "" as a real embedding, and a
@@ -193,6 +198,29 @@ class ImagePipeline:
         if len(images) != len(jobs):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(jobs)} jobs")
         return images
+
+
+    @contextlib.contextmanager
+    def _checked_before_each_step(self, preemption: Preemption | None) -> Iterator[None]:
+        """Call ``preemption.before_step`` before every UNet call (one per denoising step) while the
+        pipeline runs: a forward pre-hook, outside what torch.compile traced (no recompiling), and
+        before the first step too, unlike diffusers' step-end callback, so that a stop can come right
+        after the text encoders."""
+        if preemption is None:
+            yield
+            return
+        device = self.device
+
+        def synchronize() -> None:
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
+
+        handle = self.diffusers_pipeline.unet.register_forward_pre_hook(
+            lambda module, args: preemption.before_step(synchronize))
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def rgb_image(pixels: np.ndarray) -> PIL.Image.Image:

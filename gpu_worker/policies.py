@@ -13,7 +13,12 @@ GPU for batch-mates unless they are expected soon enough to pay for the wait:
   - **coalescing**: requests of one burst reach the worker a few milliseconds apart (the gateway
     and broker forward them one by one). Waiting ``coalesce_gap_s`` after the latest arrival (at
     most ``coalesce_fraction`` of the estimated batch-1 time, so a lone request pays at most that
-    fraction) lets the burst land before the GPU commits to a batch of one.
+    fraction) lets the burst land before the GPU commits to a batch of one. With ``preempt`` (the
+    default) a group of *one* does not hold: it starts at once as a preemptible batch
+    (:attr:`Batch.preemptible_until`, the instant its hold would have ended), and a request of its
+    key arriving before then stops it at the next step boundary (gpu_worker/preemption.py). A lone
+    request pays no hold; a burst pays the steps the stopped batch ran. Groups of two or more (a
+    burst landing) hold as before.
   - **break-even**: one more request is worth waiting ``w`` for while
     ``w < t(k) - t(k+1) + t(1) / (k + 1)`` (t: batch seconds from the online cost model, k: the
     group's size): the k wait w, but the newcomer does not wait for a whole batch and then run
@@ -31,10 +36,10 @@ Costs come from :meth:`AdaptiveBatcher.observe_batch`, which the worker calls af
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from gpu_worker.batcher import Batcher, BatchKey, BatchPolicyConfig, Pending
+from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig, Pending
 from gpu_worker.cost_model import OnlineCostModel
 
 T = TypeVar("T")
@@ -54,6 +59,7 @@ class HoldTuning:
     cost_alpha: float = 0.3  # weight of the newest batch duration in the online cost model
     break_even: bool = True  # False: only the coalescing hold (the "greedy" variant)
     coalesce: bool = True  # False: no coalescing hold either
+    preempt: bool = True  # a group of one starts at once, preemptible, instead of the coalescing hold
 
     def __post_init__(self) -> None:
         if self.coalesce_gap_s < 0 or not 0 <= self.coalesce_fraction <= 1:
@@ -117,7 +123,23 @@ class AdaptiveBatcher(Batcher[T]):
 
     def hold_s(self, key: BatchKey, size: int) -> float:
         """How long after a group's newest arrival an idle GPU still waits for one more request."""
-        return max(self.coalesce_hold_s(key), self.break_even_hold_s(key, size))
+        coalesce_s = 0.0 if self.starts_preemptible(size) else self.coalesce_hold_s(key)
+        return max(coalesce_s, self.break_even_hold_s(key, size))
+
+    def starts_preemptible(self, size: int) -> bool:
+        """Whether a group of ``size`` replaces its coalescing hold by a preemptible start."""
+        return self.tuning.preempt and self.tuning.coalesce and size == 1 and self.config.enable_batching
+
+    def next_batch(self, now: float) -> Batch[T] | None:
+        """Batcher's choice; a lone request started within what would have been its coalescing hold
+        is marked preemptible until that hold's end (its batch may be stopped for batch-mates)."""
+        batch = super().next_batch(now)
+        if batch is None or not self.starts_preemptible(len(batch)):
+            return batch
+        hold_ends_at = batch.requests[-1].arrived_at + self.coalesce_hold_s(batch.key)
+        if now >= hold_ends_at or len(batch) >= self.max_batch_size_for(batch.key):
+            return batch  # it would have started now anyway: nothing to stop it for
+        return replace(batch, preemptible_until=hold_ends_at)
 
     def coalesce_hold_s(self, key: BatchKey) -> float:
         if not self.tuning.coalesce:

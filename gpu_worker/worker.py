@@ -9,7 +9,10 @@ thread-safe):
 * the batch loop asks the batcher for the next batch whenever the GPU is free, sleeping until
   the batcher's next decision instant or the next arrival, drops requests whose deadline has
   passed before they cost GPU time, and runs the pipeline in a dedicated thread (so heartbeats
-  flow while the GPU computes).
+  flow while the GPU computes). A batch the batcher marks preemptible (a lone request started
+  instead of held, gpu_worker/preemption.py) is stopped at its next step boundary when a request
+  that could join it arrives in time; its request goes back to the queue and runs with the
+  newcomers.
 
 PNG encoding runs in its own thread pools and overlaps the GPU's work: a batch's images are handed
 over part by part as the VAE decodes them (gpu_worker.decoding), each part's PNGs are compressed
@@ -32,6 +35,7 @@ from typing import Any, Protocol, Sequence
 from gpu_worker import png
 from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig
 from gpu_worker.pipelines import BatchSettings, GenerationJob
+from gpu_worker.preemption import BatchPreempted, Preemption
 from gpu_worker.stats import WorkerCounters
 from gpu_worker.link import BrokerLink
 from gpu_worker.oom import OnImages, OomSplittingBackend
@@ -70,10 +74,12 @@ class ImageBackend(Protocol):
     """What the worker needs from a pipeline (gpu_worker.pipelines.ImagePipeline is the real one).
 
     generate may hand images over early, ``on_images(first_index, images)`` from its own thread, for
-    consecutive slices of the batch; whatever it did not hand over is taken from its return value."""
+    consecutive slices of the batch; whatever it did not hand over is taken from its return value.
+    With a ``preemption`` it calls ``preemption.before_step(synchronize)`` before every denoising
+    step, which raises BatchPreempted when the worker has asked it to stop."""
 
     def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
-                 on_images: OnImages | None = None) -> list[Any]: ...
+                 on_images: OnImages | None = None, preemption: Preemption | None = None) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,9 @@ class Worker:
         self.counters = WorkerCounters()
         self.running = 0
         self.running_key: BatchKey | None = None  # the batch in the GPU thread, for an out-of-memory report
+        self.running_batch: Batch[Generate] | None = None
+        self.preemption: Preemption | None = None  # the running batch's stop signal, if preemptible
+        self.preempted_batches = 0
         self.state = "ready"
         self.arrival = asyncio.Event()
         self.batch_seq = 0
@@ -274,7 +283,19 @@ class Worker:
         log.debug("request %s queued: %dx%d, %d steps", message.request_id, message.params.width,
                   message.params.height, message.params.num_inference_steps, extra={"request_id": message.request_id})
         self.counters.observe_queue_depth(self.batcher.queue_depth)
+        self._maybe_preempt(BatchKey.of(message.params), now)
         self.arrival.set()
+
+    def _maybe_preempt(self, key: BatchKey, now: float) -> None:
+        """Ask the running batch to stop at its next step if the batcher says this arrival should join it."""
+        running, preemption = self.running_batch, self.preemption
+        should_preempt = getattr(self.batcher, "should_preempt", None)
+        if (running is None or preemption is None or preemption.requested or should_preempt is None
+                or not should_preempt(running, key, now)):
+            return
+        preemption.request()
+        log.debug("a request that can join batch of %d arrived %.1f ms after it started: stopping it at its "
+                  "next step", len(running), (now - running.formed_at) * 1000.0)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -329,19 +350,29 @@ class Worker:
         batch_id = f"{self.identity.name}:{self.batch_seq}"
         self.running = len(batch)
         self.running_key = key
+        self.running_batch = batch
+        preemptible = batch.preemptible_until is not None
+        self.preemption = Preemption(batch.preemptible_until, self.clock) if preemptible else None
         self._send_status()
         started = time.perf_counter()
         splits_before = self.backend.oom_splits
         encodings = BatchEncodings(asyncio.get_running_loop(), self.encoder_threads, self.stripe_threads)
         try:
             images, gpu_thread_s = await asyncio.get_running_loop().run_in_executor(
-                self.gpu_thread, timed_call, self.backend.generate, jobs, settings, encodings.on_images_in_gpu_thread)
+                self.gpu_thread, timed_call, self.backend.generate, jobs, settings, encodings.on_images_in_gpu_thread,
+                self.preemption)
+        except BatchPreempted:
+            encodings.cancel()
+            self._requeue(batch, batch_id, time.perf_counter() - started)
+            return
         except Exception as exc:  # the pipeline's errors end this batch's requests, never the worker
             encodings.cancel()
             self._fail_batch(batch, exc)
             return
         finally:
             self.running = 0
+            self.running_batch = None
+            self.preemption = None
         encodings.encode(0, images)  # those not handed over early
         generation_s = time.perf_counter() - started
         self._observe_batch_time(key, len(batch), generation_s, splits_before)
@@ -354,6 +385,17 @@ class Worker:
         self.delivery_tasks.add(task)
         task.add_done_callback(self.delivery_tasks.discard)
         self._send_status()
+
+    def _requeue(self, batch: Batch[Generate], batch_id: str, ran_s: float) -> None:
+        """A preempted batch: its requests wait again, with their arrival times and deadlines, for the
+        next batch, which the newcomers join (not a failure, and not a batch time to learn from)."""
+        self.batcher.requeue(batch)
+        for pending in batch.requests:
+            self.deadlines[pending.request_id] = pending.arrived_at + pending.item.deadline_s
+        self.preempted_batches += 1
+        log.info("batch %s: stopped after %.3fs so that newer requests can join it; requests %s go back to the queue",
+                 batch_id, ran_s, short_ids([p.request_id for p in batch.requests]),
+                 extra={"batch_id": batch_id, "request_ids": [p.request_id for p in batch.requests]})
 
     def _observe_batch_time(self, key: BatchKey, size: int, generation_s: float, splits_before: int) -> None:
         """Teach a learning policy (BATCH_POLICY=default) what this batch cost; a batch that was split

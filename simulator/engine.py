@@ -8,6 +8,11 @@ gpu_worker/worker.py: ask the batcher for a batch whenever the GPU is free, othe
 ``next_decision_at()`` or the next arrival; after a batch, report its duration to the batcher
 (``observe_batch``, when it has one) and deliver the images in order, ``encode_threads`` PNG
 encodings at a time (each result frees one of the worker's credits at the broker when it lands).
+A batch the batcher marks preemptible is stopped, as the worker stops it, at its first check
+after an arrival for which ``should_preempt`` says so, and its requests go back to the batcher
+(``requeue``); it is recorded as stopped. The worker checks before every denoising step, the first
+one included: the checks are modelled ``prelude_fraction`` of the batch's time after its start
+(the text encoders), then once per step, the steps sharing the rest equally.
 Like the worker, it sends the broker a status (its queue and running batch) when a batch starts
 and when it ends, which is what the broker's fair-share dispatch reads.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -57,6 +63,10 @@ class ClusterConfig:
     encode_s_per_mpixel: float = 0.03  # PNG encoding (compress level 1) of one image on one thread
     encode_threads: int = 8  # PNG_ENCODER_THREADS: a batch's images are encoded this many at a time
     speed_spread: float = 0.0  # GPU i's batches take (1 + speed_spread * i / (gpus - 1)) x the cost model's
+    # Share of a batch's time before its first denoising step (text encoders, initial noise): where a
+    # preemptible batch is first checked. An estimate: 1% (a compiled SD-1.5 batch of one on the H100,
+    # docs/scheduling.md "Preemptible start").
+    prelude_fraction: float = 0.01
 
     @property
     def worker_capacity(self) -> int:
@@ -85,7 +95,8 @@ class BatchRecord:
     key: BatchKey
     size: int
     started_at: float
-    duration_s: float
+    duration_s: float  # GPU time it took (a stopped batch: until it stopped)
+    stopped: bool = False  # preempted: its requests ran again in a later batch
 
 
 class Simulation:
@@ -170,6 +181,9 @@ class SimWorker:
         self.speed = 1.0 + sim.cluster.speed_spread * index / max(1, sim.cluster.gpus - 1)
         self._wake_token = 0
         self._decision_pending = False
+        self._running: tuple[Batch[Generate], float, float] | None = None  # batch, started at, duration
+        self._batch_token = 0  # a stopped batch's scheduled end is ignored
+        self._stopping = False
 
     def registration(self) -> Register:
         config = self.sim.cluster.batching
@@ -180,7 +194,9 @@ class SimWorker:
                         "sim", self.sim.cluster.worker_capacity, batching)
 
     def receive(self, message: Generate) -> None:
-        self.batcher.add(message.request_id, BatchKey.of(message.params), message, self.sim.now)
+        key = BatchKey.of(message.params)
+        self.batcher.add(message.request_id, key, message, self.sim.now)
+        self._maybe_preempt(key)
         if not self._decision_pending:  # decide once every message of this instant is queued
             self._decision_pending = True
             self.sim.at(self.sim.now, self._decide)
@@ -205,17 +221,60 @@ class SimWorker:
         if token == self._wake_token and not self.busy:  # a newer decision superseded this sleep
             self._decide()
 
+    def _maybe_preempt(self, key: BatchKey) -> None:
+        """As the worker: an arrival that should join the running batch stops it at its next step end."""
+        if self._running is None or self._stopping:
+            return
+        batch, started_at, duration_s = self._running
+        should_preempt = getattr(self.batcher, "should_preempt", None)
+        if should_preempt is None or not should_preempt(batch, key, self.sim.now):
+            return
+        self._stopping = True
+        self.sim.at(self._next_check_at(started_at, duration_s, batch.key.num_inference_steps), self._stop,
+                    self._batch_token)
+
+    def _next_check_at(self, started_at: float, duration_s: float, steps: int) -> float:
+        """The first instant, from now, at which the running batch looks whether to stop."""
+        prelude_s = self.sim.cluster.prelude_fraction * duration_s
+        step_s = (duration_s - prelude_s) / max(1, steps)
+        first_check_at = started_at + prelude_s
+        if self.sim.now <= first_check_at:
+            return first_check_at
+        return first_check_at + math.ceil((self.sim.now - first_check_at) / step_s) * step_s
+
+    def _stop(self, token: int) -> None:
+        if token != self._batch_token or self._running is None:
+            return
+        batch, started_at, _ = self._running
+        self.sim.batches.append(BatchRecord(self.index, batch.key, len(batch), started_at,
+                                            self.sim.now - started_at, stopped=True))
+        self._end_batch()
+        self.batcher.requeue(batch)
+        self._send_status()
+        self._decide()
+
     def _start(self, batch: Batch[Generate]) -> None:
         self.busy = True
         self.running = len(batch)
         duration_s = self.sim.costs.batch_s(batch.key, len(batch)) * self.speed
-        self.sim.batches.append(BatchRecord(self.index, batch.key, len(batch), self.sim.now, duration_s))
+        self._batch_token += 1
+        self._running = (batch, self.sim.now, duration_s)
         self._send_status()
-        self.sim.at(self.sim.now + duration_s, self._finish, batch, duration_s)
+        self.sim.at(self.sim.now + duration_s, self._finish, batch, duration_s, self._batch_token)
 
-    def _finish(self, batch: Batch[Generate], duration_s: float) -> None:
+    def _end_batch(self) -> None:
         self.busy = False
         self.running = 0
+        self._running = None
+        self._stopping = False
+        self._batch_token += 1
+
+    def _finish(self, batch: Batch[Generate], duration_s: float, token: int) -> None:
+        if token != self._batch_token:
+            return  # stopped earlier (preempted)
+        self.sim.batches.append(BatchRecord(self.index, batch.key, len(batch), self.sim.now - duration_s,
+                                            duration_s))
+        self._end_batch()
         self.batches_done += 1
         self.requests_done += len(batch)
         observe = getattr(self.batcher, "observe_batch", None)

@@ -66,8 +66,9 @@ def summarize(sim: Simulation, workload: str, policy: str, **extra: Any) -> RunR
     first_sent = min(r.sent_at for r in sim.requests.values())
     last_done = max((r.done_at for r in done), default=first_sent)
     makespan = last_done - first_sent
-    images = sum(b.size for b in sim.batches)
-    busy = sum(b.duration_s for b in sim.batches)
+    completed = [b for b in sim.batches if not b.stopped]
+    images = sum(b.size for b in completed)
+    busy = sum(b.duration_s for b in sim.batches)  # a stopped batch's steps kept the GPU busy too
     return RunReport(
         workload=workload,
         policy=policy,
@@ -81,8 +82,8 @@ def summarize(sim: Simulation, workload: str, policy: str, **extra: Any) -> RunR
         p99_s=percentile(lat, 99),
         mean_s=sum(lat) / len(lat) if lat else math.nan,
         max_s=max(lat, default=math.nan),
-        avg_batch_size=images / len(sim.batches) if sim.batches else math.nan,
-        batches=len(sim.batches),
+        avg_batch_size=images / len(completed) if completed else math.nan,
+        batches=len(completed),
         gpu_busy_fraction=busy / (len(sim.workers) * makespan) if makespan > 0 else math.nan,
         makespan_s=makespan,
         extra=dict(extra),

@@ -273,7 +273,7 @@ def scaling_run(setup: ScalingSetup, gpus: int, strategy: str, dispatch: str, sp
     cluster = replace(cluster_for(policy_label, gpus, batching), strategy=strategy, fair_share=DISPATCH[dispatch],
                       encode_s_per_mpixel=setup.encode_s_per_mpixel, speed_spread=speed_spread)
     sim, report = run(wl.burst(per_gpu * gpus, setup.costs.reference_key), cluster, setup.costs, policy_label)
-    per_gpu_images = [sum(b.size for b in sim.batches if b.worker == w) for w in range(gpus)]
+    per_gpu_images = [sum(b.size for b in sim.batches if b.worker == w and not b.stopped) for w in range(gpus)]
     return replace(report, extra={"per_gpu_images_max": max(per_gpu_images),
                                   "per_gpu_images_min": min(per_gpu_images)})
 

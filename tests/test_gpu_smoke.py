@@ -5,10 +5,13 @@ CI has no GPU and skips this file; on a GPU machine run ``python -m pytest -m gp
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
+from gpu_worker.preemption import BatchPreempted, Preemption
 from gpu_worker.pipelines import BatchSettings, GenerationJob, auto_max_batch_size, free_gpu_memory_bytes, load_pipeline
 
 pytestmark = [
@@ -37,3 +40,21 @@ def test_real_size_pipeline_batches_on_the_gpu(model_id, size):
     free = free_gpu_memory_bytes()
     assert free is not None and free > 0
     assert auto_max_batch_size(pipeline, free, size, size) >= 1
+    # A preemptible lone batch (the default policy's start): not stopped, the same image; stopped
+    # before its second step, it raises after waiting for the GPU (CUDA synchronisation).
+    open_window = Preemption(open_until_s=float("inf"), clock=time.monotonic)
+    lone = pipeline.generate(jobs[:1], settings, preemption=open_window)[0]
+    assert open_window.steps_checked == len(pipeline.diffusers_pipeline.scheduler.timesteps)
+    assert np.abs(np.asarray(lone, dtype=np.float32) - np.asarray(images[0], dtype=np.float32)).mean() / 255 < 0.02
+    stopped = Preemption(open_until_s=float("inf"), clock=time.monotonic)
+    check = stopped.before_step
+
+    def request_before_the_second_step(synchronize):
+        if stopped.steps_checked == 1:
+            stopped.request()
+        check(synchronize)
+
+    stopped.before_step = request_before_the_second_step
+    with pytest.raises(BatchPreempted):
+        pipeline.generate(jobs[:1], settings, preemption=stopped)
+    assert stopped.steps_checked == 2

@@ -43,19 +43,86 @@ PROPORTIONAL = {1: 1.0, 2: 2.0, 3: 3.0}
 # ------------------------------------------------------------------ a lone request, bursts
 
 
-def test_lone_request_on_an_idle_gpu_waits_only_the_coalescing_gap():
+def test_lone_request_on_an_idle_gpu_starts_at_once_preemptible_until_its_hold_would_end():
     b = make(max_wait_time_s=5.0)
+    b.add("a", KEY, "a", T0)
+    assert b.next_decision_at() == pytest.approx(T0)
+    batch = b.next_batch(T0 + 0.001)
+    assert ids_of(batch) == ["a"] and batch.preemptible_until == pytest.approx(T0 + GAP)
+
+
+def test_without_preemption_a_lone_request_waits_only_the_coalescing_gap():
+    b = make(HoldTuning(preempt=False), max_wait_time_s=5.0)
     b.add("a", KEY, "a", T0)
     assert b.next_decision_at() == pytest.approx(T0 + GAP)
     assert b.next_batch(T0 + GAP * 0.99) is None
-    assert ids_of(b.next_batch(T0 + GAP)) == ["a"]
+    batch = b.next_batch(T0 + GAP)
+    assert ids_of(batch) == ["a"] and batch.preemptible_until is None
 
 
 def test_coalescing_gap_shrinks_to_a_fraction_of_the_learned_batch1_time():
-    b = make()
+    b = make(HoldTuning(preempt=False))
     learn(b, {1: 0.25})  # a fast model: 2% of 0.25 s is 5 ms, less than the 20 ms default gap
     b.add("a", KEY, "a", T0)
     assert b.next_decision_at() == pytest.approx(T0 + 0.005)
+    preempting = make()
+    learn(preempting, {1: 0.25})
+    preempting.add("a", KEY, "a", T0)
+    assert preempting.next_batch(T0).preemptible_until == pytest.approx(T0 + 0.005)  # the same window
+
+
+def test_a_request_of_the_same_key_within_the_window_stops_the_lone_batch_and_joins_it():
+    b = make()
+    b.add("a", KEY, "a", T0)
+    running = b.next_batch(T0)
+    b.add("b", KEY, "b", T0 + 0.004)
+    assert b.should_preempt(running, KEY, T0 + 0.004)
+    b.requeue(running)  # the worker stopped it at a step boundary
+    assert b.queue_depth == 2
+    assert b.next_batch(T0 + 0.004 + GAP * 0.99) is None  # a group of two: the burst's coalescing hold
+    merged = b.next_batch(T0 + 0.004 + GAP)
+    assert ids_of(merged) == ["a", "b"] and merged.preemptible_until is None
+    assert merged.wait_s(merged.requests[0]) == pytest.approx(0.004 + GAP)  # its wait counts from its arrival
+
+
+def test_only_a_compatible_request_within_the_window_preempts():
+    b = make(max_batch_size=8)
+    b.add("a", KEY, "a", T0)
+    running = b.next_batch(T0)
+    assert not b.should_preempt(running, OTHER, T0 + 0.001)  # cannot share the inference
+    assert not b.should_preempt(running, KEY, T0 + GAP * 1.01)  # too late: the batch is well under way
+    single = make(max_batch_size=1)
+    single.add("a", KEY, "a", T0)
+    batch = single.next_batch(T0)
+    assert batch.preemptible_until is None and not single.should_preempt(batch, KEY, T0)  # full already
+
+
+def test_a_requeued_batch_goes_before_later_arrivals_and_groups():
+    b = make()
+    b.add("a", KEY, "a", T0)
+    running = b.next_batch(T0)
+    b.add("o", OTHER, "o", T0 + 0.001)
+    b.add("b", KEY, "b", T0 + 0.002)
+    b.requeue(running)
+    assert [p.request_id for p in b] == ["a", "b", "o"]
+    assert ids_of(b.next_batch(T0 + 1.0)) == ["a", "b"]
+    still_queued = next(iter(b))
+    with pytest.raises(ValueError, match="already queued"):
+        b.requeue(Batch(OTHER, (still_queued,), T0))
+    assert b.queue_depth == 1  # unchanged by the refused requeue
+
+
+def test_no_preemptible_start_when_the_hold_has_passed_or_for_the_seed_policy():
+    b = make()
+    b.add("a", KEY, "a", T0)
+    assert b.next_batch(T0 + 1.0).preemptible_until is None  # waited behind another batch: nothing to stop for
+    seed = Batcher(BatchPolicyConfig(max_batch_size=8, max_wait_time_s=0.0, min_wait_time_s=0.0))
+    seed.add("a", KEY, "a", T0)
+    batch = seed.next_batch(T0)
+    assert batch.preemptible_until is None and not seed.should_preempt(batch, KEY, T0)
+    unbatched = make(enable_batching=False)
+    unbatched.add("a", KEY, "a", T0)
+    assert unbatched.next_batch(T0).preemptible_until is None
 
 
 def test_burst_arrivals_extend_the_hold_from_the_newest_arrival():
@@ -145,7 +212,7 @@ def test_sparse_arrivals_get_no_break_even_hold():
     b = make()
     learn(b, SDXL_LIKE)
     last = _with_gaps(b, 5.0)  # a mate would come too late to pay (2B - g < 0)
-    assert b.next_decision_at() == pytest.approx(last + GAP)
+    assert b.next_decision_at() == pytest.approx(last)  # no hold: it starts at once (preemptible)
 
 
 def test_no_hold_when_the_cost_model_shows_batching_saves_nothing():
@@ -153,21 +220,21 @@ def test_no_hold_when_the_cost_model_shows_batching_saves_nothing():
     learn(b, PROPORTIONAL)
     last = _with_gaps(b, 0.01)
     assert b.break_even_wait_s(KEY, 1) < 0
-    assert b.next_decision_at() == pytest.approx(last + GAP)
+    assert b.next_decision_at() == pytest.approx(last)  # no hold: it starts at once (preemptible)
 
 
 def test_no_break_even_hold_before_costs_are_known():
     b = make()
     last = _with_gaps(b, 0.01)
     assert b.break_even_wait_s(KEY, 1) == 0.0
-    assert b.next_decision_at() == pytest.approx(last + GAP)
+    assert b.next_decision_at() == pytest.approx(last)  # no hold: it starts at once (preemptible)
 
 
 def test_break_even_hold_can_be_switched_off():
     b = make(HoldTuning(break_even=False))
     learn(b, SDXL_LIKE)
     last = _with_gaps(b, 0.5)
-    assert b.next_decision_at() == pytest.approx(last + GAP)
+    assert b.next_decision_at() == pytest.approx(last)  # no hold: it starts at once (preemptible)
 
 
 # ------------------------------------------------------------------ groups, limits, settings
@@ -184,7 +251,7 @@ def test_incompatible_keys_never_share_a_batch_and_the_oldest_group_runs_first()
 
 
 def test_a_held_group_does_not_block_a_ready_one():
-    b = make()
+    b = make(HoldTuning(preempt=False))
     b.add("old", OTHER, None, T0)
     b.add("new", KEY, None, T0 + 1.0)
     assert ids_of(b.next_batch(T0 + 1.0)) == ["old"]

@@ -199,12 +199,39 @@ def test_results_of_a_batch_come_back_encode_threads_at_a_time():
     sim = Simulation(cluster, SDXL)
     wl.burst(16, KEY).schedule(sim)
     sim.run()
-    (batch,) = sim.batches
+    (batch,) = [b for b in sim.batches if not b.stopped]  # (the first request's lone start was stopped)
     end = batch.started_at + batch.duration_s
     done = sorted(round(r.done_at - end, 3) for r in sim.requests.values())
     encode_s = 0.2 * KEY.pixels / 1e6
     assert done[:8] == [pytest.approx(encode_s + 2 * cluster.hop_s, abs=1e-3)] * 8
     assert done[8:] == [pytest.approx(2 * encode_s + 2 * cluster.hop_s, abs=1e-3)] * 8
+
+
+def test_a_lone_request_starts_at_once_and_a_burst_stops_its_first_batch_after_the_text_encoders():
+    cluster = runs.cluster_for("default")
+    lone = Simulation(cluster, SDXL)
+    wl.lone(KEY).schedule(lone)
+    lone.run()
+    (batch,) = lone.batches
+    assert batch.started_at == pytest.approx(2 * cluster.hop_s)  # no coalescing hold: it ran on arrival
+    burst = Simulation(cluster, SDXL)
+    wl.burst(16, KEY).schedule(burst)
+    burst.run()
+    stopped, *done = burst.batches
+    assert stopped.stopped and stopped.size == 1 and not any(b.stopped for b in done)
+    assert stopped.duration_s == pytest.approx(cluster.prelude_fraction * SDXL.batch_s(KEY, 1))
+    assert [b.size for b in done] == [16]  # the stopped request ran with the rest of the burst
+    assert all(r.done_at is not None and r.failed is None for r in burst.requests.values())
+
+
+def test_without_preemption_the_first_request_of_a_burst_is_held_instead():
+    from gpu_worker.policies import HoldTuning
+
+    cluster = replace(runs.cluster_for("default"), tuning=HoldTuning(preempt=False))
+    sim = Simulation(cluster, SDXL)
+    wl.burst(16, KEY).schedule(sim)
+    sim.run()
+    assert [(b.size, b.stopped) for b in sim.batches] == [(16, False)]
 
 
 @pytest.fixture(scope="module")
