@@ -14,11 +14,12 @@ GPU for batch-mates unless they are expected soon enough to pay for the wait:
     and broker forward them one by one). Waiting ``coalesce_gap_s`` after the latest arrival (at
     most ``coalesce_fraction`` of the estimated batch-1 time, so a lone request pays at most that
     fraction) lets the burst land before the GPU commits to a batch of one. With ``preempt`` (the
-    default) a group of *one* does not hold: it starts at once as a preemptible batch
-    (:attr:`Batch.preemptible_until`, the instant its hold would have ended), and a request of its
-    key arriving before then stops it at the next step boundary (gpu_worker/preemption.py). A lone
-    request pays no hold; a burst pays the steps the stopped batch ran. Groups of two or more (a
-    burst landing) hold as before.
+    default) a group of *one* does not hold: it starts at once as a preemptible batch, and a request
+    of its key arriving within ``coalesce_gap_s`` of it (:attr:`Batch.preemptible_until`) stops it
+    before its next denoising step (gpu_worker/preemption.py). A lone request pays no hold; a burst
+    pays what the stopped batch ran. The window is the whole gap, not capped by
+    ``coalesce_fraction``: that cap bounds what a lone request pays for a hold, and a preemptible
+    start costs it nothing. Groups of two or more (a burst landing) hold as before.
   - **break-even**: one more request is worth waiting ``w`` for while
     ``w < t(k) - t(k+1) + t(1) / (k + 1)`` (t: batch seconds from the online cost model, k: the
     group's size): the k wait w, but the newcomer does not wait for a whole batch and then run
@@ -131,15 +132,15 @@ class AdaptiveBatcher(Batcher[T]):
         return self.tuning.preempt and self.tuning.coalesce and size == 1 and self.config.enable_batching
 
     def next_batch(self, now: float) -> Batch[T] | None:
-        """Batcher's choice; a lone request started within what would have been its coalescing hold
-        is marked preemptible until that hold's end (its batch may be stopped for batch-mates)."""
+        """Batcher's choice; a lone request started within ``coalesce_gap_s`` of its arrival is marked
+        preemptible until then (its batch may be stopped for batch-mates of the same burst)."""
         batch = super().next_batch(now)
         if batch is None or not self.starts_preemptible(len(batch)):
             return batch
-        hold_ends_at = batch.requests[-1].arrived_at + self.coalesce_hold_s(batch.key)
-        if now >= hold_ends_at or len(batch) >= self.max_batch_size_for(batch.key):
-            return batch  # it would have started now anyway: nothing to stop it for
-        return replace(batch, preemptible_until=hold_ends_at)
+        window_ends_at = batch.requests[-1].arrived_at + self.tuning.coalesce_gap_s
+        if now >= window_ends_at or len(batch) >= self.max_batch_size_for(batch.key):
+            return batch  # no burst is landing any more, or it is full: nothing to stop it for
+        return replace(batch, preemptible_until=window_ends_at)
 
     def coalesce_hold_s(self, key: BatchKey) -> float:
         if not self.tuning.coalesce:
