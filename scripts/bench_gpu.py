@@ -202,8 +202,9 @@ def summary_row(args: argparse.Namespace, raw_result: dict | None, service_resul
            "gpus": 1, "setting": " ".join(f"{k}={v}" for k, v in sorted(args.settings.items())) or "defaults"}
     if raw_result:
         variants = raw_result["variants"]
-        # "graphs" only times the small batches: the best batch comes from "compiled" when measured.
-        out["raw_variant"] = "compiled" if "compiled" in variants else list(variants)[-1]
+        # "graphs" only times the small batches: the best batch comes from what TORCH_COMPILE applies,
+        # "encoders" (or "compiled" before it), when measured.
+        out["raw_variant"] = next((v for v in ("encoders", "compiled") if v in variants), list(variants)[-1])
         fastest = variants[out["raw_variant"]]
         best_size = max(fastest, key=lambda size: fastest[size]["images_per_s"])
         out["batch_size"] = best_size

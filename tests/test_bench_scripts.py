@@ -206,6 +206,26 @@ def test_the_service_is_held_against_the_raw_batch_of_its_own_size():
     assert raw_batch_like(raw_rows, None) is None and raw_batch_like({}, 50.0) is None
 
 
+def test_the_summary_takes_the_raw_batches_of_what_torch_compile_applies(monkeypatch):
+    from argparse import Namespace
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from bench_gpu import summary_row
+
+    def rows(seconds_per_size):
+        return {size: {"seconds": s, "images_per_s": size / s, "peak_above_weights_gib": None}
+                for size, s in seconds_per_size.items()}
+
+    args = Namespace(card="cpu", model="sd15", size=512, steps=25, settings={})
+    raw = {"variants": {"compiled": rows({1: 0.66, 50: 5.9}), "graphs": rows({1: 0.22}),
+                        "encoders": rows({1: 0.205, 50: 5.8})}}
+    summary = summary_row(args, raw, None)
+    assert summary["raw_variant"] == "encoders" and summary["batch_size"] == 50
+    assert summary["raw_images_per_s"] == 50 / 5.8 and summary["raw_batch1_s"] == 0.205
+    raw["variants"].pop("encoders")
+    assert summary_row(args, raw, None)["raw_variant"] == "compiled"  # files measured before "encoders"
+
+
 def test_the_automatic_batch_size_never_plans_past_the_measured_memory():
     """scripts/batch_size_table.py: per card, the worker's automatic MAX_BATCH_SIZE (its own function)
     against the largest batch the committed H100 memory measurements say fits."""
