@@ -19,14 +19,16 @@ The VAE decoder, run once per batch, is the next cost (an SD-1.5 batch of 32 at 
 batch size, and once more for a single image (torch cannot make a dimension of size 1 the dynamic
 one), which a lone request would otherwise decode eager.
 
-A lone request also runs the text encoders eager: small, launch-bound calls (two per request, SDXL
-four), where the CPU's speed sets the time. :class:`CompiledTextEncoderForward` compiles them the
-same way (batch dynamic from two prompts, a compilation of its own for one).
+The text encoders are small, launch-bound calls (two per batch, SDXL four), where the CPU's speed
+sets the time: eager, they and the single-image decode made a lone SD-1.5 request 6% slower (SDXL
+11%), and 3.6% slower again when the CPU thread had been idle (docs/benchmarks.md, fifth session).
+:class:`CompiledTextEncoderForward` compiles them the same way (batch dynamic from two prompts, a
+compilation of its own for one).
 
 The batch dimension is marked dynamic, so one compilation per mode serves every batch size (instead
 of one compilation, a minute or two for SDXL, per size; torch may still compile once more for a
 larger range of sizes). :func:`warm_up_shapes` runs the batch sizes it is given at the resolution the
-worker serves (the worker passes the CUDA-graph sizes, 3, the powers of two and its maximum), which
+worker serves (the worker passes every batch size it may run, the largest first), which
 compiles both modes and records a CUDA graph per small size; then :func:`forbid_recompiles` makes
 torch raise instead of compiling, and any shape that would need compiling (another resolution, say)
 runs eager from then on.

@@ -171,6 +171,8 @@ class Batcher(Generic[T]):
     def requeue(self, batch: Batch[T]) -> None:
         """Put a stopped batch's requests back at the front of their group, with their arrival times
         (they run again in the next batch, before anything that arrived after them)."""
+        if not batch.requests:
+            return
         queued = [p.request_id for p in batch.requests if p.request_id in self._ids]
         if queued:
             raise ValueError(f"request {queued[0]} is already queued")

@@ -172,6 +172,7 @@ class Worker:
         self.running_key: BatchKey | None = None  # the batch in the GPU thread, for an out-of-memory report
         self.running_batch: Batch[Generate] | None = None
         self.preemption: Preemption | None = None  # the running batch's stop signal, if preemptible
+        self.cancelled_while_running: set[str] = set()  # ids of the running preemptible batch cancelled meanwhile
         self.preempted_batches = 0
         self.state = "ready"
         self.arrival = asyncio.Event()
@@ -264,6 +265,8 @@ class Worker:
                 self.deadlines.pop(message.request_id, None)
                 log.info("request %s cancelled before its batch started", message.request_id,
                          extra={"request_id": message.request_id})
+            elif self.running_batch is not None and self.running_batch.preemptible_until is not None:
+                self.cancelled_while_running.add(message.request_id)  # not queued again if its batch stops
         else:
             log.warning("ignored unexpected %s from the broker", type(message).__name__)
 
@@ -371,8 +374,10 @@ class Worker:
             return
         finally:
             self.running = 0
+            self.running_key = None
             self.running_batch = None
             self.preemption = None
+            self.cancelled_while_running = set()
         encodings.encode(0, images)  # those not handed over early
         generation_s = time.perf_counter() - started
         self._observe_batch_time(key, len(batch), generation_s, splits_before)
@@ -388,14 +393,17 @@ class Worker:
 
     def _requeue(self, batch: Batch[Generate], batch_id: str, ran_s: float) -> None:
         """A preempted batch: its requests wait again, with their arrival times and deadlines, for the
-        next batch, which the newcomers join (not a failure, and not a batch time to learn from)."""
-        self.batcher.requeue(batch)
-        for pending in batch.requests:
+        next batch, which the newcomers join (not a failure, and not a batch time to learn from).
+        Requests cancelled while it ran are dropped (the broker has forgotten them)."""
+        kept = tuple(p for p in batch.requests if p.request_id not in self.cancelled_while_running)
+        self.batcher.requeue(replace(batch, requests=kept))
+        for pending in kept:
             self.deadlines[pending.request_id] = pending.arrived_at + pending.item.deadline_s
         self.preempted_batches += 1
-        log.info("batch %s: stopped after %.3fs so that newer requests can join it; requests %s go back to the queue",
-                 batch_id, ran_s, short_ids([p.request_id for p in batch.requests]),
-                 extra={"batch_id": batch_id, "request_ids": [p.request_id for p in batch.requests]})
+        log.info("batch %s: stopped after %.3fs so that newer requests can join it; requests %s go back to the queue%s",
+                 batch_id, ran_s, short_ids([p.request_id for p in kept]),
+                 f" ({len(batch) - len(kept)} cancelled meanwhile)" if len(kept) < len(batch) else "",
+                 extra={"batch_id": batch_id, "request_ids": [p.request_id for p in kept]})
 
     def _observe_batch_time(self, key: BatchKey, size: int, generation_s: float, splits_before: int) -> None:
         """Teach a learning policy (BATCH_POLICY=default) what this batch cost; a batch that was split

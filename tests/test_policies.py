@@ -107,6 +107,8 @@ def test_a_requeued_batch_goes_before_later_arrivals_and_groups():
     b.requeue(running)
     assert [p.request_id for p in b] == ["a", "b", "o"]
     assert ids_of(b.next_batch(T0 + 1.0)) == ["a", "b"]
+    b.requeue(Batch(KEY, (), T0))  # a stopped batch whose requests were all cancelled: nothing to queue
+    assert b.queue_depth == 1 and [p.request_id for p in b] == ["o"]
     still_queued = next(iter(b))
     with pytest.raises(ValueError, match="already queued"):
         b.requeue(Batch(OTHER, (still_queued,), T0))

@@ -19,7 +19,7 @@ from gpu_worker.fake_backend import FakeBackend
 from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
 from gpu_worker.policies import AdaptiveBatcher, HoldTuning
 from gpu_worker.preemption import BatchPreempted, Preemption
-from imagegen.protocol import Generate, GenerationParams, Result
+from imagegen.protocol import Cancel, Generate, GenerationParams, Result
 
 # ------------------------------------------------------------------ the stop signal
 
@@ -126,13 +126,13 @@ def make_worker():
     return worker, backend, sent
 
 
-async def run_worker(worker, sent: list, arrivals: list[tuple[float, Generate]], results: int) -> list[Result]:
+async def run_worker(worker, sent: list, arrivals: list[tuple[float, Generate | Cancel]], results: int) -> list[Result]:
     worker.loop = asyncio.get_running_loop()
     loop_task = asyncio.create_task(worker._batch_loop())
     began = time.monotonic()
     for at_s, message in arrivals:
         await asyncio.sleep(max(0.0, began + at_s - time.monotonic()))
-        worker._accept(message)
+        worker._on_message(message)  # as the broker link hands messages over
     deadline = time.monotonic() + 10
     while sum(isinstance(m, Result) for m in sent) < results and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
@@ -187,3 +187,17 @@ def test_a_request_arriving_after_the_window_waits_for_the_running_batch():
         close(worker)
     assert backend.batch_sizes == [1, 1] and worker.preempted_batches == 0
     assert sorted(r.batch_size for r in results) == [1, 1]
+
+
+def test_a_request_cancelled_while_its_lone_batch_ran_is_not_queued_again_when_the_batch_stops(caplog):
+    worker, backend, sent = make_worker()
+    try:
+        with caplog.at_level("INFO", logger="gpu_worker.worker"):
+            results = asyncio.run(run_worker(worker, sent, [(0.0, generate(0)), (0.02, Cancel("request-0")),
+                                                            (0.05, generate(1))], results=1))
+    finally:
+        close(worker)
+    assert [r.request_id for r in results] == ["request-1"]
+    assert backend.batch_sizes == [1, 1]  # the stopped lone batch, then the newcomer alone
+    assert "(1 cancelled meanwhile)" in caplog.text
+    assert worker.batcher.queue_depth == 0 and "request-0" not in worker.deadlines
