@@ -84,6 +84,8 @@ def _per_gpu(worker: WorkerRecord, now: float) -> dict[str, Any]:
         "running": worker.status.running,
         "max_queue_depth": worker.status.max_queue_depth,
         "failed_requests": worker.status.total_failed,
+        "stopped_batches": worker.status.stopped_batches,
+        "stopped_batch_seconds": round(worker.status.sum_stopped_ms / 1000.0, 3),
         "last_seen_s_ago": round(now - worker.last_seen, 3),
     }
 

@@ -15,6 +15,8 @@ class WorkerCounters:
     total_failed: int = 0
     sum_wait_ms: float = 0.0
     sum_generation_ms: float = 0.0
+    stopped_batches: int = 0
+    sum_stopped_ms: float = 0.0
 
     def observe_queue_depth(self, depth: int) -> None:
         self.max_queue_depth = max(self.max_queue_depth, depth)
@@ -29,6 +31,11 @@ class WorkerCounters:
     def record_failed(self, count: int) -> None:
         self.total_failed += count
 
+    def record_stopped(self, ran_s: float) -> None:
+        """A preemptible batch was stopped after ``ran_s`` (its requests run again later)."""
+        self.stopped_batches += 1
+        self.sum_stopped_ms += ran_s * 1000.0
+
     def status(self, state: str, queue_depth: int, running: int) -> WorkerStatus:
         return WorkerStatus(
             state=state,
@@ -40,4 +47,6 @@ class WorkerCounters:
             total_failed=self.total_failed,
             sum_wait_ms=self.sum_wait_ms,
             sum_generation_ms=self.sum_generation_ms,
+            stopped_batches=self.stopped_batches,
+            sum_stopped_ms=self.sum_stopped_ms,
         )

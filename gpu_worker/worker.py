@@ -173,7 +173,6 @@ class Worker:
         self.running_batch: Batch[Generate] | None = None
         self.preemption: Preemption | None = None  # the running batch's stop signal, if preemptible
         self.cancelled_while_running: set[str] = set()  # ids of the running preemptible batch cancelled meanwhile
-        self.preempted_batches = 0
         self.state = "ready"
         self.arrival = asyncio.Event()
         self.batch_seq = 0
@@ -399,7 +398,7 @@ class Worker:
         self.batcher.requeue(replace(batch, requests=kept))
         for pending in kept:
             self.deadlines[pending.request_id] = pending.arrived_at + pending.item.deadline_s
-        self.preempted_batches += 1
+        self.counters.record_stopped(ran_s)
         log.info("batch %s: stopped after %.3fs so that newer requests can join it; requests %s go back to the queue%s",
                  batch_id, ran_s, short_ids([p.request_id for p in kept]),
                  f" ({len(batch) - len(kept)} cancelled meanwhile)" if len(kept) < len(batch) else "",

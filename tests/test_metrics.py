@@ -128,7 +128,8 @@ def real_stats(workers: int) -> dict[str, Any]:
     state = BrokerState(BrokerPolicy(), epoch="e" * 32)
     for gpu in range(workers):
         state.register(b"w%d" % gpu, registration(f"w{gpu}", gpu), now=10.0)
-        state.heartbeat(b"w%d" % gpu, Heartbeat(WorkerStatus("ready", 2, 1, 5, 40 + gpu, 10, 1, 0.0, 0.0, 8)), now=11.0)
+        state.heartbeat(b"w%d" % gpu, Heartbeat(WorkerStatus("ready", 2, 1, 5, 40 + gpu, 10, 1, 0.0, 0.0, 8,
+                                                            stopped_batches=gpu, sum_stopped_ms=25.0 * gpu)), now=11.0)
     state.counters.requests_received, state.counters.requests_completed = 60, 50
     state.counters.rejected_overloaded, state.counters.requeued = 3, 2
     return build_stats(state, now=12.5, extra_broker_counters={"malformed_worker_messages": 4})
@@ -169,6 +170,8 @@ async def test_cluster_metrics_have_prometheus_names_types_and_per_gpu_labels(cl
         assert value(families, "imagegen_worker_batched_requests_total", **labels) == 40 + gpu
         assert value(families, "imagegen_worker_last_seen_age_seconds", **labels) == pytest.approx(1.5)
         assert value(families, "imagegen_worker_max_batch_size", **labels) == 8
+        assert value(families, "imagegen_worker_stopped_batches_total", **labels) == gpu
+        assert value(families, "imagegen_worker_stopped_batch_seconds_total", **labels) == pytest.approx(0.025 * gpu)
 
 
 async def test_a_single_worker_keeps_its_labels(client, broker):

@@ -158,7 +158,7 @@ def test_a_lone_request_starts_at_once():
     finally:
         close(worker)
     assert result.queue_wait_ms < 0.25 * WINDOW_S * 1000  # no coalescing hold (it would be 300 ms here)
-    assert backend.batch_sizes == [1] and worker.preempted_batches == 0
+    assert backend.batch_sizes == [1] and worker.counters.stopped_batches == 0
 
 
 def test_a_request_arriving_in_the_window_stops_the_lone_batch_and_both_run_together(caplog):
@@ -169,7 +169,8 @@ def test_a_request_arriving_in_the_window_stops_the_lone_batch_and_both_run_toge
     finally:
         close(worker)
     assert backend.batch_sizes == [1, 2]  # the lone batch started, was stopped, then both ran
-    assert worker.preempted_batches == 1
+    assert worker.counters.stopped_batches == 1 and worker.counters.status("ready", 0, 0).stopped_batches == 1
+    assert 0.05 <= worker.counters.sum_stopped_ms / 1000 < 0.1 + 0.05  # stopped before step 2, at 0.1 s
     assert {r.request_id for r in results} == {"request-0", "request-1"}
     assert {(r.batch_size, r.batch_id) for r in results} == {(2, "w:2")}
     assert "stopped after" in caplog.text and "go back to the queue" in caplog.text
@@ -185,7 +186,7 @@ def test_a_request_arriving_after_the_window_waits_for_the_running_batch():
                                          results=2))
     finally:
         close(worker)
-    assert backend.batch_sizes == [1, 1] and worker.preempted_batches == 0
+    assert backend.batch_sizes == [1, 1] and worker.counters.stopped_batches == 0
     assert sorted(r.batch_size for r in results) == [1, 1]
 
 

@@ -60,7 +60,8 @@ def register() -> Register:
 
 def status() -> WorkerStatus:
     return WorkerStatus(state="ready", queue_depth=3, running=2, max_queue_depth=47, total_requests=150,
-                        total_batches=23, total_failed=1, sum_wait_ms=351150.0, sum_generation_ms=885500.0)
+                        total_batches=23, total_failed=1, sum_wait_ms=351150.0, sum_generation_ms=885500.0,
+                        stopped_batches=2, sum_stopped_ms=21.5)
 
 
 def result() -> Result:
@@ -136,6 +137,13 @@ def test_heartbeat_round_trip_keeps_the_worker_status():
     decoded, _ = decode(encode(WORKER_LINK, Heartbeat(status())), WORKER_LINK)
     assert isinstance(decoded.status, WorkerStatus)
     assert decoded.status == status()
+
+
+def test_a_status_without_the_stopped_batch_counters_reads_as_none_stopped():
+    # A worker built before preemptible starts sends no stopped_batches: the broker reads zeros.
+    older = {k: v for k, v in dataclasses.asdict(status()).items() if k not in ("stopped_batches", "sum_stopped_ms")}
+    decoded = protocol.from_header(WorkerStatus, older)
+    assert (decoded.stopped_batches, decoded.sum_stopped_ms) == (0, 0.0)
 
 
 @pytest.mark.parametrize("link", [WORKER_LINK, CLIENT_LINK])
