@@ -199,7 +199,6 @@ class ImagePipeline:
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(jobs)} jobs")
         return images
 
-
     @contextlib.contextmanager
     def _checked_before_each_step(self, preemption: Preemption | None) -> Iterator[None]:
         """Call ``preemption.before_step`` before every UNet call (one per denoising step) while the

@@ -64,8 +64,11 @@ class ClusterConfig:
     encode_threads: int = 8  # PNG_ENCODER_THREADS: a batch's images are encoded this many at a time
     speed_spread: float = 0.0  # GPU i's batches take (1 + speed_spread * i / (gpus - 1)) x the cost model's
     # Share of a batch's time before its first denoising step (text encoders, initial noise): where a
-    # preemptible batch is first checked. An estimate: 1% (a compiled SD-1.5 batch of one on the H100,
-    # docs/scheduling.md "Preemptible start").
+    # preemptible batch is first checked. An estimate, not measured since the text encoders are
+    # compiled (eager they took 8.8 ms, 4%, of a 0.22 s SD-1.5 batch of one on the H100:
+    # docs/benchmarks/phases-sd15-b1-h100.json). The bursts of --compare stay even with the seed's
+    # while the first check comes before a burst's 16th request, 30 ms in: below 1.3% of SDXL's
+    # batch of one on the H100 table (2.31 s); at 1.5% that burst's p95 is 10 ms (0.02%) worse.
     prelude_fraction: float = 0.01
 
     @property
