@@ -104,7 +104,7 @@ def test_a_preemptible_batch_that_is_not_stopped_makes_the_same_image(tiny):
 
 STEP_S = 0.1  # the fake backend's delay, slept in equal steps when the batch is preemptible
 STEPS = 4
-WINDOW_S = 0.3  # the policy's coalescing hold, widened so that a loaded CI machine's jitter fits
+WINDOW_S = 0.3  # the preemptible window (the coalescing gap), widened so that a loaded CI machine's jitter fits
 
 
 def generate(index: int) -> Generate:
