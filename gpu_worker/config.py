@@ -72,9 +72,9 @@ class WorkerSettings:
                            "generate at the served resolution before registering, at every batch size (the "
                            "largest first), so no request pays for first-call setup or compiling")
     torch_compile: bool = setting("TORCH_COMPILE", False,
-                                  "compile the UNet, the VAE decoder and the text encoders with torch.compile at start (minutes the "
-                                  "first time, cached in TORCHINDUCTOR_CACHE_DIR after): faster batches, "
-                                  "docs/benchmarks.md")
+                                  "compile the UNet, the VAE decoder and the text encoders with torch.compile at "
+                                  "start (minutes the first time, cached in TORCHINDUCTOR_CACHE_DIR after): "
+                                  "faster batches, docs/benchmarks.md")
     cuda_graph_max_batch: int = setting("CUDA_GRAPH_MAX_BATCH", 2,
                                         "with TORCH_COMPILE on a GPU: batches of up to this many images replay "
                                         "CUDA graphs (0: none)")
