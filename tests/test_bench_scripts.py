@@ -42,24 +42,23 @@ def test_raw_half_measures_each_variant_and_batch_size(tmp_path):
     assert "service_images_per_s" not in summary  # no service half was run
 
 
-def test_the_raw_pause_idles_the_gpu_outside_the_timing(tmp_path):
+def raw_batch1_of_tiny(tmp_path, *args: str) -> dict:
+    """bench_gpu.py raw on the tiny model, batch 1 at 64x64, 2 steps, eager, plus ``args``: its raw half."""
     out = tmp_path / "raw.json"
     result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
-                        "--batches", "1", "--variants", "eager", "--repeats", "3", "--pause-s", "0.5",
-                        "--out", str(out))
+                        "--batches", "1", "--variants", "eager", *args, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    document = json.loads(out.read_text())
-    assert document["raw"]["pause_s"] == 0.5
-    assert 0 < document["raw"]["variants"]["eager"]["1"]["seconds"] < 0.5  # a tiny 64x64 batch: well under
+    return json.loads(out.read_text())["raw"]
+
+
+def test_the_raw_pause_idles_the_gpu_outside_the_timing(tmp_path):
+    raw = raw_batch1_of_tiny(tmp_path, "--repeats", "3", "--pause-s", "0.5")
+    assert raw["pause_s"] == 0.5
+    assert 0 < raw["variants"]["eager"]["1"]["seconds"] < 0.5  # a tiny 64x64 batch: well under
 
 
 def test_several_raw_pauses_are_each_timed(tmp_path):
-    out = tmp_path / "raw.json"
-    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
-                        "--batches", "1", "--variants", "eager", "--repeats", "2", "--pause-s", "0,0.3",
-                        "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    raw = json.loads(out.read_text())["raw"]
+    raw = raw_batch1_of_tiny(tmp_path, "--repeats", "2", "--pause-s", "0,0.3")
     assert raw["pauses_s"] == [0.0, 0.3] and raw["pause_s"] == 0.0
     row = raw["variants"]["eager"]["1"]
     assert set(row["seconds_by_pause_s"]) == {"0", "0.3"}
