@@ -168,9 +168,7 @@ class Worker:
         self.batcher: Batcher[Generate] = batcher if batcher is not None else Batcher(policy)
         self.deadlines: dict[str, float] = {}  # request id -> instant (our clock) its client gives up
         self.counters = WorkerCounters()
-        self.running = 0
-        self.running_key: BatchKey | None = None  # the batch in the GPU thread, for an out-of-memory report
-        self.running_batch: Batch[Generate] | None = None
+        self.running_batch: Batch[Generate] | None = None  # the batch in the GPU thread (its status, an OOM report)
         self.preemption: Preemption | None = None  # the running batch's stop signal, if preemptible
         self.cancelled_while_running: set[str] = set()  # ids of the running preemptible batch cancelled meanwhile
         self.state = "ready"
@@ -223,7 +221,9 @@ class Worker:
         """Called by OomSplittingBackend in the GPU thread: hand over to the event loop (with the
         running batch's key, which the loop set before handing the batch to this thread)."""
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.lower_max_batch_size, failed_size, succeeded_size, self.running_key)
+            running = self.running_batch
+            self.loop.call_soon_threadsafe(self.lower_max_batch_size, failed_size, succeeded_size,
+                                           running.key if running is not None else None)
 
     def lower_max_batch_size(self, failed_size: int, succeeded_size: int, key: BatchKey | None = None) -> None:
         """After an out-of-memory split: never form batches larger than what succeeded again (for
@@ -307,7 +307,8 @@ class Worker:
 
     def _send_status(self) -> None:
         max_batch = getattr(getattr(self.batcher, "config", None), "max_batch_size", 0)
-        status = self.counters.status(self.state, self.batcher.queue_depth, self.running)
+        running = len(self.running_batch) if self.running_batch is not None else 0
+        status = self.counters.status(self.state, self.batcher.queue_depth, running)
         self.link.send(Heartbeat(replace(status, max_batch_size=max_batch)))
 
     # ------------------------------------------------------------------ batches
@@ -350,8 +351,6 @@ class Worker:
         settings = BatchSettings(key.width, key.height, key.num_inference_steps, key.guidance_scale)
         self.batch_seq += 1
         batch_id = f"{self.identity.name}:{self.batch_seq}"
-        self.running = len(batch)
-        self.running_key = key
         self.running_batch = batch
         preemptible = batch.preemptible_until is not None
         self.preemption = Preemption(batch.preemptible_until, self.clock) if preemptible else None
@@ -372,8 +371,6 @@ class Worker:
             self._fail_batch(batch, exc)
             return
         finally:
-            self.running = 0
-            self.running_key = None
             self.running_batch = None
             self.preemption = None
             self.cancelled_while_running = set()
