@@ -177,8 +177,6 @@ class SimWorker:
         self.index = index
         self.routing_id = b"sim-worker-%d" % index
         self.batcher = make_batcher(sim.cluster.policy, sim.cluster.batching, sim.cluster.tuning)
-        self.busy = False
-        self.running = 0
         self.batches_done = 0
         self.requests_done = 0
         self.speed = 1.0 + sim.cluster.speed_spread * index / max(1, sim.cluster.gpus - 1)
@@ -187,6 +185,15 @@ class SimWorker:
         self._running: tuple[Batch[Generate], float, float] | None = None  # batch, started at, duration
         self._batch_token = 0  # a stopped batch's scheduled end is ignored
         self._stopping = False
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch on the GPU now."""
+        return len(self._running[0]) if self._running is not None else 0
 
     def registration(self) -> Register:
         config = self.sim.cluster.batching
@@ -257,8 +264,6 @@ class SimWorker:
         self._decide()
 
     def _start(self, batch: Batch[Generate]) -> None:
-        self.busy = True
-        self.running = len(batch)
         duration_s = self.sim.costs.batch_s(batch.key, len(batch)) * self.speed
         self._batch_token += 1
         self._running = (batch, self.sim.now, duration_s)
@@ -266,8 +271,6 @@ class SimWorker:
         self.sim.at(self.sim.now + duration_s, self._finish, batch, duration_s, self._batch_token)
 
     def _end_batch(self) -> None:
-        self.busy = False
-        self.running = 0
         self._running = None
         self._stopping = False
         self._batch_token += 1
