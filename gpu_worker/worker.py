@@ -277,15 +277,16 @@ class Worker:
 
     def _accept(self, message: Generate) -> None:
         now = self.clock()
+        key = BatchKey.of(message.params)
         try:
-            self.batcher.add(message.request_id, BatchKey.of(message.params), message, now)
+            self.batcher.add(message.request_id, key, message, now)
         except ValueError:
             return  # the broker resent a request we already hold: one answer will come
         self.deadlines[message.request_id] = now + message.deadline_s
         log.debug("request %s queued: %dx%d, %d steps", message.request_id, message.params.width,
                   message.params.height, message.params.num_inference_steps, extra={"request_id": message.request_id})
         self.counters.observe_queue_depth(self.batcher.queue_depth)
-        self._maybe_preempt(BatchKey.of(message.params), now)
+        self._maybe_preempt(key, now)
         self.arrival.set()
 
     def _maybe_preempt(self, key: BatchKey, now: float) -> None:
