@@ -176,24 +176,49 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
     rows: list[dict] = []
     result = {"settings": settings, "rows": rows}
 
-    def measured(mode: str, load_output: dict) -> None:
-        rows.append(row(mode, args, 1, load_output))
+    def measured(mode: str, svc: Service, *load_args: str) -> None:
+        before = gpu_state()  # the GPU as this run finds it (hot from the warm-up or a burst, or idle)
+        rows.append({**row(mode, args, 1, svc.load(*load_args, size=args.size, steps=args.steps)),
+                     "gpu_before": before})
         progress(result)  # each row comes back even if the call runs out of time later
 
     runs = set(args.service_runs.split(","))
     with Service([0], log_dir, **settings) as svc:
         for _ in range(args.lone_repeats if "lone" in runs else 0):
-            measured("lone", svc.load("--burst", "1", size=args.size, steps=args.steps))
+            measured("lone", svc, "--burst", "1")
         if "burst50" in runs:
-            measured("burst50", svc.load("--burst", "50", size=args.size, steps=args.steps))
+            measured("burst50", svc, "--burst", "50")
         if "users10x5" in runs:
-            measured("users10x5", svc.load("--users", "10", "--requests-per-user", "5", size=args.size,
-                                           steps=args.steps))
+            measured("users10x5", svc, "--users", "10", "--requests-per-user", "5")
     result["worker_batches"] = worker_batch_seconds(log_dir)
     if "burst50_no_batching" in runs:
         with Service([0], log_dir, **settings, ENABLE_BATCHING="false") as svc:
-            measured("burst50_no_batching", svc.load("--burst", "50", size=args.size, steps=args.steps))
+            measured("burst50_no_batching", svc, "--burst", "50")
     return result
+
+
+def gpu_state(gpu_index: int = 0) -> dict | None:
+    """GPU ``gpu_index``'s SM clock, temperature and power draw now (NVML), or None without one.
+
+    A batch's time depends on them: SDXL's lone requests, timed right after the worker's warm-up
+    (whose last batches kept the GPU at full power for tens of seconds), ran 902 -> 881 ms one after
+    the other on an H200. Recorded beside each service row so such a trend can be told from the
+    service's own cost."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVML library or no driver: a CPU machine
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
+        return {"sm_clock_mhz": int(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
+                "temperature_c": int(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
+                "power_w": round(pynvml.nvmlDeviceGetPowerUsage(handle) / 1000, 1)}  # NVML: milliwatts
+    except Exception:  # noqa: BLE001 - a reading this GPU does not support: the row stays usable
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def summary_row(args: argparse.Namespace, raw_result: dict | None, service_result: dict | None) -> dict:
@@ -225,14 +250,30 @@ def summary_row(args: argparse.Namespace, raw_result: dict | None, service_resul
         for mode, field in (("users10x5", "users10x5_images_per_s"),
                             ("burst50_no_batching", "no_batching_images_per_s")):
             out[field] = by_mode[mode][0]["service_images_per_s"] if mode in by_mode else None
-        raw_rows = raw_result["variants"][out["raw_variant"]] if raw_result else {}
-        same = raw_batch_like(raw_rows, out["service_avg_batch_size"])
-        if same is not None and out["service_images_per_s"]:
-            out["service_over_raw"] = round(out["service_images_per_s"] / raw_rows[same]["images_per_s"], 3)
+        compared = raw_against_service(raw_result, out.get("raw_variant"), out["service_avg_batch_size"])
+        if compared is not None and out["service_images_per_s"]:
+            variant, same = compared
+            out["service_over_raw"] = round(
+                out["service_images_per_s"] / raw_result["variants"][variant][same]["images_per_s"], 3)
             out["service_over_raw_batch_size"] = same
+            out["service_over_raw_variant"] = variant
         if out.get("raw_batch1_s") and out["lone_latency_s"]:
             out["lone_over_raw_batch1"] = round(out["lone_latency_s"] / out["raw_batch1_s"], 3)
     return out
+
+
+def raw_against_service(raw_result: dict | None, preferred: str | None,
+                        service_batch: float | None) -> tuple[str, int] | None:
+    """(variant, batch size) of the raw row to hold the service's throughput against: the preferred
+    variant's batch like the service's, else "compiled"'s (a run cut off before "encoders" timed
+    its large batches: "encoders" only adds to batch 1 what "compiled" already runs at large ones)."""
+    if not raw_result:
+        return None
+    for variant in dict.fromkeys(v for v in (preferred, "compiled") if v in raw_result["variants"]):
+        same = raw_batch_like(raw_result["variants"][variant], service_batch)
+        if same is not None:
+            return variant, same
+    return None
 
 
 def raw_batch_like(raw_rows: dict, service_batch: float | None) -> int | None:

@@ -116,6 +116,7 @@ def test_service_half_reports_the_promised_fields(tmp_path):
     modes = [row["mode"] for row in document["service"]["rows"]]
     assert modes == ["lone", "lone", "burst50", "users10x5", "burst50_no_batching"]
     assert all(row["successful"] == row["images"] for row in document["service"]["rows"])
+    assert all("gpu_before" in row for row in document["service"]["rows"])  # None here: no GPU
     summary = document["summary"]
     for field in ("card", "model", "resolution", "steps", "gpus", "lone_latency_s", "burst50_s",
                   "service_images_per_s", "users10x5_images_per_s", "no_batching_images_per_s"):
@@ -131,6 +132,33 @@ def test_service_half_reports_the_promised_fields(tmp_path):
     # Each batch's time in the GPU thread (the 20 ms sleep and the fake images) within the batch's time
     # as the event loop saw it (the log rounds both to the millisecond).
     assert all(0.02 <= gpu_thread_s <= seconds + 0.001 for _, seconds, gpu_thread_s in batches), batches
+
+
+def test_each_service_row_records_the_gpu_it_found(monkeypatch):
+    """bench_gpu.gpu_state reads NVML's SM clock, temperature and power (milliwatts) of the GPU, and
+    shuts NVML down again; without NVML it says None. A fake pynvml stands in for the driver."""
+    import types
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from bench_gpu import gpu_state
+
+    calls = []
+    fake = types.SimpleNamespace(
+        NVML_CLOCK_SM=1, NVML_TEMPERATURE_GPU=0,
+        nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetHandleByIndex=lambda index: f"gpu{index}",
+        nvmlDeviceGetClockInfo=lambda handle, clock: {("gpu0", 1): 1980}[(handle, clock)],
+        nvmlDeviceGetTemperature=lambda handle, sensor: {("gpu0", 0): 61}[(handle, sensor)],
+        nvmlDeviceGetPowerUsage=lambda handle: {"gpu0": 412345}[handle])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert gpu_state() == {"sm_clock_mhz": 1980, "temperature_c": 61, "power_w": 412.3}
+    assert calls == ["init", "shutdown"]
+
+    def no_driver():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    monkeypatch.setattr(fake, "nvmlInit", no_driver)
+    assert gpu_state() is None
 
 
 def test_service_half_runs_only_the_runs_asked_for(tmp_path):
@@ -223,6 +251,28 @@ def test_the_summary_takes_the_raw_batches_of_what_torch_compile_applies(monkeyp
     assert summary["raw_images_per_s"] == 50 / 5.8 and summary["raw_batch1_s"] == 0.205
     raw["variants"].pop("encoders")
     assert summary_row(args, raw, None)["raw_variant"] == "compiled"  # files measured before "encoders"
+
+
+def test_the_service_falls_back_to_the_compiled_raw_batch_of_its_size(monkeypatch):
+    """A raw run cut off before "encoders" timed the service's batch size: the ratio uses "compiled"'s
+    row of that size and says so; with neither, no ratio."""
+    from argparse import Namespace
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from bench_gpu import summary_row
+
+    args = Namespace(card="cpu", model="sdxl", size=1024, steps=25, settings={})
+    raw = {"variants": {"compiled": {1: {"seconds": 1.3, "images_per_s": 0.77, "peak_above_weights_gib": None},
+                                     25: {"seconds": 18.94, "images_per_s": 1.32, "peak_above_weights_gib": None}},
+                        "encoders": {1: {"seconds": 0.858, "images_per_s": 1.165, "peak_above_weights_gib": None}}}}
+    service = {"rows": [{"mode": "burst50", "duration_s": 37.9, "service_images_per_s": 1.3184,
+                         "avg_batch_size": 25.0, "latency_max_s": 31.0}]}
+    summary = summary_row(args, raw, service)
+    assert summary["raw_variant"] == "encoders" and summary["raw_batch1_s"] == 0.858
+    assert (summary["service_over_raw"], summary["service_over_raw_batch_size"],
+            summary["service_over_raw_variant"]) == (round(1.3184 / 1.32, 3), 25, "compiled")
+    raw["variants"]["compiled"].pop(25)
+    assert "service_over_raw" not in summary_row(args, raw, service)
 
 
 def test_the_automatic_batch_size_never_plans_past_the_measured_memory():
