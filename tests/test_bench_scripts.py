@@ -309,3 +309,19 @@ def test_profile_batch_accounts_for_every_phase(tmp_path, model, extra, unet_cal
     assert document["compiled"] == ("--compile" in extra)
     if "--trace" in extra:
         assert (tmp_path / "trace.json.gz").stat().st_size > 0 and document["top_gpu_operators"]
+
+
+@pytest.mark.parametrize("card_file", sorted((REPO / "docs" / "benchmarks").glob("summary-*.json")),
+                         ids=lambda path: path.name)
+def test_every_committed_summary_row_has_the_promised_fields(card_file):
+    """docs/benchmarks' summary files: one row per model and setting, with the fields the GPU-speed
+    issue promises (null where a row's sources did not measure one), all rows of the file's card."""
+    promised = ("card", "model", "resolution", "steps", "batch_size", "raw_images_per_s",
+                "service_images_per_s", "raw_batch1_s", "lone_latency_s", "burst50_s", "gpus")
+    rows = json.loads(card_file.read_text())["rows"]
+    assert rows
+    for row in rows:
+        assert not [field for field in promised if field not in row], row
+        assert row["model"] in ("sdxl", "sd15") and row["gpus"] >= 1
+    card_word = card_file.stem.removeprefix("summary-").upper()  # summary-h200.json: every row an H200
+    assert all(card_word in row["card"] for row in rows)
