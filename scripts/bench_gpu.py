@@ -36,7 +36,9 @@ the loaded weights is recorded per size; the per-image memory is the slope betwe
 the largest batch.
 
 Service: scripts/bench_service.py's runs (the real processes, the seed's load test over HTTP), plus
-the worker's own per-batch generation times from its log, which separate GPU time from serving time.
+the worker's own per-batch generation times from its log, which separate GPU time from serving time,
+and the GPU's SM clock, temperature and power as each run finds it (``gpu_before``) and while it runs
+(``gpu_during``: the lowest and highest clock, sampled every 0.1 s; from NVML).
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ import json
 import re
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -178,8 +182,9 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
 
     def measured(mode: str, svc: Service, *load_args: str) -> None:
         before = gpu_state()  # the GPU as this run finds it (hot from the warm-up or a burst, or idle)
-        rows.append({**row(mode, args, 1, svc.load(*load_args, size=args.size, steps=args.steps)),
-                     "gpu_before": before})
+        with GpuSampler() as during:
+            load_output = svc.load(*load_args, size=args.size, steps=args.steps)
+        rows.append({**row(mode, args, 1, load_output), "gpu_before": before, "gpu_during": during.summary()})
         progress(result)  # each row comes back even if the call runs out of time later
 
     runs = set(args.service_runs.split(","))
@@ -219,6 +224,44 @@ def gpu_state(gpu_index: int = 0) -> dict | None:
         return None
     finally:
         pynvml.nvmlShutdown()
+
+
+class GpuSampler:
+    """Reads ``read()`` (gpu_state) every ``interval_s`` in a thread while a run goes on; ``summary``
+    gives the lowest and highest SM clock, the highest temperature and power seen (None without a
+    GPU): whether a batch ran at full clock, or throttled by heat or power."""
+
+    def __init__(self, interval_s: float = 0.1, read: Callable[[], dict | None] | None = None) -> None:
+        self.interval_s = interval_s
+        self.read = read or gpu_state
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="gpu-sampler", daemon=True)
+
+    def __enter__(self) -> "GpuSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            state = self.read()
+            if state is None:
+                return  # no GPU here: nothing to sample
+            self.samples.append(state)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def summary(self) -> dict | None:
+        if not self.samples:
+            return None
+        clocks = [sample["sm_clock_mhz"] for sample in self.samples]
+        return {"samples": len(self.samples), "sm_clock_mhz_min": min(clocks), "sm_clock_mhz_max": max(clocks),
+                "temperature_c_max": max(sample["temperature_c"] for sample in self.samples),
+                "power_w_max": max(sample["power_w"] for sample in self.samples)}
 
 
 def summary_row(args: argparse.Namespace, raw_result: dict | None, service_result: dict | None) -> dict:
@@ -340,7 +383,8 @@ def main() -> int:
                         help="raw: idle seconds before each timed call; several (0,0.65) are interleaved")
     parser.add_argument("--lone-repeats", type=int, default=3)
     parser.add_argument("--service-runs", default=",".join(SERVICE_RUNS),
-                        help="service: which load runs, of " + ", ".join(SERVICE_RUNS))
+                        help="service: which load runs, of " + ", ".join(SERVICE_RUNS) + " (run in that order, "
+                             "whatever the order given)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="service: a setting for every process (repeatable)")
     parser.add_argument("--out", type=Path)

@@ -116,7 +116,7 @@ def test_service_half_reports_the_promised_fields(tmp_path):
     modes = [row["mode"] for row in document["service"]["rows"]]
     assert modes == ["lone", "lone", "burst50", "users10x5", "burst50_no_batching"]
     assert all(row["successful"] == row["images"] for row in document["service"]["rows"])
-    assert all("gpu_before" in row for row in document["service"]["rows"])  # None here: no GPU
+    assert all("gpu_before" in row and "gpu_during" in row for row in document["service"]["rows"])  # None: no GPU
     summary = document["summary"]
     for field in ("card", "model", "resolution", "steps", "gpus", "lone_latency_s", "burst50_s",
                   "service_images_per_s", "users10x5_images_per_s", "no_batching_images_per_s"):
@@ -159,6 +159,37 @@ def test_each_service_row_records_the_gpu_it_found(monkeypatch):
 
     monkeypatch.setattr(fake, "nvmlInit", no_driver)
     assert gpu_state() is None
+
+
+def test_the_gpu_sampler_reports_the_clock_range_of_a_run(monkeypatch):
+    """bench_gpu.GpuSampler reads the GPU in a thread until the run ends: the lowest and highest SM
+    clock, the hottest and most power-hungry reading; nothing at all without a GPU."""
+    import threading
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from bench_gpu import GpuSampler
+
+    readings = iter([{"sm_clock_mhz": 1980, "temperature_c": 50, "power_w": 120.0},
+                     {"sm_clock_mhz": 1755, "temperature_c": 66, "power_w": 690.5},
+                     {"sm_clock_mhz": 1890, "temperature_c": 64, "power_w": 400.0}])
+    three_read = threading.Event()
+
+    def read():
+        reading = next(readings, None)
+        if reading is None:
+            three_read.set()
+            return {"sm_clock_mhz": 1900, "temperature_c": 60, "power_w": 300.0}
+        return reading
+
+    with GpuSampler(interval_s=0.001, read=read) as sampler:
+        assert three_read.wait(5)
+    summary = sampler.summary()
+    assert summary["samples"] >= 4
+    assert {k: v for k, v in summary.items() if k != "samples"} == {
+        "sm_clock_mhz_min": 1755, "sm_clock_mhz_max": 1980, "temperature_c_max": 66, "power_w_max": 690.5}
+    with GpuSampler(interval_s=0.001, read=lambda: None) as no_gpu:
+        pass
+    assert no_gpu.summary() is None
 
 
 def test_service_half_runs_only_the_runs_asked_for(tmp_path):
