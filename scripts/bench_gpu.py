@@ -24,7 +24,12 @@ variant is measured on the same weights, card and call:
   applies them with TORCH_COMPILE);
 * ``graphs``: + CUDA graphs (mode reduce-overhead) for batches up to 2 images;
 * ``encoders``: + torch.compile of the text encoders and of the VAE decoder for one image (what
-  TORCH_COMPILE applies beyond ``graphs``: the launch-bound parts of a lone request).
+  TORCH_COMPILE applies beyond ``graphs``: the launch-bound parts of a lone request);
+* ``preemptible``: the pipeline as the variants before it left it (after ``encoders``: what
+  TORCH_COMPILE runs), called as the worker calls it for a lone request on an idle GPU: with a
+  preemption window of the default policy's coalescing gap opened at each call (inside it the
+  thread waits for the GPU before each step; no stop comes) and a callback taking the images as
+  they are decoded. Beside ``encoders`` it tells the worker's own call from the GPU's state.
 
 Each batch size is warmed up first (a 2-step call: compilation and graph recording land there), then
 timed ``--repeats`` times (median). ``--pause-s`` leaves the GPU idle that long before each timed
@@ -57,7 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-VARIANTS = ("eager", "layout", "compiled", "graphs", "encoders")
+VARIANTS = ("eager", "layout", "compiled", "graphs", "encoders", "preemptible")
 GRAPH_MAX_BATCH = 2
 SERVICE_RUNS = ("lone", "burst50", "users10x5", "burst50_no_batching")
 
@@ -69,6 +74,8 @@ def raw(args: argparse.Namespace, progress) -> dict:
     from gpu_worker.acceleration import AccelerationConfig
     from bench_service import benchmark_jobs
     from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
+    from gpu_worker.policies import HoldTuning
+    from gpu_worker.preemption import Preemption
 
     started = time.perf_counter()
     pipeline = load_pipeline(args.model)
@@ -83,6 +90,20 @@ def raw(args: argparse.Namespace, progress) -> dict:
               "weights_gib": round(weights_bytes / 2**30, 2), "pause_s": args.pause_s[0],
               "pauses_s": args.pause_s, "variants": variants}
 
+    class WorkerCall:
+        """What the worker passes besides jobs and settings for a lone request: the handover callback
+        (it counts the images handed over) and a preemption window opened now (no stop comes)."""
+
+        def __init__(self) -> None:
+            self.handed_over = 0
+            self.preemption = Preemption(time.monotonic() + HoldTuning().coalesce_gap_s, time.monotonic)
+
+        def on_images(self, first_index: int, arrays) -> None:
+            self.handed_over += len(arrays)
+
+        def report(self) -> dict:
+            return {"steps_checked": self.preemption.steps_checked, "images_handed_over": self.handed_over}
+
     def measure(variant: str, batch_sizes: list[int]) -> None:
         rows = variants.setdefault(variant, {})
         warm = pipeline.warm_up(batch_sizes, args.size, args.size, guidance_scale=args.guidance)
@@ -95,8 +116,10 @@ def raw(args: argparse.Namespace, progress) -> dict:
             for _ in range(args.repeats):
                 for pause in args.pause_s:  # interleaved: every pause's calls see the same machine
                     time.sleep(pause)  # idle before the call, outside its timing
+                    worker_call = WorkerCall() if variant == "preemptible" else None
+                    as_worker = (worker_call.on_images, worker_call.preemption) if worker_call else ()
                     began = time.perf_counter()
-                    pipeline.generate(jobs, settings)
+                    pipeline.generate(jobs, settings, *as_worker)
                     if on_cuda:
                         torch.cuda.synchronize()
                     seconds[pause].append(time.perf_counter() - began)
@@ -107,6 +130,8 @@ def raw(args: argparse.Namespace, progress) -> dict:
                           "warm_up_s": warm.get(size),
                           "peak_above_weights_gib": round((torch.cuda.max_memory_allocated() - weights_bytes) / 2**30, 2)
                           if on_cuda else None}
+            if worker_call is not None:  # the last call's: it did run the worker's way
+                rows[size]["worker_call"] = worker_call.report()
             progress(result)  # what is measured comes back even if the call runs out of time later
             print(f"{variant} batch {size}: {median:.3f} s ({size / median:.3f} images/s)", file=sys.stderr, flush=True)
 

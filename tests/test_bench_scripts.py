@@ -42,6 +42,22 @@ def test_raw_half_measures_each_variant_and_batch_size(tmp_path):
     assert "service_images_per_s" not in summary  # no service half was run
 
 
+def test_the_preemptible_variant_calls_the_pipeline_as_the_worker_does(tmp_path):
+    """``preemptible``: each timed call gets a preemption window (the UNet's pre-step check runs before
+    every step) and a handover callback that receives every image; timed like the other variants."""
+    out = tmp_path / "raw.json"
+    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
+                        "--batches", "1,2", "--variants", "eager,preemptible", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    variants = json.loads(out.read_text())["raw"]["variants"]
+    assert list(variants) == ["eager", "preemptible"]
+    assert all("worker_call" not in row for row in variants["eager"].values())
+    for size, row in variants["preemptible"].items():
+        assert row["seconds"] > 0
+        # PNDM (the tiny model's scheduler) calls the UNet once more than its steps: 3 checks for 2 steps
+        assert row["worker_call"] == {"steps_checked": 3, "images_handed_over": int(size)}, row
+
+
 def raw_batch1_of_tiny(tmp_path, *args: str) -> dict:
     """bench_gpu.py raw on the tiny model, batch 1 at 64x64, 2 steps, eager, plus ``args``: its raw half."""
     out = tmp_path / "raw.json"
