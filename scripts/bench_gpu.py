@@ -67,6 +67,25 @@ GRAPH_MAX_BATCH = 2
 SERVICE_RUNS = ("lone", "burst50", "users10x5", "burst50_no_batching")
 
 
+class WorkerCall:
+    """What the worker passes to the pipeline besides jobs and settings for a lone request (the raw
+    ``preemptible`` variant): the handover callback, which counts the images handed over, and a
+    preemption window of the default policy's coalescing gap opened now (no stop comes)."""
+
+    def __init__(self) -> None:
+        from gpu_worker.policies import HoldTuning
+        from gpu_worker.preemption import Preemption
+
+        self.handed_over = 0
+        self.preemption = Preemption(time.monotonic() + HoldTuning().coalesce_gap_s, time.monotonic)
+
+    def on_images(self, first_index: int, arrays) -> None:
+        self.handed_over += len(arrays)
+
+    def report(self) -> dict:
+        return {"steps_checked": self.preemption.steps_checked, "images_handed_over": self.handed_over}
+
+
 def raw(args: argparse.Namespace, progress) -> dict:
     import torch
 
@@ -74,8 +93,6 @@ def raw(args: argparse.Namespace, progress) -> dict:
     from gpu_worker.acceleration import AccelerationConfig
     from bench_service import benchmark_jobs
     from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
-    from gpu_worker.policies import HoldTuning
-    from gpu_worker.preemption import Preemption
 
     started = time.perf_counter()
     pipeline = load_pipeline(args.model)
@@ -89,20 +106,6 @@ def raw(args: argparse.Namespace, progress) -> dict:
               "guidance_scale": args.guidance, "torch": torch.__version__, "load_s": round(load_s, 1),
               "weights_gib": round(weights_bytes / 2**30, 2), "pause_s": args.pause_s[0],
               "pauses_s": args.pause_s, "variants": variants}
-
-    class WorkerCall:
-        """What the worker passes besides jobs and settings for a lone request: the handover callback
-        (it counts the images handed over) and a preemption window opened now (no stop comes)."""
-
-        def __init__(self) -> None:
-            self.handed_over = 0
-            self.preemption = Preemption(time.monotonic() + HoldTuning().coalesce_gap_s, time.monotonic)
-
-        def on_images(self, first_index: int, arrays) -> None:
-            self.handed_over += len(arrays)
-
-        def report(self) -> dict:
-            return {"steps_checked": self.preemption.steps_checked, "images_handed_over": self.handed_over}
 
     def measure(variant: str, batch_sizes: list[int]) -> None:
         rows = variants.setdefault(variant, {})
