@@ -372,3 +372,22 @@ def test_every_committed_summary_row_has_the_promised_fields(card_file):
         assert row["model"] in ("sdxl", "sd15") and row["gpus"] >= 1
     card_word = card_file.stem.removeprefix("summary-").upper()  # summary-h200.json: every row an H200
     assert all(card_word in row["card"] for row in rows)
+
+
+def test_bench_png_times_each_encoder_on_the_same_images(tmp_path):
+    """scripts/bench_png.py: PIL, this checkout's encoder and a git revision's, on noise and on a smooth
+    image; every PNG decodes to the pixels (the script checks), sizes and times come back per encoder."""
+    out = tmp_path / "png.json"
+    result = run_script("scripts/bench_png.py", "--sizes", "16,40", "--repeats", "3", "--stripes", "2",
+                        "--baseline", "HEAD", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["size"], row["image"]) for row in rows] == [(16, "noise"), (16, "smooth"), (40, "noise"),
+                                                              (40, "smooth")]
+    for row in rows:
+        assert set(row["encoders"]) == {"pil_level1", "current", "current_2_stripes", "baseline",
+                                        "baseline_2_stripes"}
+        assert all(timing["ms"] > 0 and timing["bytes"] > 0 for timing in row["encoders"].values())
+        assert row["current_over_baseline"] > 0
+    noise, smooth = rows[2]["encoders"], rows[3]["encoders"]
+    assert smooth["current"]["bytes"] < noise["current"]["bytes"]  # the smooth image compresses
