@@ -230,49 +230,82 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
     return result
 
 
-def gpu_state(gpu_index: int = 0) -> dict | None:
-    """GPU ``gpu_index``'s SM clock, temperature and power draw now (NVML), or None without one.
+class NvmlReader:
+    """GPU ``gpu_index``'s SM clock, temperature and power draw through NVML, initialised once for
+    many readings (the sampler reads ten times a second: no driver set-up each time); every reading
+    is None without NVML or a GPU.
 
     A batch's time depends on them: SDXL's lone requests, timed right after the worker's warm-up
     (whose last batches kept the GPU at full power for tens of seconds), ran 902 -> 881 ms one after
     the other on an H200. Recorded beside each service row so such a trend can be told from the
     service's own cost."""
-    try:
-        import pynvml
 
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no NVML library or no driver: a CPU machine
-        return None
+    def __init__(self, gpu_index: int = 0) -> None:
+        self.nvml = self.handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception:  # noqa: BLE001 - no NVML library or no driver: a CPU machine
+            return
+        self.nvml = pynvml
+        try:
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
+        except Exception:  # noqa: BLE001 - no such GPU: readings are None
+            pass
+
+    def read(self) -> dict | None:
+        if self.handle is None:
+            return None
+        nvml, handle = self.nvml, self.handle
+        try:
+            return {"sm_clock_mhz": int(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
+                    "temperature_c": int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
+                    "power_w": round(nvml.nvmlDeviceGetPowerUsage(handle) / 1000, 1)}  # NVML: milliwatts
+        except Exception:  # noqa: BLE001 - a reading this GPU does not support: the row stays usable
+            return None
+
+    def close(self) -> None:
+        if self.nvml is not None:
+            self.nvml.nvmlShutdown()
+            self.nvml = self.handle = None
+
+
+def gpu_state(gpu_index: int = 0) -> dict | None:
+    """One reading of :class:`NvmlReader` (None without a GPU)."""
+    reader = NvmlReader(gpu_index)
     try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
-        return {"sm_clock_mhz": int(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
-                "temperature_c": int(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
-                "power_w": round(pynvml.nvmlDeviceGetPowerUsage(handle) / 1000, 1)}  # NVML: milliwatts
-    except Exception:  # noqa: BLE001 - a reading this GPU does not support: the row stays usable
-        return None
+        return reader.read()
     finally:
-        pynvml.nvmlShutdown()
+        reader.close()
 
 
 class GpuSampler:
-    """Reads ``read()`` (gpu_state) every ``interval_s`` in a thread while a run goes on; ``summary``
-    gives the lowest and highest SM clock, the highest temperature and power seen (None without a
-    GPU): whether a batch ran at full clock, or throttled by heat or power."""
+    """Reads the GPU (``read``, else an :class:`NvmlReader` open while the run goes on) every
+    ``interval_s`` in a thread; ``summary`` gives the lowest and highest SM clock, the highest
+    temperature and power seen (None without a GPU): whether a batch ran at full clock, or
+    throttled by heat or power."""
 
     def __init__(self, interval_s: float = 0.1, read: Callable[[], dict | None] | None = None) -> None:
         self.interval_s = interval_s
-        self.read = read or gpu_state
+        self.read = read
+        self._reader: NvmlReader | None = None
         self.samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="gpu-sampler", daemon=True)
 
     def __enter__(self) -> "GpuSampler":
+        if self.read is None:
+            self._reader = NvmlReader()
+            self.read = self._reader.read
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._reader is not None:
+            self._reader.close()
 
     def _sample(self) -> None:
         while True:

@@ -150,13 +150,14 @@ def test_service_half_reports_the_promised_fields(tmp_path):
     assert all(0.02 <= gpu_thread_s <= seconds + 0.001 for _, seconds, gpu_thread_s in batches), batches
 
 
-def test_each_service_row_records_the_gpu_it_found(monkeypatch):
+def test_the_gpu_is_read_through_nvml(monkeypatch):
     """bench_gpu.gpu_state reads NVML's SM clock, temperature and power (milliwatts) of the GPU, and
-    shuts NVML down again; without NVML it says None. A fake pynvml stands in for the driver."""
+    shuts NVML down again; the sampler keeps NVML open for its run; without NVML both say None. A
+    fake pynvml stands in for the driver."""
     import types
 
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    from bench_gpu import gpu_state
+    from bench_gpu import GpuSampler, gpu_state
 
     calls = []
     fake = types.SimpleNamespace(
@@ -173,8 +174,19 @@ def test_each_service_row_records_the_gpu_it_found(monkeypatch):
     def no_driver():
         raise RuntimeError("NVML Shared Library Not Found")
 
+    # The sampler opens NVML once for all its readings, and closes it when the run ends.
+    calls.clear()
+    with GpuSampler(interval_s=0.001) as sampler:
+        while len(sampler.samples) < 3:
+            time.sleep(0.001)
+    assert calls == ["init", "shutdown"]
+    assert sampler.summary()["sm_clock_mhz_min"] == 1980
+
     monkeypatch.setattr(fake, "nvmlInit", no_driver)
     assert gpu_state() is None
+    with GpuSampler(interval_s=0.001) as no_gpu:
+        pass
+    assert no_gpu.summary() is None
 
 
 def test_the_gpu_sampler_reports_the_clock_range_of_a_run(monkeypatch):
