@@ -25,8 +25,8 @@ variant is measured on the same weights, card and call:
 * ``graphs``: + CUDA graphs (mode reduce-overhead) for batches up to 2 images;
 * ``encoders``: + torch.compile of the text encoders and of the VAE decoder for one image (what
   TORCH_COMPILE applies beyond ``graphs``: the launch-bound parts of a lone request);
-* ``preemptible``: the pipeline as the variants before it left it (after ``encoders``: what
-  TORCH_COMPILE runs), called as the worker calls it for a lone request on an idle GPU: with a
+* ``preemptible``: batch 1 only, the pipeline as the variants before it left it (after ``encoders``:
+  what TORCH_COMPILE runs), called as the worker calls it for a lone request on an idle GPU: with a
   preemption window of the default policy's coalescing gap opened at each call (inside it the
   thread waits for the GPU before each step; no stop comes) and a callback taking the images as
   they are decoded. Beside ``encoders`` it tells the worker's own call from the GPU's state.
@@ -84,6 +84,16 @@ class WorkerCall:
 
     def report(self) -> dict:
         return {"steps_checked": self.preemption.steps_checked, "images_handed_over": self.handed_over}
+
+
+def sizes_for(variant: str, sizes: list[int]) -> list[int]:
+    """The batch sizes a variant is timed at: CUDA graphs serve small batches only, and the worker
+    starts only a lone request preemptibly."""
+    if variant == "graphs":
+        return [size for size in sizes if size <= GRAPH_MAX_BATCH]
+    if variant == "preemptible":
+        return [size for size in sizes if size == 1]
+    return sizes
 
 
 def raw(args: argparse.Namespace, progress) -> dict:
@@ -154,7 +164,7 @@ def raw(args: argparse.Namespace, progress) -> dict:
             forward.enable_cuda_graphs(GRAPH_MAX_BATCH)
         elif variant == "encoders":
             acceleration.compile_encoders(pipeline.diffusers_pipeline)
-        measure(variant, sizes if variant != "graphs" else [s for s in sizes if s <= GRAPH_MAX_BATCH])
+        measure(variant, sizes_for(variant, sizes))
     image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
     result["png_encode_s"] = png_seconds(image)
     return result
