@@ -43,7 +43,7 @@ the largest batch.
 Service: scripts/bench_service.py's runs (the real processes, the seed's load test over HTTP), plus
 the worker's own per-batch generation times from its log, which separate GPU time from serving time,
 and the GPU's SM clock, temperature and power as each run finds it (``gpu_before``) and while it runs
-(``gpu_during``: the lowest and highest clock, sampled every 0.1 s; from NVML).
+(``gpu_during``: the lowest and highest clock, sampled every 0.1 s; from NVML, one session per run).
 """
 
 from __future__ import annotations
@@ -219,10 +219,10 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
     result = {"settings": settings, "rows": rows}
 
     def measured(mode: str, svc: Service, *load_args: str) -> None:
-        before = gpu_state()  # the GPU as this run finds it (hot from the warm-up or a burst, or idle)
-        with GpuSampler() as during:
+        with GpuSampler() as gpu:
             load_output = svc.load(*load_args, size=args.size, steps=args.steps)
-        rows.append({**row(mode, args, 1, load_output), "gpu_before": before, "gpu_during": during.summary()})
+        # gpu.first: the GPU as this run found it (hot from the warm-up or a burst, or idle)
+        rows.append({**row(mode, args, 1, load_output), "gpu_before": gpu.first, "gpu_during": gpu.summary()})
         progress(result)  # each row comes back even if the call runs out of time later
 
     runs = set(args.service_runs.split(","))
@@ -281,17 +281,9 @@ class NvmlReader:
             self.nvml = self.handle = None
 
 
-def gpu_state(gpu_index: int = 0) -> dict | None:
-    """One reading of :class:`NvmlReader` (None without a GPU)."""
-    reader = NvmlReader(gpu_index)
-    try:
-        return reader.read()
-    finally:
-        reader.close()
-
-
 class GpuSampler:
-    """Reads the GPU (``read``, else an :class:`NvmlReader` open while the run goes on) every
+    """Reads the GPU (``read``, else an :class:`NvmlReader` open while the run goes on) once on
+    entering, before the run starts (``first``: the GPU as the run finds it), then every
     ``interval_s`` in a thread; ``summary`` gives the lowest and highest SM clock, the highest
     temperature and power seen (None without a GPU): whether a batch ran at full clock, or
     throttled by heat or power."""
@@ -308,23 +300,29 @@ class GpuSampler:
         if self.read is None:
             self._reader = NvmlReader()
             self.read = self._reader.read
-        self._thread.start()
+        first = self.read()
+        if first is not None:  # else no GPU here: nothing to sample
+            self.samples.append(first)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         if self._reader is not None:
             self._reader.close()
 
+    @property
+    def first(self) -> dict | None:
+        return self.samples[0] if self.samples else None
+
     def _sample(self) -> None:
-        while True:
+        while not self._stop.wait(self.interval_s):
             state = self.read()
             if state is None:
-                return  # no GPU here: nothing to sample
+                return  # the GPU stopped answering: keep what was read
             self.samples.append(state)
-            if self._stop.wait(self.interval_s):
-                return
 
     def summary(self) -> dict | None:
         if not self.samples:

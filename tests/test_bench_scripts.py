@@ -152,13 +152,13 @@ def test_service_half_reports_the_promised_fields(tmp_path):
 
 
 def test_the_gpu_is_read_through_nvml(monkeypatch):
-    """bench_gpu.gpu_state reads NVML's SM clock, temperature and power (milliwatts) of the GPU, and
-    shuts NVML down again; the sampler keeps NVML open for its run; without NVML both say None. A
-    fake pynvml stands in for the driver."""
+    """bench_gpu.NvmlReader reads NVML's SM clock, temperature and power (milliwatts) of the GPU, and
+    shuts NVML down again; the sampler keeps NVML open for its run, its first reading taken before
+    the run; without NVML both say None. A fake pynvml stands in for the driver."""
     import types
 
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    from bench_gpu import GpuSampler, gpu_state
+    from bench_gpu import GpuSampler, NvmlReader
 
     calls = []
     fake = types.SimpleNamespace(
@@ -169,7 +169,9 @@ def test_the_gpu_is_read_through_nvml(monkeypatch):
         nvmlDeviceGetTemperature=lambda handle, sensor: {("gpu0", 0): 61}[(handle, sensor)],
         nvmlDeviceGetPowerUsage=lambda handle: {"gpu0": 412345}[handle])
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    assert gpu_state() == {"sm_clock_mhz": 1980, "temperature_c": 61, "power_w": 412.3}
+    reader = NvmlReader()
+    assert reader.read() == {"sm_clock_mhz": 1980, "temperature_c": 61, "power_w": 412.3}
+    reader.close()
     assert calls == ["init", "shutdown"]
 
     def no_driver():
@@ -178,16 +180,17 @@ def test_the_gpu_is_read_through_nvml(monkeypatch):
     # The sampler opens NVML once for all its readings, and closes it when the run ends.
     calls.clear()
     with GpuSampler(interval_s=0.001) as sampler:
+        assert sampler.first == {"sm_clock_mhz": 1980, "temperature_c": 61, "power_w": 412.3}  # before the run
         while len(sampler.samples) < 3:
             time.sleep(0.001)
     assert calls == ["init", "shutdown"]
     assert sampler.summary()["sm_clock_mhz_min"] == 1980
 
     monkeypatch.setattr(fake, "nvmlInit", no_driver)
-    assert gpu_state() is None
+    assert NvmlReader().read() is None
     with GpuSampler(interval_s=0.001) as no_gpu:
         pass
-    assert no_gpu.summary() is None
+    assert no_gpu.summary() is None and no_gpu.first is None
 
 
 def test_the_gpu_sampler_reports_the_clock_range_of_a_run(monkeypatch):
@@ -212,6 +215,7 @@ def test_the_gpu_sampler_reports_the_clock_range_of_a_run(monkeypatch):
 
     with GpuSampler(interval_s=0.001, read=read) as sampler:
         assert three_read.wait(5)
+    assert sampler.first == {"sm_clock_mhz": 1980, "temperature_c": 50, "power_w": 120.0}
     summary = sampler.summary()
     assert summary["samples"] >= 4
     assert {k: v for k, v in summary.items() if k != "samples"} == {
