@@ -171,24 +171,20 @@ def raw(args: argparse.Namespace, progress) -> dict:
 
 
 def png_seconds(image) -> dict:
-    """Encoding one output image: PIL (the previous encoder) and gpu_worker.png, serial and striped."""
-    import io
+    """Encoding one output image, in seconds: PIL (the previous encoder) and gpu_worker.png, serial
+    and striped as the worker stripes (scripts/bench_png.py's encoders and timing: medians of 3)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from gpu_worker import png
+    import numpy as np
+
+    from bench_png import encoders, measure
     from gpu_worker.worker import PNG_STRIPE_THREADS
 
-    def timed(encode) -> float:
-        encode()
-        began = time.perf_counter()
-        for _ in range(3):
-            encode()
-        return round((time.perf_counter() - began) / 3, 4)
-
-    with ThreadPoolExecutor(PNG_STRIPE_THREADS) as stripes:
-        return {"pil_level1": timed(lambda: image.save(io.BytesIO(), format="PNG", compress_level=1)),
-                "striped_1": timed(lambda: png.encode_png(image)),
-                f"striped_{PNG_STRIPE_THREADS}": timed(lambda: png.encode_png(image, stripes, PNG_STRIPE_THREADS))}
+    stripes = PNG_STRIPE_THREADS
+    names = {"pil_level1": "pil_level1", "current": "striped_1", f"current_{stripes}_stripes": f"striped_{stripes}"}
+    with ThreadPoolExecutor(stripes) as threads:
+        timings = measure(np.asarray(image), encoders(None, threads if stripes > 1 else None, stripes), repeats=3)
+    return {names[name]: round(timing["ms"] / 1000, 4) for name, timing in timings.items()}
 
 
 def per_image_gib(rows: dict) -> float | None:
