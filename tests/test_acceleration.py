@@ -232,8 +232,8 @@ def test_large_batches_are_decoded_in_equal_parts_like_one_decode(pipelines):
     decode.compile_single = True  # as TORCH_COMPILE sets it: the single image compiled too
     compiled_rows.clear()
     with torch.inference_mode():
-        (in_parts,) = decode(latents, return_dict=False)
+        (single_compiled,) = decode(latents, return_dict=False)
     assert compiled_rows == [2, 2, 1]
-    torch.testing.assert_close(in_parts, whole, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(single_compiled, whole, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(in_parts, whole, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(as_output, whole[:2], atol=1e-5, rtol=1e-4)
