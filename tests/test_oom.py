@@ -357,12 +357,10 @@ def test_limits_lowered_by_a_pixel_budget_are_never_raised():
 
 
 def test_the_worker_lowers_its_limits_for_the_batch_that_ran_out_of_memory(caplog):
-    from gpu_worker.worker import Worker, WorkerIdentity
+    from offline_worker import close_offline_worker, offline_worker
 
     config = BatchPolicyConfig(max_batch_size=64, max_batch_pixels=64 * NATIVE.pixels)
-    worker = Worker(WorkerIdentity("w", "h", 0, "fake", "cpu"), FakeBackend(), config, capacity=128,
-                    broker_address="tcp://127.0.0.1:9", heartbeat_interval_s=1.0, batcher=Batcher(config))
-    worker._send_status = lambda: None  # no broker here
+    worker = offline_worker(FakeBackend(), config, Batcher(config), capacity=128)
     try:
         with caplog.at_level("WARNING"):
             worker.lower_max_batch_size(8, 4, LARGE)
@@ -370,11 +368,8 @@ def test_the_worker_lowers_its_limits_for_the_batch_that_ran_out_of_memory(caplo
         assert (worker.policy.max_batch_size, worker.policy.max_batch_pixels) == (16, 4 * LARGE.pixels)
         assert "batch of 8 at 1024x1024: max batch size lowered to 16" in caplog.text
         assert "1024x1024 batches of at most 4" in caplog.text
-    finally:  # the link's socket and context (a context left to the garbage collector can block it)
-        worker.link.sock.close(linger=0)
-        worker.link.ctx.term()
-        for pool in (worker.gpu_thread, worker.encoder_threads, worker.stripe_threads):
-            pool.shutdown()
+    finally:
+        close_offline_worker(worker)
 
 
 def test_lower_max_batch_size_keeps_every_other_setting():

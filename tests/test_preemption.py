@@ -20,6 +20,7 @@ from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
 from gpu_worker.policies import AdaptiveBatcher, HoldTuning
 from gpu_worker.preemption import BatchPreempted, Preemption
 from imagegen.protocol import Cancel, Generate, GenerationParams, Result
+from offline_worker import close_offline_worker, offline_worker
 
 # ------------------------------------------------------------------ the stop signal
 
@@ -112,15 +113,11 @@ def generate(index: int) -> Generate:
 
 
 def make_worker():
-    from gpu_worker.worker import Worker, WorkerIdentity
-
     config = BatchPolicyConfig(max_batch_size=8)
     batcher = AdaptiveBatcher(config=config, tuning=HoldTuning(coalesce_gap_s=WINDOW_S, coalesce_fraction=1.0,
                                                                break_even=False))
     backend = FakeBackend(delay_s=STEP_S * STEPS)  # FAKE: stands in for GPU time, not for the pipeline
-    worker = Worker(WorkerIdentity("w", "h", 0, "fake", "cpu"), backend, config, capacity=16,
-                    broker_address="tcp://127.0.0.1:9", heartbeat_interval_s=1.0, batcher=batcher)
-    worker._send_status = lambda: None  # no broker here
+    worker = offline_worker(backend, config, batcher, capacity=16)
     sent: list = []
     worker.link.send = lambda message, payload=(): sent.append(message)
     return worker, backend, sent
@@ -144,19 +141,12 @@ async def run_worker(worker, sent: list, arrivals: list[tuple[float, Generate | 
     return [m for m in sent if isinstance(m, Result)]
 
 
-def close(worker) -> None:
-    worker.link.sock.close(linger=0)
-    worker.link.ctx.term()
-    for pool in (worker.gpu_thread, worker.encoder_threads, worker.stripe_threads):
-        pool.shutdown()
-
-
 def test_a_lone_request_starts_at_once():
     worker, backend, sent = make_worker()
     try:
         (result,) = asyncio.run(run_worker(worker, sent, [(0.0, generate(0))], results=1))
     finally:
-        close(worker)
+        close_offline_worker(worker)
     assert result.queue_wait_ms < 0.25 * WINDOW_S * 1000  # no coalescing hold (it would be 300 ms here)
     assert backend.batch_sizes == [1] and worker.counters.stopped_batches == 0
 
@@ -167,7 +157,7 @@ def test_a_request_arriving_in_the_window_stops_the_lone_batch_and_both_run_toge
         with caplog.at_level("INFO", logger="gpu_worker.worker"):
             results = asyncio.run(run_worker(worker, sent, [(0.0, generate(0)), (0.05, generate(1))], results=2))
     finally:
-        close(worker)
+        close_offline_worker(worker)
     assert backend.batch_sizes == [1, 2]  # the lone batch started, was stopped, then both ran
     assert worker.counters.stopped_batches == 1 and worker.counters.status("ready", 0, 0).stopped_batches == 1
     # Stopped before step 2 (0.1 s in), or a step later on a slow machine.
@@ -186,7 +176,7 @@ def test_a_request_arriving_after_the_window_waits_for_the_running_batch():
         results = asyncio.run(run_worker(worker, sent, [(0.0, generate(0)), (WINDOW_S + 0.05, generate(1))],
                                          results=2))
     finally:
-        close(worker)
+        close_offline_worker(worker)
     assert backend.batch_sizes == [1, 1] and worker.counters.stopped_batches == 0
     assert sorted(r.batch_size for r in results) == [1, 1]
 
@@ -198,7 +188,7 @@ def test_a_request_cancelled_while_its_lone_batch_ran_is_not_queued_again_when_t
             results = asyncio.run(run_worker(worker, sent, [(0.0, generate(0)), (0.02, Cancel("request-0")),
                                                             (0.05, generate(1))], results=1))
     finally:
-        close(worker)
+        close_offline_worker(worker)
     assert [r.request_id for r in results] == ["request-1"]
     assert backend.batch_sizes == [1, 1]  # the stopped lone batch, then the newcomer alone
     assert "(1 cancelled meanwhile)" in caplog.text
