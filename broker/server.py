@@ -22,7 +22,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from broker.config import BrokerSettings
 from broker.state import Action, BrokerPolicy, BrokerState, ToClient, ToWorker
 from broker.stats import build_stats
-from imagegen import protocol
+from imagegen import protocol, stage_trace
 from imagegen.protocol import (
     CLIENT_LINK,
     PROTOCOL_VERSION,
@@ -160,6 +160,7 @@ class BrokerServer:
         message, _ = protocol.decode(frames, CLIENT_LINK)
         now = self.clock()
         if isinstance(message, Generate):
+            stage_trace.stage("broker_got_request", message.request_id)
             self._execute(self.state.submit(client_id, message, now))
         elif isinstance(message, Cancel):
             record = self.state.requests.get(message.request_id)
@@ -188,6 +189,7 @@ class BrokerServer:
         elif isinstance(message, Heartbeat):
             self._execute(self.state.heartbeat(routing_id, message, now))
         elif isinstance(message, Result):
+            stage_trace.stage("broker_got_result", message.request_id)
             self._execute(self.state.result(routing_id, message, now), payload)
         elif isinstance(message, Failure):
             self._execute(self.state.failure(routing_id, message, now))
@@ -272,7 +274,12 @@ class BrokerServer:
                 frames_payload = payload if isinstance(action.message, Result) else ()
                 frames = protocol.encode(CLIENT_LINK, action.message, frames_payload)
                 self._send(self.client_sock, action.client_id, frames)
-            elif not self._send(self.worker_sock, action.routing_id, protocol.encode(WORKER_LINK, action.message)):
+                if isinstance(action.message, Result):
+                    stage_trace.stage("broker_sent_result", action.message.request_id)
+            elif self._send(self.worker_sock, action.routing_id, protocol.encode(WORKER_LINK, action.message)):
+                if isinstance(action.message, Generate):
+                    stage_trace.stage("broker_sent_request", action.message.request_id)
+            else:
                 # The worker's connection is gone: treat it as a disconnect, requeueing what it held.
                 self._execute(self._logging_requeues(
                     "could not be reached", lambda: self.state.disconnect(action.routing_id, self.clock())))

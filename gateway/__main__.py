@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import GatewaySettings
 from imagegen import settings as settings_lib
+from imagegen import stage_trace
 from imagegen.logs import setup_logging
 
 log = logging.getLogger("gateway")
@@ -22,6 +23,7 @@ def main(argv: list[str]) -> int:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging("gateway", settings.log_level, settings.log_format)
+    stage_trace.open_from_environment()  # IMAGEGEN_TRACE_FILE: per-request stage times
     log.info("settings: %s", settings_lib.describe(settings))
     # run_app stops on SIGTERM (supervisorctl stop) and SIGINT: it stops accepting connections,
     # lets requests in progress finish for up to shutdown_timeout, then runs the cleanup contexts.

@@ -25,6 +25,7 @@ from gateway.request_ids import request_id_middleware, request_id_of
 from gateway.openai_api import images_generations
 from gateway.validation import FieldError, GenerateRequest, parse_generate_request
 from gateway.web_page import index_page
+from imagegen import stage_trace
 from imagegen.protocol import Result
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ async def generate(request: web.Request) -> web.Response:
     """POST /generate; logs the request's id (X-Request-ID) with its answer's status and duration."""
     started = time.perf_counter()
     request_id = request_id_of(request)
+    stage_trace.stage("gateway_received", request_id)
     try:
         response = await _generate(request, request_id, started)
     except asyncio.CancelledError:
@@ -80,7 +82,9 @@ async def _generate(request: web.Request, request_id: str, started: float) -> we
              params.num_inference_steps, extra={"request_id": request_id})
     try:
         with request.app[METRICS].requests_waiting.track_inprogress():
+            stage_trace.stage("gateway_sent_request", request_id)
             result, png = await request.app[BROKER].generate(request_id, params, settings.request_timeout_s)
+            stage_trace.stage("gateway_got_result", request_id)
     except BrokerFailure as exc:
         return _failure_response(exc, settings)
     except asyncio.TimeoutError:
@@ -94,6 +98,7 @@ async def _generate(request: web.Request, request_id: str, started: float) -> we
         return error_response(502, "bad_worker_output", "the worker returned an image of the wrong size")
     image_id = new_image_id()
     await asyncio.get_running_loop().run_in_executor(None, request.app[IMAGES].save, image_id, png)
+    stage_trace.stage("gateway_saved_image", request_id)
     return web.json_response(_success_body(request, parsed, result, image_id, started))
 
 

@@ -24,6 +24,7 @@ from gpu_worker.pipelines import (
 from gpu_worker.fake_backend import is_fake_model_id, parse_fake_model_id
 from gpu_worker.worker import Worker, WorkerIdentity
 from imagegen import settings as settings_lib
+from imagegen import stage_trace
 from imagegen.logs import setup_logging
 from imagegen.runner import run_service, stop_event_on_signals
 
@@ -107,6 +108,7 @@ def warm_up(pipeline: ImagePipeline, policy: BatchPolicyConfig, compiled: bool) 
 
 async def main(settings: WorkerSettings) -> None:
     setup_logging("gpu_worker", settings.log_level, settings.log_format)
+    stage_trace.open_from_environment()  # IMAGEGEN_TRACE_FILE: per-request stage times
     log.info("settings: %s", settings_lib.describe(settings))
     try:
         curve = settings.curve_keys()

@@ -15,6 +15,7 @@ It is chosen with a MODEL_ID of the form ``fake`` or ``fake:key=value,key=value`
     fake:delay=0.5               sleep 0.5 s per generate call (per batch), to simulate GPU time
     fake:oom_above=2             raise torch.OutOfMemoryError for a batch of more than 2 images
     fake:fail=1                  raise RuntimeError("fake failure") on every generate call
+    fake:cell=1                  one random colour per pixel (PNGs as large as a random-weight model's)
     fake:delay=0.2,oom_above=2   options combine
 
 :func:`parse_fake_model_id` returns None for any MODEL_ID that is not a fake id, and raises
@@ -43,11 +44,13 @@ FAKE_ARCHITECTURE = "fake"
 FAKE_NATIVE_SIZE = 64
 # Width and height must be multiples of this, as with the real pipelines' VAE scale factor (8).
 FAKE_SIZE_MULTIPLE = 8
-# Images are a grid of flat colour cells of this many pixels a side: distinct per job, yet cheap to
-# build and to compress as PNG (pure per-pixel noise at 1024x1024 would make 3 MB PNGs).
-_CELL = 8
+# Images are a grid of flat colour cells of this many pixels a side by default: distinct per job, yet
+# cheap to build and to compress as PNG. ``cell=1`` draws per-pixel noise instead, which compresses as
+# badly as a random-weight model's output (a 1024x1024 PNG of about 3 MB): for timing the serving
+# path's PNG encoding, transfer and file write at their real size (scripts/bench_serving.py).
+DEFAULT_CELL_PX = 8
 
-_KEYS = ("delay", "oom_above", "fail")
+_KEYS = ("delay", "oom_above", "fail", "cell")
 
 
 class FakeBackend:
@@ -64,11 +67,13 @@ class FakeBackend:
     """
 
     def __init__(self, model_id: str = FAKE_PREFIX, delay_s: float = 0.0,
-                 oom_above: int | None = None, fail: bool = False) -> None:
+                 oom_above: int | None = None, fail: bool = False, cell_px: int = DEFAULT_CELL_PX) -> None:
         if not (math.isfinite(delay_s) and delay_s >= 0):
             raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay_s}")
         if oom_above is not None and oom_above < 0:
             raise ValueError(f"oom_above must be >= 0, got {oom_above}")
+        if cell_px < 1:
+            raise ValueError(f"cell must be >= 1 pixel, got {cell_px}")
         self.model_id = model_id
         self.architecture = FAKE_ARCHITECTURE
         self.device = torch.device("cpu")
@@ -77,12 +82,13 @@ class FakeBackend:
         self.delay_s = float(delay_s)
         self.oom_above = oom_above
         self.fail = fail
+        self.cell_px = cell_px
         self.batch_sizes: list[int] = []
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (f"FakeBackend(model_id={self.model_id!r}, delay_s={self.delay_s}, "
-                f"oom_above={self.oom_above}, fail={self.fail})")
+                f"oom_above={self.oom_above}, fail={self.fail}, cell_px={self.cell_px})")
 
     def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
                  on_images: OnImages | None = None, preemption: Preemption | None = None) -> list[PIL.Image.Image]:
@@ -113,7 +119,7 @@ class FakeBackend:
                 time.sleep(max(0.0, began + self.delay_s * (step + 1) / steps - time.monotonic()))
         elif self.delay_s:
             time.sleep(self.delay_s)
-        images = [fake_image(job, settings) for job in jobs]
+        images = [fake_image(job, settings, self.cell_px) for job in jobs]
         if on_images is not None:
             on_images(0, images)
         return images
@@ -125,8 +131,8 @@ class FakeBackend:
         return width * height * 3 * 4
 
 
-def fake_image(job: GenerationJob, settings: BatchSettings) -> PIL.Image.Image:
-    """The fake's image for one job: a grid of 8x8-pixel cells of random colours.
+def fake_image(job: GenerationJob, settings: BatchSettings, cell_px: int = DEFAULT_CELL_PX) -> PIL.Image.Image:
+    """The fake's image for one job: a grid of cell_px x cell_px-pixel cells of random colours.
 
     The colours come from a numpy RNG seeded with SHA-256 of (seed, prompt, negative prompt,
     steps, guidance scale), so the image is the same in every process and run, and two jobs that
@@ -135,9 +141,9 @@ def fake_image(job: GenerationJob, settings: BatchSettings) -> PIL.Image.Image:
     key = repr((job.seed, job.prompt, job.negative_prompt, settings.num_inference_steps,
                 float(settings.guidance_scale))).encode("utf-8")
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:16], "little"))
-    rows, cols = -(-settings.height // _CELL), -(-settings.width // _CELL)
+    rows, cols = -(-settings.height // cell_px), -(-settings.width // cell_px)
     cells = rng.integers(0, 256, size=(rows, cols, 3), dtype=np.uint8)
-    pixels = np.repeat(np.repeat(cells, _CELL, axis=0), _CELL, axis=1)
+    pixels = np.repeat(np.repeat(cells, cell_px, axis=0), cell_px, axis=1) if cell_px > 1 else cells
     pixels = np.ascontiguousarray(pixels[:settings.height, :settings.width])
     return PIL.Image.fromarray(pixels)  # uint8 (h, w, 3): RGB
 
@@ -161,7 +167,7 @@ def parse_fake_model_id(model_id: str) -> FakeBackend | None:
     """A FakeBackend for a fake MODEL_ID (``fake`` or ``fake:key=value,...``), else None.
 
     Keys: ``delay`` (seconds per batch, float >= 0), ``oom_above`` (int >= 0), ``fail``
-    (1/0, true/false, yes/no, on/off). A malformed fake id (unknown or repeated key, missing
+    (1/0, true/false, yes/no, on/off), ``cell`` (pixels per side of a flat-colour cell, int >= 1). A malformed fake id (unknown or repeated key, missing
     ``=``, bad value, empty option list) raises ValueError naming the id and the problem.
     """
     if not is_fake_model_id(model_id):
@@ -203,11 +209,19 @@ def parse_fake_model_id(model_id: str) -> FakeBackend | None:
             fail = parse_bool(options["fail"])
         except ValueError:
             raise _bad(model_id, f"fail must be 1 or 0, got {options['fail']!r}") from None
-    return FakeBackend(model_id, delay_s=delay_s, oom_above=oom_above, fail=fail)
+    cell_px = DEFAULT_CELL_PX
+    if "cell" in options:
+        try:
+            cell_px = int(options["cell"])
+        except ValueError:
+            raise _bad(model_id, f"cell must be an integer number of pixels, got {options['cell']!r}") from None
+        if cell_px < 1:
+            raise _bad(model_id, f"cell must be >= 1, got {cell_px}")
+    return FakeBackend(model_id, delay_s=delay_s, oom_above=oom_above, fail=fail, cell_px=cell_px)
 
 
 def _bad(model_id: str, problem: str) -> ValueError:
     return ValueError(
         f"bad fake MODEL_ID {model_id!r}: {problem}. Expected 'fake' or "
         f"'fake:key=value,...' with keys delay (seconds per batch, >= 0), oom_above "
-        f"(integer >= 0) and fail (1 or 0), e.g. 'fake:delay=0.2,oom_above=2'")
+        f"(integer >= 0), fail (1 or 0) and cell (pixels, >= 1), e.g. 'fake:delay=0.2,oom_above=2'")

@@ -39,6 +39,7 @@ from gpu_worker.preemption import BatchPreempted, Preemption
 from gpu_worker.stats import WorkerCounters
 from gpu_worker.link import BrokerLink
 from gpu_worker.oom import OnImages, OomSplittingBackend
+from imagegen import stage_trace
 from imagegen.sockets import CurveClientKeys
 from imagegen.protocol import (
     BatchingConfig,
@@ -277,6 +278,7 @@ class Worker:
 
     def _accept(self, message: Generate) -> None:
         now = self.clock()
+        stage_trace.stage("worker_got_request", message.request_id)
         key = BatchKey.of(message.params)
         try:
             self.batcher.add(message.request_id, key, message, now)
@@ -356,6 +358,8 @@ class Worker:
         preemptible = batch.preemptible_until is not None
         self.preemption = Preemption(batch.preemptible_until, self.clock) if preemptible else None
         self._send_status()
+        for pending in batch.requests:
+            stage_trace.stage("worker_batch_started", pending.request_id)
         started = time.perf_counter()
         splits_before = self.backend.oom_splits
         encodings = BatchEncodings(asyncio.get_running_loop(), self.encoder_threads, self.stripe_threads)
@@ -377,6 +381,8 @@ class Worker:
             self.cancelled_while_running = set()
         encodings.encode(0, images)  # those not handed over early
         generation_s = time.perf_counter() - started
+        for pending in batch.requests:
+            stage_trace.stage("worker_batch_done", pending.request_id)
         self._observe_batch_time(key, len(batch), generation_s, splits_before)
         self.counters.record_batch([batch.wait_s(p) for p in batch.requests], generation_s)
         request_ids = [p.request_id for p in batch.requests]
@@ -423,6 +429,7 @@ class Worker:
                        generation_s: float) -> None:
         for index, pending in enumerate(batch.requests):
             png = await encodings.png(index)
+            stage_trace.stage("worker_png_ready", pending.request_id)
             params = pending.item.params
             self.link.send(Result(
                 request_id=pending.request_id,
@@ -437,3 +444,4 @@ class Worker:
                 height=params.height,
                 seed=params.seed,
             ), [png])
+            stage_trace.stage("worker_sent_result", pending.request_id)

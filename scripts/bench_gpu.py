@@ -22,7 +22,9 @@ variant is measured on the same weights, card and call:
 * ``compiled``: + torch.compile of the UNet and the VAE decoder (dynamic batch dimension, mode
   default; with channels_last and fused QKV even when ``layout`` was not measured, as the worker
   applies them with TORCH_COMPILE);
-* ``graphs``: + CUDA graphs (mode reduce-overhead) for batches up to 2 images;
+* ``graphs``: + CUDA graphs (mode reduce-overhead) for batches up to 2 images (listed without
+  ``compiled``, the compile is applied untimed first: ``--variants graphs,encoders`` skips the
+  minutes of compiling a batch of one that CUDA graphs then replace);
 * ``encoders``: + torch.compile of the text encoders and of the VAE decoder for one image (what
   TORCH_COMPILE applies beyond ``graphs``: the launch-bound parts of a lone request);
 * ``preemptible``: batch 1 only, the pipeline as the variants before it left it (after ``encoders``:
@@ -148,8 +150,15 @@ def raw(args: argparse.Namespace, progress) -> dict:
             progress(result)  # what is measured comes back even if the call runs out of time later
             print(f"{variant} batch {size}: {median:.3f} s ({size / median:.3f} images/s)", file=sys.stderr, flush=True)
 
-    layout_applied = False
+    layout_applied = compiled = False
     for variant in args.variants.split(","):
+        if variant == "graphs" and not compiled:
+            # CUDA graphs need the compiled UNet: applied untimed, as a batch of one compiled without
+            # graphs costs minutes of compiling that the graphs then replace
+            acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
+                                    AccelerationConfig(compile=True, cuda_graph_max_batch=0, compile_encoders=False,
+                                                       channels_last=not layout_applied, fuse_qkv=not layout_applied))
+            layout_applied = compiled = True
         if variant == "layout":
             acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
                                     AccelerationConfig(compile=False, channels_last=True, fuse_qkv=True))
@@ -158,7 +167,7 @@ def raw(args: argparse.Namespace, progress) -> dict:
             acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
                                     AccelerationConfig(compile=True, cuda_graph_max_batch=0, compile_encoders=False,
                                                        channels_last=not layout_applied, fuse_qkv=not layout_applied))
-            layout_applied = True
+            layout_applied = compiled = True
         elif variant == "graphs":
             forward = acceleration.compiled_forward(pipeline.diffusers_pipeline.unet)
             forward.enable_cuda_graphs(GRAPH_MAX_BATCH)
@@ -213,16 +222,20 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
     settings = {"MODEL_ID": args.model, **args.settings}
     rows: list[dict] = []
     result = {"settings": settings, "rows": rows}
+    trace = StageTrace(log_dir / "stage-trace.log") if getattr(args, "trace", False) else None
+    environment = {**settings, **(trace.environment() if trace else {})}
 
     def measured(mode: str, svc: Service, *load_args: str) -> None:
+        trace_from = trace.mark() if trace else 0
         with GpuSampler() as gpu:
             load_output = svc.load(*load_args, size=args.size, steps=args.steps)
         # gpu.first: the GPU as this run found it (hot from the warm-up or a burst, or idle)
-        rows.append({**row(mode, args, 1, load_output), "gpu_before": gpu.first, "gpu_during": gpu.summary()})
+        rows.append({**row(mode, args, 1, load_output), "gpu_before": gpu.first, "gpu_during": gpu.summary(),
+                     **({"stages": trace.hops_since(trace_from)} if trace else {})})
         progress(result)  # each row comes back even if the call runs out of time later
 
     runs = set(args.service_runs.split(","))
-    with Service([0], log_dir, **settings) as svc:
+    with Service([0], log_dir, **environment) as svc:
         for _ in range(args.lone_repeats if "lone" in runs else 0):
             measured("lone", svc, "--burst", "1")
         if "burst50" in runs:
@@ -231,9 +244,36 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
             measured("users10x5", svc, "--users", "10", "--requests-per-user", "5")
     result["worker_batches"] = worker_batch_seconds(log_dir)
     if "burst50_no_batching" in runs:
-        with Service([0], log_dir, **settings, ENABLE_BATCHING="false") as svc:
+        with Service([0], log_dir, **environment, ENABLE_BATCHING="false") as svc:
             measured("burst50_no_batching", svc, "--burst", "50")
     return result
+
+
+class StageTrace:
+    """The service's stage trace (imagegen/stage_trace.py) in one file, read run by run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.unlink(missing_ok=True)
+
+    def environment(self) -> dict[str, str]:
+        from imagegen.stage_trace import TRACE_FILE_ENV
+
+        return {TRACE_FILE_ENV: str(self.path)}
+
+    def mark(self) -> int:
+        """Where the next run's lines will start."""
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def hops_since(self, offset: int) -> dict:
+        """Median milliseconds per hop of the requests traced from ``offset`` on."""
+        from trace_stages import hops_ms, parse
+
+        if not self.path.exists():
+            return hops_ms({})
+        with self.path.open("rb") as trace:
+            trace.seek(offset)
+            return hops_ms(parse(trace.read().decode(errors="replace").splitlines()))
 
 
 class NvmlReader:
@@ -452,6 +492,9 @@ def main() -> int:
                              "whatever the order given)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="service: a setting for every process (repeatable)")
+    parser.add_argument("--trace", action="store_true",
+                        help="service: the processes write a stage trace (IMAGEGEN_TRACE_FILE, in the log dir); "
+                             "each row gets its requests' median milliseconds per hop (scripts/trace_stages.py)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--log-dir", type=Path)
     args = parser.parse_args()

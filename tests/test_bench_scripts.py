@@ -59,6 +59,17 @@ def test_the_preemptible_variant_calls_the_pipeline_as_the_worker_does(tmp_path)
     assert row["worker_call"] == {"steps_checked": 3, "images_handed_over": 1}, row
 
 
+def test_cuda_graphs_listed_alone_get_the_compiled_unet_untimed(tmp_path):
+    """``--variants graphs``: the compile that CUDA graphs need is applied without being timed (it
+    used to fail: no compiled UNet to record graphs of); on the CPU the graphs are not recorded."""
+    out = tmp_path / "raw.json"
+    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
+                        "--batches", "1", "--variants", "graphs", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    variants = json.loads(out.read_text())["raw"]["variants"]
+    assert list(variants) == ["graphs"] and variants["graphs"]["1"]["seconds"] > 0
+
+
 def raw_batch1_of_tiny(tmp_path, *args: str) -> dict:
     """bench_gpu.py raw on the tiny model, batch 1 at 64x64, 2 steps, eager, plus ``args``: its raw half."""
     out = tmp_path / "raw.json"

@@ -81,12 +81,29 @@ def test_fake_ids_parse(model_id, delay_s, oom_above, fail):
     ("fake:", "is not key=value"),
     ("fake:delay=1,", "is not key=value"),
     ("fake:delay=1,delay=2", "given twice"),
+    ("fake:cell=0", "cell must be >= 1"),
+    ("fake:cell=2.5", "cell must be an integer"),
 ])
 def test_bad_fake_ids_raise_value_error(model_id, fragment):
     with pytest.raises(ValueError, match="bad fake MODEL_ID") as info:
         parse_fake_model_id(model_id)
     assert fragment in str(info.value)
     assert repr(model_id) in str(info.value)
+
+
+def test_cell_sets_the_images_grain():
+    """cell=1 draws one random colour per pixel, so its PNGs are as large as a random-weight model's
+    (what the serving path's benchmarks need); the default 8-pixel cells compress well."""
+    from gpu_worker import png
+
+    settings = BatchSettings(256, 256, 2, 7.5)
+    noise = parse_fake_model_id("fake:cell=1")
+    assert (noise.cell_px, FakeBackend().cell_px) == (1, 8)
+    fine, coarse = noise.generate(jobs(1), settings)[0], FakeBackend().generate(jobs(1), settings)[0]
+    assert fine.size == coarse.size == (256, 256)
+    fine_pixels = np.asarray(fine)
+    assert (fine_pixels[:, 1:] != fine_pixels[:, :-1]).any(axis=2).mean() > 0.9  # neighbours differ
+    assert len(png.encode_png(fine)) > 0.9 * 256 * 256 * 3 > 10 * len(png.encode_png(coarse))
 
 
 # ------------------------------------------------------------------ the surface the worker uses
