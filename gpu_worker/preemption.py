@@ -7,15 +7,17 @@ window, the worker stops it before its next denoising step, puts its request bac
 (with its arrival time) and forms the next batch with everything queued. A lone request then pays
 no hold, and a burst pays what the stopped batch had run: its text encoding, when the burst's
 next request comes within it (the usual case: a burst's requests reach the worker well under a
-millisecond apart), else a step or so.
+millisecond apart), else a step or two.
 
 :class:`Preemption` is the hand-off between the worker's event loop, which decides (``request``),
 and the GPU thread, which stops (``before_step``, called before every UNet call of the denoising
-loop, the first one included). While the window is open the GPU thread waits for the GPU before it
-looks, so that a stop throws away only the work already done: otherwise the CPU queues steps far
-ahead of the GPU and the GPU would still have to run them all.
+loop, the first one included). While the window is open the GPU thread waits before it looks until
+the GPU has at most one step queued (gpu_worker.pipelines.StepThrottle), so that a stop throws away
+at most that step: otherwise the CPU queues steps far ahead of the GPU and the GPU would still have
+to run them all. Waiting for the GPU to finish everything instead would leave it idle at each step
+of the window while the CPU prepares the next.
 
-Pure: no torch, no asyncio; ``synchronize`` is passed in, ``clock`` is the worker's.
+Pure: no torch, no asyncio; ``synchronize`` (the wait) is passed in, ``clock`` is the worker's.
 """
 
 from __future__ import annotations
@@ -53,6 +55,6 @@ class Preemption:
         if self._requested.is_set():
             raise BatchPreempted()
         if self.clock() <= self.open_until_s:
-            synchronize()  # the GPU has done what was queued: a stop now throws away no queued work
+            synchronize()  # the GPU has at most one step queued: a stop now throws away little
             if self._requested.is_set():
                 raise BatchPreempted()

@@ -25,8 +25,10 @@ compression or sockets. Each image is also split into stripes compressed in para
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -97,6 +99,12 @@ def encode_png(image: Any, stripe_threads: Executor | None = None) -> bytes:
     return png.encode_png(image, stripe_threads, stripes=PNG_STRIPE_THREADS, level=1)
 
 
+def encode_png_traced(image: Any, stripe_threads: Executor | None, request_id: str | None) -> bytes:
+    if request_id is not None:
+        stage_trace.stage("worker_png_started", request_id)
+    return encode_png(image, stripe_threads)
+
+
 def timed_call(call: Any, *args: Any) -> tuple[Any, float]:
     """call(*args) and the seconds it took, timed in the thread that runs it: the worker logs the GPU
     thread's own time beside the batch's time as the event loop sees it (the difference is hand-offs)."""
@@ -121,34 +129,43 @@ def batching_report(config: BatchPolicyConfig, auto: bool) -> BatchingConfig:
 class BatchEncodings:
     """One batch's PNG encodings, started as its images are handed over (by index in the batch).
 
+    The GPU thread hands its images straight to the encoder pool (a lone image's PNG used to wait
+    for the event loop to pass it on first: one thread wake-up more, on the lone request's path).
     An image handed over twice (a part retried after an out-of-memory split) is encoded once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, encoder_threads: Executor, stripe_threads: Executor) -> None:
-        self.loop = loop
+    def __init__(self, encoder_threads: Executor, stripe_threads: Executor,
+                 request_ids: Sequence[str] = ()) -> None:
         self.encoder_threads = encoder_threads
         self.stripe_threads = stripe_threads
-        self.pngs: dict[int, asyncio.Future[bytes]] = {}
+        self.request_ids = request_ids  # by index in the batch, for the stage trace only
+        self.pngs: dict[int, concurrent.futures.Future[bytes]] = {}
         self.cancelled = False
-
-    def on_images_in_gpu_thread(self, first_index: int, images: Sequence[Any]) -> None:
-        self.loop.call_soon_threadsafe(self.encode, first_index, images)
+        self._lock = threading.Lock()  # the GPU thread starts encodings, the event loop reads and cancels
 
     def encode(self, first_index: int, images: Sequence[Any]) -> None:
-        """Start encoding the images not yet started (event-loop thread; the deflate releases the GIL)."""
-        if self.cancelled:
-            return  # the batch failed after handing these over: nobody will send them
-        for index, image in enumerate(images, first_index):
-            if index not in self.pngs:
-                self.pngs[index] = self.loop.run_in_executor(self.encoder_threads, encode_png, image,
-                                                             self.stripe_threads)
+        """Start encoding the images not yet started (any thread; the deflate releases the GIL)."""
+        with self._lock:
+            if self.cancelled:
+                return  # the batch failed after handing these over: nobody will send them
+            for index, image in enumerate(images, first_index):
+                if index not in self.pngs:
+                    request_id = self.request_ids[index] if index < len(self.request_ids) else None
+                    if request_id is not None:
+                        stage_trace.stage("worker_image_handed_over", request_id)
+                    self.pngs[index] = self.encoder_threads.submit(encode_png_traced, image, self.stripe_threads,
+                                                                   request_id)
+
+    on_images_in_gpu_thread = encode
 
     async def png(self, index: int) -> bytes:
-        return await self.pngs[index]
+        return await asyncio.wrap_future(self.pngs[index])
 
     def cancel(self) -> None:
-        self.cancelled = True
-        for future in self.pngs.values():
-            future.cancel()
+        """Nobody will send these: encodings not started are dropped, those running are left to end."""
+        with self._lock:
+            self.cancelled = True
+            for future in self.pngs.values():
+                future.cancel()
 
 
 class Worker:
@@ -357,16 +374,17 @@ class Worker:
         self.running_batch = batch
         preemptible = batch.preemptible_until is not None
         self.preemption = Preemption(batch.preemptible_until, self.clock) if preemptible else None
-        self._send_status()
         for pending in batch.requests:
             stage_trace.stage("worker_batch_started", pending.request_id)
         started = time.perf_counter()
         splits_before = self.backend.oom_splits
-        encodings = BatchEncodings(asyncio.get_running_loop(), self.encoder_threads, self.stripe_threads)
+        encodings = BatchEncodings(self.encoder_threads, self.stripe_threads, [p.request_id for p in batch.requests])
         try:
-            images, gpu_thread_s = await asyncio.get_running_loop().run_in_executor(
+            running = asyncio.get_running_loop().run_in_executor(
                 self.gpu_thread, timed_call, self.backend.generate, jobs, settings, encodings.on_images_in_gpu_thread,
                 self.preemption)
+            self._send_status()  # the broker sees the batch running; sent once the GPU thread has it
+            images, gpu_thread_s = await running
         except BatchPreempted:
             encodings.cancel()
             self._requeue(batch, batch_id, time.perf_counter() - started)

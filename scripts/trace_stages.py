@@ -37,6 +37,9 @@ STAGES = (
     "gateway_saved_image",
 )
 BATCH = ("worker_batch_started", "worker_batch_done")
+# Inside the chain, in whatever order they fall against it: an image reaches the PNG encoder during
+# its batch (as the VAE hands it over), its encoding starts in an encoder thread.
+PNG_DETAIL = ("worker_image_handed_over", "worker_png_started", "worker_png_ready")
 
 
 def parse(lines) -> dict[str, dict[str, int]]:
@@ -57,7 +60,7 @@ def hops_ms(requests: dict[str, dict[str, int]]) -> dict:
     path's total (all hops but the batch) and how many requests it is over."""
     complete = [stages for stages in requests.values() if all(name in stages for name in STAGES)]
     if not complete:
-        return {"requests": 0, "hops_ms": {}, "serving_ms": None}
+        return {"requests": 0, "hops_ms": {}, "serving_ms": None, "png_ms": {}}
     hops = {}
     for earlier, later in zip(STAGES, STAGES[1:]):
         hops[f"{earlier} -> {later}"] = round(statistics.median(
@@ -65,7 +68,12 @@ def hops_ms(requests: dict[str, dict[str, int]]) -> dict:
     serving = statistics.median(
         (stages[STAGES[-1]] - stages[STAGES[0]] - (stages[BATCH[1]] - stages[BATCH[0]])) / 1e6
         for stages in complete)
-    return {"requests": len(complete), "hops_ms": hops, "serving_ms": round(serving, 3)}
+    png = {}
+    for earlier, later in zip(PNG_DETAIL, PNG_DETAIL[1:]):
+        found = [(stages[later] - stages[earlier]) / 1e6 for stages in complete if earlier in stages and later in stages]
+        if found:
+            png[f"{earlier} -> {later}"] = round(statistics.median(found), 3)
+    return {"requests": len(complete), "hops_ms": hops, "serving_ms": round(serving, 3), "png_ms": png}
 
 
 def main(argv: list[str]) -> int:
@@ -83,6 +91,8 @@ def main(argv: list[str]) -> int:
         return 1
     for hop, ms in result["hops_ms"].items():
         print(f"{hop:55s} {ms:9.3f} ms")
+    for hop, ms in result["png_ms"].items():
+        print(f"  PNG: {hop:50s} {ms:9.3f} ms")
     print(f"serving path (all but the batch), median of {result['requests']} requests: {result['serving_ms']:.3f} ms")
     return 0
 

@@ -41,7 +41,7 @@ def test_real_size_pipeline_batches_on_the_gpu(model_id, size):
     assert free is not None and free > 0
     assert auto_max_batch_size(pipeline, free, size, size) >= 1
     # A preemptible lone batch (the default policy's start): not stopped, the same image; stopped
-    # before its second step, it raises after waiting for the GPU (CUDA synchronisation).
+    # before its second step, it raises after the throttle's wait (CUDA events: one step queued at most).
     open_window = Preemption(open_until_s=float("inf"), clock=time.monotonic)
     lone = pipeline.generate(jobs[:1], settings, preemption=open_window)[0]
     assert open_window.steps_checked == len(pipeline.diffusers_pipeline.scheduler.timesteps)

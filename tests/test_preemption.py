@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from gpu_worker.batcher import BatchPolicyConfig
 from gpu_worker.fake_backend import FakeBackend
-from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
+from gpu_worker.pipelines import BatchSettings, GenerationJob, StepThrottle, load_pipeline
 from gpu_worker.policies import AdaptiveBatcher, HoldTuning
 from gpu_worker.preemption import BatchPreempted, Preemption
 from imagegen.protocol import Cancel, Generate, GenerationParams, Result
@@ -55,6 +56,37 @@ def test_a_stop_requested_while_waiting_for_the_gpu_raises_at_that_step():
     gate = Preemption(open_until_s=1.0, clock=Clock())
     with pytest.raises(BatchPreempted):
         gate.before_step(gate.request)  # the arrival lands while the GPU finishes the step
+
+
+class FakeMark:
+    """A CUDA event's part the throttle uses: recorded, then waited for (a log of both)."""
+
+    def __init__(self, log: list, number: int) -> None:
+        self.log, self.number = log, number
+
+    def record(self) -> None:
+        self.log.append(("record", self.number))
+
+    def synchronize(self) -> None:
+        self.log.append(("wait", self.number))
+
+
+def test_the_throttle_keeps_one_step_queued_instead_of_draining_the_gpu():
+    """Before UNet call k the throttle marks the work queued so far and waits for the mark of call
+    k - 1 only: the GPU still has step k - 1 to run while the CPU prepares step k."""
+    log: list = []
+    marks = iter(range(10))
+    throttle = StepThrottle(torch.device("cpu"), new_event=lambda: FakeMark(log, next(marks)))
+    for _ in range(3):
+        throttle()
+    assert log == [("record", 0), ("record", 1), ("wait", 0), ("record", 2), ("wait", 1)]
+
+
+def test_the_throttle_waits_for_nothing_on_the_cpu():
+    throttle = StepThrottle(torch.device("cpu"))  # nothing runs ahead of a CPU pipeline
+    throttle()
+    throttle()
+    assert throttle.previous_mark is None
 
 
 # ------------------------------------------------------------------ the real pipeline

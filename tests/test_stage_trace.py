@@ -64,7 +64,7 @@ def test_hops_are_medians_over_the_complete_requests():
 
 def test_no_complete_request_gives_an_empty_result(tmp_path):
     assert trace_stages.hops_ms(trace_stages.parse(trace_lines("x", 0, 1, trace_stages.STAGES[:3]))) == {
-        "requests": 0, "hops_ms": {}, "serving_ms": None}
+        "requests": 0, "hops_ms": {}, "serving_ms": None, "png_ms": {}}
     empty = tmp_path / "empty.log"
     empty.write_text("")
     result = subprocess.run([sys.executable, "scripts/trace_stages.py", str(empty)], cwd=REPO, capture_output=True,
@@ -90,6 +90,9 @@ def test_the_service_traces_every_stage_of_each_request(tmp_path):
         hops = stages["hops_ms"]
         assert hops["worker_batch_started -> worker_batch_done"] >= 50  # the fake's 50 ms sleep
         assert all(ms >= 0 for ms in hops.values()), hops
+        png = stages["png_ms"]  # the image reached the encoder, which started, then finished
+        assert set(png) == {"worker_image_handed_over -> worker_png_started", "worker_png_started -> worker_png_ready"}
+        assert all(ms >= 0 for ms in png.values()), png
         # The serving path is the request's latency less its batch and the HTTP outside the gateway.
         latency_ms = row["latency_p50_s"] * 1000
         assert 0 < stages["serving_ms"] < latency_ms - hops["worker_batch_started -> worker_batch_done"]

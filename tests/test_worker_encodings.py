@@ -30,7 +30,7 @@ def pools():
 
 def test_parts_from_the_gpu_thread_are_encoded_once_each_in_order(pools) -> None:
     async def scenario() -> list[bytes]:
-        encodings = BatchEncodings(asyncio.get_running_loop(), *pools)
+        encodings = BatchEncodings(*pools)
 
         def gpu_thread() -> None:  # as ImagePipeline.generate calls on_images
             encodings.on_images_in_gpu_thread(0, [image(10), image(11)])
@@ -39,8 +39,7 @@ def test_parts_from_the_gpu_thread_are_encoded_once_each_in_order(pools) -> None
         thread = threading.Thread(target=gpu_thread)
         thread.start()
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
-        await asyncio.sleep(0)  # the thread's call_soon_threadsafe callbacks run
-        assert sorted(encodings.pngs) == [0, 1, 2]
+        assert sorted(encodings.pngs) == [0, 1, 2]  # started by the GPU thread itself, no event-loop turn
         encodings.encode(0, [image(0), image(0), image(0), image(13)])  # the returned list: only 3 is new
         return [await encodings.png(index) for index in range(4)]
 
@@ -48,13 +47,21 @@ def test_parts_from_the_gpu_thread_are_encoded_once_each_in_order(pools) -> None
     assert [int(decoded(png)[0, 0, 0]) for png in pngs] == [10, 11, 12, 13]
 
 
-def test_nothing_is_encoded_after_the_batch_failed(pools) -> None:
-    async def scenario() -> BatchEncodings:
-        encodings = BatchEncodings(asyncio.get_running_loop(), *pools)
+def test_nothing_is_encoded_after_the_batch_failed() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def busy() -> None:
+        started.set()
+        release.wait(10)
+
+    with ThreadPoolExecutor(1) as encoder, ThreadPoolExecutor(1) as stripes:
+        blocker = encoder.submit(busy)  # the encoder thread is busy: image 0 waits in the queue
+        started.wait(10)
+        encodings = BatchEncodings(encoder, stripes)
         encodings.encode(0, [image(1)])
         encodings.cancel()
         encodings.encode(1, [image(2)])
-        return encodings
-
-    encodings = asyncio.run(scenario())
+        release.set()
+        blocker.result(10)
     assert list(encodings.pngs) == [0] and encodings.pngs[0].cancelled()
