@@ -96,7 +96,8 @@ class FakeBackend:
 
         Each image depends only on the job (seed, prompt, negative prompt) and the settings, never
         on its batch-mates: generating a job alone or in any batch gives the same pixels. Like the
-        real pipeline, hands the images to ``on_images(0, images)`` before returning them. With a
+        real pipeline, hands the images to ``on_images(0, arrays)`` as (H, W, 3) uint8 arrays before
+        returning them as PIL images (so the worker's PNG path sees what it sees in service). With a
         ``preemption`` the delay is slept in num_inference_steps equal steps, each preceded by
         ``preemption.before_step`` (which may raise BatchPreempted), as the real denoising loop does.
         """
@@ -119,10 +120,10 @@ class FakeBackend:
                 time.sleep(max(0.0, began + self.delay_s * (step + 1) / steps - time.monotonic()))
         elif self.delay_s:
             time.sleep(self.delay_s)
-        images = [fake_image(job, settings, self.cell_px) for job in jobs]
+        arrays = [fake_pixels(job, settings, self.cell_px) for job in jobs]
         if on_images is not None:
-            on_images(0, images)
-        return images
+            on_images(0, arrays)
+        return [PIL.Image.fromarray(pixels) for pixels in arrays]
 
     def per_image_memory_bytes(self, width: int, height: int) -> int:
         """A nominal figure (one float32 RGB image): positive, growing with pixels, not measured."""
@@ -131,8 +132,9 @@ class FakeBackend:
         return width * height * 3 * 4
 
 
-def fake_image(job: GenerationJob, settings: BatchSettings, cell_px: int = DEFAULT_CELL_PX) -> PIL.Image.Image:
-    """The fake's image for one job: a grid of cell_px x cell_px-pixel cells of random colours.
+def fake_pixels(job: GenerationJob, settings: BatchSettings, cell_px: int = DEFAULT_CELL_PX) -> np.ndarray:
+    """The fake's pixels for one job, (height, width, 3) uint8: a grid of cell_px x cell_px-pixel
+    cells of random colours.
 
     The colours come from a numpy RNG seeded with SHA-256 of (seed, prompt, negative prompt,
     steps, guidance scale), so the image is the same in every process and run, and two jobs that
@@ -144,8 +146,7 @@ def fake_image(job: GenerationJob, settings: BatchSettings, cell_px: int = DEFAU
     rows, cols = -(-settings.height // cell_px), -(-settings.width // cell_px)
     cells = rng.integers(0, 256, size=(rows, cols, 3), dtype=np.uint8)
     pixels = np.repeat(np.repeat(cells, cell_px, axis=0), cell_px, axis=1) if cell_px > 1 else cells
-    pixels = np.ascontiguousarray(pixels[:settings.height, :settings.width])
-    return PIL.Image.fromarray(pixels)  # uint8 (h, w, 3): RGB
+    return np.ascontiguousarray(pixels[:settings.height, :settings.width])  # uint8 (h, w, 3): RGB
 
 
 def _check_settings(settings: BatchSettings) -> None:

@@ -100,9 +100,14 @@ def encode_png(image: Any, stripe_threads: Executor | None = None) -> bytes:
 
 
 def encode_png_traced(image: Any, stripe_threads: Executor | None, request_id: str | None) -> bytes:
+    """encode_png in an encoder thread, its start and end in the stage trace (the end apart from when
+    the event loop picks the PNG up: worker_png_ready)."""
     if request_id is not None:
         stage_trace.stage("worker_png_started", request_id)
-    return encode_png(image, stripe_threads)
+    encoded = encode_png(image, stripe_threads)
+    if request_id is not None:
+        stage_trace.stage("worker_png_encoded", request_id)
+    return encoded
 
 
 def timed_call(call: Any, *args: Any) -> tuple[Any, float]:

@@ -38,8 +38,9 @@ STAGES = (
 )
 BATCH = ("worker_batch_started", "worker_batch_done")
 # Inside the chain, in whatever order they fall against it: an image reaches the PNG encoder during
-# its batch (as the VAE hands it over), its encoding starts in an encoder thread.
-PNG_DETAIL = ("worker_image_handed_over", "worker_png_started", "worker_png_ready")
+# its batch (as the VAE hands it over), its encoding starts and ends in an encoder thread, and the
+# event loop picks the PNG up.
+PNG_DETAIL = ("worker_image_handed_over", "worker_png_started", "worker_png_encoded", "worker_png_ready")
 
 
 def parse(lines) -> dict[str, dict[str, int]]:

@@ -91,7 +91,8 @@ def test_the_service_traces_every_stage_of_each_request(tmp_path):
         assert hops["worker_batch_started -> worker_batch_done"] >= 50  # the fake's 50 ms sleep
         assert all(ms >= 0 for ms in hops.values()), hops
         png = stages["png_ms"]  # the image reached the encoder, which started, then finished
-        assert set(png) == {"worker_image_handed_over -> worker_png_started", "worker_png_started -> worker_png_ready"}
+        assert set(png) == {"worker_image_handed_over -> worker_png_started",
+                            "worker_png_started -> worker_png_encoded", "worker_png_encoded -> worker_png_ready"}
         assert all(ms >= 0 for ms in png.values()), png
         # The serving path is the request's latency less its batch and the HTTP outside the gateway.
         latency_ms = row["latency_p50_s"] * 1000
