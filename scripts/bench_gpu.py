@@ -42,6 +42,10 @@ first is the row's ``seconds``, each is in ``seconds_by_pause_s``. Peak memory a
 the loaded weights is recorded per size; the per-image memory is the slope between the smallest and
 the largest batch.
 
+``all`` runs the raw half, then gives its GPU memory back (compiled code dropped, allocator cache
+emptied; what stays reserved is ``gpu_memory_held_after_gib``) before the service's worker sizes its
+batches from the free memory, then the service half.
+
 Service: scripts/bench_service.py's runs (the real processes, the seed's load test over HTTP), plus
 the worker's own per-batch generation times from its log, which separate GPU time from serving time,
 and the GPU's SM clock, temperature and power as each run finds it (``gpu_before``) and while it runs
@@ -177,6 +181,21 @@ def raw(args: argparse.Namespace, progress) -> dict:
     image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
     result["png_encode_s"] = png_seconds(image)
     return result
+
+
+def release_gpu_memory() -> float | None:
+    """Drop the raw half's compiled code and cached GPU memory; the GiB this process still reserves
+    (None without CUDA)."""
+    import gc
+
+    import torch
+
+    torch._dynamo.reset()  # compiled code and its guards hold the model's modules
+    gc.collect()
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.empty_cache()
+    return round(torch.cuda.memory_reserved() / 2**30, 2)
 
 
 def png_seconds(image) -> dict:
@@ -522,6 +541,11 @@ def main() -> int:
 
     if args.mode in ("raw", "all"):
         document["raw"] = raw(args, progress_of("raw"))
+        save()
+    if args.mode == "all":
+        # The service's worker sizes MAX_BATCH_SIZE from the GPU's free memory: give back what the
+        # raw half's model, compiled graphs and allocator cache hold, and say what could not be.
+        document["raw"]["gpu_memory_held_after_gib"] = release_gpu_memory()
         save()
     if args.mode in ("service", "all"):
         document["service"] = service(args, log_dir, progress_of("service"))

@@ -59,6 +59,21 @@ def test_the_preemptible_variant_calls_the_pipeline_as_the_worker_does(tmp_path)
     assert row["worker_call"] == {"steps_checked": 3, "images_handed_over": 1}, row
 
 
+def test_all_measures_raw_then_the_service_after_giving_the_memory_back(tmp_path):
+    """``all``: the raw half, then its GPU memory given back (the service's worker sizes its batches
+    from the free memory; on the CPU there is none to report), then the service on the same model."""
+    out = tmp_path / "all.json"
+    result = run_script("scripts/bench_gpu.py", "all", "--model", "tiny", "--size", "64", "--steps", "2",
+                        "--batches", "1", "--variants", "eager", "--service-runs", "lone", "--lone-repeats", "1",
+                        "--out", str(out), "--log-dir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert "gpu_memory_held_after_gib" in document["raw"] and document["raw"]["gpu_memory_held_after_gib"] is None
+    assert [row["mode"] for row in document["service"]["rows"]] == ["lone"]
+    summary = document["summary"]
+    assert summary["raw_batch1_s"] > 0 and summary["lone_latency_s"] > 0 and summary["lone_over_raw_batch1"] > 0
+
+
 def test_cuda_graphs_listed_alone_get_the_compiled_unet_untimed(tmp_path):
     """``--variants graphs``: the compile that CUDA graphs need is applied without being timed (it
     used to fail: no compiled UNet to record graphs of); on the CPU the graphs are not recorded."""
