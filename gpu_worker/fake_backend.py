@@ -47,7 +47,7 @@ FAKE_SIZE_MULTIPLE = 8
 # Images are a grid of flat colour cells of this many pixels a side by default: distinct per job, yet
 # cheap to build and to compress as PNG. ``cell=1`` draws per-pixel noise instead, which compresses as
 # badly as a random-weight model's output (a 1024x1024 PNG of about 3 MB): for timing the serving
-# path's PNG encoding, transfer and file write at their real size (scripts/bench_serving.py).
+# path's PNG encoding, transfer and file write at their real size (bench_gpu.py service --trace).
 DEFAULT_CELL_PX = 8
 
 _KEYS = ("delay", "oom_above", "fail", "cell")
@@ -168,8 +168,9 @@ def parse_fake_model_id(model_id: str) -> FakeBackend | None:
     """A FakeBackend for a fake MODEL_ID (``fake`` or ``fake:key=value,...``), else None.
 
     Keys: ``delay`` (seconds per batch, float >= 0), ``oom_above`` (int >= 0), ``fail``
-    (1/0, true/false, yes/no, on/off), ``cell`` (pixels per side of a flat-colour cell, int >= 1). A malformed fake id (unknown or repeated key, missing
-    ``=``, bad value, empty option list) raises ValueError naming the id and the problem.
+    (1/0, true/false, yes/no, on/off), ``cell`` (pixels per side of a flat-colour cell, int >= 1).
+    A malformed fake id (unknown or repeated key, missing ``=``, bad value, empty option list)
+    raises ValueError naming the id and the problem.
     """
     if not is_fake_model_id(model_id):
         return None

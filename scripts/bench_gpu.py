@@ -30,8 +30,8 @@ variant is measured on the same weights, card and call:
 * ``preemptible``: batch 1 only, the pipeline as the variants before it left it (after ``encoders``:
   what TORCH_COMPILE runs), called as the worker calls it for a lone request on an idle GPU: with a
   preemption window of the default policy's coalescing gap opened at each call (inside it the
-  thread waits for the GPU before each step; no stop comes) and a callback taking the images as
-  they are decoded. Beside ``encoders`` it tells the worker's own call from the GPU's state.
+  thread waits before each step until the GPU has at most one step queued; no stop comes) and a
+  callback taking the images as they are decoded. Beside ``encoders`` it tells the worker's own call from the GPU's state.
 
 Each batch size is warmed up first (a 2-step call: compilation and graph recording land there), then
 timed ``--repeats`` times (median). ``--pause-s`` leaves the GPU idle that long before each timed
@@ -155,23 +155,25 @@ def raw(args: argparse.Namespace, progress) -> dict:
             print(f"{variant} batch {size}: {median:.3f} s ({size / median:.3f} images/s)", file=sys.stderr, flush=True)
 
     layout_applied = compiled = False
+
+    def compile_unet_and_vae() -> None:  # with the layout, as TORCH_COMPILE applies it, if not applied yet
+        nonlocal layout_applied, compiled
+        acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
+                                AccelerationConfig(compile=True, cuda_graph_max_batch=0, compile_encoders=False,
+                                                   channels_last=not layout_applied, fuse_qkv=not layout_applied))
+        layout_applied = compiled = True
+
     for variant in args.variants.split(","):
         if variant == "graphs" and not compiled:
             # CUDA graphs need the compiled UNet: applied untimed, as a batch of one compiled without
             # graphs costs minutes of compiling that the graphs then replace
-            acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
-                                    AccelerationConfig(compile=True, cuda_graph_max_batch=0, compile_encoders=False,
-                                                       channels_last=not layout_applied, fuse_qkv=not layout_applied))
-            layout_applied = compiled = True
+            compile_unet_and_vae()
         if variant == "layout":
             acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
                                     AccelerationConfig(compile=False, channels_last=True, fuse_qkv=True))
             layout_applied = True
-        elif variant == "compiled":  # with the layout, as TORCH_COMPILE applies it, if not applied yet
-            acceleration.accelerate(pipeline.diffusers_pipeline, pipeline.device,
-                                    AccelerationConfig(compile=True, cuda_graph_max_batch=0, compile_encoders=False,
-                                                       channels_last=not layout_applied, fuse_qkv=not layout_applied))
-            layout_applied = compiled = True
+        elif variant == "compiled":
+            compile_unet_and_vae()
         elif variant == "graphs":
             forward = acceleration.compiled_forward(pipeline.diffusers_pipeline.unet)
             forward.enable_cuda_graphs(GRAPH_MAX_BATCH)
