@@ -31,7 +31,8 @@ variant is measured on the same weights, card and call:
   what TORCH_COMPILE runs), called as the worker calls it for a lone request on an idle GPU: with a
   preemption window of the default policy's coalescing gap opened at each call (inside it the
   thread waits before each step until the GPU has at most one step queued; no stop comes) and a
-  callback taking the images as they are decoded. Beside ``encoders`` it tells the worker's own call from the GPU's state.
+  callback taking the images as they are decoded. Beside ``encoders`` it tells the worker's own
+  call from the GPU's state.
 
 Each batch size is warmed up first (a 2-step call: compilation and graph recording land there), then
 timed ``--repeats`` times (median). ``--pause-s`` leaves the GPU idle that long before each timed
