@@ -94,17 +94,13 @@ class WorkerIdentity:
     device: str
 
 
-def encode_png(image: Any, stripe_threads: Executor | None = None) -> bytes:
-    # ISA-L level 1: the fastest level that still finds repeats (gpu_worker/png.py).
-    return png.encode_png(image, stripe_threads, stripes=PNG_STRIPE_THREADS, level=1)
-
-
-def encode_png_traced(image: Any, stripe_threads: Executor | None, request_id: str | None) -> bytes:
-    """encode_png in an encoder thread, its start and end in the stage trace (the end apart from when
-    the event loop picks the PNG up: worker_png_ready)."""
+def encode_png(image: Any, stripe_threads: Executor | None = None, request_id: str | None = None) -> bytes:
+    """The image's PNG, in an encoder thread; with a request id, its start and end go in the stage
+    trace (the end apart from when the event loop picks the PNG up: worker_png_ready)."""
     if request_id is not None:
         stage_trace.stage("worker_png_started", request_id)
-    encoded = encode_png(image, stripe_threads)
+    # ISA-L level 1: the fastest level that still finds repeats (gpu_worker/png.py).
+    encoded = png.encode_png(image, stripe_threads, stripes=PNG_STRIPE_THREADS, level=1)
     if request_id is not None:
         stage_trace.stage("worker_png_encoded", request_id)
     return encoded
@@ -157,8 +153,7 @@ class BatchEncodings:
                     request_id = self.request_ids[index] if index < len(self.request_ids) else None
                     if request_id is not None:
                         stage_trace.stage("worker_image_handed_over", request_id)
-                    self.pngs[index] = self.encoder_threads.submit(encode_png_traced, image, self.stripe_threads,
-                                                                   request_id)
+                    self.pngs[index] = self.encoder_threads.submit(encode_png, image, self.stripe_threads, request_id)
 
     on_images_in_gpu_thread = encode
 

@@ -2,7 +2,7 @@
 
 With ``IMAGEGEN_TRACE_FILE=/path/trace.log`` in their environment, the gateway, the broker and the
 workers append a line to that file at each stage a request passes (received, forwarded, batch
-started and done, PNG ready, result sent, file saved, answered)::
+started and done, PNG encoded and ready, result sent, image saved)::
 
     <unix time ns> <pid> <stage> <request id>
 

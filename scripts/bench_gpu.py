@@ -244,7 +244,7 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
     settings = {"MODEL_ID": args.model, **args.settings}
     rows: list[dict] = []
     result = {"settings": settings, "rows": rows}
-    trace = StageTrace(log_dir / "stage-trace.log") if getattr(args, "trace", False) else None
+    trace = StageTrace(log_dir / "stage-trace.log") if args.trace else None
     environment = {**settings, **(trace.environment() if trace else {})}
 
     def measured(mode: str, svc: Service, *load_args: str) -> None:

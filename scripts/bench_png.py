@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import os
 import random
 import statistics
 import subprocess
@@ -121,7 +122,7 @@ def main() -> int:
         if threads is not None:
             threads.shutdown()
     document = {"command": "python scripts/bench_png.py " + " ".join(sys.argv[1:]), "card": card_name(),
-                "machine_cores": len(__import__("os").sched_getaffinity(0)), "baseline": args.baseline,
+                "machine_cores": len(os.sched_getaffinity(0)), "baseline": args.baseline,
                 "repeats": args.repeats, "rows": rows}
     print(save_json(document, args.out))
     return 0

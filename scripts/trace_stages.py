@@ -62,19 +62,22 @@ def hops_ms(requests: dict[str, dict[str, int]]) -> dict:
     complete = [stages for stages in requests.values() if all(name in stages for name in STAGES)]
     if not complete:
         return {"requests": 0, "hops_ms": {}, "serving_ms": None, "png_ms": {}}
-    hops = {}
-    for earlier, later in zip(STAGES, STAGES[1:]):
-        hops[f"{earlier} -> {later}"] = round(statistics.median(
-            (stages[later] - stages[earlier]) / 1e6 for stages in complete), 3)
     serving = statistics.median(
         (stages[STAGES[-1]] - stages[STAGES[0]] - (stages[BATCH[1]] - stages[BATCH[0]])) / 1e6
         for stages in complete)
-    png = {}
-    for earlier, later in zip(PNG_DETAIL, PNG_DETAIL[1:]):
-        found = [(stages[later] - stages[earlier]) / 1e6 for stages in complete if earlier in stages and later in stages]
+    return {"requests": len(complete), "hops_ms": _median_hops_ms(complete, STAGES),
+            "serving_ms": round(serving, 3), "png_ms": _median_hops_ms(complete, PNG_DETAIL)}
+
+
+def _median_hops_ms(requests: list[dict[str, int]], chain: tuple[str, ...]) -> dict[str, float]:
+    """Median milliseconds from each stage of ``chain`` to the next, over the requests that have both
+    (a hop no request has is left out)."""
+    hops = {}
+    for earlier, later in zip(chain, chain[1:]):
+        found = [(stages[later] - stages[earlier]) / 1e6 for stages in requests if earlier in stages and later in stages]
         if found:
-            png[f"{earlier} -> {later}"] = round(statistics.median(found), 3)
-    return {"requests": len(complete), "hops_ms": hops, "serving_ms": round(serving, 3), "png_ms": png}
+            hops[f"{earlier} -> {later}"] = round(statistics.median(found), 3)
+    return hops
 
 
 def main(argv: list[str]) -> int:

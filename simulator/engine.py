@@ -268,18 +268,18 @@ class SimWorker:
         self._batch_token += 1
         self._running = (batch, self.sim.now, duration_s)
         self._send_status()
-        self.sim.at(self.sim.now + duration_s, self._finish, batch, duration_s, self._batch_token)
+        self.sim.at(self.sim.now + duration_s, self._finish, self._batch_token)
 
     def _end_batch(self) -> None:
         self._running = None
         self._stopping = False
         self._batch_token += 1
 
-    def _finish(self, batch: Batch[Generate], duration_s: float, token: int) -> None:
-        if token != self._batch_token:
+    def _finish(self, token: int) -> None:
+        if token != self._batch_token or self._running is None:
             return  # stopped earlier (preempted)
-        self.sim.batches.append(BatchRecord(self.index, batch.key, len(batch), self.sim.now - duration_s,
-                                            duration_s))
+        batch, started_at, duration_s = self._running
+        self.sim.batches.append(BatchRecord(self.index, batch.key, len(batch), started_at, duration_s))
         self._end_batch()
         self.batches_done += 1
         self.requests_done += len(batch)
