@@ -268,18 +268,22 @@ class BrokerServer:
                       message.batch_id, extra={"request_id": message.request_id})
 
     def _execute(self, actions: list[Action], payload: Sequence[Any] = ()) -> None:
+        # The stage trace's "sent" stages are written just before the send: once a result is sent, the
+        # gateway may answer before this thread runs on, and a line written after would fall outside
+        # the request.
         for action in actions:
             self._log_action(action)
             if isinstance(action, ToClient):
                 frames_payload = payload if isinstance(action.message, Result) else ()
                 frames = protocol.encode(CLIENT_LINK, action.message, frames_payload)
-                self._send(self.client_sock, action.client_id, frames)
                 if isinstance(action.message, Result):
                     stage_trace.stage("broker_sent_result", action.message.request_id)
-            elif self._send(self.worker_sock, action.routing_id, protocol.encode(WORKER_LINK, action.message)):
-                if isinstance(action.message, Generate):
-                    stage_trace.stage("broker_sent_request", action.message.request_id)
-            else:
+                self._send(self.client_sock, action.client_id, frames)
+                continue
+            frames = protocol.encode(WORKER_LINK, action.message)
+            if isinstance(action.message, Generate):
+                stage_trace.stage("broker_sent_request", action.message.request_id)
+            if not self._send(self.worker_sock, action.routing_id, frames):
                 # The worker's connection is gone: treat it as a disconnect, requeueing what it held.
                 self._execute(self._logging_requeues(
                     "could not be reached", lambda: self.state.disconnect(action.routing_id, self.clock())))

@@ -449,7 +449,7 @@ class Worker:
             png = await encodings.png(index)
             stage_trace.stage("worker_png_ready", pending.request_id)
             params = pending.item.params
-            self.link.send(Result(
+            result = Result(
                 request_id=pending.request_id,
                 worker_name=self.identity.name,
                 host=self.identity.host,
@@ -461,5 +461,7 @@ class Worker:
                 width=params.width,
                 height=params.height,
                 seed=params.seed,
-            ), [png])
+            )
+            # Before the send: the gateway may answer the request before this loop runs on.
             stage_trace.stage("worker_sent_result", pending.request_id)
+            self.link.send(result, [png])
