@@ -28,7 +28,7 @@ import hashlib
 import math
 import threading
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import PIL.Image
@@ -91,13 +91,14 @@ class FakeBackend:
                 f"oom_above={self.oom_above}, fail={self.fail}, cell_px={self.cell_px})")
 
     def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
-                 on_images: OnImages | None = None, preemption: Preemption | None = None) -> list[PIL.Image.Image]:
+                 on_images: OnImages | None = None, preemption: Preemption | None = None) -> list[Any]:
         """One RGB image of settings.width x settings.height per job, in job order.
 
         Each image depends only on the job (seed, prompt, negative prompt) and the settings, never
         on its batch-mates: generating a job alone or in any batch gives the same pixels. Like the
-        real pipeline, hands the images to ``on_images(0, arrays)`` as (H, W, 3) uint8 arrays before
-        returning them as PIL images (so the worker's PNG path sees what it sees in service). With a
+        real pipeline, hands the images to ``on_images(0, arrays)`` as (H, W, 3) uint8 arrays and
+        then returns those arrays, or, without ``on_images``, PIL images (so the worker's PNG path
+        sees what it sees in service). With a
         ``preemption`` the delay is slept in num_inference_steps equal steps, each preceded by
         ``preemption.before_step`` (which may raise BatchPreempted), as the real denoising loop does.
         """
@@ -123,6 +124,7 @@ class FakeBackend:
         arrays = [fake_pixels(job, settings, self.cell_px) for job in jobs]
         if on_images is not None:
             on_images(0, arrays)
+            return arrays
         return [PIL.Image.fromarray(pixels) for pixels in arrays]
 
     def per_image_memory_bytes(self, width: int, height: int) -> int:

@@ -116,12 +116,15 @@ class ImagePipeline:
 
     def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
                  on_images: decoding.OnImages | None = None,
-                 preemption: Preemption | None = None) -> list[PIL.Image.Image]:
-        """Generate one RGB image of settings.width x settings.height per job, in job order.
+                 preemption: Preemption | None = None) -> list[Any]:
+        """Generate one RGB image of settings.width x settings.height per job, in job order: PIL
+        images, or with ``on_images`` the (H, W, 3) uint8 arrays it was handed (the worker encodes
+        arrays; turning each into a PIL image would only hold the GPU thread, and the GIL, while
+        their PNGs are being encoded).
 
         One pipeline call denoises the whole batch; its latents are then decoded in parts
         (gpu_worker.decoding), and ``on_images(first_index, arrays)``, if given, receives each
-        part's (H, W, 3) uint8 arrays as soon as they are on the host, before the next part is
+        part's arrays as soon as they are on the host, before the next part is
         decoded, in the calling thread. With a ``preemption`` (gpu_worker.preemption) every
         denoising step starts with ``preemption.before_step``, which raises BatchPreempted when the
         worker stops the batch. Raises ValueError for an empty batch or bad settings,
@@ -130,6 +133,8 @@ class ImagePipeline:
         latents = self._run(jobs, settings, output_type="latent", preemption=preemption)
         with torch.inference_mode():  # as inside the pipeline: no autograd, and what torch.compile guards on
             arrays = decoding.decode_in_parts(self.diffusers_pipeline, latents, on_images, self.images_per_part)
+        if on_images is not None:
+            return arrays
         return [rgb_image(array) for array in arrays]
 
     def generate_array(self, jobs: Sequence[GenerationJob], settings: BatchSettings) -> np.ndarray:

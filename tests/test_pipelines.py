@@ -252,9 +252,10 @@ def test_images_are_the_bytes_of_diffusers_own_pil_output(fixture: str, images_p
             generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
             width=SETTINGS.width, height=SETTINGS.height, num_inference_steps=SETTINGS.num_inference_steps,
             guidance_scale=SETTINGS.guidance_scale, output_type="pil").images
-    assert [image.mode for image in ours] == ["RGB"] * 3
+    assert [array.shape for array in ours] == [(SETTINGS.height, SETTINGS.width, 3)] * 3  # the arrays handed over
+    assert [array.tobytes() for array in ours] == [data for _, arrays in handed_over for data in arrays]
     if images_per_part >= len(jobs):
-        assert [image.tobytes() for image in ours] == [image.tobytes() for image in theirs]
+        assert [array.tobytes() for array in ours] == [image.tobytes() for image in theirs]
     for mine, diffusers_image in zip(ours, theirs):
         difference = np.abs(np.asarray(mine, dtype=int) - np.asarray(diffusers_image, dtype=int))
         assert difference.max() <= 1 and difference.mean() < 0.01

@@ -74,3 +74,34 @@ def test_unsupported_input_is_refused(bad):
 def test_a_palette_image_is_refused_rather_than_written_as_indices():
     with pytest.raises(ValueError, match="convert it to RGB"):
         png.encode_png(PIL.Image.new("P", (4, 4)))
+
+
+@pytest.mark.parametrize("split", [0, 1, 5, 65520, 65521, 65522, 200_000, 300_000])
+def test_adler32_combine_gives_the_checksum_of_the_concatenation(split):
+    data = np.random.default_rng(split).integers(0, 256, size=300_000, dtype=np.uint8).tobytes()
+    first, second = data[:split], data[split:]
+    assert png.adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second)) == zlib.adler32(data)
+
+
+def test_a_stripe_of_filtered_rows_is_that_slice_of_the_whole():
+    pixels = np.random.default_rng(3).integers(0, 256, size=(30, 7, 3), dtype=np.uint8)
+    whole = png.filtered_rows(pixels)
+    for first, end in [(0, 1), (0, 30), (1, 2), (10, 20), (29, 30)]:
+        np.testing.assert_array_equal(png.filtered_rows(pixels, first, end), whole[first:end])
+
+
+def test_the_calling_thread_compresses_one_stripe_itself(monkeypatch):
+    """With n stripes the executor gets n - 1: the caller would otherwise only wait."""
+    monkeypatch.setattr(png, "MIN_STRIPE_BYTES", 1)
+    pixels = np.random.default_rng(4).integers(0, 256, size=(40, 10, 3), dtype=np.uint8)
+
+    class CountingExecutor(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args, **kwargs):
+            CountingExecutor.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    with CountingExecutor(2) as executor:
+        np.testing.assert_array_equal(decode(png.encode_png(pixels, executor, stripes=4)), pixels)
+    assert CountingExecutor.submitted == 3
