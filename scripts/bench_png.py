@@ -9,7 +9,7 @@ image, one call after the other in a new random order each repeat, ``--repeats``
 milliseconds and the file sizes.
 Encoders: ``pil_level1`` (what the worker used before png.py), ``current`` (this checkout's
 png.encode_png on one thread, and with ``--stripes`` threads when above 1), and with ``--baseline
-REV`` the png.py of git revision REV, loaded from ``git show`` (a before/after comparison in one
+REV`` the png.py of git revision REV, loaded from ``git show``, or the path of a png.py file (a before/after comparison in one
 run, on one machine). Every encoder's PNG must decode to the same pixels, which the script checks.
 """
 
@@ -47,12 +47,16 @@ def test_images(size: int) -> dict[str, np.ndarray]:
 
 
 def png_module_at(revision: str):
-    """gpu_worker/png.py as it was at git ``revision``, imported as a module of its own."""
-    source = subprocess.run(["git", "show", f"{revision}:gpu_worker/png.py"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout
+    """gpu_worker/png.py as it was at git ``revision`` (or the file at that path: machines that get
+    a copy of the working tree without its git history), imported as a module of its own."""
+    if revision.endswith(".py") and Path(revision).is_file():
+        source = Path(revision).read_text()
+    else:
+        source = subprocess.run(["git", "show", f"{revision}:gpu_worker/png.py"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as handle:
         handle.write(source)
-    spec = importlib.util.spec_from_file_location(f"png_at_{revision}", handle.name)
+    spec = importlib.util.spec_from_file_location(f"png_at_{Path(revision).stem}", handle.name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -102,7 +106,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="512,1024", help="square image sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--stripes", type=int, default=1, help="also time this many stripes in parallel (> 1)")
-    parser.add_argument("--baseline", help="a git revision whose gpu_worker/png.py to time beside this one")
+    parser.add_argument("--baseline", help="a git revision whose gpu_worker/png.py to time beside this one, or "
+                                               "the path of such a file (a .py)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     baseline = png_module_at(args.baseline) if args.baseline else None

@@ -434,3 +434,29 @@ def test_bench_png_times_each_encoder_on_the_same_images(tmp_path):
         assert row["current_over_baseline"] > 0
     noise, smooth = rows[2]["encoders"], rows[3]["encoders"]
     assert smooth["current"]["bytes"] < noise["current"]["bytes"]  # the smooth image compresses
+
+
+def test_bench_png_takes_a_baseline_file_where_there_is_no_git_history(tmp_path):
+    """The GPU machines get the working tree without .git: --baseline also takes a png.py's path."""
+    baseline = tmp_path / "old_png.py"
+    baseline.write_text((REPO / "gpu_worker" / "png.py").read_text())
+    out = tmp_path / "png.json"
+    result = run_script("scripts/bench_png.py", "--sizes", "16", "--repeats", "2", "--baseline", str(baseline),
+                        "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert all({"current", "baseline"} <= set(row["encoders"]) for row in rows)
+
+
+def test_compare_serving_alternates_both_trees_and_reports_their_hops(tmp_path):
+    """scripts/compare_serving.sh against a baseline tree (here this one): both sides' lone requests
+    through real services on the fake backend, each side's hops, and the PNG timings of both."""
+    env = {**ENV, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "LONE_REPEATS": "2", "PNG_REPEATS": "1"}
+    result = subprocess.run(["bash", "scripts/compare_serving.sh", str(REPO), "1", "64"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines if ": lone " in line] == ["old-1", "new-1"]
+    assert sum("worker_batch_started -> worker_batch_done" in line for line in lines) == 2  # one table per side
+    assert {path.name for path in (tmp_path / "out").iterdir()} == {
+        "fake-old-1.json", "fake-new-1.json", "png-6.json", "png-14.json"}
