@@ -68,24 +68,34 @@ def batch_policy(settings: WorkerSettings, pipeline: ImagePipeline) -> tuple[Bat
     return policy, auto
 
 
-def warm_up_batch_sizes(max_batch_size: int) -> list[int]:
-    """Every batch size the worker may run, the largest first.
+def warm_up_batch_sizes(max_batch_size: int, cuda_graph_max_batch: int = 0) -> list[int]:
+    """Every batch size the worker may run, the largest first, unless every size runs with CUDA graphs
+    (max_batch_size <= cuda_graph_max_batch, with TORCH_COMPILE): then the smallest first.
 
     Every size: a size's first batch pays one-off costs besides compiling (likely cuDNN's choice of
     convolution plans per input shape and the allocator's growth; not profiled): on an H100 the
     first SD-1.5 batch of 6 took 1.44 s and later ones 0.83-0.90 s, the first batch of 50 ran 0.7 s
     slower than the raw pipeline's rate (docs/benchmarks.md). With TORCH_COMPILE this also compiles
     both graphs and records a CUDA graph per small size. The largest first: an auto-detected
-    maximum that runs out of memory is found before the others are warmed up."""
+    maximum that runs out of memory is found before the others are warmed up. But the CUDA-graph
+    mode's one compilation (batch dimension dynamic) serves all its sizes and is made at the first
+    size it sees: with the largest first, a lone request's batch of one runs code compiled at
+    another size. Likely why, with MAX_BATCH_SIZE=2 (order [2, 1]), the worker's lone SD-1.5 batch
+    ran 3% slower than the raw pipeline on two H200s, and within 1% with the automatic size (order
+    [64, 1, 2, ...]) on three (docs/benchmarks.md, eighth session; not yet measured with this
+    order). So there batch 1 comes first, as in the raw benchmark."""
+    if max_batch_size <= cuda_graph_max_batch:
+        return list(range(1, max_batch_size + 1))
     return [max_batch_size, *range(1, max_batch_size)]
 
 
-def warm_up(pipeline: ImagePipeline, policy: BatchPolicyConfig, compiled: bool) -> BatchPolicyConfig:
+def warm_up(pipeline: ImagePipeline, policy: BatchPolicyConfig, compiled: bool,
+            cuda_graph_max_batch: int = 0) -> BatchPolicyConfig:
     """Generate at the served resolution before registering; returns the policy, with a smaller
     max batch size if the auto-detected one ran out of memory (then the largest that fit)."""
     size = pipeline.native_size
     started = time.perf_counter()
-    sizes = warm_up_batch_sizes(policy.max_batch_size)
+    sizes = warm_up_batch_sizes(policy.max_batch_size, cuda_graph_max_batch if compiled else 0)
     log.info("warm-up at %dx%d, batch sizes %s%s", size, size, sizes,
              " (TORCH_COMPILE: compiling takes minutes on a cold cache)" if compiled else "")
     try:
@@ -100,7 +110,7 @@ def warm_up(pipeline: ImagePipeline, policy: BatchPolicyConfig, compiled: bool) 
         smaller_policy = policy.with_max_batch_size(smaller)
         if policy.max_batch_pixels is not None:  # auto-detected: the pixel budget is the same batch at native size
             smaller_policy = replace(smaller_policy, max_batch_pixels=smaller * size * size)
-        return warm_up(pipeline, smaller_policy, compiled)
+        return warm_up(pipeline, smaller_policy, compiled, cuda_graph_max_batch)
     log.info("warm-up at %dx%d took %.1fs (seconds per batch size: %s)", size, size,
              time.perf_counter() - started, seconds)
     return policy
@@ -133,7 +143,7 @@ async def main(settings: WorkerSettings) -> None:
                     "for torch.compile (minutes for SDXL)")
     if settings.warmup and not is_fake_model_id(settings.model_id):
         policy = await asyncio.get_running_loop().run_in_executor(
-            gpu_thread, warm_up, pipeline, policy, settings.torch_compile)
+            gpu_thread, warm_up, pipeline, policy, settings.torch_compile, settings.cuda_graph_max_batch)
     gpu_id = settings.resolved_gpu_id(pipeline.device.type == "cuda")
     host = settings.resolved_host()
     identity = WorkerIdentity(

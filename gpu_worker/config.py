@@ -70,7 +70,8 @@ class WorkerSettings:
                                             parse=parse_optional_str)
     warmup: bool = setting("WORKER_WARMUP", True,
                            "generate at the served resolution before registering, at every batch size (the "
-                           "largest first), so no request pays for first-call setup or compiling")
+                           "largest first; the smallest first when all use CUDA graphs), so no request pays for "
+                           "first-call setup or compiling")
     torch_compile: bool = setting("TORCH_COMPILE", False,
                                   "compile the UNet, the VAE decoder and the text encoders with torch.compile at "
                                   "start (minutes the first time, cached in TORCHINDUCTOR_CACHE_DIR after): "

@@ -146,6 +146,21 @@ def test_on_the_cpu_layout_changes_are_not_applied():
 @pytest.mark.parametrize("max_batch, expected", [(1, [1]), (2, [2, 1]), (5, [5, 1, 2, 3, 4])])
 def test_warm_up_batch_sizes_are_every_size_the_largest_first(max_batch, expected):
     assert warm_up_batch_sizes(max_batch) == expected
+    assert warm_up_batch_sizes(max_batch, cuda_graph_max_batch=0) == expected
+
+
+@pytest.mark.parametrize("max_batch, graph_max, expected", [(2, 2, [1, 2]), (1, 2, [1]), (3, 4, [1, 2, 3]),
+                                                            (3, 2, [3, 1, 2])])
+def test_when_every_size_runs_with_cuda_graphs_the_batch_of_one_warms_up_first(max_batch, graph_max, expected):
+    # the CUDA-graph mode compiles at the first size it sees: that should be the lone request's
+    assert warm_up_batch_sizes(max_batch, cuda_graph_max_batch=graph_max) == expected
+
+
+def test_the_warm_up_orders_sizes_by_the_cuda_graph_limit_only_when_compiling():
+    calls = RunsOutOfMemoryAbove(limit=8)
+    warm_up(calls, BatchPolicyConfig(max_batch_size=2), compiled=True, cuda_graph_max_batch=2)
+    warm_up(calls, BatchPolicyConfig(max_batch_size=2), compiled=False, cuda_graph_max_batch=2)
+    assert calls.calls == [[1, 2], [2, 1]]
 
 
 class RunsOutOfMemoryAbove:
