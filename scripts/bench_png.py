@@ -9,8 +9,9 @@ image, one call after the other in a new random order each repeat, ``--repeats``
 milliseconds and the file sizes.
 Encoders: ``pil_level1`` (what the worker used before png.py), ``current`` (this checkout's
 png.encode_png on one thread, and with ``--stripes`` threads when above 1), and with ``--baseline
-REV`` the png.py of git revision REV, loaded from ``git show``, or the path of a png.py file (a before/after comparison in one
-run, on one machine). Every encoder's PNG must decode to the same pixels, which the script checks.
+REV`` the png.py of git revision REV, loaded from ``git show``, or of a png.py file at the path REV
+(a before/after comparison in one run, on one machine). Every encoder's PNG must decode to the same
+pixels, which the script checks.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ mkdir -p "$out"
 
 summarize() {  # a bench_gpu.py service result -> one line
   "$python" - "$1" "$2" <<'PY'
-import json, statistics, sys
+import json, sys
+from statistics import median
 rows = json.load(open(sys.argv[1]))["service"]["rows"]
-median = lambda values: statistics.median(values)
 print(f"{sys.argv[2]}: lone {median(r['latency_p50_s'] for r in rows) * 1e3:.2f} ms, worker's batch "
       f"{median(r['median_ms']['generation'] for r in rows):.2f} ms, serving path "
       f"{median(r['stages']['serving_ms'] for r in rows):.3f} ms")
