@@ -342,7 +342,11 @@ class BrokerState:
             record.worker, record.dispatched_at = chosen, now
             record.attempts += 1
             # The worker gets the time left, so it can drop the request before spending GPU on it.
-            remaining_s = max(0.0, record.received_at + record.message.deadline_s - now)
+            # Clamped to the request's own deadline: (received_at + deadline_s) - now can round a
+            # hair above deadline_s, and the worker refuses a deadline above the protocol's bound
+            # (86400 s) as malformed, so the request would sit there unanswered until its deadline.
+            remaining_s = min(record.message.deadline_s,
+                              max(0.0, record.received_at + record.message.deadline_s - now))
             actions.append(ToWorker(chosen, replace(record.message, deadline_s=remaining_s)))
         return actions
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imagegen.protocol import MAX_DEADLINE_S
 from imagegen.protocol import MAX_PROMPT_CHARS as WIRE_MAX_PROMPT_CHARS
 from imagegen.logs import parse_log_format
 from imagegen.settings import parse_optional_str, require, setting
@@ -77,7 +78,7 @@ class GatewaySettings:
                                           "base of image_url in responses; unset: the request's own scheme and host",
                                           parse=parse_optional_str)
     request_timeout_s: float = setting("REQUEST_TIMEOUT_S", 600.0,
-                                       "seconds a request may take, queueing included, before 504")
+                                       "seconds a request may take, queueing included, before 504; at most 86400")
     max_pending: int = setting("GATEWAY_MAX_PENDING", 5000,
                                "requests the gateway lets wait for the broker at once; beyond it, 503 overloaded")
     shutdown_timeout_s: float = setting("GATEWAY_SHUTDOWN_TIMEOUT_S", 60.0,
@@ -109,7 +110,9 @@ class GatewaySettings:
     def validate(self) -> None:
         configured_api_keys(self)  # raises SettingsError for a short key or an unreadable or empty file
         require(1 <= self.port <= 65535, "GATEWAY_PORT", "must be a TCP port (1-65535)")
-        require(self.request_timeout_s > 0, "REQUEST_TIMEOUT_S", "must be positive")
+        # The broker refuses a longer deadline as malformed: every request would then wait it out.
+        require(0 < self.request_timeout_s <= MAX_DEADLINE_S, "REQUEST_TIMEOUT_S",
+                f"must be positive and at most {MAX_DEADLINE_S:g} (a day)")
         require(self.max_pending >= 1, "GATEWAY_MAX_PENDING", "must be at least 1")
         require(self.shutdown_timeout_s >= 0, "GATEWAY_SHUTDOWN_TIMEOUT_S", "must not be negative")
         require(self.image_retention_count >= 1, "IMAGE_RETENTION_COUNT", "must be at least 1")

@@ -41,6 +41,7 @@ MAX_STATS_HEADER_BYTES = MAX_FRAME_BYTES
 MAX_PROMPT_CHARS = 4000
 MAX_ID_CHARS = 128
 MAX_SEED = 2**63 - 1
+MAX_DEADLINE_S = 86_400.0  # a day: the longest a request may wait (the gateway's REQUEST_TIMEOUT_S)
 
 
 class ProtocolError(ValueError):
@@ -179,7 +180,7 @@ class Generate(Message):
     COMMAND: ClassVar[Command] = Command.GENERATE
     request_id: str = bounded(max_len=MAX_ID_CHARS)
     params: GenerationParams
-    deadline_s: float = bounded(low=0.0, high=86_400.0)  # seconds the client waits; the broker counts from receipt
+    deadline_s: float = bounded(low=0.0, high=MAX_DEADLINE_S)  # seconds the client waits; the broker counts from receipt
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ from broker.balancing import Balancer, Candidate
 from broker.state import BrokerPolicy, BrokerState, ToClient, ToWorker
 from broker.stats import build_stats
 from gpu_worker.batcher import BatchKey
+from imagegen import protocol
 from imagegen.protocol import (
+    WORKER_LINK,
     BatchingConfig,
     Disconnect,
     Failure,
@@ -508,6 +510,19 @@ def test_queued_request_at_exactly_its_deadline_is_still_dispatched():
     s.submit(CLIENT, gen("edge", deadline_s=10.0), T0)
     actions = s.register(W1, reg(), T0 + 10.0)
     assert dispatched(actions) == [(W1, "edge")]
+
+
+def test_the_deadline_handed_to_a_worker_never_rounds_above_the_requests_own():
+    """(received_at + deadline_s) - now rounds up at some clock readings (here 86400 + 1.5e-11):
+    a worker decodes a deadline above the protocol's 86400 s bound as malformed and drops it."""
+    now = 58357.651  # a monotonic clock reading (seconds since boot) at which the sum rounds up
+    assert (now + 86_400.0) - now > 86_400.0
+    s = state()
+    s.register(W1, reg(), now)
+    (action,) = s.submit(CLIENT, gen("longest", deadline_s=86_400.0), now)
+    assert action.message.deadline_s == 86_400.0
+    forwarded, _ = protocol.decode(protocol.encode(WORKER_LINK, action.message), WORKER_LINK)
+    assert forwarded == action.message
 
 
 # ------------------------------------------------------------------ stats

@@ -25,7 +25,9 @@ from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.images import ImageStore, new_image_id, png_size
 from gateway.validation import FieldError, parse_generate_request
-from imagegen.protocol import MAX_ID_CHARS, MAX_SEED, GenerationParams, Result
+from imagegen import protocol
+from imagegen import settings as settings_lib
+from imagegen.protocol import CLIENT_LINK, MAX_ID_CHARS, MAX_SEED, Generate, GenerationParams, Result
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -496,6 +498,21 @@ async def test_overloaded_retry_after_follows_settings(tmp_path: Path, broker: F
         await client.close()
     assert_error(status, data, 503, "overloaded")
     assert response.headers["Retry-After"] == "17"
+
+
+@pytest.mark.parametrize("timeout_s, accepted", [("86400", True), ("86400.5", False), ("0", False)])
+def test_request_timeout_is_refused_at_start_beyond_what_the_broker_accepts(tmp_path: Path, timeout_s, accepted):
+    """A deadline above a day would be refused by the broker as malformed: every request would
+    then wait out REQUEST_TIMEOUT_S for nothing. So the gateway refuses the setting at start."""
+    environ = {"IMAGE_DIR": str(tmp_path / "images"), "REQUEST_TIMEOUT_S": timeout_s}
+    if not accepted:
+        with pytest.raises(settings_lib.SettingsError, match="REQUEST_TIMEOUT_S"):
+            settings_lib.load(GatewaySettings, [], environ=environ)
+        return
+    settings = settings_lib.load(GatewaySettings, [], environ=environ)
+    frames = protocol.encode(CLIENT_LINK, Generate("r", GenerationParams("p", 64, 64, 1, 1.0, 1),
+                                                   settings.request_timeout_s))
+    assert protocol.decode(frames, CLIENT_LINK)[0].deadline_s == 86_400.0  # what the broker accepts
 
 
 async def test_broker_timeout(client: TestClient, broker: FakeBrokerClient, settings):
