@@ -84,6 +84,7 @@ class BrokerServer:
         self.ctx = zmq.asyncio.Context()
         self.allow_list: KeyAllowList | None = None
         self.authenticator: AsyncioAuthenticator | None = None
+        self.worker_keys: dict[bytes, bytes] = {}  # under CurveZMQ: routing id -> the key it registered with
         self.client_sock = make_router(self.ctx, settings.client_bind)
         self.worker_sock = make_router(self.ctx, settings.worker_bind, self._start_authentication())
         log.info("broker %s: gateways on %s, workers on %s (%s), strategy %s", self.state.epoch[:8],
@@ -205,6 +206,8 @@ class BrokerServer:
             self.dropped["registrations_refused"] += 1
             log.warning("refused worker %s: %s", message.worker_name, reason)
             return [ToWorker(routing_id, Disconnect(reason))]
+        if user_id is not None:
+            self.worker_keys[routing_id] = user_id.encode()
         log.info("worker %s registered: host %s gpu %d pid %d model %s on %s, max batch %d, capacity %d",
                  message.worker_name, message.host, message.gpu_id, message.pid, message.model_id,
                  message.device, message.batching.max_batch_size, message.capacity)
@@ -236,6 +239,29 @@ class BrokerServer:
                 log.warning("worker %s missed %d heartbeats: declared dead, its requests requeued",
                             routing_id.hex()[:8], self.settings.heartbeat_liveness)
             self._execute(actions)
+            self._disconnect_revoked_workers()
+
+    def _disconnect_revoked_workers(self) -> None:
+        """Read the authorized-keys folder again; the workers whose key is no longer in it (or no
+        longer admits their name) leave now, their requests requeued, and are told so; their
+        registration is refused from then on. Every worker is checked, not only on a change seen
+        here: a handshake's refresh may have read the change first."""
+        if self.allow_list is None:
+            return
+        self.allow_list.refresh()
+        self.worker_keys = {rid: key for rid, key in self.worker_keys.items() if rid in self.state.workers}
+        for routing_id, key in list(self.worker_keys.items()):
+            stem = self.allow_list.keys.get(key)
+            name = self.state.workers[routing_id].info.worker_name
+            if stem is not None and name_allowed(name, stem):
+                continue
+            log.warning("worker %s disconnected: its key is no longer authorized for it in %s", name,
+                        self.allow_list.directory)
+            del self.worker_keys[routing_id]
+            self._execute(self._logging_requeues(
+                "lost its key", lambda: self.state.disconnect(routing_id, self.clock())))
+            self._send(self.worker_sock, routing_id,
+                       protocol.encode(WORKER_LINK, Disconnect("this worker's key is no longer authorized")))
 
     # ------------------------------------------------------------------ sending
 

@@ -14,15 +14,22 @@ before a single message is read, so an unknown worker can neither register nor r
 A key may register only worker names equal to its file's name or starting with it and a dash:
 ``gpu-host-1.key`` admits ``gpu-host-1`` and ``gpu-host-1-gpu0`` ... ``gpu-host-1-gpu7``, but not
 ``gpu-host-2-gpu0``, so a registered key cannot pose as another host's worker.
+
+The folder is read again whenever its ``*.key`` files change (checked at every handshake and every
+heartbeat interval): a host's key copied in admits it, a key removed disconnects that host's
+workers, with no broker restart.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 import zmq.auth
+
+log = logging.getLogger(__name__)
 
 
 def authorized_keys(directory: str | Path) -> dict[bytes, str]:
@@ -52,14 +59,45 @@ def load_public(path: str | Path) -> bytes:
 
 
 class KeyAllowList:
-    """ZAP credentials provider: admits exactly the public keys of the authorized-keys folder."""
+    """ZAP credentials provider: admits exactly the public keys the authorized-keys folder holds now.
+
+    ``refresh()`` reads the folder again when the names, sizes or modification times of its ``*.key``
+    files changed; the ZAP callback calls it before each verdict, so a key copied in is admitted at
+    its first handshake. The first read raises (a start-up error); a later one that fails (a key
+    file half-copied, the folder unreadable) keeps the keys it had, logs why, and is tried again at
+    the next refresh."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.keys = authorized_keys(self.directory)
         self.refused = 0
+        self._signature = self._current_signature()
+        self.keys = authorized_keys(self.directory)
+
+    def _current_signature(self) -> tuple:
+        return tuple((path.name, stat.st_size, stat.st_mtime_ns)
+                     for path in sorted(self.directory.glob("*.key")) for stat in [path.stat()])
+
+    def refresh(self) -> bool:
+        """Read the folder again if its files changed; True if the keys changed."""
+        try:
+            signature = self._current_signature()
+            if signature == self._signature:
+                return False
+            keys = authorized_keys(self.directory)
+        except (OSError, ValueError) as exc:
+            log.warning("could not read the authorized keys in %s (keeping the %d read before): %s",
+                        self.directory, len(self.keys), exc)
+            return False
+        added = sorted(stem for key, stem in keys.items() if self.keys.get(key) != stem)
+        removed = sorted(stem for key, stem in self.keys.items() if keys.get(key) != stem)
+        self.keys, self._signature = keys, signature
+        if added or removed:
+            log.info("authorized keys in %s: %d now; added %s, removed %s", self.directory, len(keys),
+                     ", ".join(added) or "none", ", ".join(removed) or "none")
+        return bool(added or removed)
 
     def callback(self, domain: str, key: bytes) -> bool:
+        self.refresh()
         allowed = key in self.keys
         if not allowed:
             self.refused += 1

@@ -6,16 +6,21 @@ The broker is the real one (in a subprocess); the authorized worker is the real 
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import zmq
 import zmq.auth
 
+from broker.config import BrokerSettings
+from broker.server import BrokerServer
 from cluster import Cluster, post, request_body
 from imagegen import protocol
 from imagegen.keys import main as keys_main
-from imagegen.protocol import WORKER_LINK, BatchingConfig, Disconnect, Register, Welcome
+from imagegen.protocol import WORKER_LINK, BatchingConfig, Disconnect, Heartbeat, Register, Welcome, WorkerStatus
+from procs import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -108,3 +113,68 @@ def test_a_registered_key_cannot_pose_as_another_hosts_worker(secured):
         assert stats["num_gpus"] == 1 and stats["broker"]["registrations_refused"] == 1, stats
     finally:
         ctx.destroy(linger=0)
+
+
+def receive(sock: zmq.Socket, wanted: type, saying: str = "", timeout_s: float = 5.0) -> protocol.Message:
+    """The first ``wanted`` message (a Disconnect: whose reason contains ``saying``), heartbeating
+    meanwhile as a registered worker does; the broker's other messages in between are skipped
+    (BrokerHeartbeats, and "register again" answers to heartbeats once it has let the worker go)."""
+    beat = protocol.encode(WORKER_LINK, Heartbeat(WorkerStatus("ready", 0, 0, 0, 0, 0, 0, 0.0, 0.0)))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            sock.send_multipart(beat, flags=zmq.DONTWAIT)
+        except zmq.Again:  # no connection (a refused handshake): a blocking send would wait forever
+            pass
+        if sock.poll(100):
+            message = protocol.decode(sock.recv_multipart(), WORKER_LINK)[0]
+            if isinstance(message, wanted) and saying in getattr(message, "reason", ""):
+                return message
+    raise AssertionError(f"no {wanted.__name__} from the broker within {timeout_s}s")
+
+
+def test_a_key_copied_in_or_removed_takes_effect_without_a_broker_restart(secured):
+    c, keys_dir = secured
+    authorized = Path(c.env["BROKER_AUTHORIZED_KEYS_DIR"])
+    ctx = zmq.Context()
+    try:
+        address = c.env["BROKER_WORKER_ADDRESS"]
+        c.wait_for(lambda s: s["num_gpus"] == 0, 10, "the broker to answer (it has read the keys)")
+        shutil.copy(keys_dir / "intruder.key", authorized / "intruder.key")  # a new host's key, while running
+        sock = dealer(ctx, address, keys_dir, "intruder")
+        sock.send_multipart(protocol.encode(WORKER_LINK, register("intruder-gpu0")))
+        assert isinstance(receive(sock, Welcome), Welcome)
+        c.wait_for(lambda s: s["num_gpus"] == 1 and s["worker"]["worker"] == "intruder-gpu0", 10,
+                   "the new host's worker in /stats")
+
+        (authorized / "intruder.key").unlink()  # revoked: the registered worker is told to leave
+        receive(sock, Disconnect, saying="no longer authorized")
+        assert c.stats()["num_gpus"] == 0  # gone at once: the broker removed it before saying so
+        sock.send_multipart(protocol.encode(WORKER_LINK, register("intruder-gpu0")))
+        receive(sock, Disconnect, saying="may not register")  # and cannot come back
+        assert c.stats()["broker"]["registrations_refused"] == 1
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_key_removal_read_first_by_a_handshake_still_disconnects_its_workers(keys, caplog):
+    """In-process broker: the folder's change may be read by a ZAP handshake's refresh, not by the
+    heartbeat timer's; the timer must still find the worker whose key went."""
+    keys_dir, authorized = keys
+    settings = BrokerSettings(client_bind=f"tcp://127.0.0.1:{free_port()}", worker_bind=f"tcp://127.0.0.1:{free_port()}",
+                              curve_secret_key=str(keys_dir / "broker.key_secret"),
+                              authorized_keys_dir=str(authorized))
+    server = BrokerServer(settings)
+    try:
+        routing_id, key = b"\x00worker", zmq.auth.load_certificate(authorized / "gpu-host-1.key")[0]
+        server._register(routing_id, register("gpu-host-1-gpu0"), server.clock(), key.decode())
+        server._disconnect_revoked_workers()
+        assert list(server.state.workers) == [routing_id]  # its key is there: it stays
+
+        (authorized / "gpu-host-1.key").unlink()
+        assert server.allow_list.refresh()  # a handshake read the change first
+        server._disconnect_revoked_workers()
+        assert server.state.workers == {}
+        assert "gpu-host-1-gpu0 disconnected: its key is no longer authorized" in caplog.text
+    finally:
+        server.close()
