@@ -10,6 +10,10 @@
     python scripts/bench_gpu.py service --model sdxl --size 1024 --set TORCH_COMPILE=true --service-runs lone,burst50
     # both, and the summary rows of docs/benchmarks (one per model and setting)
     python scripts/bench_gpu.py all --model sd15 --size 512 --batches 1,2,32 --set TORCH_COMPILE=true --out $OUT/sd15.json
+    # a lone request against the raw batch of one, paired: 21 alternated rounds, the raw pipeline
+    # and the service side by side on the card (no other service runs)
+    python scripts/bench_gpu.py all --model sd15 --size 512 --batches 1 --variants graphs,encoders,preemptible \
+        --repeats 5 --set TORCH_COMPILE=true --paired 21 --service-runs none --out $OUT/paired-sd15.json
     # the summary row of a raw file and a service file measured in separate calls on one card
     python scripts/bench_gpu.py summarize --raw-file raw.json --service-file service.json
 
@@ -42,6 +46,10 @@ a GPU that has just been busy may run a batch faster than one woken from idle. S
 first is the row's ``seconds``, each is in ``seconds_by_pause_s``. Peak memory above
 the loaded weights is recorded per size; the per-image memory is the slope between the smallest and
 the largest batch.
+
+``all --paired N`` then, with the raw pipeline still loaded, starts the service beside it and runs
+N rounds of one raw batch of one (called the way of the last variant) and one lone request,
+alternated (see ``paired``): the lone request's overhead from differences measured seconds apart.
 
 ``all`` runs the raw half, then gives its GPU memory back (compiled code dropped, allocator cache
 emptied; what stays reserved is ``gpu_memory_held_after_gib``) before the service's worker sizes its
@@ -103,7 +111,9 @@ def sizes_for(variant: str, sizes: list[int]) -> list[int]:
     return sizes
 
 
-def raw(args: argparse.Namespace, progress) -> dict:
+def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
+    """The raw half's result, and a function that times one more batch of one the way the last
+    variant measured was called (``preemptible``: as the worker calls it), for ``--paired``."""
     import torch
 
     from gpu_worker import acceleration
@@ -183,7 +193,19 @@ def raw(args: argparse.Namespace, progress) -> dict:
         measure(variant, sizes_for(variant, sizes))
     image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
     result["png_encode_s"] = png_seconds(image)
-    return result
+    last_variant = args.variants.split(",")[-1]
+
+    def one_lone_call() -> float:
+        worker_call = WorkerCall() if last_variant == "preemptible" else None
+        as_worker = (worker_call.on_images, worker_call.preemption) if worker_call else ()
+        jobs = benchmark_jobs(1)
+        began = time.perf_counter()
+        pipeline.generate(jobs, settings, *as_worker)
+        if on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - began
+
+    return result, one_lone_call
 
 
 def release_gpu_memory() -> float | None:
@@ -269,6 +291,50 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
         with Service([0], log_dir, **environment, ENABLE_BATCHING="false") as svc:
             measured("burst50_no_batching", svc, "--burst", "50")
     return result
+
+
+PAIR_PAUSE_S = 0.65  # idle before each call of a pair, as the service's lone runs come ~0.65 s apart
+
+
+def paired(args: argparse.Namespace, log_dir: Path, raw_call: Callable[[], float], variant: str, progress) -> dict:
+    """``--paired N``: N rounds of one raw batch of one (``raw_call``, in this process, the raw
+    pipeline still loaded) and one lone request through the service (started beside it), in
+    alternating order (raw first, then lone first), each after PAIR_PAUSE_S of idle GPU. Both
+    halves of a round find the card in one state (clock, temperature), so a drift of the card
+    across the call stays out of the differences (two raw variants of the same GPU work differed
+    by -1.5 to +0.9 ms from machine to machine). The service's worker sizes its batches beside the
+    raw pipeline's memory."""
+    from bench_service import Service
+
+    rounds: list[dict] = []
+    result = {"raw_variant": variant, "pause_s": PAIR_PAUSE_S, "rounds": rounds}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with Service([0], log_dir, MODEL_ID=args.model, **args.settings) as svc:
+        for index in range(args.paired):
+            measured: dict = {"order": "raw,lone" if index % 2 == 0 else "lone,raw"}
+            for half in measured["order"].split(","):
+                time.sleep(PAIR_PAUSE_S)
+                if half == "raw":
+                    measured["raw_s"] = round(raw_call(), 4)
+                else:
+                    lone = svc.load("--burst", "1", size=args.size, steps=args.steps)
+                    measured["lone_s"] = round(lone["latency_max_s"], 4)
+                    measured["worker_batch_ms"] = (lone.get("median_ms") or {}).get("generation")
+            measured["difference_ms"] = round((measured["lone_s"] - measured["raw_s"]) * 1000, 2)
+            rounds.append(measured)
+            result.update(paired_summary(rounds))
+            progress(result)
+    return result
+
+
+def paired_summary(rounds: list[dict]) -> dict:
+    """Medians of the paired rounds: lone over raw, and the median of the rounds' own differences."""
+    raw_median = statistics.median(r["raw_s"] for r in rounds)
+    lone_median = statistics.median(r["lone_s"] for r in rounds)
+    return {"raw_median_s": round(raw_median, 4), "lone_median_s": round(lone_median, 4),
+            "lone_over_raw": round(lone_median / raw_median, 4),
+            "median_difference_ms": round(statistics.median(r["difference_ms"] for r in rounds), 2),
+            "rounds_lone_over_raw_max": round(max(r["lone_s"] / r["raw_s"] for r in rounds), 4)}
 
 
 class StageTrace:
@@ -511,17 +577,22 @@ def main() -> int:
     parser.add_argument("--lone-repeats", type=int, default=3)
     parser.add_argument("--service-runs", default=",".join(SERVICE_RUNS),
                         help="service: which load runs, of " + ", ".join(SERVICE_RUNS) + " (run in that order, "
-                             "whatever the order given)")
+                             "whatever the order given), or none (all: the raw half and --paired only)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="service: a setting for every process (repeatable)")
     parser.add_argument("--trace", action="store_true",
                         help="service: the processes write a stage trace (IMAGEGEN_TRACE_FILE, in the log dir); "
                              "each row gets its requests' median milliseconds per hop (scripts/trace_stages.py)")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="all: N rounds of a raw batch of one beside a lone request through the service, "
+                             "alternated, before the service's runs (see paired())")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--log-dir", type=Path)
     args = parser.parse_args()
+    if args.paired and args.mode != "all":
+        parser.error("--paired needs mode all (the raw pipeline and the service side by side)")
     args.settings = dict(item.split("=", 1) for item in args.set)
-    unknown_runs = set(args.service_runs.split(",")) - set(SERVICE_RUNS)
+    unknown_runs = set(args.service_runs.split(",")) - set(SERVICE_RUNS) - ({"none"} if args.mode == "all" else set())
     if unknown_runs:
         parser.error(f"--service-runs: unknown {', '.join(sorted(unknown_runs))}; choose from {', '.join(SERVICE_RUNS)}")
     args.card = card_name()
@@ -543,16 +614,24 @@ def main() -> int:
         return progress
 
     if args.mode in ("raw", "all"):
-        document["raw"] = raw(args, progress_of("raw"))
+        document["raw"], raw_call = raw(args, progress_of("raw"))
         save()
+        if args.paired:
+            document["paired"] = paired(args, log_dir / "paired", raw_call, args.variants.split(",")[-1],
+                                        progress_of("paired"))
+            save()
+        del raw_call  # holds the pipeline: the memory below is given back only without it
     if args.mode == "all":
         # The service's worker sizes MAX_BATCH_SIZE from the GPU's free memory: give back what the
         # raw half's model, compiled graphs and allocator cache hold, and say what could not be.
         document["raw"]["gpu_memory_held_after_gib"] = release_gpu_memory()
         save()
-    if args.mode in ("service", "all"):
+    if args.mode == "service" or (args.mode == "all" and args.service_runs != "none"):
         document["service"] = service(args, log_dir, progress_of("service"))
     document["summary"] = summary_row(args, document.get("raw"), document.get("service"))
+    if "paired" in document:
+        document["summary"]["paired_lone_over_raw"] = document["paired"]["lone_over_raw"]
+        document["summary"]["paired_median_difference_ms"] = document["paired"]["median_difference_ms"]
     print(save())
     return 0
 

@@ -74,6 +74,31 @@ def test_all_measures_raw_then_the_service_after_giving_the_memory_back(tmp_path
     assert summary["raw_batch1_s"] > 0 and summary["lone_latency_s"] > 0 and summary["lone_over_raw_batch1"] > 0
 
 
+def test_paired_rounds_alternate_a_raw_call_and_a_lone_request_beside_each_other(tmp_path):
+    """``all --paired 3 --service-runs none``: the raw half, then three rounds, raw first then lone
+    first, each with its own difference; the summary carries the paired ratio; no other service run."""
+    out = tmp_path / "paired.json"
+    result = run_script("scripts/bench_gpu.py", "all", "--model", "tiny", "--size", "64", "--steps", "2",
+                        "--batches", "1", "--variants", "eager", "--service-runs", "none", "--paired", "3",
+                        "--out", str(out), "--log-dir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    paired = document["paired"]
+    assert [r["order"] for r in paired["rounds"]] == ["raw,lone", "lone,raw", "raw,lone"]
+    for r in paired["rounds"]:
+        assert r["raw_s"] > 0 and r["lone_s"] > 0 and r["worker_batch_ms"] > 0
+        assert r["difference_ms"] == pytest.approx((r["lone_s"] - r["raw_s"]) * 1000, abs=0.01)
+    assert paired["lone_over_raw"] == pytest.approx(paired["lone_median_s"] / paired["raw_median_s"], abs=1e-3)
+    assert document["summary"]["paired_lone_over_raw"] == paired["lone_over_raw"]
+    assert "service" not in document
+    assert (tmp_path / "logs" / "paired" / "worker0.log").exists()
+
+
+def test_paired_needs_mode_all():
+    refused = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--paired", "2")
+    assert refused.returncode == 2 and "--paired needs mode all" in refused.stderr
+
+
 def test_cuda_graphs_listed_alone_get_the_compiled_unet_untimed(tmp_path):
     """``--variants graphs``: the compile that CUDA graphs need is applied without being timed (it
     used to fail: no compiled UNet to record graphs of); on the CPU the graphs are not recorded."""
