@@ -134,6 +134,17 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
               "weights_gib": round(weights_bytes / 2**30, 2), "pause_s": args.pause_s[0],
               "pauses_s": args.pause_s, "variants": variants}
 
+    def timed_generate(jobs: list, worker_like: bool) -> tuple[float, WorkerCall | None]:
+        """Seconds of one generate call, GPU work included; ``worker_like``: called as the worker
+        calls a lone request (the WorkerCall it passed comes back)."""
+        worker_call = WorkerCall() if worker_like else None
+        as_worker = (worker_call.on_images, worker_call.preemption) if worker_call else ()
+        began = time.perf_counter()
+        pipeline.generate(jobs, settings, *as_worker)
+        if on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - began, worker_call
+
     def measure(variant: str, batch_sizes: list[int]) -> None:
         rows = variants.setdefault(variant, {})
         warm = pipeline.warm_up(batch_sizes, args.size, args.size, guidance_scale=args.guidance)
@@ -146,13 +157,8 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
             for _ in range(args.repeats):
                 for pause in args.pause_s:  # interleaved: every pause's calls see the same machine
                     time.sleep(pause)  # idle before the call, outside its timing
-                    worker_call = WorkerCall() if variant == "preemptible" else None
-                    as_worker = (worker_call.on_images, worker_call.preemption) if worker_call else ()
-                    began = time.perf_counter()
-                    pipeline.generate(jobs, settings, *as_worker)
-                    if on_cuda:
-                        torch.cuda.synchronize()
-                    seconds[pause].append(time.perf_counter() - began)
+                    elapsed_s, worker_call = timed_generate(jobs, worker_like=variant == "preemptible")
+                    seconds[pause].append(elapsed_s)
             medians = {pause: statistics.median(times) for pause, times in seconds.items()}
             median = medians[args.pause_s[0]]
             rows[size] = {"seconds": round(median, 4), "images_per_s": round(size / median, 4),
@@ -194,18 +200,7 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
     image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
     result["png_encode_s"] = png_seconds(image)
     last_variant = args.variants.split(",")[-1]
-
-    def one_lone_call() -> float:
-        worker_call = WorkerCall() if last_variant == "preemptible" else None
-        as_worker = (worker_call.on_images, worker_call.preemption) if worker_call else ()
-        jobs = benchmark_jobs(1)
-        began = time.perf_counter()
-        pipeline.generate(jobs, settings, *as_worker)
-        if on_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - began
-
-    return result, one_lone_call
+    return result, lambda: timed_generate(benchmark_jobs(1), worker_like=last_variant == "preemptible")[0]
 
 
 def release_gpu_memory() -> float | None:
