@@ -22,7 +22,8 @@ from gpu_worker.pipelines import (
     load_pipeline,
 )
 from gpu_worker.fake_backend import is_fake_model_id, parse_fake_model_id
-from gpu_worker.worker import Worker, WorkerIdentity
+from gpu_worker.worker import Worker, WorkerIdentity, registration
+from imagegen import protocol
 from imagegen import settings as settings_lib
 from imagegen import stage_trace
 from imagegen.logs import setup_logging
@@ -154,6 +155,11 @@ async def main(settings: WorkerSettings) -> None:
         device=str(pipeline.device),
     )
     capacity = settings.max_in_flight or 2 * policy.max_batch_size
+    why = protocol.refusal(protocol.WORKER_LINK, registration(identity, policy, capacity, auto))
+    if why is not None:  # the broker would drop every registration: never serve, silently
+        log.error("the broker would refuse this worker's registration as malformed (%s); its name is WORKER_NAME, "
+                  "or WORKER_HOST-gpuGPU_ID when unset: shorten what is too long", why)
+        sys.exit(2)
     worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
                     settings.heartbeat_interval_s, settings.heartbeat_liveness, max_batch_size_auto=auto,
                     curve=curve, batcher=make_batcher(settings.batch_policy, policy), gpu_thread=gpu_thread)

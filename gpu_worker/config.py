@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from gpu_worker.policies import DEFAULT, POLICY_NAMES
+from imagegen import protocol
 from imagegen.keys import load_public, load_secret
 from imagegen.logs import parse_log_format
 from imagegen.settings import parse_optional_int, parse_optional_str, require, setting
@@ -85,15 +86,27 @@ class WorkerSettings:
                               parse=parse_log_format)
 
     def validate(self) -> None:
-        require(self.max_batch_size is None or self.max_batch_size >= 1, "MAX_BATCH_SIZE", "must be at least 1")
-        require(self.max_batch_wait_s >= 0, "MAX_BATCH_WAIT_TIME", "must not be negative")
-        require(self.min_batch_wait_s >= 0, "MIN_BATCH_WAIT_TIME", "must not be negative")
-        require(self.min_batch_size >= 1, "MIN_BATCH_SIZE", "must be at least 1")
+        # The upper bounds are the protocol's: the broker drops a registration beyond them as
+        # malformed, and the worker would try again and again without ever serving.
+        require(self.max_batch_size is None or 1 <= self.max_batch_size <= protocol.MAX_BATCH_IMAGES,
+                "MAX_BATCH_SIZE", f"must be between 1 and {protocol.MAX_BATCH_IMAGES}")
+        for env, seconds in (("MAX_BATCH_WAIT_TIME", self.max_batch_wait_s), ("MIN_BATCH_WAIT_TIME", self.min_batch_wait_s)):
+            require(0 <= seconds <= protocol.MAX_BATCH_WAIT_S, env, f"must be between 0 and {protocol.MAX_BATCH_WAIT_S:g}")
+        require(1 <= self.min_batch_size <= protocol.MAX_BATCH_IMAGES, "MIN_BATCH_SIZE",
+                f"must be between 1 and {protocol.MAX_BATCH_IMAGES}")
         require(self.max_batch_size is None or self.min_batch_size <= self.max_batch_size, "MIN_BATCH_SIZE",
                 "must not exceed MAX_BATCH_SIZE")
-        require(self.adaptive_threshold >= 1, "ADAPTIVE_BATCH_THRESHOLD", "must be at least 1")
+        require(1 <= self.adaptive_threshold <= protocol.MAX_ADAPTIVE_THRESHOLD, "ADAPTIVE_BATCH_THRESHOLD",
+                f"must be between 1 and {protocol.MAX_ADAPTIVE_THRESHOLD}")
         require(self.batch_policy in POLICY_NAMES, "BATCH_POLICY", f"must be one of {', '.join(POLICY_NAMES)}")
-        require(self.max_in_flight is None or self.max_in_flight >= 1, "WORKER_MAX_IN_FLIGHT", "must be at least 1")
+        require(self.max_in_flight is None or 1 <= self.max_in_flight <= protocol.MAX_CAPACITY, "WORKER_MAX_IN_FLIGHT",
+                f"must be between 1 and {protocol.MAX_CAPACITY}")
+        require(self.gpu_id is None or -1 <= self.gpu_id <= protocol.MAX_GPU_ID, "GPU_ID",
+                f"must be between -1 (a CPU worker) and {protocol.MAX_GPU_ID}")
+        for env, text, most in (("WORKER_NAME", self.worker_name, protocol.MAX_ID_CHARS),
+                                ("WORKER_HOST", self.host, protocol.MAX_HOST_CHARS),
+                                ("MODEL_ID", self.model_id, protocol.MAX_MODEL_ID_CHARS)):
+            require(text is None or len(text) <= most, env, f"must be at most {most} characters")
         require(self.cuda_graph_max_batch >= 0, "CUDA_GRAPH_MAX_BATCH", "must not be negative")
         require(self.heartbeat_interval_s > 0, "HEARTBEAT_INTERVAL_S", "must be positive")
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")

@@ -115,6 +115,13 @@ def timed_call(call: Any, *args: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - began
 
 
+def registration(identity: "WorkerIdentity", policy: BatchPolicyConfig, capacity: int, auto: bool) -> Register:
+    """What the worker registers with (again after every reconnect, with the policy of the moment)."""
+    return Register(worker_name=identity.name, host=identity.host, gpu_id=identity.gpu_id, pid=os.getpid(),
+                    model_id=identity.model_id, device=identity.device, capacity=capacity,
+                    batching=batching_report(policy, auto))
+
+
 def batching_report(config: BatchPolicyConfig, auto: bool) -> BatchingConfig:
     return BatchingConfig(
         enable_batching=config.enable_batching,
@@ -264,16 +271,7 @@ class Worker:
     # ------------------------------------------------------------------ broker link
 
     def _registration(self) -> Register:
-        return Register(
-            worker_name=self.identity.name,
-            host=self.identity.host,
-            gpu_id=self.identity.gpu_id,
-            pid=os.getpid(),
-            model_id=self.identity.model_id,
-            device=self.identity.device,
-            capacity=self.capacity,
-            batching=batching_report(self.policy, self.max_batch_size_auto),
-        )
+        return registration(self.identity, self.policy, self.capacity, self.max_batch_size_auto)
 
     def _on_message(self, message: object) -> None:
         if isinstance(message, Generate):

@@ -42,6 +42,15 @@ MAX_PROMPT_CHARS = 4000
 MAX_ID_CHARS = 128
 MAX_SEED = 2**63 - 1
 MAX_DEADLINE_S = 86_400.0  # a day: the longest a request may wait (the gateway's REQUEST_TIMEOUT_S)
+# Bounds of what a worker registers with; its settings are checked against them at start
+# (gpu_worker/config.py), as a registration beyond them is dropped as malformed.
+MAX_BATCH_IMAGES = 4096  # MAX_BATCH_SIZE, MIN_BATCH_SIZE
+MAX_BATCH_WAIT_S = 3600.0  # MAX_BATCH_WAIT_TIME, MIN_BATCH_WAIT_TIME
+MAX_ADAPTIVE_THRESHOLD = 1_000_000  # ADAPTIVE_BATCH_THRESHOLD
+MAX_CAPACITY = 100_000  # WORKER_MAX_IN_FLIGHT
+MAX_GPU_ID = 4096  # GPU_ID (-1: a CPU worker)
+MAX_HOST_CHARS = 255  # WORKER_HOST
+MAX_MODEL_ID_CHARS = 1024  # MODEL_ID
 
 
 class ProtocolError(ValueError):
@@ -107,12 +116,12 @@ class BatchingConfig:
     """A worker's batching settings, as the seed names them; reported at registration for /stats."""
 
     enable_batching: bool
-    max_batch_size: int = bounded(low=1, high=4096)
-    max_wait_time: float = bounded(low=0.0, high=3600.0)
-    min_batch_size: int = bounded(low=1, high=4096)
-    min_wait_time: float = bounded(low=0.0, high=3600.0)
+    max_batch_size: int = bounded(low=1, high=MAX_BATCH_IMAGES)
+    max_wait_time: float = bounded(low=0.0, high=MAX_BATCH_WAIT_S)
+    min_batch_size: int = bounded(low=1, high=MAX_BATCH_IMAGES)
+    min_wait_time: float = bounded(low=0.0, high=MAX_BATCH_WAIT_S)
     adaptive_batching: bool
-    adaptive_threshold: int = bounded(low=1, high=1_000_000)
+    adaptive_threshold: int = bounded(low=1, high=MAX_ADAPTIVE_THRESHOLD)
     max_batch_size_auto: bool = False
 
 
@@ -144,12 +153,12 @@ class WorkerStatus:
 class Register(Message):
     COMMAND: ClassVar[Command] = Command.REGISTER
     worker_name: str = bounded(max_len=MAX_ID_CHARS)
-    host: str = bounded(max_len=255)
-    gpu_id: int = bounded(low=-1, high=4096)  # -1: CPU
+    host: str = bounded(max_len=MAX_HOST_CHARS)
+    gpu_id: int = bounded(low=-1, high=MAX_GPU_ID)  # -1: CPU
     pid: int = bounded(low=0)
-    model_id: str = bounded(max_len=1024)
+    model_id: str = bounded(max_len=MAX_MODEL_ID_CHARS)
     device: str = bounded(max_len=64)
-    capacity: int = bounded(low=1, high=100_000)  # most requests the broker may hand it at once
+    capacity: int = bounded(low=1, high=MAX_CAPACITY)  # most requests the broker may hand it at once
     batching: BatchingConfig
     protocol_version: int = PROTOCOL_VERSION
 
@@ -190,8 +199,8 @@ class Result(Message):
     COMMAND: ClassVar[Command] = Command.RESULT
     request_id: str = bounded(max_len=MAX_ID_CHARS)
     worker_name: str = bounded(max_len=MAX_ID_CHARS)
-    host: str = bounded(max_len=255)
-    gpu_id: int = bounded(low=-1, high=4096)
+    host: str = bounded(max_len=MAX_HOST_CHARS)
+    gpu_id: int = bounded(low=-1, high=MAX_GPU_ID)
     batch_id: str = bounded(max_len=2 * MAX_ID_CHARS)
     batch_size: int = bounded(low=1, high=100_000)
     # Worker fills in its own wait (arrival -> batch start); the broker adds its queue time.
@@ -284,6 +293,16 @@ def encode(link: bytes, message: Message, payload: Sequence[bytes] = ()) -> list
         raise ValueError(f"{type(message).__name__} is not spoken on link {link!r}")
     header = msgpack.packb(dataclasses.asdict(message), use_bin_type=True)
     return [link, message.COMMAND.value, header, *payload]
+
+
+def refusal(link: bytes, message: Message) -> str | None:
+    """Why the other end of ``link`` would drop ``message`` as malformed (a value out of its
+    bounds), or None: for checking at start what a process will send, rather than be ignored."""
+    try:
+        decode(encode(link, message), link)
+    except ProtocolError as exc:
+        return str(exc)
+    return None
 
 
 def decode(frames: Sequence[Any], link: bytes) -> tuple[Message, list[Any]]:

@@ -50,11 +50,25 @@ def test_worker_that_cannot_load_its_model_exits_naming_model_id_and_cause(tmp_p
     ("gpu_worker", {"MAX_BATCH_SIZE": "eight"}, "MAX_BATCH_SIZE"),
     ("gpu_worker", {"ENABLE_BATCHING": "maybe"}, "ENABLE_BATCHING"),
     ("gateway", {"GATEWAY_PORT": "70000"}, "GATEWAY_PORT"),
+    # beyond what the broker accepts in a registration: the worker would retry forever, unheard
+    ("gpu_worker", {"MAX_BATCH_SIZE": "5000"}, "MAX_BATCH_SIZE"),
+    ("gpu_worker", {"MAX_BATCH_WAIT_TIME": "7200"}, "MAX_BATCH_WAIT_TIME"),
+    ("gateway", {"REQUEST_TIMEOUT_S": "100000"}, "REQUEST_TIMEOUT_S"),
 ])
 def test_bad_settings_stop_the_service_with_a_message_naming_the_variable(module, env, variable):
     done = run_service(module, **env)
     assert done.returncode == 2
     assert "configuration error" in done.stderr and variable in done.stderr
+
+
+def test_a_worker_whose_registration_the_broker_would_drop_stops_at_start_saying_why():
+    """A derived worker name (WORKER_HOST-gpuN) over the protocol's 128 characters: the broker would
+    drop every registration as malformed and the worker would never serve; it stops instead."""
+    done = run_service("gpu_worker", MODEL_ID="fake", WORKER_HOST="h" * 200, GPU_ID="0",
+                       BROKER_WORKER_ADDRESS="tcp://127.0.0.1:9")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "would refuse this worker's registration" in done.stderr and "worker_name" in done.stderr
+    assert "WORKER_NAME" in done.stderr
 
 
 def test_flags_override_environment_variables():

@@ -453,3 +453,12 @@ def test_message_without_payload_refuses_a_payload_frame(message):
 
 def test_protocol_error_is_a_value_error():
     assert issubclass(ProtocolError, ValueError)
+
+
+def test_refusal_says_why_the_other_end_would_drop_a_message_built_here():
+    """encode() does not check bounds (the receiver does); refusal() runs the receiver's check on a
+    message before it is ever sent, so a process can stop at start instead of being ignored."""
+    params = protocol.GenerationParams("p", 64, 64, 1, 1.0, 1)
+    assert protocol.refusal(protocol.CLIENT_LINK, protocol.Generate("r", params, protocol.MAX_DEADLINE_S)) is None
+    why = protocol.refusal(protocol.CLIENT_LINK, protocol.Generate("r", params, protocol.MAX_DEADLINE_S + 1))
+    assert why is not None and "deadline_s" in why and "86400" in why
