@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from broker.balancing import STRATEGIES
 from imagegen.logs import parse_log_format
+from imagegen.protocol import HEARTBEAT_INTERVAL_RANGE_S
 from imagegen.settings import parse_optional_str, require, setting
 
 
@@ -48,7 +49,9 @@ class BrokerSettings:
         require(self.strategy in STRATEGIES, "GPU_LOAD_BALANCE_STRATEGY",
                 f"{self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         require(self.max_queue_size >= 1, "MAX_QUEUE_SIZE", "must be at least 1")
-        require(self.heartbeat_interval_s > 0, "HEARTBEAT_INTERVAL_S", "must be positive")
+        shortest_s, longest_s = HEARTBEAT_INTERVAL_RANGE_S  # what a worker accepts in the broker's WELCOME
+        require(shortest_s <= self.heartbeat_interval_s <= longest_s, "HEARTBEAT_INTERVAL_S",
+                f"must be between {shortest_s:g} and {longest_s:g}")
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")
         require(self.max_attempts >= 1, "MAX_REQUEST_ATTEMPTS", "must be at least 1")
         require(self.drain_timeout_s >= 0, "BROKER_DRAIN_TIMEOUT_S", "must not be negative")

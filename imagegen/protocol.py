@@ -51,6 +51,7 @@ MAX_CAPACITY = 100_000  # WORKER_MAX_IN_FLIGHT
 MAX_GPU_ID = 4096  # GPU_ID (-1: a CPU worker)
 MAX_HOST_CHARS = 255  # WORKER_HOST
 MAX_MODEL_ID_CHARS = 1024  # MODEL_ID
+HEARTBEAT_INTERVAL_RANGE_S = (0.01, 3600.0)  # the broker's HEARTBEAT_INTERVAL_S, sent in every Welcome
 
 
 class ProtocolError(ValueError):
@@ -167,7 +168,7 @@ class Register(Message):
 class Welcome(Message):
     COMMAND: ClassVar[Command] = Command.WELCOME
     broker_epoch: str = bounded(max_len=64)  # changes whenever the broker restarts
-    heartbeat_interval_s: float = bounded(low=0.01, high=3600.0)
+    heartbeat_interval_s: float = bounded(low=HEARTBEAT_INTERVAL_RANGE_S[0], high=HEARTBEAT_INTERVAL_RANGE_S[1])
 
 
 @dataclass(frozen=True)

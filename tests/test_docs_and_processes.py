@@ -54,6 +54,7 @@ def test_worker_that_cannot_load_its_model_exits_naming_model_id_and_cause(tmp_p
     ("gpu_worker", {"MAX_BATCH_SIZE": "5000"}, "MAX_BATCH_SIZE"),
     ("gpu_worker", {"MAX_BATCH_WAIT_TIME": "7200"}, "MAX_BATCH_WAIT_TIME"),
     ("gateway", {"REQUEST_TIMEOUT_S": "100000"}, "REQUEST_TIMEOUT_S"),
+    ("broker", {"HEARTBEAT_INTERVAL_S": "0.001"}, "HEARTBEAT_INTERVAL_S"),  # workers would drop its WELCOME
 ])
 def test_bad_settings_stop_the_service_with_a_message_naming_the_variable(module, env, variable):
     done = run_service(module, **env)
