@@ -85,8 +85,15 @@ class BrokerServer:
         self.allow_list: KeyAllowList | None = None
         self.authenticator: AsyncioAuthenticator | None = None
         self.worker_keys: dict[bytes, bytes] = {}  # under CurveZMQ: routing id -> the key it registered with
-        self.client_sock = make_router(self.ctx, settings.client_bind)
-        self.worker_sock = make_router(self.ctx, settings.worker_bind, self._start_authentication())
+        try:
+            self.client_sock = make_router(self.ctx, settings.client_bind)
+            self.worker_sock = make_router(self.ctx, settings.worker_bind, self._start_authentication())
+        except BaseException:
+            # A socket left open would make the context's term() (at garbage collection) wait forever.
+            if self.authenticator is not None:
+                self.authenticator.stop()
+            self.ctx.destroy(linger=0)
+            raise
         log.info("broker %s: gateways on %s, workers on %s (%s), strategy %s", self.state.epoch[:8],
                  settings.client_bind, settings.worker_bind,
                  "CurveZMQ, %d authorized keys" % len(self.allow_list.keys) if self.allow_list else "no authentication",

@@ -225,3 +225,28 @@ async def test_malformed_and_oversized_frames_are_dropped_and_counted(cluster, l
     result, _ = await client.generate("still-serving", params(1), 10)
     assert result.request_id == "still-serving"
     attacker.close(linger=0)
+
+
+def test_a_broker_that_cannot_bind_its_second_socket_releases_the_first():
+    """The worker port is taken: BrokerServer raises, and the client socket it had already bound is
+    closed with its context (left open, the context's term() at garbage collection waits forever)."""
+    client_port = free_port()
+    ctx = zmq.Context()
+    squatter = ctx.socket(zmq.ROUTER)
+    worker_port = squatter.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        settings = BrokerSettings(client_bind=f"tcp://127.0.0.1:{client_port}",
+                                  worker_bind=f"tcp://127.0.0.1:{worker_port}")
+        with pytest.raises(zmq.ZMQError) as caught:
+            BrokerServer(settings)
+        # The traceback keeps the half-built server alive (as a crash report or a logger would), so
+        # only an explicit close frees the port, not garbage collection.
+        assert caught.traceback
+        again = ctx.socket(zmq.ROUTER)
+        try:
+            again.bind(f"tcp://127.0.0.1:{client_port}")  # free again: the first socket was closed
+        finally:
+            again.close(linger=0)
+    finally:
+        squatter.close(linger=0)
+        ctx.term()

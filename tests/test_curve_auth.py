@@ -157,9 +157,10 @@ def test_a_key_copied_in_or_removed_takes_effect_without_a_broker_restart(secure
         ctx.destroy(linger=0)
 
 
-def test_a_key_removal_read_first_by_a_handshake_still_disconnects_its_workers(keys, caplog):
-    """In-process broker: the folder's change may be read by a ZAP handshake's refresh, not by the
-    heartbeat timer's; the timer must still find the worker whose key went."""
+async def test_a_key_removal_read_first_by_a_handshake_still_disconnects_its_workers(keys, caplog):
+    """In-process broker (on the test's event loop: its ZAP handler needs one): the folder's change
+    may be read by a ZAP handshake's refresh, not by the heartbeat timer's; the timer must still
+    find the worker whose key went."""
     keys_dir, authorized = keys
     settings = BrokerSettings(client_bind=f"tcp://127.0.0.1:{free_port()}", worker_bind=f"tcp://127.0.0.1:{free_port()}",
                               curve_secret_key=str(keys_dir / "broker.key_secret"),
