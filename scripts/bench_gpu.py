@@ -13,7 +13,7 @@
     # a lone request against the raw batch of one, paired: 21 alternated rounds, the raw pipeline
     # and the service side by side on the card (no other service runs)
     python scripts/bench_gpu.py all --model sd15 --size 512 --batches 1 --variants graphs,encoders,preemptible \
-        --repeats 5 --set TORCH_COMPILE=true --paired 21 --service-runs none --out $OUT/paired-sd15.json
+        --repeats 5 --set TORCH_COMPILE=true --paired 21 --service-runs none --trace --out $OUT/paired-sd15.json
     # the summary row of a raw file and a service file measured in separate calls on one card
     python scripts/bench_gpu.py summarize --raw-file raw.json --service-file service.json
 
@@ -304,7 +304,8 @@ def paired(args: argparse.Namespace, log_dir: Path, raw_call: Callable[[], float
     rounds: list[dict] = []
     result = {"raw_variant": variant, "pause_s": PAIR_PAUSE_S, "rounds": rounds}
     log_dir.mkdir(parents=True, exist_ok=True)
-    with Service([0], log_dir, MODEL_ID=args.model, **args.settings) as svc:
+    trace = StageTrace(log_dir / "stage-trace.log") if args.trace else None
+    with Service([0], log_dir, MODEL_ID=args.model, **args.settings, **(trace.environment() if trace else {})) as svc:
         for index in range(args.paired):
             measured: dict = {"order": "raw,lone" if index % 2 == 0 else "lone,raw"}
             for half in measured["order"].split(","):
@@ -312,9 +313,12 @@ def paired(args: argparse.Namespace, log_dir: Path, raw_call: Callable[[], float
                 if half == "raw":
                     measured["raw_s"] = round(raw_call(), 4)
                 else:
+                    trace_from = trace.mark() if trace else 0
                     lone = svc.load("--burst", "1", size=args.size, steps=args.steps)
                     measured["lone_s"] = round(lone["latency_max_s"], 4)
                     measured["worker_batch_ms"] = (lone.get("median_ms") or {}).get("generation")
+                    if trace:
+                        measured["stages"] = trace.hops_since(trace_from)
             measured["difference_ms"] = round((measured["lone_s"] - measured["raw_s"]) * 1000, 2)
             rounds.append(measured)
             result.update(paired_summary(rounds))

@@ -80,7 +80,7 @@ def test_paired_rounds_alternate_a_raw_call_and_a_lone_request_beside_each_other
     out = tmp_path / "paired.json"
     result = run_script("scripts/bench_gpu.py", "all", "--model", "tiny", "--size", "64", "--steps", "2",
                         "--batches", "1", "--variants", "eager", "--service-runs", "none", "--paired", "3",
-                        "--out", str(out), "--log-dir", str(tmp_path / "logs"))
+                        "--trace", "--out", str(out), "--log-dir", str(tmp_path / "logs"))
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(out.read_text())
     paired = document["paired"]
@@ -88,6 +88,7 @@ def test_paired_rounds_alternate_a_raw_call_and_a_lone_request_beside_each_other
     for r in paired["rounds"]:
         assert r["raw_s"] > 0 and r["lone_s"] > 0 and r["worker_batch_ms"] > 0
         assert r["difference_ms"] == pytest.approx((r["lone_s"] - r["raw_s"]) * 1000, abs=0.01)
+        assert r["stages"]["requests"] == 1  # --trace: each lone request's hops
     assert paired["lone_over_raw"] == pytest.approx(paired["lone_median_s"] / paired["raw_median_s"], abs=1e-3)
     assert document["summary"]["paired_lone_over_raw"] == paired["lone_over_raw"]
     assert "service" not in document
