@@ -160,9 +160,20 @@ class BrokerServer:
                 link = "client" if sock is self.client_sock else "worker"
                 self.dropped[f"malformed_{link}_messages"] += 1
                 log.warning("dropped a malformed %s message: %s", link, exc)
+                if sock is self.client_sock:
+                    self._refuse_unreadable_request(frames[0].bytes, frames[1:], exc)
             except Exception:  # a bug handling one message must not stop the broker
                 self.dropped["internal_errors"] += 1
                 log.exception("error while handling a message; dropped it")
+
+    def _refuse_unreadable_request(self, client_id: bytes, frames: Sequence[Any], exc: ProtocolError) -> None:
+        """A request the broker cannot read (a gateway of another build, with other bounds) is
+        answered at once, so its client is not left waiting for its deadline."""
+        request_id = protocol.request_id_of_refused(frames, CLIENT_LINK)
+        if request_id is not None and request_id not in self.state.requests:
+            failure = Failure(request_id, FailureCode.GENERATION_FAILED.value,
+                              f"the broker could not read this request: {exc}"[:4000])
+            self._send(self.client_sock, client_id, protocol.encode(CLIENT_LINK, failure))
 
     def _on_client_message(self, client_id: bytes, frames: Sequence[Any]) -> None:
         message, _ = protocol.decode(frames, CLIENT_LINK)

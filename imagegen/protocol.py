@@ -325,6 +325,22 @@ def decode(frames: Sequence[Any], link: bytes) -> tuple[Message, list[Any]]:
     return from_header(cls, unpack_header(header, max_bytes)), payload
 
 
+def request_id_of_refused(frames: Sequence[Any], link: bytes) -> str | None:
+    """The request id of a GENERATE that ``decode`` refused, if it has a readable one; else None.
+
+    So the receiver can answer it with a Failure instead of leaving its client waiting for its
+    deadline (a sender of another build with other bounds, or a sender's bug)."""
+    if len(frames) < 3 or bytes(frames[0]) != link or bytes(frames[1]) != Command.GENERATE.value:
+        return None
+    try:
+        request_id = unpack_header(bytes(frames[2])).get("request_id")
+    except ProtocolError:
+        return None
+    if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS:
+        return request_id
+    return None
+
+
 def unpack_header(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> dict:
     """Unpack a msgpack header safely: size-capped, string keys, no extension types."""
     if len(header) > max_bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import msgpack
 import pytest
 import zmq
 import zmq.asyncio
@@ -19,8 +20,10 @@ from broker.server import BrokerServer
 from gateway.broker_client import BrokerClient, BrokerFailure
 from imagegen import protocol
 from imagegen.protocol import (
+    CLIENT_LINK,
     WORKER_LINK,
     BatchingConfig,
+    Failure,
     Generate,
     GenerationParams,
     Register,
@@ -156,6 +159,28 @@ async def test_queue_depth_sends_work_to_the_worker_holding_the_least(cluster):
     await stuck.reply(stuck.received[0])
     result, _ = await held
     assert result.worker_name == "gpu0"
+
+
+async def test_a_request_the_broker_cannot_read_is_answered_at_once(cluster):
+    """A GENERATE beyond the broker's bounds (from a gateway of another build) gets a Failure naming
+    the field at once, instead of waiting out its deadline; the worker never sees it."""
+    server, client = await cluster["start"]()
+    worker = await cluster["worker"]("gpu0")
+    gateway = cluster["ctx"].socket(zmq.DEALER)
+    gateway.linger = 0
+    gateway.connect(cluster["client_address"])
+    try:
+        frames = protocol.encode(CLIENT_LINK, Generate("too-wide", params(1), 10))
+        header = protocol.unpack_header(frames[2])
+        header["params"] = {**header["params"], "width": 9000}  # the protocol allows 8192
+        frames[2] = msgpack.packb(header, use_bin_type=True)
+        await gateway.send_multipart(frames)
+        failure, _ = protocol.decode(await asyncio.wait_for(gateway.recv_multipart(), 5), CLIENT_LINK)
+    finally:
+        gateway.close(linger=0)
+    assert isinstance(failure, Failure) and failure.request_id == "too-wide"
+    assert failure.code == "generation_failed" and "params.width" in failure.message
+    assert worker.received == [] and (await client.stats())["broker"]["malformed_client_messages"] == 1
 
 
 async def test_worker_credit_caps_what_one_worker_holds(cluster):

@@ -11,9 +11,14 @@ from __future__ import annotations
 import signal
 import time
 
+import msgpack
 import pytest
+import zmq
 
 from cluster import Cluster, post, request_body, send_concurrently
+from imagegen import protocol
+from imagegen.protocol import WORKER_LINK, Command, Failure, Generate, GenerationParams, Register, Welcome
+from procs import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -160,3 +165,46 @@ def make_without_workers(cluster, **settings: str) -> Cluster:
     c.start("gateway", "gateway")
     c.wait_for(lambda s: s["num_gpus"] == 0, 30, "the gateway and broker to answer")
     return c
+
+
+def scripted_broker_receives(router: zmq.Socket, wanted: type, timeout_s: float = 10.0) -> tuple[bytes, protocol.Message]:
+    """The next message of type ``wanted`` a worker sent the test's raw ROUTER (heartbeats and the
+    rest skipped), within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if router.poll(100):
+            peer, *frames = router.recv_multipart()
+            message, _ = protocol.decode(frames, WORKER_LINK)
+            if isinstance(message, wanted):
+                return peer, message
+    raise AssertionError(f"the worker sent no {wanted.__name__} within {timeout_s}s")
+
+
+def test_a_request_the_worker_cannot_read_is_answered_at_once_not_left_to_its_deadline(cluster):
+    """The real worker process against a scripted broker (a raw ROUTER): a GENERATE beyond the
+    worker's bounds (as from a broker or gateway of another build) gets a Failure naming the field at
+    once; its client would otherwise wait out its deadline. An unreadable header has no id to answer."""
+    c = cluster()
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    address = f"tcp://127.0.0.1:{free_port()}"
+    router.bind(address)
+    try:
+        c.start_worker(0, BROKER_WORKER_ADDRESS=address)
+        peer, _ = scripted_broker_receives(router, Register)
+        router.send_multipart([peer, *protocol.encode(WORKER_LINK, Welcome("epoch-1", 0.2))])
+        router.send_multipart([peer, WORKER_LINK, Command.GENERATE.value, b"\xc1"])  # no id to answer
+        frames = protocol.encode(WORKER_LINK, Generate("r-1", GenerationParams("p", 64, 64, 1, 1.0, 1), 30.0))
+        header = protocol.unpack_header(frames[2])
+        header["params"] = {**header["params"], "num_inference_steps": 5000}  # the protocol allows 1000
+        frames[2] = msgpack.packb(header, use_bin_type=True)
+        sent = time.monotonic()
+        router.send_multipart([peer, *frames])
+        _, failure = scripted_broker_receives(router, Failure)
+        assert time.monotonic() - sent < 5
+        assert failure.request_id == "r-1" and failure.code == "generation_failed"
+        assert "could not read this request" in failure.message and "num_inference_steps" in failure.message
+    finally:
+        router.close(linger=0)
+        ctx.term()

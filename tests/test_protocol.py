@@ -462,3 +462,17 @@ def test_refusal_says_why_the_other_end_would_drop_a_message_built_here():
     assert protocol.refusal(protocol.CLIENT_LINK, protocol.Generate("r", params, protocol.MAX_DEADLINE_S)) is None
     why = protocol.refusal(protocol.CLIENT_LINK, protocol.Generate("r", params, protocol.MAX_DEADLINE_S + 1))
     assert why is not None and "deadline_s" in why and "86400" in why
+
+
+def test_request_id_of_a_refused_generate_is_read_when_it_can_be():
+    params = protocol.GenerationParams("p", 64, 64, 1, 1.0, 1)
+    frames = protocol.encode(protocol.WORKER_LINK, protocol.Generate("r-7", params, 10.0))
+    header = protocol.unpack_header(frames[2])
+    out_of_bounds = [*frames[:2], msgpack.packb({**header, "deadline_s": 1e9}, use_bin_type=True)]
+    assert protocol.request_id_of_refused(out_of_bounds, protocol.WORKER_LINK) == "r-7"
+    assert protocol.request_id_of_refused([*frames[:2], b"\xc1"], protocol.WORKER_LINK) is None  # unreadable
+    long_id = [*frames[:2], msgpack.packb({**header, "request_id": "x" * (protocol.MAX_ID_CHARS + 1)})]
+    assert protocol.request_id_of_refused(long_id, protocol.WORKER_LINK) is None
+    assert protocol.request_id_of_refused(out_of_bounds, protocol.CLIENT_LINK) is None  # another link's tag
+    cancel = protocol.encode(protocol.WORKER_LINK, protocol.Cancel("r-7"))
+    assert protocol.request_id_of_refused(cancel, protocol.WORKER_LINK) is None  # only requests are answered
