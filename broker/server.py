@@ -269,10 +269,11 @@ class BrokerServer:
         self.allow_list.refresh()
         self.worker_keys = {rid: key for rid, key in self.worker_keys.items() if rid in self.state.workers}
         for routing_id, key in list(self.worker_keys.items()):
+            worker = self.state.workers.get(routing_id)  # gone meanwhile if a requeue found it unreachable
             stem = self.allow_list.keys.get(key)
-            name = self.state.workers[routing_id].info.worker_name
-            if stem is not None and name_allowed(name, stem):
+            if worker is None or (stem is not None and name_allowed(worker.info.worker_name, stem)):
                 continue
+            name = worker.info.worker_name
             log.warning("worker %s disconnected: its key is no longer authorized for it in %s", name,
                         self.allow_list.directory)
             del self.worker_keys[routing_id]
