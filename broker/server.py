@@ -169,10 +169,8 @@ class BrokerServer:
     def _refuse_unreadable_request(self, client_id: bytes, frames: Sequence[Any], exc: ProtocolError) -> None:
         """A request the broker cannot read (a gateway of another build, with other bounds) is
         answered at once, so its client is not left waiting for its deadline."""
-        request_id = protocol.request_id_of_refused(frames, CLIENT_LINK)
-        if request_id is not None and request_id not in self.state.requests:
-            failure = Failure(request_id, FailureCode.GENERATION_FAILED.value,
-                              f"the broker could not read this request: {exc}"[:4000])
+        failure = protocol.failure_for_refused(frames, CLIENT_LINK, "broker", exc)
+        if failure is not None and failure.request_id not in self.state.requests:  # not another's answer
             self._send(self.client_sock, client_id, protocol.encode(CLIENT_LINK, failure))
 
     def _on_client_message(self, client_id: bytes, frames: Sequence[Any]) -> None:

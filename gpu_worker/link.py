@@ -24,16 +24,7 @@ import zmq
 import zmq.asyncio
 
 from imagegen import protocol
-from imagegen.protocol import (
-    WORKER_LINK,
-    BrokerHeartbeat,
-    Disconnect,
-    Failure,
-    FailureCode,
-    ProtocolError,
-    Register,
-    Welcome,
-)
+from imagegen.protocol import WORKER_LINK, BrokerHeartbeat, Disconnect, ProtocolError, Register, Welcome
 from imagegen.sockets import CurveClientKeys, make_dealer
 
 log = logging.getLogger(__name__)
@@ -144,10 +135,9 @@ class BrokerLink:
     def _refuse_unreadable_request(self, frames: Sequence, exc: ProtocolError) -> None:
         """A request this worker cannot read (a broker or gateway of another build, with other
         bounds) is answered at once, so its client is not left waiting for its deadline."""
-        request_id = protocol.request_id_of_refused(frames, WORKER_LINK)
-        if request_id is not None:
-            self.send(Failure(request_id, FailureCode.GENERATION_FAILED.value,
-                              f"the worker could not read this request: {exc}"[:4000]))
+        failure = protocol.failure_for_refused(frames, WORKER_LINK, "worker", exc)
+        if failure is not None:
+            self.send(failure)
 
     def _dispatch(self, message: protocol.Message) -> None:
         if isinstance(message, Welcome):

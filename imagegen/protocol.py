@@ -341,6 +341,16 @@ def request_id_of_refused(frames: Sequence[Any], link: bytes) -> str | None:
     return None
 
 
+def failure_for_refused(frames: Sequence[Any], link: bytes, reader: str, error: ProtocolError) -> Failure | None:
+    """The answer to a GENERATE that ``decode`` refused (see request_id_of_refused), naming ``reader``
+    ("broker", "worker") and what was wrong; None when it has no readable id to answer."""
+    request_id = request_id_of_refused(frames, link)
+    if request_id is None:
+        return None
+    text = f"the {reader} could not read this request: {error}"
+    return Failure(request_id, FailureCode.GENERATION_FAILED.value, text[:4000])
+
+
 def unpack_header(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> dict:
     """Unpack a msgpack header safely: size-capped, string keys, no extension types."""
     if len(header) > max_bytes:
