@@ -115,7 +115,7 @@ def timed_call(call: Any, *args: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - began
 
 
-def registration(identity: "WorkerIdentity", policy: BatchPolicyConfig, capacity: int, auto: bool) -> Register:
+def registration(identity: WorkerIdentity, policy: BatchPolicyConfig, capacity: int, auto: bool) -> Register:
     """What the worker registers with (again after every reconnect, with the policy of the moment)."""
     return Register(worker_name=identity.name, host=identity.host, gpu_id=identity.gpu_id, pid=os.getpid(),
                     model_id=identity.model_id, device=identity.device, capacity=capacity,

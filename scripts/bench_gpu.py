@@ -199,8 +199,13 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
         measure(variant, sizes_for(variant, sizes))
     image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
     result["png_encode_s"] = png_seconds(image)
-    last_variant = args.variants.split(",")[-1]
-    return result, lambda: timed_generate(benchmark_jobs(1), worker_like=last_variant == "preemptible")[0]
+    worker_like = last_variant(args) == "preemptible"
+    return result, lambda: timed_generate(benchmark_jobs(1), worker_like=worker_like)[0]
+
+
+def last_variant(args: argparse.Namespace) -> str:
+    """The raw variant measured last: the pipeline's state, and the way, of --paired's raw calls."""
+    return args.variants.split(",")[-1]
 
 
 def release_gpu_memory() -> float | None:
@@ -261,8 +266,7 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
     settings = {"MODEL_ID": args.model, **args.settings}
     rows: list[dict] = []
     result = {"settings": settings, "rows": rows}
-    trace = StageTrace(log_dir / "stage-trace.log") if args.trace else None
-    environment = {**settings, **(trace.environment() if trace else {})}
+    trace, environment = traced_environment(args, log_dir)
 
     def measured(mode: str, svc: Service, *load_args: str) -> None:
         trace_from = trace.mark() if trace else 0
@@ -288,10 +292,17 @@ def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
     return result
 
 
+def traced_environment(args: argparse.Namespace, log_dir: Path) -> tuple[StageTrace | None, dict[str, str]]:
+    """The service's settings (MODEL_ID and --set), and with --trace a stage trace in ``log_dir``
+    that they point the processes at."""
+    trace = StageTrace(log_dir / "stage-trace.log") if args.trace else None
+    return trace, {"MODEL_ID": args.model, **args.settings, **(trace.environment() if trace else {})}
+
+
 PAIR_PAUSE_S = 0.65  # idle before each call of a pair, as the service's lone runs come ~0.65 s apart
 
 
-def paired(args: argparse.Namespace, log_dir: Path, raw_call: Callable[[], float], variant: str, progress) -> dict:
+def paired(args: argparse.Namespace, log_dir: Path, raw_call: Callable[[], float], progress) -> dict:
     """``--paired N``: N rounds of one raw batch of one (``raw_call``, in this process, the raw
     pipeline still loaded) and one lone request through the service (started beside it), in
     alternating order (raw first, then lone first), each after PAIR_PAUSE_S of idle GPU. Both
@@ -302,10 +313,10 @@ def paired(args: argparse.Namespace, log_dir: Path, raw_call: Callable[[], float
     from bench_service import Service
 
     rounds: list[dict] = []
-    result = {"raw_variant": variant, "pause_s": PAIR_PAUSE_S, "rounds": rounds}
+    result = {"raw_variant": last_variant(args), "pause_s": PAIR_PAUSE_S, "rounds": rounds}
     log_dir.mkdir(parents=True, exist_ok=True)
-    trace = StageTrace(log_dir / "stage-trace.log") if args.trace else None
-    with Service([0], log_dir, MODEL_ID=args.model, **args.settings, **(trace.environment() if trace else {})) as svc:
+    trace, environment = traced_environment(args, log_dir)
+    with Service([0], log_dir, **environment) as svc:
         for index in range(args.paired):
             measured: dict = {"order": "raw,lone" if index % 2 == 0 else "lone,raw"}
             for half in measured["order"].split(","):
@@ -616,8 +627,7 @@ def main() -> int:
         document["raw"], raw_call = raw(args, progress_of("raw"))
         save()
         if args.paired:
-            document["paired"] = paired(args, log_dir / "paired", raw_call, args.variants.split(",")[-1],
-                                        progress_of("paired"))
+            document["paired"] = paired(args, log_dir / "paired", raw_call, progress_of("paired"))
             save()
         del raw_call  # holds the pipeline: the memory below is given back only without it
     if args.mode == "all":
