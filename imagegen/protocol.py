@@ -40,6 +40,9 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 MAX_STATS_HEADER_BYTES = MAX_FRAME_BYTES
 MAX_PROMPT_CHARS = 4000
 MAX_ID_CHARS = 128
+# A client's own name for its request (its X-Request-ID), carried beside the service-made request id
+# so that one grep finds the request in every service's log; never used to route anything.
+MAX_LABEL_CHARS = 64
 MAX_SEED = 2**63 - 1
 MAX_DEADLINE_S = 86_400.0  # a day: the longest a request may wait (the gateway's REQUEST_TIMEOUT_S)
 # Bounds of what a worker registers with; its settings are checked against them at start
@@ -70,7 +73,8 @@ class Command(bytes, enum.Enum):
     HEARTBEAT = b"\x06"  # W->B: I am alive; my queue and counters
     DISCONNECT = b"\x07"  # both ways: W->B "I am leaving"; B->W "I don't know you, register again"
     BROKER_HEARTBEAT = b"\x08"  # B->W: I am alive (and which broker I am)
-    CANCEL = b"\x09"  # G->B, B->W: the client gave up; drop the request if it has not started
+    CANCEL = b"\x09"  # G->B, B->W: nobody waits for the request any more; drop it, running or not
+    PROGRESS = b"\x0a"  # W->B: a running request reached a denoising step (rate-limited by the worker)
     # client link (IGC)
     STATS_QUERY = b"\x11"  # G->B
     STATS_REPLY = b"\x12"  # B->G
@@ -188,9 +192,10 @@ class Generate(Message):
     """A request to generate one image: gateway -> broker, then broker -> worker."""
 
     COMMAND: ClassVar[Command] = Command.GENERATE
-    request_id: str = bounded(max_len=MAX_ID_CHARS)
+    request_id: str = bounded(max_len=MAX_ID_CHARS)  # made by the gateway, never taken from a client
     params: GenerationParams
     deadline_s: float = bounded(low=0.0, high=MAX_DEADLINE_S)  # seconds the client waits; the broker counts from receipt
+    label: str = bounded("", max_len=MAX_LABEL_CHARS)  # the client's X-Request-ID, for logs only; "" if none
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,20 @@ class Cancel(Message):
     request_id: str = bounded(max_len=MAX_ID_CHARS)
 
 
+@dataclass(frozen=True)
+class Progress(Message):
+    """A running request reached denoising step ``step`` of ``steps`` (0: its batch started).
+
+    One message per running request, rate-limited by the worker; the broker's progress deadline
+    (a worker holding requests that sends no progress, result or failure for too long is declared
+    stuck) and, later, per-request progress for clients are built on it."""
+
+    COMMAND: ClassVar[Command] = Command.PROGRESS
+    request_id: str = bounded(max_len=MAX_ID_CHARS)
+    step: int = bounded(low=0, high=1000)
+    steps: int = bounded(low=1, high=1000)
+
+
 # ---------------------------------------------------------------------------------------------
 # Client link
 
@@ -275,7 +294,8 @@ class StatsReply(Message):
     stats: dict  # the /stats JSON document, built by the broker
 
 
-_WORKER_LINK_COMMANDS = {Register, Welcome, Heartbeat, Disconnect, Generate, Result, Failure, BrokerHeartbeat, Cancel}
+_WORKER_LINK_COMMANDS = {Register, Welcome, Heartbeat, Disconnect, Generate, Result, Failure, BrokerHeartbeat, Cancel,
+                         Progress}
 _CLIENT_LINK_COMMANDS = {Generate, Result, Failure, StatsQuery, StatsReply, Cancel, Ping, Pong}
 MESSAGE_TYPES: dict[bytes, dict[Command, type[Message]]] = {
     WORKER_LINK: {cls.COMMAND: cls for cls in _WORKER_LINK_COMMANDS},
