@@ -71,7 +71,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -80,6 +80,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 VARIANTS = ("eager", "layout", "compiled", "graphs", "encoders", "preemptible")
 GRAPH_MAX_BATCH = 2
 SERVICE_RUNS = ("lone", "burst50", "users10x5", "burst50_no_batching")
+T = TypeVar("T")
 
 
 class WorkerCall:
@@ -99,6 +100,30 @@ class WorkerCall:
 
     def report(self) -> dict:
         return {"steps_checked": self.preemption.steps_checked, "images_handed_over": self.handed_over}
+
+
+def timed(call: Callable[[], T], clock: Callable[[], float] = time.perf_counter) -> tuple[float, T]:
+    """The seconds ``call`` took by ``clock``, and what it returned."""
+    began = clock()
+    returned = call()
+    return clock() - began, returned
+
+
+def timed_after_pauses(ready: Callable[[], Callable[[], T]], pauses: list[float], repeats: int,
+                       clock: Callable[[], float] = time.perf_counter,
+                       sleep: Callable[[float], None] = time.sleep) -> tuple[dict[float, list[float]], T | None]:
+    """``repeats`` rounds of, for each pause in turn, ``sleep(pause)`` (the GPU idle), then a call
+    that ``ready()`` makes (untimed), timed by ``clock``: the seconds of each pause's calls, and what
+    the last call returned. The pauses are interleaved call by call, so every pause's calls see the
+    same machine; the idle stays outside the timing."""
+    seconds: dict[float, list[float]] = {pause: [] for pause in pauses}
+    returned = None
+    for _ in range(repeats):
+        for pause in pauses:
+            sleep(pause)
+            elapsed_s, returned = timed(ready(), clock)
+            seconds[pause].append(elapsed_s)
+    return seconds, returned
 
 
 def sizes_for(variant: str, sizes: list[int]) -> list[int]:
@@ -134,31 +159,30 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
               "weights_gib": round(weights_bytes / 2**30, 2), "pause_s": args.pause_s[0],
               "pauses_s": args.pause_s, "variants": variants}
 
-    def timed_generate(jobs: list, worker_like: bool) -> tuple[float, WorkerCall | None]:
-        """Seconds of one generate call, GPU work included; ``worker_like``: called as the worker
-        calls a lone request (the WorkerCall it passed comes back)."""
+    def ready_generate(jobs: list, worker_like: bool) -> Callable[[], WorkerCall | None]:
+        """One generate call, GPU work included, readied to be timed; ``worker_like``: called as the
+        worker calls a lone request (the WorkerCall it passes, made now, outside the timing, is what
+        the call returns)."""
         worker_call = WorkerCall() if worker_like else None
         as_worker = (worker_call.on_images, worker_call.preemption) if worker_call else ()
-        began = time.perf_counter()
-        pipeline.generate(jobs, settings, *as_worker)
-        if on_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - began, worker_call
+
+        def call() -> WorkerCall | None:
+            pipeline.generate(jobs, settings, *as_worker)
+            if on_cuda:
+                torch.cuda.synchronize()
+            return worker_call
+        return call
 
     def measure(variant: str, batch_sizes: list[int]) -> None:
         rows = variants.setdefault(variant, {})
         warm = pipeline.warm_up(batch_sizes, args.size, args.size, guidance_scale=args.guidance)
         for size in batch_sizes:
             jobs = benchmark_jobs(size)
-            seconds: dict[float, list[float]] = {pause: [] for pause in args.pause_s}
             if on_cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            for _ in range(args.repeats):
-                for pause in args.pause_s:  # interleaved: every pause's calls see the same machine
-                    time.sleep(pause)  # idle before the call, outside its timing
-                    elapsed_s, worker_call = timed_generate(jobs, worker_like=variant == "preemptible")
-                    seconds[pause].append(elapsed_s)
+            seconds, worker_call = timed_after_pauses(
+                lambda: ready_generate(jobs, worker_like=variant == "preemptible"), args.pause_s, args.repeats)
             medians = {pause: statistics.median(times) for pause, times in seconds.items()}
             median = medians[args.pause_s[0]]
             rows[size] = {"seconds": round(median, 4), "images_per_s": round(size / median, 4),
@@ -200,7 +224,7 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
     image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
     result["png_encode_s"] = png_seconds(image)
     worker_like = last_variant(args) == "preemptible"
-    return result, lambda: timed_generate(benchmark_jobs(1), worker_like=worker_like)[0]
+    return result, lambda: timed(ready_generate(benchmark_jobs(1), worker_like=worker_like))[0]
 
 
 def last_variant(args: argparse.Namespace) -> str:

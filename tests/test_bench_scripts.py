@@ -120,19 +120,76 @@ def raw_batch1_of_tiny(tmp_path, *args: str) -> dict:
     return json.loads(out.read_text())["raw"]
 
 
-def test_the_raw_pause_idles_the_gpu_outside_the_timing(tmp_path):
-    raw = raw_batch1_of_tiny(tmp_path, "--repeats", "3", "--pause-s", "0.5")
-    assert raw["pause_s"] == 0.5
-    assert 0 < raw["variants"]["eager"]["1"]["seconds"] < 0.5  # a tiny 64x64 batch: well under
+class FakeMachine:
+    """A clock that only the idle (``sleep``) and the calls move, and what happened, in order: the
+    raw half's pause and timing loop run on it, so no figure depends on the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.events: list[tuple] = []
+        self.calls = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.events.append(("idle", seconds))
+        self.now += seconds
+
+    def ready(self):
+        """A call, readied untimed (as the preemptible variant's WorkerCall is made), that takes
+        0.01 s more each time (the 1st 0.01 s, the 2nd 0.02 s, ...) and returns its number."""
+        self.calls += 1
+        number = self.calls
+        self.events.append(("ready", number))
+        self.now += 7.0  # readying is outside the timing too
+
+        def call() -> int:
+            self.events.append(("call", number))
+            self.now += 0.01 * number
+            return number
+        return call
+
+
+def bench_gpu_module():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_gpu
+
+    return bench_gpu
+
+
+def test_the_raw_pause_idles_the_gpu_outside_the_timing():
+    """Each timed call comes after its pause of idle, and neither the idle nor the readying of the
+    call is in its seconds (timed by an injected clock that only the pause and the calls move)."""
+    machine = FakeMachine()
+    seconds, last = bench_gpu_module().timed_after_pauses(machine.ready, [0.5], 3, machine.clock, machine.sleep)
+    assert machine.events == [("idle", 0.5), ("ready", 1), ("call", 1), ("idle", 0.5), ("ready", 2), ("call", 2),
+                              ("idle", 0.5), ("ready", 3), ("call", 3)]
+    assert seconds == {0.5: [pytest.approx(0.01), pytest.approx(0.02), pytest.approx(0.03)]}
+    assert last == 3  # the last call's own result (the preemptible row's worker_call)
+
+
+def test_several_raw_pauses_are_interleaved_call_by_call():
+    """--pause-s 0,0.3 --repeats 2: pause 0, call, pause 0.3, call, then again; each call's seconds
+    under its own pause, none of the idle in them."""
+    machine = FakeMachine()
+    seconds, last = bench_gpu_module().timed_after_pauses(machine.ready, [0.0, 0.3], 2, machine.clock, machine.sleep)
+    assert [event for event in machine.events if event[0] != "ready"] == [
+        ("idle", 0.0), ("call", 1), ("idle", 0.3), ("call", 2), ("idle", 0.0), ("call", 3), ("idle", 0.3), ("call", 4)]
+    assert seconds == {0.0: [pytest.approx(0.01), pytest.approx(0.03)],
+                       0.3: [pytest.approx(0.02), pytest.approx(0.04)]}
+    assert last == 4
 
 
 def test_several_raw_pauses_are_each_timed(tmp_path):
+    """The pauses reach the raw half and each has its median row (the figures themselves are the
+    machine's; their timing is the fake-clock tests' above)."""
     raw = raw_batch1_of_tiny(tmp_path, "--repeats", "2", "--pause-s", "0,0.3")
     assert raw["pauses_s"] == [0.0, 0.3] and raw["pause_s"] == 0.0
     row = raw["variants"]["eager"]["1"]
     assert set(row["seconds_by_pause_s"]) == {"0", "0.3"}
     assert row["seconds"] == row["seconds_by_pause_s"]["0"]
-    assert all(0 < seconds < 0.3 for seconds in row["seconds_by_pause_s"].values())
+    assert all(seconds > 0 for seconds in row["seconds_by_pause_s"].values())
 
 
 def test_a_pause_list_must_be_seconds():
