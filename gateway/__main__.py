@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
-from aiohttp import web
-
 from gateway.app import create_app
-from gateway.config import GatewaySettings
+from gateway.config import GatewaySettings, listens_unauthenticated_beyond_loopback
+from gateway.serving import serve
 from imagegen import settings as settings_lib
 from imagegen import stage_trace
 from imagegen.logs import setup_logging
@@ -25,13 +25,17 @@ def main(argv: list[str]) -> int:
     setup_logging("gateway", settings.log_level, settings.log_format)
     stage_trace.open_from_environment()  # IMAGEGEN_TRACE_FILE: per-request stage times
     log.info("settings: %s", settings_lib.describe(settings))
-    # run_app stops on SIGTERM (supervisorctl stop) and SIGINT: it stops accepting connections,
-    # lets requests in progress finish for up to shutdown_timeout, then runs the cleanup contexts.
-    # handler_cancellation: a client that disconnects cancels its handler, which tells the broker
-    # to drop the request before it costs GPU time.
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                access_log_format='%a "%r" %s %b %Tfs id=%{X-Request-ID}o', handler_cancellation=True,
-                shutdown_timeout=settings.shutdown_timeout_s)
+    if listens_unauthenticated_beyond_loopback(settings):
+        # validate() let this through only because GATEWAY_ALLOW_UNAUTHENTICATED=true: say so every start.
+        log.warning("GATEWAY_HOST=%s is reachable from other machines and no API key is configured: anyone who "
+                    "can reach port %d can use the GPUs (GATEWAY_ALLOW_UNAUTHENTICATED=true); set GATEWAY_API_KEYS "
+                    "to require a key", settings.host, settings.port)
+    # serve stops on SIGTERM (supervisorctl stop) and SIGINT: it stops accepting connections,
+    # lets requests in progress finish for up to GATEWAY_SHUTDOWN_TIMEOUT_S, then runs the cleanup
+    # contexts. handler_cancellation: a client that disconnects cancels its handler, which tells
+    # the broker to drop the request before it costs GPU time.
+    asyncio.run(serve(create_app(settings), settings,
+                      access_log_format='%a "%r" %s %b %Tfs id=%{X-Request-ID}o', handler_cancellation=True))
     return 0
 
 

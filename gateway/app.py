@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.auth import api_key_middleware, load_api_keys
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.config import GatewaySettings
-from gateway.context import BROKER, FAILURE_STATUS, IMAGES, METRICS, SETTINGS, read_json_body
+from gateway.context import BODY_STALLED, BROKER, FAILURE_STATUS, IMAGES, METRICS, SETTINGS, read_json_body
 from gateway.images import ImageStore, new_image_id, png_size
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import OUTCOME, GatewayMetrics, metrics_middleware
@@ -39,6 +39,20 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     body = {"error": {"code": code, "message": message, "field": field}}
     response = web.json_response(body, status=status, headers=headers)
     response[OUTCOME] = code  # the outcome label of imagegen_gateway_http_requests_total
+    return response
+
+
+@web.middleware
+async def close_stalled_connections(request: web.Request, handler) -> web.StreamResponse:
+    """After the answer to a request whose body stopped arriving (read_json_body's 408), close the
+    connection at once rather than wait, lingering, for the rest of a body that is not coming. It
+    runs outermost, so the answer is sent with every header the other middlewares add."""
+    response = await handler(request)
+    if request.get(BODY_STALLED):
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
     return response
 
 
@@ -76,7 +90,7 @@ async def _generate(request: web.Request, request_id: str, started: float) -> we
         body = await read_json_body(request, settings.max_request_bytes)
         parsed = parse_generate_request(body, settings)
     except FieldError as exc:
-        return error_response(exc.status, "invalid_request", exc.message, exc.field)
+        return error_response(exc.status, exc.code or "invalid_request", exc.message, exc.field)
     params = parsed.params
     log.info("request %s accepted: %dx%d, %d steps", request_id, params.width, params.height,
              params.num_inference_steps, extra={"request_id": request_id})
@@ -204,7 +218,8 @@ def create_app(settings: GatewaySettings, broker_client: Any = None) -> web.Appl
     # Request ids and metrics come first, so they see every answer, errors and 401s included.
     api_keys = load_api_keys(settings)
     gateway_metrics = GatewayMetrics()
-    middlewares = [request_id_middleware(), metrics_middleware(gateway_metrics), json_errors]
+    middlewares = [close_stalled_connections, request_id_middleware(), metrics_middleware(gateway_metrics),
+                   json_errors]
     middlewares += [api_key_middleware(api_keys)] if api_keys else []
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes + 1024)
     app[SETTINGS] = settings

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from imagegen.protocol import MAX_DEADLINE_S
 from imagegen.protocol import MAX_PROMPT_CHARS as WIRE_MAX_PROMPT_CHARS
 from imagegen.logs import parse_log_format
-from imagegen.settings import parse_optional_str, require, setting
+from imagegen.settings import parse_bool, parse_optional_str, require, setting
 
 
 
@@ -62,11 +63,41 @@ def configured_api_keys(settings: "GatewaySettings") -> frozenset[str]:
     return frozenset(keys)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` reaches this machine only ("" and "0.0.0.0" mean every interface)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def listens_unauthenticated_beyond_loopback(settings: "GatewaySettings") -> bool:
+    """True when GATEWAY_ALLOW_UNAUTHENTICATED is what lets the gateway start (logged as a warning)."""
+    return not is_loopback(settings.host) and not configured_api_keys(settings)
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     """python -m gateway: the HTTP API (POST /generate, GET /stats, images) in front of the broker."""
 
-    host: str = setting("GATEWAY_HOST", "0.0.0.0", "interface the HTTP server listens on")
+    host: str = setting("GATEWAY_HOST", "127.0.0.1",
+                        "interface the HTTP server listens on; beyond loopback it needs API keys or "
+                        "GATEWAY_ALLOW_UNAUTHENTICATED=true")
+    allow_unauthenticated: bool = setting("GATEWAY_ALLOW_UNAUTHENTICATED", False,
+                                          "true: listen beyond loopback without API keys (anyone who can reach "
+                                          "the port can use the GPUs); logged as a warning at every start",
+                                          parse=parse_bool)
+    body_timeout_s: float = setting("GATEWAY_BODY_TIMEOUT_S", 30.0,
+                                    "seconds a client may take to send a request body; then 408 and the "
+                                    "connection is closed")
+    max_connections: int = setting("GATEWAY_MAX_CONNECTIONS", 1000,
+                                   "open HTTP connections at once; beyond it a new connection gets 503 "
+                                   "and is closed")
+    idle_timeout_s: float = setting("GATEWAY_IDLE_TIMEOUT_S", 75.0,
+                                    "seconds a connection may stay open without a request in progress "
+                                    "(keep-alive, or headers that never finish)")
     port: int = setting("GATEWAY_PORT", 8080, "HTTP port")
     broker_address: str = setting("BROKER_CLIENT_ADDRESS", "tcp://127.0.0.1:5555", "the broker's gateway endpoint")
     image_dir: str = setting("IMAGE_DIR", "images", "folder where generated PNGs are kept and served from")
@@ -108,7 +139,15 @@ class GatewaySettings:
                               parse=parse_log_format)
 
     def validate(self) -> None:
-        configured_api_keys(self)  # raises SettingsError for a short key or an unreadable or empty file
+        keys = configured_api_keys(self)  # raises SettingsError for a short key or an unreadable or empty file
+        require(bool(keys) or self.allow_unauthenticated or is_loopback(self.host), "GATEWAY_HOST",
+                f"{self.host!r} is reachable from other machines and no API key is configured, so anyone "
+                "who can reach the port could use the GPUs; set GATEWAY_API_KEYS (or GATEWAY_API_KEYS_FILE), "
+                "or GATEWAY_HOST=127.0.0.1 behind a proxy on this host, or GATEWAY_ALLOW_UNAUTHENTICATED=true "
+                "to accept that")
+        require(self.body_timeout_s > 0, "GATEWAY_BODY_TIMEOUT_S", "must be positive")
+        require(self.max_connections >= 1, "GATEWAY_MAX_CONNECTIONS", "must be at least 1")
+        require(self.idle_timeout_s > 0, "GATEWAY_IDLE_TIMEOUT_S", "must be positive")
         require(1 <= self.port <= 65535, "GATEWAY_PORT", "must be a TCP port (1-65535)")
         # The broker refuses a longer deadline as malformed: every request would then wait it out.
         require(0 < self.request_timeout_s <= MAX_DEADLINE_S, "REQUEST_TIMEOUT_S",

@@ -4,6 +4,7 @@ import it, so none of them needs to import another."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -33,17 +34,33 @@ FAILURE_STATUS = {
 }
 
 
-async def read_json_body(request: web.Request, max_bytes: int) -> Any:
+# Set on a request whose body stopped arriving: its answer (408) is the connection's last
+# (app.py's close_stalled_connections closes it once the answer is written).
+BODY_STALLED = web.RequestKey("body_stalled", bool)
+
+
+async def read_json_body(request: web.Request, max_bytes: int, timeout_s: float | None = None) -> Any:
+    """The decoded JSON body, at most ``max_bytes`` long and fully arrived within ``timeout_s``
+    (default GATEWAY_BODY_TIMEOUT_S); FieldError (400, 408 or 413) otherwise."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise FieldError(None, f"the request body is {request.content_length} bytes; the limit is {max_bytes} "
                                "(MAX_REQUEST_BYTES)", status=413)
+    timeout_s = request.app[SETTINGS].body_timeout_s if timeout_s is None else timeout_s
     # read(n) returns what has arrived so far (up to n bytes), not the whole body: loop to EOF.
     raw = b""
-    while len(raw) <= max_bytes:
-        chunk = await request.content.read(max_bytes + 1 - len(raw))
-        if not chunk:
-            break
-        raw += chunk
+    try:
+        async with asyncio.timeout(timeout_s):
+            while len(raw) <= max_bytes:
+                chunk = await request.content.read(max_bytes + 1 - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+    except TimeoutError:
+        # A client that stops sending would otherwise hold its connection (and a file descriptor)
+        # for ever: answer, then close.
+        request[BODY_STALLED] = True
+        raise FieldError(None, f"the request body did not arrive within {timeout_s:g}s (GATEWAY_BODY_TIMEOUT_S); "
+                               f"{len(raw)} bytes came", status=408, code="body_timeout") from None
     if len(raw) > max_bytes:
         raise FieldError(None, f"the request body exceeds {max_bytes} bytes (MAX_REQUEST_BYTES)", status=413)
     try:

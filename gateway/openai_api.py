@@ -158,8 +158,8 @@ async def images_generations(request: web.Request) -> web.Response:
     try:
         parsed = parse_images_request(await read_json_body(request, settings.max_request_bytes), settings)
     except FieldError as exc:
-        code = ("request_too_large" if exc.status == 413 else "unknown_parameter" if isinstance(exc, UnknownField)
-                else "invalid_value" if exc.field else "invalid_json")
+        code = exc.code or ("request_too_large" if exc.status == 413 else "unknown_parameter"
+                            if isinstance(exc, UnknownField) else "invalid_value" if exc.field else "invalid_json")
         return openai_error(exc.status, exc.message, param=exc.field, code=code)
     try:
         made = await generate_all(request.app[BROKER], parsed.images, settings.request_timeout_s,

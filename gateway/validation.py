@@ -23,11 +23,12 @@ KNOWN_FIELDS = (
 class FieldError(ValueError):
     """A request field is missing or wrong; ``field`` names it (None: the body as a whole)."""
 
-    def __init__(self, field: str | None, message: str, status: int = 400) -> None:
+    def __init__(self, field: str | None, message: str, status: int = 400, code: str | None = None) -> None:
         super().__init__(message)
         self.field = field
         self.message = message
-        self.status = status  # 400, or 413 for a body over the size limit
+        self.status = status  # 400, 413 for a body over the size limit, 408 for a body that stopped arriving
+        self.code = code  # the error code when it is not the route's usual one for a bad field
 
 
 @dataclass(frozen=True)

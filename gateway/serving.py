@@ -1,0 +1,160 @@
+"""Running the gateway's aiohttp application on a TCP port, with a cap on open connections.
+
+aiohttp has no connection limit of its own: every accepted connection gets a RequestHandler and a
+file descriptor for as long as the client keeps it open. :class:`CappedRunner` wraps the protocol
+factory aiohttp hands to ``loop.create_server`` so that beyond GATEWAY_MAX_CONNECTIONS a new
+connection is answered ``503 too_many_connections`` (JSON, Retry-After) and closed at once, before
+any of its bytes are parsed. The count covers every HTTP connection, idle keep-alive ones included;
+long-lived event streams, when an API adds them, get a cap of their own so they cannot crowd out
+ordinary requests.
+
+The other bounds on a slow client: GATEWAY_IDLE_TIMEOUT_S closes a connection with no request in
+progress (idle keep-alive, or headers that never finish); GATEWAY_BODY_TIMEOUT_S bounds reading a
+body (gateway/context.py ``read_json_body``, which answers 408 and closes the connection); and a
+body nobody reads (an error answered first) is drained for at most that long too (aiohttp's
+``lingering_time``) before the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+REFUSED_LINGER_S = 2.0  # how long a refused connection's request is read and dropped before closing
+
+
+def refusal_bytes(retry_after_s: int, limit: int) -> bytes:
+    """The whole HTTP answer sent to a connection over the cap."""
+    body = json.dumps({"error": {
+        "code": "too_many_connections",
+        "message": f"the gateway has {limit} connections open (GATEWAY_MAX_CONNECTIONS); retry later",
+        "field": None}}).encode()
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: {retry_after_s}\r\nConnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+class _Counted(asyncio.Protocol):
+    """Stands between the transport and aiohttp's RequestHandler, counting open connections.
+
+    The decision to serve or refuse is taken in connection_made, when the connection exists; a
+    refused connection never reaches aiohttp."""
+
+    __slots__ = ("_cap", "_inner", "_counted", "_linger")
+
+    def __init__(self, cap: "ConnectionCap", inner: asyncio.Protocol) -> None:
+        self._cap = cap
+        self._inner = inner
+        self._counted = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._cap.open >= self._cap.limit:
+            self._cap.refused += 1
+            transport.write(self._cap.refusal)  # type: ignore[attr-defined]
+            # Closing with the client's request unread would reset the connection and could discard
+            # the answer: send FIN, read and drop what comes for a moment, then close.
+            transport.write_eof()  # type: ignore[attr-defined]
+            self._linger = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
+            return
+        self._cap.open += 1
+        self._counted = True
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+        if self._counted:
+            self._counted = False
+            self._cap.open -= 1
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._counted:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        # A refused connection: returning False closes it now that the client has finished.
+        return self._inner.eof_received() if self._counted else False
+
+    def pause_writing(self) -> None:
+        if self._counted:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._counted:
+            self._inner.resume_writing()
+
+
+class ConnectionCap:
+    """A protocol factory for ``loop.create_server``: aiohttp's server, at most ``limit`` connections."""
+
+    def __init__(self, server: web.Server, limit: int, retry_after_s: int) -> None:
+        self.server = server
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self.refusal = refusal_bytes(retry_after_s, limit)
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Counted(self, self.server())
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (shutdown, connections, requests_count...) is the wrapped server's.
+        return getattr(self.server, name)
+
+
+class CappedRunner(web.AppRunner):
+    """An AppRunner whose server (the protocol factory its sites listen with) is a ConnectionCap."""
+
+    def __init__(self, app: web.Application, max_connections: int, retry_after_s: int, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._max_connections = max_connections
+        self._retry_after_s = retry_after_s
+
+    async def _make_server(self) -> Any:
+        return ConnectionCap(await super()._make_server(), self._max_connections, self._retry_after_s)
+
+    @property
+    def cap(self) -> ConnectionCap:
+        return self.server  # type: ignore[return-value]
+
+
+def runner_for(app: web.Application, settings: GatewaySettings, **kwargs: Any) -> CappedRunner:
+    """The runner ``python -m gateway`` uses; tests start it on port 0 the same way."""
+    return CappedRunner(app, settings.max_connections, settings.retry_after_s,
+                        keepalive_timeout=settings.idle_timeout_s,
+                        # A body left unread (an error was answered first) is drained no longer than
+                        # a body being read may take; then the connection closes.
+                        lingering_time=settings.body_timeout_s,
+                        shutdown_timeout=settings.shutdown_timeout_s, **kwargs)
+
+
+async def serve(app: web.Application, settings: GatewaySettings, **kwargs: Any) -> None:
+    """Serve until SIGTERM or SIGINT: then stop accepting, let requests in progress finish for up to
+    GATEWAY_SHUTDOWN_TIMEOUT_S, and run the app's cleanup (what web.run_app does)."""
+    runner = runner_for(app, settings, handle_signals=False, **kwargs)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info("listening on http://%s:%d (at most %d connections)", settings.host, settings.port,
+                 settings.max_connections)
+        await stop.wait()
+        log.info("stopping: no new connections; requests in progress have %gs to finish",
+                 settings.shutdown_timeout_s)
+    finally:
+        await runner.cleanup()
