@@ -36,6 +36,7 @@ from imagegen.protocol import (
     Heartbeat,
     Ping,
     Pong,
+    Progress,
     ProtocolError,
     Register,
     Result,
@@ -43,13 +44,17 @@ from imagegen.protocol import (
     StatsReply,
 )
 from imagegen.keys import KeyAllowList, load_secret, name_allowed
-from imagegen.sockets import CurveServerKeys, make_router
+from imagegen.logs import request_fields, request_name
+from imagegen.sockets import CurveServerKeys, is_local_endpoint, make_router
 
 log = logging.getLogger(__name__)
 
 # Refusals under load or at shutdown: counted in /stats and /metrics, logged at DEBUG only (one
 # INFO line per refused request would flood the log exactly when the broker is busiest).
 _QUIET_FAILURES = {FailureCode.OVERLOADED.value, FailureCode.SHUTTING_DOWN.value}
+# How often requests past their deadline are looked for (broker._deadlines): well inside the grace the
+# gateway waits for the broker's answer past REQUEST_TIMEOUT_S (gateway.broker_client.BROKER_ANSWER_GRACE_S).
+DEADLINE_CHECK_INTERVAL_S = 0.2
 
 
 def send_now(sock: zmq.asyncio.Socket, frames: Sequence[Any]) -> Exception | None:
@@ -78,6 +83,7 @@ class BrokerServer:
             heartbeat_interval_s=settings.heartbeat_interval_s,
             liveness=settings.heartbeat_liveness,
             max_attempts=settings.max_attempts,
+            progress_timeout_s=settings.worker_progress_timeout_s,
         )
         self.state = BrokerState(policy, epoch=uuid.uuid4().hex)
         self.dropped: Counter[str] = Counter()  # malformed or undeliverable messages, by kind
@@ -98,6 +104,11 @@ class BrokerServer:
                  settings.client_bind, settings.worker_bind,
                  "CurveZMQ, %d authorized keys" % len(self.allow_list.keys) if self.allow_list else "no authentication",
                  settings.strategy)
+        if self.allow_list is None and not is_local_endpoint(settings.worker_bind):
+            # Only reachable with BROKER_ALLOW_UNAUTHENTICATED_WORKERS=true (settings refuse it otherwise).
+            log.warning("workers on %s are NOT authenticated (BROKER_ALLOW_UNAUTHENTICATED_WORKERS=true): anyone "
+                        "who reaches it can register as a worker, read prompts and answer with any image; "
+                        "make keys with `python -m imagegen.keys cluster` (README)", settings.worker_bind)
 
     def _start_authentication(self) -> CurveServerKeys | None:
         """With BROKER_CURVE_SECRET_KEY set, only workers whose public key is authorized may connect."""
@@ -117,6 +128,7 @@ class BrokerServer:
             asyncio.create_task(self._read(self.client_sock, self._on_client_message), name="clients"),
             asyncio.create_task(self._read(self.worker_sock, self._on_worker_message), name="workers"),
             asyncio.create_task(self._liveness(), name="liveness"),
+            asyncio.create_task(self._deadlines(), name="deadlines"),
         ]
         try:
             await stop.wait()
@@ -127,8 +139,20 @@ class BrokerServer:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.close()
 
+    async def _deadlines(self) -> None:
+        """Answer requests past their deadline, queued or at a worker, and tell their workers to drop
+        them: checked every DEADLINE_CHECK_INTERVAL_S, so the broker's answer, which says where the
+        request was, reaches the gateway before the gateway's own timer gives up (it waits a grace
+        past REQUEST_TIMEOUT_S for it, gateway/broker_client.py). Runs during a drain too: a drain
+        never waits for requests nobody waits for."""
+        while True:
+            await asyncio.sleep(DEADLINE_CHECK_INTERVAL_S)
+            self._execute(self.state.expire_deadlines(self.clock()))
+
     async def _drain(self, timeout_s: float) -> None:
-        """Refuse new requests, let accepted ones finish, then answer the rest with shutting_down."""
+        """Refuse new requests, let accepted ones finish (those past their deadline or cancelled are
+        answered meanwhile, and never waited for), then answer the rest with shutting_down and tell
+        their workers to drop them."""
         if timeout_s <= 0:
             return
         self.state.begin_drain()
@@ -136,9 +160,11 @@ class BrokerServer:
         deadline = self.clock() + timeout_s
         while not self.state.drained and self.clock() < deadline:
             await asyncio.sleep(0.05)
+        cancels = [ToWorker(record.worker, Cancel(request_id)) for request_id, record in self.state.requests.items()
+                   if record.worker is not None and record.worker in self.state.workers]
         leftovers = self.state.fail_all(FailureCode.SHUTTING_DOWN,
                                         "the broker shut down before a worker finished this request")
-        self._execute(leftovers)
+        self._execute(leftovers + cancels)
         log.info("drained (%d requests answered shutting_down)", len(leftovers))
         await asyncio.sleep(0.1)  # let the last replies leave (LINGER is 0)
 
@@ -181,10 +207,12 @@ class BrokerServer:
             self._execute(self.state.submit(client_id, message, now))
         elif isinstance(message, Cancel):
             record = self.state.requests.get(message.request_id)
-            if record is not None and record.client_id == client_id:
-                log.info("request %s cancelled: its client stopped waiting (%s)", message.request_id,
-                         "queued" if record.worker is None else f"at worker {self._worker_name(record.worker)}",
-                         extra={"request_id": message.request_id})
+            if record is not None:
+                label = record.message.label
+                where = ("queued" if record.worker is None else f"at worker {self._worker_name(record.worker)}"
+                         + ("" if record.step is None else f", step {record.step} of {record.steps}"))
+                log.info("request %s cancelled: its client stopped waiting (%s)",
+                         request_name(message.request_id, label), where, extra=request_fields(message.request_id, label))
             self._execute(self.state.cancel(client_id, message, now))
         elif isinstance(message, Ping):
             pong = Pong(message.query_id, self.state.epoch, self.state.accepting_workers())
@@ -201,15 +229,29 @@ class BrokerServer:
     def _on_worker_message(self, routing_id: bytes, frames: Sequence[Any]) -> None:
         message, payload = protocol.decode(frames, WORKER_LINK)
         now = self.clock()
+        user_id = _user_id(frames[0])
         if isinstance(message, Register):
-            self._execute(self._register(routing_id, message, now, _user_id(frames[0])))
-        elif isinstance(message, Heartbeat):
+            self._execute(self._register(routing_id, message, now, user_id))
+            return
+        # Every other message must come from a registered worker's connection, under its key.
+        sender = self._worker_name(routing_id)
+        known = routing_id in self.state.workers
+        refusal = self.state.check_sender(routing_id, None if user_id is None else user_id.encode(), message, now)
+        if refusal is not None:
+            log.warning("refused a %s from %s: %s", type(message).__name__, sender,
+                        "the connection under a key other than its worker's" if known
+                        else "a connection that is no registered worker")
+            self._execute(refusal)
+            return
+        if isinstance(message, Heartbeat):
             self._execute(self.state.heartbeat(routing_id, message, now))
         elif isinstance(message, Result):
             stage_trace.stage("broker_got_result", message.request_id)
             self._execute(self.state.result(routing_id, message, now), payload)
         elif isinstance(message, Failure):
             self._execute(self.state.failure(routing_id, message, now))
+        elif isinstance(message, Progress):
+            self._execute(self.state.progress(routing_id, message, now))
         elif isinstance(message, Disconnect):
             log.info("worker %s leaves: %s", self._worker_name(routing_id), message.reason)
             self._execute(self._logging_requeues("left", lambda: self.state.disconnect(routing_id, now)))
@@ -219,15 +261,22 @@ class BrokerServer:
     def _register(self, routing_id: bytes, message: Register, now: float, user_id: str | None) -> list[Action]:
         reason = self._refusal(message, user_id)
         if reason is not None:
-            self.dropped["registrations_refused"] += 1
+            self.state.counters.registrations_refused += 1
             log.warning("refused worker %s: %s", message.worker_name, reason)
             return [ToWorker(routing_id, Disconnect(reason))]
-        if user_id is not None:
-            self.worker_keys[routing_id] = user_id.encode()
+        key = None if user_id is None else user_id.encode()
+        refused_before = self.state.counters.registrations_refused
+        actions = self._logging_requeues("registered again", lambda: self.state.register(routing_id, message, now, key))
+        if self.state.counters.registrations_refused != refused_before:
+            log.warning("refused worker %s: %s", message.worker_name,
+                        "; ".join(a.message.reason for a in actions if isinstance(a.message, Disconnect)))
+            return actions
+        if key is not None:
+            self.worker_keys[routing_id] = key
         log.info("worker %s registered: host %s gpu %d pid %d model %s on %s, max batch %d, capacity %d",
                  message.worker_name, message.host, message.gpu_id, message.pid, message.model_id,
                  message.device, message.batching.max_batch_size, message.capacity)
-        return self._logging_requeues("registered again", lambda: self.state.register(routing_id, message, now))
+        return actions
 
     def _refusal(self, message: Register, user_id: str | None) -> str | None:
         """Why this registration is refused, or None. With CurveZMQ on, the connection's key (its
@@ -249,11 +298,18 @@ class BrokerServer:
             beat = protocol.encode(WORKER_LINK, BrokerHeartbeat(self.state.epoch))
             for routing_id in list(self.state.workers):
                 self._send(self.worker_sock, routing_id, beat)
-            before = set(self.state.workers)
-            actions = self._logging_requeues("missed heartbeats", lambda: self.state.expire(self.clock()))
-            for routing_id in before - set(self.state.workers):
-                log.warning("worker %s missed %d heartbeats: declared dead, its requests requeued",
-                            routing_id.hex()[:8], self.settings.heartbeat_liveness)
+            before = {rid: w.info.worker_name for rid, w in self.state.workers.items()}
+            now = self.clock()
+            stuck = {w.routing_id for w in self.state.stuck_workers(now)}
+            actions = self._logging_requeues("missed heartbeats or made no progress",
+                                             lambda: self.state.expire(now))
+            for routing_id in set(before) - set(self.state.workers):
+                if routing_id in stuck:
+                    log.warning("worker %s sent no progress on the requests it held for %gs: declared stuck, "
+                                "its requests requeued", before[routing_id], self.settings.worker_progress_timeout_s)
+                else:
+                    log.warning("worker %s missed %d heartbeats: declared dead, its requests requeued",
+                                before[routing_id], self.settings.heartbeat_liveness)
             self._execute(actions)
             self._disconnect_revoked_workers()
 
@@ -290,8 +346,9 @@ class BrokerServer:
             record = self.state.requests.get(request_id)
             if (record is not None and record.worker != worker.routing_id
                     and self.state.workers.get(worker.routing_id) is not worker):
-                log.info("request %s requeued: worker %s %s", request_id, worker.info.worker_name, why,
-                         extra={"request_id": request_id})
+                label = record.message.label
+                log.info("request %s requeued: worker %s %s", request_name(request_id, label),
+                         worker.info.worker_name, why, extra=request_fields(request_id, label))
         return actions
 
     def _log_action(self, action: Action) -> None:
@@ -299,16 +356,16 @@ class BrokerServer:
         message = action.message
         if isinstance(message, Failure) and isinstance(action, ToClient):
             level = logging.DEBUG if message.code in _QUIET_FAILURES else logging.INFO
-            log.log(level, "request %s failed: %s: %s", message.request_id, message.code, message.message,
-                    extra={"request_id": message.request_id})
+            log.log(level, "request %s failed: %s: %s", request_name(message.request_id, action.label),
+                    message.code, message.message, extra=request_fields(message.request_id, action.label))
         elif not log.isEnabledFor(logging.DEBUG):
             return
         elif isinstance(message, Generate):
-            log.debug("request %s dispatched to worker %s", message.request_id, self._worker_name(action.routing_id),
-                      extra={"request_id": message.request_id})
+            log.debug("request %s dispatched to worker %s", request_name(message.request_id, message.label),
+                      self._worker_name(action.routing_id), extra=request_fields(message.request_id, message.label))
         elif isinstance(message, Result):
-            log.debug("request %s answered by worker %s, batch %s", message.request_id, message.worker_name,
-                      message.batch_id, extra={"request_id": message.request_id})
+            log.debug("request %s answered by worker %s, batch %s", request_name(message.request_id, action.label),
+                      message.worker_name, message.batch_id, extra=request_fields(message.request_id, action.label))
 
     def _execute(self, actions: list[Action], payload: Sequence[Any] = ()) -> None:
         # The stage trace's "sent" stages are written just before the send: once a result is sent, the

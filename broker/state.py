@@ -23,8 +23,10 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Union
 
+from broker.admission import Admission, WorkerSpeed
 from broker.balancing import Balancer, Candidate
 from gpu_worker.batcher import BatchKey
+from gpu_worker.cost_model import work_units
 from imagegen.protocol import (
     Cancel,
     Disconnect,
@@ -33,6 +35,7 @@ from imagegen.protocol import (
     Generate,
     Heartbeat,
     Message,
+    Progress,
     Register,
     Result,
     Welcome,
@@ -50,6 +53,7 @@ class ToWorker:
 class ToClient:
     client_id: bytes
     message: Message  # a Result is sent with the payload frames the worker sent
+    label: str = ""  # the request's label (its client's X-Request-ID), for the broker's log line only
 
 
 Action = Union[ToWorker, ToClient]
@@ -63,6 +67,9 @@ class BrokerPolicy:
     liveness: int = 5  # heartbeats a worker may miss before it is declared dead
     max_attempts: int = 3  # dispatches of one request before it fails with worker_lost
     fair_share: bool = True  # spread a backlog over the workers (see dispatch); False: greedy, as before
+    # A worker holding requests that sends no PROGRESS, RESULT or FAILURE for this long is stuck
+    # (it heartbeats, so liveness alone never catches it): removed like a dead one. 0: never.
+    progress_timeout_s: float = 120.0
 
     @property
     def worker_timeout_s(self) -> float:
@@ -77,6 +84,8 @@ class RequestRecord:
     attempts: int = 0
     worker: bytes | None = None  # routing id of the worker holding it
     dispatched_at: float | None = None
+    step: int | None = None  # its worker's latest PROGRESS: denoising step ``step`` of ``steps``
+    steps: int | None = None
 
 
 _EMPTY_STATUS = WorkerStatus("ready", 0, 0, 0, 0, 0, 0, 0.0, 0.0)
@@ -116,6 +125,10 @@ class WorkerRecord:
     sent_since_status: int = 0
     batch_started_at: float | None = None
     running_key: BatchKey | None = None
+    key: bytes | None = None  # the CurveZMQ public key it registered with (None: no authentication)
+    # The last sign that it works on what it holds (PROGRESS, RESULT, FAILURE; or the moment it
+    # was handed its first request while holding none): the progress deadline counts from here.
+    last_progress: float = 0.0
 
     @property
     def queue_depth(self) -> int:
@@ -140,6 +153,13 @@ class Counters:
     workers_expired: int = 0
     cancelled: int = 0
     rejected_draining: int = 0
+    rejected_too_costly: int = 0  # could not finish within its deadline even alone (broker/admission.py)
+    rejected_behind_queue: int = 0  # could, but not behind the work already queued: 503 with Retry-After
+    registrations_refused: int = 0  # a name held by a live worker, claimed by another connection
+    unregistered_messages: int = 0  # worker messages from a connection that is no registered worker
+    wrong_key_messages: int = 0  # from a worker's connection id, but not under the key it registered with
+    unassigned_answers: int = 0  # RESULT/FAILURE/PROGRESS for a request held by another worker or queued
+    workers_stuck: int = 0  # held requests past the progress deadline: removed, their work requeued
 
 
 class BrokerState:
@@ -158,6 +178,7 @@ class BrokerState:
         self.retired: dict[tuple[str, int], WorkerStatus] = {}
         self._registration_order = itertools.count()
         self.batch_times = BatchTimes()
+        self.admission = Admission()  # refuses at once what could not finish in time (broker/admission.py)
         self.draining = False
 
     def begin_drain(self) -> None:
@@ -176,10 +197,11 @@ class BrokerState:
         if held is not None and held.client_id == client_id:
             return []  # a resend of a request we already hold; its answer will come once
         if held is not None:
-            # Another gateway's request has this id (ids may come from clients' X-Request-ID): refuse
-            # it rather than drop it silently or mix the two up.
-            text = f"request id {message.request_id!r} is already in use; send a unique X-Request-ID"
-            return [ToClient(client_id, Failure(message.request_id, FailureCode.INVALID_REQUEST.value, text))]
+            # Gateways make request ids (uuid4) and never take them from clients, so this is a gateway's
+            # bug: refuse the newcomer rather than drop it silently or hand it the other's image.
+            text = f"request id {message.request_id!r} is already in use by another gateway's request"
+            return [ToClient(client_id, Failure(message.request_id, FailureCode.INVALID_REQUEST.value, text),
+                             message.label)]
         self.counters.requests_received += 1
         if self.draining:
             self.counters.rejected_draining += 1
@@ -189,16 +211,53 @@ class BrokerState:
             self.counters.rejected_overloaded += 1
             text = f"the broker's queue is full ({self.policy.max_queue_size} requests waiting); retry later"
             return [ToClient(client_id, Failure(message.request_id, FailureCode.OVERLOADED.value, text))]
+        refusal = self._admission_refusal(message, now)
+        if refusal is not None:
+            return [ToClient(client_id, refusal, message.label)]
         self.requests[message.request_id] = RequestRecord(client_id, message, now)
         self.queue.append(message.request_id)
         self._observe_depth()
         return self.dispatch(now)
 
+    def _admission_refusal(self, message: Generate, now: float) -> Failure | None:
+        """A request that could not finish within its deadline, alone or behind the work already
+        here, is refused at once rather than accepted and left to time out (broker/admission.py)."""
+        workers = [WorkerSpeed(w.info.worker_name, w.info.seconds_per_work_unit)
+                   for w in self.workers.values() if w.accepting]
+        verdict = self.admission.decide(BatchKey.of(message.params), message.deadline_s, self.units_ahead(),
+                                        workers, now)
+        if verdict.code is None:
+            return None
+        if verdict.code == FailureCode.TOO_COSTLY.value:
+            self.counters.rejected_too_costly += 1
+        else:
+            self.counters.rejected_behind_queue += 1
+        return Failure(message.request_id, verdict.code, verdict.message, verdict.retry_after_s)
+
+    def units_ahead(self) -> float:
+        """Work units (gpu_worker.cost_model.work_units) of every request held and not finished: in
+        full while queued, the part left by its latest PROGRESS once dispatched, half when a worker
+        holds it and has reported nothing yet (it may be running)."""
+        total = 0.0
+        for record in self.requests.values():
+            units = work_units(BatchKey.of(record.message.params))
+            if record.worker is None:
+                total += units
+            elif record.step is not None and record.steps:
+                total += units * max(0.0, 1.0 - record.step / record.steps)
+            else:
+                total += units * 0.5
+        return total
+
     def cancel(self, client_id: bytes, message: Cancel, now: float) -> list[Action]:
-        """The client gave up: forget the request; if a worker holds it, tell the worker to drop it."""
+        """Nobody waits for the request any more: forget it; if a worker holds it, tell the worker to drop it.
+
+        A request belongs to its id, not to the gateway connection that sent it: ids are made by the
+        gateways (122 random bits) and never shown to other clients, so any gateway may cancel one
+        (a restarted gateway, or another one serving the same client)."""
         record = self.requests.get(message.request_id)
-        if record is None or record.client_id != client_id:
-            return []  # already answered, or not this client's to cancel
+        if record is None:
+            return []  # already answered
         del self.requests[message.request_id]
         self.counters.cancelled += 1
         if record.worker is None:
@@ -224,20 +283,68 @@ class BrokerState:
 
     # ------------------------------------------------------------------ worker side
 
-    def register(self, routing_id: bytes, message: Register, now: float) -> list[Action]:
+    def register(self, routing_id: bytes, message: Register, now: float, key: bytes | None = None) -> list[Action]:
+        """A worker joins on connection ``routing_id`` (under CurveZMQ, with public key ``key``).
+
+        A name held by a live worker on another connection is never taken by a registration: that
+        would let anyone who reaches the port evict a worker and receive its requests. Another
+        connection gets the name only once the holder's record has expired (it missed its
+        heartbeats: a restarted worker retries until then) or when it proves the holder's key; a
+        worker that left with DISCONNECT freed its name at once. A connection may re-register,
+        also under a new name; its old record goes, its work requeued."""
+        holder = next((w for w in self.workers.values()
+                       if w.info.worker_name == message.worker_name and w.routing_id != routing_id), None)
+        if holder is not None and not self._may_take_over(holder, key, now):
+            self.counters.registrations_refused += 1
+            text = (f"worker name {message.worker_name!r} belongs to a live worker (heard from "
+                    f"{now - holder.last_seen:.1f}s ago); a restarted worker is admitted once the old one misses "
+                    f"its heartbeats ({self.policy.worker_timeout_s:g}s), so retry then; a different worker "
+                    f"needs its own WORKER_NAME")
+            return [ToWorker(routing_id, Disconnect(text))]
         actions: list[Action] = []
-        # A restarted worker comes back under its old name with a new connection, and a connection
-        # may re-register under a new name: either way the old record goes, its work requeued.
-        for old in [w for w in self.workers.values()
-                    if w.info.worker_name == message.worker_name or w.routing_id == routing_id]:
+        for old in [w for w in (holder, self.workers.get(routing_id)) if w is not None]:
             actions += self._remove_worker(old.routing_id, now, f"{message.worker_name} re-registered")
         self.retired.pop((message.worker_name, message.pid), None)
         self.workers[routing_id] = WorkerRecord(
-            routing_id, message, now, now, order=next(self._registration_order)
+            routing_id, message, now, now, order=next(self._registration_order), key=key, last_progress=now
         )
         self.counters.workers_registered += 1
         actions.append(ToWorker(routing_id, Welcome(self.epoch, self.policy.heartbeat_interval_s)))
         return actions + self.dispatch(now)
+
+    def _may_take_over(self, holder: WorkerRecord, key: bytes | None, now: float) -> bool:
+        return now - holder.last_seen > self.policy.worker_timeout_s or (key is not None and key == holder.key)
+
+    def check_sender(self, routing_id: bytes, key: bytes | None, message: Message, now: float) -> list[Action] | None:
+        """None if ``message`` (not a REGISTER) from connection ``routing_id``, which carries ``key``,
+        may be handled as its worker's; else the actions that refuse it.
+
+        Only a registered worker's connection speaks for it: anything else is told to register
+        again (a DISCONNECT is just dropped). Under CurveZMQ the key must also be the one the worker
+        registered with: another key on that connection id means the worker's connection is gone
+        and someone else holds its id, so the worker is removed (its work requeued) before it can
+        be sent another prompt."""
+        worker = self.workers.get(routing_id)
+        if worker is None:
+            self.counters.unregistered_messages += 1
+            return [] if isinstance(message, Disconnect) else [
+                ToWorker(routing_id, Disconnect("unknown worker: register again"))]
+        if worker.key != key:
+            self.counters.wrong_key_messages += 1
+            actions = self._remove_worker(routing_id, now, "its connection changed key") + self.dispatch(now)
+            return actions + [ToWorker(routing_id, Disconnect(
+                "this connection's key is not the one its worker registered with: register again"))]
+        return None
+
+    def _holds(self, worker: WorkerRecord, request_id: str) -> bool:
+        """Whether ``worker`` may speak for ``request_id``. A request held by another worker, or
+        queued, is not its to answer: dropped and counted (a stranger must never answer for
+        another). One it no longer holds and nobody does (answered, cancelled) is a late duplicate."""
+        if request_id in worker.in_flight:
+            return True
+        if request_id in self.requests:
+            self.counters.unassigned_answers += 1
+        return False
 
     def heartbeat(self, routing_id: bytes, message: Heartbeat, now: float) -> list[Action]:
         worker = self.workers.get(routing_id)
@@ -259,6 +366,13 @@ class BrokerState:
 
     def result(self, routing_id: bytes, message: Result, now: float) -> list[Action]:
         """A worker finished a request: forward the image to its client (first answer wins)."""
+        worker = self.workers.get(routing_id)
+        if worker is None:
+            return [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
+        if not self._holds(worker, message.request_id):
+            if message.request_id not in self.requests:
+                self.counters.duplicate_results += 1  # answered or cancelled already
+            return []
         record = self._finish(routing_id, message.request_id, now)
         if record is None:
             return self.dispatch(now)
@@ -266,16 +380,37 @@ class BrokerState:
         if message.generation_ms > 0:
             self.batch_times.observe(BatchKey.of(record.message.params), message.generation_ms / 1000.0,
                                      message.batch_size)
+            self.admission.observe(message.worker_name, BatchKey.of(record.message.params), message.batch_size,
+                                   message.generation_ms / 1000.0, now)
         broker_wait_ms = ((record.dispatched_at or record.received_at) - record.received_at) * 1000.0
         forwarded = replace(message, queue_wait_ms=message.queue_wait_ms + broker_wait_ms)
-        return [ToClient(record.client_id, forwarded)] + self.dispatch(now)
+        return [ToClient(record.client_id, forwarded, record.message.label)] + self.dispatch(now)
 
     def failure(self, routing_id: bytes, message: Failure, now: float) -> list[Action]:
+        worker = self.workers.get(routing_id)
+        if worker is None:
+            return [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
+        if not self._holds(worker, message.request_id):
+            if message.request_id not in self.requests:
+                self.counters.duplicate_results += 1  # answered or cancelled already
+            return []
         record = self._finish(routing_id, message.request_id, now)
         if record is None:
             return self.dispatch(now)
         self.counters.requests_failed += 1
-        return [ToClient(record.client_id, message)] + self.dispatch(now)
+        return [ToClient(record.client_id, message, record.message.label)] + self.dispatch(now)
+
+    def progress(self, routing_id: bytes, message: Progress, now: float) -> list[Action]:
+        """A running request of this worker reached a denoising step: the worker is not stuck."""
+        worker = self.workers.get(routing_id)
+        if worker is None:
+            return [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
+        if not self._holds(worker, message.request_id):
+            return []
+        worker.last_progress = worker.last_seen = now
+        record = self.requests[message.request_id]
+        record.step, record.steps = message.step, message.steps
+        return []
 
     def disconnect(self, routing_id: bytes, now: float) -> list[Action]:
         """A worker says goodbye; whatever it still held goes back to the front of the queue."""
@@ -294,22 +429,77 @@ class BrokerState:
         for worker in expired:
             self.counters.workers_expired += 1
             actions += self._remove_worker(worker.routing_id, now, "missed heartbeats")
+        # Heartbeats only show that a worker's process is there, not that it works: one that holds
+        # requests and reports no progress on them (a hung GPU, or a peer that takes work and never
+        # answers) would keep them until their deadlines. It is removed like a dead one and told so.
+        stuck = self.stuck_workers(now)
+        for worker in stuck:
+            self.counters.workers_stuck += 1
+            actions += self._remove_worker(worker.routing_id, now, "made no progress")
+            actions.append(ToWorker(worker.routing_id, Disconnect(
+                f"no progress on the requests it held for {self.policy.progress_timeout_s:g}s: "
+                f"declared stuck, its requests went to other workers")))
+        expired += stuck
         # Dispatch whenever a worker went, not only when a request failed: requeued work needs a new home.
         return actions + (self.dispatch(now) if expired else [])
 
+    def stuck_workers(self, now: float) -> list[WorkerRecord]:
+        """Workers holding requests with no PROGRESS, RESULT or FAILURE for longer than the policy's
+        progress_timeout_s (0: never stuck)."""
+        timeout_s = self.policy.progress_timeout_s
+        if timeout_s <= 0:
+            return []
+        return [w for w in self.workers.values() if w.in_flight and now - w.last_progress > timeout_s]
+
+    def expire_deadlines(self, now: float) -> list[Action]:
+        """Answer every request past its deadline, queued here or held by a worker (the broker's
+        deadline timer calls it often, so the client hears where its request was before the gateway's
+        own timer gives up); a worker holding one is told to drop it (CANCEL: it stops the request at
+        its next denoising step) and its credit goes to the next request."""
+        return self._expire_deadlines(now)
+
     def _expire_deadlines(self, now: float) -> list[Action]:
         late = [rid for rid in self.queue if self._past_deadline(self.requests[rid], now)]
+        actions: list[Action] = []
         for request_id in late:
+            text = self.where(request_id)
             self.queue.remove(request_id)
-        return [self._fail_late(request_id) for request_id in late]
+            actions.append(self._fail_late(request_id, text))
+        held = [rid for rid, record in self.requests.items()
+                if record.worker is not None and self._past_deadline(record, now)]
+        for request_id in held:
+            record = self.requests[request_id]
+            text = self.where(request_id)
+            worker = self.workers.get(record.worker)
+            if worker is not None:
+                worker.in_flight.discard(request_id)
+                actions.append(ToWorker(record.worker, Cancel(request_id)))
+            actions.append(self._fail_late(request_id, text))
+        return actions + (self.dispatch(now) if held else [])
+
+    def where(self, request_id: str) -> str:
+        """Where a request is, for the message that tells its client it ran out of time."""
+        record = self.requests[request_id]
+        deadline = f"its deadline ({record.message.deadline_s:g} s, REQUEST_TIMEOUT_S) passed"
+        if record.worker is None:
+            if not self.workers:
+                return f"{deadline} while it was queued at the broker: no GPU worker is registered"
+            position = list(self.queue).index(request_id) + 1 if request_id in self.queue else 1
+            busy = "all busy" if self.accepting_workers() else "none accepting work"
+            return (f"{deadline} while it was still queued at the broker (position {position} of {len(self.queue)}; "
+                    f"{len(self.workers)} workers, {busy})")
+        worker = self.workers.get(record.worker)
+        name = worker.info.worker_name if worker is not None else record.worker.hex()[:8]
+        if record.step is None:
+            return f"{deadline} while it was still queued at worker {name}"
+        return f"{deadline} while it was being generated on worker {name} (step {record.step} of {record.steps})"
 
     def _past_deadline(self, record: RequestRecord, now: float) -> bool:
         return now > record.received_at + record.message.deadline_s
 
-    def _fail_late(self, request_id: str) -> ToClient:
+    def _fail_late(self, request_id: str, text: str | None = None) -> ToClient:
         self.counters.deadline_expired += 1
-        return self._fail(request_id, FailureCode.DEADLINE_EXCEEDED,
-                          "the request waited in the broker's queue past its deadline")
+        return self._fail(request_id, FailureCode.DEADLINE_EXCEEDED, text or self.where(request_id))
 
     # ------------------------------------------------------------------ dispatch
 
@@ -337,6 +527,8 @@ class BrokerState:
                 break
             self.queue.popleft()
             worker = self.workers[chosen]
+            if not worker.in_flight:
+                worker.last_progress = now  # the progress deadline counts from its first request
             worker.in_flight.add(request_id)
             worker.sent_since_status += 1
             record.worker, record.dispatched_at = chosen, now
@@ -418,7 +610,7 @@ class BrokerState:
         worker = self.workers.get(routing_id)
         if worker is not None:
             worker.in_flight.discard(request_id)
-            worker.last_seen = now
+            worker.last_seen = worker.last_progress = now
         record = self.requests.pop(request_id, None)
         if record is None:
             self.counters.duplicate_results += 1
@@ -432,7 +624,7 @@ class BrokerState:
     def _fail(self, request_id: str, code: FailureCode, text: str) -> ToClient:
         record = self.requests.pop(request_id)
         self.counters.requests_failed += 1
-        return ToClient(record.client_id, Failure(request_id, code.value, text))
+        return ToClient(record.client_id, Failure(request_id, code.value, text), record.message.label)
 
     def _remove_worker(self, routing_id: bytes, now: float, why: str) -> list[Action]:
         worker = self.workers.pop(routing_id)

@@ -17,15 +17,18 @@ from gateway.auth import api_key_middleware, load_api_keys
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.context import BODY_STALLED, BROKER, FAILURE_STATUS, IMAGES, METRICS, SETTINGS, read_json_body
-from gateway.images import ImageStore, new_image_id, png_size
+from gateway.context import broker_silent_text, retry_after_s
+from gateway.images import ImageStore, StorageUnavailable, new_image_id, png_size
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import OUTCOME, GatewayMetrics, metrics_middleware
 from gateway.openapi import openapi_handler
-from gateway.request_ids import request_id_middleware, request_id_of
-from gateway.openai_api import images_generations
+from gateway.readiness import readiness
+from gateway.request_ids import request_id_middleware, request_id_of, request_label_of
+from gateway.openai_api import images_generations, openai_error
 from gateway.validation import FieldError, GenerateRequest, parse_generate_request
 from gateway.web_page import index_page
 from imagegen import stage_trace
+from imagegen.logs import request_fields, request_name
 from imagegen.protocol import Result
 
 log = logging.getLogger(__name__)
@@ -57,34 +60,67 @@ async def close_stalled_connections(request: web.Request, handler) -> web.Stream
 
 
 @web.middleware
+async def close_stalled_connections(request: web.Request, handler) -> web.StreamResponse:
+    """After the answer to a request whose body stopped arriving (read_json_body's 408), close the
+    connection at once rather than wait, lingering, for the rest of a body that is not coming. It
+    runs outermost, so the answer is sent with every header the other middlewares add."""
+    response = await handler(request)
+    if request.get(BODY_STALLED):
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+    return response
+
+
+@web.middleware
 async def json_errors(request: web.Request, handler) -> web.StreamResponse:
-    """Every error, aiohttp's own 404/405/413 included, answers with the same JSON shape."""
+    """Every error, aiohttp's own 404/405/413 included, answers with the same JSON shape (under
+    /v1/, OpenAI's). A 404 lists the endpoints; a 405 names the allowed methods (and sends Allow)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason,
-                              headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+        code, message = exc.reason.lower().replace(" ", "_"), exc.text or exc.reason
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+            headers = {"Allow": allowed}
+        elif isinstance(exc, web.HTTPNotFound) and request.match_info.route.resource is None:
+            message = f"no endpoint at {request.path}; endpoints: {', '.join(_endpoints(request.app))}"
+        if request.path.startswith("/v1/"):
+            response = openai_error(exc.status, message, code=code, headers=headers)
+            response[OUTCOME] = code
+            return response
+        return error_response(exc.status, code, message, headers=headers)
+
+
+def _endpoints(app: web.Application) -> list[str]:
+    """"METHOD /path" of every route (HEAD goes with GET, so it is left out)."""
+    return sorted({f"{route.method} {route.resource.canonical}" for route in app.router.routes()
+                   if route.method != "HEAD" and route.resource is not None})
 
 
 async def generate(request: web.Request) -> web.Response:
-    """POST /generate; logs the request's id (X-Request-ID) with its answer's status and duration."""
+    """POST /generate; logs the request's id (and the client's X-Request-ID, its label) with its
+    answer's status and duration."""
     started = time.perf_counter()
-    request_id = request_id_of(request)
+    request_id, label = request_id_of(request), request_label_of(request)
+    name, fields = request_name(request_id, label), request_fields(request_id, label)
     stage_trace.stage("gateway_received", request_id)
     try:
-        response = await _generate(request, request_id, started)
+        response = await _generate(request, request_id, label, started)
     except asyncio.CancelledError:
-        log.info("request %s: the client went away after %.3fs", request_id, time.perf_counter() - started,
-                 extra={"request_id": request_id})
+        log.info("request %s: the client went away after %.3fs", name, time.perf_counter() - started, extra=fields)
         raise
-    log.info("request %s: %d %s in %.3fs", request_id, response.status, response.get(OUTCOME) or "ok",
-             time.perf_counter() - started, extra={"request_id": request_id})
+    log.info("request %s: %d %s in %.3fs", name, response.status, response.get(OUTCOME) or "ok",
+             time.perf_counter() - started, extra=fields)
     return response
 
 
-async def _generate(request: web.Request, request_id: str, started: float) -> web.Response:
+async def _generate(request: web.Request, request_id: str, label: str, started: float) -> web.Response:
     settings = request.app[SETTINGS]
     try:
         body = await read_json_body(request, settings.max_request_bytes)
@@ -92,18 +128,18 @@ async def _generate(request: web.Request, request_id: str, started: float) -> we
     except FieldError as exc:
         return error_response(exc.status, exc.code or "invalid_request", exc.message, exc.field)
     params = parsed.params
-    log.info("request %s accepted: %dx%d, %d steps", request_id, params.width, params.height,
-             params.num_inference_steps, extra={"request_id": request_id})
+    log.info("request %s accepted: %dx%d, %d steps", request_name(request_id, label), params.width, params.height,
+             params.num_inference_steps, extra=request_fields(request_id, label))
     try:
         with request.app[METRICS].requests_waiting.track_inprogress():
             stage_trace.stage("gateway_sent_request", request_id)
-            result, png = await request.app[BROKER].generate(request_id, params, settings.request_timeout_s)
+            result, png = await request.app[BROKER].generate(request_id, params, settings.request_timeout_s,
+                                                                 label=label)
             stage_trace.stage("gateway_got_result", request_id)
     except BrokerFailure as exc:
         return _failure_response(exc, settings)
     except asyncio.TimeoutError:
-        return error_response(504, "timeout", f"no image within REQUEST_TIMEOUT_S={settings.request_timeout_s:g}s; "
-                                              "the service is overloaded or no GPU worker is running")
+        return error_response(504, "timeout", broker_silent_text(settings))
     request.app[METRICS].observe_result(result)
     if png_size(png) != (parsed.params.width, parsed.params.height):
         log.error("request %s: worker %s sent an image of size %s, expected %dx%d", request_id,
@@ -111,14 +147,17 @@ async def _generate(request: web.Request, request_id: str, started: float) -> we
                   extra={"request_id": request_id})
         return error_response(502, "bad_worker_output", "the worker returned an image of the wrong size")
     image_id = new_image_id()
-    await asyncio.get_running_loop().run_in_executor(None, request.app[IMAGES].save, image_id, png)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, request.app[IMAGES].save, image_id, png)
+    except StorageUnavailable as exc:
+        return error_response(503, "storage_unavailable", str(exc), headers={"Retry-After": str(settings.retry_after_s)})
     stage_trace.stage("gateway_saved_image", request_id)
     return web.json_response(_success_body(request, parsed, result, image_id, started))
 
 
 def _failure_response(exc: BrokerFailure, settings: GatewaySettings) -> web.Response:
     status = FAILURE_STATUS.get(exc.code, 500)
-    headers = {"Retry-After": str(settings.retry_after_s)} if status == 503 else None
+    headers = {"Retry-After": str(retry_after_s(exc, settings))} if status == 503 else None
     return error_response(status, exc.code, exc.message, headers=headers)
 
 
@@ -173,23 +212,27 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the broker answers and at least one worker is registered."""
+    """Readiness (gateway/readiness.py decides): the broker answers, a worker accepts work, and the
+    image folder takes images."""
+    store_problem = await asyncio.get_running_loop().run_in_executor(None, request.app[IMAGES].problem)
     try:
         document = await request.app[BROKER].stats(READY_TIMEOUT_S)
     except asyncio.TimeoutError:
-        return web.json_response({"status": "not_ready", "reason": "the broker does not answer"}, status=503)
-    workers = document.get("num_gpus", 0)
-    if workers < 1:
-        return web.json_response({"status": "not_ready", "reason": "no GPU worker is registered"}, status=503)
-    return web.json_response({"status": "ready", "workers": workers})
+        document = None
+    status, body = readiness(document, store_problem)
+    return web.json_response(body, status=status)
 
 
 async def image(request: web.Request) -> web.StreamResponse:
+    """GET /images/<id>.png: a regular file of the image folder, never through a symbolic link."""
     name = request.match_info["name"]
-    path = request.app[IMAGES].path_for(name.removesuffix(".png")) if name.endswith(".png") else None
-    if path is None or not path.is_file():
+    data = None
+    if name.endswith(".png"):
+        data = await asyncio.get_running_loop().run_in_executor(None, request.app[IMAGES].read,
+                                                                name.removesuffix(".png"))
+    if data is None:
         return error_response(404, "not_found", f"no image named {name!r} (images expire; see IMAGE_RETENTION_S)")
-    return web.FileResponse(path, headers={"Content-Type": "image/png", "Cache-Control": "public, max-age=86400"})
+    return web.Response(body=data, headers={"Content-Type": "image/png", "Cache-Control": "public, max-age=86400"})
 
 
 async def _broker_link(app: web.Application) -> AsyncIterator[None]:

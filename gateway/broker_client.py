@@ -43,14 +43,20 @@ from imagegen.sockets import make_dealer
 
 log = logging.getLogger(__name__)
 
+# The broker answers a request past its deadline itself, saying where it was (queued, or at which
+# step on which worker; broker.server checks every 0.2 s): the gateway waits this long past
+# REQUEST_TIMEOUT_S for that answer before it gives up on its own (504 "the broker did not answer").
+BROKER_ANSWER_GRACE_S = 2.0
+
 
 class BrokerFailure(Exception):
     """The broker or a worker ended a request without an image (code: a FailureCode value)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float = 0.0) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # the broker's estimate of when a retry may succeed; 0: none
 
 
 @dataclass
@@ -104,22 +110,26 @@ class BrokerClient:
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float) -> tuple[Result, bytes]:
+    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
+                       label: str = "") -> tuple[Result, bytes]:
         """The image for ``params`` (PNG bytes) and how it was made; raises BrokerFailure or TimeoutError.
 
-        If the caller is cancelled or times out, the broker is told to drop the request."""
+        ``request_id`` is service-made (gateway/request_ids.py); ``label``, the client's X-Request-ID,
+        only travels to the logs. If the caller is cancelled or times out, the broker is told to
+        drop the request."""
         if len(self.waiting) >= self.max_pending:
             raise BrokerFailure(FailureCode.OVERLOADED.value,
                                 f"the gateway already has {self.max_pending} requests waiting; retry later")
         answered = False
         try:
-            message, payload = await self._ask(request_id, Generate(request_id, params, timeout_s), timeout_s)
+            message, payload = await self._ask(request_id, Generate(request_id, params, timeout_s, label),
+                                               timeout_s + BROKER_ANSWER_GRACE_S)
             answered = True
         finally:
             if not answered:
                 self._send(Cancel(request_id))
         if isinstance(message, Failure):
-            raise BrokerFailure(message.code, message.message)
+            raise BrokerFailure(message.code, message.message, message.retry_after_s)
         return message, bytes(payload[0])
 
     async def stats(self, timeout_s: float = 2.0) -> dict[str, Any]:

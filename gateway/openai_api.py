@@ -34,7 +34,6 @@ import base64
 import random
 import re
 import time
-import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,8 +42,9 @@ from aiohttp import web
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.context import BROKER, FAILURE_STATUS, IMAGES, METRICS, SETTINGS, read_json_body
-from gateway.images import new_image_id, png_size
-from gateway.request_ids import request_id_of
+from gateway.context import broker_silent_text, retry_after_s
+from gateway.images import StorageUnavailable, new_image_id, png_size
+from gateway.request_ids import new_request_id, request_label_of
 from gateway.validation import FieldError, parse_generate_request
 from imagegen.protocol import MAX_SEED, GenerationParams, Result
 
@@ -53,7 +53,10 @@ RESPONSE_FORMATS = ("url", "b64_json")
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
 # Fields of POST /generate accepted here too, passed through to its validator unchanged.
 EXTENSION_FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "seed")
-SIZE_PATTERN = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+# Used with fullmatch: "$" would also accept a trailing newline. Any number of digits, so that
+# "1000000x5" is told which bound it breaks rather than that its format is wrong.
+SIZE_PATTERN = re.compile(r"([0-9]+)x([0-9]+)")
+MAX_SIZE_CHARS = 32
 
 
 class UnknownField(FieldError):
@@ -98,7 +101,9 @@ def parse_images_request(body: Any, settings: GatewaySettings, rng: random.Rando
     try:
         first = parse_generate_request(generate_body, settings, rng).params
     except FieldError as exc:
-        raise FieldError("size" if exc.field in ("width", "height") else exc.field, exc.message, exc.status) from None
+        if exc.field in ("width", "height"):
+            raise FieldError("size", f"size {body.get('size')!r}: {exc.message}", exc.status) from None
+        raise
     return ImagesRequest(_with_seeds(first, n, body.get("seed") is not None, rng), response_format)
 
 
@@ -116,7 +121,7 @@ def _size(value: Any) -> dict[str, int]:
     """``"WxH"`` as /generate's width and height; ``"auto"`` or None: the defaults."""
     if value is None or value == "auto":
         return {}
-    match = SIZE_PATTERN.match(value) if isinstance(value, str) else None
+    match = SIZE_PATTERN.fullmatch(value) if isinstance(value, str) and len(value) <= MAX_SIZE_CHARS else None
     if match is None:
         raise FieldError("size", f"size must be a string 'WIDTHxHEIGHT' such as '512x512' (or 'auto'), got {value!r}")
     return {"width": int(match[1]), "height": int(match[2])}
@@ -134,16 +139,15 @@ def _with_seeds(first: GenerationParams, n: int, seeded: bool,
 
 
 async def generate_all(broker: Any, images: tuple[GenerationParams, ...], timeout_s: float,
-                       request_id: str | None = None) -> list[tuple[Result, bytes]]:
+                       label: str = "") -> list[tuple[Result, bytes]]:
     """Send every image's request at once (so they can share a batch) and wait for all of them.
 
-    Image i's id is ``<request_id>.<i>``, so the HTTP request's X-Request-ID finds all of them in
-    the broker's and workers' logs. The first failure cancels the others (the broker client tells
-    the broker to drop them) and is raised; so does cancellation of the caller (its HTTP client
-    went away)."""
-    request_id = request_id or uuid.uuid4().hex
-    tasks = [asyncio.ensure_future(broker.generate(f"{request_id}.{i}", params, timeout_s))
-             for i, params in enumerate(images)]
+    Each image is a request of its own with a fresh service-made id; all carry the HTTP request's
+    label (the client's X-Request-ID), so one grep finds all of them in the broker's and workers'
+    logs. The first failure cancels the others (the broker client tells the broker to drop them) and
+    is raised; so does cancellation of the caller (its HTTP client went away)."""
+    tasks = [asyncio.ensure_future(broker.generate(new_request_id(), params, timeout_s, label=label))
+             for params in images]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
@@ -163,19 +167,22 @@ async def images_generations(request: web.Request) -> web.Response:
         return openai_error(exc.status, exc.message, param=exc.field, code=code)
     try:
         made = await generate_all(request.app[BROKER], parsed.images, settings.request_timeout_s,
-                                  request_id_of(request))
+                                  request_label_of(request))
     except BrokerFailure as exc:
         status = FAILURE_STATUS.get(exc.code, 500)
-        headers = {"Retry-After": str(settings.retry_after_s)} if status == 503 else None
+        headers = {"Retry-After": str(retry_after_s(exc, settings))} if status == 503 else None
         return openai_error(status, exc.message, code=exc.code, headers=headers)
     except asyncio.TimeoutError:
-        return openai_error(504, f"no image within REQUEST_TIMEOUT_S={settings.request_timeout_s:g}s; the service "
-                                 "is overloaded or no GPU worker is running", code="timeout")
+        return openai_error(504, broker_silent_text(settings), code="timeout")
     for result, _ in made:
         request.app[METRICS].observe_result(result)
     if any(png_size(png) != (p.width, p.height) for p, (_, png) in zip(parsed.images, made)):
         return openai_error(502, "a worker returned an image of the wrong size", code="bad_worker_output")
-    data = [await _image_entry(request, parsed.response_format, png) for _, png in made]
+    try:
+        data = [await _image_entry(request, parsed.response_format, png) for _, png in made]
+    except StorageUnavailable as exc:
+        return openai_error(503, str(exc), code="storage_unavailable",
+                            headers={"Retry-After": str(settings.retry_after_s)})
     return web.json_response({"created": int(time.time()), "data": data})
 
 
@@ -208,7 +215,8 @@ def openapi_schemas(settings: GatewaySettings) -> dict[str, Any]:
                            "description": "What to draw: at least one non-whitespace character."},
                 "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_N, "default": 1,
                       "description": "How many images; they are generated together (batched)."},
-                "size": {"type": ["string", "null"], "pattern": r"^(auto|[0-9]{1,5}x[0-9]{1,5})$",
+                "size": {"type": ["string", "null"], "pattern": r"^(auto|[0-9]+x[0-9]+)$",
+                         "maxLength": MAX_SIZE_CHARS,
                          "default": f"{s.default_width}x{s.default_height}",
                          "description": f"WIDTHxHEIGHT, each a multiple of 8 in {s.min_image_side}.."
                                         f"{s.max_image_side}, at most {s.max_image_pixels} pixels; "
@@ -274,10 +282,13 @@ def openapi_paths(settings: GatewaySettings) -> dict[str, Any]:
             "200": answer("All n images.", "ImagesResponse"),
             "400": answer("A field is wrong; error.param names it.", "OpenAIError"),
             "401": answer("API keys are configured and none valid was sent (code invalid_api_key).", "OpenAIError"),
+            "408": answer(f"The body did not arrive within GATEWAY_BODY_TIMEOUT_S={settings.body_timeout_s:g}s "
+                          "(code body_timeout).", "OpenAIError"),
             "413": answer(f"The body exceeds {settings.max_request_bytes} bytes.", "OpenAIError"),
             "500": answer("Generation failed (code generation_failed).", "OpenAIError"),
             "502": answer("A worker returned an image of the wrong size.", "OpenAIError"),
-            "503": answer("Overloaded, shutting down or worker lost (code says which).", "OpenAIError", True),
+            "503": answer("Overloaded, shutting down, worker lost, or the image folder cannot take the images "
+                          "(storage_unavailable; b64_json stores nothing) (code says which).", "OpenAIError", True),
             "504": answer("No images within REQUEST_TIMEOUT_S.", "OpenAIError"),
         },
     }}}

@@ -12,7 +12,12 @@ thread-safe):
   flow while the GPU computes). A batch the batcher marks preemptible (a lone request started
   instead of held, gpu_worker/preemption.py) is stopped at its next step boundary when a request
   that could join it arrives in time; its request goes back to the queue and runs with the
-  newcomers.
+  newcomers. Every batch is also stopped at its next step boundary when rows nobody waits for any
+  more (a CANCEL from the broker, or the row's own deadline passing while it runs) make stopping
+  worth it (gpu_worker.preemption.abandon_decision): its wanted rows go back to the queue and run
+  again; otherwise it finishes and only the wanted rows' images are sent. While a batch runs, each
+  of its requests gets a PROGRESS message at its start (step 0) and then at most one every
+  PROGRESS_INTERVAL_S.
 
 PNG encoding runs in its own thread pools and overlaps the GPU's work: a batch's images are handed
 over part by part as the VAE decodes them (gpu_worker.decoding), each part's PNGs are compressed
@@ -37,11 +42,12 @@ from typing import Any, Protocol, Sequence
 from gpu_worker import png
 from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig
 from gpu_worker.pipelines import BatchSettings, GenerationJob
-from gpu_worker.preemption import BatchPreempted, Preemption
+from gpu_worker.preemption import AbandonDecision, BatchPreempted, Preemption, ProgressLimiter
 from gpu_worker.stats import WorkerCounters
 from gpu_worker.link import BrokerLink
 from gpu_worker.oom import OnImages, OomSplittingBackend
 from imagegen import stage_trace
+from imagegen.logs import request_fields, request_name
 from imagegen.sockets import CurveClientKeys
 from imagegen.protocol import (
     BatchingConfig,
@@ -51,6 +57,7 @@ from imagegen.protocol import (
     FailureCode,
     Generate,
     Heartbeat,
+    Progress,
     Register,
     Result,
 )
@@ -58,6 +65,9 @@ from imagegen.protocol import (
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 300.0
+# At most one PROGRESS message per running request this often (its first, step 0, always goes; the
+# last step is never reported: the RESULT follows it).
+PROGRESS_INTERVAL_S = 0.5
 # PNG encoding (gpu_worker/png.py, ISA-L) of one 1024x1024 image takes 1-6 ms of CPU on the GPU
 # hosts: encode a batch's images in parallel so delivery keeps up with the GPU, and split large
 # images (png.MIN_STRIPE_BYTES) into stripes on a second pool (a pool's thread never waits on its
@@ -69,9 +79,11 @@ PNG_STRIPE_THREADS = max(1, min(16, (os.cpu_count() or 2) - 2))
 LOGGED_ID_CHARS = 8  # request ids in the per-batch INFO line are cut to this; JSON logs carry them whole
 
 
-def short_ids(request_ids: Sequence[str]) -> str:
-    """Request ids for a log line a human reads: the first LOGGED_ID_CHARS characters of each."""
-    return " ".join(request_id[:LOGGED_ID_CHARS] for request_id in request_ids)
+def short_ids(request_ids: Sequence[str], labels: Sequence[str] = ()) -> str:
+    """Request ids for a log line a human reads: the first LOGGED_ID_CHARS characters of each, with
+    its client's label (X-Request-ID) where it has one, so a grep for the label finds the line."""
+    labels = list(labels) or [""] * len(request_ids)
+    return " ".join(request_name(request_id[:LOGGED_ID_CHARS], label) for request_id, label in zip(request_ids, labels))
 
 
 class ImageBackend(Protocol):
@@ -115,11 +127,12 @@ def timed_call(call: Any, *args: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - began
 
 
-def registration(identity: WorkerIdentity, policy: BatchPolicyConfig, capacity: int, auto: bool) -> Register:
+def registration(identity: WorkerIdentity, policy: BatchPolicyConfig, capacity: int, auto: bool,
+                 seconds_per_work_unit: float = 0.0) -> Register:
     """What the worker registers with (again after every reconnect, with the policy of the moment)."""
     return Register(worker_name=identity.name, host=identity.host, gpu_id=identity.gpu_id, pid=os.getpid(),
                     model_id=identity.model_id, device=identity.device, capacity=capacity,
-                    batching=batching_report(policy, auto))
+                    batching=batching_report(policy, auto), seconds_per_work_unit=seconds_per_work_unit)
 
 
 def batching_report(config: BatchPolicyConfig, auto: bool) -> BatchingConfig:
@@ -180,8 +193,10 @@ class Worker:
     def __init__(self, identity: WorkerIdentity, backend: ImageBackend, policy: BatchPolicyConfig,
                  capacity: int, broker_address: str, heartbeat_interval_s: float, liveness: int = 5,
                  max_batch_size_auto: bool = False, clock=time.monotonic, batcher: Batcher | None = None,
-                 curve: CurveClientKeys | None = None, gpu_thread: ThreadPoolExecutor | None = None) -> None:
+                 curve: CurveClientKeys | None = None, gpu_thread: ThreadPoolExecutor | None = None,
+                 seconds_per_work_unit: float = 0.0) -> None:
         self.identity = identity
+        self.seconds_per_work_unit = seconds_per_work_unit  # measured at warm-up; reported for admission
         # A batch that runs out of GPU memory is split and retried in halves (gpu_worker/oom.py).
         self.backend = OomSplittingBackend(backend, on_oom=self._out_of_memory_in_gpu_thread)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -195,8 +210,11 @@ class Worker:
         self.deadlines: dict[str, float] = {}  # request id -> instant (our clock) its client gives up
         self.counters = WorkerCounters()
         self.running_batch: Batch[Generate] | None = None  # the batch in the GPU thread (its status, an OOM report)
-        self.preemption: Preemption | None = None  # the running batch's stop signal, if preemptible
-        self.cancelled_while_running: set[str] = set()  # ids of the running preemptible batch cancelled meanwhile
+        self.preemption: Preemption | None = None  # the running batch's stop signal
+        self.cancelled_while_running: set[str] = set()  # ids of the running batch nobody waits for any more
+        self.running_rows: dict[str, int] = {}  # request id -> its row in the running batch
+        self.running_deadlines: dict[str, float] = {}  # the running rows' deadlines (our clock)
+        self.progress_limiter = ProgressLimiter(PROGRESS_INTERVAL_S, clock)
         self.state = "ready"
         self.arrival = asyncio.Event()
         self.batch_seq = 0
@@ -271,7 +289,8 @@ class Worker:
     # ------------------------------------------------------------------ broker link
 
     def _registration(self) -> Register:
-        return registration(self.identity, self.policy, self.capacity, self.max_batch_size_auto)
+        return registration(self.identity, self.policy, self.capacity, self.max_batch_size_auto,
+                            self.seconds_per_work_unit)
 
     def _on_message(self, message: object) -> None:
         if isinstance(message, Generate):
@@ -281,10 +300,21 @@ class Worker:
                 self.deadlines.pop(message.request_id, None)
                 log.info("request %s cancelled before its batch started", message.request_id,
                          extra={"request_id": message.request_id})
-            elif self.running_batch is not None and self.running_batch.preemptible_until is not None:
-                self.cancelled_while_running.add(message.request_id)  # not queued again if its batch stops
+            elif message.request_id in self.running_rows:
+                self._abandon(message.request_id, "cancelled")
         else:
             log.warning("ignored unexpected %s from the broker", type(message).__name__)
+
+    def _abandon(self, request_id: str, why: str) -> None:
+        """Nobody waits for this running row any more: the batch decides at its next step whether to
+        stop (gpu_worker.preemption.abandon_decision); its image is never sent, nor is it requeued."""
+        if request_id in self.cancelled_while_running or self.preemption is None:
+            return
+        self.cancelled_while_running.add(request_id)
+        self.running_deadlines.pop(request_id, None)
+        self.preemption.abandon(self.running_rows[request_id])
+        log.info("request %s %s while its batch runs (step %d of %d): dropped from the batch", request_id, why,
+                 self.preemption.steps_done, self.preemption.steps, extra={"request_id": request_id})
 
     def _forget_queue(self, why: str) -> None:
         """The broker no longer counts on what we queued (it requeued it, or it restarted)."""
@@ -301,8 +331,9 @@ class Worker:
         except ValueError:
             return  # the broker resent a request we already hold: one answer will come
         self.deadlines[message.request_id] = now + message.deadline_s
-        log.debug("request %s queued: %dx%d, %d steps", message.request_id, message.params.width,
-                  message.params.height, message.params.num_inference_steps, extra={"request_id": message.request_id})
+        log.debug("request %s queued: %dx%d, %d steps", request_name(message.request_id, message.label),
+                  message.params.width, message.params.height, message.params.num_inference_steps,
+                  extra=request_fields(message.request_id, message.label))
         self.counters.observe_queue_depth(self.batcher.queue_depth)
         self._maybe_preempt(key, now)
         self.arrival.set()
@@ -339,8 +370,8 @@ class Worker:
             if batch is None:
                 await self._sleep_until_next_decision()
                 continue
-            for pending in batch.requests:
-                self.deadlines.pop(pending.request_id, None)
+            self.running_deadlines = {p.request_id: self.deadlines.pop(p.request_id, float("inf"))
+                                      for p in batch.requests}
             await self._run(batch)
 
     def _drop_expired(self, now: float) -> None:
@@ -353,6 +384,34 @@ class Worker:
                          extra={"request_id": request_id})
                 self.link.send(Failure(request_id, FailureCode.DEADLINE_EXCEEDED.value,
                                        "the request's deadline passed while it waited for a batch"))
+
+    def _drop_expired_running(self, now: float) -> None:
+        """Running rows whose deadline passed: nobody waits for them (the broker answers their client)."""
+        for request_id in [rid for rid, deadline in self.running_deadlines.items() if deadline < now]:
+            self._abandon(request_id, "passed its deadline")
+            self.link.send(Failure(request_id, FailureCode.DEADLINE_EXCEEDED.value,
+                                   "the request's deadline passed while it was being generated"))
+
+    async def _await_batch(self, running: asyncio.Future) -> Any:
+        """The GPU thread's answer; meanwhile, rows whose deadline passes are abandoned at once."""
+        while True:
+            wake_at = min(self.running_deadlines.values(), default=float("inf"))
+            timeout = None if wake_at == float("inf") else max(0.0, wake_at - self.clock()) + 0.001
+            done, _ = await asyncio.wait([running], timeout=timeout)
+            if done:
+                return running.result()
+            self._drop_expired_running(self.clock())
+
+    def _progress_in_gpu_thread(self, request_ids: Sequence[str], step: int, steps: int) -> None:
+        """Called by the GPU thread before each step: hand the due PROGRESS messages to the event loop."""
+        due = [rid for rid in request_ids
+               if rid not in self.cancelled_while_running and self.progress_limiter.allow(rid)]
+        if due and self.loop is not None:
+            self.loop.call_soon_threadsafe(self._send_progress, due, step, steps)
+
+    def _send_progress(self, request_ids: Sequence[str], step: int, steps: int) -> None:
+        for request_id in request_ids:
+            self.link.send(Progress(request_id, min(step, steps), steps))
 
     async def _sleep_until_next_decision(self) -> None:
         self.arrival.clear()
@@ -371,10 +430,16 @@ class Worker:
         self.batch_seq += 1
         batch_id = f"{self.identity.name}:{self.batch_seq}"
         self.running_batch = batch
-        preemptible = batch.preemptible_until is not None
-        self.preemption = Preemption(batch.preemptible_until, self.clock) if preemptible else None
+        request_ids = [p.request_id for p in batch.requests]
+        self.running_rows = {rid: index for index, rid in enumerate(request_ids)}
+        steps = key.num_inference_steps
+        # Every batch is stoppable at a step boundary: for newcomers while it is preemptible, and for
+        # rows nobody waits for any more until its last step.
+        self.preemption = Preemption(batch.preemptible_until, self.clock, rows=len(batch), steps=steps,
+                                     on_step=lambda step: self._progress_in_gpu_thread(request_ids, step, steps))
         for pending in batch.requests:
             stage_trace.stage("worker_batch_started", pending.request_id)
+        self._send_progress([rid for rid in request_ids if self.progress_limiter.allow(rid)], 0, steps)
         started = time.perf_counter()
         splits_before = self.backend.oom_splits
         encodings = BatchEncodings(self.encoder_threads, self.stripe_threads, [p.request_id for p in batch.requests])
@@ -383,47 +448,63 @@ class Worker:
                 self.gpu_thread, timed_call, self.backend.generate, jobs, settings, encodings.on_images_in_gpu_thread,
                 self.preemption)
             self._send_status()  # the broker sees the batch running; sent once the GPU thread has it
-            images, gpu_thread_s = await running
+            self._drop_expired_running(self.clock())  # a row that arrived already late
+            images, gpu_thread_s = await self._await_batch(running)
         except BatchPreempted:
             encodings.cancel()
-            self._requeue(batch, batch_id, time.perf_counter() - started)
+            self._requeue(batch, batch_id, time.perf_counter() - started, self.preemption)
             return
         except Exception as exc:  # the pipeline's errors end this batch's requests, never the worker
             encodings.cancel()
             self._fail_batch(batch, exc)
             return
         finally:
+            unwanted = self.cancelled_while_running
             self.running_batch = None
             self.preemption = None
             self.cancelled_while_running = set()
+            self.running_rows = {}
+            self.running_deadlines = {}
+            for request_id in request_ids:
+                self.progress_limiter.forget(request_id)
         encodings.encode(0, images)  # those not handed over early
         generation_s = time.perf_counter() - started
         for pending in batch.requests:
             stage_trace.stage("worker_batch_done", pending.request_id)
         self._observe_batch_time(key, len(batch), generation_s, splits_before)
         self.counters.record_batch([batch.wait_s(p) for p in batch.requests], generation_s)
-        request_ids = [p.request_id for p in batch.requests]
-        log.info("batch %s: %d x %dx%d, %d steps in %.3fs (GPU thread %.3fs); requests %s", batch_id, len(batch),
-                 key.width, key.height, key.num_inference_steps, generation_s, gpu_thread_s, short_ids(request_ids),
-                 extra={"batch_id": batch_id, "request_ids": request_ids})
-        task = asyncio.create_task(self._deliver(batch, batch_id, encodings, generation_s))
+        labels = [p.item.label for p in batch.requests]
+        log.info("batch %s: %d x %dx%d, %d steps in %.3fs (GPU thread %.3fs); requests %s%s", batch_id, len(batch),
+                 key.width, key.height, key.num_inference_steps, generation_s, gpu_thread_s,
+                 short_ids(request_ids, labels),
+                 f" ({len(unwanted)} no longer wanted: images dropped)" if unwanted else "",
+                 extra={"batch_id": batch_id, "request_ids": request_ids, "labels": labels})
+        task = asyncio.create_task(self._deliver(batch, batch_id, encodings, generation_s, frozenset(unwanted)))
         self.delivery_tasks.add(task)
         task.add_done_callback(self.delivery_tasks.discard)
         self._send_status()
 
-    def _requeue(self, batch: Batch[Generate], batch_id: str, ran_s: float) -> None:
-        """A preempted batch: its requests wait again, with their arrival times and deadlines, for the
-        next batch, which the newcomers join (not a failure, and not a batch time to learn from).
-        Requests cancelled while it ran are dropped (the broker has forgotten them)."""
+    def _requeue(self, batch: Batch[Generate], batch_id: str, ran_s: float, preemption: Preemption | None) -> None:
+        """A stopped batch: its wanted requests wait again, with their arrival times and deadlines,
+        for the next batch (not a failure, and not a batch time to learn from). Requests nobody
+        waits for any more are dropped (the broker has answered or forgotten them)."""
         kept = tuple(p for p in batch.requests if p.request_id not in self.cancelled_while_running)
         self.batcher.requeue(replace(batch, requests=kept))
         for pending in kept:
             self.deadlines[pending.request_id] = pending.arrived_at + pending.item.deadline_s
         self.counters.record_stopped(ran_s)
-        log.info("batch %s: stopped after %.3fs so that newer requests can join it; requests %s go back to the queue%s",
-                 batch_id, ran_s, short_ids([p.request_id for p in kept]),
+        step = f" at step {preemption.steps_done} of {preemption.steps}" if preemption is not None else ""
+        if preemption is not None and preemption.decision is AbandonDecision.STOP:
+            why = "no request in it is wanted any more"
+        elif preemption is not None and preemption.decision is AbandonDecision.STOP_AND_REQUEUE:
+            why = "most of it is no longer wanted: its wanted requests restart without the others"
+        else:
+            why = "so that newer requests can join it"
+        log.info("batch %s: stopped after %.3fs%s, %s; requests %s go back to the queue%s",
+                 batch_id, ran_s, step, why, short_ids([p.request_id for p in kept]) or "(none)",
                  f" ({len(batch) - len(kept)} cancelled meanwhile)" if len(kept) < len(batch) else "",
                  extra={"batch_id": batch_id, "request_ids": [p.request_id for p in kept]})
+        self._send_status()
 
     def _observe_batch_time(self, key: BatchKey, size: int, generation_s: float, splits_before: int) -> None:
         """Teach a learning policy (BATCH_POLICY=default) what this batch cost; a batch that was split
@@ -443,8 +524,10 @@ class Worker:
         self._send_status()
 
     async def _deliver(self, batch: Batch[Generate], batch_id: str, encodings: BatchEncodings,
-                       generation_s: float) -> None:
+                       generation_s: float, unwanted: frozenset[str] = frozenset()) -> None:
         for index, pending in enumerate(batch.requests):
+            if pending.request_id in unwanted:
+                continue  # nobody waits for it: the broker has answered or forgotten it
             png = await encodings.png(index)
             stage_trace.stage("worker_png_ready", pending.request_id)
             params = pending.item.params

@@ -9,9 +9,10 @@
     {"time": "2026-11-27T12:00:00.123Z", "level": "INFO", "service": "gateway", "pid": 4242,
      "logger": "gateway.app", "message": "request 1f2e...: 200 in 3.21s", "request_id": "1f2e..."}
 
-A log call that passes ``extra={"request_id": ...}`` (or ``request_ids``, ``batch_id``) gets that
-field in the JSON object; the text format shows the id in the message itself. Each request keeps
-one id from the gateway through the broker to the worker (README.md, "Logs").
+A log call that passes ``extra={"request_id": ...}`` (or ``request_ids``, ``batch_id``, ``label``,
+``labels``) gets that field in the JSON object; the text format shows the id in the message itself.
+Each request keeps one service-made id from the gateway through the broker to the worker, and the
+client's X-Request-ID travels beside it as its ``label`` (README.md, "Logs").
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ from datetime import datetime, timezone
 
 LOG_FORMATS = ("text", "json")
 # Attributes a log call may pass in ``extra`` that the JSON format copies into its object.
-EXTRA_FIELDS = ("request_id", "request_ids", "batch_id")
+EXTRA_FIELDS = ("request_id", "request_ids", "batch_id", "label", "labels")
+
+
+def request_name(request_id: str, label: str = "") -> str:
+    """How a log line names a request: its service-made id, and the client's label (its X-Request-ID)
+    when it sent one, so that a grep for either finds the line."""
+    return f"{request_id} [{label}]" if label else request_id
+
+
+def request_fields(request_id: str, label: str = "") -> dict[str, str]:
+    """The ``extra`` of a log call about one request: its id, and its label when it has one."""
+    return {"request_id": request_id, "label": label} if label else {"request_id": request_id}
 
 
 class JsonFormatter(logging.Formatter):

@@ -86,7 +86,8 @@ class FakeBroker:
     async def close(self) -> None:
         pass
 
-    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float) -> tuple[Result, bytes]:
+    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
+                       label: str = "") -> tuple[Result, bytes]:
         self.calls += 1
         try:
             frames = protocol.encode(CLIENT_LINK, Generate(request_id, params, timeout_s))

@@ -64,6 +64,7 @@ class FakeBrokerClient:
         self.stats_document: dict[str, Any] = {"num_gpus": 2, "queue_depth": 0, "workers": [{"name": "w0"}]}
         self.stats_timeout = False
         self.calls: list[tuple[str, GenerationParams, float]] = []
+        self.labels: list[str] = []  # each call's label (its client's X-Request-ID)
         self.stats_calls: list[float] = []
         self.started = False
         self.closed = False
@@ -78,8 +79,10 @@ class FakeBrokerClient:
     async def close(self) -> None:
         self.closed = True
 
-    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float) -> tuple[Result, bytes]:
+    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
+                       label: str = "") -> tuple[Result, bytes]:
         self.calls.append((request_id, params, timeout_s))
+        self.labels.append(label)
         if self.failure == "timeout":
             raise asyncio.TimeoutError()
         if isinstance(self.failure, BrokerFailure):

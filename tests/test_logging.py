@@ -93,21 +93,23 @@ async def gateway(tmp_path):
         await client.close()
 
 
-async def test_a_safe_client_id_is_used_end_to_end_and_echoed(gateway):
+async def test_a_safe_client_id_is_echoed_and_travels_as_a_label_never_as_the_id(gateway):
     client, broker = gateway
     response = await client.post("/generate", json=generate_body(), headers={"X-Request-ID": "trace-7.A_b"})
     assert response.status == 200
     assert response.headers["X-Request-ID"] == "trace-7.A_b"
-    assert broker.request_ids == ["trace-7.A_b"]  # the id the broker, and so the worker, receive
+    assert broker.labels == ["trace-7.A_b"]  # what the broker, and so the worker, write in their logs
+    [request_id] = broker.request_ids
+    assert HEX32.match(request_id), request_id  # the id that routes the request is the service's own
 
 
 @pytest.mark.parametrize("header", ["", "has space", "semi;colon", "x" * 65, "ünïcode", "new\\nline"])
-async def test_an_unsafe_client_id_is_replaced_by_a_fresh_one(gateway, header):
+async def test_an_unsafe_client_id_is_no_label_and_the_answer_carries_the_service_id(gateway, header):
     client, broker = gateway
     response = await client.post("/generate", json=generate_body(), headers={"X-Request-ID": header})
     assert response.status == 200
     assert HEX32.match(response.headers["X-Request-ID"]), response.headers["X-Request-ID"]
-    assert broker.request_ids == [response.headers["X-Request-ID"]]
+    assert broker.request_ids == [response.headers["X-Request-ID"]] and broker.labels == [""]
 
 
 async def test_errors_carry_the_id_too(gateway):
@@ -118,8 +120,9 @@ async def test_errors_carry_the_id_too(gateway):
     assert response.status == 404 and response.headers["X-Request-ID"] == "abc"
 
 
-async def test_a_client_id_already_in_flight_gets_a_suffix(gateway):
-    """The id is the request's key on the broker link: two requests in flight must not share one."""
+async def test_requests_with_one_label_in_flight_together_get_ids_of_their_own(gateway):
+    """The id is the request's key on the broker link: two requests in flight never share one, whatever
+    labels their clients send (the same one, or one another request's id was derived from)."""
     import asyncio
 
     client, broker = gateway
@@ -128,12 +131,14 @@ async def test_a_client_id_already_in_flight_gets_a_suffix(gateway):
     while not broker.request_ids:
         await asyncio.sleep(0.01)
     second = asyncio.create_task(client.post("/generate", json=generate_body(2), headers={"X-Request-ID": "dup"}))
-    while len(broker.request_ids) < 2:
+    first_id = broker.request_ids[0]
+    third = asyncio.create_task(client.post("/generate", json=generate_body(3), headers={"X-Request-ID": first_id}))
+    while len(broker.request_ids) < 3:
         await asyncio.sleep(0.01)
     broker.hold.set()
-    headers = [(await first).headers["X-Request-ID"], (await second).headers["X-Request-ID"]]
-    assert headers[0] == "dup" and re.fullmatch(r"dup-[0-9a-f]{8}", headers[1]), headers
-    assert broker.request_ids == headers
+    headers = [(await task).headers["X-Request-ID"] for task in (first, second, third)]
+    assert headers == ["dup", "dup", first_id]
+    assert len(set(broker.request_ids)) == 3 and sorted(broker.labels) == sorted(headers)
 
 
 def test_the_broker_refuses_an_id_another_gateway_holds_and_ignores_a_resend():
@@ -159,28 +164,35 @@ def json_lines(path: Path) -> list[dict]:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
-def test_one_request_id_in_the_gateway_broker_and_worker_json_logs(tmp_path):
+def test_one_grep_for_the_clients_id_finds_the_request_in_the_gateway_broker_and_worker_logs(tmp_path):
     cluster = Cluster(tmp_path, LOG_FORMAT="json")
     try:
         cluster.start("broker", "broker", LOG_LEVEL="DEBUG")  # the broker logs dispatches at DEBUG
         cluster.start("gateway", "gateway")
-        cluster.start_worker(0)
+        cluster.start_worker(0, LOG_LEVEL="DEBUG")
         cluster.wait_for_workers(1)
-        request_id = "checkout-42.retry_1"
+        label = "checkout-42.retry_1"
         request = urllib.request.Request(f"{cluster.url}/generate", data=json.dumps(request_body(1)).encode(),
-                                         headers={"Content-Type": "application/json", "X-Request-ID": request_id})
+                                         headers={"Content-Type": "application/json", "X-Request-ID": label})
         with urllib.request.urlopen(request, timeout=60) as response:
-            assert response.status == 200 and response.headers["X-Request-ID"] == request_id
+            assert response.status == 200 and response.headers["X-Request-ID"] == label
     finally:
         cluster.stop()  # stops the processes, so their logs are complete
 
     logs = {name: json_lines(tmp_path / f"{name}.log") for name in ("gateway", "broker", "worker0")}
     for name, entries in logs.items():
         assert {e["service"] for e in entries} == {"gpu_worker" if name == "worker0" else name}, name
-    gateway = [e["message"] for e in logs["gateway"] if e.get("request_id") == request_id]
-    assert any("accepted" in m for m in gateway) and any(": 200 ok in" in m for m in gateway), gateway
-    broker = [e for e in logs["broker"] if e.get("request_id") == request_id]
+    gateway = [e for e in logs["gateway"] if e.get("label") == label]
+    assert any("accepted" in e["message"] for e in gateway), gateway
+    assert any(": 200 ok in" in e["message"] for e in gateway), gateway
+    [request_id] = {e["request_id"] for e in gateway}
+    assert HEX32.match(request_id) and request_id != label  # the service's own id routed it
+    broker = [e for e in logs["broker"] if e.get("label") == label]
     assert any(e["level"] == "DEBUG" and "dispatched to worker worker0" in e["message"] for e in broker), broker
-    batches = [e for e in logs["worker0"] if request_id in e.get("request_ids", [])]
+    assert {e["request_id"] for e in broker} == {request_id}
+    batches = [e for e in logs["worker0"] if label in e.get("labels", [])]
     assert len(batches) == 1 and batches[0]["level"] == "INFO", logs["worker0"]
-    assert request_id[:8] in batches[0]["message"] and batches[0]["batch_id"].startswith("worker0:")
+    assert batches[0]["request_ids"] == [request_id] and batches[0]["batch_id"].startswith("worker0:")
+    # In every service's log, the label is in the line's text too: a plain grep finds them all.
+    for name in ("gateway", "broker", "worker0"):
+        assert label in (tmp_path / f"{name}.log").read_text(), name

@@ -52,6 +52,7 @@ class FakeBroker:
         self.hold: asyncio.Event | None = None
         self.stats_document: dict[str, Any] | None = {"num_gpus": 0, "broker": {}}
         self.request_ids: list[str] = []
+        self.labels: list[str] = []
 
     async def start(self) -> None:
         pass
@@ -59,8 +60,10 @@ class FakeBroker:
     async def close(self) -> None:
         pass
 
-    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float) -> tuple[Result, bytes]:
+    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
+                       label: str = "") -> tuple[Result, bytes]:
         self.request_ids.append(request_id)
+        self.labels.append(label)
         if self.hold is not None:
             await self.hold.wait()
         if self.failure is not None:

@@ -9,6 +9,7 @@ gateway, one worker on the FAKE image backend, since the serving layer is what i
 from __future__ import annotations
 
 import asyncio
+import re
 import base64
 import io
 import json
@@ -138,12 +139,15 @@ async def test_urls_are_stored_images_and_n_requests_reach_the_broker_together(g
         assert image.status == 200 and Image.open(io.BytesIO(await image.read())).size == (64, 64)
 
 
-async def test_image_ids_follow_x_request_id_and_results_feed_the_metrics(gateway):
+async def test_each_image_has_a_service_made_id_and_carries_the_client_label(gateway):
     client, broker = await gateway()
     response = await client.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, "size": "64x64"},
                                  headers={"X-Request-ID": "round-7.player-3"})
     assert response.status == 200, await response.text()
-    assert sorted(request_id for request_id, _, _ in broker.calls) == ["round-7.player-3.0", "round-7.player-3.1"]
+    assert response.headers["X-Request-ID"] == "round-7.player-3"
+    request_ids = [request_id for request_id, _, _ in broker.calls]
+    assert len(set(request_ids)) == 2 and all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in request_ids), request_ids
+    assert broker.labels == ["round-7.player-3"] * 2
     metrics = await (await client.get("/metrics")).text()
     counts = [line for line in metrics.splitlines() if line.startswith("imagegen_queue_wait_seconds_count")]
     assert counts and sum(float(line.rsplit(" ", 1)[1]) for line in counts) == 2, metrics
@@ -195,7 +199,7 @@ async def test_one_failed_image_cancels_the_others():
             self.cancelled = 0
             self.count = 0
 
-        async def generate(self, request_id, params, timeout_s):
+        async def generate(self, request_id, params, timeout_s, label=""):
             self.count += 1
             if self.count == 2:
                 raise BrokerFailure("generation_failed", "boom")
