@@ -217,11 +217,15 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                         "200": _json(_ref("GenerateResponse"), "The image was generated; fetch it at image_url."),
                         "400": _error("The body is not JSON, not an object, or a field is wrong (error.field "
                                       "names it); or the pipeline refused the inputs."),
+                        "408": _error(f"The body did not arrive within GATEWAY_BODY_TIMEOUT_S={s.body_timeout_s:g}s "
+                                      "(body_timeout); the connection is closed."),
                         "413": _error(f"The body exceeds {s.max_request_bytes} bytes (MAX_REQUEST_BYTES)."),
                         "500": _error("Generation failed on the worker (generation_failed) or an unexpected "
                                       "failure code came back."),
                         "502": _error("The worker returned an image of the wrong size (bad_worker_output)."),
-                        "503": _error("Overloaded, shutting down, or the worker holding the request was lost: "
+                        "503": _error("Overloaded, shutting down, or the worker holding the request was lost; or "
+                                      "the image folder cannot take the image (storage_unavailable: full, "
+                                      "read-only, not writable, missing; the message names the cause): "
                                       "retry after Retry-After seconds.", retry_after=True),
                         "504": _error(f"No image within REQUEST_TIMEOUT_S={s.request_timeout_s:g}s (timeout), "
                                       "or the request waited past its deadline (deadline_exceeded)."),
@@ -262,7 +266,9 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                     "summary": "Readiness: the broker answers and at least one GPU worker is registered",
                     "responses": {
                         "200": _json(_ref("Ready"), "Ready to serve."),
-                        "503": _json(_ref("NotReady"), "Not ready (no broker answer, or no worker)."),
+                        "503": _json(_ref("NotReady"), "Not ready: the broker does not answer, no worker "
+                                                       "accepts work (none registered, or all draining), or the "
+                                                       "image folder cannot take images; reason says which."),
                     },
                 },
             },
@@ -319,13 +325,21 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                 "Health": {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]},
                 "Ready": {
                     "type": "object",
-                    "properties": {"status": {"const": "ready"}, "workers": {"type": "integer", "minimum": 1}},
-                    "required": ["status", "workers"],
+                    "properties": {"status": {"const": "ready"},
+                                   "workers": {"type": "integer", "minimum": 1,
+                                               "description": "Workers accepting work (registered, not draining)."},
+                                   "registered_workers": {"type": "integer", "minimum": 1},
+                                   "image_store": {"const": "ok"}},
+                    "required": ["status", "workers", "registered_workers", "image_store"],
                 },
                 "NotReady": {
                     "type": "object",
-                    "properties": {"status": {"const": "not_ready"}, "reason": {"type": "string"}},
-                    "required": ["status", "reason"],
+                    "properties": {"status": {"const": "not_ready"}, "reason": {"type": "string"},
+                                   "workers": {"type": "integer", "minimum": 0},
+                                   "registered_workers": {"type": "integer", "minimum": 0},
+                                   "image_store": {"enum": ["ok", "disk_full", "read_only", "permission", "missing",
+                                                           "io_error"]}},
+                    "required": ["status", "reason", "image_store"],
                 },
             },
             "headers": {

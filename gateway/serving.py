@@ -24,6 +24,7 @@ import signal
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 
 from gateway.config import GatewaySettings
 
@@ -95,6 +96,32 @@ class _Counted(asyncio.Protocol):
             self._inner.resume_writing()
 
 
+class JsonErrorRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, except that the answers it makes itself use the gateway's JSON
+    error shape: a request its parser refuses before any middleware runs (a request line or header
+    over 8190 bytes, more than 128 headers, a malformed request) and an exception nothing caught."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if an answer was already started
+        if status == 500:
+            code, text = "internal_error", "the gateway failed to answer this request; its log says why"
+        elif status == 504:
+            code, text = "timeout", "the gateway did not answer in time"
+        elif isinstance(exc, LineTooLong):
+            code, text = "bad_request", ("the request line or a header is longer than 8190 bytes, the most "
+                                         "the gateway reads")
+        else:
+            code = "bad_request"
+            text = (f"the request could not be read: {message or exc or 'malformed'} (limits: the request line "
+                    "and each header at most 8190 bytes, at most 128 headers)")
+        response = web.json_response({"error": {"code": code, "message": text, "field": None}}, status=status)
+        response.force_close()
+        return response
+
+
 class ConnectionCap:
     """A protocol factory for ``loop.create_server``: aiohttp's server, at most ``limit`` connections."""
 
@@ -106,7 +133,9 @@ class ConnectionCap:
         self.refusal = refusal_bytes(retry_after_s, limit)
 
     def __call__(self) -> asyncio.Protocol:
-        return _Counted(self, self.server())
+        # What web.Server.__call__ does, with the JSON-answering handler class.
+        handler = JsonErrorRequestHandler(self.server, loop=self.server._loop, **self.server._kwargs)
+        return _Counted(self, handler)
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (shutdown, connections, requests_count...) is the wrapped server's.

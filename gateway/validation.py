@@ -50,7 +50,7 @@ def parse_generate_request(body: Any, settings: GatewaySettings, rng: random.Ran
     height = _side(body, "height", settings.default_height, settings)
     if width * height > settings.max_image_pixels:
         raise FieldError("width", f"width x height = {width * height} pixels exceeds the limit of "
-                                  f"{settings.max_image_pixels}")
+                                  f"{settings.max_image_pixels} (MAX_IMAGE_PIXELS)")
     # No seed: pick one and return it, so the user can reproduce the image.
     default_seed = (rng or random.SystemRandom()).randrange(0, 2**32)
     params = GenerationParams(
@@ -118,7 +118,10 @@ def _integer(body: dict, field: str, default: int, low: int, high: int) -> int:
 
 
 def _side(body: dict, field: str, default: int, settings: GatewaySettings) -> int:
-    value = _integer(body, field, default, settings.min_image_side, settings.max_image_side)
+    value = _integer(body, field, default, float("-inf"), float("inf"))  # the bounds are checked below, named
+    if not settings.min_image_side <= value <= settings.max_image_side:
+        raise FieldError(field, f"{field} must be between {settings.min_image_side} and {settings.max_image_side} "
+                                f"(MIN_IMAGE_SIDE..MAX_IMAGE_SIDE), got {value}")
     if value % 8:
         raise FieldError(field, f"{field} must be a multiple of 8 (the VAE works on 8x8 blocks), got {value}")
     return value

@@ -158,3 +158,28 @@ def test_page_needs_no_key_but_asks_for_one_and_keeps_it(page, cluster):
     page.reload()
     assert page.input_value("#api-key") == API_KEY  # kept in localStorage
     assert page.errors == []
+
+
+def test_a_cpu_worker_is_shown_as_cpu(page, tmp_path_factory):
+    """gpu_id -1 is a CPU worker: the page says CPU, not GPU, in its stats (both shapes) and captions."""
+    c = Cluster(tmp_path_factory.mktemp("web-cpu"), MODEL_ID="fake:delay=0.1", MAX_BATCH_WAIT_TIME="0.05")
+    try:
+        c.start("broker", "broker")
+        c.start("gateway", "gateway")
+        c.start("cpu0", "gpu_worker", GPU_ID="-1", WORKER_NAME="cpu0")
+        c.wait_for_workers(1)
+        assert c.stats()["worker"]["gpu_id"] == -1
+        page.goto(f"{c.url}/")
+        page.wait_for_function("() => document.querySelectorAll('#gpus li').length === 1", timeout=WAIT_MS)
+        assert re.fullmatch(r"CPU \(single worker\): \d+ batches, .*", gpu_lines(page)[0]), gpu_lines(page)
+        caption = generate_and_wait_for_image(page, "a green kite")
+        assert "on cpu0 (CPU)" in caption and "GPU" not in caption, caption
+
+        c.start("cpu1", "gpu_worker", GPU_ID="-1", WORKER_NAME="cpu1")
+        page.wait_for_function("() => document.querySelectorAll('#gpus li').length === 2", timeout=WAIT_MS)
+        lines = gpu_lines(page)
+        assert [line.split(" (")[0] for line in lines] == ["CPU", "CPU"], lines
+        assert "GPU" not in page.inner_text("#gpus") + page.inner_text("#totals")
+        assert page.errors == []
+    finally:
+        c.stop()

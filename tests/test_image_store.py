@@ -1,0 +1,223 @@
+"""The image folder failing under the gateway: full, read-only, gone. Each is an answer (503
+``storage_unavailable`` naming the cause and the folder, Retry-After, X-Request-ID), never a crash,
+leaves no temp file, makes /readyz not ready, and serving resumes by itself once the folder works.
+
+Real failures, not mocks: a 5 MB tmpfs filled to the brim and remounted read-only (needs root and
+mount(2); skipped with the reason otherwise), RLIMIT_FSIZE in a subprocess (no mount needed), and
+an image folder replaced by a file. The gateway runs in-process with tests/test_gateway.py's fake
+broker client, which returns real PNGs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.config import GatewaySettings
+from gateway.images import ImageStore
+from tests.test_gateway import FakeBrokerClient, start_client
+
+REPO = Path(__file__).resolve().parents[1]
+REQUEST = {"prompt": "a lighthouse", "width": 64, "height": 64}
+
+
+def temp_files(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.endswith(".tmp"))
+
+
+def fill(directory: Path) -> Path:
+    """Write a file into ``directory`` until its file system has no space left."""
+    filler = directory / "filler.bin"
+    with open(filler, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    with open(filler, "ab", buffering=0) as handle:  # the last partial page too
+        try:
+            while True:
+                handle.write(b"\0" * 512)
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """A 5 MB tmpfs mounted at a fresh folder, unmounted afterwards."""
+    mountpoint = tmp_path / "tmpfs"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mountpoint)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount(2)): {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+async def post(client, path: str = "/generate", body: dict | None = None):
+    response = await client.post(path, json=body or REQUEST)
+    assert response.content_type == "application/json", await response.text()
+    return response, await response.json()
+
+
+def assert_storage_503(response, body, cause_words: tuple[str, ...], folder: Path) -> None:
+    assert response.status == 503, body
+    assert response.headers.get("Retry-After") == "5"
+    assert response.headers.get("X-Request-ID")
+    error = body["error"]
+    assert error["code"] == "storage_unavailable", error
+    assert str(folder) in error["message"], error
+    assert any(word in error["message"] for word in cause_words), error
+
+
+# --------------------------------------------------------------------------- real full and read-only disk
+
+
+async def test_full_then_read_only_tmpfs_answers_503_and_recovers(tmpfs: Path):
+    images = tmpfs / "images"
+    broker = FakeBrokerClient()
+    client = await start_client(GatewaySettings(image_dir=str(images)), broker)
+    try:
+        response, body = await post(client)
+        assert response.status == 200, body  # works while there is room
+
+        filler = fill(tmpfs)
+        response, body = await post(client)
+        assert_storage_503(response, body, ("full",), images)
+        assert temp_files(images) == []
+        ready = await client.get("/readyz")
+        assert ready.status == 503
+        readiness = await ready.json()
+        assert readiness["status"] == "not_ready" and "full" in readiness["reason"], readiness
+        assert readiness["image_store"] == "disk_full"
+
+        # The OpenAI route: its own error shape, same code; b64_json stores nothing, so it still works.
+        response, body = await post(client, "/v1/images/generations", {"prompt": "p", "size": "64x64"})
+        assert response.status == 503 and body["error"]["code"] == "storage_unavailable", body
+        assert body["error"]["type"] == "server_error" and str(images) in body["error"]["message"]
+        response, body = await post(client, "/v1/images/generations",
+                                    {"prompt": "p", "size": "64x64", "response_format": "b64_json"})
+        assert response.status == 200 and body["data"][0]["b64_json"], body
+        assert temp_files(images) == []
+
+        # Space returns: serving resumes by itself.
+        filler.unlink()
+        response, body = await post(client)
+        assert response.status == 200, body
+        assert (await client.get("/readyz")).status == 200
+
+        # Read-only: the same answer, naming that cause.
+        subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+        response, body = await post(client)
+        assert_storage_503(response, body, ("read-only",), images)
+        ready = await client.get("/readyz")
+        assert ready.status == 503 and (await ready.json())["image_store"] == "read_only"
+        subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
+        response, body = await post(client)
+        assert response.status == 200, body
+    finally:
+        await client.close()
+
+
+# --------------------------------------------------------------------------- without mount
+
+
+def test_file_size_limit_in_a_subprocess_leaves_no_temp_file(tmp_path: Path):
+    """RLIMIT_FSIZE makes write() fail (EFBIG) like a full disk, in a process of its own."""
+    script = r"""
+import json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing write()
+from gateway.images import ImageStore
+store = ImageStore(sys.argv[1], 10, 3600)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    store.save("0" * 32, b"x" * 100000)
+    print(json.dumps({"raised": None}))
+except Exception as exc:
+    print(json.dumps({"raised": type(exc).__name__, "message": str(exc),
+                      "cause": getattr(getattr(exc, "failure", None), "cause", None)}))
+"""
+    folder = tmp_path / "images"
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout)
+    assert outcome["raised"] == "StorageUnavailable", outcome
+    assert outcome["cause"] == "disk_full" and str(folder) in outcome["message"], outcome
+    assert temp_files(folder) == [] and not (folder / f"{'0' * 32}.png").exists()
+
+
+async def test_image_folder_replaced_by_a_file_answers_503(tmp_path: Path):
+    images = tmp_path / "images"
+    client = await start_client(GatewaySettings(image_dir=str(images)), FakeBrokerClient())
+    try:
+        images.rmdir()
+        images.write_bytes(b"not a folder")
+        response, body = await post(client)
+        assert_storage_503(response, body, ("not a folder",), images)
+        ready = await client.get("/readyz")
+        assert ready.status == 503 and (await ready.json())["image_store"] == "missing"
+        # Put back: served again.
+        images.unlink()
+        images.mkdir()
+        response, body = await post(client)
+        assert response.status == 200, body
+    finally:
+        await client.close()
+
+
+def test_prune_removes_stale_temp_files_only(tmp_path: Path):
+    store = ImageStore(tmp_path / "images", max_count=10, max_age_s=3600)
+    now = time.time()
+    stale = store.directory / "tmpcrash1.tmp"
+    fresh = store.directory / "tmpwriting.tmp"
+    stale.write_bytes(b"half an image")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (now - 3600, now - 3600))
+    kept = store.save("1" * 32, b"\x89PNG")
+    store.prune(now=now)
+    assert not stale.exists()
+    assert fresh.exists() and kept.exists()
+
+
+# --------------------------------------------------------------------------- the decisions, pure
+
+
+@pytest.mark.parametrize("code,cause", [(errno.ENOSPC, "disk_full"), (errno.EDQUOT, "disk_full"),
+                                        (errno.EFBIG, "disk_full"), (errno.EROFS, "read_only"),
+                                        (errno.EACCES, "permission"), (errno.EPERM, "permission"),
+                                        (errno.ENOENT, "missing"), (errno.ENOTDIR, "missing"),
+                                        (errno.EIO, "io_error")])
+def test_storage_failure_names_the_cause_and_folder(code, cause):
+    from gateway.images import storage_failure
+
+    failure = storage_failure(OSError(code, os.strerror(code)), "/srv/images")
+    assert failure.cause == cause
+    assert "IMAGE_DIR '/srv/images'" in failure.message
+
+
+def test_store_health_forgets_a_failure_after_its_memory_or_a_save():
+    from gateway.images import StorageFailure, StoreHealth
+
+    health = StoreHealth(memory_s=30)
+    full = StorageFailure("disk_full", "full")
+    assert health.problem(None, now=0) is None
+    health.failed(full, now=100)
+    assert health.problem(None, now=129) == full  # a small probe passes, images did not
+    assert health.problem(None, now=130) is None  # by itself, so readiness cannot stick
+    health.failed(full, now=200)
+    health.saved()
+    assert health.problem(None, now=201) is None
+    probe = StorageFailure("read_only", "ro")
+    assert health.problem(probe, now=500) == probe
