@@ -9,6 +9,7 @@ from broker.balancing import STRATEGIES
 from imagegen.logs import parse_log_format
 from imagegen.protocol import HEARTBEAT_INTERVAL_RANGE_S
 from imagegen.settings import parse_optional_str, require, setting
+from imagegen.sockets import is_local_endpoint
 
 
 
@@ -18,8 +19,17 @@ class BrokerSettings:
 
     client_bind: str = setting("BROKER_CLIENT_BIND", "tcp://127.0.0.1:5555",
                                "where gateways connect; local-only by default")
-    worker_bind: str = setting("BROKER_WORKER_BIND", "tcp://0.0.0.0:5556",
-                               "where GPU workers connect; all interfaces so workers on other hosts can join")
+    worker_bind: str = setting("BROKER_WORKER_BIND", "tcp://127.0.0.1:5556",
+                               "where GPU workers connect; local-only by default. Workers on other hosts: bind "
+                               "tcp://0.0.0.0:5556 with CurveZMQ keys (BROKER_CURVE_SECRET_KEY)")
+    allow_unauthenticated_workers: bool = setting(
+        "BROKER_ALLOW_UNAUTHENTICATED_WORKERS", False,
+        "true: allow a non-loopback BROKER_WORKER_BIND without CurveZMQ keys, so anyone who reaches the "
+        "port can register as a worker, read prompts and answer with any image (a WARNING at every start)")
+    worker_progress_timeout_s: float = setting(
+        "WORKER_PROGRESS_TIMEOUT_S", 120.0,
+        "seconds a worker holding requests may send no progress, result or failure before it is declared "
+        "stuck (its requests go to other workers); 0: never")
     strategy: str = setting("GPU_LOAD_BALANCE_STRATEGY", "queue-depth",
                             "round-robin or queue-depth (fewest requests held; ties round-robin)")
     max_queue_size: int = setting("MAX_QUEUE_SIZE", 1000,
@@ -55,6 +65,15 @@ class BrokerSettings:
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")
         require(self.max_attempts >= 1, "MAX_REQUEST_ATTEMPTS", "must be at least 1")
         require(self.drain_timeout_s >= 0, "BROKER_DRAIN_TIMEOUT_S", "must not be negative")
+        require(self.worker_progress_timeout_s >= 0, "WORKER_PROGRESS_TIMEOUT_S", "must not be negative")
+        require(self.curve_secret_key is not None or self.allow_unauthenticated_workers
+                or is_local_endpoint(self.worker_bind), "BROKER_WORKER_BIND",
+                f"{self.worker_bind} is reachable from other machines, and without CurveZMQ keys anyone who "
+                f"reaches it could register as a worker and read prompts. Make keys with "
+                f"`python -m imagegen.keys cluster KEYS_DIR WORKER_HOST...` and set BROKER_CURVE_SECRET_KEY and "
+                f"BROKER_AUTHORIZED_KEYS_DIR (README: \"Several GPUs, and workers on other hosts\"), bind a "
+                f"loopback address (tcp://127.0.0.1:5556), or accept the risk with "
+                f"BROKER_ALLOW_UNAUTHENTICATED_WORKERS=true")
         require((self.curve_secret_key is None) == (self.authorized_keys_dir is None), "BROKER_CURVE_SECRET_KEY",
                 "set it together with BROKER_AUTHORIZED_KEYS_DIR, or neither")
         for env, path in (("BROKER_CURVE_SECRET_KEY", self.curve_secret_key),

@@ -108,6 +108,11 @@ def _broker_section(state: BrokerState) -> dict[str, Any]:
         "workers_expired": c.workers_expired,
         "cancelled": c.cancelled,
         "rejected_draining": c.rejected_draining,
+        "registrations_refused": c.registrations_refused,
+        "unregistered_worker_messages": c.unregistered_messages,
+        "wrong_key_worker_messages": c.wrong_key_messages,
+        "unassigned_answers": c.unassigned_answers,
+        "workers_stuck": c.workers_stuck,
         "draining": state.draining,
     }
 

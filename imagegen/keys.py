@@ -1,6 +1,13 @@
 """CurveZMQ keys for the worker link: who may join as a worker, and under which names.
 
-Create keys (one pair for the broker, one per worker host)::
+Create every key of a cluster in one go (the broker's pair, one pair per worker host, and the
+broker's folder of authorized keys), one folder to copy to each machine::
+
+    python -m imagegen.keys cluster keys/ gpu-host-1 gpu-host-2
+    # keys/broker/     -> the broker host: broker.key_secret, authorized/gpu-host-1.key, ...
+    # keys/gpu-host-1/ -> gpu-host-1: gpu-host-1.key_secret, broker.key
+
+Or one pair at a time::
 
     python -m imagegen.keys broker keys/                 # keys/broker.key, keys/broker.key_secret
     python -m imagegen.keys worker gpu-host-1 keys/      # keys/gpu-host-1.key, keys/gpu-host-1.key_secret
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -104,6 +112,34 @@ class KeyAllowList:
         return allowed
 
 
+def make_cluster_keys(directory: str | Path, hosts: list[str]) -> dict[str, dict[str, str]]:
+    """The broker's pair and one pair per worker host under ``directory``, laid out per machine
+    (see the module docstring); returns each machine's settings (environment variable -> path).
+    Refuses to overwrite a folder that already holds keys (the machines holding them would be locked out)."""
+    root = Path(directory)
+    broker_dir, authorized = root / "broker", root / "broker" / "authorized"
+    for folder in [broker_dir] + [root / host for host in hosts]:
+        if folder.exists() and any(folder.glob("*.key*")):
+            raise FileExistsError(f"{folder} already holds keys; choose another folder or remove it first")
+    if "broker" in hosts or len(set(hosts)) != len(hosts):
+        raise ValueError("worker host names must be unique and not 'broker'")
+    authorized.mkdir(parents=True, exist_ok=True)
+    broker_public, broker_secret = zmq.auth.create_certificates(broker_dir, "broker")
+    Path(broker_secret).chmod(0o600)
+    settings = {"broker": {"BROKER_CURVE_SECRET_KEY": str(broker_secret),
+                           "BROKER_AUTHORIZED_KEYS_DIR": str(authorized)}}
+    for host in hosts:
+        host_dir = root / host
+        host_dir.mkdir(parents=True, exist_ok=True)
+        public, secret = zmq.auth.create_certificates(host_dir, host)
+        Path(secret).chmod(0o600)
+        shutil.copyfile(public, authorized / f"{host}.key")
+        shutil.copyfile(broker_public, host_dir / "broker.key")
+        settings[host] = {"WORKER_CURVE_SECRET_KEY": str(secret),
+                          "BROKER_CURVE_PUBLIC_KEY": str(host_dir / "broker.key")}
+    return settings
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m imagegen.keys", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,7 +149,24 @@ def main(argv: list[str]) -> int:
     worker = sub.add_parser("worker", help="create a worker host's key pair")
     worker.add_argument("name", help="the worker name (or host name) this key may register as")
     worker.add_argument("directory")
+    cluster = sub.add_parser("cluster", help="create the broker's pair, one pair per worker host and the "
+                                             "broker's authorized-keys folder, one folder per machine")
+    cluster.add_argument("directory")
+    cluster.add_argument("hosts", nargs="+", metavar="worker_host",
+                         help="a worker host's name; its workers are named HOST or HOST-... (e.g. HOST-gpu0)")
     args = parser.parse_args(argv)
+    if args.role == "cluster":
+        try:
+            machines = make_cluster_keys(args.directory, args.hosts)
+        except (FileExistsError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for machine, env in machines.items():
+            where = "the broker host" if machine == "broker" else f"worker host {machine}"
+            print(f"copy {Path(args.directory) / machine}/ to {where} and set:")
+            print("    " + " ".join(f"{name}={path}" for name, path in env.items()))
+        print("each .key_secret must stay on its own machine only")
+        return 0
     name = "broker" if args.role == "broker" else args.name
     directory = Path(args.directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 import zmq
@@ -30,15 +31,35 @@ class CurveClientKeys:
     server_public: bytes
 
 
+def is_local_endpoint(endpoint: str) -> bool:
+    """Whether only processes on this machine can reach ``endpoint``: ipc:// and inproc://, or tcp://
+    on a literal loopback address (127.0.0.0/8, ::1). Any other address, ``*``, an interface name
+    or a host name (which may resolve to anything) is not local."""
+    transport, _, rest = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    if transport != "tcp":
+        return False
+    host = rest.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def make_router(ctx: zmq.Context, bind: str, curve: CurveServerKeys | None = None) -> zmq.Socket:
     """A broker-side ROUTER bound to ``bind``.
 
     ROUTER_MANDATORY makes a send to a vanished peer raise EHOSTUNREACH instead of silently
     dropping the message; MAXMSGSIZE disconnects a peer that sends an oversized frame before it
-    can fill our memory; LINGER 0 keeps shutdown from hanging on unsendable messages."""
+    can fill our memory; LINGER 0 keeps shutdown from hanging on unsendable messages.
+
+    ROUTER_HANDOVER stays off (libzmq's default): with it on, a second connection that announces
+    a connected peer's routing id takes that id over, and receives every message meant for the
+    first (a worker's prompts). Off, such a connection is ignored while the id is in use."""
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)

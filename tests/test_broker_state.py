@@ -20,6 +20,7 @@ from imagegen.protocol import (
     Generate,
     GenerationParams,
     Heartbeat,
+    Progress,
     Register,
     Result,
     Welcome,
@@ -332,7 +333,9 @@ def test_result_for_an_unknown_request_is_dropped_and_counted():
     assert s.counters.duplicate_results == 1
 
 
-def test_late_result_from_an_expired_worker_wins_and_the_second_answer_is_dropped():
+def test_late_result_from_an_expired_worker_is_refused_and_the_new_holder_answers():
+    """Once expired, a worker's connection is no worker's: its late answer could as well be a
+    stranger's, so it is told to register again and the request's new holder answers."""
     s = state(heartbeat_interval_s=1.0, liveness=5)
     s.register(W1, reg("w1"), T0)
     s.submit(CLIENT, gen("r1"), T0)
@@ -340,10 +343,10 @@ def test_late_result_from_an_expired_worker_wins_and_the_second_answer_is_droppe
     actions = s.expire(T0 + 6)  # W1 silent for 6 s > 5 s: r1 goes to W2
     assert dispatched(actions) == [(W2, "r1")]
     late = s.result(W1, res("r1"), T0 + 6.5)  # W1 finished after all
-    assert [type(a.message) for a in late] == [Result]
-    assert s.workers[W2].in_flight == set()  # its slot is freed
-    assert s.result(W2, res("r1", "w2"), T0 + 7) == []
-    assert s.counters.duplicate_results == 1
+    assert [(a.routing_id, type(a.message)) for a in late] == [(W1, Disconnect)]
+    assert s.workers[W2].in_flight == {"r1"} and "r1" in s.requests
+    (answer,) = s.result(W2, res("r1", "w2"), T0 + 7)
+    assert isinstance(answer.message, Result) and answer.message.worker_name == "w2"
 
 
 # ------------------------------------------------------------------ heartbeats and liveness
@@ -446,12 +449,13 @@ def test_disconnect_hands_the_work_to_another_worker():
     assert dispatched(actions) == [(W2, "a"), (W2, "b")]
 
 
-def test_reregistering_under_the_same_name_retires_the_old_record():
+def test_reregistering_under_the_same_name_and_key_retires_the_old_record():
     s = state()
-    s.register(W1, reg("gpu0"), T0)
+    s.register(W1, reg("gpu0"), T0, key=b"key-of-host-a")
     s.heartbeat(W1, hb(total_requests=10, total_batches=2), T0)
     s.submit(CLIENT, gen("r1"), T0)
-    actions = s.register(W2, reg("gpu0", pid=2000), T0 + 1)  # the restarted worker: new process, new connection
+    # The restarted worker: new process, new connection, the same CurveZMQ key.
+    actions = s.register(W2, reg("gpu0", pid=2000), T0 + 1, key=b"key-of-host-a")
     assert W1 not in s.workers and W2 in s.workers
     assert dispatched(actions) == [(W2, "r1")]
     stats = build_stats(s, T0 + 1)
@@ -781,3 +785,170 @@ def test_balancer_skips_a_worker_over_its_share():
     assert not Candidate("a", 0, 4, over_share=True).has_credit
     assert b.choose([Candidate("a", 0, 4, over_share=True), Candidate("b", 3, 4)]) == "b"
     assert b.choose([Candidate("a", 0, 4, over_share=True)]) is None
+
+
+# ------------------------------------------------------------------ who may speak for a worker
+
+
+def test_a_live_workers_name_is_not_taken_by_another_connection():
+    s = state(heartbeat_interval_s=1.0, liveness=5)
+    s.register(W1, reg("gpu0"), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    actions = s.register(W2, reg("gpu0", pid=666), T0 + 4.9)  # an intruder, or a restart too early
+    assert [(a.routing_id, type(a.message)) for a in actions] == [(W2, Disconnect)]
+    assert "live worker" in actions[0].message.reason and "WORKER_NAME" in actions[0].message.reason
+    assert set(s.workers) == {W1} and s.workers[W1].in_flight == {"r1"}
+    assert s.counters.registrations_refused == 1
+    assert dispatched(s.submit(CLIENT, gen("r2"), T0 + 4.9)) == [(W1, "r2")]
+
+
+def test_a_different_key_does_not_take_a_live_workers_name():
+    s = state()
+    s.register(W1, reg("gpu0"), T0, key=b"key-a")
+    actions = s.register(W2, reg("gpu0"), T0 + 1, key=b"key-b")
+    assert isinstance(actions[0].message, Disconnect) and set(s.workers) == {W1}
+    actions = s.register(W2, reg("gpu0"), T0 + 1, key=None)
+    assert isinstance(actions[0].message, Disconnect) and set(s.workers) == {W1}
+
+
+def test_a_restarted_worker_is_admitted_once_the_old_record_has_expired():
+    """SIGKILLed and restarted at once: refused while its old record lives, admitted (its old
+    requests requeued to it) once that record missed its heartbeats, with or without expire() first."""
+    s = state(heartbeat_interval_s=1.0, liveness=5)
+    s.register(W1, reg("gpu0", pid=1), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    assert isinstance(s.register(W2, reg("gpu0", pid=2), T0 + 1)[0].message, Disconnect)
+    actions = s.register(W2, reg("gpu0", pid=2), T0 + 5.5)  # the link's retry; W1 silent 5.5 s > 5 s
+    assert W1 not in s.workers and W2 in s.workers
+    assert dispatched(actions) == [(W2, "r1")]
+
+
+def test_a_worker_that_said_goodbye_frees_its_name_at_once():
+    s = state()
+    s.register(W1, reg("gpu0", pid=1), T0)
+    s.disconnect(W1, T0 + 0.1)
+    actions = s.register(W2, reg("gpu0", pid=2), T0 + 0.2)
+    assert isinstance(actions[0].message, Welcome) and set(s.workers) == {W2}
+
+
+def test_messages_from_a_connection_that_is_no_worker_are_refused():
+    s = state()
+    s.register(W1, reg("w1"), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    for message in (hb(), res("r1"), Failure("r1", "internal", "x"), Progress("r1", 1, 2)):
+        actions = s.check_sender(b"stranger", None, message, T0)
+        assert [(a.routing_id, type(a.message)) for a in actions] == [(b"stranger", Disconnect)]
+        # and the state's own entry points refuse it too
+        handler = {Heartbeat: s.heartbeat, Result: s.result, Failure: s.failure, Progress: s.progress}[type(message)]
+        actions = handler(b"stranger", message, T0)
+        assert [(a.routing_id, type(a.message)) for a in actions] == [(b"stranger", Disconnect)]
+    assert s.check_sender(b"stranger", None, Disconnect("bye"), T0) == []  # a goodbye is just dropped
+    assert s.check_sender(W1, None, hb(), T0) is None
+    assert s.counters.unregistered_messages == 5
+    assert s.workers[W1].in_flight == {"r1"} and s.counters.requests_completed == 0
+
+
+def test_a_worker_cannot_answer_for_a_request_another_worker_holds():
+    s = state()
+    s.register(W1, reg("w1", capacity=1), T0)
+    s.register(W2, reg("w2", capacity=1), T0)
+    actions = submit_all(s, ["a", "b"])
+    holder = dict((rid, wid) for wid, rid in dispatched(actions))
+    other = W2 if holder["a"] == W1 else W1
+    assert s.result(other, res("a"), T0 + 1) == []
+    assert s.failure(other, Failure("a", "internal", "forged"), T0 + 1) == []
+    assert s.progress(other, Progress("a", 1, 2), T0 + 1) == []
+    assert s.counters.unassigned_answers == 3
+    assert "a" in s.requests and s.requests["a"].step is None
+    assert s.counters.requests_completed == 0 and s.counters.requests_failed == 0
+    (answer,) = s.result(holder["a"], res("a"), T0 + 2)
+    assert isinstance(answer, ToClient) and isinstance(answer.message, Result)
+
+
+def test_a_message_under_another_key_than_the_workers_removes_the_worker():
+    """Under CurveZMQ a worker's connection id used by another key means the worker's connection
+    is gone and someone else holds its id: the worker goes (its work requeued), nobody is answered."""
+    s = state()
+    s.register(W1, reg("w1"), T0, key=b"key-a")
+    s.register(W2, reg("w2"), T0, key=b"key-b")
+    submit_all(s, ["a"])
+    holder = next(w for w in s.workers.values() if w.in_flight)
+    other = W2 if holder.routing_id == W1 else W1
+    actions = s.check_sender(holder.routing_id, b"key-intruder", res("a"), T0 + 1)
+    assert holder.routing_id not in s.workers and s.counters.wrong_key_messages == 1
+    assert dispatched(actions) == [(other, "a")]
+    assert (holder.routing_id, Disconnect) in [(a.routing_id, type(a.message)) for a in actions]
+    assert s.check_sender(other, s.workers[other].key, hb(), T0 + 1) is None
+
+
+# ------------------------------------------------------------------ progress deadline
+
+
+def test_progress_is_recorded_on_the_request():
+    s = state()
+    s.register(W1, reg(), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    assert s.progress(W1, Progress("r1", 3, 25), T0 + 1) == []
+    assert (s.requests["r1"].step, s.requests["r1"].steps) == (3, 25)
+
+
+def test_a_worker_holding_requests_without_progress_is_declared_stuck_and_its_work_requeued():
+    s = state(heartbeat_interval_s=1.0, liveness=5, progress_timeout_s=60.0)
+    s.register(W1, reg("w1", capacity=2), T0)
+    submit_all(s, ["a", "b"], now=T0 + 10)  # the deadline counts from its first request, not registration
+    for t in range(11, 71):
+        s.heartbeat(W1, hb(running=2), T0 + t)  # alive, but no word on its requests
+        assert s.expire(T0 + t) == [], t
+    s.register(W2, reg("w2", capacity=2), T0 + 70.5)
+    actions = s.expire(T0 + 70.5)  # 60.5 s since W1 got its first request
+    assert W1 not in s.workers and s.counters.workers_stuck == 1 and s.counters.workers_expired == 0
+    assert dispatched(actions) == [(W2, "a"), (W2, "b")]
+    told = [a for a in actions if a.routing_id == W1]
+    assert len(told) == 1 and isinstance(told[0].message, Disconnect) and "stuck" in told[0].message.reason
+
+
+def test_progress_results_and_failures_keep_a_slow_worker_from_being_stuck():
+    s = state(heartbeat_interval_s=1.0, liveness=5, progress_timeout_s=60.0)
+    s.register(W1, reg("w1", capacity=4), T0)
+    submit_all(s, ["a", "b", "c"], now=T0)
+    s.heartbeat(W1, hb(running=3), T0 + 1)
+    for t in range(30, 300, 30):  # one long batch: a step every 30 s
+        s.progress(W1, Progress("a", t // 30, 100), T0 + t)
+        s.heartbeat(W1, hb(running=3), T0 + t)
+        assert s.expire(T0 + t) == [] and W1 in s.workers
+    s.result(W1, res("a"), T0 + 350)
+    s.failure(W1, Failure("b", "internal", "x"), T0 + 400)
+    for t in range(400, 461):
+        s.heartbeat(W1, hb(running=1), T0 + t)
+        assert s.expire(T0 + t) == [] and W1 in s.workers
+    s.heartbeat(W1, hb(running=1), T0 + 461)
+    s.expire(T0 + 461)
+    assert W1 not in s.workers and s.counters.workers_stuck == 1  # 61 s since its last answer
+    assert s.counters.workers_expired == 0
+
+
+def test_an_idle_worker_is_never_stuck_and_the_deadline_can_be_turned_off():
+    s = state(heartbeat_interval_s=1.0, liveness=5, progress_timeout_s=60.0)
+    s.register(W1, reg("w1"), T0)
+    for t in range(1, 200):
+        s.heartbeat(W1, hb(), T0 + t)
+    assert s.expire(T0 + 200) == [] and W1 in s.workers
+    off = state(heartbeat_interval_s=1.0, liveness=5, progress_timeout_s=0)
+    off.register(W1, reg("w1"), T0)
+    off.submit(CLIENT, gen("r1"), T0)
+    off.heartbeat(W1, hb(running=1), T0 + 1000)
+    assert off.expire(T0 + 1000) == [] and W1 in off.workers
+
+
+def test_progress_from_another_worker_does_not_keep_a_stuck_one_alive():
+    s = state(heartbeat_interval_s=1.0, liveness=5, progress_timeout_s=60.0)
+    s.register(W1, reg("w1", capacity=1), T0)
+    s.submit(CLIENT, gen("a"), T0)
+    s.register(W2, reg("w2", capacity=1), T0)
+    for t in range(10, 61, 10):
+        s.progress(W2, Progress("a", 1, 2), T0 + t)  # not W2's request
+        s.progress(W1, Progress("never-sent", 1, 2), T0 + t)  # not a request W1 holds
+        s.heartbeat(W1, hb(running=1), T0 + t)
+        s.heartbeat(W2, hb(), T0 + t)
+    s.expire(T0 + 61)
+    assert W1 not in s.workers and s.workers[W2].in_flight == {"a"}
