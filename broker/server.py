@@ -130,10 +130,15 @@ class BrokerServer:
             asyncio.create_task(self._liveness(), name="liveness"),
             asyncio.create_task(self._deadlines(), name="deadlines"),
         ]
+        stopped = asyncio.create_task(stop.wait(), name="stop")
         try:
-            await stop.wait()
+            await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:  # they run until cancelled: one that ended failed (e.g. out of memory), exit
+                if task.done():
+                    raise task.exception() or RuntimeError(f"the broker's {task.get_name()} task ended")
             await self._drain(drain_timeout_s)
         finally:
+            stopped.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -188,6 +193,8 @@ class BrokerServer:
                 log.warning("dropped a malformed %s message: %s", link, exc)
                 if sock is self.client_sock:
                     self._refuse_unreadable_request(frames[0].bytes, frames[1:], exc)
+            except MemoryError:  # past BROKER_MEMORY_LIMIT_BYTES: exit, for supervisord to restart a sound broker
+                raise
             except Exception:  # a bug handling one message must not stop the broker
                 self.dropped["internal_errors"] += 1
                 log.exception("error while handling a message; dropped it")

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Any
 
 from aiohttp import web
 
-from gateway.broker_client import BrokerClient
+from gateway.broker_client import BROKER_ANSWER_GRACE_S, BrokerClient
 from gateway.config import GatewaySettings
 from gateway.images import ImageStore
 from gateway.metrics import GatewayMetrics
@@ -29,6 +30,7 @@ FAILURE_STATUS = {
     FailureCode.SHUTTING_DOWN.value: 503,
     FailureCode.BROKER_RESTARTED.value: 503,
     FailureCode.INVALID_REQUEST.value: 400,
+    FailureCode.TOO_COSTLY.value: 400,
     FailureCode.DEADLINE_EXCEEDED.value: 504,
     FailureCode.GENERATION_FAILED.value: 500,
 }
@@ -37,6 +39,20 @@ FAILURE_STATUS = {
 # Set on a request whose body stopped arriving: its answer (408) is the connection's last
 # (app.py's close_stalled_connections closes it once the answer is written).
 BODY_STALLED = web.RequestKey("body_stalled", bool)
+
+
+def retry_after_s(exc: Any, settings: GatewaySettings) -> int:
+    """Seconds for a 503's Retry-After: the broker's estimate when it gave one, else RETRY_AFTER_S."""
+    estimate = getattr(exc, "retry_after_s", 0.0)
+    return max(1, math.ceil(estimate)) if estimate > 0 else settings.retry_after_s
+
+
+def broker_silent_text(settings: GatewaySettings) -> str:
+    """The 504 message when not even the broker answered in time (it answers deadline_exceeded itself,
+    saying where the request was, just before REQUEST_TIMEOUT_S)."""
+    return (f"no answer within REQUEST_TIMEOUT_S={settings.request_timeout_s:g}s: the broker did not answer "
+            f"(not even with where the request was) within {BROKER_ANSWER_GRACE_S:g}s more; it may be down "
+            "or overloaded")
 
 
 async def read_json_body(request: web.Request, max_bytes: int, timeout_s: float | None = None) -> Any:

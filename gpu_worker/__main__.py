@@ -20,6 +20,7 @@ from gpu_worker.pipelines import (
     auto_max_batch_size,
     free_gpu_memory_bytes,
     load_pipeline,
+    seconds_per_work_unit,
 )
 from gpu_worker.fake_backend import is_fake_model_id, parse_fake_model_id
 from gpu_worker.worker import Worker, WorkerIdentity, registration
@@ -117,6 +118,27 @@ def warm_up(pipeline: ImagePipeline, policy: BatchPolicyConfig, compiled: bool,
     return policy
 
 
+def measure_cost(pipeline: ImagePipeline) -> float:
+    """Seconds per work unit (gpu_worker.cost_model.work_units) for the broker's admission rule: one
+    step's time at the native size and at twice its side, the marginal cost between them
+    (pipelines.seconds_per_work_unit). 0 (not measured) if the larger size does not fit or fails:
+    the broker then refuses nothing before it has seen this worker's results."""
+    native = pipeline.native_size
+    try:
+        small_s = pipeline.step_seconds(native, native)
+        large_s = pipeline.step_seconds(2 * native, 2 * native)
+    except Exception as exc:  # noqa: BLE001 - a measurement that fails only leaves admission to the results
+        if is_out_of_memory(exc):
+            release_cached_memory()
+        log.warning("could not measure the cost of a step (%s: %s); the broker will learn it from results",
+                    type(exc).__name__, exc)
+        return 0.0
+    cost = seconds_per_work_unit(native * native, small_s, 4 * native * native, large_s)
+    log.info("a denoising step takes %.4fs at %dx%d and %.4fs at %dx%d: %.4g s per work unit (megapixel x CFG row "
+             "x step), reported for admission", small_s, native, native, large_s, 2 * native, 2 * native, cost)
+    return cost
+
+
 async def main(settings: WorkerSettings) -> None:
     setup_logging("gpu_worker", settings.log_level, settings.log_format)
     stage_trace.open_from_environment()  # IMAGEGEN_TRACE_FILE: per-request stage times
@@ -142,9 +164,11 @@ async def main(settings: WorkerSettings) -> None:
     if settings.torch_compile and not settings.warmup:
         log.warning("TORCH_COMPILE without WORKER_WARMUP: the first request of each batch size will wait "
                     "for torch.compile (minutes for SDXL)")
+    cost_per_unit = 0.0
     if settings.warmup and not is_fake_model_id(settings.model_id):
         policy = await asyncio.get_running_loop().run_in_executor(
             gpu_thread, warm_up, pipeline, policy, settings.torch_compile, settings.cuda_graph_max_batch)
+        cost_per_unit = await asyncio.get_running_loop().run_in_executor(gpu_thread, measure_cost, pipeline)
     gpu_id = settings.resolved_gpu_id(pipeline.device.type == "cuda")
     host = settings.resolved_host()
     identity = WorkerIdentity(
@@ -162,7 +186,8 @@ async def main(settings: WorkerSettings) -> None:
         sys.exit(2)
     worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
                     settings.heartbeat_interval_s, settings.heartbeat_liveness, max_batch_size_auto=auto,
-                    curve=curve, batcher=make_batcher(settings.batch_policy, policy), gpu_thread=gpu_thread)
+                    curve=curve, batcher=make_batcher(settings.batch_policy, policy), gpu_thread=gpu_thread,
+                    seconds_per_work_unit=cost_per_unit)
     log.info("worker %s: max batch %d, capacity %d, batch policy %s, broker %s", identity.name,
              policy.max_batch_size, capacity, settings.batch_policy, settings.broker_address)
     await worker.serve(stop_event_on_signals(asyncio.get_running_loop()))

@@ -13,6 +13,7 @@ It is chosen with a MODEL_ID of the form ``fake`` or ``fake:key=value,key=value`
 
     fake                         instant images
     fake:delay=0.5               sleep 0.5 s per generate call (per batch), to simulate GPU time
+    fake:step_delay=0.1          sleep 0.1 s per denoising step (a 25-step batch: 2.5 s; with delay: added)
     fake:oom_above=2             raise torch.OutOfMemoryError for a batch of more than 2 images
     fake:fail=1                  raise RuntimeError("fake failure") on every generate call
     fake:cell=1                  one random colour per pixel (PNGs as large as a random-weight model's)
@@ -50,7 +51,7 @@ FAKE_SIZE_MULTIPLE = 8
 # path's PNG encoding, transfer and file write at their real size (bench_gpu.py service --trace).
 DEFAULT_CELL_PX = 8
 
-_KEYS = ("delay", "oom_above", "fail", "cell")
+_KEYS = ("delay", "oom_above", "fail", "cell", "step_delay")
 
 
 class FakeBackend:
@@ -67,9 +68,12 @@ class FakeBackend:
     """
 
     def __init__(self, model_id: str = FAKE_PREFIX, delay_s: float = 0.0,
-                 oom_above: int | None = None, fail: bool = False, cell_px: int = DEFAULT_CELL_PX) -> None:
+                 oom_above: int | None = None, fail: bool = False, cell_px: int = DEFAULT_CELL_PX,
+                 step_delay_s: float = 0.0) -> None:
         if not (math.isfinite(delay_s) and delay_s >= 0):
             raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay_s}")
+        if not (math.isfinite(step_delay_s) and step_delay_s >= 0):
+            raise ValueError(f"step_delay must be a finite number of seconds >= 0, got {step_delay_s}")
         if oom_above is not None and oom_above < 0:
             raise ValueError(f"oom_above must be >= 0, got {oom_above}")
         if cell_px < 1:
@@ -80,6 +84,7 @@ class FakeBackend:
         self.dtype = torch.float32
         self.native_size = FAKE_NATIVE_SIZE
         self.delay_s = float(delay_s)
+        self.step_delay_s = float(step_delay_s)  # per denoising step: a batch of more steps takes longer
         self.oom_above = oom_above
         self.fail = fail
         self.cell_px = cell_px
@@ -114,13 +119,14 @@ class FakeBackend:
             raise OUT_OF_MEMORY_ERROR(
                 f"CUDA out of memory (fake: a batch of {len(jobs)} images is more than "
                 f"oom_above={self.oom_above})")
-        if self.delay_s and preemption is not None:
+        delay_s = self.delay_s + self.step_delay_s * settings.num_inference_steps
+        if delay_s and preemption is not None:
             began, steps = time.monotonic(), settings.num_inference_steps
             for step in range(steps):  # steps end at fixed instants: no drift from 25 sleeps
                 preemption.before_step(lambda: None)  # nothing queued on a device to wait for
-                time.sleep(max(0.0, began + self.delay_s * (step + 1) / steps - time.monotonic()))
-        elif self.delay_s:
-            time.sleep(self.delay_s)
+                time.sleep(max(0.0, began + delay_s * (step + 1) / steps - time.monotonic()))
+        elif delay_s:
+            time.sleep(delay_s)
         arrays = [fake_pixels(job, settings, self.cell_px) for job in jobs]
         if on_images is not None:
             on_images(0, arrays)
@@ -169,7 +175,8 @@ def is_fake_model_id(model_id: str) -> bool:
 def parse_fake_model_id(model_id: str) -> FakeBackend | None:
     """A FakeBackend for a fake MODEL_ID (``fake`` or ``fake:key=value,...``), else None.
 
-    Keys: ``delay`` (seconds per batch, float >= 0), ``oom_above`` (int >= 0), ``fail``
+    Keys: ``delay`` (seconds per batch, float >= 0), ``step_delay`` (seconds per denoising step, float
+    >= 0), ``oom_above`` (int >= 0), ``fail``
     (1/0, true/false, yes/no, on/off), ``cell`` (pixels per side of a flat-colour cell, int >= 1).
     A malformed fake id (unknown or repeated key, missing ``=``, bad value, empty option list)
     raises ValueError naming the id and the problem.
@@ -190,6 +197,7 @@ def parse_fake_model_id(model_id: str) -> FakeBackend | None:
             raise _bad(model_id, f"option {key!r} is given twice")
         options[key] = value
     delay_s = 0.0
+    step_delay_s = 0.0
     oom_above: int | None = None
     fail = False
     if "delay" in options:
@@ -200,6 +208,13 @@ def parse_fake_model_id(model_id: str) -> FakeBackend | None:
                                  f"{options['delay']!r}") from None
         if not (math.isfinite(delay_s) and delay_s >= 0):
             raise _bad(model_id, f"delay must be a finite number >= 0, got {options['delay']!r}")
+    if "step_delay" in options:
+        try:
+            step_delay_s = float(options["step_delay"])
+        except ValueError:
+            raise _bad(model_id, f"step_delay must be a number of seconds, got {options['step_delay']!r}") from None
+        if not (math.isfinite(step_delay_s) and step_delay_s >= 0):
+            raise _bad(model_id, f"step_delay must be a finite number >= 0, got {options['step_delay']!r}")
     if "oom_above" in options:
         try:
             oom_above = int(options["oom_above"])
@@ -221,11 +236,13 @@ def parse_fake_model_id(model_id: str) -> FakeBackend | None:
             raise _bad(model_id, f"cell must be an integer number of pixels, got {options['cell']!r}") from None
         if cell_px < 1:
             raise _bad(model_id, f"cell must be >= 1, got {cell_px}")
-    return FakeBackend(model_id, delay_s=delay_s, oom_above=oom_above, fail=fail, cell_px=cell_px)
+    return FakeBackend(model_id, delay_s=delay_s, oom_above=oom_above, fail=fail, cell_px=cell_px,
+                       step_delay_s=step_delay_s)
 
 
 def _bad(model_id: str, problem: str) -> ValueError:
     return ValueError(
         f"bad fake MODEL_ID {model_id!r}: {problem}. Expected 'fake' or "
-        f"'fake:key=value,...' with keys delay (seconds per batch, >= 0), oom_above "
-        f"(integer >= 0), fail (1 or 0) and cell (pixels, >= 1), e.g. 'fake:delay=0.2,oom_above=2'")
+        f"'fake:key=value,...' with keys delay (seconds per batch, >= 0), step_delay (seconds per "
+        f"denoising step, >= 0), oom_above (integer >= 0), fail (1 or 0) and cell (pixels, >= 1), "
+        f"e.g. 'fake:delay=0.2,oom_above=2'")

@@ -161,6 +161,25 @@ class ImagePipeline:
             return acceleration.warm_up_shapes(generate, list(batch_sizes))
         return acceleration.time_each(generate, list(batch_sizes))
 
+    def step_seconds(self, width: int, height: int, steps: int = 6, guidance_scale: float = 7.5) -> float:
+        """Seconds one denoising step of one image at width x height takes: the shortest interval
+        between UNet calls of a ``steps``-step run (the GPU waited for at each, so these are GPU
+        times), text encoding and VAE decoding left out. For the cost a worker reports at
+        registration (``Register.seconds_per_work_unit``, see seconds_per_work_unit)."""
+        instants: list[float] = []
+
+        class Recorder:
+            def before_step(self, synchronize: Callable[[], None]) -> None:
+                synchronize()
+                instants.append(time.perf_counter())
+
+        self._run([GenerationJob("warm-up", None, 0)], BatchSettings(width, height, steps, guidance_scale),
+                  output_type="latent", preemption=Recorder())  # type: ignore[arg-type]
+        gaps = [later - earlier for earlier, later in zip(instants, instants[1:])]
+        if not gaps:
+            raise RuntimeError("the pipeline made fewer than two UNet calls")
+        return min(gaps)
+
     def per_image_memory_bytes(self, width: int, height: int) -> int:
         """Estimated extra GPU memory one more image in a batch costs at width x height."""
         return estimate_per_image_memory_bytes(self.architecture, self.dtype, width, height)
@@ -247,6 +266,19 @@ class StepThrottle:
         previous, self.previous_mark = self.previous_mark, mark
         if previous is not None:
             previous.synchronize()
+
+
+def seconds_per_work_unit(small_px: int, small_step_s: float, large_px: int, large_step_s: float,
+                          cfg_rows: int = 2) -> float:
+    """Seconds per work unit (gpu_worker.cost_model.work_units: megapixels x steps x CFG rows) from
+    one step's time at two sizes: the marginal cost, (large - small) / (its extra units), which leaves
+    out what a step costs whatever its size, so that it errs on the cheap side for every size (the
+    broker refuses requests on it, broker/admission.py). A difference that is not positive (noise, a
+    GPU far from busy at both sizes): half the large size's average cost."""
+    small_units, large_units = small_px * cfg_rows / 1e6, large_px * cfg_rows / 1e6
+    if large_units > small_units and large_step_s > small_step_s:
+        return (large_step_s - small_step_s) / (large_units - small_units)
+    return 0.5 * large_step_s / large_units if large_units > 0 else 0.0
 
 
 def rgb_image(pixels: np.ndarray) -> PIL.Image.Image:

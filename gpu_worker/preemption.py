@@ -17,29 +17,101 @@ at most that step: otherwise the CPU queues steps far ahead of the GPU and the G
 to run them all. Waiting for the GPU to finish everything instead would leave it idle at each step
 of the window while the CPU prepares the next.
 
+Every batch the worker runs is also *stoppable for rows nobody waits for any more* (their client went
+away, their deadline passed: the broker's CANCEL, or the worker's own deadline check): the event loop
+marks such a row ``abandon(index)``, and at the next step boundary the GPU thread asks
+:func:`abandon_decision` whether to go on (the unwanted rows' images are then dropped), stop (no row
+is wanted) or stop so that the wanted rows restart without the others. For that "next step" to be
+the next one, the GPU thread of such a batch always waits until the GPU has at most one step queued
+(not only in the preemption window); on the CPU nothing runs ahead anyway.
+
 Pure: no torch, no asyncio; ``synchronize`` (the wait) is passed in, ``clock`` is the worker's.
 """
 
 from __future__ import annotations
 
+import enum
 import threading
 from typing import Callable
 
 
 class BatchPreempted(Exception):
-    """The batch was stopped at a step boundary so that newer requests can join it (not an error:
-    its requests go back to the queue)."""
+    """The batch was stopped at a step boundary so that newer requests can join it, or because some
+    or all of its rows are no longer wanted (not an error: its wanted requests go back to the queue)."""
+
+
+class AbandonDecision(str, enum.Enum):
+    CONTINUE = "continue"  # finish the batch; the unwanted rows' images are dropped
+    STOP = "stop"  # no row is wanted: stop now, nothing to requeue
+    STOP_AND_REQUEUE = "stop_and_requeue"  # stop now; the wanted rows run again in a batch of their own
+
+
+def abandon_decision(rows: int, unwanted: int, steps_done: int, steps_total: int) -> AbandonDecision:
+    """What a batch of ``rows`` rows, ``unwanted`` of which nobody waits for, does at the boundary
+    after ``steps_done`` of ``steps_total`` denoising steps.
+
+    No wanted row: stop. Every row wanted: continue. Otherwise restart the wanted rows when their
+    full run costs less than finishing the whole batch, cost counted in row-steps (a step's cost
+    taken as proportional to its rows): ``wanted * steps_total < rows * (steps_total - steps_done)``.
+    Early in a batch that lost most of its rows a restart wins; near its end finishing does. (On a
+    GPU a step of fewer rows costs more than its share, so this leans towards restarting a little
+    more than it should; the restarted rows also lose nothing, their images do not depend on their
+    batch-mates.)"""
+    wanted = rows - unwanted
+    if wanted <= 0:
+        return AbandonDecision.STOP
+    if unwanted <= 0:
+        return AbandonDecision.CONTINUE
+    left = max(0, steps_total - steps_done)
+    if wanted * steps_total < rows * left:
+        return AbandonDecision.STOP_AND_REQUEUE
+    return AbandonDecision.CONTINUE
+
+
+class ProgressLimiter:
+    """At most one PROGRESS message per request every ``interval_s`` (on ``clock``); a request's
+    first (step 0, its batch started) always goes. Thread-safe: the event loop sends step 0, the
+    GPU thread the steps after."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, request_id: str) -> bool:
+        now = self.clock()
+        with self._lock:
+            last = self._last.get(request_id)
+            if last is not None and now - last < self.interval_s:
+                return False
+            self._last[request_id] = now
+            return True
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._last.pop(request_id, None)
 
 
 class Preemption:
-    """The stop signal of one preemptible batch. ``open_until_s``: the instant (on ``clock``) after
-    which no stop can be requested any more, so the GPU thread need not wait for the GPU."""
+    """The stop signal of one batch. ``open_until_s``: the instant (on ``clock``) after which no
+    newcomer can ask to join it any more (None: it was never preemptible for that). ``rows`` and
+    ``steps``: the batch's size and denoising steps, for the abandoned-rows decision; with rows > 0
+    the GPU thread waits for the GPU before every step (so a stop is never many queued steps late).
+    ``on_step(steps_done)``: called by the GPU thread before each step after the first (progress)."""
 
-    def __init__(self, open_until_s: float, clock: Callable[[], float]) -> None:
+    def __init__(self, open_until_s: float | None, clock: Callable[[], float], rows: int = 0, steps: int = 0,
+                 on_step: Callable[[int], None] | None = None) -> None:
         self.open_until_s = open_until_s
         self.clock = clock
+        self.rows = rows
+        self.steps = steps
+        self.on_step = on_step
         self._requested = threading.Event()
+        self._unwanted: set[int] = set()
+        self._lock = threading.Lock()
         self.steps_checked = 0  # denoising steps about to start that looked at the signal (GPU thread)
+        self.decision: AbandonDecision | None = None  # why the batch stopped for its unwanted rows
 
     def request(self) -> None:
         """Stop the batch at its next step boundary (event-loop thread; thread-safe)."""
@@ -49,12 +121,38 @@ class Preemption:
     def requested(self) -> bool:
         return self._requested.is_set()
 
+    def abandon(self, row: int) -> None:
+        """Nobody waits for row ``row`` any more (event-loop thread; thread-safe): decided at the next step."""
+        with self._lock:
+            self._unwanted.add(row)
+
+    @property
+    def unwanted(self) -> frozenset[int]:
+        with self._lock:
+            return frozenset(self._unwanted)
+
+    @property
+    def steps_done(self) -> int:
+        """Denoising steps finished (or queued on the device) so far, as the GPU thread last looked."""
+        return max(0, min(self.steps, self.steps_checked - 1)) if self.steps else max(0, self.steps_checked - 1)
+
     def before_step(self, synchronize: Callable[[], None]) -> None:
         """Called by the GPU thread before each denoising step; raises BatchPreempted to stop."""
         self.steps_checked += 1
+        if self.steps_checked > 1 and self.on_step is not None:
+            self.on_step(self.steps_done)
+        self._check()
+        in_window = self.open_until_s is not None and self.clock() <= self.open_until_s
+        if in_window or self.rows > 0:
+            synchronize()  # the GPU has at most one step queued: a stop now throws away little
+            self._check()
+
+    def _check(self) -> None:
         if self._requested.is_set():
             raise BatchPreempted()
-        if self.clock() <= self.open_until_s:
-            synchronize()  # the GPU has at most one step queued: a stop now throws away little
-            if self._requested.is_set():
+        unwanted = len(self.unwanted)
+        if unwanted and self.rows:
+            decision = abandon_decision(self.rows, unwanted, self.steps_done, self.steps)
+            if decision is not AbandonDecision.CONTINUE:
+                self.decision = decision
                 raise BatchPreempted()

@@ -166,6 +166,11 @@ class Register(Message):
     capacity: int = bounded(low=1, high=MAX_CAPACITY)  # most requests the broker may hand it at once
     batching: BatchingConfig
     protocol_version: int = PROTOCOL_VERSION
+    # Seconds one denoising step costs per work unit (gpu_worker.cost_model.work_units: megapixels x
+    # CFG rows), measured at warm-up as the marginal cost of a larger image: for the broker's
+    # admission rule before it has seen a result (broker/admission.py). 0: not measured (a worker of
+    # an older build, WORKER_WARMUP=0, the fake backend).
+    seconds_per_work_unit: float = bounded(0.0, low=0.0, high=1e6)
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,7 @@ class FailureCode(str, enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"  # waited past the client's deadline (HTTP 504)
     SHUTTING_DOWN = "shutting_down"  # the broker is draining for a restart (HTTP 503)
     BROKER_RESTARTED = "broker_restarted"  # lost in a broker restart even after one resend (HTTP 503)
+    TOO_COSTLY = "too_costly"  # could not finish within its deadline even alone on the fastest worker (HTTP 400)
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,7 @@ class Failure(Message):
     request_id: str = bounded(max_len=MAX_ID_CHARS)
     code: str = bounded(max_len=64)  # a FailureCode value
     message: str = bounded(max_len=4096)
+    retry_after_s: float = bounded(0.0, low=0.0, high=MAX_DEADLINE_S)  # when a retry may succeed; 0: unknown
 
 
 @dataclass(frozen=True)
