@@ -8,13 +8,13 @@ batch dimension, the warm-up and the eager fallback for shapes not warmed up are
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from gpu_worker import acceleration
 from gpu_worker.__main__ import warm_up, warm_up_batch_sizes
@@ -108,10 +108,10 @@ def test_a_shape_that_would_compile_runs_eager_instead(pipelines, caplog):
     eager, compiled, _ = pipelines
     forward = compiled_forward(compiled.diffusers_pipeline.unet)
     other = BatchSettings(128, 64, 2, 7.5)
-    started = time.perf_counter()
+    graphs_before = counters["stats"]["unique_graphs"]
     with caplog.at_level(logging.WARNING, logger="gpu_worker.acceleration"):
         images = compiled.generate_array(jobs(2), other)
-    assert time.perf_counter() - started < 10  # no compilation (tens of seconds on this CPU)
+    assert counters["stats"]["unique_graphs"] == graphs_before  # nothing compiled
     np.testing.assert_allclose(images, eager.generate_array(jobs(2), other), atol=2e-4)
     assert (4, 4, 8, 16) in forward.eager_shapes
     assert (2, 4, 8, 16) in compiled.diffusers_pipeline.vae.decode.eager_shapes

@@ -10,13 +10,13 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from gpu_worker import fake_backend
 from gpu_worker.fake_backend import FakeBackend, is_fake_model_id, parse_fake_model_id
 from gpu_worker.oom import OUT_OF_MEMORY_ERROR
 from gpu_worker.pipelines import BatchSettings, GenerationJob
@@ -213,20 +213,40 @@ def test_fail_raises_runtime_error_every_call():
             backend.generate(jobs(1), SETTINGS)
 
 
-def test_delay_sleeps_once_per_batch():
+class RecordedSleeps:
+    """Stands in for the fake backend's ``time``: a clock that only its sleeps move, and the sleeps
+    in order, so the tests see what it slept whatever the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> RecordedSleeps:
+    recorded = RecordedSleeps()
+    monkeypatch.setattr(fake_backend, "time", recorded)
+    return recorded
+
+
+def test_delay_sleeps_once_per_batch(sleeps):
     backend = parse_fake_model_id("fake:delay=0.05")
-    started = time.perf_counter()
     backend.generate(jobs(4), SETTINGS)
-    elapsed = time.perf_counter() - started
-    assert 0.05 <= elapsed < 0.05 + 1.0
+    assert sleeps.slept == [0.05]
 
 
-def test_failures_do_not_wait_for_the_delay():
+def test_failures_do_not_wait_for_the_delay(sleeps):
     backend = parse_fake_model_id("fake:delay=5,oom_above=1")
-    started = time.perf_counter()
     with pytest.raises(OUT_OF_MEMORY_ERROR):
         backend.generate(jobs(2), SETTINGS)
-    assert time.perf_counter() - started < 1.0
+    assert sleeps.slept == []
 
 
 def test_import_is_cheap_no_diffusers():

@@ -317,7 +317,7 @@ def parse_report(out: str) -> dict[str, Any]:
 
 
 async def test_burst_against_fake_gateway(capsys):
-    fake = FakeGateway()
+    fake = FakeGateway(barrier=8)  # held until all 8 are in: a loaded machine may spread them past one window
     runner, url = await start_fake(fake)
     try:
         code = await run_main(["--url", url, "--burst", "8", "--seed-base", "40", *FAST])
