@@ -320,3 +320,18 @@ def test_a_worker_restarted_at_once_after_sigkill_comes_back_by_itself(cluster):
     assert status == 200 and body["worker"] == "worker0", body
     refused = c.stats()["broker"]["registrations_refused"]
     print(f"restarted worker refused {refused} times, then admitted")
+
+
+def test_a_real_worker_running_a_batch_longer_than_the_progress_timeout_is_not_stuck(cluster):
+    """A 24-step batch of 0.5 s steps (12 s) against a 5 s progress timeout: the worker's PROGRESS
+    (every step here; at most one each 0.5 s per request) keeps it from being declared stuck."""
+    c = cluster(MODEL_ID="fake:step_delay=0.5", WORKER_PROGRESS_TIMEOUT_S="5")
+    c.start("broker", "broker")
+    c.start("gateway", "gateway")
+    c.start_worker(0)
+    c.wait_for_workers(1)
+    status, body, seconds = post(c.url, {**request_body(1), "num_inference_steps": 24}, timeout_s=120)
+    assert status == 200 and body["worker"] == "worker0", (body, c.logs())
+    assert seconds > 5, "the batch must outlast the progress timeout for this test to mean anything"
+    stats = c.stats()
+    assert stats["broker"]["workers_stuck"] == 0 and stats["broker"]["requeued"] == 0, stats
