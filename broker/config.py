@@ -11,6 +11,9 @@ from imagegen.protocol import HEARTBEAT_INTERVAL_RANGE_S
 from imagegen.settings import parse_optional_str, require, setting
 from imagegen.sockets import is_local_endpoint
 
+# Below this the broker could not even start (its idle data size is about 40 MiB).
+MIN_MEMORY_LIMIT_BYTES = 64 * 1024 * 1024
+
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,17 @@ class BrokerSettings:
     """python -m broker: queue requests from gateways and balance them over GPU workers."""
 
     client_bind: str = setting("BROKER_CLIENT_BIND", "tcp://127.0.0.1:5555",
-                               "where gateways connect; local-only by default")
+                               "where gateways connect: a loopback tcp:// address or an ipc:// socket file "
+                               "(made readable by this user only); the link has no authentication")
+    allow_unauthenticated_clients: bool = setting(
+        "BROKER_ALLOW_UNAUTHENTICATED_CLIENTS", False,
+        "true: allow a non-loopback BROKER_CLIENT_BIND, so anyone who reaches the port can submit work, "
+        "crowd out other work and exhaust the broker's memory (a WARNING at every start)")
+    memory_limit_bytes: int = setting(
+        "BROKER_MEMORY_LIMIT_BYTES", 2 * 1024 ** 3,
+        "the broker's data memory limit (RLIMIT_DATA, set at start); past it a message that does not fit "
+        "is refused and its connection closed, and if the broker itself cannot allocate it exits for "
+        "supervisord to restart it; 0: no limit")
     worker_bind: str = setting("BROKER_WORKER_BIND", "tcp://127.0.0.1:5556",
                                "where GPU workers connect; local-only by default. Workers on other hosts: bind "
                                "tcp://0.0.0.0:5556 with CurveZMQ keys (BROKER_CURVE_SECRET_KEY)")
@@ -74,6 +87,16 @@ class BrokerSettings:
                 f"BROKER_AUTHORIZED_KEYS_DIR (README: \"Several GPUs, and workers on other hosts\"), bind a "
                 f"loopback address (tcp://127.0.0.1:5556), or accept the risk with "
                 f"BROKER_ALLOW_UNAUTHENTICATED_WORKERS=true")
+        require(self.allow_unauthenticated_clients or is_local_endpoint(self.client_bind), "BROKER_CLIENT_BIND",
+                f"{self.client_bind} is reachable from other machines, and the gateway link has no "
+                f"authentication: anyone who reaches it could submit work or "
+                f"exhaust the broker's memory. Bind a loopback address (tcp://127.0.0.1:5555) or an ipc:// "
+                f"socket file (ipc:///run/imagegen/broker.sock) and run the gateway on this host, or accept "
+                f"the risk with BROKER_ALLOW_UNAUTHENTICATED_CLIENTS=true")
+        require(self.memory_limit_bytes == 0 or self.memory_limit_bytes >= MIN_MEMORY_LIMIT_BYTES,
+                "BROKER_MEMORY_LIMIT_BYTES",
+                f"must be 0 (no limit) or at least {MIN_MEMORY_LIMIT_BYTES} ({MIN_MEMORY_LIMIT_BYTES >> 20} MiB): "
+                f"the idle broker alone uses about 40 MiB")
         require((self.curve_secret_key is None) == (self.authorized_keys_dir is None), "BROKER_CURVE_SECRET_KEY",
                 "set it together with BROKER_AUTHORIZED_KEYS_DIR, or neither")
         for env, path in (("BROKER_CURVE_SECRET_KEY", self.curve_secret_key),

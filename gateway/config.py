@@ -9,6 +9,7 @@ from imagegen.protocol import MAX_DEADLINE_S
 from imagegen.protocol import MAX_PROMPT_CHARS as WIRE_MAX_PROMPT_CHARS
 from imagegen.logs import parse_log_format
 from imagegen.settings import parse_bool, parse_optional_str, require, setting
+from imagegen.sockets import is_local_endpoint
 
 
 
@@ -99,7 +100,13 @@ class GatewaySettings:
                                     "seconds a connection may stay open without a request in progress "
                                     "(keep-alive, or headers that never finish)")
     port: int = setting("GATEWAY_PORT", 8080, "HTTP port")
-    broker_address: str = setting("BROKER_CLIENT_ADDRESS", "tcp://127.0.0.1:5555", "the broker's gateway endpoint")
+    broker_address: str = setting("BROKER_CLIENT_ADDRESS", "tcp://127.0.0.1:5555",
+                                  "the broker's gateway endpoint: a loopback tcp:// address or the broker's "
+                                  "ipc:// socket file (the link has no authentication)")
+    allow_unauthenticated_broker_link: bool = setting(
+        "BROKER_ALLOW_UNAUTHENTICATED_CLIENTS", False,
+        "true: allow a non-loopback BROKER_CLIENT_ADDRESS (prompts and images then cross the network "
+        "unauthenticated and in clear; the broker needs the same setting)")
     image_dir: str = setting("IMAGE_DIR", "images", "folder where generated PNGs are kept and served from")
     image_retention_count: int = setting("IMAGE_RETENTION_COUNT", 10000,
                                          "most images kept; the oldest are deleted first")
@@ -145,6 +152,11 @@ class GatewaySettings:
                 "who can reach the port could use the GPUs; set GATEWAY_API_KEYS (or GATEWAY_API_KEYS_FILE), "
                 "or GATEWAY_HOST=127.0.0.1 behind a proxy on this host, or GATEWAY_ALLOW_UNAUTHENTICATED=true "
                 "to accept that")
+        require(self.allow_unauthenticated_broker_link or is_local_endpoint(self.broker_address),
+                "BROKER_CLIENT_ADDRESS",
+                f"{self.broker_address} is not on this machine, and the broker link has no authentication or "
+                f"encryption; run the gateway on the broker's host (tcp://127.0.0.1:5555 or the broker's ipc:// "
+                f"socket), or accept that with BROKER_ALLOW_UNAUTHENTICATED_CLIENTS=true on both")
         require(self.body_timeout_s > 0, "GATEWAY_BODY_TIMEOUT_S", "must be positive")
         require(self.max_connections >= 1, "GATEWAY_MAX_CONNECTIONS", "must be at least 1")
         require(self.idle_timeout_s > 0, "GATEWAY_IDLE_TIMEOUT_S", "must be positive")
