@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.config import GatewaySettings, is_loopback
+from gateway.config import GatewaySettings
 from imagegen import settings as settings_lib
 from tests.procs import free_port, kill_tree, wait_until_ready
 
@@ -90,6 +90,8 @@ def test_default_host_is_loopback():
                                            ("", False), ("::", False), ("10.0.0.5", False),
                                            ("gateway.example", False)])
 def test_is_loopback(host, loopback):
+    from gateway.config import is_loopback
+
     assert is_loopback(host) is loopback
 
 

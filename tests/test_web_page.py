@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -162,7 +163,8 @@ def test_page_needs_no_key_but_asks_for_one_and_keeps_it(page, cluster):
 
 def test_a_cpu_worker_is_shown_as_cpu(page, tmp_path_factory):
     """gpu_id -1 is a CPU worker: the page says CPU, not GPU, in its stats (both shapes) and captions."""
-    c = Cluster(tmp_path_factory.mktemp("web-cpu"), MODEL_ID="fake:delay=0.1", MAX_BATCH_WAIT_TIME="0.05")
+    c = Cluster(tmp_path_factory.mktemp("web-cpu"), MODEL_ID="fake:delay=0.1", MAX_BATCH_WAIT_TIME="0.05",
+                PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # this checkout's code, whichever is installed
     try:
         c.start("broker", "broker")
         c.start("gateway", "gateway")
