@@ -68,6 +68,10 @@ DRAIN_TIMEOUT_S = 300.0
 # At most one PROGRESS message per running request this often (its first, step 0, always goes; the
 # last step is never reported: the RESULT follows it).
 PROGRESS_INTERVAL_S = 0.5
+# A running row past its deadline is dropped this long after it: the broker answers it first (its
+# answer says where the request was) and sends CANCEL, which stops it at once; this is the fallback
+# when no CANCEL comes (a broker of an older build, a lost message).
+RUNNING_DEADLINE_GRACE_S = 1.0
 # PNG encoding (gpu_worker/png.py, ISA-L) of one 1024x1024 image takes 1-6 ms of CPU on the GPU
 # hosts: encode a batch's images in parallel so delivery keeps up with the GPU, and split large
 # images (png.MIN_STRIPE_BYTES) into stripes on a second pool (a pool's thread never waits on its
@@ -387,7 +391,8 @@ class Worker:
 
     def _drop_expired_running(self, now: float) -> None:
         """Running rows whose deadline passed: nobody waits for them (the broker answers their client)."""
-        for request_id in [rid for rid, deadline in self.running_deadlines.items() if deadline < now]:
+        for request_id in [rid for rid, deadline in self.running_deadlines.items()
+                           if deadline + RUNNING_DEADLINE_GRACE_S < now]:
             self._abandon(request_id, "passed its deadline")
             self.link.send(Failure(request_id, FailureCode.DEADLINE_EXCEEDED.value,
                                    "the request's deadline passed while it was being generated"))
@@ -395,7 +400,7 @@ class Worker:
     async def _await_batch(self, running: asyncio.Future) -> Any:
         """The GPU thread's answer; meanwhile, rows whose deadline passes are abandoned at once."""
         while True:
-            wake_at = min(self.running_deadlines.values(), default=float("inf"))
+            wake_at = min(self.running_deadlines.values(), default=float("inf")) + RUNNING_DEADLINE_GRACE_S
             timeout = None if wake_at == float("inf") else max(0.0, wake_at - self.clock()) + 0.001
             done, _ = await asyncio.wait([running], timeout=timeout)
             if done:

@@ -298,7 +298,7 @@ def test_a_running_row_past_its_own_deadline_is_dropped_and_answered(caplog):
     worker, backend, sent = make_worker()
     try:
         with caplog.at_level("INFO", logger="gpu_worker.worker"):
-            asyncio.run(drive(worker, sent, [(0.0, request(0, deadline_s=0.8)), (0.1, request(1, steps=2))],
+            asyncio.run(drive(worker, sent, [(0.0, request(0, steps=80, deadline_s=0.5)), (0.1, request(1, steps=2))],
                               until=lambda s: len(results(s)) >= 1))
     finally:
         close_offline_worker(worker)
