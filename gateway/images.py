@@ -222,6 +222,9 @@ class ImageStore:
                 removed += 1
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # read-only or not ours: try again next round, keep the loop alive
+                log.warning("cannot prune: %s", storage_failure(exc, self.directory).message)
+                break
         if removed:
             log.info("pruned %d images from %s", removed, self.directory)
         return removed
@@ -233,5 +236,5 @@ class ImageStore:
                 return 0  # perhaps a save in progress
             os.remove(entry.path)
             return 1
-        except FileNotFoundError:
+        except OSError:  # gone meanwhile, or the folder is read-only: the next round tries again
             return 0

@@ -221,3 +221,18 @@ def test_store_health_forgets_a_failure_after_its_memory_or_a_save():
     assert health.problem(None, now=201) is None
     probe = StorageFailure("read_only", "ro")
     assert health.problem(probe, now=500) == probe
+
+
+async def test_pruning_a_read_only_folder_does_not_raise(tmpfs: Path):
+    """The prune loop runs every minute for the gateway's life: an error would end it for good."""
+    store = ImageStore(tmpfs / "images", max_count=1, max_age_s=3600)
+    for index in range(3):
+        store.save(f"{index:032d}", b"\x89PNG")
+    (store.directory / "tmpcrash.tmp").write_bytes(b"half")
+    os.utime(store.directory / "tmpcrash.tmp", (0, 0))
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    try:
+        assert store.prune() == 0  # nothing removable, and no exception
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
+    assert store.prune() == 3  # two images beyond max_count and the stale temp file
