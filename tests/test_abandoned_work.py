@@ -345,3 +345,45 @@ def test_progress_goes_at_the_start_and_then_rate_limited():
     assert steps[0] == 0 and steps == sorted(steps) and all(0 < s < 40 for s in steps[1:])
     # 2 s of steps at most one message per 0.5 s: the start and at most 4 more (none for the last step).
     assert 2 <= len(steps) <= 1 + 2.0 / 0.5 + 1
+
+
+# ------------------------------------------------------------------ the gateway waits for the broker's own late answer
+
+
+def test_the_gateway_waits_a_grace_past_its_timeout_for_the_brokers_answer_saying_where_the_request_was():
+    import zmq
+    import zmq.asyncio
+
+    from gateway.broker_client import BROKER_ANSWER_GRACE_S, BrokerClient, BrokerFailure
+    from imagegen.protocol import CLIENT_LINK
+    from procs import free_port
+
+    port = free_port()
+
+    async def scenario() -> BrokerFailure:
+        ctx = zmq.asyncio.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(f"tcp://127.0.0.1:{port}")
+        client = BrokerClient(f"tcp://127.0.0.1:{port}")
+        await client.start()
+        try:
+            asking = asyncio.ensure_future(client.generate("r1", GenerationParams("x", 64, 64, 2, 7.5, 1), 0.2))
+            while True:  # the GENERATE (pings are skipped)
+                peer, *frames = await router.recv_multipart()
+                message, _ = protocol.decode(frames, CLIENT_LINK)
+                if isinstance(message, Generate):
+                    break
+            # The broker answers at the deadline, a little after the gateway's own timer (well within the grace).
+            await asyncio.sleep(0.2 + BROKER_ANSWER_GRACE_S / 4)
+            late = Failure("r1", "deadline_exceeded", "its deadline passed while it was still queued at worker w1")
+            await router.send_multipart([peer, *protocol.encode(CLIENT_LINK, late)])
+            with pytest.raises(BrokerFailure) as caught:
+                await asking
+            return caught.value
+        finally:
+            await client.close()
+            router.close(linger=0)
+            ctx.term()
+
+    failure = asyncio.run(scenario())
+    assert failure.code == "deadline_exceeded" and "queued at worker w1" in failure.message
