@@ -935,7 +935,7 @@ def test_an_idle_worker_is_never_stuck_and_the_deadline_can_be_turned_off():
     assert s.expire(T0 + 200) == [] and W1 in s.workers
     off = state(heartbeat_interval_s=1.0, liveness=5, progress_timeout_s=0)
     off.register(W1, reg("w1"), T0)
-    off.submit(CLIENT, gen("r1"), T0)
+    off.submit(CLIENT, gen("r1", deadline_s=5000.0), T0)  # within its deadline: a late one is answered and cancelled
     off.heartbeat(W1, hb(running=1), T0 + 1000)
     assert off.expire(T0 + 1000) == [] and W1 in off.workers
 
