@@ -15,7 +15,7 @@ next part's work is queued, so the GPU never idles while the CPU hands over or c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -76,8 +76,12 @@ def unscale_latents(diffusers_pipeline: Any, latents: torch.Tensor) -> torch.Ten
 
 
 def decode_in_parts(diffusers_pipeline: Any, latents: torch.Tensor, on_images: OnImages | None = None,
-                    images_per_part: int = IMAGES_PER_PART) -> list[np.ndarray]:
-    """The batch's images as (H, W, 3) uint8 arrays, in order; ``on_images`` gets each part first."""
+                    images_per_part: int = IMAGES_PER_PART,
+                    before_part: Callable[[], None] | None = None) -> list[np.ndarray]:
+    """The batch's images as (H, W, 3) uint8 arrays, in order; ``on_images`` gets each part first.
+
+    ``before_part()`` is called before each part's decode: it may raise to stop the decoding (the
+    worker's stop signal, when nobody wants the batch's images any more)."""
     vae = diffusers_pipeline.vae
     most = min(images_per_part, images_per_decode(vae.config, latents.shape[-2], latents.shape[-1]))
     upcast = is_sdxl(diffusers_pipeline) and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
@@ -90,6 +94,8 @@ def decode_in_parts(diffusers_pipeline: Any, latents: torch.Tensor, on_images: O
         waiting: tuple[int, _HostCopy] | None = None
         first = 0
         for part in equal_parts(latents, most):
+            if before_part is not None:
+                before_part()
             copy = _HostCopy(to_rgb8(_decode(diffusers_pipeline, part)))
             if waiting is not None:
                 images += _hand_over(*waiting, on_images)

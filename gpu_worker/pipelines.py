@@ -127,12 +127,14 @@ class ImagePipeline:
         part's arrays as soon as they are on the host, before the next part is
         decoded, in the calling thread. With a ``preemption`` (gpu_worker.preemption) every
         denoising step starts with ``preemption.before_step``, which raises BatchPreempted when the
-        worker stops the batch. Raises ValueError for an empty batch or bad settings,
+        worker stops the batch, and each decode part with ``preemption.before_decode_part``, which
+        raises it when no row is wanted any more. Raises ValueError for an empty batch or bad settings,
         RuntimeError if the pipeline returns a different number of latents.
         """
         latents = self._run(jobs, settings, output_type="latent", preemption=preemption)
         with torch.inference_mode():  # as inside the pipeline: no autograd, and what torch.compile guards on
-            arrays = decoding.decode_in_parts(self.diffusers_pipeline, latents, on_images, self.images_per_part)
+            arrays = decoding.decode_in_parts(self.diffusers_pipeline, latents, on_images, self.images_per_part,
+                                              preemption.before_decode_part if preemption is not None else None)
         if on_images is not None:
             return arrays
         return [rgb_image(array) for array in arrays]

@@ -147,6 +147,15 @@ class Preemption:
             synchronize()  # the GPU has at most one step queued: a stop now throws away little
             self._check()
 
+    def before_decode_part(self) -> None:
+        """Called by the GPU thread before each VAE decode part, once denoising is done: a batch whose
+        rows nobody wants any more skips the rest of its decoding (a large image's decode can take
+        longer than a denoising step). A newcomer asking to join does not stop it here: its denoising
+        is done, and only the decode is left."""
+        if self.rows and len(self.unwanted) >= self.rows:
+            self.decision = AbandonDecision.STOP
+            raise BatchPreempted()
+
     def _check(self) -> None:
         if self._requested.is_set():
             raise BatchPreempted()

@@ -19,7 +19,8 @@ from gpu_worker.batcher import BatchPolicyConfig
 from gpu_worker.fake_backend import FakeBackend
 from gpu_worker.pipelines import BatchSettings, GenerationJob, StepThrottle, load_pipeline
 from gpu_worker.policies import AdaptiveBatcher, HoldTuning
-from gpu_worker.preemption import BatchPreempted, Preemption
+from gpu_worker import decoding
+from gpu_worker.preemption import AbandonDecision, BatchPreempted, Preemption
 from imagegen.protocol import Cancel, Generate, GenerationParams, Result
 from offline_worker import close_offline_worker, offline_worker
 
@@ -131,6 +132,38 @@ def test_a_preemptible_batch_that_is_not_stopped_makes_the_same_image(tiny):
     plain = tiny.generate(JOB, SETTINGS)[0]
     assert gate.steps_checked == len(tiny.diffusers_pipeline.scheduler.timesteps)  # every step (PNDM: 4 + 1)
     np.testing.assert_array_equal(np.asarray(with_gate), np.asarray(plain))
+
+
+def test_a_batch_nobody_wants_any_more_skips_the_rest_of_its_decoding(tiny):
+    """Denoising done, the first decode part handed over (once the second's decode is queued), then
+    every row abandoned: the third part is not decoded (a large image's decode can outlast a denoising
+    step), and the stop says why."""
+    gate = Preemption(open_until_s=None, clock=time.monotonic, rows=3, steps=SETTINGS.num_inference_steps)
+    tiny.images_per_part = 1
+    handed_over = []
+
+    def on_images(first, arrays):
+        handed_over.append(first)
+        for row in range(3):
+            gate.abandon(row)
+
+    try:
+        with pytest.raises(BatchPreempted):
+            tiny.generate([*JOB, *JOB, *JOB], SETTINGS, on_images=on_images, preemption=gate)
+    finally:
+        tiny.images_per_part = decoding.IMAGES_PER_PART
+    assert handed_over == [0] and gate.decision is AbandonDecision.STOP
+
+
+def test_a_batch_with_a_wanted_row_decodes_all_of_it(tiny):
+    gate = Preemption(open_until_s=None, clock=time.monotonic, rows=2, steps=SETTINGS.num_inference_steps)
+    tiny.images_per_part = 1
+    try:
+        images = tiny.generate([*JOB, *JOB], SETTINGS, on_images=lambda first, arrays: gate.abandon(0),
+                               preemption=gate)
+    finally:
+        tiny.images_per_part = decoding.IMAGES_PER_PART
+    assert len(images) == 2 and gate.decision is None
 
 
 # ------------------------------------------------------------------ the worker shell
