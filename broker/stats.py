@@ -101,6 +101,8 @@ def _broker_section(state: BrokerState) -> dict[str, Any]:
         "requests_completed": c.requests_completed,
         "requests_failed": c.requests_failed,
         "rejected_overloaded": c.rejected_overloaded,
+        "rejected_too_costly": c.rejected_too_costly,
+        "rejected_behind_queue": c.rejected_behind_queue,
         "deadline_expired": c.deadline_expired,
         "requeued": c.requeued,
         "duplicate_results": c.duplicate_results,

@@ -86,6 +86,10 @@ class GatewayMetrics:
         self.batch_size = Histogram(
             "imagegen_batch_size", "Per batch: requests in the batch", WORKER_LABELS,
             buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.connections_refused = Counter(
+            "imagegen_gateway_connections_refused_total",
+            "Connections answered 503 too_many_connections and closed (GATEWAY_MAX_CONNECTIONS open already)",
+            registry=r)
         self._batches = RecentKeys(recent_batches)
 
     def observe_http(self, route: str, method: str, status: int, outcome: str, duration_s: float) -> None:
@@ -174,6 +178,8 @@ BROKER_OUTCOMES = {
     "completed": "requests_completed",
     "failed": "requests_failed",
     "rejected_overloaded": "rejected_overloaded",
+    "rejected_too_costly": "rejected_too_costly",
+    "rejected_behind_queue": "rejected_behind_queue",
     "rejected_draining": "rejected_draining",
     "cancelled": "cancelled",
 }
@@ -193,6 +199,14 @@ BROKER_COUNTERS = (
     ("imagegen_broker_connections_refused_unknown_key", "connections_refused_unknown_key",
      "Worker connections refused in the CurveZMQ handshake (unknown key)"),
     ("imagegen_broker_internal_errors", "internal_errors", "Messages dropped because handling them raised (a bug)"),
+    ("imagegen_broker_workers_stuck", "workers_stuck",
+     "Workers removed because they held requests and reported no progress for WORKER_PROGRESS_TIMEOUT_S"),
+    ("imagegen_broker_unregistered_worker_messages", "unregistered_worker_messages",
+     "Worker-link messages from a connection that is not a registered worker (refused)"),
+    ("imagegen_broker_wrong_key_worker_messages", "wrong_key_worker_messages",
+     "Worker messages whose CurveZMQ key is not the one the worker registered with (the worker is removed)"),
+    ("imagegen_broker_unassigned_answers", "unassigned_answers",
+     "Results, failures or progress for a request the sending worker does not hold (dropped)"),
 )
 
 # (metric name, stats key in a per_gpu_stats entry, help)

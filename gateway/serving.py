@@ -21,12 +21,13 @@ import asyncio
 import json
 import logging
 import signal
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 
 from gateway.config import GatewaySettings
+from gateway.context import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class _Counted(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._cap.open >= self._cap.limit:
             self._cap.refused += 1
+            if self._cap.on_refused is not None:
+                self._cap.on_refused()
             transport.write(self._cap.refusal)  # type: ignore[attr-defined]
             # Closing with the client's request unread would reset the connection and could discard
             # the answer: send FIN, read and drop what comes for a moment, then close.
@@ -125,11 +128,13 @@ class JsonErrorRequestHandler(web.RequestHandler):
 class ConnectionCap:
     """A protocol factory for ``loop.create_server``: aiohttp's server, at most ``limit`` connections."""
 
-    def __init__(self, server: web.Server, limit: int, retry_after_s: int) -> None:
+    def __init__(self, server: web.Server, limit: int, retry_after_s: int,
+                 on_refused: Callable[[], None] | None = None) -> None:
         self.server = server
         self.limit = limit
         self.open = 0
         self.refused = 0
+        self.on_refused = on_refused  # the gateway's connections-refused metric
         self.refusal = refusal_bytes(retry_after_s, limit)
 
     def __call__(self) -> asyncio.Protocol:
@@ -151,7 +156,9 @@ class CappedRunner(web.AppRunner):
         self._retry_after_s = retry_after_s
 
     async def _make_server(self) -> Any:
-        return ConnectionCap(await super()._make_server(), self._max_connections, self._retry_after_s)
+        metrics = self.app.get(METRICS)
+        return ConnectionCap(await super()._make_server(), self._max_connections, self._retry_after_s,
+                             metrics.connections_refused.inc if metrics is not None else None)
 
     @property
     def cap(self) -> ConnectionCap:

@@ -234,6 +234,11 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed(gateways):
             break
         await asyncio.sleep(0.2)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    reader, writer = await _send(gateway.port, b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    metrics = (await asyncio.wait_for(reader.read(), 30)).decode()
+    writer.close()
+    refused = [line for line in metrics.splitlines() if line.startswith("imagegen_gateway_connections_refused_total ")]
+    assert refused and float(refused[0].split()[1]) >= 1, metrics[:2000]
 
 
 # --------------------------------------------------------------------------- every answer in JSON
