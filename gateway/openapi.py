@@ -164,7 +164,8 @@ ERROR_SCHEMA: dict[str, Any] = {
             "properties": {
                 "code": {"type": "string", "minLength": 1,
                          "description": "Machine-readable: invalid_request, not_found, method_not_allowed, "
-                                        "overloaded, worker_lost, shutting_down, deadline_exceeded, timeout, "
+                                        "too_costly, overloaded, worker_lost, shutting_down, deadline_exceeded, "
+                                        "timeout, storage_unavailable, "
                                         "generation_failed, bad_worker_output, broker_unreachable, ..."},
                 "message": {"type": "string", "minLength": 1, "description": "Human-readable explanation."},
                 "field": {"type": ["string", "null"],
@@ -216,19 +217,25 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                     "responses": {
                         "200": _json(_ref("GenerateResponse"), "The image was generated; fetch it at image_url."),
                         "400": _error("The body is not JSON, not an object, or a field is wrong (error.field "
-                                      "names it); or the pipeline refused the inputs."),
+                                      "names it); the pipeline refused the inputs; or the request could not "
+                                      "finish within its deadline even alone on the fastest worker "
+                                      "(too_costly: the message gives the estimate and the limit)."),
                         "408": _error(f"The body did not arrive within GATEWAY_BODY_TIMEOUT_S={s.body_timeout_s:g}s "
                                       "(body_timeout); the connection is closed."),
                         "413": _error(f"The body exceeds {s.max_request_bytes} bytes (MAX_REQUEST_BYTES)."),
                         "500": _error("Generation failed on the worker (generation_failed) or an unexpected "
                                       "failure code came back."),
                         "502": _error("The worker returned an image of the wrong size (bad_worker_output)."),
-                        "503": _error("Overloaded, shutting down, or the worker holding the request was lost; or "
+                        "503": _error("Overloaded (the queue is full, or the request could finish alone but not "
+                                      "behind the work already queued), shutting down, or the worker holding the "
+                                      "request was lost; or "
                                       "the image folder cannot take the image (storage_unavailable: full, "
                                       "read-only, not writable, missing; the message names the cause): "
                                       "retry after Retry-After seconds.", retry_after=True),
-                        "504": _error(f"No image within REQUEST_TIMEOUT_S={s.request_timeout_s:g}s (timeout), "
-                                      "or the request waited past its deadline (deadline_exceeded)."),
+                        "504": _error(f"No image within REQUEST_TIMEOUT_S={s.request_timeout_s:g}s: the broker's "
+                                      "deadline_exceeded says where the request was (queued at the broker or a "
+                                      "worker, being generated at step s of S, or no worker registered); timeout "
+                                      "when the broker did not answer."),
                     },
                     "x-max-request-bytes": s.max_request_bytes,
                 },
