@@ -225,7 +225,8 @@ WORKER_COUNTERS = (
     ("imagegen_worker_batches", "total_batches", "Batches the worker ran"),
     ("imagegen_worker_failed_requests", "failed_requests", "Requests that failed in the worker's batches"),
     ("imagegen_worker_stopped_batches", "stopped_batches",
-     "Lone-request batches stopped so that newer requests could join them (those requests ran in a later batch)"),
+     "Batches stopped at a step boundary: a lone request's batch so that newer requests could join it, or a "
+     "batch whose rows were no longer wanted (its wanted requests ran in a later batch)"),
     ("imagegen_worker_stopped_batch_seconds", "stopped_batch_seconds",
      "GPU seconds the stopped batches had run (thrown away)"),
 )

@@ -144,8 +144,8 @@ class WorkerStatus:
     sum_wait_ms: float = bounded(low=0.0)  # arrival at the worker -> its batch starts, summed
     sum_generation_ms: float = bounded(low=0.0)  # one batch's inference time, summed over batches
     max_batch_size: int = bounded(0, low=0, high=100_000)  # now (lowered after out-of-memory); 0: unknown
-    # Preemptible batches stopped so that newer requests could join them (gpu_worker/preemption.py),
-    # and the GPU time they had run, summed. Defaults: a worker of an older build sends neither.
+    # Batches stopped at a step boundary (gpu_worker/preemption.py: newer requests joining a lone
+    # request's batch, or rows no longer wanted), and the GPU time they had run, summed. Defaults: a worker of an older build sends neither.
     stopped_batches: int = bounded(0, low=0)
     sum_stopped_ms: float = bounded(0.0, low=0.0)
 
