@@ -84,7 +84,7 @@ def warm_up_batch_sizes(max_batch_size: int, cuda_graph_max_batch: int = 0) -> l
     size it sees: with the largest first, a lone request's batch of one runs code compiled at
     another size. Likely why, with MAX_BATCH_SIZE=2 (order [2, 1]), the worker's lone SD-1.5 batch
     ran 3% slower than the raw pipeline on two H200s, and within 1% with the automatic size (order
-    [64, 1, 2, ...]) on three (docs/benchmarks.md, eighth session; not yet measured with this
+    [64, 1, 2, ...]) on three (docs/benchmarks.md, SD-1.5 on the H200; not yet measured with this
     order). So there batch 1 comes first, as in the raw benchmark."""
     if max_batch_size <= cuda_graph_max_batch:
         return list(range(1, max_batch_size + 1))

@@ -1,7 +1,7 @@
 """Making a loaded pipeline fast: channels_last, fused QKV, torch.compile and CUDA graphs for the UNet,
 torch.compile for the VAE decoder and the text encoders.
 
-The UNet runs ~25 times per image and is where the time goes (shared/notes/gpu-measurements.md),
+The UNet runs ~25 times per image and is where the time goes (docs/benchmarks.md, GPU ceilings),
 so that is what gets compiled. :func:`accelerate` replaces ``unet.forward`` with a
 :class:`CompiledUnetForward`, which picks one of three implementations per call by the shape of the
 latents it is given:
@@ -21,7 +21,7 @@ one), which a lone request would otherwise decode eager.
 
 The text encoders are small, launch-bound calls (two per batch, SDXL four), where the CPU's speed
 sets the time: eager, they and the single-image decode made a lone SD-1.5 request 6% slower (SDXL
-11%), and 3.6% slower again when the CPU thread had been idle (docs/benchmarks.md, fifth session).
+11%), and 3.6% slower again when the CPU thread had been idle (docs/benchmarks.md, optimisations table).
 :class:`CompiledTextEncoderForward` compiles them the same way (batch dynamic from two prompts, a
 compilation of its own for one).
 
@@ -204,7 +204,7 @@ class CompiledVaeDecode:
     first size past that limit) and failed to compile it for 64 with the batch marked dynamic. Below
     the limit one compilation, made at the warm-up, serves every batch size. Smaller decodes cost
     little: SDXL 8 images at a time costs 3% more per image than 16 at a time, 4 at a time 12%
-    (eager, H200: gpu-measurements.md), beside compiling's 2x; and they lower the peak memory.
+    (eager, H200: docs/benchmarks.md, GPU ceilings), beside compiling's 2x; and they lower the peak memory.
     """
 
     def __init__(self, eager: Callable[..., Any], vae_config: Any, max_elements: int = INT32_ELEMENTS) -> None:

@@ -25,7 +25,7 @@ from gpu_worker.oom import OnImages  # on_images(first_index, images): here (H, 
 
 # Latents per VAE decode: small enough that the first part's images are ready early (PNG encoding
 # of a part overlaps the decode of the next), large enough that the decode stays efficient (a
-# decode of 8 SDXL latents costs 3% more per image than one of 16 on an H200, gpu-measurements.md).
+# decode of 8 SDXL latents costs 3% more per image than one of 16 on an H200, docs/benchmarks.md).
 IMAGES_PER_PART = 8
 
 

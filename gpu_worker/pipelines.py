@@ -39,7 +39,7 @@ ARCHITECTURES = ("sd15", "sdxl")
 _GIB = 1024**3
 # Extra GPU memory one more image in a batch costs, in bf16 with CFG on (two UNet rows per image):
 # (reference width, reference height, bytes), the slope of peak memory over batch size measured on
-# an H200 (shared/notes/gpu-measurements.md). SD-1.5 512²: (31.8 - 2.4) GiB / 63 = 0.47 GiB,
+# an H200 (docs/benchmarks.md, GPU ceilings). SD-1.5 512²: (31.8 - 2.4) GiB / 63 = 0.47 GiB,
 # rounded up to 0.5. SDXL 1024²: (47.1 - 7.4) GiB / 15 = 2.65 GiB. Through the whole pipeline on an
 # H100 (bf16, 25 steps) peak memory grew 0.50 GiB per SD-1.5 image (batch 1 -> 32) and 1.71 GiB per
 # SDXL image (1 -> 16; 1.75 with torch.compile), docs/benchmarks/raw-*-h100.json: both figures err on

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole service on a GPU machine, as users start it (supervisord: broker, gateway, one worker),
-# with a real-size random-weight model, then a burst from the seed's load test and a lone request.
+# with a real-size random-weight model, then a burst from the load test (scripts/test_batching.py) and a lone request.
 #
 #   scripts/gpu_smoke.sh [MODEL_ID] [SIZE] [BURST]      e.g. scripts/gpu_smoke.sh sdxl 1024 16
 #
-# Needs the project's dependencies importable by python3 (on the device tool's machines: carried
+# Needs the project's dependencies importable by python3 (on a GPU machine without network: carried
 # wheels installed to a --target folder on PYTHONPATH). Writes logs under $OUT when it is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."

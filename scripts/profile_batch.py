@@ -165,7 +165,7 @@ def trace(call: Callable[[], float], path: Path, on_cuda: bool) -> dict:
         wall_s = call()
     profiler.export_chrome_trace(str(path))
     events = profiler.key_averages()
-    if on_cuda:  # kernels only: an operator's device time is its kernels' again
+    if on_cuda:  # kernels only: an operator's GPU time is its kernels' again
         from torch.autograd import DeviceType
 
         events = [event for event in events if event.device_type == DeviceType.CUDA]

@@ -1,6 +1,6 @@
 """GPU cost models: how long one batch of a given key and size takes, from measured tables.
 
-* ``sdxl-h200`` and ``sd15-h200``: ../shared/notes/gpu-measurements.md (one H200, bf16, eager,
+* ``sdxl-h200`` and ``sd15-h200``: the GPU ceilings of docs/benchmarks.md (one H200, bf16, eager,
   25 steps, CFG on). A batch costs ``steps x step_ms(UNet rows) + vae_ms(images)``, the two
   columns of the table interpolated piecewise-linearly (exact at every measured size). Rows are
   ``batch x 2`` with CFG (guidance > 1) and ``batch`` without; other resolutions count as
@@ -11,10 +11,11 @@
   size on one H100 (scripts/measure_batch_costs.py); other keys scale with their work.
 * ``sdxl-h100-compiled`` and ``sd15-h100-compiled``: the same with ``TORCH_COMPILE=true``
   (scripts/bench_gpu.py).
-* ``seed-l40s`` and ``seed-h100``: the seed's own figures (dynamic-batching.md): an L40S takes
-  ~15 s for one image, ~30 s for a batch of 4 (its "Batch Size 4: ~375 s" for 50 images) and
-  ~40 s for a batch of 8; an H100 is "~3x faster per-GPU than L40S" and does a batch of 16 in
-  25 s (0.64 images/s per GPU). Other keys scale with their work (pixels x steps x CFG).
+* ``seed-l40s`` and ``seed-h100``: the throughput the window rule's design claims
+  (docs/batching.md): an L40S takes ~15 s for one image, ~30 s for a batch of 4 (its "Batch
+  Size 4: ~375 s" for 50 images) and ~40 s for a batch of 8; an H100 is "~3x faster per-GPU than
+  L40S" and does a batch of 16 in 25 s (0.64 images/s per GPU). Other keys scale with their work
+  (pixels x steps x CFG).
 """
 
 from __future__ import annotations
@@ -79,13 +80,13 @@ class BatchCurve:
         return work * interpolate(self.seconds_by_size, size, below="proportional")
 
 
-# gpu-measurements.md, "SDXL architecture, 1024x1024": batch 1/2/4/8/16 with CFG (2x rows).
+# docs/benchmarks.md, GPU ceilings, SDXL 1024x1024: batch 1/2/4/8/16 with CFG (2x rows).
 SDXL_H200 = MeasuredTable(
     "sdxl-h200", SDXL_1024,
     step_ms_by_rows={2: 77.3, 4: 76.3, 8: 143.4, 16: 275.2, 32: 542.8},
     vae_ms_by_images={1: 86.6, 2: 174.5, 4: 302.7, 8: 560.5, 16: 1085.0},
 )
-# gpu-measurements.md, "SD-1.5 architecture, 512x512": batch 1..64 with CFG.
+# docs/benchmarks.md, GPU ceilings, SD-1.5 512x512: batch 1..64 with CFG.
 SD15_H200 = MeasuredTable(
     "sd15-h200", SD15_512,
     step_ms_by_rows={2: 39.9, 4: 27.7, 8: 50.2, 16: 59.3, 32: 93.4, 64: 179.8, 128: 355.3},
@@ -95,7 +96,7 @@ SEED_L40S = BatchCurve("seed-l40s", SDXL_1024, {1: 15.0, 4: 30.0, 8: 40.0})
 # "~3x faster per-GPU than L40S" up to batch 8, and 0.64 images/s per GPU at batch 16.
 SEED_H100 = BatchCurve("seed-h100", SDXL_1024, {1: 5.0, 4: 10.0, 8: 40.0 / 3, 16: 25.0})
 
-# Our own H100 figures: scripts/measure_batch_costs.py on one H100 80GB HBM3 (device tool, torch
+# Our own H100 figures: scripts/measure_batch_costs.py on one H100 80GB HBM3 (2026-11-27, torch
 # 2.11.0+cu130, bf16, eager, random weights): the worker's whole generate() call per batch, median
 # of 2 (SDXL) or 3 (SD-1.5) runs after a warm-up. Raw output: docs/scheduling/measured-*.json.
 SDXL_H100 = BatchCurve("sdxl-h100", SDXL_1024, {1: 2.3118, 2: 2.3486, 4: 4.2056, 8: 7.9997, 16: 15.7828})
