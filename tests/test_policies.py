@@ -34,7 +34,7 @@ def learn(b: AdaptiveBatcher, costs: dict[int, float], key: BatchKey = KEY) -> N
         b.observe_batch(key, size, seconds, T0)
 
 
-# launch-bound small batches, as SDXL on an H200 (gpu-measurements.md): batch 2 costs about batch 1
+# launch-bound small batches, as SDXL on an H200 (docs/benchmarks.md): batch 2 costs about batch 1
 SDXL_LIKE = {1: 2.0, 2: 2.05, 3: 2.95, 4: 3.9}
 # no saving from batching at all
 PROPORTIONAL = {1: 1.0, 2: 2.0, 3: 3.0}

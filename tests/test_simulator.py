@@ -68,7 +68,7 @@ def test_the_seed_policy_makes_a_lone_request_wait_its_whole_window():
 
 
 def test_measured_cost_table_reproduces_its_seconds_per_batch_column():
-    # gpu-measurements.md, SDXL 1024x1024: "s per batch" for batch 1, 2, 4, 8, 16
+    # docs/benchmarks.md, GPU ceilings, SDXL 1024x1024: "s per batch" for batch 1, 2, 4, 8, 16
     for size, seconds in {1: 2.02, 2: 2.08, 4: 3.89, 8: 7.44, 16: 14.65}.items():
         assert SDXL.batch_s(KEY, size) == pytest.approx(seconds, rel=0.01)
     # without CFG the UNet sees half the rows: cheaper, but never below a launch-bound step
