@@ -1,4 +1,4 @@
-"""The seed's batching policy, as a pure state object: no sockets, no clock, no asyncio, no torch.
+"""The window batching policy (``BATCH_POLICY=window``), as a pure state object: no sockets, no clock, no asyncio, no torch.
 
 The worker's event loop calls :meth:`Batcher.add` when a request arrives, :meth:`Batcher.next_batch`
 whenever the GPU is free, and sleeps until :meth:`Batcher.next_decision_at` (or the next arrival).

@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from gpu_worker.policies import DEFAULT, POLICY_NAMES
+from gpu_worker.policies import DEFAULT, POLICY_ALIASES, POLICY_NAMES, canonical_policy
 from imagegen import protocol
 from imagegen.keys import load_public, load_secret
 from imagegen.logs import parse_log_format
@@ -41,9 +41,12 @@ class WorkerSettings:
     adaptive_threshold: int = setting("ADAPTIVE_BATCH_THRESHOLD", 10,
                                       "queue depth at which adaptive batching starts shortening the window")
     batch_policy: str = setting("BATCH_POLICY", DEFAULT,
-                                "default: run as soon as the GPU is free unless batch-mates are due; a lone request "
-                                "starts at once and is restarted with a burst that follows it (docs/scheduling.md); "
-                                "seed: the seed's windowed rule, exactly")
+                                "default: a batch runs as soon as the GPU is free (a lone request at once, restarted "
+                                "with a burst that follows it within 20 ms), unless batch-mates are due within "
+                                "milliseconds or the measured costs say waiting pays; window: a group runs when it "
+                                "fills a batch or its oldest request has waited the window (MAX_BATCH_WAIT_TIME, "
+                                "adaptive), see docs/batching.md; seed: the same as window",
+                                parse=lambda text: canonical_policy(text.strip()))
     max_in_flight: int | None = setting("WORKER_MAX_IN_FLIGHT", None,
                                         "requests the broker may hand this worker at once; "
                                         "unset: 2 x MAX_BATCH_SIZE (one batch running, one forming)",
@@ -98,7 +101,8 @@ class WorkerSettings:
                 "must not exceed MAX_BATCH_SIZE")
         require(1 <= self.adaptive_threshold <= protocol.MAX_ADAPTIVE_THRESHOLD, "ADAPTIVE_BATCH_THRESHOLD",
                 f"must be between 1 and {protocol.MAX_ADAPTIVE_THRESHOLD}")
-        require(self.batch_policy in POLICY_NAMES, "BATCH_POLICY", f"must be one of {', '.join(POLICY_NAMES)}")
+        require(self.batch_policy in POLICY_NAMES, "BATCH_POLICY",
+                f"must be one of {', '.join(POLICY_NAMES + tuple(POLICY_ALIASES))}")
         require(self.max_in_flight is None or 1 <= self.max_in_flight <= protocol.MAX_CAPACITY, "WORKER_MAX_IN_FLIGHT",
                 f"must be between 1 and {protocol.MAX_CAPACITY}")
         require(self.gpu_id is None or -1 <= self.gpu_id <= protocol.MAX_GPU_ID, "GPU_ID",

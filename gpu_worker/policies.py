@@ -1,12 +1,13 @@
-"""Batching policies a worker can run, chosen by ``BATCH_POLICY``: ``default`` and ``seed`` (pure).
+"""Batching policies a worker can run, chosen by ``BATCH_POLICY``: ``default`` and ``window`` (pure).
 
-``seed`` is :class:`gpu_worker.batcher.Batcher`, the seed's windowed rule with its exact semantics.
+``window`` is :class:`gpu_worker.batcher.Batcher`: a group runs when it fills a batch or its oldest
+request has waited the (adaptive) window. ``seed``, its earlier name, is still accepted.
 
 ``default`` is :class:`AdaptiveBatcher`. Same interface, same grouping by :class:`BatchKey`, same
 limits (``max_batch_size``, ``max_batch_pixels``, ``min_batch_size``), but it does not hold an idle
 GPU for batch-mates unless they are expected soon enough to pay for the wait:
 
-* A group that fills a batch runs at once (as in the seed).
+* A group that fills a batch runs at once (as under ``window``).
 * Otherwise a group may run as soon as the GPU is free, unless one of two holds applies, both
   counted from the group's *newest* arrival and both capped at ``max_wait_time_s`` from its oldest:
 
@@ -27,7 +28,7 @@ GPU for batch-mates unless they are expected soon enough to pay for the wait:
     ``g < B (k + 1) / k`` (B: that break-even wait), and the best hold is ``(k + 1) B - k g``.
     Both t and g are learned online, so this hold appears only where measured costs show a saving
     (launch-bound small batches) and arrivals are frequent enough.
-* When several groups may run, the one whose oldest request arrived first runs first (as the seed).
+* When several groups may run, the one whose oldest request arrived first runs first (as under ``window``).
 * While the GPU is busy nothing is decided: requests accumulate and form the next batch by
   themselves, which is where the large batches of a loaded server come from.
 
@@ -46,8 +47,15 @@ from gpu_worker.cost_model import OnlineCostModel
 T = TypeVar("T")
 
 DEFAULT = "default"
-SEED = "seed"
-POLICY_NAMES = (DEFAULT, SEED)
+WINDOW = "window"
+POLICY_NAMES = (DEFAULT, WINDOW)
+# Earlier names still accepted in BATCH_POLICY and by make_batcher, so existing configurations keep working.
+POLICY_ALIASES = {"seed": WINDOW}
+
+
+def canonical_policy(name: str) -> str:
+    """``name`` with an alias replaced by the policy it names (unknown names are returned as they are)."""
+    return POLICY_ALIASES.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,7 @@ class AdaptiveBatcher(Batcher[T]):
             return float("-inf")
         give_up_at = group[0].arrived_at + self.config.max_wait_time_s
         if size < self.config.min_batch_size:
-            return give_up_at  # the operator asked for batches of at least this size (seed semantics)
+            return give_up_at  # the operator asked for batches of at least this size (as under ``window``)
         newest = max(p.arrived_at for p in group)
         return min(give_up_at, newest + self.hold_s(key, size))
 
@@ -174,8 +182,10 @@ class AdaptiveBatcher(Batcher[T]):
 
 
 def make_batcher(name: str, config: BatchPolicyConfig, tuning: HoldTuning | None = None) -> Batcher:
-    """The batcher for policy ``name`` ("default" or "seed"), with the shared limits in ``config``."""
-    if name == SEED:
+    """The batcher for policy ``name`` ("default" or "window"; "seed" names "window"), with the shared
+    limits in ``config``."""
+    name = canonical_policy(name)
+    if name == WINDOW:
         return Batcher(config)
     if name == DEFAULT:
         return AdaptiveBatcher(config=config, tuning=tuning or HoldTuning())

@@ -3,7 +3,7 @@
 
     python scripts/simulate.py --compare --json      # every workload x policy, as a JSON list
     python scripts/simulate.py --compare             # the same as a markdown table, then the checks
-    python scripts/simulate.py --validate            # the seed's policy and costs vs the seed's tables
+    python scripts/simulate.py --validate            # the window policy on the seed's costs vs the seed's tables
     python scripts/simulate.py --robustness          # other arrival seeds and PNG costs (~40 s)
     python scripts/simulate.py --scaling             # a burst of 50 per GPU, 1-64 GPUs: broker dispatch (~40 s)
     python scripts/simulate.py --write docs/scheduling   # all of the above as JSON, and the PNG plots
@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
+from gpu_worker.policies import POLICY_ALIASES  # noqa: E402
 from simulator import costs as cost_models  # noqa: E402
 from simulator import runs  # noqa: E402
 from simulator import workloads as wl  # noqa: E402
@@ -113,7 +114,7 @@ def print_checks(rows: list[dict[str, Any]]) -> int:
     failures = runs.check_default(rows)
     for line in failures:
         print("FAIL:", line)
-    print(f"{'all checks pass' if not failures else f'{len(failures)} checks fail'}: default vs seed on "
+    print(f"{'all checks pass' if not failures else f'{len(failures)} checks fail'}: default vs window on "
           f"{len({r['workload'] for r in rows})} workloads")
     return 1 if failures else 0
 
@@ -131,7 +132,7 @@ def _pyplot():
     return plt
 
 
-STYLE = {"seed": dict(color="#c0392b", ls="-"), "default": dict(color="#1f6fb2", ls="-"),
+STYLE = {"window": dict(color="#c0392b", ls="-"), "default": dict(color="#1f6fb2", ls="-"),
          "greedy": dict(color="#7f8c8d", ls="--")}
 
 
@@ -204,7 +205,7 @@ def single_run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", action="store_true", help="every workload x policy (docs/scheduling.md)")
-    parser.add_argument("--validate", action="store_true", help="the seed's policy and costs vs the seed's tables")
+    parser.add_argument("--validate", action="store_true", help="the window policy on the seed's costs vs the seed's tables")
     parser.add_argument("--robustness", action="store_true",
                         help="Poisson and mixed workloads over 10 arrival seeds x 3 PNG-encoding costs (~40 s)")
     parser.add_argument("--scaling", action="store_true",
@@ -215,13 +216,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "and load_sweep.png")
     parser.add_argument("--workload", choices=("burst", "users", "poisson", "mixed", "lone"),
                         help="one run of one workload (with --policy, --gpus, --costs, --load, --requests)")
-    parser.add_argument("--policy", choices=tuple(runs.POLICIES), default="default")
+    parser.add_argument("--policy", choices=tuple(runs.POLICIES) + tuple(POLICY_ALIASES), default="default",
+                        help="window, default or greedy (seed: the same as window)")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--costs", choices=tuple(cost_models.COST_MODELS), default="sdxl-h200")
     parser.add_argument("--load", type=float, default=0.9, help="fraction of capacity (poisson, mixed)")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
+    args.policy = POLICY_ALIASES.get(args.policy, args.policy)
     if not (args.compare or args.validate or args.robustness or args.scaling or args.write or args.workload):
         parser.error("say what to run: --compare, --validate, --robustness, --scaling, --write DIR or --workload NAME")
     return args

@@ -2,10 +2,10 @@
 
 * :func:`compare`: every workload of the issue (a burst of 50, 10 users x 5 sequential requests,
   Poisson at 30/60/90/120% of capacity, a mixed workload, a lone request), plus the same at several
-  GPUs and on the SD-1.5 cost table, once per policy. The seed's policy runs with the seed's
+  GPUs and on the SD-1.5 cost table, once per policy. The window policy runs with its
   defaults (5 s window, adaptive); every policy gets the same limits (max batch 16 on the measured
   tables) and the same broker.
-* :func:`validate`: the seed's policy on the seed's own cost figures against the seed's tables.
+* :func:`validate`: the window policy on the seed's own cost figures against the seed's tables.
 * :func:`scaling`: the GPU scaling runs (docs/benchmarks/scaling-*.json: a burst of 50 per GPU) at
   1 to 64 GPUs, with the broker's fair-share dispatch and without it (:data:`DISPATCH`).
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from gpu_worker.batcher import BatchPolicyConfig
-from gpu_worker.policies import DEFAULT, SEED, HoldTuning
+from gpu_worker.policies import DEFAULT, POLICY_ALIASES, WINDOW, HoldTuning
 from simulator import costs as cost_models
 from simulator import workloads as wl
 from simulator.costs import CostModel
@@ -27,13 +27,13 @@ from simulator.metrics import RunReport, summarize
 
 # Policy name in the reports -> (BATCH_POLICY value, tuning of the default policy).
 POLICIES: dict[str, tuple[str, HoldTuning | None]] = {
-    "seed": (SEED, None),
+    "window": (WINDOW, None),
     "default": (DEFAULT, HoldTuning()),
     # The default without its holds: run whatever is queued the moment the GPU is free. Shown to
     # make the case for the holds (a burst's first request would otherwise run alone).
     "greedy": (DEFAULT, HoldTuning(coalesce=False, break_even=False)),
 }
-COMPARED = ("seed", "default", "greedy")
+COMPARED = ("window", "default", "greedy")
 
 MAX_BATCH = 16  # measured up to 16 on the SDXL table (47 GiB); the H100 smoke test auto-detected 20
 POISSON_LOADS = (0.3, 0.6, 0.9, 1.2)
@@ -49,7 +49,7 @@ def run(workload: wl.Workload, cluster: ClusterConfig, costs: CostModel, policy_
 
 
 def cluster_for(policy_label: str, gpus: int = 1, batching: BatchPolicyConfig | None = None) -> ClusterConfig:
-    name, tuning = POLICIES[policy_label]
+    name, tuning = POLICIES[POLICY_ALIASES.get(policy_label, policy_label)]
     return ClusterConfig(gpus=gpus, policy=name, tuning=tuning,
                          batching=batching or BatchPolicyConfig(max_batch_size=MAX_BATCH))
 
@@ -125,7 +125,7 @@ def compare(policies: Sequence[str] = COMPARED, cases: Sequence[Case] | None = N
 def robustness(seeds: Sequence[int] = range(1, 11),
                encodes_s_per_mpixel: Sequence[float] = (0.0, 0.03, 0.23)) -> list[dict[str, Any]]:
     """The Poisson and mixed workloads again with other arrival seeds and PNG-encoding costs: per
-    workload, the worst ratios default/seed over all variants (p95: lower is better; throughput:
+    workload, the worst ratios default/window over all variants (p95: lower is better; throughput:
     higher is better) and how many variants the default cleared."""
     worst: dict[str, dict[str, Any]] = {}
     for seed in seeds:
@@ -133,12 +133,12 @@ def robustness(seeds: Sequence[int] = range(1, 11),
                  + cases_for(cost_models.SDXL_H200, gpus=4, poisson_requests=500, seed=seed)
                  if "offered_load" in c.extra]
         for encode in encodes_s_per_mpixel:
-            reports = compare(("seed", "default"), cases, encode_s_per_mpixel=encode)
-            for seed_run, default_run in zip(reports[::2], reports[1::2]):
-                entry = worst.setdefault(seed_run.workload, {"workload": seed_run.workload, "variants": 0,
+            reports = compare(("window", "default"), cases, encode_s_per_mpixel=encode)
+            for window_run, default_run in zip(reports[::2], reports[1::2]):
+                entry = worst.setdefault(window_run.workload, {"workload": window_run.workload, "variants": 0,
                                                              "p95_ratio_max": 0.0, "throughput_ratio_min": math.inf,
                                                              "p95_cleared": 0, "throughput_cleared": 0})
-                p95, thr = default_run.p95_s / seed_run.p95_s, default_run.throughput_img_s / seed_run.throughput_img_s
+                p95, thr = default_run.p95_s / window_run.p95_s, default_run.throughput_img_s / window_run.throughput_img_s
                 entry["variants"] += 1
                 entry["p95_ratio_max"] = round(max(entry["p95_ratio_max"], p95), 3)
                 entry["throughput_ratio_min"] = round(min(entry["throughput_ratio_min"], thr), 4)
@@ -175,7 +175,7 @@ SEED_ROWS = (
 )
 
 
-def validate_row(row: SeedRow, policy_label: str = "seed") -> dict[str, Any]:
+def validate_row(row: SeedRow, policy_label: str = "window") -> dict[str, Any]:
     """Simulated time for 50 images and sustained throughput (a burst of 10 full batches per GPU)."""
     batching = BatchPolicyConfig(enable_batching=row.enable_batching, max_batch_size=row.max_batch)
     cluster = cluster_for(policy_label, row.gpus, batching)
@@ -198,7 +198,7 @@ def validate_row(row: SeedRow, policy_label: str = "seed") -> dict[str, Any]:
     return out
 
 
-def validate(policy_label: str = "seed") -> list[dict[str, Any]]:
+def validate(policy_label: str = "window") -> list[dict[str, Any]]:
     return [validate_row(row, policy_label) for row in SEED_ROWS]
 
 
@@ -212,18 +212,18 @@ def load_sweep(loads: Sequence[float], policies: Sequence[str] = COMPARED, costs
 def check_default(rows: Sequence[dict[str, Any]], within: float = 0.05) -> list[str]:
     """The issue's bar for the default policy, on --compare's rows; returns what fails (empty: all pass).
 
-    On every workload: p95 no worse and throughput no lower than the seed's. A lone request within
+    On every workload: p95 no worse and throughput no lower than the window policy's. A lone request within
     ``within`` of one batch-1 inference; a burst on one GPU within ``within`` of the ideal packing."""
     by = {(r["workload"], r["policy"]): r for r in rows}
     failures = []
-    for (workload, policy), seed in by.items():
-        if policy != "seed":
+    for (workload, policy), window in by.items():
+        if policy != "window":
             continue
         default = by[(workload, "default")]
-        if default["p95_s"] > seed["p95_s"]:
-            failures.append(f"{workload}: p95 {default['p95_s']} s > seed's {seed['p95_s']} s")
-        if default["throughput_img_s"] < seed["throughput_img_s"]:
-            failures.append(f"{workload}: throughput {default['throughput_img_s']} < seed's {seed['throughput_img_s']}")
+        if default["p95_s"] > window["p95_s"]:
+            failures.append(f"{workload}: p95 {default['p95_s']} s > window's {window['p95_s']} s")
+        if default["throughput_img_s"] < window["throughput_img_s"]:
+            failures.append(f"{workload}: throughput {default['throughput_img_s']} < window's {window['throughput_img_s']}")
         limit = 1 + within
         if "batch1_s" in default and default["p50_s"] > limit * default["batch1_s"]:
             failures.append(f"{workload}: lone latency {default['p50_s']} s > {limit} x batch1 {default['batch1_s']} s")

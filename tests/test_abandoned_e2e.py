@@ -202,7 +202,7 @@ def test_tiny_cpu_default_refuses_a_huge_request_at_once(cluster):
 @pytest.mark.timeout(400)
 def test_the_wanted_row_of_a_half_abandoned_batch_restarts_alone_with_its_solo_image(cluster):
     # No warm-up, so no measured cost: admission refuses nothing (the machine's load does not matter).
-    c = cluster(MODEL_ID="tiny", WORKER_WARMUP="0", BATCH_POLICY="seed", MAX_BATCH_SIZE="2", MIN_BATCH_SIZE="2",
+    c = cluster(MODEL_ID="tiny", WORKER_WARMUP="0", BATCH_POLICY="window", MAX_BATCH_SIZE="2", MIN_BATCH_SIZE="2",
                 MAX_BATCH_WAIT_TIME="5")
     wanted = body(5, steps=150)
     gone = open_request(c.url, "/generate", body(4, steps=150))

@@ -316,9 +316,10 @@ def test_lower_max_batch_size_after_out_of_memory():
 
 def test_make_batcher_selects_the_policy():
     config = BatchPolicyConfig()
-    assert type(make_batcher("seed", config)) is Batcher
+    assert type(make_batcher("window", config)) is Batcher
+    assert type(make_batcher("seed", config)) is Batcher  # the window rule's earlier name still works
     assert type(make_batcher("default", config)) is AdaptiveBatcher
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match="window"):
         make_batcher("fastest", config)
 
 
@@ -382,6 +383,7 @@ def test_batch_policy_setting_defaults_to_default_and_rejects_unknown_names():
     from imagegen import settings as settings_lib
 
     assert settings_lib.load(WorkerSettings, [], {}).batch_policy == "default"
-    assert settings_lib.load(WorkerSettings, ["--batch-policy", "seed"], {}).batch_policy == "seed"
+    assert settings_lib.load(WorkerSettings, ["--batch-policy", "window"], {}).batch_policy == "window"
+    assert settings_lib.load(WorkerSettings, [], {"BATCH_POLICY": "seed"}).batch_policy == "window"  # an alias
     with pytest.raises(settings_lib.SettingsError, match="BATCH_POLICY"):
         settings_lib.load(WorkerSettings, [], {"BATCH_POLICY": "fastest"})

@@ -71,9 +71,9 @@ B = {"prompt": "B", "width": 64, "height": 64, "num_inference_steps": 4, "seed":
 @pytest.mark.timeout(300)
 def test_a_label_that_another_requests_old_id_was_made_from_gets_its_own_image(tmp_path):
     """The reported sequence: OpenAI request with X-Request-ID 'coll', then /generate with 'coll.0'
-    while the first is still queued (the seed's window rule holds it at the worker for a few seconds,
+    while the first is still queued (the window rule holds it at the worker for a few seconds,
     so the two certainly overlap). Each client gets the image of its own settings."""
-    cluster = Cluster(tmp_path, MODEL_ID="tiny", WORKER_WARMUP="false", BATCH_POLICY="seed",
+    cluster = Cluster(tmp_path, MODEL_ID="tiny", WORKER_WARMUP="false", BATCH_POLICY="window",
                       MAX_BATCH_WAIT_TIME="3", REQUEST_TIMEOUT_S="120")
     try:
         cluster.start("broker", "broker")

@@ -35,7 +35,7 @@ def simulate(workload: wl.Workload, policy: str = "default", gpus: int = 1, cost
 
 
 def test_the_simulator_drives_the_real_broker_and_batchers():
-    for policy, cls in (("seed", Batcher), ("default", AdaptiveBatcher)):
+    for policy, cls in (("window", Batcher), ("default", AdaptiveBatcher)):
         sim = Simulation(runs.cluster_for(policy, gpus=2), SDXL)
         assert isinstance(sim.broker, BrokerState)
         assert all(type(w.batcher) is cls for w in sim.workers)
@@ -62,8 +62,8 @@ def test_runs_are_deterministic():
            [r.row() for r in runs.compare(cases=runs.cases_for(SDXL, loads=(0.6,), mixed=False))]
 
 
-def test_the_seed_policy_makes_a_lone_request_wait_its_whole_window():
-    _, report = simulate(wl.lone(KEY), policy="seed")
+def test_the_window_policy_makes_a_lone_request_wait_its_whole_window():
+    _, report = simulate(wl.lone(KEY), policy="window")
     assert report.p50_s == pytest.approx(5.0 + SDXL.batch_s(KEY, 1), abs=0.1)
 
 
@@ -126,10 +126,10 @@ def test_the_seeds_four_and_eight_gpu_times_are_below_what_its_own_costs_allow(v
 
 @pytest.fixture(scope="module")
 def comparison():
-    return [r.row() for r in runs.compare(("seed", "default"))]
+    return [r.row() for r in runs.compare(("window", "default"))]
 
 
-def test_default_beats_or_equals_the_seed_on_every_workload(comparison):
+def test_default_beats_or_equals_the_window_policy_on_every_workload(comparison):
     assert runs.check_default(comparison) == []
 
 
@@ -148,7 +148,7 @@ def test_lone_request_and_burst_bars(comparison):
 
 
 def test_check_default_reports_a_worse_p95():
-    rows = [{"workload": "w", "policy": "seed", "p95_s": 1.0, "throughput_img_s": 1.0},
+    rows = [{"workload": "w", "policy": "window", "p95_s": 1.0, "throughput_img_s": 1.0},
             {"workload": "w", "policy": "default", "p95_s": 1.1, "throughput_img_s": 1.0}]
     assert len(runs.check_default(rows)) == 1
 
@@ -165,7 +165,7 @@ def test_compare_json_command_prints_the_rows():
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
-    assert {"seed", "default"} <= {r["policy"] for r in rows}
+    assert {"window", "default"} <= {r["policy"] for r in rows}
     for row in rows:
         assert {"workload", "policy", "throughput_img_s", "p50_s", "p95_s", "p99_s", "avg_batch_size"} <= set(row)
     assert all("batch1_s" in r for r in rows if r["workload"] == "lone")
