@@ -21,34 +21,45 @@ class BrokerSettings:
     """python -m broker: queue requests from gateways and balance them over GPU workers."""
 
     client_bind: str = setting("BROKER_CLIENT_BIND", "tcp://127.0.0.1:5555",
-                               "where gateways connect: a loopback tcp:// address or an ipc:// socket file "
-                               "(made readable by this user only); the link has no authentication")
+                               "where gateways connect: a loopback tcp:// address or an ipc:// socket file (e.g. "
+                               "ipc:///run/imagegen/broker.sock; the broker makes it readable and writable by its "
+                               "own user only, so the gateway runs as that user). The link has no authentication, "
+                               "so any other address stops the broker at start (exit 2) unless "
+                               "BROKER_ALLOW_UNAUTHENTICATED_CLIENTS=true")
     allow_unauthenticated_clients: bool = setting(
         "BROKER_ALLOW_UNAUTHENTICATED_CLIENTS", False,
-        "true: allow a non-loopback BROKER_CLIENT_BIND, so anyone who reaches the port can submit work, "
-        "crowd out other work and exhaust the broker's memory (a WARNING at every start)")
+        "true: allow a non-loopback BROKER_CLIENT_BIND (broker) or BROKER_CLIENT_ADDRESS (gateway), so anyone "
+        "who reaches the port can submit work, crowd out other work and exhaust the broker's memory, and "
+        "prompts and images cross the network in clear (a WARNING at every start)")
     memory_limit_bytes: int = setting(
         "BROKER_MEMORY_LIMIT_BYTES", 2 * 1024 ** 3,
-        "the broker's data memory limit (RLIMIT_DATA, set at start); past it a message that does not fit "
-        "is refused and its connection closed, and if the broker itself cannot allocate it exits for "
-        "supervisord to restart it; 0: no limit")
+        "the broker's data memory limit (RLIMIT_DATA, set at start; the idle broker uses about 40 MiB); "
+        "past it a message that does not fit is refused and its connection closed (the broker carries on), "
+        "and if the broker itself cannot allocate it exits with status 3 for supervisord to restart it; "
+        "0: no limit. The shipped supervisord.conf sets it in the broker's environment= line, which wins "
+        "over an exported value (docs/operations.md)")
     worker_bind: str = setting("BROKER_WORKER_BIND", "tcp://127.0.0.1:5556",
-                               "where GPU workers connect; local-only by default. Workers on other hosts: bind "
-                               "tcp://0.0.0.0:5556 with CurveZMQ keys (BROKER_CURVE_SECRET_KEY)")
+                               "where GPU workers connect; loopback only by default. Workers on other hosts: bind "
+                               "e.g. tcp://0.0.0.0:5556 with CurveZMQ keys (BROKER_CURVE_SECRET_KEY, made by "
+                               "python -m imagegen.keys cluster); a non-loopback bind without keys stops the "
+                               "broker at start (exit 2) unless BROKER_ALLOW_UNAUTHENTICATED_WORKERS=true")
     allow_unauthenticated_workers: bool = setting(
         "BROKER_ALLOW_UNAUTHENTICATED_WORKERS", False,
         "true: allow a non-loopback BROKER_WORKER_BIND without CurveZMQ keys, so anyone who reaches the "
-        "port can register as a worker, read prompts and answer with any image (a WARNING at every start)")
+        "port can register as a worker, read prompts and answer with any image (a closed test network "
+        "only; a WARNING at every start)")
     worker_progress_timeout_s: float = setting(
         "WORKER_PROGRESS_TIMEOUT_S", 120.0,
         "seconds a worker holding requests may send no progress, result or failure before it is declared "
-        "stuck (its requests go to other workers); 0: never")
+        "stuck: told DISCONNECT, its requests requeued to other workers. Workers report progress every "
+        "few seconds while a batch runs, so only a hung one reaches it; raise it if a single denoising step "
+        "can take longer (e.g. a first TORCH_COMPILE of a new shape). 0: never")
     strategy: str = setting("GPU_LOAD_BALANCE_STRATEGY", "queue-depth",
                             "round-robin or queue-depth (fewest requests held; ties round-robin)")
     max_queue_size: int = setting("MAX_QUEUE_SIZE", 1000,
                                   "requests the broker holds waiting for a worker; beyond it the gateway answers 503")
     heartbeat_interval_s: float = setting("HEARTBEAT_INTERVAL_S", 1.0,
-                                          "seconds between worker heartbeats")
+                                          "seconds between worker heartbeats (workers receive it in WELCOME)")
     heartbeat_liveness: int = setting("HEARTBEAT_LIVENESS", 5,
                                       "heartbeats a worker may miss before the broker declares it dead and requeues its work")
     max_attempts: int = setting("MAX_REQUEST_ATTEMPTS", 3,
@@ -61,7 +72,8 @@ class BrokerSettings:
                                            "set: workers must authenticate with CurveZMQ and the link is encrypted",
                                            parse=parse_optional_str)
     authorized_keys_dir: str | None = setting("BROKER_AUTHORIZED_KEYS_DIR", None,
-                                              "folder of the public .key files of the workers allowed to join",
+                                              "folder of the public .key files of the workers allowed to join (with "
+                                              "BROKER_CURVE_SECRET_KEY); read again when its .key files change",
                                               parse=parse_optional_str)
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting("LOG_FORMAT", "text",

@@ -84,34 +84,38 @@ class GatewaySettings:
     """python -m gateway: the HTTP API (POST /generate, GET /stats, images) in front of the broker."""
 
     host: str = setting("GATEWAY_HOST", "127.0.0.1",
-                        "interface the HTTP server listens on; beyond loopback it needs API keys or "
-                        "GATEWAY_ALLOW_UNAUTHENTICATED=true")
+                        "interface the HTTP server listens on; loopback by default. Any other (e.g. 0.0.0.0, "
+                        "every interface) needs API keys (GATEWAY_API_KEYS) or GATEWAY_ALLOW_UNAUTHENTICATED=true; "
+                        "without either the gateway exits 2 at start")
     allow_unauthenticated: bool = setting("GATEWAY_ALLOW_UNAUTHENTICATED", False,
                                           "true: listen beyond loopback without API keys (anyone who can reach "
                                           "the port can use the GPUs); logged as a warning at every start",
                                           parse=parse_bool)
     body_timeout_s: float = setting("GATEWAY_BODY_TIMEOUT_S", 30.0,
-                                    "seconds a client may take to send a request body; then 408 and the "
+                                    "seconds a client may take to send a request body; then 408 body_timeout and the "
                                     "connection is closed")
     max_connections: int = setting("GATEWAY_MAX_CONNECTIONS", 1000,
-                                   "open HTTP connections at once; beyond it a new connection gets 503 "
-                                   "and is closed")
+                                   "open HTTP connections at once, idle keep-alive ones included; beyond it a new "
+                                   "connection gets 503 too_many_connections (with Retry-After) and is closed. "
+                                   "Long-lived event streams, when an API adds them, get a cap of their own")
     idle_timeout_s: float = setting("GATEWAY_IDLE_TIMEOUT_S", 75.0,
                                     "seconds a connection may stay open without a request in progress "
                                     "(keep-alive, or headers that never finish)")
     port: int = setting("GATEWAY_PORT", 8080, "HTTP port")
     broker_address: str = setting("BROKER_CLIENT_ADDRESS", "tcp://127.0.0.1:5555",
                                   "the broker's gateway endpoint: a loopback tcp:// address or the broker's "
-                                  "ipc:// socket file (the link has no authentication)")
+                                  "ipc:// socket file (the link has no authentication); any other stops the gateway "
+                                  "at start (exit 2) unless BROKER_ALLOW_UNAUTHENTICATED_CLIENTS=true")
     allow_unauthenticated_broker_link: bool = setting(
         "BROKER_ALLOW_UNAUTHENTICATED_CLIENTS", False,
         "true: allow a non-loopback BROKER_CLIENT_ADDRESS (prompts and images then cross the network "
         "unauthenticated and in clear; the broker needs the same setting)")
-    image_dir: str = setting("IMAGE_DIR", "images", "folder where generated PNGs are kept and served from")
+    image_dir: str = setting("IMAGE_DIR", "images", "folder where generated PNGs are kept and served from "
+                                                 "(relative to the gateway's working directory)")
     image_retention_count: int = setting("IMAGE_RETENTION_COUNT", 10000,
                                          "most images kept; the oldest are deleted first")
     image_retention_s: float = setting("IMAGE_RETENTION_S", 86400.0,
-                                       "images older than this many seconds are deleted")
+                                       "images older than this many seconds are deleted (checked every minute)")
     public_base_url: str | None = setting("PUBLIC_BASE_URL", None,
                                           "base of image_url in responses; unset: the request's own scheme and host",
                                           parse=parse_optional_str)
@@ -122,7 +126,7 @@ class GatewaySettings:
     shutdown_timeout_s: float = setting("GATEWAY_SHUTDOWN_TIMEOUT_S", 60.0,
                                         "on SIGTERM, seconds to let requests in progress finish")
     retry_after_s: int = setting("RETRY_AFTER_S", 5, "Retry-After seconds sent with 503 answers")
-    max_request_bytes: int = setting("MAX_REQUEST_BYTES", 65536, "largest accepted request body")
+    max_request_bytes: int = setting("MAX_REQUEST_BYTES", 65536, "largest accepted request body, in bytes (413 beyond)")
     max_prompt_chars: int = setting("MAX_PROMPT_LENGTH", 2000, "longest prompt or negative prompt, in characters")
     min_image_side: int = setting("MIN_IMAGE_SIDE", 64, "smallest width or height, in pixels")
     max_image_side: int = setting("MAX_IMAGE_SIDE", 2048, "largest width or height, in pixels")
@@ -134,12 +138,14 @@ class GatewaySettings:
     default_steps: int = setting("DEFAULT_INFERENCE_STEPS", 25, "num_inference_steps when a request gives none")
     default_guidance_scale: float = setting("DEFAULT_GUIDANCE_SCALE", 7.5, "guidance_scale when a request gives none")
     api_keys: ApiKeys | None = setting("GATEWAY_API_KEYS", None,
-                                       "comma-separated API keys (16+ characters each) clients must send as "
+                                       "comma-separated API keys (16+ printable ASCII characters each, without spaces) "
+                                       "clients must send as "
                                        "'Authorization: Bearer KEY'; unset or empty: no authentication",
                                        parse=_api_keys)
     api_keys_file: str | None = setting("GATEWAY_API_KEYS_FILE", None,
                                         "file of API keys, one per line ('#' starts a comment line); "
-                                        "combined with GATEWAY_API_KEYS", parse=parse_optional_str)
+                                        "combined with GATEWAY_API_KEYS; a missing or keyless file stops the gateway at "
+                                        "start", parse=parse_optional_str)
     log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting("LOG_FORMAT", "text",
                               "text (one readable line per record) or json (one JSON object per line)",

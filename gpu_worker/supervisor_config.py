@@ -52,7 +52,8 @@ class LauncherSettings:
 
     gpu_ids: str | None = setting("GPU_IDS", None,
                                   "physical GPU ids (nvidia-smi numbering) to run one worker each on, e.g. 0,2; "
-                                  "unset: every GPU (within CUDA_VISIBLE_DEVICES if set); cpu: one CPU worker",
+                                  "unset: every GPU NVML finds (within CUDA_VISIBLE_DEVICES if set); "
+                                  "cpu: one CPU worker. No GPU at all: one CPU worker",
                                   parse=_optional_str)
 
 
