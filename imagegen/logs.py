@@ -12,7 +12,7 @@
 A log call that passes ``extra={"request_id": ...}`` (or ``request_ids``, ``batch_id``, ``label``,
 ``labels``) gets that field in the JSON object; the text format shows the id in the message itself.
 Each request keeps one service-made id from the gateway through the broker to the worker, and the
-client's X-Request-ID travels beside it as its ``label`` (README.md, "Logs").
+client's X-Request-ID travels beside it as its ``label`` (docs/operations.md, "Logs and request ids").
 """
 
 from __future__ import annotations
