@@ -48,7 +48,7 @@ class WorkerSettings:
                                 "with a burst that follows it within 20 ms), unless batch-mates are due within "
                                 "milliseconds or the measured costs say waiting pays; window: a group runs when it "
                                 "fills a batch or its oldest request has waited the window (MAX_BATCH_WAIT_TIME, "
-                                "adaptive), see docs/batching.md; seed: the same as window",
+                                "adaptive), see docs/batching.md; seed: the earlier name of window, still accepted",
                                 parse=lambda text: canonical_policy(text.strip()))
     max_in_flight: int | None = setting("WORKER_MAX_IN_FLIGHT", None,
                                         "requests the broker may hand this worker at once; "
