@@ -33,10 +33,11 @@ variant is measured on the same weights, card and call:
   TORCH_COMPILE applies beyond ``graphs``: the launch-bound parts of a lone request);
 * ``preemptible``: batch 1 only, the pipeline as the variants before it left it (after ``encoders``:
   what TORCH_COMPILE runs), called as the worker calls it for a lone request on an idle GPU: with a
-  preemption window of the default policy's coalescing gap opened at each call (inside it the
-  thread waits before each step until the GPU has at most one step queued; no stop comes) and a
-  callback taking the images as they are decoded. Beside ``encoders`` it tells the worker's own
-  call from the GPU's state.
+  preemption window of the default policy's coalescing gap opened at each call, stoppable for rows
+  nobody waits for (so the thread waits before every step until the GPU has at most one step queued,
+  as the worker's does; no stop comes) and a callback taking the images as they are decoded. Beside
+  ``encoders`` (or ``eager``: ``--variants eager,preemptible`` without TORCH_COMPILE) it tells the
+  worker's own call, that wait included, from the GPU's state.
 
 Each batch size is warmed up first (a 2-step call: compilation and graph recording land there), then
 timed ``--repeats`` times (median). ``--pause-s`` leaves the GPU idle that long before each timed
@@ -86,14 +87,18 @@ T = TypeVar("T")
 class WorkerCall:
     """What the worker passes to the pipeline besides jobs and settings for a lone request (the raw
     ``preemptible`` variant): the handover callback, which counts the images handed over, and a
-    preemption window of the default policy's coalescing gap opened now (no stop comes)."""
+    preemption window of the default policy's coalescing gap opened now (no stop comes), with the
+    batch's rows and steps and a progress callback, as every batch of the worker is stoppable for
+    rows nobody waits for: the GPU thread then waits before every step, not only in the window,
+    until the GPU has at most one step queued."""
 
-    def __init__(self) -> None:
+    def __init__(self, steps: int) -> None:
         from gpu_worker.policies import HoldTuning
         from gpu_worker.preemption import Preemption
 
         self.handed_over = 0
-        self.preemption = Preemption(time.monotonic() + HoldTuning().coalesce_gap_s, time.monotonic)
+        self.preemption = Preemption(time.monotonic() + HoldTuning().coalesce_gap_s, time.monotonic, rows=1,
+                                     steps=steps, on_step=lambda step: None)
 
     def on_images(self, first_index: int, arrays) -> None:
         self.handed_over += len(arrays)
@@ -163,7 +168,7 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
         """One generate call, GPU work included, readied to be timed; ``worker_like``: called as the
         worker calls a lone request (the WorkerCall it passes, made now, outside the timing, is what
         the call returns)."""
-        worker_call = WorkerCall() if worker_like else None
+        worker_call = WorkerCall(settings.num_inference_steps) if worker_like else None
         as_worker = (worker_call.on_images, worker_call.preemption) if worker_call else ()
 
         def call() -> WorkerCall | None:
