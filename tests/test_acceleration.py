@@ -23,6 +23,10 @@ from gpu_worker.acceleration import (AccelerationConfig, CompiledTextEncoderForw
 from gpu_worker.batcher import BatchPolicyConfig
 from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
 
+# torch.compile of the tiny pipeline takes about 2 minutes on a quiet 2-core machine and several times
+# that on a busy one; the module fixture compiles inside the first test's time limit.
+pytestmark = pytest.mark.timeout(1800)
+
 SETTINGS = BatchSettings(64, 64, 3, 7.5)
 
 

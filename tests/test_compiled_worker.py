@@ -12,7 +12,7 @@ import pytest
 
 from cluster import Cluster, post, send_concurrently
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(1800)  # a worker compiling on a busy 2-core machine
 
 
 @pytest.fixture
