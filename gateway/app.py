@@ -60,20 +60,6 @@ async def close_stalled_connections(request: web.Request, handler) -> web.Stream
 
 
 @web.middleware
-async def close_stalled_connections(request: web.Request, handler) -> web.StreamResponse:
-    """After the answer to a request whose body stopped arriving (read_json_body's 408), close the
-    connection at once rather than wait, lingering, for the rest of a body that is not coming. It
-    runs outermost, so the answer is sent with every header the other middlewares add."""
-    response = await handler(request)
-    if request.get(BODY_STALLED):
-        response.force_close()
-        await response.prepare(request)
-        await response.write_eof()
-        request.protocol.force_close()
-    return response
-
-
-@web.middleware
 async def json_errors(request: web.Request, handler) -> web.StreamResponse:
     """Every error, aiohttp's own 404/405/413 included, answers with the same JSON shape (under
     /v1/, OpenAI's). A 404 lists the endpoints; a 405 names the allowed methods (and sends Allow)."""
