@@ -77,6 +77,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--pause-s", type=float, default=0.2, help="idle before each call")
     parser.add_argument("--ways", default=",".join(WAYS), help="of " + ", ".join(WAYS))
+    parser.add_argument("--compile", action="store_true",
+                        help="as TORCH_COMPILE=true runs it: torch.compile, CUDA graphs for batches up to 2, "
+                             "channels_last and fused QKV (gpu_worker/__main__.py optimizations)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     ways = args.ways.split(",")
@@ -88,14 +91,18 @@ def main() -> int:
     from gpu_worker import pipelines
     from gpu_worker.pipelines import BatchSettings, load_pipeline
 
-    pipeline = load_pipeline(args.model)
+    from gpu_worker.acceleration import AccelerationConfig
+
+    acceleration = (AccelerationConfig(compile=True, cuda_graph_max_batch=2, channels_last=True, fuse_qkv=True)
+                    if args.compile else None)
+    pipeline = load_pipeline(args.model, optimizations=acceleration)
     on_cuda = torch.cuda.is_available()
     settings = BatchSettings(args.size, args.size, args.steps, args.guidance)
     jobs = benchmark_jobs(1)
     rounds: list[dict] = []
     document = {"command": "python scripts/throttle_ab.py " + " ".join(sys.argv[1:]), "card": card_name(),
                 "versions": {"torch": torch.__version__, "diffusers": metadata.version("diffusers")},
-                "model": args.model, "resolution": f"{args.size}x{args.size}", "steps": args.steps,
+                "model": args.model, "torch_compile": args.compile, "resolution": f"{args.size}x{args.size}", "steps": args.steps,
                 "guidance_scale": args.guidance, "pause_s": args.pause_s, "rounds": rounds}
     pipeline.warm_up([1], args.size, args.size, guidance_scale=args.guidance)
     plain_event = pipelines.torch.cuda.Event if on_cuda else None
