@@ -30,8 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from gpu_worker.batcher import BatchKey
-from gpu_worker.cost_model import work_units
+from imagegen.batch_key import BatchKey, work_units
 
 # The estimate is this share of the measured cost: a request is refused only when even half of its
 # expected time would not fit in its deadline.

@@ -25,8 +25,7 @@ from typing import Union
 
 from broker.admission import Admission, WorkerSpeed
 from broker.balancing import Balancer, Candidate
-from gpu_worker.batcher import BatchKey
-from gpu_worker.cost_model import work_units
+from imagegen.batch_key import BatchKey, work_units
 from imagegen.protocol import (
     Cancel,
     Disconnect,

@@ -33,28 +33,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Iterator, TypeVar
 
+from imagegen.batch_key import BatchKey  # noqa: F401 - defined there, used and re-exported here
+
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """What requests must share to run in one pipeline call."""
-
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-
-    @classmethod
-    def of(cls, params: Any) -> "BatchKey":
-        """The key of a request's parameters (imagegen.protocol.GenerationParams, or anything with
-        its width, height, num_inference_steps and guidance_scale): the worker's batcher, the
-        broker's batch-time estimates and the simulator all group by it."""
-        return cls(params.width, params.height, params.num_inference_steps, params.guidance_scale)
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from gpu_worker.batcher import BatchKey
-
-
-def work_units(key: BatchKey) -> float:
-    """Relative compute of one image of ``key``: pixels x steps, doubled when CFG is on
-    (guidance > 1 runs the UNet on a conditional and an unconditional row)."""
-    cfg_rows = 2 if key.guidance_scale > 1.0 else 1
-    return key.pixels * key.num_inference_steps * cfg_rows / 1e6
+from imagegen.batch_key import BatchKey, work_units  # noqa: F401 - work_units re-exported
 
 
 @dataclass
