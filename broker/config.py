@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from broker.balancing import STRATEGIES
-from imagegen.logs import parse_log_format
+from imagegen.logs import log_format_setting, log_level_setting
 from imagegen.protocol import HEARTBEAT_INTERVAL_RANGE_S
 from imagegen.settings import parse_optional_str, require, setting
 from imagegen.sockets import is_local_endpoint
@@ -75,10 +75,8 @@ class BrokerSettings:
                                               "folder of the public .key files of the workers allowed to join (with "
                                               "BROKER_CURVE_SECRET_KEY); read again when its .key files change",
                                               parse=parse_optional_str)
-    log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = setting("LOG_FORMAT", "text",
-                              "text (one readable line per record) or json (one JSON object per line)",
-                              parse=parse_log_format)
+    log_level: str = log_level_setting()
+    log_format: str = log_format_setting()
 
     def validate(self) -> None:
         require(self.strategy in STRATEGIES, "GPU_LOAD_BALANCE_STRATEGY",

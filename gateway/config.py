@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from imagegen.protocol import MAX_DEADLINE_S
 from imagegen.protocol import MAX_PROMPT_CHARS as WIRE_MAX_PROMPT_CHARS
-from imagegen.logs import parse_log_format
+from imagegen.logs import log_format_setting, log_level_setting
 from imagegen.settings import parse_bool, parse_optional_str, require, setting
 from imagegen.sockets import is_local_endpoint
 
@@ -146,10 +146,8 @@ class GatewaySettings:
                                         "file of API keys, one per line ('#' starts a comment line); "
                                         "combined with GATEWAY_API_KEYS; a missing or keyless file stops the gateway at "
                                         "start", parse=parse_optional_str)
-    log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = setting("LOG_FORMAT", "text",
-                              "text (one readable line per record) or json (one JSON object per line)",
-                              parse=parse_log_format)
+    log_level: str = log_level_setting()
+    log_format: str = log_format_setting()
 
     def validate(self) -> None:
         keys = configured_api_keys(self)  # raises SettingsError for a short key or an unreadable or empty file

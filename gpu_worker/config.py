@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from gpu_worker.policies import DEFAULT, POLICY_ALIASES, POLICY_NAMES, canonical_policy
 from imagegen import protocol
 from imagegen.keys import load_public, load_secret
-from imagegen.logs import parse_log_format
+from imagegen.logs import log_format_setting, log_level_setting
 from imagegen.settings import parse_optional_int, parse_optional_str, require, setting
 from imagegen.sockets import CurveClientKeys
 
@@ -102,10 +102,8 @@ class WorkerSettings:
                                         "with TORCH_COMPILE on a GPU: batches of up to this many images replay "
                                         "CUDA graphs (mode=reduce-overhead), which removes the kernel-launch cost "
                                         "that dominates a lone request; 0: none")
-    log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = setting("LOG_FORMAT", "text",
-                              "text (one readable line per record) or json (one JSON object per line)",
-                              parse=parse_log_format)
+    log_level: str = log_level_setting()
+    log_format: str = log_format_setting()
 
     def validate(self) -> None:
         # The upper bounds are the protocol's: the broker drops a registration beyond them as

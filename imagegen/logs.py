@@ -21,6 +21,9 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
+from typing import Any
+
+from imagegen.settings import setting
 
 LOG_FORMATS = ("text", "json")
 # Attributes a log call may pass in ``extra`` that the JSON format copies into its object.
@@ -73,6 +76,17 @@ def parse_log_format(text: str) -> str:
     if fmt not in LOG_FORMATS:
         raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}")
     return fmt
+
+
+def log_level_setting() -> Any:
+    """LOG_LEVEL, the same in every service's settings class."""
+    return setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+
+
+def log_format_setting() -> Any:
+    """LOG_FORMAT, the same in every service's settings class."""
+    return setting("LOG_FORMAT", "text", "text (one readable line per record) or json (one JSON object per line)",
+                   parse=parse_log_format)
 
 
 def make_formatter(service: str, fmt: str = "text") -> logging.Formatter:
