@@ -168,7 +168,13 @@ async def main(settings: WorkerSettings) -> None:
     if settings.warmup and not is_fake_model_id(settings.model_id):
         policy = await asyncio.get_running_loop().run_in_executor(
             gpu_thread, warm_up, pipeline, policy, settings.torch_compile, settings.cuda_graph_max_batch)
-        cost_per_unit = await asyncio.get_running_loop().run_in_executor(gpu_thread, measure_cost, pipeline)
+        if settings.torch_compile:
+            # Compiled, a step at twice the native side would run eager (recompiles are forbidden after
+            # the warm-up) and mark that shape eager for good: leave the figure to the first results.
+            log.info("TORCH_COMPILE: the cost of a step is not measured at warm-up; the broker learns it from "
+                     "this worker's results")
+        else:
+            cost_per_unit = await asyncio.get_running_loop().run_in_executor(gpu_thread, measure_cost, pipeline)
     gpu_id = settings.resolved_gpu_id(pipeline.device.type == "cuda")
     host = settings.resolved_host()
     identity = WorkerIdentity(
