@@ -1,4 +1,4 @@
-"""scripts/abandon_probe.py against a real cluster (broker, gateway, one worker) on the tiny model:
+"""scripts/abandon_probe.py against a real cluster (broker, gateway, one worker) on the FAKE backend with a per-step delay:
 both cases run, the JSON has every figure, and the instants come in their order (no durations)."""
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ DEADLINE_S = "20"
 
 @pytest.fixture
 def cluster(tmp_path):
-    # The deadline case needs a batch that admission accepts but that outlasts the deadline: admission
-    # errs on the cheap side (half the marginal cost), and the tiny model's steps cost mostly their
-    # fixed overhead, so 8 images of 1000 steps are accepted and take several times the deadline (the
-    # probe, 2 steps, takes a small share of it even on a loaded machine; the deadline and the
-    # client's close bound how long the large batches run).
-    c = Cluster(tmp_path, MODEL_ID="tiny", REQUEST_TIMEOUT_S=DEADLINE_S, MAX_INFERENCE_STEPS="1000",
-                MAX_BATCH_SIZE="8")
+    # The deadline case needs a batch that admission accepts but that outlasts the deadline on any
+    # machine, quiet or busy: the FAKE backend sleeps 0.05 s per denoising step, so 1000 steps take
+    # 50 s whatever the CPU (the tiny model's speed made the batch finish before the deadline on a
+    # quiet machine). Nothing is measured at the fake's warm-up, so the first batch is accepted; the
+    # probe (1024x1024, 2 steps: 0.1 s for many work units) then teaches admission a cost per unit low
+    # enough that the disconnect case's batch is accepted too.
+    c = Cluster(tmp_path, MODEL_ID="fake:step_delay=0.05", REQUEST_TIMEOUT_S=DEADLINE_S,
+                MAX_INFERENCE_STEPS="1000", MAX_BATCH_SIZE="8")
     try:
         c.start("broker", "broker")
         c.start("gateway", "gateway")
@@ -42,8 +43,8 @@ def cluster(tmp_path):
 def test_the_probe_script_measures_both_cases_in_order(cluster, tmp_path):
     out = tmp_path / "abandon.json"
     command = [sys.executable, "scripts/abandon_probe.py", "--url", cluster.url, "--deadline-s", DEADLINE_S,
-               "--size", "128", "--n", "8", "--steps", "1000", "--abandon-after-s", "3", "--probe-size", "64",
-               "--probe-steps", "2", "--worker-log", str(cluster.dir / "worker0.log"), "--model", "tiny",
+               "--size", "128", "--n", "8", "--steps", "1000", "--abandon-after-s", "3", "--probe-size", "1024",
+               "--probe-steps", "2", "--worker-log", str(cluster.dir / "worker0.log"), "--model", "fake",
                "--set", f"REQUEST_TIMEOUT_S={DEADLINE_S}", "--out", str(out)]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -56,7 +57,7 @@ def test_the_probe_script_measures_both_cases_in_order(cluster, tmp_path):
     assert process.returncode == 0, (stderr[-3000:], cluster.logs())
     document = json.loads(out.read_text())
     assert json.loads(stdout) == document
-    assert document["model"] == "tiny" and document["settings"] == {"REQUEST_TIMEOUT_S": DEADLINE_S}
+    assert document["model"] == "fake" and document["settings"] == {"REQUEST_TIMEOUT_S": DEADLINE_S}
     assert document["card"] and set(document["versions"]) == {"torch", "diffusers"}
     assert list(document["cases"]) == ["deadline", "disconnect"]
     deadline, disconnect = document["cases"]["deadline"], document["cases"]["disconnect"]
