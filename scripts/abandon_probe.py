@@ -58,7 +58,10 @@ CASES = ("deadline", "disconnect")
 REFUSED = (400, 503)
 LOG_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3}) ")
 CANCEL_LINE = re.compile(r"request \S+ (cancelled|passed its deadline) while its batch runs \(step (\d+) of (\d+)\)")
-STOP_LINE = re.compile(r"batch (\S+): stopped after ([\d.]+)s at step (\d+) of (\d+), no request in it is wanted")
+# The first stop after the cancel: every row unwanted, or (the cancels of one client's n images
+# straddling a step boundary) most of them, the rest restarted and cancelled while queued.
+STOP_LINE = re.compile(r"batch (\S+): stopped after ([\d.]+)s at step (\d+) of (\d+), "
+                       r"(?:no request in it is wanted|most of it is no longer wanted)")
 
 
 def log_lines(path: Path) -> list[tuple[float, str]]:
