@@ -383,16 +383,9 @@ class BrokerState:
 
     def result(self, routing_id: bytes, message: Result, now: float) -> list[Action]:
         """A worker finished a request: forward the image to its client (first answer wins)."""
-        worker = self.workers.get(routing_id)
-        if worker is None:
-            return [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
-        if not self._holds(worker, message.request_id):
-            if message.request_id not in self.requests:
-                self.counters.duplicate_results += 1  # answered or cancelled already
-            return []
-        record = self._finish(routing_id, message.request_id, now)
+        record, instead = self._answered(routing_id, message.request_id, now)
         if record is None:
-            return self.dispatch(now)
+            return instead
         self.counters.requests_completed += 1
         if message.generation_ms > 0:
             self.batch_times.observe(BatchKey.of(record.message.params), message.generation_ms / 1000.0,
@@ -404,18 +397,25 @@ class BrokerState:
         return [ToClient(record.client_id, forwarded, record.message.label)] + self.dispatch(now)
 
     def failure(self, routing_id: bytes, message: Failure, now: float) -> list[Action]:
-        worker = self.workers.get(routing_id)
-        if worker is None:
-            return [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
-        if not self._holds(worker, message.request_id):
-            if message.request_id not in self.requests:
-                self.counters.duplicate_results += 1  # answered or cancelled already
-            return []
-        record = self._finish(routing_id, message.request_id, now)
+        record, instead = self._answered(routing_id, message.request_id, now)
         if record is None:
-            return self.dispatch(now)
+            return instead
         self.counters.requests_failed += 1
         return [ToClient(record.client_id, message, record.message.label)] + self.dispatch(now)
+
+    def _answered(self, routing_id: bytes, request_id: str, now: float) -> tuple[RequestRecord | None, list[Action]]:
+        """The record a worker's RESULT or FAILURE answers, taken out of the table; or None and what to
+        do instead: a connection that is no worker is told to register, an answer for a request the
+        sender does not hold is dropped (counted as a duplicate when nobody holds it any more)."""
+        worker = self.workers.get(routing_id)
+        if worker is None:
+            return None, [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
+        if not self._holds(worker, request_id):
+            if request_id not in self.requests:
+                self.counters.duplicate_results += 1  # answered or cancelled already
+            return None, []
+        record = self._finish(routing_id, request_id, now)
+        return record, ([] if record is not None else self.dispatch(now))
 
     def progress(self, routing_id: bytes, message: Progress, now: float) -> list[Action]:
         """A running request of this worker reached a denoising step: the worker is not stuck."""
