@@ -165,12 +165,10 @@ class BrokerServer:
         deadline = self.clock() + timeout_s
         while not self.state.drained and self.clock() < deadline:
             await asyncio.sleep(0.05)
-        cancels = [ToWorker(record.worker, Cancel(request_id)) for request_id, record in self.state.requests.items()
-                   if record.worker is not None and record.worker in self.state.workers]
-        leftovers = self.state.fail_all(FailureCode.SHUTTING_DOWN,
-                                        "the broker shut down before a worker finished this request")
-        self._execute(leftovers + cancels)
-        log.info("drained (%d requests answered shutting_down)", len(leftovers))
+        actions = self.state.fail_all(FailureCode.SHUTTING_DOWN,
+                                      "the broker shut down before a worker finished this request")
+        self._execute(actions)
+        log.info("drained (%d requests answered shutting_down)", sum(isinstance(a, ToClient) for a in actions))
         await asyncio.sleep(0.1)  # let the last replies leave (LINGER is 0)
 
     def close(self) -> None:

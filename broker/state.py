@@ -289,11 +289,15 @@ class BrokerState:
         return [ToWorker(record.worker, message)] + self.dispatch(now)
 
     def fail_all(self, code: FailureCode, text: str) -> list[Action]:
-        """Answer every request still held with ``code`` (the broker is going away)."""
+        """Answer every request still held with ``code`` (the broker is going away), and tell the
+        workers holding them to drop them."""
+        cancels: list[Action] = [ToWorker(record.worker, Cancel(request_id))
+                                 for request_id, record in self.requests.items()
+                                 if record.worker is not None and record.worker in self.workers]
         self.queue.clear()
         for worker in self.workers.values():
             worker.in_flight.clear()
-        return [self._fail(request_id, code, text) for request_id in list(self.requests)]
+        return [self._fail(request_id, code, text) for request_id in list(self.requests)] + cancels
 
     def accepting_workers(self) -> int:
         return sum(1 for w in self.workers.values() if w.accepting)

@@ -952,3 +952,15 @@ def test_progress_from_another_worker_does_not_keep_a_stuck_one_alive():
         s.heartbeat(W2, hb(), T0 + t)
     s.expire(T0 + 61)
     assert W1 not in s.workers and s.workers[W2].in_flight == {"a"}
+
+
+def test_failing_everything_at_shutdown_answers_each_client_and_cancels_each_held_request():
+    s = state()
+    s.register(W1, reg("w1", capacity=1), T0)
+    s.submit(b"g", gen("held"), T0)
+    s.submit(b"g", gen("queued"), T0)
+    actions = s.fail_all(protocol.FailureCode.SHUTTING_DOWN, "bye")
+    assert sorted(a.message.request_id for a in actions if isinstance(a, ToClient)) == ["held", "queued"]
+    cancels = [(a.routing_id, a.message.request_id) for a in actions
+               if isinstance(a, ToWorker) and isinstance(a.message, protocol.Cancel)]
+    assert cancels == [(W1, "held")] and not s.requests
