@@ -42,6 +42,7 @@ from imagegen.protocol import (
     Result,
     StatsQuery,
     StatsReply,
+    Welcome,
 )
 from imagegen.keys import KeyAllowList, load_secret, name_allowed
 from imagegen.logs import request_fields, request_name
@@ -270,9 +271,8 @@ class BrokerServer:
             log.warning("refused worker %s: %s", message.worker_name, reason)
             return [ToWorker(routing_id, Disconnect(reason))]
         key = None if user_id is None else user_id.encode()
-        refused_before = self.state.counters.registrations_refused
         actions = self._logging_requeues("registered again", lambda: self.state.register(routing_id, message, now, key))
-        if self.state.counters.registrations_refused != refused_before:
+        if not any(isinstance(a.message, Welcome) for a in actions):  # the state refused it
             log.warning("refused worker %s: %s", message.worker_name,
                         "; ".join(a.message.reason for a in actions if isinstance(a.message, Disconnect)))
             return actions
