@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from imagegen.bounds import GATEWAY_DEFAULTS as DEFAULTS
+from imagegen.bounds import IMAGE_SIDE_MULTIPLE, WIRE
 from imagegen.protocol import MAX_DEADLINE_S
-from imagegen.protocol import MAX_PROMPT_CHARS as WIRE_MAX_PROMPT_CHARS
 from imagegen.logs import log_format_setting, log_level_setting
 from imagegen.settings import parse_bool, parse_optional_str, require, setting
 from imagegen.sockets import is_local_endpoint
@@ -127,16 +128,21 @@ class GatewaySettings:
                                         "on SIGTERM, seconds to let requests in progress finish")
     retry_after_s: int = setting("RETRY_AFTER_S", 5, "Retry-After seconds sent with 503 answers")
     max_request_bytes: int = setting("MAX_REQUEST_BYTES", 65536, "largest accepted request body, in bytes (413 beyond)")
-    max_prompt_chars: int = setting("MAX_PROMPT_LENGTH", 2000, "longest prompt or negative prompt, in characters")
-    min_image_side: int = setting("MIN_IMAGE_SIDE", 64, "smallest width or height, in pixels")
-    max_image_side: int = setting("MAX_IMAGE_SIDE", 2048, "largest width or height, in pixels")
-    max_image_pixels: int = setting("MAX_IMAGE_PIXELS", 2048 * 2048, "largest width x height")
-    max_inference_steps: int = setting("MAX_INFERENCE_STEPS", 150, "most denoising steps a request may ask for")
-    max_guidance_scale: float = setting("MAX_GUIDANCE_SCALE", 30.0, "largest guidance_scale")
-    default_width: int = setting("DEFAULT_WIDTH", 512, "width when a request gives none")
-    default_height: int = setting("DEFAULT_HEIGHT", 512, "height when a request gives none")
-    default_steps: int = setting("DEFAULT_INFERENCE_STEPS", 25, "num_inference_steps when a request gives none")
-    default_guidance_scale: float = setting("DEFAULT_GUIDANCE_SCALE", 7.5, "guidance_scale when a request gives none")
+    # A request's bounds: the defaults are imagegen/bounds.py's table, which also says how far they may go.
+    max_prompt_chars: int = setting("MAX_PROMPT_LENGTH", DEFAULTS.max_prompt_chars,
+                                    "longest prompt or negative prompt, in characters")
+    min_image_side: int = setting("MIN_IMAGE_SIDE", DEFAULTS.min_image_side, "smallest width or height, in pixels")
+    max_image_side: int = setting("MAX_IMAGE_SIDE", DEFAULTS.max_image_side, "largest width or height, in pixels")
+    max_image_pixels: int = setting("MAX_IMAGE_PIXELS", DEFAULTS.max_image_pixels, "largest width x height")
+    max_inference_steps: int = setting("MAX_INFERENCE_STEPS", DEFAULTS.max_inference_steps,
+                                       "most denoising steps a request may ask for")
+    max_guidance_scale: float = setting("MAX_GUIDANCE_SCALE", DEFAULTS.max_guidance_scale, "largest guidance_scale")
+    default_width: int = setting("DEFAULT_WIDTH", DEFAULTS.default_width, "width when a request gives none")
+    default_height: int = setting("DEFAULT_HEIGHT", DEFAULTS.default_height, "height when a request gives none")
+    default_steps: int = setting("DEFAULT_INFERENCE_STEPS", DEFAULTS.default_steps,
+                                 "num_inference_steps when a request gives none")
+    default_guidance_scale: float = setting("DEFAULT_GUIDANCE_SCALE", DEFAULTS.default_guidance_scale,
+                                            "guidance_scale when a request gives none")
     api_keys: ApiKeys | None = setting("GATEWAY_API_KEYS", None,
                                        "comma-separated API keys (16+ printable ASCII characters each, without spaces) "
                                        "clients must send as "
@@ -172,12 +178,18 @@ class GatewaySettings:
         require(self.shutdown_timeout_s >= 0, "GATEWAY_SHUTDOWN_TIMEOUT_S", "must not be negative")
         require(self.image_retention_count >= 1, "IMAGE_RETENTION_COUNT", "must be at least 1")
         require(self.image_retention_s > 0, "IMAGE_RETENTION_S", "must be positive")
-        require(1 <= self.max_prompt_chars <= WIRE_MAX_PROMPT_CHARS, "MAX_PROMPT_LENGTH",
-                f"must be between 1 and {WIRE_MAX_PROMPT_CHARS}")
-        require(8 <= self.min_image_side <= self.max_image_side <= 8192, "MAX_IMAGE_SIDE",
-                "need 8 <= MIN_IMAGE_SIDE <= MAX_IMAGE_SIDE <= 8192")
-        require(1 <= self.max_inference_steps <= 1000, "MAX_INFERENCE_STEPS", "must be between 1 and 1000")
-        require(0 < self.max_guidance_scale <= 100, "MAX_GUIDANCE_SCALE", "must be in (0, 100]")
-        for env, side in (("DEFAULT_WIDTH", self.default_width), ("DEFAULT_HEIGHT", self.default_height)):
-            require(side % 8 == 0 and self.min_image_side <= side <= self.max_image_side, env,
-                    "must be a multiple of 8 within MIN_IMAGE_SIDE..MAX_IMAGE_SIDE")
+        # The request bounds may narrow what the wire accepts, never widen it: the broker would drop
+        # such a request as malformed.
+        require(1 <= self.max_prompt_chars <= WIRE.prompt_chars, "MAX_PROMPT_LENGTH",
+                f"must be between 1 and {WIRE.prompt_chars}")
+        side, steps, guidance = WIRE.image_side, WIRE.inference_steps, WIRE.guidance_scale
+        require(side.low <= self.min_image_side <= self.max_image_side <= side.high, "MAX_IMAGE_SIDE",
+                f"need {side.low} <= MIN_IMAGE_SIDE <= MAX_IMAGE_SIDE <= {side.high}")
+        require(steps.low <= self.max_inference_steps <= steps.high, "MAX_INFERENCE_STEPS",
+                f"must be between {steps.low} and {steps.high}")
+        require(guidance.low < self.max_guidance_scale <= guidance.high, "MAX_GUIDANCE_SCALE",
+                f"must be in ({guidance.low:g}, {guidance.high:g}]")
+        for env, default_side in (("DEFAULT_WIDTH", self.default_width), ("DEFAULT_HEIGHT", self.default_height)):
+            require(default_side % IMAGE_SIDE_MULTIPLE == 0
+                    and self.min_image_side <= default_side <= self.max_image_side, env,
+                    f"must be a multiple of {IMAGE_SIDE_MULTIPLE} within MIN_IMAGE_SIDE..MAX_IMAGE_SIDE")

@@ -8,7 +8,7 @@ other concurrent requests. The answer is all ``n`` images or an error, never par
 
 Fields, as in OpenAI's API:
 
-* ``prompt`` (required); ``n``: 1 to :data:`MAX_N` images (default 1);
+* ``prompt`` (required); ``n``: 1 to ``imagegen.bounds.MAX_IMAGES_PER_REQUEST`` images (default 1);
 * ``size``: ``"WxH"`` within the gateway's bounds (multiples of 8, MIN/MAX_IMAGE_SIDE,
   MAX_IMAGE_PIXELS); ``"auto"``, null or absent: DEFAULT_WIDTH x DEFAULT_HEIGHT;
 * ``response_format``: ``"url"`` (default; the PNG is stored and served like /generate's) or
@@ -46,9 +46,9 @@ from gateway.context import broker_silent_text, retry_after_s
 from gateway.images import StorageUnavailable, new_image_id, png_size
 from gateway.request_ids import new_request_id, request_label_of
 from gateway.validation import FieldError, parse_generate_request
-from imagegen.protocol import MAX_SEED, GenerationParams, Result
+from imagegen.bounds import IMAGE_SIDE_MULTIPLE, MAX_IMAGES_PER_REQUEST, PICKED_SEED_LIMIT, WIRE
+from imagegen.protocol import GenerationParams, Result
 
-MAX_N = 10
 RESPONSE_FORMATS = ("url", "b64_json")
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
 # Fields of POST /generate accepted here too, passed through to its validator unchanged.
@@ -112,8 +112,8 @@ def _count(value: Any) -> int:
         return 1
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_N:
-        raise FieldError("n", f"n must be an integer between 1 and {MAX_N}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IMAGES_PER_REQUEST:
+        raise FieldError("n", f"n must be an integer between 1 and {MAX_IMAGES_PER_REQUEST}, got {value!r}")
     return value
 
 
@@ -131,11 +131,11 @@ def _with_seeds(first: GenerationParams, n: int, seeded: bool,
                 rng: random.Random | None) -> tuple[GenerationParams, ...]:
     """n copies of ``first``: seed, seed+1, ... when the client gave a seed; otherwise random seeds."""
     if seeded:
-        if first.seed + n - 1 > MAX_SEED:
-            raise FieldError("seed", f"seed + n - 1 must not exceed {MAX_SEED}")
+        if first.seed + n - 1 > WIRE.seed.high:
+            raise FieldError("seed", f"seed + n - 1 must not exceed {WIRE.seed.high}")
         return tuple(replace(first, seed=first.seed + i) for i in range(n))
     pick = rng or random.SystemRandom()
-    return (first, *(replace(first, seed=pick.randrange(0, 2**32)) for _ in range(n - 1)))
+    return (first, *(replace(first, seed=pick.randrange(0, PICKED_SEED_LIMIT)) for _ in range(n - 1)))
 
 
 async def generate_all(broker: Any, images: tuple[GenerationParams, ...], timeout_s: float,
@@ -213,23 +213,24 @@ def openapi_schemas(settings: GatewaySettings) -> dict[str, Any]:
             "properties": {
                 "prompt": {"type": "string", "minLength": 1, "maxLength": s.max_prompt_chars,
                            "description": "What to draw: at least one non-whitespace character."},
-                "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_N, "default": 1,
+                "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_IMAGES_PER_REQUEST, "default": 1,
                       "description": "How many images; they are generated together (batched)."},
                 "size": {"type": ["string", "null"], "pattern": r"^(auto|[0-9]+x[0-9]+)$",
                          "maxLength": MAX_SIZE_CHARS,
                          "default": f"{s.default_width}x{s.default_height}",
-                         "description": f"WIDTHxHEIGHT, each a multiple of 8 in {s.min_image_side}.."
+                         "description": f"WIDTHxHEIGHT, each a multiple of {IMAGE_SIDE_MULTIPLE} in "
+                                        f"{s.min_image_side}.."
                                         f"{s.max_image_side}, at most {s.max_image_pixels} pixels; "
                                         "auto: the default."},
                 "response_format": {"enum": [*RESPONSE_FORMATS, None], "default": "url"},
                 "model": {**nullable_string, "description": "Ignored: the workers' MODEL_ID is served."},
                 "user": {**nullable_string, "description": "Ignored."},
                 "negative_prompt": {**nullable_string, "maxLength": s.max_prompt_chars},
-                "num_inference_steps": {"type": ["integer", "null"], "minimum": 1,
+                "num_inference_steps": {"type": ["integer", "null"], "minimum": WIRE.inference_steps.low,
                                         "maximum": s.max_inference_steps, "default": s.default_steps},
-                "guidance_scale": {"type": ["number", "null"], "minimum": 0, "maximum": s.max_guidance_scale,
-                                   "default": s.default_guidance_scale},
-                "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_SEED},
+                "guidance_scale": {"type": ["number", "null"], "minimum": WIRE.guidance_scale.low,
+                                   "maximum": s.max_guidance_scale, "default": s.default_guidance_scale},
+                "seed": {"type": ["integer", "null"], "minimum": WIRE.seed.low, "maximum": WIRE.seed.high},
             },
             "required": ["prompt"],
             "additionalProperties": False,
@@ -239,7 +240,7 @@ def openapi_schemas(settings: GatewaySettings) -> dict[str, Any]:
             "title": "ImagesResponse",
             "properties": {
                 "created": {"type": "integer", "description": "Unix time, seconds."},
-                "data": {"type": "array", "minItems": 1, "maxItems": MAX_N, "items": {
+                "data": {"type": "array", "minItems": 1, "maxItems": MAX_IMAGES_PER_REQUEST, "items": {
                     "type": "object",
                     "properties": {"url": {"type": "string", "format": "uri"},
                                    "b64_json": {"type": "string", "contentEncoding": "base64",

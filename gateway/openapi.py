@@ -25,7 +25,8 @@ from aiohttp import web
 from gateway.config import GatewaySettings
 from gateway.context import SETTINGS
 from gateway.openai_api import openapi_paths as openai_paths, openapi_schemas as openai_schemas
-from imagegen.protocol import MAX_ID_CHARS, MAX_SEED
+from imagegen.bounds import IMAGE_SIDE_MULTIPLE, PICKED_SEED_BITS, WIRE
+from imagegen.protocol import MAX_ID_CHARS
 
 OPENAPI_VERSION = "3.1.0"
 IMAGE_NAME_PATTERN = r"^[0-9a-f]{32}\.png$"
@@ -72,7 +73,8 @@ def _identifier_schema() -> dict[str, Any]:
 def generate_request_schema(settings: GatewaySettings) -> dict[str, Any]:
     """The POST /generate body, exactly as gateway.validation.parse_generate_request accepts it."""
     s = settings
-    side = "must be a multiple of 8 (the VAE works on 8x8 blocks)"
+    multiple = IMAGE_SIDE_MULTIPLE
+    side = f"must be a multiple of {multiple} (the VAE works on {multiple}x{multiple} blocks)"
     pixels_rule = f"width x height must not exceed {s.max_image_pixels} pixels (MAX_IMAGE_PIXELS)"
     prompt = {
         "type": "string", "minLength": 1, "maxLength": s.max_prompt_chars, "pattern": NON_BLANK_PATTERN,
@@ -93,19 +95,19 @@ def generate_request_schema(settings: GatewaySettings) -> dict[str, Any]:
             "prompt": prompt,
             "negative_prompt": negative,
             "width": _nullable_integer(s.min_image_side, s.max_image_side, s.default_width,
-                                       f"Image width in pixels; {side}.", multipleOf=8),
+                                       f"Image width in pixels; {side}.", multipleOf=multiple),
             "height": _nullable_integer(s.min_image_side, s.max_image_side, s.default_height,
-                                        f"Image height in pixels; {side}.", multipleOf=8),
-            "num_inference_steps": _nullable_integer(1, s.max_inference_steps, s.default_steps,
-                                                     "Denoising steps (MAX_INFERENCE_STEPS)."),
+                                        f"Image height in pixels; {side}.", multipleOf=multiple),
+            "num_inference_steps": _nullable_integer(WIRE.inference_steps.low, s.max_inference_steps,
+                                                     s.default_steps, "Denoising steps (MAX_INFERENCE_STEPS)."),
             "guidance_scale": {
-                "type": ["number", "null"], "minimum": 0, "maximum": s.max_guidance_scale,
+                "type": ["number", "null"], "minimum": WIRE.guidance_scale.low, "maximum": s.max_guidance_scale,
                 "default": s.default_guidance_scale,
                 "description": "Classifier-free guidance scale (MAX_GUIDANCE_SCALE); NaN and infinities are refused.",
             },
-            "seed": _nullable_integer(0, MAX_SEED, None,
+            "seed": _nullable_integer(WIRE.seed.low, WIRE.seed.high, None,
                                       "Random seed, for reproducible images. null or absent: the gateway picks "
-                                      "one in [0, 2**32) and returns it in the response."),
+                                      f"one in [0, 2**{PICKED_SEED_BITS}) and returns it in the response."),
             "game_id": _identifier_schema(),
             "round_id": _identifier_schema(),
             "player_id": _identifier_schema(),
@@ -122,6 +124,8 @@ def generate_response_schema(settings: GatewaySettings) -> dict[str, Any]:
     label = {"type": ["string", "null"], "maxLength": MAX_ID_CHARS,
              "description": "The request's label, as a string; null if none was given."}
     non_negative_ms = {"type": "number", "minimum": 0}
+    side = {"type": "integer", "minimum": s.min_image_side, "maximum": s.max_image_side,
+            "multipleOf": IMAGE_SIDE_MULTIPLE}  # width and height
     return {
         "type": "object",
         "title": "GenerateResponse",
@@ -134,11 +138,12 @@ def generate_response_schema(settings: GatewaySettings) -> dict[str, Any]:
             "game_id": label,
             "round_id": label,
             "player_id": label,
-            "width": {"type": "integer", "minimum": s.min_image_side, "maximum": s.max_image_side, "multipleOf": 8},
-            "height": {"type": "integer", "minimum": s.min_image_side, "maximum": s.max_image_side, "multipleOf": 8},
-            "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": s.max_inference_steps},
-            "guidance_scale": {"type": "number", "minimum": 0, "maximum": s.max_guidance_scale},
-            "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
+            "width": {**side},
+            "height": {**side},
+            "num_inference_steps": {"type": "integer", "minimum": WIRE.inference_steps.low,
+                                    "maximum": s.max_inference_steps},
+            "guidance_scale": {"type": "number", "minimum": WIRE.guidance_scale.low, "maximum": s.max_guidance_scale},
+            "seed": {"type": "integer", "minimum": WIRE.seed.low, "maximum": WIRE.seed.high,
                      "description": "The seed used (the one given, or the one the gateway picked)."},
             "batch_id": {"type": "string", "description": "The batch this image was generated in."},
             "batch_size": {"type": "integer", "minimum": 1, "description": "How many requests shared that batch."},

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import GatewaySettings
-from imagegen.protocol import MAX_ID_CHARS, MAX_SEED, GenerationParams
+from imagegen.bounds import IMAGE_SIDE_MULTIPLE, PICKED_SEED_LIMIT, WIRE
+from imagegen.protocol import MAX_ID_CHARS, GenerationParams
 
 KNOWN_FIELDS = (
     "prompt", "negative_prompt", "game_id", "round_id", "player_id",
@@ -52,17 +53,17 @@ def parse_generate_request(body: Any, settings: GatewaySettings, rng: random.Ran
         raise FieldError("width", f"width x height = {width * height} pixels exceeds the limit of "
                                   f"{settings.max_image_pixels} (MAX_IMAGE_PIXELS)")
     # No seed: pick one and return it, so the user can reproduce the image.
-    default_seed = (rng or random.SystemRandom()).randrange(0, 2**32)
+    default_seed = (rng or random.SystemRandom()).randrange(0, PICKED_SEED_LIMIT)
     params = GenerationParams(
         prompt=_prompt(body, "prompt", settings, required=True),
         negative_prompt=_prompt(body, "negative_prompt", settings, required=False),
         width=width,
         height=height,
         num_inference_steps=_integer(body, "num_inference_steps", settings.default_steps,
-                                     1, settings.max_inference_steps),
+                                     WIRE.inference_steps.low, settings.max_inference_steps),
         guidance_scale=_number(body, "guidance_scale", settings.default_guidance_scale,
-                               0.0, settings.max_guidance_scale),
-        seed=_integer(body, "seed", default_seed, 0, MAX_SEED),
+                               WIRE.guidance_scale.low, settings.max_guidance_scale),
+        seed=_integer(body, "seed", default_seed, WIRE.seed.low, WIRE.seed.high),
     )
     return GenerateRequest(params, _identifier(body, "game_id"), _identifier(body, "round_id"),
                            _identifier(body, "player_id"))
@@ -122,8 +123,9 @@ def _side(body: dict, field: str, default: int, settings: GatewaySettings) -> in
     if not settings.min_image_side <= value <= settings.max_image_side:
         raise FieldError(field, f"{field} must be between {settings.min_image_side} and {settings.max_image_side} "
                                 f"(MIN_IMAGE_SIDE..MAX_IMAGE_SIDE), got {value}")
-    if value % 8:
-        raise FieldError(field, f"{field} must be a multiple of 8 (the VAE works on 8x8 blocks), got {value}")
+    if value % IMAGE_SIDE_MULTIPLE:
+        raise FieldError(field, f"{field} must be a multiple of {IMAGE_SIDE_MULTIPLE} (the VAE works on "
+                                f"{IMAGE_SIDE_MULTIPLE}x{IMAGE_SIDE_MULTIPLE} blocks), got {value}")
     return value
 
 

@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Sequence, Union
 
 import msgpack
 
+from imagegen.bounds import WIRE
+
 PROTOCOL_VERSION = 1
 WORKER_LINK = b"IGW%d" % PROTOCOL_VERSION
 CLIENT_LINK = b"IGC%d" % PROTOCOL_VERSION
@@ -38,12 +40,13 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 # The /stats document grows by about 300 bytes per worker, so past ~870 workers it outgrows
 # MAX_HEADER_BYTES (then /stats and /readyz failed): STATS_REPLY alone may use a whole frame.
 MAX_STATS_HEADER_BYTES = MAX_FRAME_BYTES
-MAX_PROMPT_CHARS = 4000
+# A request's bounds (prompt, sides, steps, guidance, seed) are imagegen/bounds.py's WIRE table.
+MAX_PROMPT_CHARS = WIRE.prompt_chars
 MAX_ID_CHARS = 128
 # A client's own name for its request (its X-Request-ID), carried beside the service-made request id
 # so that one grep finds the request in every service's log; never used to route anything.
 MAX_LABEL_CHARS = 64
-MAX_SEED = 2**63 - 1
+MAX_SEED = WIRE.seed.high
 MAX_DEADLINE_S = 86_400.0  # a day: the longest a request may wait (the gateway's REQUEST_TIMEOUT_S)
 # Bounds of what a worker registers with; its settings are checked against them at start
 # (gpu_worker/config.py), as a registration beyond them is dropped as malformed.
@@ -108,11 +111,11 @@ class GenerationParams:
     """What the user asked for. Requests with equal batch-relevant fields can share one inference."""
 
     prompt: str = bounded(max_len=MAX_PROMPT_CHARS)
-    width: int = bounded(low=8, high=8192)
-    height: int = bounded(low=8, high=8192)
-    num_inference_steps: int = bounded(low=1, high=1000)
-    guidance_scale: float = bounded(low=0.0, high=100.0)
-    seed: int = bounded(low=0, high=MAX_SEED)
+    width: int = bounded(low=WIRE.image_side.low, high=WIRE.image_side.high)
+    height: int = bounded(low=WIRE.image_side.low, high=WIRE.image_side.high)
+    num_inference_steps: int = bounded(low=WIRE.inference_steps.low, high=WIRE.inference_steps.high)
+    guidance_scale: float = bounded(low=WIRE.guidance_scale.low, high=WIRE.guidance_scale.high)
+    seed: int = bounded(low=WIRE.seed.low, high=WIRE.seed.high)
     negative_prompt: str | None = bounded(None, max_len=MAX_PROMPT_CHARS)
 
 
@@ -217,9 +220,9 @@ class Result(Message):
     # Worker fills in its own wait (arrival -> batch start); the broker adds its queue time.
     queue_wait_ms: float = bounded(low=0.0)
     generation_ms: float = bounded(low=0.0)
-    width: int = bounded(low=1, high=8192)
-    height: int = bounded(low=1, high=8192)
-    seed: int = bounded(low=0, high=MAX_SEED)
+    width: int = bounded(low=1, high=WIRE.image_side.high)
+    height: int = bounded(low=1, high=WIRE.image_side.high)
+    seed: int = bounded(low=WIRE.seed.low, high=WIRE.seed.high)
 
 
 class FailureCode(str, enum.Enum):
@@ -266,8 +269,8 @@ class Progress(Message):
 
     COMMAND: ClassVar[Command] = Command.PROGRESS
     request_id: str = bounded(max_len=MAX_ID_CHARS)
-    step: int = bounded(low=0, high=1000)
-    steps: int = bounded(low=1, high=1000)
+    step: int = bounded(low=0, high=WIRE.inference_steps.high)
+    steps: int = bounded(low=WIRE.inference_steps.low, high=WIRE.inference_steps.high)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from PIL import Image
 from cluster import Cluster
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
-from gateway.openai_api import MAX_N, generate_all, parse_images_request
+from gateway.openai_api import generate_all, parse_images_request
 from gateway.validation import FieldError
+from imagegen.bounds import MAX_IMAGES_PER_REQUEST
 from test_gateway import FakeBrokerClient, start_client
 
 openai = pytest.importorskip("openai", reason="the official client is in the test extra: pip install -e '.[test]'")
@@ -74,7 +75,7 @@ def test_extensions_pass_through_and_seed_counts_up():
 
 @pytest.mark.parametrize("body, field", [
     ({"prompt": "x", "n": 0}, "n"),
-    ({"prompt": "x", "n": MAX_N + 1}, "n"),
+    ({"prompt": "x", "n": MAX_IMAGES_PER_REQUEST + 1}, "n"),
     ({"prompt": "x", "n": "2"}, "n"),
     ({"prompt": "x", "n": True}, "n"),
     ({"prompt": "x", "size": "100x100"}, "size"),       # not multiples of 8
