@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from imagegen.protocol import WorkerStatus
 
 
 @dataclass
 class WorkerCounters:
+    """The counting half of :class:`~imagegen.protocol.WorkerStatus`: each field here is the
+    WorkerStatus field of the same name, so ``status`` passes them on by name; the rest of
+    WorkerStatus (state, queue depth, running, max_batch_size) is the worker's state now."""
+
     max_queue_depth: int = 0
     total_requests: int = 0
     total_batches: int = 0
@@ -37,16 +41,6 @@ class WorkerCounters:
         self.sum_stopped_ms += ran_s * 1000.0
 
     def status(self, state: str, queue_depth: int, running: int) -> WorkerStatus:
-        return WorkerStatus(
-            state=state,
-            queue_depth=queue_depth,
-            running=running,
-            max_queue_depth=self.max_queue_depth,
-            total_requests=self.total_requests,
-            total_batches=self.total_batches,
-            total_failed=self.total_failed,
-            sum_wait_ms=self.sum_wait_ms,
-            sum_generation_ms=self.sum_generation_ms,
-            stopped_batches=self.stopped_batches,
-            sum_stopped_ms=self.sum_stopped_ms,
-        )
+        """These counters with the worker's state now, as sent in heartbeats (max_batch_size is left
+        at its default: the worker sets it)."""
+        return WorkerStatus(state=state, queue_depth=queue_depth, running=running, **asdict(self))
