@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, Protocol, TypeVar, runtime_checkable
 
 from imagegen.batch_key import BatchKey  # noqa: F401 - defined there, used and re-exported here
 
@@ -116,9 +116,48 @@ class Batch(Generic[T]):
         return self.formed_at - request.arrived_at
 
 
+@runtime_checkable
+class BatchPolicy(Protocol[T]):
+    """Everything the worker asks of a batching policy (gpu_worker/worker_state.py ``WorkerState``):
+    :class:`Batcher` and every policy of gpu_worker/policies.py implement all of it, so the worker
+    calls each method directly. Every method that needs the time takes ``now``."""
+
+    config: BatchPolicyConfig  # the limits of the moment (the worker reports max_batch_size)
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    def add(self, request_id: str, key: BatchKey, item: T, now: float) -> None:
+        """Queue a request; ValueError if its id is already queued."""
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a queued request; False if it is not queued."""
+
+    def clear(self) -> int:
+        """Drop every queued request; returns how many."""
+
+    def requeue(self, batch: Batch[T]) -> None:
+        """Queue a stopped batch's requests again, with their arrival times."""
+
+    def next_batch(self, now: float) -> Batch[T] | None:
+        """The batch to run now (removed from the queue), or None to keep waiting."""
+
+    def next_decision_at(self) -> float | None:
+        """When next_batch's answer can next change without an arrival; None if nothing is queued."""
+
+    def should_preempt(self, running: Batch[T], key: BatchKey, now: float) -> bool:
+        """Whether an arrival of ``key`` should stop the running batch so that it can join it."""
+
+    def lower_max_batch_size(self, size: int, pixels: int | None = None) -> int:
+        """After an out-of-memory error: ``size`` images of ``pixels`` fitted; returns the new max_batch_size."""
+
+    def observe_batch(self, key: BatchKey, size: int, duration_s: float, now: float) -> None:
+        """A batch of ``size`` requests of ``key`` took ``duration_s`` (ended at ``now``)."""
+
+
 @dataclass
 class Batcher(Generic[T]):
-    """Pending requests grouped by BatchKey, and the decision of what runs next."""
+    """Pending requests grouped by BatchKey, and the decision of what runs next (a :class:`BatchPolicy`)."""
 
     config: BatchPolicyConfig
     # Insertion-ordered groups; each group is FIFO.
@@ -181,6 +220,9 @@ class Batcher(Generic[T]):
         raised, never below 1, min_batch_size with them) and returns the new max_batch_size."""
         self.config = self.config.after_out_of_memory(size, pixels)
         return self.config.max_batch_size
+
+    def observe_batch(self, key: BatchKey, size: int, duration_s: float, now: float) -> None:
+        """The window rule does not learn from batch times (AdaptiveBatcher does)."""
 
     def max_batch_size_for(self, key: BatchKey) -> int:
         if not self.config.enable_batching:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence
 
 from gpu_worker import png
-from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig
+from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicy, BatchPolicyConfig
 from gpu_worker.pipelines import BatchSettings, GenerationJob
 from gpu_worker.preemption import AbandonDecision, BatchPreempted, Preemption, ProgressLimiter
 from gpu_worker.stats import WorkerCounters
@@ -196,7 +196,7 @@ class BatchEncodings:
 class Worker:
     def __init__(self, identity: WorkerIdentity, backend: ImageBackend, policy: BatchPolicyConfig,
                  capacity: int, broker_address: str, heartbeat_interval_s: float, liveness: int = 5,
-                 max_batch_size_auto: bool = False, clock=time.monotonic, batcher: Batcher | None = None,
+                 max_batch_size_auto: bool = False, clock=time.monotonic, batcher: BatchPolicy[Generate] | None = None,
                  curve: CurveClientKeys | None = None, gpu_thread: ThreadPoolExecutor | None = None,
                  seconds_per_work_unit: float = 0.0) -> None:
         self.identity = identity
@@ -208,9 +208,8 @@ class Worker:
         self.capacity = capacity
         self.max_batch_size_auto = max_batch_size_auto
         self.clock = clock
-        # Any object with Batcher's methods (add, cancel, clear, next_batch, next_decision_at,
-        # queue_depth) can decide the batches; the seed's rule is the default.
-        self.batcher: Batcher[Generate] = batcher if batcher is not None else Batcher(policy)
+        # Any BatchPolicy decides the batches (gpu_worker/policies.py); the window rule is the default.
+        self.batcher: BatchPolicy[Generate] = batcher if batcher is not None else Batcher(policy)
         self.deadlines: dict[str, float] = {}  # request id -> instant (our clock) its client gives up
         self.counters = WorkerCounters()
         self.running_batch: Batch[Generate] | None = None  # the batch in the GPU thread (its status, an OOM report)
@@ -276,11 +275,8 @@ class Worker:
     def lower_max_batch_size(self, failed_size: int, succeeded_size: int, key: BatchKey | None = None) -> None:
         """After an out-of-memory split: never form batches larger than what succeeded again (for
         images of the failed batch's size: see BatchPolicyConfig.after_out_of_memory)."""
-        lower = getattr(self.batcher, "lower_max_batch_size", None)
-        if lower is None:
-            return
         pixels = key.pixels if key is not None else None
-        new_size = lower(succeeded_size, pixels)
+        new_size = self.batcher.lower_max_batch_size(succeeded_size, pixels)
         self.policy = self.policy.after_out_of_memory(succeeded_size, pixels)  # what the registration reports
         where = f" at {key.width}x{key.height}" if key is not None else ""
         budget = (f" (pixel budget {self.policy.max_batch_pixels}: {key.width}x{key.height} batches of at most "
@@ -345,9 +341,8 @@ class Worker:
     def _maybe_preempt(self, key: BatchKey, now: float) -> None:
         """Ask the running batch to stop at its next step if the batcher says this arrival should join it."""
         running, preemption = self.running_batch, self.preemption
-        should_preempt = getattr(self.batcher, "should_preempt", None)
-        if (running is None or preemption is None or preemption.requested or should_preempt is None
-                or not should_preempt(running, key, now)):
+        if (running is None or preemption is None or preemption.requested
+                or not self.batcher.should_preempt(running, key, now)):
             return
         preemption.request()
         log.debug("a request that can join batch of %d arrived %.1f ms after it started: stopping it at its "
@@ -360,7 +355,7 @@ class Worker:
                 self._send_status()
 
     def _send_status(self) -> None:
-        max_batch = getattr(getattr(self.batcher, "config", None), "max_batch_size", 0)
+        max_batch = self.batcher.config.max_batch_size
         running = len(self.running_batch) if self.running_batch is not None else 0
         status = self.counters.status(self.state, self.batcher.queue_depth, running)
         self.link.send(Heartbeat(replace(status, max_batch_size=max_batch)))
@@ -514,9 +509,8 @@ class Worker:
     def _observe_batch_time(self, key: BatchKey, size: int, generation_s: float, splits_before: int) -> None:
         """Teach a learning policy (BATCH_POLICY=default) what this batch cost; a batch that was split
         after running out of memory is skipped, since its time is not that of one call of its size."""
-        observe = getattr(self.batcher, "observe_batch", None)
-        if observe is not None and self.backend.oom_splits == splits_before:
-            observe(key, size, generation_s, self.clock())
+        if self.backend.oom_splits == splits_before:
+            self.batcher.observe_batch(key, size, generation_s, self.clock())
 
     def _fail_batch(self, batch: Batch[Generate], exc: Exception) -> None:
         code = FailureCode.INVALID_REQUEST if isinstance(exc, ValueError) else FailureCode.GENERATION_FAILED

@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig
+from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicy, BatchPolicyConfig
 from gpu_worker.cost_model import OnlineCostModel, SizeTable, work_units
-from gpu_worker.policies import AdaptiveBatcher, HoldTuning, make_batcher
+from gpu_worker.policies import POLICY_NAMES, AdaptiveBatcher, HoldTuning, make_batcher
 
 T0 = 1000.0
 KEY = BatchKey(1024, 1024, 25, 5.0)
@@ -387,3 +387,11 @@ def test_batch_policy_setting_defaults_to_default_and_rejects_unknown_names():
     assert settings_lib.load(WorkerSettings, [], {"BATCH_POLICY": "seed"}).batch_policy == "window"  # an alias
     with pytest.raises(settings_lib.SettingsError, match="BATCH_POLICY"):
         settings_lib.load(WorkerSettings, [], {"BATCH_POLICY": "fastest"})
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_every_policy_implements_the_whole_batch_policy_interface(name):
+    batcher = make_batcher(name, BatchPolicyConfig(max_batch_size=4))
+    assert isinstance(batcher, BatchPolicy)  # the worker calls every method directly
+    batcher.observe_batch(KEY, 1, 0.5, T0)  # the window rule ignores it; the default learns from it
+    assert batcher.config.max_batch_size == 4
