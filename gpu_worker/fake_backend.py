@@ -36,8 +36,9 @@ import PIL.Image
 import torch
 
 from gpu_worker.oom import OUT_OF_MEMORY_ERROR, OnImages
-from gpu_worker.pipelines import BatchSettings, GenerationJob
+from gpu_worker.pipelines import GenerationJob
 from gpu_worker.preemption import Preemption
+from imagegen.batch_key import BatchKey
 from imagegen.settings import parse_bool
 
 FAKE_PREFIX = "fake"
@@ -95,7 +96,7 @@ class FakeBackend:
         return (f"FakeBackend(model_id={self.model_id!r}, delay_s={self.delay_s}, "
                 f"oom_above={self.oom_above}, fail={self.fail}, cell_px={self.cell_px})")
 
-    def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
+    def generate(self, jobs: Sequence[GenerationJob], settings: BatchKey,
                  on_images: OnImages | None = None, preemption: Preemption | None = None) -> list[Any]:
         """One RGB image of settings.width x settings.height per job, in job order.
 
@@ -140,7 +141,7 @@ class FakeBackend:
         return width * height * 3 * 4
 
 
-def fake_pixels(job: GenerationJob, settings: BatchSettings, cell_px: int = DEFAULT_CELL_PX) -> np.ndarray:
+def fake_pixels(job: GenerationJob, settings: BatchKey, cell_px: int = DEFAULT_CELL_PX) -> np.ndarray:
     """The fake's pixels for one job, (height, width, 3) uint8: a grid of cell_px x cell_px-pixel
     cells of random colours.
 
@@ -157,7 +158,7 @@ def fake_pixels(job: GenerationJob, settings: BatchSettings, cell_px: int = DEFA
     return np.ascontiguousarray(pixels[:settings.height, :settings.width])  # uint8 (h, w, 3): RGB
 
 
-def _check_settings(settings: BatchSettings) -> None:
+def _check_settings(settings: BatchKey) -> None:
     for name in ("width", "height"):
         value = getattr(settings, name)
         if value <= 0 or value % FAKE_SIZE_MULTIPLE:

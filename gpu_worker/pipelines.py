@@ -1,13 +1,12 @@
 """Model loading and batched text-to-image generation for the GPU worker.
 
 ``load_pipeline(MODEL_ID)`` gives an :class:`ImagePipeline`; ``generate`` runs one diffusers call
-for a whole batch of requests that share :class:`BatchSettings`, each with its own prompt,
-negative prompt and seed. A request's image does not depend on what it was batched with: noise
-comes from one CPU generator per request, and a missing negative prompt always means "".
+for a whole batch of requests that share a :class:`~imagegen.batch_key.BatchKey`, each with its
+own prompt, negative prompt and seed. A request's image does not depend on what it was batched
+with: noise comes from one CPU generator per request, and a missing negative prompt always means "".
 
 diffusers and transformers are imported lazily (about 7 s per process), so the light names here
-(GenerationJob, BatchSettings, the memory arithmetic) can be imported by processes that never load
-a model.
+(GenerationJob, the memory arithmetic) can be imported by processes that never load a model.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import torch
 from gpu_worker import acceleration, decoding
 from gpu_worker.acceleration import AccelerationConfig
 from gpu_worker.preemption import Preemption
+from imagegen.batch_key import BatchKey
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -74,14 +74,7 @@ class GenerationJob:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
-@dataclass(frozen=True)
-class BatchSettings:
-    """What every request in one batch shares (the stock pipelines take these as scalars)."""
-
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
+BatchSettings = BatchKey  # remove once worker.py uses BatchKey
 
 
 class ModelLoadError(RuntimeError):
@@ -114,7 +107,7 @@ class ImagePipeline:
         return (f"ImagePipeline(model_id={self.model_id!r}, architecture={self.architecture!r}, "
                 f"device={self.device}, dtype={self.dtype}, native_size={self.native_size})")
 
-    def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
+    def generate(self, jobs: Sequence[GenerationJob], settings: BatchKey,
                  on_images: decoding.OnImages | None = None,
                  preemption: Preemption | None = None) -> list[Any]:
         """Generate one RGB image of settings.width x settings.height per job, in job order: PIL
@@ -139,7 +132,7 @@ class ImagePipeline:
             return arrays
         return [rgb_image(array) for array in arrays]
 
-    def generate_array(self, jobs: Sequence[GenerationJob], settings: BatchSettings) -> np.ndarray:
+    def generate_array(self, jobs: Sequence[GenerationJob], settings: BatchKey) -> np.ndarray:
         """Like generate, but float32 (N, height, width, 3) in [0, 1], before 8-bit rounding."""
         return np.asarray(self._run(jobs, settings, output_type="np"), dtype=np.float32)
 
@@ -154,7 +147,7 @@ class ImagePipeline:
         recorded per thread). guidance_scale: above 1 the UNet sees two rows per image (CFG), so
         warm up with the guidance the batches will use.
         """
-        settings = BatchSettings(width, height, steps, guidance_scale)
+        settings = BatchKey(width, height, steps, guidance_scale)
 
         def generate(size: int) -> None:
             self.generate([GenerationJob("warm-up", None, index) for index in range(size)], settings)
@@ -175,7 +168,7 @@ class ImagePipeline:
                 synchronize()
                 instants.append(time.perf_counter())
 
-        self._run([GenerationJob("warm-up", None, 0)], BatchSettings(width, height, steps, guidance_scale),
+        self._run([GenerationJob("warm-up", None, 0)], BatchKey(width, height, steps, guidance_scale),
                   output_type="latent", preemption=Recorder())  # type: ignore[arg-type]
         gaps = [later - earlier for earlier, later in zip(instants, instants[1:])]
         if not gaps:
@@ -186,7 +179,7 @@ class ImagePipeline:
         """Estimated extra GPU memory one more image in a batch costs at width x height."""
         return estimate_per_image_memory_bytes(self.architecture, self.dtype, width, height)
 
-    def _check_settings(self, settings: BatchSettings) -> None:
+    def _check_settings(self, settings: BatchKey) -> None:
         multiple = self.vae_scale_factor
         for name in ("width", "height"):
             value = getattr(settings, name)
@@ -196,7 +189,7 @@ class ImagePipeline:
             raise ValueError(
                 f"num_inference_steps must be >= 1, got {settings.num_inference_steps}")
 
-    def _run(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
+    def _run(self, jobs: Sequence[GenerationJob], settings: BatchKey,
              output_type: str, preemption: Preemption | None = None) -> Any:
         jobs = list(jobs)
         if not jobs:

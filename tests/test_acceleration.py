@@ -21,13 +21,14 @@ from gpu_worker.__main__ import warm_up, warm_up_batch_sizes
 from gpu_worker.acceleration import (AccelerationConfig, CompiledTextEncoderForward, CompiledUnetForward,
                                      CompiledVaeDecode, compiled_forward)
 from gpu_worker.batcher import BatchPolicyConfig
-from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
+from gpu_worker.pipelines import GenerationJob, load_pipeline
+from imagegen.batch_key import BatchKey
 
 # torch.compile of the tiny pipeline takes about 2 minutes on a quiet 2-core machine and several times
 # that on a busy one; the module fixture compiles inside the first test's time limit.
 pytestmark = pytest.mark.timeout(1800)
 
-SETTINGS = BatchSettings(64, 64, 3, 7.5)
+SETTINGS = BatchKey(64, 64, 3, 7.5)
 
 
 def jobs(count: int) -> list[GenerationJob]:
@@ -111,7 +112,7 @@ def test_one_compilation_serves_batch_sizes_not_warmed_up(pipelines):
 def test_a_shape_that_would_compile_runs_eager_instead(pipelines, caplog):
     eager, compiled, _ = pipelines
     forward = compiled_forward(compiled.diffusers_pipeline.unet)
-    other = BatchSettings(128, 64, 2, 7.5)
+    other = BatchKey(128, 64, 2, 7.5)
     graphs_before = counters["stats"]["unique_graphs"]
     with caplog.at_level(logging.WARNING, logger="gpu_worker.acceleration"):
         images = compiled.generate_array(jobs(2), other)

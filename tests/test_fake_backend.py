@@ -19,10 +19,11 @@ import torch
 from gpu_worker import fake_backend
 from gpu_worker.fake_backend import FakeBackend, is_fake_model_id, parse_fake_model_id
 from gpu_worker.oom import OUT_OF_MEMORY_ERROR
-from gpu_worker.pipelines import BatchSettings, GenerationJob
+from gpu_worker.pipelines import GenerationJob
+from imagegen.batch_key import BatchKey
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = BatchSettings(64, 64, 2, 7.5)
+SETTINGS = BatchKey(64, 64, 2, 7.5)
 
 
 def jobs(n: int, prompt: str = "p") -> list[GenerationJob]:
@@ -96,7 +97,7 @@ def test_cell_sets_the_images_grain():
     (what the serving path's benchmarks need); the default 8-pixel cells compress well."""
     from gpu_worker import png
 
-    settings = BatchSettings(256, 256, 2, 7.5)
+    settings = BatchKey(256, 256, 2, 7.5)
     noise = parse_fake_model_id("fake:cell=1")
     assert (noise.cell_px, FakeBackend().cell_px) == (1, 8)
     fine, coarse = noise.generate(jobs(1), settings)[0], FakeBackend().generate(jobs(1), settings)[0]
@@ -124,7 +125,7 @@ def test_pipeline_surface():
 
 @pytest.mark.parametrize("width, height", [(64, 64), (512, 512), (96, 40), (1024, 768)])
 def test_images_are_rgb_of_the_requested_size(width, height):
-    images = FakeBackend().generate(jobs(3), BatchSettings(width, height, 2, 7.5))
+    images = FakeBackend().generate(jobs(3), BatchKey(width, height, 2, 7.5))
     assert len(images) == 3
     for image in images:
         assert image.mode == "RGB"
@@ -144,9 +145,10 @@ def test_images_are_deterministic_across_processes():
     # sha256, not Python's salted hash(): another interpreter gets the same pixels.
     code = ("import hashlib, numpy as np\n"
             "from gpu_worker.fake_backend import FakeBackend\n"
-            "from gpu_worker.pipelines import BatchSettings, GenerationJob\n"
+            "from gpu_worker.pipelines import GenerationJob\n"
+            "from imagegen.batch_key import BatchKey\n"
             "img = FakeBackend().generate([GenerationJob('a cat', None, 7)], "
-            "BatchSettings(64, 64, 2, 7.5))[0]\n"
+            "BatchKey(64, 64, 2, 7.5))[0]\n"
             "print(hashlib.sha256(np.asarray(img).tobytes()).hexdigest())\n")
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -176,9 +178,9 @@ def test_bad_batches_raise_value_error():
     with pytest.raises(ValueError, match="at least one job"):
         backend.generate([], SETTINGS)
     with pytest.raises(ValueError, match="width"):
-        backend.generate(jobs(1), BatchSettings(60, 64, 2, 7.5))
+        backend.generate(jobs(1), BatchKey(60, 64, 2, 7.5))
     with pytest.raises(ValueError, match="num_inference_steps"):
-        backend.generate(jobs(1), BatchSettings(64, 64, 0, 7.5))
+        backend.generate(jobs(1), BatchKey(64, 64, 0, 7.5))
 
 
 # ------------------------------------------------------------------ fault injection

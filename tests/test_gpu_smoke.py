@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from gpu_worker.preemption import BatchPreempted, Preemption
-from gpu_worker.pipelines import BatchSettings, GenerationJob, auto_max_batch_size, free_gpu_memory_bytes, load_pipeline
+from gpu_worker.pipelines import GenerationJob, auto_max_batch_size, free_gpu_memory_bytes, load_pipeline
+from imagegen.batch_key import BatchKey
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,7 +26,7 @@ pytestmark = [
 def test_real_size_pipeline_batches_on_the_gpu(model_id, size):
     pipeline = load_pipeline(model_id)
     assert pipeline.device.type == "cuda" and pipeline.dtype in (torch.bfloat16, torch.float16)
-    settings = BatchSettings(size, size, 4, 7.5)
+    settings = BatchKey(size, size, 4, 7.5)
     jobs = [GenerationJob(f"a lighthouse, variant {i}", None, 100 + i) for i in range(3)]
     batched = pipeline.generate_array(jobs, settings)
     alone = pipeline.generate_array(jobs[:1], settings)

@@ -16,9 +16,9 @@ from gpu_worker import oom
 from gpu_worker.batcher import Batcher, BatchKey, BatchPolicyConfig
 from gpu_worker.fake_backend import FakeBackend, parse_fake_model_id
 from gpu_worker.oom import OUT_OF_MEMORY_ERROR, OomSplittingBackend, is_out_of_memory
-from gpu_worker.pipelines import BatchSettings, GenerationJob, auto_max_batch_size
+from gpu_worker.pipelines import GenerationJob, auto_max_batch_size
 
-SETTINGS = BatchSettings(64, 64, 2, 7.5)
+SETTINGS = BatchKey(64, 64, 2, 7.5)
 
 
 def jobs(n: int) -> list[GenerationJob]:

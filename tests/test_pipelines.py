@@ -19,7 +19,6 @@ import torch
 from gpu_worker import architectures, decoding
 from gpu_worker.pipelines import (
     BUILTIN_MODELS,
-    BatchSettings,
     GenerationJob,
     ImagePipeline,
     ModelLoadError,
@@ -29,9 +28,10 @@ from gpu_worker.pipelines import (
     load_pipeline,
     rgb_image,
 )
+from imagegen.batch_key import BatchKey
 
 GIB = 1024**3
-SETTINGS = BatchSettings(width=64, height=64, num_inference_steps=4, guidance_scale=7.5)
+SETTINGS = BatchKey(width=64, height=64, num_inference_steps=4, guidance_scale=7.5)
 JOBS = [
     GenerationJob("a red fox in the snow", None, 11),
     GenerationJob("a lighthouse at dusk", "blurry", 22),
@@ -184,7 +184,7 @@ def test_cuda_without_gpu_is_a_load_error() -> None:
 @pytest.mark.parametrize("width, height", [(64, 64), (64, 96)])
 def test_tiny_batch_gives_rgb_images_of_requested_size(tiny: ImagePipeline, width: int,
                                                        height: int) -> None:
-    settings = BatchSettings(width=width, height=height, num_inference_steps=4, guidance_scale=7.5)
+    settings = BatchKey(width=width, height=height, num_inference_steps=4, guidance_scale=7.5)
     images = tiny.generate(JOBS, settings)
     assert len(images) == 4
     for image in images:
@@ -215,7 +215,7 @@ def test_same_job_twice_is_identical_and_seeds_matter(tiny: ImagePipeline) -> No
 
 
 def test_tiny_sdxl_batch_of_two(tiny_sdxl: ImagePipeline) -> None:
-    settings = BatchSettings(width=64, height=96, num_inference_steps=4, guidance_scale=5.0)
+    settings = BatchKey(width=64, height=96, num_inference_steps=4, guidance_scale=5.0)
     images = tiny_sdxl.generate(JOBS[:2], settings)
     assert [(image.mode, image.size) for image in images] == [("RGB", (64, 96))] * 2
     batch = tiny_sdxl.generate_array(JOBS[:2], settings)
@@ -301,9 +301,9 @@ def test_bad_batches_are_rejected(tiny: ImagePipeline) -> None:
     with pytest.raises(ValueError, match="at least one job"):
         tiny.generate([], SETTINGS)
     with pytest.raises(ValueError, match="width must be a positive multiple of 8"):
-        tiny.generate(JOBS[:1], BatchSettings(60, 64, 4, 7.5))
+        tiny.generate(JOBS[:1], BatchKey(60, 64, 4, 7.5))
     with pytest.raises(ValueError, match="num_inference_steps"):
-        tiny.generate(JOBS[:1], BatchSettings(64, 64, 0, 7.5))
+        tiny.generate(JOBS[:1], BatchKey(64, 64, 0, 7.5))
     with pytest.raises(ValueError, match="seed"):
         GenerationJob("x", None, 2**63)
     with pytest.raises(ValueError, match="seed"):

@@ -17,10 +17,11 @@ import torch
 
 from gpu_worker.batcher import BatchPolicyConfig
 from gpu_worker.fake_backend import FakeBackend
-from gpu_worker.pipelines import BatchSettings, GenerationJob, StepThrottle, load_pipeline
+from gpu_worker.pipelines import GenerationJob, StepThrottle, load_pipeline
 from gpu_worker.policies import AdaptiveBatcher, HoldTuning
 from gpu_worker import decoding
 from gpu_worker.preemption import AbandonDecision, BatchPreempted, Preemption
+from imagegen.batch_key import BatchKey
 from imagegen.protocol import Cancel, Generate, GenerationParams, Result
 from offline_worker import close_offline_worker, offline_worker
 
@@ -92,7 +93,7 @@ def test_the_throttle_waits_for_nothing_on_the_cpu():
 
 # ------------------------------------------------------------------ the real pipeline
 
-SETTINGS = BatchSettings(64, 64, 4, 7.5)
+SETTINGS = BatchKey(64, 64, 4, 7.5)
 JOB = [GenerationJob("a lighthouse on a cliff", None, 7)]
 
 

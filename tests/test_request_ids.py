@@ -29,7 +29,8 @@ from PIL import Image
 
 from cluster import Cluster
 from gpu_worker.fake_backend import fake_pixels
-from gpu_worker.pipelines import BatchSettings, GenerationJob
+from gpu_worker.pipelines import GenerationJob
+from imagegen.batch_key import BatchKey
 
 
 def call(url: str, path: str, body: dict, label: str | None = None, timeout_s: float = 120) -> tuple[int, dict, dict]:
@@ -126,7 +127,7 @@ def fake_cluster(tmp_path_factory):
 
 def solo_render(prompt: str, seed: int, size: int, steps: int) -> np.ndarray:
     """What the fake backend draws for these settings alone (it depends on nothing else)."""
-    return fake_pixels(GenerationJob(prompt, None, seed), BatchSettings(size, size, steps, 7.5))
+    return fake_pixels(GenerationJob(prompt, None, seed), BatchKey(size, size, steps, 7.5))
 
 
 _BASE = st.text(alphabet="abcXYZ019._-", min_size=1, max_size=12)
