@@ -13,19 +13,32 @@ import logging
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from broker.config import BrokerSettings
-from broker.state import Action, BrokerPolicy, BrokerState, ToClient, ToWorker
+from broker.state import (
+    Action,
+    BrokerPolicy,
+    BrokerState,
+    Cancelled,
+    Event,
+    Registered,
+    RegistrationRefused,
+    Removal,
+    Requeued,
+    SenderRefused,
+    ToClient,
+    ToWorker,
+    WorkerRemoved,
+)
 from broker.stats import build_stats
 from imagegen import protocol, stage_trace
 from imagegen.protocol import (
     CLIENT_LINK,
-    PROTOCOL_VERSION,
     WORKER_LINK,
     BrokerHeartbeat,
     Cancel,
@@ -42,9 +55,8 @@ from imagegen.protocol import (
     Result,
     StatsQuery,
     StatsReply,
-    Welcome,
 )
-from imagegen.keys import KeyAllowList, load_secret, name_allowed
+from imagegen.keys import KeyAllowList, load_secret
 from imagegen.logs import request_fields, request_name
 from imagegen.sockets import CurveServerKeys, is_local_endpoint, make_router
 
@@ -56,6 +68,16 @@ _QUIET_FAILURES = {FailureCode.OVERLOADED.value, FailureCode.SHUTTING_DOWN.value
 # How often requests past their deadline are looked for (broker._deadlines): well inside the grace the
 # gateway waits for the broker's answer past REQUEST_TIMEOUT_S (gateway.broker_client.BROKER_ANSWER_GRACE_S).
 DEADLINE_CHECK_INTERVAL_S = 0.2
+# The end of the log line "request ... requeued: worker NAME ...", by why the worker went.
+_REQUEUED_BECAUSE = {
+    Removal.MISSED_HEARTBEATS: "missed heartbeats or made no progress",
+    Removal.NO_PROGRESS: "missed heartbeats or made no progress",
+    Removal.LEFT: "left",
+    Removal.KEY_REVOKED: "lost its key",
+    Removal.KEY_CHANGED: "changed its connection's key",
+    Removal.UNREACHABLE: "could not be reached",
+    Removal.REGISTERED_AGAIN: "registered again",
+}
 
 
 def send_now(sock: zmq.asyncio.Socket, frames: Sequence[Any]) -> Exception | None:
@@ -91,7 +113,6 @@ class BrokerServer:
         self.ctx = zmq.asyncio.Context()
         self.allow_list: KeyAllowList | None = None
         self.authenticator: AsyncioAuthenticator | None = None
-        self.worker_keys: dict[bytes, bytes] = {}  # under CurveZMQ: routing id -> the key it registered with
         try:
             self.client_sock = make_router(self.ctx, settings.client_bind)
             self.worker_sock = make_router(self.ctx, settings.worker_bind, self._start_authentication())
@@ -202,7 +223,7 @@ class BrokerServer:
         """A request the broker cannot read (a gateway of another build, with other bounds) is
         answered at once, so its client is not left waiting for its deadline."""
         failure = protocol.failure_for_refused(frames, CLIENT_LINK, "broker", exc)
-        if failure is not None and failure.request_id not in self.state.requests:  # not another's answer
+        if failure is not None and not self.state.holds_request(failure.request_id):  # not another's answer
             self._send(self.client_sock, client_id, protocol.encode(CLIENT_LINK, failure))
 
     def _on_client_message(self, client_id: bytes, frames: Sequence[Any]) -> None:
@@ -212,13 +233,6 @@ class BrokerServer:
             stage_trace.stage("broker_got_request", message.request_id)
             self._execute(self.state.submit(client_id, message, now))
         elif isinstance(message, Cancel):
-            record = self.state.requests.get(message.request_id)
-            if record is not None:
-                label = record.message.label
-                where = ("queued" if record.worker is None else f"at worker {self._worker_name(record.worker)}"
-                         + ("" if record.step is None else f", step {record.step} of {record.steps}"))
-                log.info("request %s cancelled: its client stopped waiting (%s)",
-                         request_name(message.request_id, label), where, extra=request_fields(message.request_id, label))
             self._execute(self.state.cancel(client_id, message, now))
         elif isinstance(message, Ping):
             pong = Pong(message.query_id, self.state.epoch, self.state.accepting_workers())
@@ -236,17 +250,14 @@ class BrokerServer:
         message, payload = protocol.decode(frames, WORKER_LINK)
         now = self.clock()
         user_id = _user_id(frames[0])
+        key = None if user_id is None else user_id.encode()
         if isinstance(message, Register):
-            self._execute(self._register(routing_id, message, now, user_id))
+            authorized_keys = None if self.allow_list is None else self.allow_list.keys
+            self._execute(self.state.register(routing_id, message, now, key, authorized_keys))
             return
         # Every other message must come from a registered worker's connection, under its key.
-        sender = self._worker_name(routing_id)
-        known = routing_id in self.state.workers
-        refusal = self.state.check_sender(routing_id, None if user_id is None else user_id.encode(), message, now)
+        refusal = self.state.check_sender(routing_id, key, message, now)
         if refusal is not None:
-            log.warning("refused a %s from %s: %s", type(message).__name__, sender,
-                        "the connection under a key other than its worker's" if known
-                        else "a connection that is no registered worker")
             self._execute(refusal)
             return
         if isinstance(message, Heartbeat):
@@ -259,63 +270,18 @@ class BrokerServer:
         elif isinstance(message, Progress):
             self._execute(self.state.progress(routing_id, message, now))
         elif isinstance(message, Disconnect):
-            log.info("worker %s leaves: %s", self._worker_name(routing_id), message.reason)
-            self._execute(self._logging_requeues("left", lambda: self.state.disconnect(routing_id, now)))
+            self._execute(self.state.disconnect(routing_id, now, Removal.LEFT, message.reason))
         else:
             raise ProtocolError(f"{type(message).__name__} is not something a worker may send")
-
-    def _register(self, routing_id: bytes, message: Register, now: float, user_id: str | None) -> list[Action]:
-        reason = self._refusal(message, user_id)
-        if reason is not None:
-            self.state.counters.registrations_refused += 1
-            log.warning("refused worker %s: %s", message.worker_name, reason)
-            return [ToWorker(routing_id, Disconnect(reason))]
-        key = None if user_id is None else user_id.encode()
-        actions = self._logging_requeues("registered again", lambda: self.state.register(routing_id, message, now, key))
-        if not any(isinstance(a.message, Welcome) for a in actions):  # the state refused it
-            log.warning("refused worker %s: %s", message.worker_name,
-                        "; ".join(a.message.reason for a in actions if isinstance(a.message, Disconnect)))
-            return actions
-        if key is not None:
-            self.worker_keys[routing_id] = key
-        log.info("worker %s registered: host %s gpu %d pid %d model %s on %s, max batch %d, capacity %d",
-                 message.worker_name, message.host, message.gpu_id, message.pid, message.model_id,
-                 message.device, message.batching.max_batch_size, message.capacity)
-        return actions
-
-    def _refusal(self, message: Register, user_id: str | None) -> str | None:
-        """Why this registration is refused, or None. With CurveZMQ on, the connection's key (its
-        ZAP User-Id) must be authorized for the worker name it claims (imagegen/keys.py)."""
-        if message.protocol_version != PROTOCOL_VERSION:
-            return f"protocol version {message.protocol_version} is not {PROTOCOL_VERSION}: upgrade the worker"
-        if self.allow_list is None:
-            return None
-        stem = self.allow_list.keys.get((user_id or "").encode())
-        if stem is None or not name_allowed(message.worker_name, stem):
-            return (f"key {stem or user_id!r} may not register as {message.worker_name!r}: "
-                    f"name the worker after its key file (NAME or NAME-...)")
-        return None
 
     async def _liveness(self) -> None:
         """Every interval: tell each worker we are alive, and expire the workers that fell silent."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             beat = protocol.encode(WORKER_LINK, BrokerHeartbeat(self.state.epoch))
-            for routing_id in list(self.state.workers):
+            for routing_id in self.state.worker_ids():
                 self._send(self.worker_sock, routing_id, beat)
-            before = {rid: w.info.worker_name for rid, w in self.state.workers.items()}
-            now = self.clock()
-            stuck = {w.routing_id for w in self.state.stuck_workers(now)}
-            actions = self._logging_requeues("missed heartbeats or made no progress",
-                                             lambda: self.state.expire(now))
-            for routing_id in set(before) - set(self.state.workers):
-                if routing_id in stuck:
-                    log.warning("worker %s sent no progress on the requests it held for %gs: declared stuck, "
-                                "its requests requeued", before[routing_id], self.settings.worker_progress_timeout_s)
-                else:
-                    log.warning("worker %s missed %d heartbeats: declared dead, its requests requeued",
-                                before[routing_id], self.settings.heartbeat_liveness)
-            self._execute(actions)
+            self._execute(self.state.expire(self.clock()))
             self._disconnect_revoked_workers()
 
     def _disconnect_revoked_workers(self) -> None:
@@ -326,37 +292,11 @@ class BrokerServer:
         if self.allow_list is None:
             return
         self.allow_list.refresh()
-        self.worker_keys = {rid: key for rid, key in self.worker_keys.items() if rid in self.state.workers}
-        for routing_id, key in list(self.worker_keys.items()):
-            worker = self.state.workers.get(routing_id)  # gone meanwhile if a requeue found it unreachable
-            stem = self.allow_list.keys.get(key)
-            if worker is None or (stem is not None and name_allowed(worker.info.worker_name, stem)):
-                continue
-            name = worker.info.worker_name
-            log.warning("worker %s disconnected: its key is no longer authorized for it in %s", name,
-                        self.allow_list.directory)
-            del self.worker_keys[routing_id]
-            self._execute(self._logging_requeues(
-                "lost its key", lambda: self.state.disconnect(routing_id, self.clock())))
-            self._send(self.worker_sock, routing_id,
-                       protocol.encode(WORKER_LINK, Disconnect("this worker's key is no longer authorized")))
+        self._execute(self.state.revoke_keys(self.allow_list.keys, self.clock()))
 
     # ------------------------------------------------------------------ sending
 
-    def _logging_requeues(self, why: str, change: Callable[[], list[Action]]) -> list[Action]:
-        """Run ``change`` (it may remove workers) and log, by id, each request it took back from one."""
-        held = {rid: w for w in self.state.workers.values() for rid in w.in_flight}
-        actions = change()
-        for request_id, worker in held.items():
-            record = self.state.requests.get(request_id)
-            if (record is not None and record.worker != worker.routing_id
-                    and self.state.workers.get(worker.routing_id) is not worker):
-                label = record.message.label
-                log.info("request %s requeued: worker %s %s", request_name(request_id, label),
-                         worker.info.worker_name, why, extra=request_fields(request_id, label))
-        return actions
-
-    def _log_action(self, action: Action) -> None:
+    def _log_action(self, action: ToWorker | ToClient) -> None:
         """Dispatches and answers at DEBUG, failures at INFO: each line names its request's id."""
         message = action.message
         if isinstance(message, Failure) and isinstance(action, ToClient):
@@ -367,16 +307,61 @@ class BrokerServer:
             return
         elif isinstance(message, Generate):
             log.debug("request %s dispatched to worker %s", request_name(message.request_id, message.label),
-                      self._worker_name(action.routing_id), extra=request_fields(message.request_id, message.label))
+                      action.worker_name, extra=request_fields(message.request_id, message.label))
         elif isinstance(message, Result):
             log.debug("request %s answered by worker %s, batch %s", request_name(message.request_id, action.label),
                       message.worker_name, message.batch_id, extra=request_fields(message.request_id, action.label))
+
+    def _log_event(self, event: Event) -> None:
+        """One line for what the state says happened (each line naming its request, if any)."""
+        if isinstance(event, Requeued):
+            log.info("request %s requeued: worker %s %s", request_name(event.request_id, event.label),
+                     event.worker_name, _REQUEUED_BECAUSE[event.why],
+                     extra=request_fields(event.request_id, event.label))
+        elif isinstance(event, WorkerRemoved):
+            self._log_removal(event)
+        elif isinstance(event, Cancelled):
+            where = ("queued" if event.worker_name is None else f"at worker {event.worker_name}"
+                     + ("" if event.step is None else f", step {event.step} of {event.steps}"))
+            log.info("request %s cancelled: its client stopped waiting (%s)",
+                     request_name(event.request_id, event.label), where,
+                     extra=request_fields(event.request_id, event.label))
+        elif isinstance(event, Registered):
+            info = event.info
+            log.info("worker %s registered: host %s gpu %d pid %d model %s on %s, max batch %d, capacity %d",
+                     info.worker_name, info.host, info.gpu_id, info.pid, info.model_id,
+                     info.device, info.batching.max_batch_size, info.capacity)
+        elif isinstance(event, RegistrationRefused):
+            log.warning("refused worker %s: %s", event.worker_name, event.reason)
+        elif isinstance(event, SenderRefused):
+            log.warning("refused a %s from %s: %s", event.message_type, event.sender,
+                        "the connection under a key other than its worker's" if event.wrong_key
+                        else "a connection that is no registered worker")
+
+    def _log_removal(self, removed: WorkerRemoved) -> None:
+        """A worker that left, or was removed, is named once (one that could not be reached, changed
+        key or registered again shows in its requests' "requeued" lines only)."""
+        name = removed.worker_name
+        if removed.why is Removal.LEFT:
+            log.info("worker %s leaves: %s", name, removed.reason)
+        elif removed.why is Removal.MISSED_HEARTBEATS:
+            log.warning("worker %s missed %d heartbeats: declared dead, its requests requeued",
+                        name, self.settings.heartbeat_liveness)
+        elif removed.why is Removal.NO_PROGRESS:
+            log.warning("worker %s sent no progress on the requests it held for %gs: declared stuck, "
+                        "its requests requeued", name, self.settings.worker_progress_timeout_s)
+        elif removed.why is Removal.KEY_REVOKED and self.allow_list is not None:
+            log.warning("worker %s disconnected: its key is no longer authorized for it in %s", name,
+                        self.allow_list.directory)
 
     def _execute(self, actions: list[Action], payload: Sequence[Any] = ()) -> None:
         # The stage trace's "sent" stages are written just before the send: once a result is sent, the
         # gateway may answer before this thread runs on, and a line written after would fall outside
         # the request.
         for action in actions:
+            if not isinstance(action, (ToClient, ToWorker)):
+                self._log_event(action)
+                continue
             self._log_action(action)
             if isinstance(action, ToClient):
                 frames_payload = payload if isinstance(action.message, Result) else ()
@@ -390,8 +375,7 @@ class BrokerServer:
                 stage_trace.stage("broker_sent_request", action.message.request_id)
             if not self._send(self.worker_sock, action.routing_id, frames):
                 # The worker's connection is gone: treat it as a disconnect, requeueing what it held.
-                self._execute(self._logging_requeues(
-                    "could not be reached", lambda: self.state.disconnect(action.routing_id, self.clock())))
+                self._execute(self.state.disconnect(action.routing_id, self.clock(), Removal.UNREACHABLE))
 
     def _send(self, sock: zmq.asyncio.Socket, peer: bytes, frames: list[Any]) -> bool:
         error = send_now(sock, [peer, *frames])
@@ -401,7 +385,3 @@ class BrokerServer:
         self.dropped[f"undeliverable_{link}_messages"] += 1
         log.warning("could not send to %s %s: %s", link, peer.hex()[:8], error)
         return False
-
-    def _worker_name(self, routing_id: bytes) -> str:
-        worker = self.state.workers.get(routing_id)
-        return worker.info.worker_name if worker else routing_id.hex()[:8]

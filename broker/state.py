@@ -1,8 +1,10 @@
 """Everything the broker knows and decides, as a pure object: no sockets, no clock, no asyncio.
 
 The socket shell (:mod:`broker.server`) decodes a message, calls one method here with ``now``,
-and sends the :class:`ToWorker` / :class:`ToClient` actions it gets back. That keeps every rule
-(credit, balancing, liveness, requeueing, overload, stats) testable with a fake clock.
+and sends the :class:`ToWorker` / :class:`ToClient` actions it gets back; the events among them
+(:data:`Event`: a worker removed and why, a request requeued or cancelled, a registration refused)
+say what happened, for its log. That keeps every rule (admission of workers, credit, balancing,
+liveness, requeueing, overload, stats) testable with a fake clock.
 
 Requests live in one table keyed by request id, in one of two places: the broker's FIFO queue
 (waiting for a worker with credit) or assigned to one worker. A worker's *credit* is how many
@@ -21,10 +23,12 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Union
+from enum import Enum
+from typing import Mapping, Union
 
 from broker.admission import Admission, WorkerSpeed
 from broker.balancing import Balancer, Candidate
+from broker.registration import key_admits, registration_refusal
 from imagegen.batch_key import BatchKey, work_units
 from imagegen.protocol import (
     Cancel,
@@ -50,6 +54,8 @@ UNITS_AHEAD_RECOMPUTE_S = 0.1
 class ToWorker:
     routing_id: bytes
     message: Message
+    # The worker's name, for the broker's log line only (set on a dispatched GENERATE).
+    worker_name: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,72 @@ class ToClient:
     label: str = ""  # the request's label (its client's X-Request-ID), for the broker's log line only
 
 
-Action = Union[ToWorker, ToClient]
+# What happened, for the broker's log only: nothing is sent for these. They come back among the
+# ToWorker / ToClient actions, in the order things happened, so the shell logs without reading
+# the state's tables.
+
+class Removal(Enum):
+    """Why the broker let go of a worker (and took back the requests it held)."""
+
+    MISSED_HEARTBEATS = "missed_heartbeats"
+    NO_PROGRESS = "no_progress"  # it heartbeats, but held requests past the progress deadline: stuck
+    LEFT = "left"  # it said goodbye (DISCONNECT)
+    KEY_REVOKED = "key_revoked"  # its key left the authorized-keys folder, or no longer admits its name
+    KEY_CHANGED = "key_changed"  # its connection id spoke under another key
+    UNREACHABLE = "unreachable"  # a message to it could not be sent
+    REGISTERED_AGAIN = "registered_again"  # its connection, or another with its name, registered
+
+
+@dataclass(frozen=True)
+class WorkerRemoved:
+    worker_name: str
+    why: Removal
+    reason: str = ""  # the worker's own words, when it left
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """A request taken back from a removed worker, to the front of the queue."""
+
+    request_id: str
+    label: str
+    worker_name: str  # the worker it was taken from
+    why: Removal
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """A request its client stopped waiting for, and where it was then."""
+
+    request_id: str
+    label: str
+    worker_name: str | None  # None: it was queued here
+    step: int | None = None  # its worker's latest PROGRESS: step ``step`` of ``steps``
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Registered:
+    info: Register
+
+
+@dataclass(frozen=True)
+class RegistrationRefused:
+    worker_name: str
+    reason: str  # also sent to the connection in a DISCONNECT
+
+
+@dataclass(frozen=True)
+class SenderRefused:
+    """A worker message from a connection that may not speak for a worker."""
+
+    message_type: str
+    sender: str  # its worker's name, or the connection id (hex) when none is registered on it
+    wrong_key: bool  # True: a registered worker's connection id, under another key
+
+
+Event = Union[WorkerRemoved, Requeued, Cancelled, Registered, RegistrationRefused, SenderRefused]
+Action = Union[ToWorker, ToClient, Event]
 
 
 @dataclass(frozen=True)
@@ -277,16 +348,18 @@ class BrokerState:
             return []  # already answered
         del self.requests[message.request_id]
         self.counters.cancelled += 1
+        label = record.message.label
         if record.worker is None:
             self.queue.remove(message.request_id)
-            return []
+            return [Cancelled(message.request_id, label, None)]
+        cancelled = Cancelled(message.request_id, label, self._worker_name(record.worker), record.step, record.steps)
         worker = self.workers.get(record.worker)
         if worker is None:
-            return []
+            return [cancelled]
         # Free the slot now: if the request is already in a running batch, the worker holds one
         # more than we count until that batch ends (its late result is dropped as a duplicate).
         worker.in_flight.discard(message.request_id)
-        return [ToWorker(record.worker, message)] + self.dispatch(now)
+        return [cancelled, ToWorker(record.worker, message)] + self.dispatch(now)
 
     def fail_all(self, code: FailureCode, text: str) -> list[Action]:
         """Answer every request still held with ``code`` (the broker is going away), and tell the
@@ -302,10 +375,21 @@ class BrokerState:
     def accepting_workers(self) -> int:
         return sum(1 for w in self.workers.values() if w.accepting)
 
+    def worker_ids(self) -> list[bytes]:
+        """The connections of the registered workers (the broker's heartbeat goes to each)."""
+        return list(self.workers)
+
+    def holds_request(self, request_id: str) -> bool:
+        """Whether ``request_id`` is one accepted here and not answered yet."""
+        return request_id in self.requests
+
     # ------------------------------------------------------------------ worker side
 
-    def register(self, routing_id: bytes, message: Register, now: float, key: bytes | None = None) -> list[Action]:
-        """A worker joins on connection ``routing_id`` (under CurveZMQ, with public key ``key``).
+    def register(self, routing_id: bytes, message: Register, now: float, key: bytes | None = None,
+                 authorized_keys: Mapping[bytes, str] | None = None) -> list[Action]:
+        """A worker joins on connection ``routing_id`` (under CurveZMQ, with public key ``key``,
+        which ``authorized_keys``, the authorized-keys folder's public key -> name stem, must admit
+        for the name it claims: broker/registration.py; None: no authentication).
 
         A name held by a live worker on another connection is never taken by a registration: that
         would let anyone who reaches the port evict a worker and receive its requests. Another
@@ -313,23 +397,27 @@ class BrokerState:
         heartbeats: a restarted worker retries until then) or when it proves the holder's key; a
         worker that left with DISCONNECT freed its name at once. A connection may re-register,
         also under a new name; its old record goes, its work requeued."""
+        refusal = registration_refusal(message, key, authorized_keys)
         holder = next((w for w in self.workers.values()
                        if w.info.worker_name == message.worker_name and w.routing_id != routing_id), None)
-        if holder is not None and not self._may_take_over(holder, key, now):
+        if refusal is None and holder is not None and not self._may_take_over(holder, key, now):
+            refusal = (f"worker name {message.worker_name!r} belongs to a live worker (heard from "
+                       f"{now - holder.last_seen:.1f}s ago); a restarted worker is admitted once the old one misses "
+                       f"its heartbeats ({self.policy.worker_timeout_s:g}s), so retry then; a different worker "
+                       f"needs its own WORKER_NAME")
+        if refusal is not None:
             self.counters.registrations_refused += 1
-            text = (f"worker name {message.worker_name!r} belongs to a live worker (heard from "
-                    f"{now - holder.last_seen:.1f}s ago); a restarted worker is admitted once the old one misses "
-                    f"its heartbeats ({self.policy.worker_timeout_s:g}s), so retry then; a different worker "
-                    f"needs its own WORKER_NAME")
-            return [ToWorker(routing_id, Disconnect(text))]
+            return [RegistrationRefused(message.worker_name, refusal), ToWorker(routing_id, Disconnect(refusal))]
         actions: list[Action] = []
         for old in [w for w in (holder, self.workers.get(routing_id)) if w is not None]:
-            actions += self._remove_worker(old.routing_id, now, f"{message.worker_name} re-registered")
+            actions += self._remove_worker(old.routing_id, now, Removal.REGISTERED_AGAIN,
+                                           f"{message.worker_name} re-registered")
         self.retired.pop((message.worker_name, message.pid), None)
         self.workers[routing_id] = WorkerRecord(
             routing_id, message, now, now, order=next(self._registration_order), key=key, last_progress=now
         )
         self.counters.workers_registered += 1
+        actions.append(Registered(message))
         actions.append(ToWorker(routing_id, Welcome(self.epoch, self.policy.heartbeat_interval_s)))
         return actions + self.dispatch(now)
 
@@ -338,7 +426,7 @@ class BrokerState:
 
     def check_sender(self, routing_id: bytes, key: bytes | None, message: Message, now: float) -> list[Action] | None:
         """None if ``message`` (not a REGISTER) from connection ``routing_id``, which carries ``key``,
-        may be handled as its worker's; else the actions that refuse it.
+        may be handled as its worker's; else the actions that refuse it (a :class:`SenderRefused` first).
 
         Only a registered worker's connection speaks for it: anything else is told to register
         again (a DISCONNECT is just dropped). Under CurveZMQ the key must also be the one the worker
@@ -346,13 +434,17 @@ class BrokerState:
         and someone else holds its id, so the worker is removed (its work requeued) before it can
         be sent another prompt."""
         worker = self.workers.get(routing_id)
+        message_type = type(message).__name__
         if worker is None:
             self.counters.unregistered_messages += 1
-            return [] if isinstance(message, Disconnect) else [
+            refused: list[Action] = [SenderRefused(message_type, self._worker_name(routing_id), wrong_key=False)]
+            return refused if isinstance(message, Disconnect) else refused + [
                 ToWorker(routing_id, Disconnect("unknown worker: register again"))]
         if worker.key != key:
             self.counters.wrong_key_messages += 1
-            actions = self._remove_worker(routing_id, now, "its connection changed key") + self.dispatch(now)
+            actions = [SenderRefused(message_type, worker.info.worker_name, wrong_key=True)]
+            actions += self._remove_worker(routing_id, now, Removal.KEY_CHANGED, "its connection changed key")
+            actions += self.dispatch(now)
             return actions + [ToWorker(routing_id, Disconnect(
                 "this connection's key is not the one its worker registered with: register again"))]
         return None
@@ -433,11 +525,26 @@ class BrokerState:
         record.step, record.steps = message.step, message.steps
         return []
 
-    def disconnect(self, routing_id: bytes, now: float) -> list[Action]:
-        """A worker says goodbye; whatever it still held goes back to the front of the queue."""
+    def disconnect(self, routing_id: bytes, now: float, why: Removal = Removal.LEFT, reason: str = "") -> list[Action]:
+        """A worker goes: it said goodbye (``reason``: its words), or the shell found it gone (``why``);
+        whatever it still held goes back to the front of the queue."""
         if routing_id not in self.workers:
             return []
-        return self._remove_worker(routing_id, now, "worker disconnected") + self.dispatch(now)
+        return self._remove_worker(routing_id, now, why, "worker disconnected", reason) + self.dispatch(now)
+
+    def revoke_keys(self, authorized_keys: Mapping[bytes, str], now: float) -> list[Action]:
+        """Check every worker's key against the authorized keys as the shell read them now
+        (``authorized_keys``: public key -> name stem): a worker whose key no longer admits its name
+        (broker/registration.py) is removed, its requests requeued, and told why. Workers registered
+        without a key (no CurveZMQ) are never revoked."""
+        revoked = [w.routing_id for w in self.workers.values()
+                   if w.key is not None and not key_admits(authorized_keys, w.key, w.info.worker_name)]
+        actions: list[Action] = []
+        for routing_id in revoked:
+            actions += self._remove_worker(routing_id, now, Removal.KEY_REVOKED, "worker disconnected")
+            actions += self.dispatch(now)
+            actions.append(ToWorker(routing_id, Disconnect("this worker's key is no longer authorized")))
+        return actions
 
     def expire(self, now: float) -> list[Action]:
         """Declare dead every worker silent for longer than the liveness window; requeue its work.
@@ -449,14 +556,14 @@ class BrokerState:
         expired = [w for w in self.workers.values() if w.last_seen < deadline]
         for worker in expired:
             self.counters.workers_expired += 1
-            actions += self._remove_worker(worker.routing_id, now, "missed heartbeats")
+            actions += self._remove_worker(worker.routing_id, now, Removal.MISSED_HEARTBEATS, "missed heartbeats")
         # Heartbeats only show that a worker's process is there, not that it works: one that holds
         # requests and reports no progress on them (a hung GPU, or a peer that takes work and never
         # answers) would keep them until their deadlines. It is removed like a dead one and told so.
         stuck = self.stuck_workers(now)
         for worker in stuck:
             self.counters.workers_stuck += 1
-            actions += self._remove_worker(worker.routing_id, now, "made no progress")
+            actions += self._remove_worker(worker.routing_id, now, Removal.NO_PROGRESS, "made no progress")
             actions.append(ToWorker(worker.routing_id, Disconnect(
                 f"no progress on the requests it held for {self.policy.progress_timeout_s:g}s: "
                 f"declared stuck, its requests went to other workers")))
@@ -509,8 +616,7 @@ class BrokerState:
             busy = "all busy" if self.accepting_workers() else "none accepting work"
             return (f"{deadline} while it was still queued at the broker (position {position} of {len(self.queue)}; "
                     f"{len(self.workers)} workers, {busy})")
-        worker = self.workers.get(record.worker)
-        name = worker.info.worker_name if worker is not None else record.worker.hex()[:8]
+        name = self._worker_name(record.worker)
         if record.step is None:
             return f"{deadline} while it was still queued at worker {name}"
         return f"{deadline} while it was being generated on worker {name} (step {record.step} of {record.steps})"
@@ -560,7 +666,7 @@ class BrokerState:
             # (86400 s) as malformed, so the request would sit there unanswered until its deadline.
             remaining_s = min(record.message.deadline_s,
                               max(0.0, record.received_at + record.message.deadline_s - now))
-            actions.append(ToWorker(chosen, replace(record.message, deadline_s=remaining_s)))
+            actions.append(ToWorker(chosen, replace(record.message, deadline_s=remaining_s), worker.info.worker_name))
         return actions
 
     def _candidates(self, now: float) -> list[Candidate]:
@@ -647,10 +753,15 @@ class BrokerState:
         self.counters.requests_failed += 1
         return ToClient(record.client_id, Failure(request_id, code.value, text), record.message.label)
 
-    def _remove_worker(self, routing_id: bytes, now: float, why: str) -> list[Action]:
+    def _remove_worker(self, routing_id: bytes, now: float, why: Removal, lost_text: str,
+                       reason: str = "") -> list[Action]:
+        """Forget the worker and requeue what it held, at the front; a request already dispatched
+        ``max_attempts`` times fails with worker_lost instead, ``lost_text`` saying how its last
+        worker went."""
         worker = self.workers.pop(routing_id)
-        self.retired[(worker.info.worker_name, worker.info.pid)] = worker.status
-        actions: list[Action] = []
+        name = worker.info.worker_name
+        self.retired[(name, worker.info.pid)] = worker.status
+        actions: list[Action] = [WorkerRemoved(name, why, reason)]
         # Requeue at the front, oldest first, so they keep their place ahead of newer arrivals.
         # Sorted from self.requests (submission order), not the in_flight set, so ties keep their order.
         held = sorted((rid for rid in self.requests if rid in worker.in_flight),
@@ -660,11 +771,17 @@ class BrokerState:
             record.worker, record.dispatched_at = None, None
             if record.attempts >= self.policy.max_attempts:
                 actions.append(self._fail(request_id, FailureCode.WORKER_LOST,
-                                          f"{record.attempts} workers failed to finish it (last: {why})"))
+                                          f"{record.attempts} workers failed to finish it (last: {lost_text})"))
                 continue
             self.queue.appendleft(request_id)
             self.counters.requeued += 1
+            actions.append(Requeued(request_id, record.message.label, name, why))
         return actions
+
+    def _worker_name(self, routing_id: bytes) -> str:
+        """The registered worker's name, or the connection id (hex) for the log when none is."""
+        worker = self.workers.get(routing_id)
+        return worker.info.worker_name if worker is not None else routing_id.hex()[:8]
 
     def current_queue_depth(self) -> int:
         """Requests accepted and not yet in a running batch: the broker's queue plus each worker's."""

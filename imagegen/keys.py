@@ -49,10 +49,6 @@ def authorized_keys(directory: str | Path) -> dict[bytes, str]:
     return keys
 
 
-def name_allowed(worker_name: str, stem: str) -> bool:
-    return worker_name == stem or worker_name.startswith(stem + "-")
-
-
 def load_secret(path: str | Path) -> tuple[bytes, bytes]:
     """(public, secret) from a ``.key_secret`` file; raises ValueError naming the file if it has no secret."""
     public, secret = zmq.auth.load_certificate(path)

@@ -5,14 +5,30 @@ No sockets and no sleeping: every call takes ``now`` from a fake clock (plain fl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from broker.balancing import Balancer, Candidate
-from broker.state import BrokerPolicy, BrokerState, ToClient, ToWorker
+from broker.registration import registration_refusal
+from broker.state import (
+    BrokerPolicy,
+    BrokerState,
+    Cancelled,
+    Registered,
+    RegistrationRefused,
+    Removal,
+    Requeued,
+    SenderRefused,
+    ToClient,
+    ToWorker,
+    WorkerRemoved,
+)
 from broker.stats import build_stats
 from gpu_worker.batcher import BatchKey
 from imagegen import protocol
 from imagegen.protocol import (
+    PROTOCOL_VERSION,
     WORKER_LINK,
     BatchingConfig,
     Disconnect,
@@ -71,6 +87,11 @@ def state(**policy) -> BrokerState:
     return BrokerState(BrokerPolicy(**policy), epoch="epoch-1")
 
 
+def sent(actions) -> list:
+    """The actions that send a message (ToWorker, ToClient), without the events that only say what happened."""
+    return [a for a in actions if isinstance(a, (ToWorker, ToClient))]
+
+
 def dispatched(actions) -> list[tuple[bytes, str]]:
     """(worker routing id, request id) of every Generate sent to a worker, in order."""
     return [(a.routing_id, a.message.request_id) for a in actions
@@ -110,7 +131,7 @@ def test_resubmitting_a_held_request_is_ignored():
 def test_registration_answers_welcome_and_dispatches_queued_work():
     s = state(heartbeat_interval_s=2.0)
     submit_all(s, ["r1", "r2"])
-    actions = s.register(W1, reg(), T0 + 1)
+    actions = sent(s.register(W1, reg(), T0 + 1))
     assert actions[0] == ToWorker(W1, Welcome("epoch-1", 2.0))
     assert dispatched(actions) == [(W1, "r1"), (W1, "r2")]
     assert not s.queue
@@ -385,7 +406,7 @@ def test_expire_requeues_in_flight_work_at_the_front_oldest_first():
     s.submit(CLIENT, gen("old2"), T0 + 0.5)
     s.submit(CLIENT, gen("new1"), T0 + 1.0)  # waits: W1 is full
     assert list(s.queue) == ["new1"]
-    assert s.expire(T0 + 6) == []  # nobody to hand the work to
+    assert sent(s.expire(T0 + 6)) == []  # nobody to hand the work to
     assert W1 not in s.workers
     assert list(s.queue) == ["old1", "old2", "new1"]
     assert s.counters.requeued == 2 and s.counters.workers_expired == 1
@@ -418,7 +439,7 @@ def test_request_fails_with_worker_lost_after_max_attempts():
     s.submit(CLIENT, gen("r1"), T0)
     s.register(W2, reg("w2"), T0 + 1.5)
     assert dispatched(s.expire(T0 + 1.5)) == [(W2, "r1")]  # attempt 2
-    actions = s.expire(T0 + 3.0)  # W2 dies too
+    actions = sent(s.expire(T0 + 3.0))  # W2 dies too
     assert failures(actions) == [("r1", "worker_lost")]
     assert actions[0].client_id == CLIENT
     assert "r1" not in s.requests and not s.queue
@@ -429,7 +450,7 @@ def test_disconnect_requeues_what_the_worker_held():
     s = state()
     s.register(W1, reg("w1"), T0)
     submit_all(s, ["a", "b"])
-    assert s.disconnect(W1, T0 + 1) == []
+    assert sent(s.disconnect(W1, T0 + 1)) == []
     assert W1 not in s.workers
     assert list(s.queue) == ["a", "b"]
     assert s.requests["a"].worker is None
@@ -794,7 +815,7 @@ def test_a_live_workers_name_is_not_taken_by_another_connection():
     s = state(heartbeat_interval_s=1.0, liveness=5)
     s.register(W1, reg("gpu0"), T0)
     s.submit(CLIENT, gen("r1"), T0)
-    actions = s.register(W2, reg("gpu0", pid=666), T0 + 4.9)  # an intruder, or a restart too early
+    actions = sent(s.register(W2, reg("gpu0", pid=666), T0 + 4.9))  # an intruder, or a restart too early
     assert [(a.routing_id, type(a.message)) for a in actions] == [(W2, Disconnect)]
     assert "live worker" in actions[0].message.reason and "WORKER_NAME" in actions[0].message.reason
     assert set(s.workers) == {W1} and s.workers[W1].in_flight == {"r1"}
@@ -805,9 +826,9 @@ def test_a_live_workers_name_is_not_taken_by_another_connection():
 def test_a_different_key_does_not_take_a_live_workers_name():
     s = state()
     s.register(W1, reg("gpu0"), T0, key=b"key-a")
-    actions = s.register(W2, reg("gpu0"), T0 + 1, key=b"key-b")
+    actions = sent(s.register(W2, reg("gpu0"), T0 + 1, key=b"key-b"))
     assert isinstance(actions[0].message, Disconnect) and set(s.workers) == {W1}
-    actions = s.register(W2, reg("gpu0"), T0 + 1, key=None)
+    actions = sent(s.register(W2, reg("gpu0"), T0 + 1, key=None))
     assert isinstance(actions[0].message, Disconnect) and set(s.workers) == {W1}
 
 
@@ -817,7 +838,7 @@ def test_a_restarted_worker_is_admitted_once_the_old_record_has_expired():
     s = state(heartbeat_interval_s=1.0, liveness=5)
     s.register(W1, reg("gpu0", pid=1), T0)
     s.submit(CLIENT, gen("r1"), T0)
-    assert isinstance(s.register(W2, reg("gpu0", pid=2), T0 + 1)[0].message, Disconnect)
+    assert isinstance(sent(s.register(W2, reg("gpu0", pid=2), T0 + 1))[0].message, Disconnect)
     actions = s.register(W2, reg("gpu0", pid=2), T0 + 5.5)  # the link's retry; W1 silent 5.5 s > 5 s
     assert W1 not in s.workers and W2 in s.workers
     assert dispatched(actions) == [(W2, "r1")]
@@ -827,7 +848,7 @@ def test_a_worker_that_said_goodbye_frees_its_name_at_once():
     s = state()
     s.register(W1, reg("gpu0", pid=1), T0)
     s.disconnect(W1, T0 + 0.1)
-    actions = s.register(W2, reg("gpu0", pid=2), T0 + 0.2)
+    actions = sent(s.register(W2, reg("gpu0", pid=2), T0 + 0.2))
     assert isinstance(actions[0].message, Welcome) and set(s.workers) == {W2}
 
 
@@ -836,13 +857,13 @@ def test_messages_from_a_connection_that_is_no_worker_are_refused():
     s.register(W1, reg("w1"), T0)
     s.submit(CLIENT, gen("r1"), T0)
     for message in (hb(), res("r1"), Failure("r1", "internal", "x"), Progress("r1", 1, 2)):
-        actions = s.check_sender(b"stranger", None, message, T0)
+        actions = sent(s.check_sender(b"stranger", None, message, T0))
         assert [(a.routing_id, type(a.message)) for a in actions] == [(b"stranger", Disconnect)]
         # and the state's own entry points refuse it too
         handler = {Heartbeat: s.heartbeat, Result: s.result, Failure: s.failure, Progress: s.progress}[type(message)]
         actions = handler(b"stranger", message, T0)
         assert [(a.routing_id, type(a.message)) for a in actions] == [(b"stranger", Disconnect)]
-    assert s.check_sender(b"stranger", None, Disconnect("bye"), T0) == []  # a goodbye is just dropped
+    assert sent(s.check_sender(b"stranger", None, Disconnect("bye"), T0)) == []  # a goodbye is just dropped
     assert s.check_sender(W1, None, hb(), T0) is None
     assert s.counters.unregistered_messages == 5
     assert s.workers[W1].in_flight == {"r1"} and s.counters.requests_completed == 0
@@ -877,7 +898,7 @@ def test_a_message_under_another_key_than_the_workers_removes_the_worker():
     actions = s.check_sender(holder.routing_id, b"key-intruder", res("a"), T0 + 1)
     assert holder.routing_id not in s.workers and s.counters.wrong_key_messages == 1
     assert dispatched(actions) == [(other, "a")]
-    assert (holder.routing_id, Disconnect) in [(a.routing_id, type(a.message)) for a in actions]
+    assert (holder.routing_id, Disconnect) in [(a.routing_id, type(a.message)) for a in sent(actions)]
     assert s.check_sender(other, s.workers[other].key, hb(), T0 + 1) is None
 
 
@@ -903,7 +924,7 @@ def test_a_worker_holding_requests_without_progress_is_declared_stuck_and_its_wo
     actions = s.expire(T0 + 70.5)  # 60.5 s since W1 got its first request
     assert W1 not in s.workers and s.counters.workers_stuck == 1 and s.counters.workers_expired == 0
     assert dispatched(actions) == [(W2, "a"), (W2, "b")]
-    told = [a for a in actions if a.routing_id == W1]
+    told = [a for a in sent(actions) if a.routing_id == W1]
     assert len(told) == 1 and isinstance(told[0].message, Disconnect) and "stuck" in told[0].message.reason
 
 
@@ -964,3 +985,146 @@ def test_failing_everything_at_shutdown_answers_each_client_and_cancels_each_hel
     cancels = [(a.routing_id, a.message.request_id) for a in actions
                if isinstance(a, ToWorker) and isinstance(a.message, protocol.Cancel)]
     assert cancels == [(W1, "held")] and not s.requests
+
+
+# ------------------------------------------------------------------ what happened, for the broker's log
+
+
+def events(actions, kind) -> list:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def test_a_worker_that_leaves_is_reported_before_each_request_taken_back_from_it():
+    s = state()
+    s.register(W1, reg("gpu0", capacity=2), T0)
+    s.submit(CLIENT, replace(gen("a"), label="client-a"), T0)
+    s.submit(CLIENT, gen("b"), T0 + 0.1)
+    actions = s.disconnect(W1, T0 + 1, Removal.LEFT, "worker shutting down")
+    assert actions[0] == WorkerRemoved("gpu0", Removal.LEFT, "worker shutting down")
+    assert sorted(events(actions, Requeued), key=lambda e: e.request_id) == [
+        Requeued("a", "client-a", "gpu0", Removal.LEFT), Requeued("b", "", "gpu0", Removal.LEFT)]
+
+
+def test_a_worker_the_shell_could_not_reach_is_reported_unreachable():
+    s = state()
+    s.register(W1, reg("gpu0"), T0)
+    s.submit(CLIENT, gen("a"), T0)
+    actions = s.disconnect(W1, T0 + 1, Removal.UNREACHABLE)
+    assert events(actions, WorkerRemoved) == [WorkerRemoved("gpu0", Removal.UNREACHABLE)]
+    assert events(actions, Requeued) == [Requeued("a", "", "gpu0", Removal.UNREACHABLE)]
+
+
+def test_expiry_tells_a_silent_worker_from_a_stuck_one():
+    s = state(heartbeat_interval_s=1.0, liveness=5, progress_timeout_s=60.0)
+    s.register(W1, reg("silent", capacity=1), T0)
+    s.submit(CLIENT, gen("a"), T0)
+    s.register(W2, reg("stuck", capacity=1), T0)
+    s.submit(CLIENT, gen("b"), T0)
+    assert s.workers[W1].in_flight == {"a"} and s.workers[W2].in_flight == {"b"}
+    removed, requeued = [], []
+    for t in range(1, 62):
+        s.heartbeat(W2, hb(running=1), T0 + t)  # alive, never a word on its request
+        if t < 5:
+            s.heartbeat(W1, hb(running=1), T0 + t)
+        actions = s.expire(T0 + t)
+        removed += [(t, e) for e in events(actions, WorkerRemoved)]
+        requeued += [(t, e) for e in events(actions, Requeued)]
+    assert removed == [(10, WorkerRemoved("silent", Removal.MISSED_HEARTBEATS)),  # silent since T0 + 4
+                       (61, WorkerRemoved("stuck", Removal.NO_PROGRESS))]  # 61 s since it got "b"
+    assert requeued == [(10, Requeued("a", "", "silent", Removal.MISSED_HEARTBEATS)),
+                        (61, Requeued("b", "", "stuck", Removal.NO_PROGRESS))]
+
+
+def test_a_request_failed_after_its_last_attempt_is_not_reported_requeued():
+    s = state(heartbeat_interval_s=1.0, liveness=1, max_attempts=1)
+    s.register(W1, reg("w1"), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    actions = s.expire(T0 + 1.5)
+    assert events(actions, WorkerRemoved) == [WorkerRemoved("w1", Removal.MISSED_HEARTBEATS)]
+    assert events(actions, Requeued) == [] and failures(actions) == [("r1", "worker_lost")]
+
+
+def test_a_registration_reports_the_requests_it_takes_back_from_the_old_record():
+    s = state()
+    s.register(W1, reg("gpu0"), T0, key=b"key-a")
+    s.submit(CLIENT, gen("r1"), T0)
+    actions = s.register(W2, reg("gpu0", pid=2000), T0 + 1, key=b"key-a")
+    assert actions[:2] == [WorkerRemoved("gpu0", Removal.REGISTERED_AGAIN),
+                           Requeued("r1", "", "gpu0", Removal.REGISTERED_AGAIN)]
+    assert events(actions, Registered) == [Registered(reg("gpu0", pid=2000))]
+
+
+def test_a_refused_registration_is_counted_and_says_why():
+    s = state()
+    s.register(W1, reg("gpu0"), T0)
+    actions = s.register(W2, reg("gpu0", pid=666), T0 + 1)  # a live worker's name
+    [refused] = events(actions, RegistrationRefused)
+    assert refused.worker_name == "gpu0" and "live worker" in refused.reason
+    assert sent(actions) == [ToWorker(W2, Disconnect(refused.reason))] and not events(actions, Registered)
+    old = replace(reg("w2"), protocol_version=PROTOCOL_VERSION + 1)
+    [refused] = events(s.register(W2, old, T0 + 1), RegistrationRefused)
+    assert f"protocol version {PROTOCOL_VERSION + 1} is not {PROTOCOL_VERSION}" in refused.reason
+    assert s.counters.registrations_refused == 2 and set(s.workers) == {W1}
+
+
+def test_a_key_registers_only_the_names_its_key_file_admits():
+    authorized = {b"key-a": "gpu-host-1"}
+    s = state()
+    for name in ("gpu-host-1", "gpu-host-1-gpu0"):
+        assert events(s.register(W1, reg(name), T0, key=b"key-a", authorized_keys=authorized), Registered)
+    actions = s.register(W2, reg("gpu-host-2-gpu0"), T0, key=b"key-a", authorized_keys=authorized)
+    assert events(actions, RegistrationRefused) == [RegistrationRefused(
+        "gpu-host-2-gpu0", "key 'gpu-host-1' may not register as 'gpu-host-2-gpu0': "
+                           "name the worker after its key file (NAME or NAME-...)")]
+    [refused] = events(s.register(W2, reg("gpu-host-9"), T0, key=b"key-z", authorized_keys=authorized),
+                       RegistrationRefused)
+    assert refused.reason.startswith("key 'key-z' may not register")
+    assert s.counters.registrations_refused == 2 and set(s.workers) == {W1}
+    assert registration_refusal(reg("anything"), None, None) is None  # no authentication: any name
+
+
+def test_a_worker_whose_key_was_revoked_is_removed_and_told():
+    s = state()
+    s.register(W1, reg("gpu-host-1-gpu0"), T0, key=b"key-a")
+    s.register(W2, reg("gpu-host-2-gpu0"), T0, key=b"key-b")
+    s.register(W3, reg("local"), T0)  # no key: not under CurveZMQ, never revoked
+    s.submit(CLIENT, gen("r1"), T0)
+    holder = next(w for w in s.workers.values() if w.in_flight)
+    assert s.revoke_keys({b"key-a": "gpu-host-1", b"key-b": "gpu-host-2"}, T0 + 1) == []
+    actions = s.revoke_keys({b"key-b": "gpu-host-2"}, T0 + 1)
+    assert set(s.workers) == {W2, W3}
+    assert events(actions, WorkerRemoved) == [WorkerRemoved("gpu-host-1-gpu0", Removal.KEY_REVOKED)]
+    assert (W1, Disconnect("this worker's key is no longer authorized")) in [
+        (a.routing_id, a.message) for a in sent(actions)]
+    if holder.routing_id == W1:
+        assert events(actions, Requeued) == [Requeued("r1", "", "gpu-host-1-gpu0", Removal.KEY_REVOKED)]
+
+
+def test_a_cancel_reports_where_the_request_was():
+    s = state()
+    s.register(W1, reg("gpu0", capacity=1), T0)
+    s.submit(CLIENT, replace(gen("held"), label="lbl"), T0)
+    s.submit(CLIENT, gen("queued"), T0)
+    s.progress(W1, Progress("held", 3, 25), T0 + 1)
+    assert events(s.cancel(CLIENT, protocol.Cancel("queued"), T0 + 2), Cancelled) == [Cancelled("queued", "", None)]
+    actions = s.cancel(CLIENT, protocol.Cancel("held"), T0 + 2)
+    assert actions[0] == Cancelled("held", "lbl", "gpu0", 3, 25)
+    assert sent(actions) == [ToWorker(W1, protocol.Cancel("held"))]
+    assert s.cancel(CLIENT, protocol.Cancel("held"), T0 + 3) == []  # already gone: nothing happened
+
+
+def test_a_refused_sender_is_reported_with_the_worker_it_claims_to_be():
+    s = state()
+    s.register(W1, reg("gpu0"), T0, key=b"key-a")
+    assert events(s.check_sender(b"\x01\x02", None, hb(), T0), SenderRefused) == [
+        SenderRefused("Heartbeat", "0102", wrong_key=False)]
+    actions = s.check_sender(W1, b"key-intruder", hb(), T0)
+    assert actions[:2] == [SenderRefused("Heartbeat", "gpu0", wrong_key=True),
+                           WorkerRemoved("gpu0", Removal.KEY_CHANGED)]
+
+
+def test_a_dispatch_names_its_worker_for_the_log():
+    s = state()
+    s.register(W1, reg("gpu0"), T0)
+    [dispatch] = s.submit(CLIENT, gen("r1"), T0)
+    assert dispatch.worker_name == "gpu0"

@@ -168,7 +168,7 @@ async def test_a_key_removal_read_first_by_a_handshake_still_disconnects_its_wor
     server = BrokerServer(settings)
     try:
         routing_id, key = b"\x00worker", zmq.auth.load_certificate(authorized / "gpu-host-1.key")[0]
-        server._register(routing_id, register("gpu-host-1-gpu0"), server.clock(), key.decode())
+        server.state.register(routing_id, register("gpu-host-1-gpu0"), server.clock(), key, server.allow_list.keys)
         server._disconnect_revoked_workers()
         assert list(server.state.workers) == [routing_id]  # its key is there: it stays
 
