@@ -13,12 +13,13 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
+from gateway.answers import IMAGE_ROUTE, ErrorAnswer, broker_failure_answer, broker_silent_answer
+from gateway.answers import has_requested_size, image_url, keep_image, storage_answer, wrong_size_answer
 from gateway.auth import api_key_middleware, load_api_keys
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.config import GatewaySettings
-from gateway.context import BODY_STALLED, BROKER, FAILURE_STATUS, IMAGES, METRICS, SETTINGS, read_json_body
-from gateway.context import broker_silent_text, retry_after_s
-from gateway.images import ImageStore, StorageUnavailable, new_image_id, png_size
+from gateway.context import BODY_STALLED, BROKER, IMAGES, METRICS, SETTINGS, read_json_body
+from gateway.images import ImageStore, StorageUnavailable, png_size
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import OUTCOME, GatewayMetrics, metrics_middleware
 from gateway.openapi import openapi_handler
@@ -43,6 +44,11 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     response = web.json_response(body, status=status, headers=headers)
     response[OUTCOME] = code  # the outcome label of imagegen_gateway_http_requests_total
     return response
+
+
+def answer_error(answer: ErrorAnswer) -> web.Response:
+    """A generate error (gateway/answers.py) in this route's shape."""
+    return error_response(answer.status, answer.code, answer.message, headers=answer.headers())
 
 
 @web.middleware
@@ -123,37 +129,29 @@ async def _generate(request: web.Request, request_id: str, label: str, started: 
                                                                  label=label)
             stage_trace.stage("gateway_got_result", request_id)
     except BrokerFailure as exc:
-        return _failure_response(exc, settings)
+        return answer_error(broker_failure_answer(exc, settings))
     except asyncio.TimeoutError:
-        return error_response(504, "timeout", broker_silent_text(settings))
+        return answer_error(broker_silent_answer(settings))
     request.app[METRICS].observe_result(result)
-    if png_size(png) != (parsed.params.width, parsed.params.height):
+    if not has_requested_size(png, params):
         log.error("request %s: worker %s sent an image of size %s, expected %dx%d", request_id,
-                  result.worker_name, png_size(png), parsed.params.width, parsed.params.height,
+                  result.worker_name, png_size(png), params.width, params.height,
                   extra={"request_id": request_id})
-        return error_response(502, "bad_worker_output", "the worker returned an image of the wrong size")
-    image_id = new_image_id()
+        return answer_error(wrong_size_answer("the worker"))
     try:
-        await asyncio.get_running_loop().run_in_executor(None, request.app[IMAGES].save, image_id, png)
+        image_id = await keep_image(request, png)
     except StorageUnavailable as exc:
-        return error_response(503, "storage_unavailable", str(exc), headers={"Retry-After": str(settings.retry_after_s)})
+        return answer_error(storage_answer(exc, settings))
     stage_trace.stage("gateway_saved_image", request_id)
     return web.json_response(_success_body(request, parsed, result, image_id, started))
 
 
-def _failure_response(exc: BrokerFailure, settings: GatewaySettings) -> web.Response:
-    status = FAILURE_STATUS.get(exc.code, 500)
-    headers = {"Retry-After": str(retry_after_s(exc, settings))} if status == 503 else None
-    return error_response(status, exc.code, exc.message, headers=headers)
-
-
 def _success_body(request: web.Request, parsed: GenerateRequest, result: Result, image_id: str,
                   started: float) -> dict[str, Any]:
-    base = request.app[SETTINGS].public_base_url or str(request.url.origin())
     params = parsed.params
     return {
         "image_id": image_id,
-        "image_url": f"{base.rstrip('/')}/images/{image_id}.png",
+        "image_url": image_url(request, image_id),
         "duration_ms": round((time.perf_counter() - started) * 1000.0, 1),
         "game_id": parsed.game_id,
         "round_id": parsed.round_id,
@@ -262,7 +260,7 @@ def create_app(settings: GatewaySettings, broker_client: Any = None) -> web.Appl
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/images/{name}", image)
+    app.router.add_get(IMAGE_ROUTE, image)
     app.router.add_get("/openapi.json", openapi_handler)
     app.router.add_post("/v1/images/generations", images_generations)
     app.router.add_get("/", index_page)

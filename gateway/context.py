@@ -1,58 +1,29 @@
-"""What the gateway's request handlers share: the application's keys, how broker failures map to
-HTTP statuses, and reading a bounded JSON body. Handler modules (app.py, openai_api.py, openapi.py)
-import it, so none of them needs to import another."""
+"""What the gateway's request handlers share: the application's keys and reading a bounded JSON
+body. Handler modules (app.py, openai_api.py, openapi.py) import it, so none of them needs to
+import another; what the generate routes answer (errors, the kept image) is gateway/answers.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 from typing import Any
 
 from aiohttp import web
 
-from gateway.broker_client import BROKER_ANSWER_GRACE_S, BrokerClient
+from gateway.broker_client import BrokerClient
 from gateway.config import GatewaySettings
 from gateway.images import ImageStore
 from gateway.metrics import GatewayMetrics
 from gateway.validation import FieldError
-from imagegen.protocol import FailureCode
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
 BROKER = web.AppKey("broker", BrokerClient)
 IMAGES = web.AppKey("images", ImageStore)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 
-# How a broker-side failure reaches the HTTP client.
-FAILURE_STATUS = {
-    FailureCode.OVERLOADED.value: 503,
-    FailureCode.WORKER_LOST.value: 503,
-    FailureCode.SHUTTING_DOWN.value: 503,
-    FailureCode.BROKER_RESTARTED.value: 503,
-    FailureCode.INVALID_REQUEST.value: 400,
-    FailureCode.TOO_COSTLY.value: 400,
-    FailureCode.DEADLINE_EXCEEDED.value: 504,
-    FailureCode.GENERATION_FAILED.value: 500,
-}
-
-
 # Set on a request whose body stopped arriving: its answer (408) is the connection's last
 # (app.py's close_stalled_connections closes it once the answer is written).
 BODY_STALLED = web.RequestKey("body_stalled", bool)
-
-
-def retry_after_s(exc: Any, settings: GatewaySettings) -> int:
-    """Seconds for a 503's Retry-After: the broker's estimate when it gave one, else RETRY_AFTER_S."""
-    estimate = getattr(exc, "retry_after_s", 0.0)
-    return max(1, math.ceil(estimate)) if estimate > 0 else settings.retry_after_s
-
-
-def broker_silent_text(settings: GatewaySettings) -> str:
-    """The 504 message when not even the broker answered in time (it answers deadline_exceeded itself,
-    saying where the request was, just before REQUEST_TIMEOUT_S)."""
-    return (f"no answer within REQUEST_TIMEOUT_S={settings.request_timeout_s:g}s: the broker did not answer "
-            f"(not even with where the request was) within {BROKER_ANSWER_GRACE_S:g}s more; it may be down "
-            "or overloaded")
 
 
 async def read_json_body(request: web.Request, max_bytes: int, timeout_s: float | None = None) -> Any:

@@ -39,11 +39,12 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.answers import ErrorAnswer, broker_failure_answer, broker_silent_answer, has_requested_size
+from gateway.answers import image_url, keep_image, storage_answer, wrong_size_answer
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
-from gateway.context import BROKER, FAILURE_STATUS, IMAGES, METRICS, SETTINGS, read_json_body
-from gateway.context import broker_silent_text, retry_after_s
-from gateway.images import StorageUnavailable, new_image_id, png_size
+from gateway.context import BROKER, METRICS, SETTINGS, read_json_body
+from gateway.images import StorageUnavailable
 from gateway.request_ids import new_request_id, request_label_of
 from gateway.validation import FieldError, parse_generate_request
 from imagegen.bounds import IMAGE_SIDE_MULTIPLE, MAX_IMAGES_PER_REQUEST, PICKED_SEED_LIMIT, WIRE
@@ -77,6 +78,11 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
+
+
+def answer_openai_error(answer: ErrorAnswer) -> web.Response:
+    """A generate error (gateway/answers.py) in OpenAI's shape: its code is OpenAI's ``code``."""
+    return openai_error(answer.status, answer.message, code=answer.code, headers=answer.headers())
 
 
 def parse_images_request(body: Any, settings: GatewaySettings, rng: random.Random | None = None) -> ImagesRequest:
@@ -169,20 +175,17 @@ async def images_generations(request: web.Request) -> web.Response:
         made = await generate_all(request.app[BROKER], parsed.images, settings.request_timeout_s,
                                   request_label_of(request))
     except BrokerFailure as exc:
-        status = FAILURE_STATUS.get(exc.code, 500)
-        headers = {"Retry-After": str(retry_after_s(exc, settings))} if status == 503 else None
-        return openai_error(status, exc.message, code=exc.code, headers=headers)
+        return answer_openai_error(broker_failure_answer(exc, settings))
     except asyncio.TimeoutError:
-        return openai_error(504, broker_silent_text(settings), code="timeout")
+        return answer_openai_error(broker_silent_answer(settings))
     for result, _ in made:
         request.app[METRICS].observe_result(result)
-    if any(png_size(png) != (p.width, p.height) for p, (_, png) in zip(parsed.images, made)):
-        return openai_error(502, "a worker returned an image of the wrong size", code="bad_worker_output")
+    if not all(has_requested_size(png, params) for params, (_, png) in zip(parsed.images, made)):
+        return answer_openai_error(wrong_size_answer("a worker"))
     try:
         data = [await _image_entry(request, parsed.response_format, png) for _, png in made]
     except StorageUnavailable as exc:
-        return openai_error(503, str(exc), code="storage_unavailable",
-                            headers={"Retry-After": str(settings.retry_after_s)})
+        return answer_openai_error(storage_answer(exc, settings))
     return web.json_response({"created": int(time.time()), "data": data})
 
 
@@ -190,10 +193,7 @@ async def _image_entry(request: web.Request, response_format: str, png: bytes) -
     """One item of the answer's ``data``: the PNG inline, or stored and its URL."""
     if response_format == "b64_json":
         return {"b64_json": base64.b64encode(png).decode("ascii")}
-    image_id = new_image_id()
-    await asyncio.get_running_loop().run_in_executor(None, request.app[IMAGES].save, image_id, png)
-    base = request.app[SETTINGS].public_base_url or str(request.url.origin())
-    return {"url": f"{base.rstrip('/')}/images/{image_id}.png"}
+    return {"url": image_url(request, await keep_image(request, png))}
 
 
 # --------------------------------------------------------------------------- OpenAPI description

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.answers import IMAGE_ROUTE
 from gateway.config import GatewaySettings
 from gateway.context import SETTINGS
 from gateway.openai_api import openapi_paths as openai_paths, openapi_schemas as openai_schemas
@@ -284,7 +285,7 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                     },
                 },
             },
-            "/images/{name}": {
+            IMAGE_ROUTE: {
                 "get": {
                     "operationId": "image",
                     "summary": "A generated image",
