@@ -1,4 +1,12 @@
-"""The GPU worker's shell: the broker link, the pure :class:`Batcher`, and the pipeline.
+"""The GPU worker's shell: the broker link, the GPU thread, PNG encoding and delivery.
+
+Every decision is :class:`gpu_worker.worker_state.WorkerState`'s, a pure object told each event
+with ``now`` from the worker's one injected clock: what is queued (the batching policy, a
+:class:`gpu_worker.batcher.BatchPolicy`) and until when, which batch runs next, which rows of the
+running batch nobody waits for any more, what a stopped or failed batch leaves, the limits after an
+out-of-memory error, and when to look again. This shell carries out the actions it returns
+(:data:`gpu_worker.worker_state.Action`: send a FAILURE, abandon a row, stop the running batch, a
+log line) and moves the bytes.
 
 Tasks on one event-loop thread (only that thread touches the socket; pyzmq sockets are not
 thread-safe):
@@ -6,18 +14,19 @@ thread-safe):
 * the link (:mod:`gpu_worker.link`) registers, watches the broker's liveness and reconnects, and
   hands GENERATE and CANCEL messages to this worker;
 * the heartbeat task reports queue depth and counters every interval;
-* the batch loop asks the batcher for the next batch whenever the GPU is free, sleeping until
-  the batcher's next decision instant or the next arrival, drops requests whose deadline has
-  passed before they cost GPU time, and runs the pipeline in a dedicated thread (so heartbeats
-  flow while the GPU computes). A batch the batcher marks preemptible (a lone request started
-  instead of held, gpu_worker/preemption.py) is stopped at its next step boundary when a request
-  that could join it arrives in time; its request goes back to the queue and runs with the
-  newcomers. Every batch is also stopped at its next step boundary when rows nobody waits for any
-  more (a CANCEL from the broker, or the row's own deadline passing while it runs) make stopping
-  worth it (gpu_worker.preemption.abandon_decision): its wanted rows go back to the queue and run
-  again; otherwise it finishes and only the wanted rows' images are sent. While a batch runs, each
-  of its requests gets a PROGRESS message at its start (step 0) and then at most one every
-  PROGRESS_INTERVAL_S.
+* the batch loop takes the next batch from the state whenever the GPU is free, sleeping until its
+  next decision instant or the next arrival (queued requests past their deadline fail first, before
+  they cost GPU time), and runs the pipeline in a dedicated thread (so heartbeats flow while the GPU
+  computes). A batch the batcher marks preemptible (a lone request started instead of held,
+  gpu_worker/preemption.py) is stopped at its next step boundary when a request that could join it
+  arrives in time; its request goes back to the queue and runs with the newcomers. Every batch is
+  also stopped at its next step boundary when rows nobody waits for any more (a CANCEL from the
+  broker, or the row's own deadline passing while it runs) make stopping worth it
+  (gpu_worker.preemption.abandon_decision): its wanted rows go back to the queue and run again;
+  otherwise it finishes and only the wanted rows' images are sent. The GPU thread learns of both
+  through the batch's :class:`gpu_worker.preemption.Preemption`, the one object it shares with the
+  event loop. While a batch runs, each of its requests gets a PROGRESS message at its start (step 0)
+  and then at most one every PROGRESS_INTERVAL_S.
 
 PNG encoding runs in its own thread pools and overlaps the GPU's work: a batch's images are handed
 over part by part as the VAE decodes them (gpu_worker.decoding), each part's PNGs are compressed
@@ -40,12 +49,21 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence
 
 from gpu_worker import png
-from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicy, BatchPolicyConfig
+from gpu_worker.batcher import Batch, BatchKey, BatchPolicy, BatchPolicyConfig
 from gpu_worker.pipelines import BatchSettings, GenerationJob
-from gpu_worker.preemption import AbandonDecision, BatchPreempted, Preemption, ProgressLimiter
+from gpu_worker.preemption import BatchPreempted, Preemption, ProgressLimiter
 from gpu_worker.stats import WorkerCounters
 from gpu_worker.link import BrokerLink
 from gpu_worker.oom import OnImages, OomSplittingBackend
+from gpu_worker.worker_state import (
+    AbandonRow,
+    Action,
+    LogNote,
+    Queued,
+    RequestPreemption,
+    SendFailure,
+    WorkerState,
+)
 from imagegen import stage_trace
 from imagegen.logs import request_fields, request_name
 from imagegen.sockets import CurveClientKeys
@@ -54,7 +72,6 @@ from imagegen.protocol import (
     Cancel,
     Disconnect,
     Failure,
-    FailureCode,
     Generate,
     Heartbeat,
     Progress,
@@ -68,10 +85,6 @@ DRAIN_TIMEOUT_S = 300.0
 # At most one PROGRESS message per running request this often (its first, step 0, always goes; the
 # last step is never reported: the RESULT follows it).
 PROGRESS_INTERVAL_S = 0.5
-# A running row past its deadline is dropped this long after it: the broker answers it first (its
-# answer says where the request was) and sends CANCEL, which stops it at once; this is the fallback
-# when no CANCEL comes (a broker of an older build, a lost message).
-RUNNING_DEADLINE_GRACE_S = 1.0
 # PNG encoding (gpu_worker/png.py, ISA-L) of one 1024x1024 image takes 1-6 ms of CPU on the GPU
 # hosts: encode a batch's images in parallel so delivery keeps up with the GPU, and split large
 # images (png.MIN_STRIPE_BYTES) into stripes on a second pool (a pool's thread never waits on its
@@ -204,19 +217,14 @@ class Worker:
         # A batch that runs out of GPU memory is split and retried in halves (gpu_worker/oom.py).
         self.backend = OomSplittingBackend(backend, on_oom=self._out_of_memory_in_gpu_thread)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.policy = policy
         self.capacity = capacity
         self.max_batch_size_auto = max_batch_size_auto
         self.clock = clock
-        # Any BatchPolicy decides the batches (gpu_worker/policies.py); the window rule is the default.
-        self.batcher: BatchPolicy[Generate] = batcher if batcher is not None else Batcher(policy)
-        self.deadlines: dict[str, float] = {}  # request id -> instant (our clock) its client gives up
+        # Every decision: the queue (any BatchPolicy, gpu_worker/policies.py; the window rule by
+        # default), deadlines, the running batch's rows.
+        self.decisions = WorkerState(policy, batcher)
         self.counters = WorkerCounters()
-        self.running_batch: Batch[Generate] | None = None  # the batch in the GPU thread (its status, an OOM report)
-        self.preemption: Preemption | None = None  # the running batch's stop signal
-        self.cancelled_while_running: set[str] = set()  # ids of the running batch nobody waits for any more
-        self.running_rows: dict[str, int] = {}  # request id -> its row in the running batch
-        self.running_deadlines: dict[str, float] = {}  # the running rows' deadlines (our clock)
+        self.preemption: Preemption | None = None  # the running batch's stop signal, shared with the GPU thread
         self.progress_limiter = ProgressLimiter(PROGRESS_INTERVAL_S, clock)
         self.state = "ready"
         self.arrival = asyncio.Event()
@@ -256,7 +264,7 @@ class Worker:
             batch_loop.cancel()
         if self.delivery_tasks:
             await asyncio.wait(self.delivery_tasks, timeout=DRAIN_TIMEOUT_S)
-        self.link.send(Disconnect(f"worker shutting down; {self.batcher.queue_depth} unstarted requests to requeue"))
+        self.link.send(Disconnect(f"worker shutting down; {self.decisions.queue_depth} unstarted requests to requeue"))
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
         self.gpu_thread.shutdown(wait=False, cancel_futures=True)
@@ -268,85 +276,73 @@ class Worker:
         """Called by OomSplittingBackend in the GPU thread: hand over to the event loop (with the
         running batch's key, which the loop set before handing the batch to this thread)."""
         if self.loop is not None:
-            running = self.running_batch
+            running = self.decisions.running_batch
             self.loop.call_soon_threadsafe(self.lower_max_batch_size, failed_size, succeeded_size,
                                            running.key if running is not None else None)
 
     def lower_max_batch_size(self, failed_size: int, succeeded_size: int, key: BatchKey | None = None) -> None:
-        """After an out-of-memory split: never form batches larger than what succeeded again (for
-        images of the failed batch's size: see BatchPolicyConfig.after_out_of_memory)."""
-        pixels = key.pixels if key is not None else None
-        new_size = self.batcher.lower_max_batch_size(succeeded_size, pixels)
-        self.policy = self.policy.after_out_of_memory(succeeded_size, pixels)  # what the registration reports
-        where = f" at {key.width}x{key.height}" if key is not None else ""
-        budget = (f" (pixel budget {self.policy.max_batch_pixels}: {key.width}x{key.height} batches of at most "
-                  f"{max(1, self.policy.max_batch_pixels // key.pixels)})"
-                  if key is not None and self.policy.max_batch_pixels is not None else "")
-        log.warning("out of GPU memory on a batch of %d%s: max batch size lowered to %d%s", failed_size, where,
-                    new_size, budget)
+        """After an out-of-memory split (WorkerState.out_of_memory decides the new limits)."""
+        self._execute([self.decisions.out_of_memory(failed_size, succeeded_size, key, self.clock())])
         self._send_status()
 
     # ------------------------------------------------------------------ broker link
 
     def _registration(self) -> Register:
-        return registration(self.identity, self.policy, self.capacity, self.max_batch_size_auto,
+        return registration(self.identity, self.decisions.policy, self.capacity, self.max_batch_size_auto,
                             self.seconds_per_work_unit)
 
     def _on_message(self, message: object) -> None:
         if isinstance(message, Generate):
-            self._accept(message)
+            stage_trace.stage("worker_got_request", message.request_id)
+            self._execute(self.decisions.accept(message, self.clock()))
         elif isinstance(message, Cancel):
-            if self.batcher.cancel(message.request_id):
-                self.deadlines.pop(message.request_id, None)
-                log.info("request %s cancelled before its batch started", message.request_id,
-                         extra={"request_id": message.request_id})
-            elif message.request_id in self.running_rows:
-                self._abandon(message.request_id, "cancelled")
+            self._execute(self.decisions.cancel(message.request_id, self.clock()))
         else:
             log.warning("ignored unexpected %s from the broker", type(message).__name__)
 
-    def _abandon(self, request_id: str, why: str) -> None:
-        """Nobody waits for this running row any more: the batch decides at its next step whether to
-        stop (gpu_worker.preemption.abandon_decision); its image is never sent, nor is it requeued."""
-        if request_id in self.cancelled_while_running or self.preemption is None:
-            return
-        self.cancelled_while_running.add(request_id)
-        self.running_deadlines.pop(request_id, None)
-        self.preemption.abandon(self.running_rows[request_id])
-        log.info("request %s %s while its batch runs (step %d of %d): dropped from the batch", request_id, why,
-                 self.preemption.steps_done, self.preemption.steps, extra={"request_id": request_id})
-
     def _forget_queue(self, why: str) -> None:
         """The broker no longer counts on what we queued (it requeued it, or it restarted)."""
-        dropped = self.batcher.clear()
-        self.deadlines.clear()
-        log.warning("%s; dropped %d queued requests", why, dropped)
+        self._execute(self.decisions.forget_queue(why, self.clock()))
 
-    def _accept(self, message: Generate) -> None:
-        now = self.clock()
-        stage_trace.stage("worker_got_request", message.request_id)
-        key = BatchKey.of(message.params)
-        try:
-            self.batcher.add(message.request_id, key, message, now)
-        except ValueError:
-            return  # the broker resent a request we already hold: one answer will come
-        self.deadlines[message.request_id] = now + message.deadline_s
-        log.debug("request %s queued: %dx%d, %d steps", request_name(message.request_id, message.label),
-                  message.params.width, message.params.height, message.params.num_inference_steps,
-                  extra=request_fields(message.request_id, message.label))
-        self.counters.observe_queue_depth(self.batcher.queue_depth)
-        self._maybe_preempt(key, now)
+    def _execute(self, actions: Sequence[Action]) -> None:
+        """Carry out what WorkerState decided, in order."""
+        for action in actions:
+            if isinstance(action, SendFailure):
+                self.link.send(Failure(action.request_id, action.code.value, action.text))
+            elif isinstance(action, AbandonRow):
+                self._abandon_row(action)
+            elif isinstance(action, Queued):
+                self._queued(action.request)
+            elif isinstance(action, RequestPreemption):
+                self._request_preemption(action)
+            elif isinstance(action, LogNote):
+                log.log(action.level, action.text, exc_info=action.error, extra=dict(action.fields))
+            else:
+                raise TypeError(f"unknown worker action {action!r}")
+
+    def _queued(self, request: Generate) -> None:
+        params = request.params
+        log.debug("request %s queued: %dx%d, %d steps", request_name(request.request_id, request.label),
+                  params.width, params.height, params.num_inference_steps,
+                  extra=request_fields(request.request_id, request.label))
+        self.counters.observe_queue_depth(self.decisions.queue_depth)
         self.arrival.set()
 
-    def _maybe_preempt(self, key: BatchKey, now: float) -> None:
-        """Ask the running batch to stop at its next step if the batcher says this arrival should join it."""
-        running, preemption = self.running_batch, self.preemption
-        if (running is None or preemption is None or preemption.requested
-                or not self.batcher.should_preempt(running, key, now)):
+    def _request_preemption(self, action: RequestPreemption) -> None:
+        if self.preemption is None:
             return
-        preemption.request()
+        self.preemption.request()
         log.debug("a request that can join batch of %d arrived %.1f ms after it started: stopping it at its "
-                  "next step", len(running), (now - running.formed_at) * 1000.0)
+                  "next step", action.batch_size, action.since_formed_s * 1000.0)
+
+    def _abandon_row(self, action: AbandonRow) -> None:
+        """Hand the row to the GPU thread's stop signal, which decides at the next step."""
+        preemption = self.preemption
+        if preemption is None:
+            return
+        preemption.abandon(action.row)
+        log.info("request %s %s while its batch runs (step %d of %d): dropped from the batch", action.request_id,
+                 action.why, preemption.steps_done, preemption.steps, extra={"request_id": action.request_id})
 
     async def _heartbeat(self) -> None:
         while True:
@@ -355,57 +351,36 @@ class Worker:
                 self._send_status()
 
     def _send_status(self) -> None:
-        max_batch = self.batcher.config.max_batch_size
-        running = len(self.running_batch) if self.running_batch is not None else 0
-        status = self.counters.status(self.state, self.batcher.queue_depth, running)
-        self.link.send(Heartbeat(replace(status, max_batch_size=max_batch)))
+        status = self.counters.status(self.state, self.decisions.queue_depth, self.decisions.running_size)
+        self.link.send(Heartbeat(replace(status, max_batch_size=self.decisions.max_batch_size)))
 
     # ------------------------------------------------------------------ batches
 
     async def _batch_loop(self) -> None:
         while self.state != "draining":
-            self._drop_expired(self.clock())
-            batch = self.batcher.next_batch(self.clock())
+            self._execute(self.decisions.expire_queued(self.clock()))
+            batch = self.decisions.start_batch(self.clock())
             if batch is None:
                 await self._sleep_until_next_decision()
                 continue
-            self.running_deadlines = {p.request_id: self.deadlines.pop(p.request_id, float("inf"))
-                                      for p in batch.requests}
             await self._run(batch)
-
-    def _drop_expired(self, now: float) -> None:
-        """Answer deadline_exceeded for queued requests whose client has given up: no GPU for them."""
-        late = [rid for rid, deadline in self.deadlines.items() if deadline < now]
-        for request_id in late:
-            del self.deadlines[request_id]
-            if self.batcher.cancel(request_id):
-                log.info("request %s failed: its deadline passed while it waited for a batch", request_id,
-                         extra={"request_id": request_id})
-                self.link.send(Failure(request_id, FailureCode.DEADLINE_EXCEEDED.value,
-                                       "the request's deadline passed while it waited for a batch"))
-
-    def _drop_expired_running(self, now: float) -> None:
-        """Running rows whose deadline passed: nobody waits for them (the broker answers their client)."""
-        for request_id in [rid for rid, deadline in self.running_deadlines.items()
-                           if deadline + RUNNING_DEADLINE_GRACE_S < now]:
-            self._abandon(request_id, "passed its deadline")
-            self.link.send(Failure(request_id, FailureCode.DEADLINE_EXCEEDED.value,
-                                   "the request's deadline passed while it was being generated"))
 
     async def _await_batch(self, running: asyncio.Future) -> Any:
         """The GPU thread's answer; meanwhile, rows whose deadline passes are abandoned at once."""
         while True:
-            wake_at = min(self.running_deadlines.values(), default=float("inf")) + RUNNING_DEADLINE_GRACE_S
-            timeout = None if wake_at == float("inf") else max(0.0, wake_at - self.clock()) + 0.001
+            wake_at = self.decisions.next_wake_at(self.clock())
+            # Expiry is strictly after wake_at: look a millisecond past it.
+            timeout = None if wake_at is None else max(0.0, wake_at - self.clock()) + 0.001
             done, _ = await asyncio.wait([running], timeout=timeout)
             if done:
                 return running.result()
-            self._drop_expired_running(self.clock())
+            self._execute(self.decisions.expire_running(self.clock()))
 
-    def _progress_in_gpu_thread(self, request_ids: Sequence[str], step: int, steps: int) -> None:
+    def _progress_in_gpu_thread(self, request_ids: Sequence[str], unwanted_rows: frozenset[int], step: int,
+                                steps: int) -> None:
         """Called by the GPU thread before each step: hand the due PROGRESS messages to the event loop."""
-        due = [rid for rid in request_ids
-               if rid not in self.cancelled_while_running and self.progress_limiter.allow(rid)]
+        due = [rid for row, rid in enumerate(request_ids)
+               if row not in unwanted_rows and self.progress_limiter.allow(rid)]
         if due and self.loop is not None:
             self.loop.call_soon_threadsafe(self._send_progress, due, step, steps)
 
@@ -415,7 +390,7 @@ class Worker:
 
     async def _sleep_until_next_decision(self) -> None:
         self.arrival.clear()
-        wake_at = self.batcher.next_decision_at()
+        wake_at = self.decisions.next_wake_at(self.clock())
         timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
         try:
             await asyncio.wait_for(self.arrival.wait(), timeout)
@@ -429,49 +404,47 @@ class Worker:
         settings = BatchSettings(key.width, key.height, key.num_inference_steps, key.guidance_scale)
         self.batch_seq += 1
         batch_id = f"{self.identity.name}:{self.batch_seq}"
-        self.running_batch = batch
         request_ids = [p.request_id for p in batch.requests]
-        self.running_rows = {rid: index for index, rid in enumerate(request_ids)}
         steps = key.num_inference_steps
         # Every batch is stoppable at a step boundary: for newcomers while it is preemptible, and for
-        # rows nobody waits for any more until its last step.
-        self.preemption = Preemption(batch.preemptible_until, self.clock, rows=len(batch), steps=steps,
-                                     on_step=lambda step: self._progress_in_gpu_thread(request_ids, step, steps))
+        # rows nobody waits for any more until its last step. The GPU thread reads which rows those
+        # are from the stop signal itself (thread-safe), never from the event loop's state.
+        preemption = Preemption(batch.preemptible_until, self.clock, rows=len(batch), steps=steps,
+                                on_step=lambda step: self._progress_in_gpu_thread(request_ids, preemption.unwanted,
+                                                                                  step, steps))
+        self.preemption = preemption
         for pending in batch.requests:
             stage_trace.stage("worker_batch_started", pending.request_id)
         self._send_progress([rid for rid in request_ids if self.progress_limiter.allow(rid)], 0, steps)
         started = time.perf_counter()
         splits_before = self.backend.oom_splits
-        encodings = BatchEncodings(self.encoder_threads, self.stripe_threads, [p.request_id for p in batch.requests])
+        encodings = BatchEncodings(self.encoder_threads, self.stripe_threads, request_ids)
         try:
             running = asyncio.get_running_loop().run_in_executor(
-                self.gpu_thread, timed_call, self.backend.generate, jobs, settings, encodings.on_images_in_gpu_thread,
-                self.preemption)
+                self.gpu_thread, timed_call, self.backend.generate, jobs, settings,
+                encodings.on_images_in_gpu_thread, preemption)
             self._send_status()  # the broker sees the batch running; sent once the GPU thread has it
-            self._drop_expired_running(self.clock())  # a row that arrived already late
+            self._execute(self.decisions.expire_running(self.clock()))  # a row that arrived already late
             images, gpu_thread_s = await self._await_batch(running)
         except BatchPreempted:
             encodings.cancel()
-            self._requeue(batch, batch_id, time.perf_counter() - started, self.preemption)
+            self._requeue(batch_id, time.perf_counter() - started, preemption)
             return
         except Exception as exc:  # the pipeline's errors end this batch's requests, never the worker
             encodings.cancel()
             self._fail_batch(batch, exc)
             return
         finally:
-            unwanted = self.cancelled_while_running
-            self.running_batch = None
+            unwanted = self.decisions.end_batch(self.clock())
             self.preemption = None
-            self.cancelled_while_running = set()
-            self.running_rows = {}
-            self.running_deadlines = {}
             for request_id in request_ids:
                 self.progress_limiter.forget(request_id)
         encodings.encode(0, images)  # those not handed over early
         generation_s = time.perf_counter() - started
         for pending in batch.requests:
             stage_trace.stage("worker_batch_done", pending.request_id)
-        self._observe_batch_time(key, len(batch), generation_s, splits_before)
+        self.decisions.observe_batch(key, len(batch), generation_s, self.backend.oom_splits != splits_before,
+                                     self.clock())
         self.counters.record_batch([batch.wait_s(p) for p in batch.requests], generation_s)
         labels = [p.item.label for p in batch.requests]
         log.info("batch %s: %d x %dx%d, %d steps in %.3fs (GPU thread %.3fs); requests %s%s", batch_id, len(batch),
@@ -479,47 +452,26 @@ class Worker:
                  short_ids(request_ids, labels),
                  f" ({len(unwanted)} no longer wanted: images dropped)" if unwanted else "",
                  extra={"batch_id": batch_id, "request_ids": request_ids, "labels": labels})
-        task = asyncio.create_task(self._deliver(batch, batch_id, encodings, generation_s, frozenset(unwanted)))
+        task = asyncio.create_task(self._deliver(batch, batch_id, encodings, generation_s, unwanted))
         self.delivery_tasks.add(task)
         task.add_done_callback(self.delivery_tasks.discard)
         self._send_status()
 
-    def _requeue(self, batch: Batch[Generate], batch_id: str, ran_s: float, preemption: Preemption | None) -> None:
-        """A stopped batch: its wanted requests wait again, with their arrival times and deadlines,
-        for the next batch (not a failure, and not a batch time to learn from). Requests nobody
-        waits for any more are dropped (the broker has answered or forgotten them)."""
-        kept = tuple(p for p in batch.requests if p.request_id not in self.cancelled_while_running)
-        self.batcher.requeue(replace(batch, requests=kept))
-        for pending in kept:
-            self.deadlines[pending.request_id] = pending.arrived_at + pending.item.deadline_s
+    def _requeue(self, batch_id: str, ran_s: float, preemption: Preemption) -> None:
+        """A stopped batch (not a failure, and not a batch time to learn from): WorkerState queues its
+        wanted requests again; this logs it."""
+        requeued = self.decisions.batch_stopped(preemption.decision, self.clock())
         self.counters.record_stopped(ran_s)
-        step = f" at step {preemption.steps_done} of {preemption.steps}" if preemption is not None else ""
-        if preemption is not None and preemption.decision is AbandonDecision.STOP:
-            why = "no request in it is wanted any more"
-        elif preemption is not None and preemption.decision is AbandonDecision.STOP_AND_REQUEUE:
-            why = "most of it is no longer wanted: its wanted requests restart without the others"
-        else:
-            why = "so that newer requests can join it"
-        log.info("batch %s: stopped after %.3fs%s, %s; requests %s go back to the queue%s",
-                 batch_id, ran_s, step, why, short_ids([p.request_id for p in kept]) or "(none)",
-                 f" ({len(batch) - len(kept)} cancelled meanwhile)" if len(kept) < len(batch) else "",
-                 extra={"batch_id": batch_id, "request_ids": [p.request_id for p in kept]})
+        log.info("batch %s: stopped after %.3fs at step %d of %d, %s; requests %s go back to the queue%s",
+                 batch_id, ran_s, preemption.steps_done, preemption.steps, requeued.why,
+                 short_ids(requeued.request_ids) or "(none)",
+                 f" ({requeued.dropped} cancelled meanwhile)" if requeued.dropped else "",
+                 extra={"batch_id": batch_id, "request_ids": list(requeued.request_ids)})
         self._send_status()
 
-    def _observe_batch_time(self, key: BatchKey, size: int, generation_s: float, splits_before: int) -> None:
-        """Teach a learning policy (BATCH_POLICY=default) what this batch cost; a batch that was split
-        after running out of memory is skipped, since its time is not that of one call of its size."""
-        if self.backend.oom_splits == splits_before:
-            self.batcher.observe_batch(key, size, generation_s, self.clock())
-
     def _fail_batch(self, batch: Batch[Generate], exc: Exception) -> None:
-        code = FailureCode.INVALID_REQUEST if isinstance(exc, ValueError) else FailureCode.GENERATION_FAILED
-        request_ids = [p.request_id for p in batch.requests]
-        log.error("batch of %d failed (%s); requests %s", len(batch), code.value, " ".join(request_ids),
-                  exc_info=exc, extra={"request_ids": request_ids})
+        self._execute(self.decisions.batch_failed(exc, self.clock()))
         self.counters.record_failed(len(batch))
-        for pending in batch.requests:
-            self.link.send(Failure(pending.request_id, code.value, f"{type(exc).__name__}: {exc}"[:4000]))
         self._send_status()
 
     async def _deliver(self, batch: Batch[Generate], batch_id: str, encodings: BatchEncodings,

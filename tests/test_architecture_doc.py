@@ -182,7 +182,8 @@ def test_the_check_finds_what_does_not_exist(page, problem):
     "`broker/state.py` `BrokerState.submit()` `BrokerState.queue` `UNITS_AHEAD_RECOMPUTE_S`",
     "`gpu_worker/link.py` `Welcome` `Welcome.broker_epoch`",  # imported from imagegen/protocol.py
     "`gateway/app.py` `create_app()` `MAX_REQUEST_BYTES` `CANCEL`",  # a setting's variable, a command
-    "`gpu_worker/worker.py` `Worker._accept()` and then `gpu_worker/batcher.py` `Batcher` and `Worker.deadlines`",
+    "`gpu_worker/worker.py` `Worker._on_message()` and then `gpu_worker/worker_state.py` `WorkerState` and "
+    "`WorkerState.queued_deadlines`",
 ])
 def test_the_check_accepts_what_exists(page):
     assert check(page) == []

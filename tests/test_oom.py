@@ -364,8 +364,9 @@ def test_the_worker_lowers_its_limits_for_the_batch_that_ran_out_of_memory(caplo
     try:
         with caplog.at_level("WARNING"):
             worker.lower_max_batch_size(8, 4, LARGE)
-        assert worker.batcher.config == worker.policy
-        assert (worker.policy.max_batch_size, worker.policy.max_batch_pixels) == (16, 4 * LARGE.pixels)
+        assert worker.decisions.batcher.config == worker.decisions.policy
+        assert (worker.decisions.policy.max_batch_size, worker.decisions.policy.max_batch_pixels) == (
+            16, 4 * LARGE.pixels)
         assert "batch of 8 at 1024x1024: max batch size lowered to 16" in caplog.text
         assert "1024x1024 batches of at most 4" in caplog.text
     finally:

@@ -258,4 +258,4 @@ def test_a_request_cancelled_while_its_lone_batch_ran_is_not_queued_again_when_t
     assert [r.request_id for r in results] == ["request-1"]
     assert backend.batch_sizes == [1, 1]  # the stopped lone batch, then the newcomer alone
     assert "(1 cancelled meanwhile)" in caplog.text
-    assert worker.batcher.queue_depth == 0 and "request-0" not in worker.deadlines
+    assert worker.decisions.queue_depth == 0 and "request-0" not in worker.decisions.queued_deadlines
