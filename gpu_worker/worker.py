@@ -46,7 +46,7 @@ import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from gpu_worker import png
 from gpu_worker.batcher import Batch, BatchKey, BatchPolicy, BatchPolicyConfig
@@ -136,12 +136,13 @@ def encode_png(image: Any, stripe_threads: Executor | None = None, request_id: s
     return encoded
 
 
-def timed_call(call: Any, *args: Any) -> tuple[Any, float]:
-    """call(*args) and the seconds it took, timed in the thread that runs it: the worker logs the GPU
-    thread's own time beside the batch's time as the event loop sees it (the difference is hand-offs)."""
-    began = time.perf_counter()
+def timed_call(clock: Callable[[], float], call: Any, *args: Any) -> tuple[Any, float]:
+    """call(*args) and the seconds it took on ``clock`` (the worker's), timed in the thread that runs
+    it: the worker logs the GPU thread's own time beside the batch's time as the event loop sees it
+    (the difference is hand-offs)."""
+    began = clock()
     result = call(*args)
-    return result, time.perf_counter() - began
+    return result, clock() - began
 
 
 def registration(identity: WorkerIdentity, policy: BatchPolicyConfig, capacity: int, auto: bool,
@@ -219,7 +220,7 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.capacity = capacity
         self.max_batch_size_auto = max_batch_size_auto
-        self.clock = clock
+        self.clock = clock  # the one clock: decisions, deadlines and every duration the worker reports
         # Every decision: the queue (any BatchPolicy, gpu_worker/policies.py; the window rule by
         # default), deadlines, the running batch's rows.
         self.decisions = WorkerState(policy, batcher)
@@ -416,19 +417,19 @@ class Worker:
         for pending in batch.requests:
             stage_trace.stage("worker_batch_started", pending.request_id)
         self._send_progress([rid for rid in request_ids if self.progress_limiter.allow(rid)], 0, steps)
-        started = time.perf_counter()
+        started = self.clock()
         splits_before = self.backend.oom_splits
         encodings = BatchEncodings(self.encoder_threads, self.stripe_threads, request_ids)
         try:
             running = asyncio.get_running_loop().run_in_executor(
-                self.gpu_thread, timed_call, self.backend.generate, jobs, settings,
+                self.gpu_thread, timed_call, self.clock, self.backend.generate, jobs, settings,
                 encodings.on_images_in_gpu_thread, preemption)
             self._send_status()  # the broker sees the batch running; sent once the GPU thread has it
             self._execute(self.decisions.expire_running(self.clock()))  # a row that arrived already late
             images, gpu_thread_s = await self._await_batch(running)
         except BatchPreempted:
             encodings.cancel()
-            self._requeue(batch_id, time.perf_counter() - started, preemption)
+            self._requeue(batch_id, self.clock() - started, preemption)
             return
         except Exception as exc:  # the pipeline's errors end this batch's requests, never the worker
             encodings.cancel()
@@ -440,7 +441,7 @@ class Worker:
             for request_id in request_ids:
                 self.progress_limiter.forget(request_id)
         encodings.encode(0, images)  # those not handed over early
-        generation_s = time.perf_counter() - started
+        generation_s = self.clock() - started
         for pending in batch.requests:
             stage_trace.stage("worker_batch_done", pending.request_id)
         self.decisions.observe_batch(key, len(batch), generation_s, self.backend.oom_splits != splits_before,
