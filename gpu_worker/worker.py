@@ -50,7 +50,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from gpu_worker import png
 from gpu_worker.batcher import Batch, BatchKey, BatchPolicy, BatchPolicyConfig
-from gpu_worker.pipelines import BatchSettings, GenerationJob
+from gpu_worker.pipelines import GenerationJob
 from gpu_worker.preemption import BatchPreempted, Preemption, ProgressLimiter
 from gpu_worker.stats import WorkerCounters
 from gpu_worker.link import BrokerLink
@@ -111,7 +111,7 @@ class ImageBackend(Protocol):
     With a ``preemption`` it calls ``preemption.before_step(synchronize)`` before every denoising
     step, which raises BatchPreempted when the worker has asked it to stop."""
 
-    def generate(self, jobs: Sequence[GenerationJob], settings: BatchSettings,
+    def generate(self, jobs: Sequence[GenerationJob], settings: BatchKey,
                  on_images: OnImages | None = None, preemption: Preemption | None = None) -> list[Any]: ...
 
 
@@ -402,7 +402,6 @@ class Worker:
         jobs = [GenerationJob(p.item.params.prompt, p.item.params.negative_prompt, p.item.params.seed)
                 for p in batch.requests]
         key = batch.key
-        settings = BatchSettings(key.width, key.height, key.num_inference_steps, key.guidance_scale)
         self.batch_seq += 1
         batch_id = f"{self.identity.name}:{self.batch_seq}"
         request_ids = [p.request_id for p in batch.requests]
@@ -422,7 +421,7 @@ class Worker:
         encodings = BatchEncodings(self.encoder_threads, self.stripe_threads, request_ids)
         try:
             running = asyncio.get_running_loop().run_in_executor(
-                self.gpu_thread, timed_call, self.clock, self.backend.generate, jobs, settings,
+                self.gpu_thread, timed_call, self.clock, self.backend.generate, jobs, key,
                 encodings.on_images_in_gpu_thread, preemption)
             self._send_status()  # the broker sees the batch running; sent once the GPU thread has it
             self._execute(self.decisions.expire_running(self.clock()))  # a row that arrived already late

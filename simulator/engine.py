@@ -236,8 +236,7 @@ class SimWorker:
         if self._running is None or self._stopping:
             return
         batch, started_at, duration_s = self._running
-        should_preempt = getattr(self.batcher, "should_preempt", None)
-        if should_preempt is None or not should_preempt(batch, key, self.sim.now):
+        if not self.batcher.should_preempt(batch, key, self.sim.now):
             return
         self._stopping = True
         self.sim.at(self._next_check_at(started_at, duration_s, batch.key.num_inference_steps), self._stop,
@@ -283,9 +282,7 @@ class SimWorker:
         self._end_batch()
         self.batches_done += 1
         self.requests_done += len(batch)
-        observe = getattr(self.batcher, "observe_batch", None)
-        if observe is not None:
-            observe(batch.key, len(batch), duration_s, self.sim.now)
+        self.batcher.observe_batch(batch.key, len(batch), duration_s, self.sim.now)
         self._send_status()
         # Encoded `encode_threads` at a time and sent in batch order: result i leaves when its
         # round of encodings ends.
