@@ -65,7 +65,7 @@ class AccelerationConfig:
     fuse_qkv: bool = True  # one matmul for attention's q, k, v projections (CUDA only)
     # With compile: the text encoders too, and the VAE decoder for a single image (a lone request's
     # launch-bound parts). False: only the UNet and the decoder's batches of two or more, as before
-    # (bench_gpu's "compiled" variant, so that its "encoders" variant measures the difference).
+    # (bench.gpu's "compiled" variant, so that its "encoders" variant measures the difference).
     compile_encoders: bool = True
 
 

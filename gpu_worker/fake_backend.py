@@ -49,7 +49,7 @@ FAKE_SIZE_MULTIPLE = 8
 # Images are a grid of flat colour cells of this many pixels a side by default: distinct per job, yet
 # cheap to build and to compress as PNG. ``cell=1`` draws per-pixel noise instead, which compresses as
 # badly as a random-weight model's output (a 1024x1024 PNG of about 3 MB): for timing the serving
-# path's PNG encoding, transfer and file write at their real size (bench_gpu.py service --trace).
+# path's PNG encoding, transfer and file write at their real size (python -m bench.gpu service --trace).
 DEFAULT_CELL_PX = 8
 
 _KEYS = ("delay", "oom_above", "fail", "cell", "step_delay")

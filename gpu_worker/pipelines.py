@@ -43,7 +43,7 @@ _GIB = 1024**3
 # rounded up to 0.5. SDXL 1024²: (47.1 - 7.4) GiB / 15 = 2.65 GiB. Through the whole pipeline on an
 # H100 (bf16, 25 steps) peak memory grew 0.50 GiB per SD-1.5 image (batch 1 -> 32) and 1.71 GiB per
 # SDXL image (1 -> 16; 1.75 with torch.compile), docs/benchmarks/raw-*-h100.json: both figures err on
-# the safe side (scripts/batch_size_table.py compares them per card).
+# the safe side (bench/batch_size_table.py compares them per card).
 _PER_IMAGE_REFERENCE: dict[str, tuple[int, int, float]] = {
     "sd15": (512, 512, 0.5 * _GIB),
     "sdxl": (1024, 1024, 2.65 * _GIB),

@@ -31,7 +31,7 @@ from isal import isal_zlib
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grayscale, RGB, RGBA
 FILTER_UP = 2
-# Below this a stripe's thread hand-off costs more than it saves. On H200 hosts (16 cores; bench_png,
+# Below this a stripe's thread hand-off costs more than it saves. On H200 hosts (16 cores; bench.png,
 # docs/benchmarks/serving-ab-h200-j.json) a 512x512 noise image (786 KB filtered) took 1.3-1.8 ms in
 # one stripe and 1.5-1.9 in 6, a smooth one 0.3-0.4 against 0.7-0.95; a 1024x1024 noise image
 # 5.4-5.7 ms in one, 3.6-4.6 in 6, 4.6-5.0 in 14. 512 KiB: one stripe at 512x512, six at 1024x1024.
@@ -127,5 +127,5 @@ def encode_png(image: Any, executor: Executor | None = None, stripes: int = 1, l
     ihdr = struct.pack(">IIBBBBB", width, height, 8, COLOR_TYPES[channels], 0, 0, 0)
     # One join copies the compressed image once; building the IDAT chunk and then the file by
     # concatenation copied it several times: 11% of a 1024x1024 noise image's encoding (0.38 of
-    # 3.08 ms on the CI machine, scripts/bench_png.py), more where the copies touch fresh pages.
+    # 3.08 ms on the CI machine, bench/png.py), more where the copies touch fresh pages.
     return b"".join([PNG_SIGNATURE, _chunk(b"IHDR", ihdr), *_chunk_pieces(b"IDAT", stream), _chunk(b"IEND", b"")])

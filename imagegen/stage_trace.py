@@ -6,7 +6,7 @@ started and done, PNG encoded and ready, result sent, image saved)::
 
     <unix time ns> <pid> <stage> <request id>
 
-so that ``scripts/trace_stages.py`` can line the stages of each request up across the processes of
+so that ``bench/trace_stages.py`` can line the stages of each request up across the processes of
 one machine (they share its clock) and say how long each hop took. Without the variable, ``stage``
 returns at once: the serving path pays one global lookup per stage.
 

@@ -8,9 +8,9 @@
   Below the smallest measured row count a UNet step costs what it costs there (small batches are
   launch-bound: batch 1 costs what batch 2 does).
 * ``sdxl-h100`` and ``sd15-h100``: our own figures, the worker's whole batch call timed per batch
-  size on one H100 (scripts/measure_batch_costs.py); other keys scale with their work.
+  size on one H100 (bench/batch_costs.py); other keys scale with their work.
 * ``sdxl-h100-compiled`` and ``sd15-h100-compiled``: the same with ``TORCH_COMPILE=true``
-  (scripts/bench_gpu.py).
+  (bench/gpu.py).
 * ``seed-l40s`` and ``seed-h100``: the throughput the window rule's design claims
   (docs/batching.md): an L40S takes ~15 s for one image, ~30 s for a batch of 4 (its "Batch
   Size 4: ~375 s" for 50 images) and ~40 s for a batch of 8; an H100 is "~3x faster per-GPU than
@@ -96,7 +96,7 @@ SEED_L40S = BatchCurve("seed-l40s", SDXL_1024, {1: 15.0, 4: 30.0, 8: 40.0})
 # "~3x faster per-GPU than L40S" up to batch 8, and 0.64 images/s per GPU at batch 16.
 SEED_H100 = BatchCurve("seed-h100", SDXL_1024, {1: 5.0, 4: 10.0, 8: 40.0 / 3, 16: 25.0})
 
-# Our own H100 figures: scripts/measure_batch_costs.py on one H100 80GB HBM3 (2026-11-27, torch
+# Our own H100 figures: bench/batch_costs.py on one H100 80GB HBM3 (2026-11-27, torch
 # 2.11.0+cu130, bf16, eager, random weights): the worker's whole generate() call per batch, median
 # of 2 (SDXL) or 3 (SD-1.5) runs after a warm-up. Raw output: docs/scheduling/measured-*.json.
 SDXL_H100 = BatchCurve("sdxl-h100", SDXL_1024, {1: 2.3118, 2: 2.3486, 4: 4.2056, 8: 7.9997, 16: 15.7828})

@@ -244,7 +244,7 @@ DISPATCH: dict[str, bool] = {"greedy-refill": False, "fair-share": True}
 
 @dataclass(frozen=True)
 class ScalingSetup:
-    """One GPU scaling benchmark (scripts/bench_service.py scaling): its cost table and the max batch
+    """One GPU scaling benchmark (bench/service.py scaling): its cost table and the max batch
     size the worker auto-detected there (capacity 2 x that), PNGs encoded as on the H100 host."""
 
     name: str
@@ -281,7 +281,7 @@ def scaling_run(setup: ScalingSetup, gpus: int, strategy: str, dispatch: str, sp
 def scaling(setups: Sequence[ScalingSetup] = SCALING_SETUPS, gpu_counts: Sequence[int] = SCALING_GPUS,
             strategies: Sequence[str] = SCALING_STRATEGIES, dispatches: Sequence[str] = tuple(DISPATCH),
             speed_spreads: Sequence[float] = (0.0,), per_gpu: int = SCALING_PER_GPU) -> list[dict[str, Any]]:
-    """Scaling efficiency as scripts/bench_service.py reports it: (images/s on N GPUs) / (N x images/s
+    """Scaling efficiency as bench/service.py reports it: (images/s on N GPUs) / (N x images/s
     on one), i.e. one GPU's makespan for ``per_gpu`` images over N GPUs' for N x ``per_gpu``."""
     rows = []
     for setup in setups:

@@ -1,4 +1,4 @@
-"""scripts/abandon_probe.py against a real cluster (broker, gateway, one worker) on the FAKE backend with a per-step delay:
+"""bench/abandon_probe.py against a real cluster (broker, gateway, one worker) on the FAKE backend with a per-step delay:
 both cases run, the JSON has every figure, and the instants come in their order (no durations)."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def cluster(tmp_path):
 @pytest.mark.timeout(600)
 def test_the_probe_script_measures_both_cases_in_order(cluster, tmp_path):
     out = tmp_path / "abandon.json"
-    command = [sys.executable, "scripts/abandon_probe.py", "--url", cluster.url, "--deadline-s", DEADLINE_S,
+    command = [sys.executable, "-m", "bench.abandon_probe", "--url", cluster.url, "--deadline-s", DEADLINE_S,
                "--size", "128", "--n", "8", "--steps", "1000", "--abandon-after-s", "3", "--probe-size", "1024",
                "--probe-steps", "2", "--worker-log", str(cluster.dir / "worker0.log"), "--model", "fake",
                "--set", f"REQUEST_TIMEOUT_S={DEADLINE_S}", "--out", str(out)]

@@ -1,7 +1,7 @@
 """gpu_worker.acceleration on the CPU: torch.compile of a real (tiny) UNet and VAE decoder inside the
 real pipeline.
 
-CUDA graphs need a GPU (scripts/bench_gpu.py measures them there); the compiled path, the dynamic
+CUDA graphs need a GPU (bench/gpu.py measures them there); the compiled path, the dynamic
 batch dimension, the warm-up and the eager fallback for shapes not warmed up are tested here.
 """
 

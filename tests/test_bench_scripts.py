@@ -1,6 +1,6 @@
-"""The GPU benchmark scripts, run on the CPU: the raw-pipeline half with the tiny model, the service
+"""The GPU benchmarks (bench/), run on the CPU: the raw-pipeline half with the tiny model, the service
 half with the FAKE backend (MODEL_ID=fake: no model; it says so), their clean-up and saved results
-when killed, and unet_variants.py and profile_batch.py with the tiny models."""
+when killed, and bench.unet_variants and bench.profile_batch with the tiny models."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def run_script(*args: str, timeout_s: float = 300) -> subprocess.CompletedProces
 
 def test_raw_half_measures_each_variant_and_batch_size(tmp_path):
     out = tmp_path / "raw.json"
-    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
+    result = run_script("-m", "bench.gpu", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
                         "--batches", "1,2", "--variants", "eager,layout", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(out.read_text())
@@ -46,7 +46,7 @@ def test_the_preemptible_variant_calls_the_pipeline_as_the_worker_does(tmp_path)
     """``preemptible``: each timed call of batch 1 gets a preemption window (the UNet's pre-step check
     runs before every step) and a handover callback that receives the image; timed like the others."""
     out = tmp_path / "raw.json"
-    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
+    result = run_script("-m", "bench.gpu", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
                         "--batches", "1,2", "--variants", "eager,preemptible", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     variants = json.loads(out.read_text())["raw"]["variants"]
@@ -63,7 +63,7 @@ def test_all_measures_raw_then_the_service_after_giving_the_memory_back(tmp_path
     """``all``: the raw half, then its GPU memory given back (the service's worker sizes its batches
     from the free memory; on the CPU there is none to report), then the service on the same model."""
     out = tmp_path / "all.json"
-    result = run_script("scripts/bench_gpu.py", "all", "--model", "tiny", "--size", "64", "--steps", "2",
+    result = run_script("-m", "bench.gpu", "all", "--model", "tiny", "--size", "64", "--steps", "2",
                         "--batches", "1", "--variants", "eager", "--service-runs", "lone", "--lone-repeats", "1",
                         "--out", str(out), "--log-dir", str(tmp_path / "logs"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,7 +78,7 @@ def test_paired_rounds_alternate_a_raw_call_and_a_lone_request_beside_each_other
     """``all --paired 3 --service-runs none``: the raw half, then three rounds, raw first then lone
     first, each with its own difference; the summary carries the paired ratio; no other service run."""
     out = tmp_path / "paired.json"
-    result = run_script("scripts/bench_gpu.py", "all", "--model", "tiny", "--size", "64", "--steps", "2",
+    result = run_script("-m", "bench.gpu", "all", "--model", "tiny", "--size", "64", "--steps", "2",
                         "--batches", "1", "--variants", "eager", "--service-runs", "none", "--paired", "3",
                         "--trace", "--out", str(out), "--log-dir", str(tmp_path / "logs"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,7 +96,7 @@ def test_paired_rounds_alternate_a_raw_call_and_a_lone_request_beside_each_other
 
 
 def test_paired_needs_mode_all():
-    refused = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--paired", "2")
+    refused = run_script("-m", "bench.gpu", "raw", "--model", "tiny", "--paired", "2")
     assert refused.returncode == 2 and "--paired needs mode all" in refused.stderr
 
 
@@ -104,7 +104,7 @@ def test_cuda_graphs_listed_alone_get_the_compiled_unet_untimed(tmp_path):
     """``--variants graphs``: the compile that CUDA graphs need is applied without being timed (it
     used to fail: no compiled UNet to record graphs of); on the CPU the graphs are not recorded."""
     out = tmp_path / "raw.json"
-    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
+    result = run_script("-m", "bench.gpu", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
                         "--batches", "1", "--variants", "graphs", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     variants = json.loads(out.read_text())["raw"]["variants"]
@@ -112,9 +112,9 @@ def test_cuda_graphs_listed_alone_get_the_compiled_unet_untimed(tmp_path):
 
 
 def raw_batch1_of_tiny(tmp_path, *args: str) -> dict:
-    """bench_gpu.py raw on the tiny model, batch 1 at 64x64, 2 steps, eager, plus ``args``: its raw half."""
+    """bench.gpu raw on the tiny model, batch 1 at 64x64, 2 steps, eager, plus ``args``: its raw half."""
     out = tmp_path / "raw.json"
-    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
+    result = run_script("-m", "bench.gpu", "raw", "--model", "tiny", "--size", "64", "--steps", "2",
                         "--batches", "1", "--variants", "eager", *args, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())["raw"]
@@ -152,10 +152,9 @@ class FakeMachine:
 
 
 def bench_gpu_module():
-    sys.path.insert(0, str(REPO / "scripts"))
-    import bench_gpu
+    from bench import gpu
 
-    return bench_gpu
+    return gpu
 
 
 def test_the_raw_pause_idles_the_gpu_outside_the_timing():
@@ -193,14 +192,14 @@ def test_several_raw_pauses_are_each_timed(tmp_path):
 
 
 def test_a_pause_list_must_be_seconds():
-    result = run_script("scripts/bench_gpu.py", "raw", "--model", "tiny", "--pause-s", "0,fast")
+    result = run_script("-m", "bench.gpu", "raw", "--model", "tiny", "--pause-s", "0,fast")
     assert result.returncode == 2 and "--pause-s" in result.stderr and "0,0.65" in result.stderr
 
 
 def test_a_raw_run_cut_off_has_already_saved_what_it_measured(tmp_path):
     # A device call has a time limit: every finished batch size is in --out before the next starts.
     out = tmp_path / "raw.json"
-    bench = subprocess.Popen([sys.executable, "scripts/bench_gpu.py", "raw", "--model", "tiny", "--size", "64",
+    bench = subprocess.Popen([sys.executable, "-m", "bench.gpu", "raw", "--model", "tiny", "--size", "64",
                               "--steps", "2", "--batches", "1,2", "--variants", "eager,layout", "--out", str(out)],
                              cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
@@ -221,7 +220,7 @@ def test_a_raw_run_cut_off_has_already_saved_what_it_measured(tmp_path):
 
 def test_unet_variants_times_each_variant_on_the_same_inputs(tmp_path):
     out = tmp_path / "variants.json"
-    result = run_script("scripts/unet_variants.py", "--model", "tiny", "--size", "64", "--batch", "2", "--repeats",
+    result = run_script("-m", "bench.unet_variants", "--model", "tiny", "--size", "64", "--batch", "2", "--repeats",
                         "2", "--variants", "eager,eager-layout,compiled-nolayout", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(out.read_text())
@@ -235,7 +234,7 @@ def test_unet_variants_times_each_variant_on_the_same_inputs(tmp_path):
 
 def test_service_half_reports_the_promised_fields(tmp_path):
     out, logs = tmp_path / "service.json", tmp_path / "logs"
-    result = run_script("scripts/bench_gpu.py", "service", "--model", "fake:delay=0.02", "--size", "64", "--steps",
+    result = run_script("-m", "bench.gpu", "service", "--model", "fake:delay=0.02", "--size", "64", "--steps",
                         "2", "--lone-repeats", "2", "--out", str(out), "--log-dir", str(logs))
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(out.read_text())
@@ -261,13 +260,12 @@ def test_service_half_reports_the_promised_fields(tmp_path):
 
 
 def test_the_gpu_is_read_through_nvml(monkeypatch):
-    """bench_gpu.NvmlReader reads NVML's SM clock, temperature and power (milliwatts) of the GPU, and
+    """bench.gpu.NvmlReader reads NVML's SM clock, temperature and power (milliwatts) of the GPU, and
     shuts NVML down again; the sampler keeps NVML open for its run, its first reading taken before
     the run; without NVML both say None. A fake pynvml stands in for the driver."""
     import types
 
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    from bench_gpu import GpuSampler, NvmlReader
+    from bench.gpu import GpuSampler, NvmlReader
 
     calls = []
     fake = types.SimpleNamespace(
@@ -303,12 +301,11 @@ def test_the_gpu_is_read_through_nvml(monkeypatch):
 
 
 def test_the_gpu_sampler_reports_the_clock_range_of_a_run(monkeypatch):
-    """bench_gpu.GpuSampler reads the GPU in a thread until the run ends: the lowest and highest SM
+    """bench.gpu.GpuSampler reads the GPU in a thread until the run ends: the lowest and highest SM
     clock, the hottest and most power-hungry reading; nothing at all without a GPU."""
     import threading
 
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    from bench_gpu import GpuSampler
+    from bench.gpu import GpuSampler
 
     readings = iter([{"sm_clock_mhz": 1980, "temperature_c": 50, "power_w": 120.0},
                      {"sm_clock_mhz": 1755, "temperature_c": 66, "power_w": 690.5},
@@ -336,7 +333,7 @@ def test_the_gpu_sampler_reports_the_clock_range_of_a_run(monkeypatch):
 
 def test_service_half_runs_only_the_runs_asked_for(tmp_path):
     out = tmp_path / "service.json"
-    result = run_script("scripts/bench_gpu.py", "service", "--model", "fake:delay=0.02", "--size", "64", "--steps",
+    result = run_script("-m", "bench.gpu", "service", "--model", "fake:delay=0.02", "--size", "64", "--steps",
                         "2", "--service-runs", "burst50", "--out", str(out), "--log-dir", str(tmp_path / "logs"))
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(out.read_text())
@@ -344,7 +341,7 @@ def test_service_half_runs_only_the_runs_asked_for(tmp_path):
     summary = document["summary"]
     assert summary["service_images_per_s"] > 0 and summary["lone_latency_s"] is None
     assert summary["users10x5_images_per_s"] is None and summary["no_batching_images_per_s"] is None
-    refused = run_script("scripts/bench_gpu.py", "service", "--model", "fake", "--service-runs", "burst5")
+    refused = run_script("-m", "bench.gpu", "service", "--model", "fake", "--service-runs", "burst5")
     assert refused.returncode == 2 and "unknown burst5" in refused.stderr
 
 
@@ -367,7 +364,7 @@ def test_a_killed_benchmark_stops_the_service_it_started(tmp_path, when):
     marker = f"BENCH_TEST_MARKER={uuid.uuid4().hex}"
     # A worker sent to a port where no broker listens never registers: the service never gets ready.
     never_ready = ["--set", "BROKER_WORKER_ADDRESS=tcp://127.0.0.1:9"] if when == "while it starts" else []
-    bench = subprocess.Popen([sys.executable, "scripts/bench_service.py", "scaling", "--model", "fake:delay=2",
+    bench = subprocess.Popen([sys.executable, "-m", "bench.service", "scaling", "--model", "fake:delay=2",
                               "--size", "64", "--steps", "2", "--gpus", "1", "--per-gpu", "50", "--set", marker,
                               *never_ready, "--log-dir", str(tmp_path)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
@@ -395,8 +392,7 @@ def test_a_killed_benchmark_stops_the_service_it_started(tmp_path, when):
 
 
 def test_the_service_is_held_against_the_raw_batch_of_its_own_size():
-    sys.path.insert(0, str(REPO / "scripts"))
-    from bench_gpu import raw_batch_like
+    from bench.gpu import raw_batch_like
 
     raw_rows = {1: {}, 16: {}, 50: {}}
     assert raw_batch_like(raw_rows, 50.0) == 50
@@ -409,8 +405,7 @@ def test_the_service_is_held_against_the_raw_batch_of_its_own_size():
 def test_the_summary_takes_the_raw_batches_of_what_torch_compile_applies(monkeypatch):
     from argparse import Namespace
 
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    from bench_gpu import summary_row
+    from bench.gpu import summary_row
 
     def rows(seconds_per_size):
         return {size: {"seconds": s, "images_per_s": size / s, "peak_above_weights_gib": None}
@@ -431,8 +426,7 @@ def test_the_service_falls_back_to_the_compiled_raw_batch_of_its_size(monkeypatc
     row of that size and says so; with neither, no ratio."""
     from argparse import Namespace
 
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    from bench_gpu import summary_row
+    from bench.gpu import summary_row
 
     args = Namespace(card="cpu", model="sdxl", size=1024, steps=25, settings={})
     raw = {"variants": {"compiled": {1: {"seconds": 1.3, "images_per_s": 0.77, "peak_above_weights_gib": None},
@@ -449,9 +443,9 @@ def test_the_service_falls_back_to_the_compiled_raw_batch_of_its_size(monkeypatc
 
 
 def test_the_automatic_batch_size_never_plans_past_the_measured_memory():
-    """scripts/batch_size_table.py: per card, the worker's automatic MAX_BATCH_SIZE (its own function)
+    """bench.batch_size_table: per card, the worker's automatic MAX_BATCH_SIZE (its own function)
     against the largest batch the committed H100 memory measurements say fits."""
-    result = run_script("scripts/batch_size_table.py", timeout_s=120)
+    result = run_script("-m", "bench.batch_size_table", timeout_s=120)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "GB)" in line]
     assert [row.split("|")[1].strip().split(" (")[0] for row in rows] == [
@@ -470,7 +464,7 @@ def test_profile_batch_accounts_for_every_phase(tmp_path, model, extra, unet_cal
     out = tmp_path / "phases.json"
     if extra == ["--trace"]:
         extra = ["--trace", str(tmp_path / "trace.json.gz")]
-    result = run_script("scripts/profile_batch.py", "--model", model, "--size", "64", "--batch", "2", "--steps", "3",
+    result = run_script("-m", "bench.profile_batch", "--model", model, "--size", "64", "--batch", "2", "--steps", "3",
                         "--out", str(out), *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(out.read_text())
@@ -501,10 +495,10 @@ def test_every_committed_summary_row_has_the_promised_fields(card_file):
 
 
 def test_bench_png_times_each_encoder_on_the_same_images(tmp_path):
-    """scripts/bench_png.py: PIL, this checkout's encoder and a git revision's, on noise and on a smooth
+    """bench.png: PIL, this checkout's encoder and a git revision's, on noise and on a smooth
     image; every PNG decodes to the pixels (the script checks), sizes and times come back per encoder."""
     out = tmp_path / "png.json"
-    result = run_script("scripts/bench_png.py", "--sizes", "16,40", "--repeats", "3", "--stripes", "2",
+    result = run_script("-m", "bench.png", "--sizes", "16,40", "--repeats", "3", "--stripes", "2",
                         "--baseline", "HEAD", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -524,7 +518,7 @@ def test_bench_png_takes_a_baseline_file_where_there_is_no_git_history(tmp_path)
     baseline = tmp_path / "old_png.py"
     baseline.write_text((REPO / "gpu_worker" / "png.py").read_text())
     out = tmp_path / "png.json"
-    result = run_script("scripts/bench_png.py", "--sizes", "16", "--repeats", "2", "--baseline", str(baseline),
+    result = run_script("-m", "bench.png", "--sizes", "16", "--repeats", "2", "--baseline", str(baseline),
                         "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -532,10 +526,10 @@ def test_bench_png_takes_a_baseline_file_where_there_is_no_git_history(tmp_path)
 
 
 def test_compare_serving_alternates_both_trees_and_reports_their_hops(tmp_path):
-    """scripts/compare_serving.sh against a baseline tree (here this one): both sides' lone requests
+    """bench/compare_serving.sh against a baseline tree (here this one): both sides' lone requests
     through real services on the fake backend, each side's hops, and the PNG timings of both."""
     env = {**ENV, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "LONE_REPEATS": "2", "PNG_REPEATS": "1"}
-    result = subprocess.run(["bash", "scripts/compare_serving.sh", str(REPO), "1", "64"], cwd=REPO, env=env,
+    result = subprocess.run(["bash", "bench/compare_serving.sh", str(REPO), "1", "64"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300, start_new_session=True)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()

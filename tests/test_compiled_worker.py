@@ -1,6 +1,6 @@
 """A real worker process with TORCH_COMPILE=true (tiny model, CPU): it compiles and warms up before it
 registers, serves batches compiled, and runs a resolution it did not warm up eager instead of
-compiling inside the request. CUDA graphs need a GPU (scripts/bench_gpu.py measures them there)."""
+compiling inside the request. CUDA graphs need a GPU (bench/gpu.py measures them there)."""
 
 from __future__ import annotations
 

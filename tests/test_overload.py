@@ -1,4 +1,4 @@
-"""Backpressure under overload, with real processes: a short run of scripts/overload.py.
+"""Backpressure under overload, with real processes: a short run of bench/overload.py.
 
 A broker, a gateway and one worker on the FAKE backend (MODEL_ID=fake:delay=0.5, MAX_BATCH_SIZE=4:
 no model, about 8 images/s) are offered 80 requests/s, ten times their capacity, for 5 s, open-loop.
@@ -8,29 +8,17 @@ be refused at once with 503 and Retry-After; the rest are served; nothing else h
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+from bench import overload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "overload.py"
 MAX_QUEUE_SIZE = 20
 BATCH_SIZE = 4
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("overload_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ten_times_capacity_gets_503_with_retry_after_past_the_bounded_queue(tmp_path):
-    overload = load_script()
     args = overload.parse_args(["--rate", "80", "--duration", "5", "--timeout", "20", "--settle", "0.5",
                                 "--max-queue-size", str(MAX_QUEUE_SIZE), "--batch-size", str(BATCH_SIZE),
                                 "--delay", "0.5", "--workdir", str(tmp_path)])

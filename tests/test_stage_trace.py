@@ -1,4 +1,4 @@
-"""The stage trace (imagegen/stage_trace.py, scripts/trace_stages.py): off unless IMAGEGEN_TRACE_FILE
+"""The stage trace (imagegen/stage_trace.py, bench/trace_stages.py): off unless IMAGEGEN_TRACE_FILE
 is set; the real gateway, broker and worker processes write every stage of a request; the script
 lines them up per request. The service runs the FAKE backend (no model): the serving path is under
 test here, not the pipeline."""
@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from bench import trace_stages
 from imagegen import stage_trace
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-
-import trace_stages  # noqa: E402
 
 
 @pytest.fixture
@@ -67,17 +65,17 @@ def test_no_complete_request_gives_an_empty_result(tmp_path):
         "requests": 0, "hops_ms": {}, "serving_ms": None, "png_ms": {}}
     empty = tmp_path / "empty.log"
     empty.write_text("")
-    result = subprocess.run([sys.executable, "scripts/trace_stages.py", str(empty)], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "bench.trace_stages", str(empty)], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1 and "no request passed every stage" in result.stderr
 
 
 def test_the_service_traces_every_stage_of_each_request(tmp_path):
-    """bench_gpu.py service --trace: the real processes write the trace, each row gets its own
-    requests' hops, and trace_stages.py reads the same file."""
+    """bench.gpu service --trace: the real processes write the trace, each row gets its own
+    requests' hops, and bench.trace_stages reads the same file."""
     out, logs = tmp_path / "service.json", tmp_path / "logs"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "service", "--model", "fake:delay=0.05,cell=1",
+    result = subprocess.run([sys.executable, "-m", "bench.gpu", "service", "--model", "fake:delay=0.05,cell=1",
                              "--size", "128", "--steps", "2", "--service-runs", "lone", "--lone-repeats", "2",
                              "--trace", "--out", str(out), "--log-dir", str(logs)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
@@ -97,7 +95,7 @@ def test_the_service_traces_every_stage_of_each_request(tmp_path):
         # The serving path is the request's latency less its batch and the HTTP outside the gateway.
         latency_ms = row["latency_p50_s"] * 1000
         assert 0 < stages["serving_ms"] < latency_ms - hops["worker_batch_started -> worker_batch_done"]
-    printed = subprocess.run([sys.executable, "scripts/trace_stages.py", str(logs / "stage-trace.log")], cwd=REPO,
+    printed = subprocess.run([sys.executable, "-m", "bench.trace_stages", str(logs / "stage-trace.log")], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
     assert printed.returncode == 0, printed.stderr
     assert "median of 2 requests" in printed.stdout

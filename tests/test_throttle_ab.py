@@ -1,4 +1,4 @@
-"""scripts/throttle_ab.py on the CPU with the tiny model: every way runs every round, in rotated
+"""bench/throttle_ab.py on the CPU with the tiny model: every way runs every round, in rotated
 order, and the summary is computed from the rounds (no durations asserted)."""
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
+from bench.throttle_ab import WAYS, preemption_for, rotated
 
-from throttle_ab import WAYS, preemption_for, rotated  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_each_round_runs_every_way_and_the_summary_comes_from_the_rounds(tmp_path):
     out = tmp_path / "throttle.json"
-    result = subprocess.run([sys.executable, "scripts/throttle_ab.py", "--model", "tiny", "--size", "64", "--steps",
+    result = subprocess.run([sys.executable, "-m", "bench.throttle_ab", "--model", "tiny", "--size", "64", "--steps",
                              "3", "--rounds", "3", "--pause-s", "0", "--out", str(out)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                             timeout=300)

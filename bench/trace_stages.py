@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Where requests' time went, from a stage trace (imagegen/stage_trace.py): the median milliseconds
 of each hop, over the requests that passed every stage.
 
-    IMAGEGEN_TRACE_FILE=/tmp/trace.log ./scripts/serve.sh      # or bench_gpu.py service --trace
-    python scripts/trace_stages.py /tmp/trace.log
+    IMAGEGEN_TRACE_FILE=/tmp/trace.log ./scripts/serve.sh      # or python -m bench.gpu service --trace
+    python -m bench.trace_stages /tmp/trace.log
 
 prints one line per hop (``gateway_received -> gateway_sent_request  0.21 ms``) in the order the
 requests pass them, then the time inside the serving path (everything but the batch's own time,

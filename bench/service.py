@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmarks of the whole service on GPUs: the processes users run, driven by the seed's load test.
 
 Each configuration starts a fresh broker, gateway and one worker per GPU (``python -m ...``, each
@@ -6,9 +5,9 @@ worker pinned with CUDA_VISIBLE_DEVICES, exactly as supervisord.conf starts them
 every worker is registered, runs ``scripts/test_batching.py`` against it, and stops everything.
 
     # scale-out: 50 images per GPU on 1 and 2 GPUs, both balancing strategies (rows for docs/benchmarks)
-    python scripts/bench_service.py scaling --model sdxl --size 1024 --gpus 1,2 --out $OUT/scaling.json
+    python -m bench.service scaling --model sdxl --size 1024 --gpus 1,2 --out $OUT/scaling.json
     # one GPU: lone request, burst of 50, 10 users x 5, and the burst with ENABLE_BATCHING=false
-    python scripts/bench_service.py service --model sdxl --size 1024 --out $OUT/service.json
+    python -m bench.service service --model sdxl --size 1024 --out $OUT/service.json
 
 ``--model fake:delay=0.2`` runs the same code on a CPU machine (the FAKE backend: no model), which
 is how the script itself is tested. Rows carry the card's name: compare only rows of one card.
@@ -28,21 +27,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.common import card_name, exit_on_sigterm, save_json
+from imagegen.local_cluster import loopback_settings
+
 REPO = Path(__file__).resolve().parent.parent
 LOAD_TEST = REPO / "scripts" / "test_batching.py"
-sys.path.insert(0, str(REPO))
-
-from imagegen.local_cluster import loopback_settings  # noqa: E402
-
-
-def card_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30)
-        names = sorted(set(out.stdout.split("\n")) - {""})
-        return ", ".join(names) or "cpu"
-    except (OSError, subprocess.SubprocessError):
-        return "cpu"
 
 
 class Service:
@@ -175,16 +164,6 @@ def service(args: argparse.Namespace, log_dir: Path) -> list[dict]:
     return rows
 
 
-def exit_on_sigterm() -> None:
-    """SIGTERM (``timeout``, a killed device call) unwinds like Ctrl-C: every Service context exits and
-    stops its process groups. Without this the workers, which run in their own sessions, outlive the
-    benchmark and hold GPU memory (a later run on the machine then auto-detects smaller batches)."""
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
-
-
 def main() -> int:
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,25 +183,10 @@ def main() -> int:
     args.card = card_name()
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-service-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    command = "python scripts/bench_service.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.service " + " ".join(sys.argv[1:])
     rows = (scaling if args.mode == "scaling" else service)(args, log_dir)
     print(save_json({"command": command, "card": args.card, "rows": rows}, args.out, indent=2))
     return 0
-
-
-def benchmark_jobs(count: int) -> list:
-    """The batch every benchmark script times: ``count`` requests with their own prompt and seed."""
-    from gpu_worker.pipelines import GenerationJob
-
-    return [GenerationJob(f"a lighthouse on a cliff, variant {i}", None, 1000 + i) for i in range(count)]
-
-
-def save_json(document: dict, out: Path | None, indent: int = 1) -> str:
-    """The benchmark scripts' result: ``document`` as JSON text, also written to ``out`` when given."""
-    text = json.dumps(document, indent=indent)
-    if out:
-        out.write_text(text + "\n")
-    return text
 
 
 if __name__ == "__main__":

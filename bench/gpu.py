@@ -1,21 +1,20 @@
-#!/usr/bin/env python3
 """One GPU, one call: the raw pipeline per optimisation and batch size, then the whole service.
 
     # raw pipeline only (eager, + channels_last/fused QKV, + torch.compile, + CUDA graphs)
-    python scripts/bench_gpu.py raw --model sdxl --size 1024 --batches 1,2,16 --out $OUT/raw-sdxl.json
+    python -m bench.gpu raw --model sdxl --size 1024 --batches 1,2,16 --out $OUT/raw-sdxl.json
     # the service as users start it, with TORCH_COMPILE on: lone request, burst of 50, 10 users x 5,
     # and the burst with ENABLE_BATCHING=false
-    python scripts/bench_gpu.py service --model sdxl --size 1024 --set TORCH_COMPILE=true --out $OUT/svc.json
+    python -m bench.gpu service --model sdxl --size 1024 --set TORCH_COMPILE=true --out $OUT/svc.json
     # some of the service's runs only (of lone, burst50, users10x5, burst50_no_batching)
-    python scripts/bench_gpu.py service --model sdxl --size 1024 --set TORCH_COMPILE=true --service-runs lone,burst50
+    python -m bench.gpu service --model sdxl --size 1024 --set TORCH_COMPILE=true --service-runs lone,burst50
     # both, and the summary rows of docs/benchmarks (one per model and setting)
-    python scripts/bench_gpu.py all --model sd15 --size 512 --batches 1,2,32 --set TORCH_COMPILE=true --out $OUT/sd15.json
+    python -m bench.gpu all --model sd15 --size 512 --batches 1,2,32 --set TORCH_COMPILE=true --out $OUT/sd15.json
     # a lone request against the raw batch of one, paired: 21 alternated rounds, the raw pipeline
     # and the service side by side on the card (no other service runs)
-    python scripts/bench_gpu.py all --model sd15 --size 512 --batches 1 --variants graphs,encoders,preemptible \
+    python -m bench.gpu all --model sd15 --size 512 --batches 1 --variants graphs,encoders,preemptible \
         --repeats 5 --set TORCH_COMPILE=true --paired 21 --service-runs none --trace --out $OUT/paired-sd15.json
     # the summary row of a raw file and a service file measured in separate calls on one card
-    python scripts/bench_gpu.py summarize --raw-file raw.json --service-file service.json
+    python -m bench.gpu summarize --raw-file raw.json --service-file service.json
 
 Raw: the worker's own ImagePipeline.generate (text encoding, denoising with CFG, VAE decode, PIL
 conversion) called in a loop, one model load, optimisations applied one after the other so every
@@ -56,7 +55,7 @@ alternated (see ``paired``): the lone request's overhead from differences measur
 emptied; what stays reserved is ``gpu_memory_held_after_gib``) before the service's worker sizes its
 batches from the free memory, then the service half.
 
-Service: scripts/bench_service.py's runs (the real processes, the seed's load test over HTTP), plus
+Service: bench/service.py's runs (the real processes, the seed's load test over HTTP), plus
 the worker's own per-batch generation times from its log, which separate GPU time from serving time,
 and the GPU's SM clock, temperature and power as each run finds it (``gpu_before``) and while it runs
 (``gpu_during``: the lowest and highest clock, sampled every 0.1 s; from NVML, one session per run).
@@ -73,10 +72,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 VARIANTS = ("eager", "layout", "compiled", "graphs", "encoders", "preemptible")
 GRAPH_MAX_BATCH = 2
@@ -148,7 +143,7 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
 
     from gpu_worker import acceleration
     from gpu_worker.acceleration import AccelerationConfig
-    from bench_service import benchmark_jobs
+    from bench.common import benchmark_jobs
     from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
 
     started = time.perf_counter()
@@ -254,12 +249,12 @@ def release_gpu_memory() -> float | None:
 
 def png_seconds(image) -> dict:
     """Encoding one output image, in seconds: PIL (the previous encoder) and gpu_worker.png, serial
-    and striped as the worker stripes (scripts/bench_png.py's encoders and timing: medians of 3)."""
+    and striped as the worker stripes (bench/png.py's encoders and timing: medians of 3)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
-    from bench_png import encoders, measure
+    from bench.png import encoders, measure
     from gpu_worker.worker import PNG_STRIPE_THREADS
 
     stripes = PNG_STRIPE_THREADS
@@ -290,7 +285,7 @@ def worker_batch_seconds(log_dir: Path) -> list[tuple]:
 
 
 def service(args: argparse.Namespace, log_dir: Path, progress) -> dict:
-    from bench_service import Service, row
+    from bench.service import Service, row
 
     settings = {"MODEL_ID": args.model, **args.settings}
     rows: list[dict] = []
@@ -339,7 +334,7 @@ def paired(args: argparse.Namespace, log_dir: Path, raw_call: Callable[[], float
     across the call stays out of the differences (two raw variants of the same GPU work differed
     by -1.5 to +0.9 ms from machine to machine). The service's worker sizes its batches beside the
     raw pipeline's memory."""
-    from bench_service import Service
+    from bench.service import Service
 
     rounds: list[dict] = []
     result = {"raw_variant": last_variant(args), "pause_s": PAIR_PAUSE_S, "rounds": rounds}
@@ -394,7 +389,7 @@ class StageTrace:
 
     def hops_since(self, offset: int) -> dict:
         """Median milliseconds per hop of the requests traced from ``offset`` on."""
-        from trace_stages import hops_ms, parse
+        from bench.trace_stages import hops_ms, parse
 
         if not self.path.exists():
             return hops_ms({})
@@ -597,7 +592,7 @@ def pause_list(text: str) -> list[float]:
 
 
 def main() -> int:
-    from bench_service import card_name, exit_on_sigterm, save_json
+    from bench.common import card_name, exit_on_sigterm, save_json
 
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -621,7 +616,7 @@ def main() -> int:
                         help="service: a setting for every process (repeatable)")
     parser.add_argument("--trace", action="store_true",
                         help="service: the processes write a stage trace (IMAGEGEN_TRACE_FILE, in the log dir); "
-                             "each row gets its requests' median milliseconds per hop (scripts/trace_stages.py)")
+                             "each row gets its requests' median milliseconds per hop (bench/trace_stages.py)")
     parser.add_argument("--paired", type=int, default=0, metavar="N",
                         help="all: N rounds of a raw batch of one beside a lone request through the service, "
                              "alternated, before the service's runs (see paired())")
@@ -637,7 +632,7 @@ def main() -> int:
     args.card = card_name()
     log_dir = args.log_dir or Path(f"/tmp/bench-gpu-{int(time.time())}")
     log_dir.mkdir(parents=True, exist_ok=True)
-    document = {"command": "python scripts/bench_gpu.py " + " ".join(sys.argv[1:]), "card": args.card}
+    document = {"command": "python -m bench.gpu " + " ".join(sys.argv[1:]), "card": args.card}
 
     def save() -> str:
         return save_json(document, args.out)

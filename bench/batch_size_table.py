@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """The seed's VRAM table (RTX 3060 ... H100) recomputed from measured memory per image.
 
-    python scripts/batch_size_table.py            # markdown, for docs/benchmarks.md
+    python -m bench.batch_size_table            # markdown, for docs/benchmarks.md
 
 For each card and model: what the worker's automatic MAX_BATCH_SIZE picks
 (gpu_worker.pipelines.auto_max_batch_size, the very function the worker calls, with its per-image
@@ -19,12 +18,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
+from gpu_worker.pipelines import auto_max_batch_size, estimate_per_image_memory_bytes
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from gpu_worker.pipelines import auto_max_batch_size, estimate_per_image_memory_bytes  # noqa: E402
 
 GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.5

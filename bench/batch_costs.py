@@ -1,14 +1,13 @@
-#!/usr/bin/env python3
 """Time the worker's own batch call per batch size, for the simulator's cost model.
 
-    python scripts/measure_batch_costs.py --model sdxl --size 1024 --batches 1,2,4,8,16 --out sdxl.json
+    python -m bench.batch_costs --model sdxl --size 1024 --batches 1,2,4,8,16 --out sdxl.json
 
 Loads MODEL_ID the way the worker does (gpu_worker.pipelines.load_pipeline: random weights for
 ``sd15``/``sdxl``, bf16 on CUDA), warms each batch size up once, then times
 ``ImagePipeline.generate`` (text encoding, denoising, VAE decode and PIL conversion: everything the
 worker's GPU thread does per batch) ``--repeats`` times and keeps the median. It also times PNG
 encoding of one output image with PIL at compress level 1, on one thread: what the worker did
-before gpu_worker/png.py (scripts/bench_gpu.py times both encoders). Prints JSON; ``--out`` writes
+before gpu_worker/png.py (bench/gpu.py times both encoders). Prints JSON; ``--out`` writes
 it too. simulator/costs.py holds the figures measured with it.
 """
 
@@ -20,12 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench_service import benchmark_jobs, save_json  # noqa: E402 - scripts/ is on the path: this script's folder
-from gpu_worker.pipelines import BatchSettings, load_pipeline  # noqa: E402
+from bench.common import benchmark_jobs, save_json
+from gpu_worker.pipelines import BatchSettings, load_pipeline
 
 
 def time_batch(pipeline, size: int, settings: BatchSettings, repeats: int) -> tuple[float, list]:

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """What the worker's wait before each denoising step costs a lone request: the raw pipeline called
 several ways, interleaved call by call on one loaded model, so every way sees the same machine.
 
-    python scripts/throttle_ab.py --model sd15 --size 512 --steps 25 --rounds 15 --out throttle.json
+    python -m bench.throttle_ab --model sd15 --size 512 --steps 25 --rounds 15 --out throttle.json
 
 Ways (each a call of the worker's ImagePipeline.generate for one image, the GPU synchronised after):
 
@@ -28,9 +27,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 WAYS = ("plain", "window", "every_step", "every_step_blocking")
 
@@ -66,7 +62,7 @@ def summary(rounds: list[dict], ways: list[str]) -> dict:
 
 
 def main() -> int:
-    from bench_service import benchmark_jobs, card_name, exit_on_sigterm, save_json
+    from bench.common import benchmark_jobs, card_name, exit_on_sigterm, save_json
 
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +96,7 @@ def main() -> int:
     settings = BatchSettings(args.size, args.size, args.steps, args.guidance)
     jobs = benchmark_jobs(1)
     rounds: list[dict] = []
-    document = {"command": "python scripts/throttle_ab.py " + " ".join(sys.argv[1:]), "card": card_name(),
+    document = {"command": "python -m bench.throttle_ab " + " ".join(sys.argv[1:]), "card": card_name(),
                 "versions": {"torch": torch.__version__, "diffusers": metadata.version("diffusers")},
                 "model": args.model, "torch_compile": args.compile, "resolution": f"{args.size}x{args.size}", "steps": args.steps,
                 "guidance_scale": args.guidance, "pause_s": args.pause_s, "rounds": rounds}

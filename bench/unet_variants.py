@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Which way of running the UNet (and the VAE decoder) is fastest on this card: one model load, one
 batch size, every variant timed on the same captured inputs in the same call.
 
-    python scripts/unet_variants.py --model sd15 --size 512 --batch 32 --out $OUT/variants-sd15.json
-    python scripts/unet_variants.py --model sdxl --size 1024 --batch 16 \\
+    python -m bench.unet_variants --model sd15 --size 512 --batch 32 --out $OUT/variants-sd15.json
+    python -m bench.unet_variants --model sdxl --size 1024 --batch 16 \\
         --variants eager,compiled,compiled-static --out $OUT/variants-sdxl.json
 
 The UNet's inputs (latents, timestep, text embeddings, SDXL's added conditions: classifier-free
@@ -45,9 +44,6 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 
 
@@ -93,7 +89,7 @@ class Inputs:
 def capture_inputs(pipeline: Any, batch: int, size: int, guidance: float) -> Inputs:
     import torch
 
-    from bench_service import benchmark_jobs
+    from bench.common import benchmark_jobs
     from gpu_worker.pipelines import BatchSettings
 
     unet = pipeline.diffusers_pipeline.unet
@@ -262,7 +258,7 @@ def main() -> int:
     import torch
     import torch._dynamo.utils
 
-    from bench_service import card_name, exit_on_sigterm, save_json
+    from bench.common import card_name, exit_on_sigterm, save_json
     from gpu_worker.pipelines import load_pipeline
 
     exit_on_sigterm()
@@ -280,7 +276,7 @@ def main() -> int:
     inputs = capture_inputs(pipeline, args.batch, args.size, args.guidance)
     setup = Setup(pipeline)
     rows: dict[str, dict] = {}
-    document = {"command": "python scripts/unet_variants.py " + " ".join(sys.argv[1:]), "card": card_name(),
+    document = {"command": "python -m bench.unet_variants " + " ".join(sys.argv[1:]), "card": card_name(),
                 "torch": torch.__version__, "model": args.model, "resolution": f"{args.size}x{args.size}",
                 "batch_size": args.batch, "unet_rows": int(inputs.unet_args[0].shape[0]), "variants": rows}
     reference = None

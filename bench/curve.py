@@ -4,7 +4,7 @@ A DEALER (the worker) sends PNG-sized frames over TCP loopback to a ROUTER (the 
 acknowledges each with a tiny frame, as a result and the next request would. Reports milliseconds
 per image for each payload size and mechanism, and the difference.
 
-    python scripts/bench_curve.py [--images 200] [--json docs/benchmarks/curve-cost-cpu.json]
+    python -m bench.curve [--images 200] [--json docs/benchmarks/curve-cost-cpu.json]
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> None:
         print(f"{size / 1e6:.1f} MB: NULL {null_ms:.2f} ms, CURVE {curve_ms:.2f} ms per image "
               f"(+{curve_ms - null_ms:.2f} ms, x{curve_ms / null_ms:.1f})")
     if args.json:
-        document = {"command": "python scripts/bench_curve.py --images %d --json %s" % (args.images, args.json),
+        document = {"command": "python -m bench.curve --images %d --json %s" % (args.images, args.json),
                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (this repo's CI kind)",
                     "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "rows": rows}
         with open(args.json, "w") as handle:

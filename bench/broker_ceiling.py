@@ -8,9 +8,9 @@ keeps ``--window`` requests outstanding (closed loop), so the broker is saturate
 else is slower; the broker's CPU time (utime + stime from /proc, per thread) over the measured
 interval divided by the requests routed is its CPU cost per request, whatever the bottleneck was.
 
-    python scripts/broker_ceiling.py                        # the sweep of docs/scale-out.md
-    python scripts/broker_ceiling.py --quick                # a few seconds, one configuration
-    python scripts/broker_ceiling.py --json docs/benchmarks/broker-ceiling-cpu.json
+    python -m bench.broker_ceiling                        # the sweep of docs/scale-out.md
+    python -m bench.broker_ceiling --quick                # a few seconds, one configuration
+    python -m bench.broker_ceiling --json docs/benchmarks/broker-ceiling-cpu.json
 
 Also measured: the broker's idle CPU with N registered workers (heartbeats only), and one run
 through the gateway (HTTP, aiohttp client in this process) for the gateway's own ceiling.
@@ -37,13 +37,10 @@ import msgpack
 import zmq
 import zmq.auth
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from imagegen import protocol  # noqa: E402
-from imagegen.local_cluster import free_port  # noqa: E402
-from imagegen.keys import main as keys_main  # noqa: E402
-from imagegen.protocol import (  # noqa: E402
+from imagegen import protocol
+from imagegen.local_cluster import free_port
+from imagegen.keys import main as keys_main
+from imagegen.protocol import (
     CLIENT_LINK,
     WORKER_LINK,
     BatchingConfig,
@@ -55,6 +52,7 @@ from imagegen.protocol import (  # noqa: E402
     WorkerStatus,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KEY_NAME = "ceiling"  # fake workers are named ceiling-w<i>: the key's name stem (imagegen/keys.py)
 WORKER_CAPACITY = 32  # in flight per worker: 2 x a max batch of 16, as an SDXL worker on an H100/H200
@@ -245,9 +243,10 @@ def client_once_registered(address: str, workers: int) -> Iterator[zmq.Socket]:
 
 
 def fake_workers_args(ends: Endpoints, workers: int, payload_bytes: int, keys_dir: Path | None = None) -> list[str]:
-    """This script run as ``workers`` zero-time workers on the broker's worker endpoint."""
-    return [sys.executable, __file__, "--role", "workers", "--address", ends.worker, "--count", str(workers),
-            "--payload-bytes", str(payload_bytes)] + (["--keys", str(keys_dir)] if keys_dir else [])
+    """This module run as ``workers`` zero-time workers on the broker's worker endpoint."""
+    return [sys.executable, "-m", "bench.broker_ceiling", "--role", "workers", "--address", ends.worker,
+            "--count", str(workers), "--payload-bytes", str(payload_bytes)] + (
+                ["--keys", str(keys_dir)] if keys_dir else [])
 
 
 def generate_header(request_id: str) -> bytes:
@@ -471,7 +470,7 @@ def main() -> None:
     gateway = None if args.no_gateway else best_of(args.repeat, "gateway_ceiling_per_s_from_cpu",
                                                    measure_gateway, 8, args)
     if args.json:
-        document = {"command": "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
+        document = {"command": " ".join(["python -m bench.broker_ceiling", *sys.argv[1:]]),
                     "machine": machine(), "worker_capacity": WORKER_CAPACITY, "broker": rows, "gateway": gateway}
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Overload test: a real broker, gateway and worker, offered ten times the load they can serve.
 
 What it checks is backpressure: past the bounded queues (the broker's MAX_QUEUE_SIZE, the gateway's
@@ -11,8 +10,8 @@ seconds whatever its size), so capacity is known: MAX_BATCH_SIZE / D images per 
 the earlier ones, each with its own client timeout. Meanwhile the script samples every process's
 VmRSS (/proc/PID/status) and the broker's queue depth (GET /stats) every 0.5 s.
 
-    .venv/bin/python scripts/overload.py                       # 80 requests/s for 20 s (10x of 8/s)
-    .venv/bin/python scripts/overload.py --rate 80 --duration 5 --max-queue-size 20 --json out.json
+    .venv/bin/python -m bench.overload                       # 80 requests/s for 20 s (10x of 8/s)
+    .venv/bin/python -m bench.overload --rate 80 --duration 5 --max-queue-size 20 --json out.json
 
 Everything listens on 127.0.0.1 on free ports; every process started runs in its own process group,
 which is killed on exit, Ctrl-C and errors included. It imports nothing from tests/.
@@ -39,10 +38,9 @@ from typing import Any
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from imagegen.local_cluster import loopback_settings
 
-from imagegen.local_cluster import loopback_settings  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 SAMPLE_INTERVAL_S = 0.5
 READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 5.0

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Where one batch's time goes: the worker's own ImagePipeline.generate, split by phase.
 
-    python scripts/profile_batch.py --model sd15 --size 512 --batch 32 --compile --out $OUT/phases-sd15.json
-    python scripts/profile_batch.py --model sdxl --size 1024 --batch 16 --compile --trace $OUT/trace-sdxl.json.gz
+    python -m bench.profile_batch --model sd15 --size 512 --batch 32 --compile --out $OUT/phases-sd15.json
+    python -m bench.profile_batch --model sdxl --size 1024 --batch 16 --compile --trace $OUT/trace-sdxl.json.gz
 
 The pipeline is loaded as the worker loads it (with ``--compile``: TORCH_COMPILE's optimisations)
 and warmed up at the batch size. Then:
@@ -33,9 +32,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 
 class PhaseTimer:
@@ -80,7 +76,7 @@ def instrument(pipeline: Any, timer: PhaseTimer) -> None:
 def main() -> int:
     import torch
 
-    from bench_service import benchmark_jobs, card_name, exit_on_sigterm, save_json
+    from bench.common import benchmark_jobs, card_name, exit_on_sigterm, save_json
     from gpu_worker.acceleration import AccelerationConfig
     from gpu_worker.pipelines import BatchSettings, load_pipeline
 
@@ -122,7 +118,7 @@ def main() -> int:
     timer.enabled = False
     phases = {phase: {"seconds": round(seconds, 4), "calls": timer.calls[phase]}
               for phase, seconds in sorted(timer.seconds.items(), key=lambda item: -item[1])}
-    document = {"command": "python scripts/profile_batch.py " + " ".join(sys.argv[1:]), "card": card_name(),
+    document = {"command": "python -m bench.profile_batch " + " ".join(sys.argv[1:]), "card": card_name(),
                 "torch": torch.__version__, "model": args.model, "resolution": f"{args.size}x{args.size}",
                 "steps": args.steps, "batch_size": args.batch, "compiled": args.compile,
                 "warm_up_s": warm_up_s, "plain_s": round(plain_s, 4), "images_per_s": round(args.batch / plain_s, 3),

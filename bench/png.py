@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Time the worker's PNG encoder (gpu_worker/png.py) against PIL and, optionally, an earlier version.
 
-    python scripts/bench_png.py --sizes 512,1024 --baseline c4fa84b --out docs/benchmarks/png-cpu.json
+    python -m bench.png --sizes 512,1024 --baseline c4fa84b --out docs/benchmarks/png-cpu.json
 
 For each size, two images: noise (what the random-weight models draw, and the worst case: it does
 not compress) and a smooth gradient (compresses like a real picture). Each encoder runs on the same
@@ -30,14 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import PIL.Image
+
+from bench.common import card_name, save_json
+from gpu_worker import png
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
-
-from bench_service import card_name, save_json  # noqa: E402 - scripts/ is on the path: this script's folder
-from gpu_worker import png  # noqa: E402
 
 
 def test_images(size: int) -> dict[str, np.ndarray]:
@@ -127,7 +125,7 @@ def main() -> int:
     finally:
         if threads is not None:
             threads.shutdown()
-    document = {"command": "python scripts/bench_png.py " + " ".join(sys.argv[1:]), "card": card_name(),
+    document = {"command": "python -m bench.png " + " ".join(sys.argv[1:]), "card": card_name(),
                 "machine_cores": len(os.sched_getaffinity(0)), "baseline": args.baseline,
                 "repeats": args.repeats, "rows": rows}
     print(save_json(document, args.out))

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """How soon work nobody waits for frees the GPU, measured against a running service.
 
     # the service started with REQUEST_TIMEOUT_S=20 (the deadline case needs it); its worker's log given
-    python scripts/abandon_probe.py --url http://127.0.0.1:8080 --deadline-s 20 --size 1024 --n 4 \\
+    python -m bench.abandon_probe --url http://127.0.0.1:8080 --deadline-s 20 --size 1024 --n 4 \\
         --steps 150 --abandon-after-s 5 --worker-log run/logs/gpu_worker_0.log --out abandon.json
 
 Two cases, each a large request through /v1/images/generations (``n`` images of ``size``, b64_json,
@@ -51,8 +50,6 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 
 CASES = ("deadline", "disconnect")
 REFUSED = (400, 503)
@@ -251,7 +248,7 @@ def versions() -> dict:
 
 
 def main() -> int:
-    from bench_service import card_name, save_json
+    from bench.common import card_name, save_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the running service's gateway")
@@ -279,7 +276,7 @@ def main() -> int:
     cases = args.cases.split(",")
     if set(cases) - set(CASES):
         parser.error(f"--cases: choose from {', '.join(CASES)}")
-    document = {"command": "python scripts/abandon_probe.py " + " ".join(sys.argv[1:]), "card": card_name(),
+    document = {"command": "python -m bench.abandon_probe " + " ".join(sys.argv[1:]), "card": card_name(),
                 "versions": versions(), "model": args.model, "settings": dict(s.split("=", 1) for s in args.set),
                 "large_request": {"size": f"{args.size}x{args.size}", "n": args.n, "steps_asked": args.steps},
                 "probe_request": {"size": f"{args.probe_size}x{args.probe_size}", "steps": args.probe_steps},
