@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from bench.common import benchmark_jobs, save_json
-from gpu_worker.pipelines import BatchSettings, load_pipeline
+from gpu_worker.pipelines import load_pipeline
+from imagegen.batch_key import BatchKey
 
 
-def time_batch(pipeline, size: int, settings: BatchSettings, repeats: int) -> tuple[float, list]:
+def time_batch(pipeline, size: int, settings: BatchKey, repeats: int) -> tuple[float, list]:
     jobs = benchmark_jobs(size)
     images = pipeline.generate(jobs, settings)  # warm-up: allocator, cuDNN/cuBLAS heuristics
     seconds = []
@@ -60,7 +61,7 @@ def main() -> int:
     started = time.perf_counter()
     pipeline = load_pipeline(args.model, None, None)
     load_s = time.perf_counter() - started
-    settings = BatchSettings(args.size, args.size, args.steps, args.guidance)
+    settings = BatchKey(args.size, args.size, args.steps, args.guidance)
     result = {
         "model": args.model, "width": args.size, "height": args.size, "steps": args.steps,
         "guidance_scale": args.guidance, "device": str(pipeline.device), "dtype": str(pipeline.dtype),

@@ -144,14 +144,15 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
     from gpu_worker import acceleration
     from gpu_worker.acceleration import AccelerationConfig
     from bench.common import benchmark_jobs
-    from gpu_worker.pipelines import BatchSettings, GenerationJob, load_pipeline
+    from gpu_worker.pipelines import GenerationJob, load_pipeline
+    from imagegen.batch_key import BatchKey
 
     started = time.perf_counter()
     pipeline = load_pipeline(args.model)
     load_s = time.perf_counter() - started
     on_cuda = torch.cuda.is_available()
     weights_bytes = torch.cuda.memory_allocated() if on_cuda else 0
-    settings = BatchSettings(args.size, args.size, args.steps, args.guidance)
+    settings = BatchKey(args.size, args.size, args.steps, args.guidance)
     sizes = [int(b) for b in args.batches.split(",")]
     variants = {}
     result = {"model": args.model, "resolution": f"{args.size}x{args.size}", "steps": args.steps,
@@ -221,7 +222,7 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
         elif variant == "encoders":
             acceleration.compile_encoders(pipeline.diffusers_pipeline)
         measure(variant, sizes_for(variant, sizes))
-    image = pipeline.generate([GenerationJob("png", None, 1)], BatchSettings(args.size, args.size, 2, args.guidance))[0]
+    image = pipeline.generate([GenerationJob("png", None, 1)], BatchKey(args.size, args.size, 2, args.guidance))[0]
     result["png_encode_s"] = png_seconds(image)
     worker_like = last_variant(args) == "preemptible"
     return result, lambda: timed(ready_generate(benchmark_jobs(1), worker_like=worker_like))[0]

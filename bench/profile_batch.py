@@ -78,7 +78,8 @@ def main() -> int:
 
     from bench.common import benchmark_jobs, card_name, exit_on_sigterm, save_json
     from gpu_worker.acceleration import AccelerationConfig
-    from gpu_worker.pipelines import BatchSettings, load_pipeline
+    from gpu_worker.pipelines import load_pipeline
+    from imagegen.batch_key import BatchKey
 
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +103,7 @@ def main() -> int:
     warm_up_s = pipeline.warm_up([args.batch], args.size, args.size, guidance_scale=args.guidance)[args.batch]
     timer = PhaseTimer(synchronize)
     instrument(pipeline, timer)
-    settings = BatchSettings(args.size, args.size, args.steps, args.guidance)
+    settings = BatchKey(args.size, args.size, args.steps, args.guidance)
     jobs = benchmark_jobs(args.batch)
 
     def call() -> float:

@@ -85,7 +85,8 @@ def main() -> int:
     import torch
 
     from gpu_worker import pipelines
-    from gpu_worker.pipelines import BatchSettings, load_pipeline
+    from gpu_worker.pipelines import load_pipeline
+    from imagegen.batch_key import BatchKey
 
     from gpu_worker.acceleration import AccelerationConfig
 
@@ -93,7 +94,7 @@ def main() -> int:
                     if args.compile else None)
     pipeline = load_pipeline(args.model, optimizations=acceleration)
     on_cuda = torch.cuda.is_available()
-    settings = BatchSettings(args.size, args.size, args.steps, args.guidance)
+    settings = BatchKey(args.size, args.size, args.steps, args.guidance)
     jobs = benchmark_jobs(1)
     rounds: list[dict] = []
     document = {"command": "python -m bench.throttle_ab " + " ".join(sys.argv[1:]), "card": card_name(),

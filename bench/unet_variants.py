@@ -90,7 +90,7 @@ def capture_inputs(pipeline: Any, batch: int, size: int, guidance: float) -> Inp
     import torch
 
     from bench.common import benchmark_jobs
-    from gpu_worker.pipelines import BatchSettings
+    from imagegen.batch_key import BatchKey
 
     unet = pipeline.diffusers_pipeline.unet
     vae = pipeline.diffusers_pipeline.vae
@@ -108,7 +108,7 @@ def capture_inputs(pipeline: Any, batch: int, size: int, guidance: float) -> Inp
     unet.forward, vae.decode = record_unet, record_vae
     try:
         jobs = benchmark_jobs(batch)
-        pipeline.generate(jobs, BatchSettings(size, size, 1, guidance))
+        pipeline.generate(jobs, BatchKey(size, size, 1, guidance))
     finally:
         unet.forward, vae.decode = unet_forward, vae_decode
     args, kwargs = seen["unet"]

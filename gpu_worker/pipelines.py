@@ -74,7 +74,6 @@ class GenerationJob:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
-BatchSettings = BatchKey  # remove once worker.py uses BatchKey
 
 
 class ModelLoadError(RuntimeError):
