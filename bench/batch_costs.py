@@ -2,12 +2,12 @@
 
     python -m bench.batch_costs --model sdxl --size 1024 --batches 1,2,4,8,16 --out sdxl.json
 
-Loads MODEL_ID the way the worker does (gpu_worker.pipelines.load_pipeline: random weights for
+Loads MODEL_ID the way the worker does (gpu_worker.model.pipelines.load_pipeline: random weights for
 ``sd15``/``sdxl``, bf16 on CUDA), warms each batch size up once, then times
 ``ImagePipeline.generate`` (text encoding, denoising, VAE decode and PIL conversion: everything the
 worker's GPU thread does per batch) ``--repeats`` times and keeps the median. It also times PNG
 encoding of one output image with PIL at compress level 1, on one thread: what the worker did
-before gpu_worker/png.py (bench/gpu.py times both encoders). Prints JSON; ``--out`` writes
+before gpu_worker/model/png.py (bench/gpu.py times both encoders). Prints JSON; ``--out`` writes
 it too. simulator/costs.py holds the figures measured with it.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.common import benchmark_jobs, save_json
-from gpu_worker.pipelines import load_pipeline
+from gpu_worker.model.pipelines import load_pipeline
 from imagegen.batch_key import BatchKey
 
 

@@ -3,7 +3,7 @@
     python -m bench.batch_size_table            # markdown, for docs/benchmarks.md
 
 For each card and model: what the worker's automatic MAX_BATCH_SIZE picks
-(gpu_worker.pipelines.auto_max_batch_size, the very function the worker calls, with its per-image
+(gpu_worker.model.pipelines.auto_max_batch_size, the very function the worker calls, with its per-image
 reference figures) and the largest batch the measured memory says fits (weights + batch-1
 activations + slope x (batch - 1) <= the card's memory), both from the H100 measurements committed
 in docs/benchmarks/raw-*-h100.json (bf16, whole pipeline: text encoders, UNet with CFG, VAE decode).
@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from gpu_worker.pipelines import auto_max_batch_size, estimate_per_image_memory_bytes
+from gpu_worker.model.pipelines import auto_max_batch_size, estimate_per_image_memory_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -31,7 +31,7 @@ def exit_on_sigterm() -> None:
 
 def benchmark_jobs(count: int) -> list:
     """The batch every benchmark module times: ``count`` requests with their own prompt and seed."""
-    from gpu_worker.pipelines import GenerationJob
+    from gpu_worker.model.pipelines import GenerationJob
 
     return [GenerationJob(f"a lighthouse on a cliff, variant {i}", None, 1000 + i) for i in range(count)]
 

@@ -57,7 +57,7 @@ for side in old new; do
 done
 for stripes in 6 14; do
   (cd "$here" && "$python" -m bench.png --sizes 512,1024 --repeats "$png_repeats" --stripes "$stripes" \
-    --baseline "$baseline/gpu_worker/png.py" --out "$out/png-$stripes.json" > /dev/null 2>&1)
+    --baseline "$baseline/gpu_worker/model/png.py" --out "$out/png-$stripes.json" > /dev/null 2>&1)
   "$python" - "$out/png-$stripes.json" <<'PY'
 import json, sys
 for row in json.load(open(sys.argv[1]))["rows"]:

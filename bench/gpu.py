@@ -88,8 +88,8 @@ class WorkerCall:
     until the GPU has at most one step queued."""
 
     def __init__(self, steps: int) -> None:
-        from gpu_worker.policies import HoldTuning
-        from gpu_worker.preemption import Preemption
+        from gpu_worker.decisions.policies import HoldTuning
+        from gpu_worker.decisions.preemption import Preemption
 
         self.handed_over = 0
         self.preemption = Preemption(time.monotonic() + HoldTuning().coalesce_gap_s, time.monotonic, rows=1,
@@ -141,10 +141,10 @@ def raw(args: argparse.Namespace, progress) -> tuple[dict, Callable[[], float]]:
     variant measured was called (``preemptible``: as the worker calls it), for ``--paired``."""
     import torch
 
-    from gpu_worker import acceleration
-    from gpu_worker.acceleration import AccelerationConfig
+    from gpu_worker.model import acceleration
+    from gpu_worker.model.acceleration import AccelerationConfig
     from bench.common import benchmark_jobs
-    from gpu_worker.pipelines import GenerationJob, load_pipeline
+    from gpu_worker.model.pipelines import GenerationJob, load_pipeline
     from imagegen.batch_key import BatchKey
 
     started = time.perf_counter()
@@ -249,14 +249,14 @@ def release_gpu_memory() -> float | None:
 
 
 def png_seconds(image) -> dict:
-    """Encoding one output image, in seconds: PIL (the previous encoder) and gpu_worker.png, serial
+    """Encoding one output image, in seconds: PIL (the previous encoder) and gpu_worker.model.png, serial
     and striped as the worker stripes (bench/png.py's encoders and timing: medians of 3)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
     from bench.png import encoders, measure
-    from gpu_worker.worker import PNG_STRIPE_THREADS
+    from gpu_worker.shell.worker import PNG_STRIPE_THREADS
 
     stripes = PNG_STRIPE_THREADS
     names = {"pil_level1": "pil_level1", "current": "striped_1", f"current_{stripes}_stripes": f"striped_{stripes}"}

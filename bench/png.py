@@ -1,4 +1,4 @@
-"""Time the worker's PNG encoder (gpu_worker/png.py) against PIL and, optionally, an earlier version.
+"""Time the worker's PNG encoder (gpu_worker/model/png.py) against PIL and, optionally, an earlier version.
 
     python -m bench.png --sizes 512,1024 --baseline c4fa84b --out docs/benchmarks/png-cpu.json
 
@@ -33,7 +33,7 @@ import numpy as np
 import PIL.Image
 
 from bench.common import card_name, save_json
-from gpu_worker import png
+from gpu_worker.model import png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,12 +46,12 @@ def test_images(size: int) -> dict[str, np.ndarray]:
 
 
 def png_module_at(revision: str):
-    """gpu_worker/png.py as it was at git ``revision`` (or the file at that path: machines that get
+    """gpu_worker/model/png.py as it was at git ``revision`` (or the file at that path: machines that get
     a copy of the working tree without its git history), imported as a module of its own."""
     if revision.endswith(".py") and Path(revision).is_file():
         source = Path(revision).read_text()
     else:
-        source = subprocess.run(["git", "show", f"{revision}:gpu_worker/png.py"], cwd=REPO, capture_output=True,
+        source = subprocess.run(["git", "show", f"{revision}:gpu_worker/model/png.py"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as handle:
         handle.write(source)
@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="512,1024", help="square image sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--stripes", type=int, default=1, help="also time this many stripes in parallel (> 1)")
-    parser.add_argument("--baseline", help="a git revision whose gpu_worker/png.py to time beside this one, or "
+    parser.add_argument("--baseline", help="a git revision whose gpu_worker/model/png.py to time beside this one, or "
                                                "the path of such a file (a .py)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

@@ -60,7 +60,7 @@ class PhaseTimer:
 
 def instrument(pipeline: Any, timer: PhaseTimer) -> None:
     """Route the pipeline's phases through ``timer`` (in place; instance attributes shadow methods)."""
-    from gpu_worker import decoding
+    from gpu_worker.model import decoding
 
     dp = pipeline.diffusers_pipeline
     for name in ("text_encoder", "text_encoder_2"):
@@ -77,8 +77,8 @@ def main() -> int:
     import torch
 
     from bench.common import benchmark_jobs, card_name, exit_on_sigterm, save_json
-    from gpu_worker.acceleration import AccelerationConfig
-    from gpu_worker.pipelines import load_pipeline
+    from gpu_worker.model.acceleration import AccelerationConfig
+    from gpu_worker.model.pipelines import load_pipeline
     from imagegen.batch_key import BatchKey
 
     exit_on_sigterm()

@@ -8,7 +8,7 @@ Ways (each a call of the worker's ImagePipeline.generate for one image, the GPU 
 * ``plain``: no preemption (no check, no wait);
 * ``window``: the default policy's preemption window (HoldTuning.coalesce_gap_s) opened at the call,
   no rows: the GPU thread waits (StepThrottle) only inside the window;
-* ``every_step``: as the worker calls every batch now (gpu_worker/worker.py): the window, the batch's
+* ``every_step``: as the worker calls every batch now (gpu_worker/shell/worker.py): the window, the batch's
   rows and steps and a progress callback, so it waits before every step until the GPU has at most
   one step queued;
 * ``every_step_blocking``: the same, the marks made with ``torch.cuda.Event(blocking=True)`` (the
@@ -33,8 +33,8 @@ WAYS = ("plain", "window", "every_step", "every_step_blocking")
 
 def preemption_for(way: str, steps: int, clock=time.monotonic):
     """The Preemption the way passes (None for ``plain``)."""
-    from gpu_worker.policies import HoldTuning
-    from gpu_worker.preemption import Preemption
+    from gpu_worker.decisions.policies import HoldTuning
+    from gpu_worker.decisions.preemption import Preemption
 
     if way == "plain":
         return None
@@ -84,11 +84,11 @@ def main() -> int:
 
     import torch
 
-    from gpu_worker import pipelines
-    from gpu_worker.pipelines import load_pipeline
+    from gpu_worker.model import pipelines
+    from gpu_worker.model.pipelines import load_pipeline
     from imagegen.batch_key import BatchKey
 
-    from gpu_worker.acceleration import AccelerationConfig
+    from gpu_worker.model.acceleration import AccelerationConfig
 
     acceleration = (AccelerationConfig(compile=True, cuda_graph_max_batch=2, channels_last=True, fuse_qkv=True)
                     if args.compile else None)

@@ -181,7 +181,7 @@ class Setup:
         attention_only(None)
 
     def layout(self) -> None:
-        from gpu_worker import acceleration
+        from gpu_worker.model import acceleration
 
         acceleration.apply_layout(self.dp, channels_last=True, fuse_qkv=True)
         self.fused = hasattr(self.dp, "fuse_qkv_projections")
@@ -204,7 +204,7 @@ def unet_call(setup: Setup, inputs: Inputs, variant: str) -> Callable[[], Any]:
     """Set the variant up; return a zero-argument call of the UNet in that state."""
     import torch
 
-    from gpu_worker.acceleration import CompiledUnetForward
+    from gpu_worker.model.acceleration import CompiledUnetForward
 
     setup.reset()
     how = UNET_VARIANTS[variant]
@@ -259,7 +259,7 @@ def main() -> int:
     import torch._dynamo.utils
 
     from bench.common import card_name, exit_on_sigterm, save_json
-    from gpu_worker.pipelines import load_pipeline
+    from gpu_worker.model.pipelines import load_pipeline
 
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,7 +1,7 @@
 """Admission: refuse at once a request that cannot finish within its deadline, instead of accepting it
 and leaving it to time out (pure: no sockets, no clock of its own; every call takes ``now``).
 
-Cost is counted in work units (gpu_worker.cost_model.work_units: megapixels x steps x CFG rows).
+Cost is counted in work units (gpu_worker.decisions.cost_model.work_units: megapixels x steps x CFG rows).
 Each worker's *seconds per work unit* comes from two sources, the cheaper one winning:
 
 * what it measured at warm-up and reported at registration (``Register.seconds_per_work_unit``: the
@@ -101,7 +101,7 @@ class Admission:
     def decide(self, key: BatchKey, deadline_s: float, units_ahead: float, workers: Sequence[WorkerSpeed],
                now: float) -> Verdict:
         """Whether a request of ``key`` with ``deadline_s`` is accepted, with ``units_ahead`` work
-        units already waiting or running (gpu_worker.cost_model.work_units) and ``workers`` accepting."""
+        units already waiting or running (gpu_worker.decisions.cost_model.work_units) and ``workers`` accepting."""
         per_unit = self.seconds_per_unit(workers, now)
         if per_unit is None:
             return ACCEPT  # nothing measured yet: never refuse on a guess

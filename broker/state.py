@@ -314,7 +314,7 @@ class BrokerState:
         return Failure(message.request_id, verdict.code, verdict.message, verdict.retry_after_s)
 
     def units_ahead(self, now: float) -> float:
-        """Work units (gpu_worker.cost_model.work_units) of every request held and not finished: in
+        """Work units (gpu_worker.decisions.cost_model.work_units) of every request held and not finished: in
         full while queued, the part left by its latest PROGRESS once dispatched, half when a worker
         holds it and has reported nothing yet (it may be running). Summed at most every
         UNITS_AHEAD_RECOMPUTE_S, accepted requests added in between: summing at every arrival made a

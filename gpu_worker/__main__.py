@@ -9,12 +9,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from gpu_worker.acceleration import AccelerationConfig
-from gpu_worker.batcher import BatchPolicyConfig
-from gpu_worker.oom import is_out_of_memory, release_cached_memory
-from gpu_worker.policies import make_batcher
+from gpu_worker.model.acceleration import AccelerationConfig
+from gpu_worker.decisions.batcher import BatchPolicyConfig
+from gpu_worker.model.oom import is_out_of_memory, release_cached_memory
+from gpu_worker.decisions.policies import make_batcher
 from gpu_worker.config import WorkerSettings
-from gpu_worker.pipelines import (
+from gpu_worker.model.pipelines import (
     ImagePipeline,
     ModelLoadError,
     auto_max_batch_size,
@@ -22,8 +22,8 @@ from gpu_worker.pipelines import (
     load_pipeline,
     seconds_per_work_unit,
 )
-from gpu_worker.fake_backend import is_fake_model_id, parse_fake_model_id
-from gpu_worker.worker import Worker, WorkerIdentity, registration
+from gpu_worker.model.fake_backend import is_fake_model_id, parse_fake_model_id
+from gpu_worker.shell.worker import Worker, WorkerIdentity, registration
 from imagegen import protocol
 from imagegen import settings as settings_lib
 from imagegen import stage_trace
@@ -119,7 +119,7 @@ def warm_up(pipeline: ImagePipeline, policy: BatchPolicyConfig, compiled: bool,
 
 
 def measure_cost(pipeline: ImagePipeline) -> float:
-    """Seconds per work unit (gpu_worker.cost_model.work_units) for the broker's admission rule: one
+    """Seconds per work unit (gpu_worker.decisions.cost_model.work_units) for the broker's admission rule: one
     step's time at the native size and at twice its side, the marginal cost between them
     (pipelines.seconds_per_work_unit). 0 (not measured) if the larger size does not fit or fails:
     the broker then refuses nothing before it has seen this worker's results."""
@@ -150,7 +150,7 @@ async def main(settings: WorkerSettings) -> None:
         sys.exit(2)
     started = time.perf_counter()
     try:
-        # MODEL_ID=fake[:...] is the test backend of gpu_worker/fake_backend.py (no model at all).
+        # MODEL_ID=fake[:...] is the test backend of gpu_worker/model/fake_backend.py (no model at all).
         pipeline = parse_fake_model_id(settings.model_id) or load_pipeline(
             settings.model_id, settings.device, settings.dtype, optimizations(settings))
     except (ModelLoadError, ValueError) as exc:  # ValueError: a malformed fake id

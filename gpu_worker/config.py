@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from gpu_worker.policies import DEFAULT, POLICY_ALIASES, POLICY_NAMES, canonical_policy
+from gpu_worker.decisions.policies import DEFAULT, POLICY_ALIASES, POLICY_NAMES, canonical_policy
 from imagegen import protocol
 from imagegen.keys import load_public, load_secret
 from imagegen.logs import log_format_setting, log_level_setting

@@ -147,7 +147,7 @@ class WorkerStatus:
     sum_wait_ms: float = bounded(low=0.0)  # arrival at the worker -> its batch starts, summed
     sum_generation_ms: float = bounded(low=0.0)  # one batch's inference time, summed over batches
     max_batch_size: int = bounded(0, low=0, high=100_000)  # now (lowered after out-of-memory); 0: unknown
-    # Batches stopped at a step boundary (gpu_worker/preemption.py: newer requests joining a lone
+    # Batches stopped at a step boundary (gpu_worker/decisions/preemption.py: newer requests joining a lone
     # request's batch, or rows no longer wanted), and the GPU time they had run, summed. Defaults: a worker of an older build sends neither.
     stopped_batches: int = bounded(0, low=0)
     sum_stopped_ms: float = bounded(0.0, low=0.0)
@@ -169,7 +169,7 @@ class Register(Message):
     capacity: int = bounded(low=1, high=MAX_CAPACITY)  # most requests the broker may hand it at once
     batching: BatchingConfig
     protocol_version: int = PROTOCOL_VERSION
-    # Seconds one denoising step costs per work unit (gpu_worker.cost_model.work_units: megapixels x
+    # Seconds one denoising step costs per work unit (gpu_worker.decisions.cost_model.work_units: megapixels x
     # CFG rows), measured at warm-up as the marginal cost of a larger image: for the broker's
     # admission rule before it has seen a result (broker/admission.py). 0: not measured (a worker of
     # an older build, WORKER_WARMUP=0, the fake backend).

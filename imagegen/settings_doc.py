@@ -39,12 +39,12 @@ def services() -> list[Service]:
     from broker.config import BrokerSettings
     from gateway.config import GatewaySettings
     from gpu_worker.config import WorkerSettings
-    from gpu_worker.supervisor_config import LauncherSettings
+    from launcher.supervisor_config import LauncherSettings
 
     return [
         Service("Worker", "python -m gpu_worker", WorkerSettings,
                 "One process per GPU: it loads the model, forms batches (docs/batching.md) and runs them."),
-        Service("Launcher", "./scripts/serve.sh, python -m gpu_worker.supervisor_config", LauncherSettings,
+        Service("Launcher", "./scripts/serve.sh, python -m launcher.supervisor_config", LauncherSettings,
                 "Writes run/supervisord.conf with one worker per GPU before supervisord starts."),
         Service("Broker", "python -m broker", BrokerSettings,
                 "Queues requests, hands them to workers and watches that the workers are alive."),
@@ -104,7 +104,7 @@ def intro() -> str:
     return "\n\n".join([
         "# Settings",
         f"Generated from the settings classes by `{REGENERATE}`. Edit the help texts in "
-        "`gpu_worker/config.py`, `gpu_worker/supervisor_config.py`, `broker/config.py` and `gateway/config.py`, "
+        "`gpu_worker/config.py`, `launcher/supervisor_config.py`, `broker/config.py` and `gateway/config.py`, "
         "never this file: a test fails when the two differ.",
         "Every setting is an environment variable and a command-line flag of the same name in lower case with "
         f"dashes: `MAX_BATCH_WAIT_TIME=2` or `python -m gpu_worker {flag_name('MAX_BATCH_WAIT_TIME')} 2`; a flag "

@@ -10,7 +10,7 @@
     python scripts/simulate.py --workload poisson --load 0.9 --gpus 8 --policy default
 
 No sleeping, no sockets: broker.state.BrokerState, broker.balancing.Balancer and the batchers of
-gpu_worker.policies run against a virtual clock, and a GPU cost model fitted to measured tables
+gpu_worker.decisions.policies run against a virtual clock, and a GPU cost model fitted to measured tables
 says how long each batch takes. The whole --compare takes a few seconds.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from gpu_worker.policies import POLICY_ALIASES  # noqa: E402
+from gpu_worker.decisions.policies import POLICY_ALIASES  # noqa: E402
 from simulator import costs as cost_models  # noqa: E402
 from simulator import runs  # noqa: E402
 from simulator import workloads as wl  # noqa: E402

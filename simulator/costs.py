@@ -24,8 +24,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
-from gpu_worker.batcher import BatchKey
-from gpu_worker.cost_model import work_units
+from gpu_worker.decisions.batcher import BatchKey
+from gpu_worker.decisions.cost_model import work_units
 
 SDXL_1024 = BatchKey(1024, 1024, 25, 5.0)
 SD15_512 = BatchKey(512, 512, 25, 7.5)

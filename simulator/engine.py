@@ -2,9 +2,9 @@
 
 What runs is the production decision code: :class:`broker.state.BrokerState` (queue, credit,
 balancing through :class:`broker.balancing.Balancer`) and, per worker, the batcher that
-``BATCH_POLICY`` selects (:func:`gpu_worker.policies.make_batcher`). Only the GPU is modelled: a
+``BATCH_POLICY`` selects (:func:`gpu_worker.decisions.policies.make_batcher`). Only the GPU is modelled: a
 batch takes ``CostModel.batch_s(key, size)`` seconds. The worker shell is mirrored as it is in
-gpu_worker/worker.py: ask the batcher for a batch whenever the GPU is free, otherwise sleep until
+gpu_worker/shell/worker.py: ask the batcher for a batch whenever the GPU is free, otherwise sleep until
 ``next_decision_at()`` or the next arrival; after a batch, report its duration to the batcher
 (``observe_batch``, when it has one) and deliver the images in order, ``encode_threads`` PNG
 encodings at a time (each result frees one of the worker's credits at the broker when it lands).
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from broker.state import BrokerPolicy, BrokerState, ToClient, ToWorker
-from gpu_worker.batcher import Batch, BatchKey, BatchPolicyConfig
-from gpu_worker.policies import HoldTuning, make_batcher
+from gpu_worker.decisions.batcher import Batch, BatchKey, BatchPolicyConfig
+from gpu_worker.decisions.policies import HoldTuning, make_batcher
 from imagegen.protocol import (
     BatchingConfig,
     Failure,

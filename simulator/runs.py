@@ -17,8 +17,8 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-from gpu_worker.batcher import BatchPolicyConfig
-from gpu_worker.policies import DEFAULT, POLICY_ALIASES, WINDOW, HoldTuning
+from gpu_worker.decisions.batcher import BatchPolicyConfig
+from gpu_worker.decisions.policies import DEFAULT, POLICY_ALIASES, WINDOW, HoldTuning
 from simulator import costs as cost_models
 from simulator import workloads as wl
 from simulator.costs import CostModel

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from gpu_worker.batcher import BatchKey
+from gpu_worker.decisions.batcher import BatchKey
 from simulator.costs import CostModel
 from simulator.engine import RequestRecord, Simulation
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpu_worker.batcher import BatchPolicyConfig
-from gpu_worker.worker import Worker, WorkerIdentity
+from gpu_worker.decisions.batcher import BatchPolicyConfig
+from gpu_worker.shell.worker import Worker, WorkerIdentity
 
 
 def offline_worker(backend: Any, config: BatchPolicyConfig, batcher: Any, capacity: int) -> Worker:

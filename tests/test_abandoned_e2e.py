@@ -1,6 +1,6 @@
 """Abandoned work, admission and honest 504s with real processes (broker, gateway, workers).
 
-The serving-layer tests run the FAKE backend with a per-step delay (gpu_worker/fake_backend.py:
+The serving-layer tests run the FAKE backend with a per-step delay (gpu_worker/model/fake_backend.py:
 ``step_delay``, each step preceded by the worker's stop check, as in the real denoising loop): what
 is under test is when the worker stops, not the images. The image-identity test and the CPU-default
 admission test run the real tiny random-weight pipeline (MODEL_ID=tiny).

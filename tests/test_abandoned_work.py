@@ -1,7 +1,7 @@
 """Work nobody waits for stops at the next denoising step; admission refuses what cannot finish in
 time; the broker answers a late request itself, saying where it was.
 
-The decisions are pure and run on a fake clock here (gpu_worker.preemption.abandon_decision,
+The decisions are pure and run on a fake clock here (gpu_worker.decisions.preemption.abandon_decision,
 ProgressLimiter, broker.admission.Admission, broker.state.BrokerState's deadlines); the worker's shell
 runs in this process with the FAKE backend standing in for GPU time (tests/offline_worker.py).
 Real processes: tests/test_abandoned_e2e.py.
@@ -16,11 +16,11 @@ import pytest
 
 from broker.admission import Admission, WorkerSpeed
 from broker.state import BrokerPolicy, BrokerState, ToClient, ToWorker
-from gpu_worker.batcher import Batcher, BatchKey, BatchPolicyConfig
-from gpu_worker.cost_model import work_units
-from gpu_worker.fake_backend import FakeBackend
-from gpu_worker.pipelines import seconds_per_work_unit
-from gpu_worker.preemption import AbandonDecision, BatchPreempted, Preemption, ProgressLimiter, abandon_decision
+from gpu_worker.decisions.batcher import Batcher, BatchKey, BatchPolicyConfig
+from gpu_worker.decisions.cost_model import work_units
+from gpu_worker.model.fake_backend import FakeBackend
+from gpu_worker.model.pipelines import seconds_per_work_unit
+from gpu_worker.decisions.preemption import AbandonDecision, BatchPreempted, Preemption, ProgressLimiter, abandon_decision
 from imagegen import protocol
 from imagegen.protocol import (BatchingConfig, Cancel, Failure, Generate, GenerationParams, Heartbeat, Progress,
                                Register, Result, WorkerStatus)
@@ -283,7 +283,7 @@ def results(sent: list) -> list[Result]:
 def test_a_cancelled_lone_batch_stops_at_its_next_step_and_the_next_request_runs(caplog):
     worker, backend, sent = make_worker()
     try:
-        with caplog.at_level("INFO", logger="gpu_worker.worker"):
+        with caplog.at_level("INFO", logger="gpu_worker.shell.worker"):
             asyncio.run(drive(worker, sent, [(0.0, request(0)), (0.3, request(1, steps=2)), (0.5, Cancel("request-0"))],
                               until=lambda s: len(results(s)) >= 1))
     finally:
@@ -297,7 +297,7 @@ def test_a_cancelled_lone_batch_stops_at_its_next_step_and_the_next_request_runs
 def test_a_running_row_past_its_own_deadline_is_dropped_and_answered(caplog):
     worker, backend, sent = make_worker()
     try:
-        with caplog.at_level("INFO", logger="gpu_worker.worker"):
+        with caplog.at_level("INFO", logger="gpu_worker.shell.worker"):
             asyncio.run(drive(worker, sent, [(0.0, request(0, steps=80, deadline_s=0.5)), (0.1, request(1, steps=2))],
                               until=lambda s: len(results(s)) >= 1))
     finally:
@@ -311,7 +311,7 @@ def test_a_running_row_past_its_own_deadline_is_dropped_and_answered(caplog):
 def test_a_batch_that_lost_one_row_early_restarts_the_other_alone(caplog):
     worker, backend, sent = make_worker(min_batch_size=2)
     try:
-        with caplog.at_level("INFO", logger="gpu_worker.worker"):
+        with caplog.at_level("INFO", logger="gpu_worker.shell.worker"):
             asyncio.run(drive(worker, sent, [(0.0, request(0)), (0.0, request(1)), (0.5, Cancel("request-0"))],
                               until=lambda s: len(results(s)) >= 1))
     finally:
@@ -324,7 +324,7 @@ def test_a_batch_that_lost_one_row_early_restarts_the_other_alone(caplog):
 def test_a_batch_that_lost_one_row_late_finishes_and_drops_that_rows_image(caplog):
     worker, backend, sent = make_worker(min_batch_size=2)
     try:
-        with caplog.at_level("INFO", logger="gpu_worker.worker"):
+        with caplog.at_level("INFO", logger="gpu_worker.shell.worker"):
             asyncio.run(drive(worker, sent, [(0.0, request(0, steps=20)), (0.0, request(1, steps=20)),
                                              (0.8, Cancel("request-0"))],
                               until=lambda s: len(results(s)) >= 1))

@@ -1,4 +1,4 @@
-"""gpu_worker.acceleration on the CPU: torch.compile of a real (tiny) UNet and VAE decoder inside the
+"""gpu_worker.model.acceleration on the CPU: torch.compile of a real (tiny) UNet and VAE decoder inside the
 real pipeline.
 
 CUDA graphs need a GPU (bench/gpu.py measures them there); the compiled path, the dynamic
@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from gpu_worker import acceleration
+from gpu_worker.model import acceleration
 from gpu_worker.__main__ import warm_up, warm_up_batch_sizes
-from gpu_worker.acceleration import (AccelerationConfig, CompiledTextEncoderForward, CompiledUnetForward,
+from gpu_worker.model.acceleration import (AccelerationConfig, CompiledTextEncoderForward, CompiledUnetForward,
                                      CompiledVaeDecode, compiled_forward)
-from gpu_worker.batcher import BatchPolicyConfig
-from gpu_worker.pipelines import GenerationJob, load_pipeline
+from gpu_worker.decisions.batcher import BatchPolicyConfig
+from gpu_worker.model.pipelines import GenerationJob, load_pipeline
 from imagegen.batch_key import BatchKey
 
 # torch.compile of the tiny pipeline takes about 2 minutes on a quiet 2-core machine and several times
@@ -114,7 +114,7 @@ def test_a_shape_that_would_compile_runs_eager_instead(pipelines, caplog):
     forward = compiled_forward(compiled.diffusers_pipeline.unet)
     other = BatchKey(128, 64, 2, 7.5)
     graphs_before = counters["stats"]["unique_graphs"]
-    with caplog.at_level(logging.WARNING, logger="gpu_worker.acceleration"):
+    with caplog.at_level(logging.WARNING, logger="gpu_worker.model.acceleration"):
         images = compiled.generate_array(jobs(2), other)
     assert counters["stats"]["unique_graphs"] == graphs_before  # nothing compiled
     np.testing.assert_allclose(images, eager.generate_array(jobs(2), other), atol=2e-4)
@@ -205,7 +205,7 @@ def test_other_warm_up_errors_and_a_batch_of_one_that_does_not_fit_are_raised():
 def test_largest_decoder_activation_is_the_one_the_decoder_makes(name, latent_size, per_decode):
     from diffusers import AutoencoderKL
 
-    from gpu_worker.architectures import _VAES
+    from gpu_worker.model.architectures import _VAES
 
     with torch.device("meta"):  # real sizes, no memory, no arithmetic
         vae = AutoencoderKL(**_VAES[name])

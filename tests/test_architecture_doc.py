@@ -23,7 +23,7 @@ import pytest
 from broker.config import BrokerSettings
 from gateway.config import GatewaySettings
 from gpu_worker.config import WorkerSettings
-from gpu_worker.supervisor_config import LauncherSettings
+from launcher.supervisor_config import LauncherSettings
 from imagegen.protocol import Command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,8 +168,8 @@ def test_the_architecture_page_covers_every_service_package():
     ("`broker/no_such_file.py`", "no such file"),
     ("`BrokerState`", "no Python file named before it"),
     ("`broker/state.py`\n\n`BrokerState`", "no Python file named before it"),  # a blank line ends the block
-    ("`gpu_worker/worker.py` `NO_SUCH_CONSTANT`", "not defined"),
-    ("`gpu_worker/link.py` `Welcome.no_such_field`", "not defined"),
+    ("`gpu_worker/shell/worker.py` `NO_SUCH_CONSTANT`", "not defined"),
+    ("`gpu_worker/shell/link.py` `Welcome.no_such_field`", "not defined"),
     ("[x](no-such-page.md)", "no such file"),
     ("[x](https://example.com)", "inside the repository only"),
 ])
@@ -180,9 +180,9 @@ def test_the_check_finds_what_does_not_exist(page, problem):
 
 @pytest.mark.parametrize("page", [
     "`broker/state.py` `BrokerState.submit()` `BrokerState.queue` `UNITS_AHEAD_RECOMPUTE_S`",
-    "`gpu_worker/link.py` `Welcome` `Welcome.broker_epoch`",  # imported from imagegen/protocol.py
+    "`gpu_worker/shell/link.py` `Welcome` `Welcome.broker_epoch`",  # imported from imagegen/protocol.py
     "`gateway/app.py` `create_app()` `MAX_REQUEST_BYTES` `CANCEL`",  # a setting's variable, a command
-    "`gpu_worker/worker.py` `Worker._on_message()` and then `gpu_worker/worker_state.py` `WorkerState` and "
+    "`gpu_worker/shell/worker.py` `Worker._on_message()` and then `gpu_worker/decisions/worker_state.py` `WorkerState` and "
     "`WorkerState.queued_deadlines`",
 ])
 def test_the_check_accepts_what_exists(page):

@@ -1,4 +1,4 @@
-"""Unit tests of gpu_worker.batcher: the seed's batching rule, driven by a fake clock.
+"""Unit tests of gpu_worker.decisions.batcher: the seed's batching rule, driven by a fake clock.
 
 Every Batcher method takes ``now``; the tests pass plain floats, so no test sleeps.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_worker.batcher import Batch, BatchKey, Batcher, BatchPolicyConfig, Pending, adaptive_wait_time_s
+from gpu_worker.decisions.batcher import Batch, BatchKey, Batcher, BatchPolicyConfig, Pending, adaptive_wait_time_s
 
 T0 = 1000.0  # an arbitrary monotonic-clock origin
 KEY = BatchKey(512, 512, 25, 7.5)

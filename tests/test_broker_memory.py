@@ -25,7 +25,7 @@ import zmq
 
 from broker.config import MIN_MEMORY_LIMIT_BYTES, BrokerSettings
 from broker.server import BrokerServer
-from gpu_worker import supervisor_config
+from launcher import supervisor_config
 from imagegen import protocol
 from imagegen import settings as settings_lib
 from imagegen.keys import main as keys_main

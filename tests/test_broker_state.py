@@ -25,7 +25,7 @@ from broker.state import (
     WorkerRemoved,
 )
 from broker.stats import build_stats
-from gpu_worker.batcher import BatchKey
+from gpu_worker.decisions.batcher import BatchKey
 from imagegen import protocol
 from imagegen.protocol import (
     PROTOCOL_VERSION,

@@ -13,7 +13,7 @@ import pytest
 from broker.config import BrokerSettings
 from gateway.config import GatewaySettings
 from gpu_worker.config import WorkerSettings
-from gpu_worker.supervisor_config import LauncherSettings
+from launcher.supervisor_config import LauncherSettings
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""Tests of gpu_worker.fake_backend: the FAKE image backend (no model) used by serving-layer tests.
+"""Tests of gpu_worker.model.fake_backend: the FAKE image backend (no model) used by serving-layer tests.
 
 These check the fake itself (MODEL_ID parsing, image size, determinism, fault injection); nothing
 here says anything about the real pipeline, which tests/test_pipelines.py covers.
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker import fake_backend
-from gpu_worker.fake_backend import FakeBackend, is_fake_model_id, parse_fake_model_id
-from gpu_worker.oom import OUT_OF_MEMORY_ERROR
-from gpu_worker.pipelines import GenerationJob
+from gpu_worker.model import fake_backend
+from gpu_worker.model.fake_backend import FakeBackend, is_fake_model_id, parse_fake_model_id
+from gpu_worker.model.oom import OUT_OF_MEMORY_ERROR
+from gpu_worker.model.pipelines import GenerationJob
 from imagegen.batch_key import BatchKey
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_bad_fake_ids_raise_value_error(model_id, fragment):
 def test_cell_sets_the_images_grain():
     """cell=1 draws one random colour per pixel, so its PNGs are as large as a random-weight model's
     (what the serving path's benchmarks need); the default 8-pixel cells compress well."""
-    from gpu_worker import png
+    from gpu_worker.model import png
 
     settings = BatchKey(256, 256, 2, 7.5)
     noise = parse_fake_model_id("fake:cell=1")
@@ -144,8 +144,8 @@ def test_images_are_deterministic_across_instances_and_batches():
 def test_images_are_deterministic_across_processes():
     # sha256, not Python's salted hash(): another interpreter gets the same pixels.
     code = ("import hashlib, numpy as np\n"
-            "from gpu_worker.fake_backend import FakeBackend\n"
-            "from gpu_worker.pipelines import GenerationJob\n"
+            "from gpu_worker.model.fake_backend import FakeBackend\n"
+            "from gpu_worker.model.pipelines import GenerationJob\n"
             "from imagegen.batch_key import BatchKey\n"
             "img = FakeBackend().generate([GenerationJob('a cat', None, 7)], "
             "BatchKey(64, 64, 2, 7.5))[0]\n"
@@ -252,7 +252,7 @@ def test_failures_do_not_wait_for_the_delay(sleeps):
 
 
 def test_import_is_cheap_no_diffusers():
-    code = ("import sys, gpu_worker.fake_backend, gpu_worker.oom\n"
+    code = ("import sys, gpu_worker.model.fake_backend, gpu_worker.model.oom\n"
             "assert 'diffusers' not in sys.modules, 'diffusers was imported'\n"
             "assert 'transformers' not in sys.modules, 'transformers was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

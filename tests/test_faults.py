@@ -1,7 +1,7 @@
 """Faults with real processes and sockets: every accepted request ends with its image or a clear
 error within its deadline, never a hang or a silent drop.
 
-Workers run the FAKE backend (gpu_worker/fake_backend.py: no model, a fixed delay per batch), since
+Workers run the FAKE backend (gpu_worker/model/fake_backend.py: no model, a fixed delay per batch), since
 what is under test is the serving layer's behaviour when processes die, hang or restart.
 Heartbeats every 0.2 s with a liveness of 5 put the detection window at 1 s.
 """

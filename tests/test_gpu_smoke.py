@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker.preemption import BatchPreempted, Preemption
-from gpu_worker.pipelines import GenerationJob, auto_max_batch_size, free_gpu_memory_bytes, load_pipeline
+from gpu_worker.decisions.preemption import BatchPreempted, Preemption
+from gpu_worker.model.pipelines import GenerationJob, auto_max_batch_size, free_gpu_memory_bytes, load_pipeline
 from imagegen.batch_key import BatchKey
 
 pytestmark = [

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from gpu_worker.gpus import GpuSelectionError, nvml_device_count, resolve_gpu_ids, visible_gpu_ids
+from launcher.gpus import GpuSelectionError, nvml_device_count, resolve_gpu_ids, visible_gpu_ids
 
 
 @pytest.mark.parametrize("gpu_ids, cuda_visible, count, expected", [

@@ -19,8 +19,8 @@ def test_the_broker_imports_nothing_from_the_worker_package():
 
 
 def test_the_worker_still_offers_the_shared_names_where_its_modules_used_them():
-    from gpu_worker.batcher import BatchKey as batcher_key
-    from gpu_worker.cost_model import work_units as cost_model_units
+    from gpu_worker.decisions.batcher import BatchKey as batcher_key
+    from gpu_worker.decisions.cost_model import work_units as cost_model_units
     from imagegen.batch_key import BatchKey, work_units
 
     assert batcher_key is BatchKey and cost_model_units is work_units

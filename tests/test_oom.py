@@ -1,6 +1,6 @@
-"""Tests of gpu_worker.oom (split-and-retry on out-of-memory) and Batcher.lower_max_batch_size.
+"""Tests of gpu_worker.model.oom (split-and-retry on out-of-memory) and Batcher.lower_max_batch_size.
 
-The backend that runs out of memory is the FAKE one (gpu_worker.fake_backend, no model) or small
+The backend that runs out of memory is the FAKE one (gpu_worker.model.fake_backend, no model) or small
 scripted stand-ins defined here: these test the splitting logic, not the real pipeline.
 """
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker import oom
-from gpu_worker.batcher import Batcher, BatchKey, BatchPolicyConfig
-from gpu_worker.fake_backend import FakeBackend, parse_fake_model_id
-from gpu_worker.oom import OUT_OF_MEMORY_ERROR, OomSplittingBackend, is_out_of_memory
-from gpu_worker.pipelines import GenerationJob, auto_max_batch_size
+from gpu_worker.model import oom
+from gpu_worker.decisions.batcher import Batcher, BatchKey, BatchPolicyConfig
+from gpu_worker.model.fake_backend import FakeBackend, parse_fake_model_id
+from gpu_worker.model.oom import OUT_OF_MEMORY_ERROR, OomSplittingBackend, is_out_of_memory
+from gpu_worker.model.pipelines import GenerationJob, auto_max_batch_size
 
 SETTINGS = BatchKey(64, 64, 2, 7.5)
 

@@ -1,4 +1,4 @@
-"""Tests of gpu_worker.pipelines: loading, batched generation, reproducibility, memory arithmetic.
+"""Tests of gpu_worker.model.pipelines: loading, batched generation, reproducibility, memory arithmetic.
 
 All on the CPU with the tiny random-weight models; real-size architectures are only built on the
 meta device (parameter counts, no memory, no compute).
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker import architectures, decoding
-from gpu_worker.pipelines import (
+from gpu_worker.model import architectures, decoding
+from gpu_worker.model.pipelines import (
     BUILTIN_MODELS,
     GenerationJob,
     ImagePipeline,

@@ -1,4 +1,4 @@
-"""gpu_worker.png: the striped PNG encoder gives standard PNGs whose pixels are exactly the input."""
+"""gpu_worker.model.png: the striped PNG encoder gives standard PNGs whose pixels are exactly the input."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from gpu_worker import png
+from gpu_worker.model import png
 
 
 def decode(data: bytes) -> np.ndarray:

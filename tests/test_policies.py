@@ -1,4 +1,4 @@
-"""Unit tests of gpu_worker.policies (the default batching policy) and gpu_worker.cost_model.
+"""Unit tests of gpu_worker.decisions.policies (the default batching policy) and gpu_worker.decisions.cost_model.
 
 Every method takes ``now``; the tests pass plain floats (a fake clock), so no test sleeps.
 """
@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicy, BatchPolicyConfig
-from gpu_worker.cost_model import OnlineCostModel, SizeTable, work_units
-from gpu_worker.policies import POLICY_NAMES, AdaptiveBatcher, HoldTuning, make_batcher
+from gpu_worker.decisions.batcher import Batch, Batcher, BatchKey, BatchPolicy, BatchPolicyConfig
+from gpu_worker.decisions.cost_model import OnlineCostModel, SizeTable, work_units
+from gpu_worker.decisions.policies import POLICY_NAMES, AdaptiveBatcher, HoldTuning, make_batcher
 
 T0 = 1000.0
 KEY = BatchKey(1024, 1024, 25, 5.0)

@@ -1,5 +1,5 @@
 """A lone request starts at once; a request that can join it within the window stops it at a step
-boundary and both run in one batch (gpu_worker/preemption.py, the default policy's preemptible start).
+boundary and both run in one batch (gpu_worker/decisions/preemption.py, the default policy's preemptible start).
 
 Three levels: the stop signal alone (pure, a fake clock), the real (tiny, random-weight) diffusers
 pipeline stopping inside its denoising loop, and the worker shell (its event loop, GPU thread and
@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker.batcher import BatchPolicyConfig
-from gpu_worker.fake_backend import FakeBackend
-from gpu_worker.pipelines import GenerationJob, StepThrottle, load_pipeline
-from gpu_worker.policies import AdaptiveBatcher, HoldTuning
-from gpu_worker import decoding
-from gpu_worker.preemption import AbandonDecision, BatchPreempted, Preemption
+from gpu_worker.decisions.batcher import BatchPolicyConfig
+from gpu_worker.model.fake_backend import FakeBackend
+from gpu_worker.model.pipelines import GenerationJob, StepThrottle, load_pipeline
+from gpu_worker.decisions.policies import AdaptiveBatcher, HoldTuning
+from gpu_worker.model import decoding
+from gpu_worker.decisions.preemption import AbandonDecision, BatchPreempted, Preemption
 from imagegen.batch_key import BatchKey
 from imagegen.protocol import Cancel, Generate, GenerationParams, Result
 from offline_worker import close_offline_worker, offline_worker
@@ -220,7 +220,7 @@ def test_a_lone_request_starts_at_once():
 def test_a_request_arriving_in_the_window_stops_the_lone_batch_and_both_run_together(caplog):
     worker, backend, sent = make_worker()
     try:
-        with caplog.at_level("INFO", logger="gpu_worker.worker"):
+        with caplog.at_level("INFO", logger="gpu_worker.shell.worker"):
             results = asyncio.run(run_worker(worker, sent, [(0.0, generate(0)), (0.05, generate(1))], results=2))
     finally:
         close_offline_worker(worker)
@@ -250,7 +250,7 @@ def test_a_request_arriving_after_the_window_waits_for_the_running_batch():
 def test_a_request_cancelled_while_its_lone_batch_ran_is_not_queued_again_when_the_batch_stops(caplog):
     worker, backend, sent = make_worker()
     try:
-        with caplog.at_level("INFO", logger="gpu_worker.worker"):
+        with caplog.at_level("INFO", logger="gpu_worker.shell.worker"):
             results = asyncio.run(run_worker(worker, sent, [(0.0, generate(0)), (0.02, Cancel("request-0")),
                                                             (0.05, generate(1))], results=1))
     finally:

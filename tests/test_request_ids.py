@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cluster import Cluster
-from gpu_worker.fake_backend import fake_pixels
-from gpu_worker.pipelines import GenerationJob
+from gpu_worker.model.fake_backend import fake_pixels
+from gpu_worker.model.pipelines import GenerationJob
 from imagegen.batch_key import BatchKey
 
 

@@ -1,4 +1,4 @@
-"""gpu_worker.schedulers: PNDM with its coefficients on the timestep's device gives the same samples.
+"""gpu_worker.model.schedulers: PNDM with its coefficients on the timestep's device gives the same samples.
 
 On the CPU the timestep is a CPU tensor, so the replaced method's tensor path (the one the GPU
 takes) runs here, step by step against diffusers' own."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
-from gpu_worker.pipelines import load_pipeline
-from gpu_worker.schedulers import without_gpu_waits
+from gpu_worker.model.pipelines import load_pipeline
+from gpu_worker.model.schedulers import without_gpu_waits
 
 SD15_LIKE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from broker.state import BrokerState
-from gpu_worker.batcher import Batcher, BatchKey
-from gpu_worker.policies import AdaptiveBatcher
+from gpu_worker.decisions.batcher import Batcher, BatchKey
+from gpu_worker.decisions.policies import AdaptiveBatcher
 from simulator import costs as cost_models
 from simulator import runs
 from simulator import workloads as wl
@@ -225,7 +225,7 @@ def test_a_lone_request_starts_at_once_and_a_burst_stops_its_first_batch_after_t
 
 
 def test_without_preemption_the_first_request_of_a_burst_is_held_instead():
-    from gpu_worker.policies import HoldTuning
+    from gpu_worker.decisions.policies import HoldTuning
 
     cluster = replace(runs.cluster_for("default"), tuning=HoldTuning(preempt=False))
     sim = Simulation(cluster, SDXL)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from supervisor.options import ServerOptions
 
-from gpu_worker.supervisor_config import main, render
+from launcher.supervisor_config import main, render
 from procs import get_json
 from test_e2e_supervisord import BIN, Stack
 
@@ -109,7 +109,7 @@ class GeneratedStack(Stack):
     def __init__(self, tmp_path: Path, gpu_count: int, **settings: str) -> None:
         super().__init__(tmp_path, **settings)
         generated = tmp_path / "run" / "supervisord.conf"
-        done = subprocess.run([sys.executable, "-m", "gpu_worker.supervisor_config", "--template", str(self.conf),
+        done = subprocess.run([sys.executable, "-m", "launcher.supervisor_config", "--template", str(self.conf),
                                "--output", str(generated), "--assume-gpu-count", str(gpu_count)],
                               env=self.env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
@@ -141,7 +141,7 @@ def test_generated_config_runs_a_worker_per_gpu_under_supervisord(tmp_path):
 
 def test_serve_sh_generates_the_config_before_starting_supervisord():
     script = (REPO / "scripts" / "serve.sh").read_text()
-    assert "python -m gpu_worker.supervisor_config --output run/supervisord.conf" in script
+    assert "python -m launcher.supervisor_config --output run/supervisord.conf" in script
     assert "exec supervisord -c run/supervisord.conf" in script
     assert os.access(REPO / "scripts" / "serve.sh", os.X_OK)
     assert shutil.which("supervisord", path=str(BIN)), "supervisord must be installed in the venv"

@@ -1,4 +1,4 @@
-"""gpu_worker.worker.BatchEncodings: a batch's PNGs start as its images are handed over, once each."""
+"""gpu_worker.shell.worker.BatchEncodings: a batch's PNGs start as its images are handed over, once each."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from gpu_worker.worker import BatchEncodings
+from gpu_worker.shell.worker import BatchEncodings
 
 
 def image(value: int) -> np.ndarray:

@@ -1,7 +1,7 @@
-"""Unit tests of gpu_worker.worker_state: the GPU worker's decisions, on a fake clock.
+"""Unit tests of gpu_worker.decisions.worker_state: the GPU worker's decisions, on a fake clock.
 
 No asyncio, no torch, no sockets: every method takes ``now`` (plain floats here) and returns what
-the shell (gpu_worker/worker.py) would do. The shell with a fake backend: tests/test_preemption.py,
+the shell (gpu_worker/shell/worker.py) would do. The shell with a fake backend: tests/test_preemption.py,
 tests/test_abandoned_work.py.
 """
 
@@ -11,10 +11,10 @@ import logging
 
 import pytest
 
-from gpu_worker.batcher import Batcher, BatchKey, BatchPolicy, BatchPolicyConfig
-from gpu_worker.policies import AdaptiveBatcher, HoldTuning
-from gpu_worker.preemption import AbandonDecision
-from gpu_worker.worker_state import (
+from gpu_worker.decisions.batcher import Batcher, BatchKey, BatchPolicy, BatchPolicyConfig
+from gpu_worker.decisions.policies import AdaptiveBatcher, HoldTuning
+from gpu_worker.decisions.preemption import AbandonDecision
+from gpu_worker.decisions.worker_state import (
     RUNNING_DEADLINE_GRACE_S,
     AbandonRow,
     LogNote,

@@ -1,10 +1,10 @@
-"""gpu_worker/stats.py: the worker's counters and the WorkerStatus they become."""
+"""gpu_worker/decisions/stats.py: the worker's counters and the WorkerStatus they become."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from gpu_worker.stats import WorkerCounters
+from gpu_worker.decisions.stats import WorkerCounters
 from imagegen.protocol import WorkerStatus
 
 # WorkerStatus fields that are the worker's state now, not counted by WorkerCounters.

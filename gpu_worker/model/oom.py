@@ -1,7 +1,7 @@
 """Surviving GPU out-of-memory errors: split the batch in halves and retry.
 
 :class:`OomSplittingBackend` wraps any backend with ``generate(jobs, settings, on_images) -> list[image]``
-(gpu_worker.pipelines.ImagePipeline, gpu_worker.fake_backend.FakeBackend). When a batch raises an
+(gpu_worker.model.pipelines.ImagePipeline, gpu_worker.model.fake_backend.FakeBackend). When a batch raises an
 out-of-memory error it is split in two halves (the first half gets the extra job when the size is
 odd) and each half is generated on its own, recursively, so every job still gets its image, in the
 original order, and no request fails because of its batch-mates. Only a single job that runs out of
@@ -42,7 +42,7 @@ OUT_OF_MEMORY_ERROR: type[RuntimeError] = getattr(torch, "OutOfMemoryError",
                                                   torch.cuda.OutOfMemoryError)
 
 OnOom = Callable[[int, int], None]
-# on_images(first_index, images): images[i] is image first_index + i of the batch (gpu_worker.decoding)
+# on_images(first_index, images): images[i] is image first_index + i of the batch (gpu_worker.model.decoding)
 OnImages = Callable[[int, Sequence[Any]], None]
 
 
@@ -80,7 +80,7 @@ class _CallState:
     smallest_failed: int | None = None  # smallest size that ran out of memory in this call
     largest_succeeded: int = 0          # largest sub-batch that completed in this call (0: none)
     ooms: int = 0
-    # gpu_worker.preemption.Preemption of the call, passed to the first attempt only: a batch that
+    # gpu_worker.decisions.preemption.Preemption of the call, passed to the first attempt only: a batch that
     # had to be split is past any preemption window.
     preemption: Any = None
 
@@ -123,7 +123,7 @@ class OomSplittingBackend:
         the whole batch's; images handed over before a sub-batch ran out of memory come again when
         it is retried in halves (the same images: a job's image does not depend on its batch).
         Raises what the inner backend raises, except OOM errors of batches of two or more jobs;
-        an OOM of a single job is re-raised as it is. ``preemption`` (gpu_worker.preemption) goes to
+        an OOM of a single job is re-raised as it is. ``preemption`` (gpu_worker.decisions.preemption) goes to
         the first attempt only, and only when given (BatchPreempted passes through).
         """
         jobs = list(jobs)

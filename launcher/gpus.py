@@ -1,7 +1,7 @@
 """Which GPUs this host serves: one worker per GPU, resolved before any worker starts.
 
 GPU ids are *physical* ids: nvidia-smi's numbering, which is NVML's index and CUDA's index under
-``CUDA_DEVICE_ORDER=PCI_BUS_ID``. The launcher (:mod:`gpu_worker.supervisor_config`) gives each
+``CUDA_DEVICE_ORDER=PCI_BUS_ID``. The launcher (:mod:`launcher.supervisor_config`) gives each
 worker ``CUDA_VISIBLE_DEVICES=<its id>``, ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` and ``GPU_ID=<its id>``,
 so the id in ``/stats``, in the worker's name and in nvidia-smi is the same number.
 

@@ -1,6 +1,6 @@
 """Stopping a batch that has just started, at a denoising step boundary, so newer requests can join it.
 
-The default policy (gpu_worker/policies.py) starts a lone request on an idle GPU at once instead of
+The default policy (gpu_worker/decisions/policies.py) starts a lone request on an idle GPU at once instead of
 holding the GPU for the few milliseconds in which the rest of a burst would land. Such a batch is
 *preemptible* for a short window: if a request it could share an inference with arrives in that
 window, the worker stops it before its next denoising step, puts its request back in the queue
@@ -12,7 +12,7 @@ millisecond apart), else a step or two.
 :class:`Preemption` is the hand-off between the worker's event loop, which decides (``request``),
 and the GPU thread, which stops (``before_step``, called before every UNet call of the denoising
 loop, the first one included). While the window is open the GPU thread waits before it looks until
-the GPU has at most one step queued (gpu_worker.pipelines.StepThrottle), so that a stop throws away
+the GPU has at most one step queued (gpu_worker.model.pipelines.StepThrottle), so that a stop throws away
 at most that step: otherwise the CPU queues steps far ahead of the GPU and the GPU would still have
 to run them all. Waiting for the GPU to finish everything instead would leave it idle at each step
 of the window while the CPU prepares the next.

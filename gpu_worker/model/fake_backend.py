@@ -3,9 +3,9 @@
 This is NOT an image model. It exists so that the gateway -> broker -> worker path (batching,
 delivery, failure handling, fault injection such as out-of-memory errors) can be exercised quickly
 and deterministically without loading diffusers or owning a GPU. Never use it as a stand-in in
-tests that are named for, or claim to check, the real pipeline (gpu_worker.pipelines).
+tests that are named for, or claim to check, the real pipeline (gpu_worker.model.pipelines).
 
-It offers the surface the worker uses from :class:`gpu_worker.pipelines.ImagePipeline`:
+It offers the surface the worker uses from :class:`gpu_worker.model.pipelines.ImagePipeline`:
 ``model_id``, ``architecture`` ("fake"), ``device`` (cpu), ``dtype`` (float32), ``native_size``
 (64), ``generate(jobs, settings)`` and ``per_image_memory_bytes(width, height)``.
 
@@ -35,9 +35,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from gpu_worker.oom import OUT_OF_MEMORY_ERROR, OnImages
-from gpu_worker.pipelines import GenerationJob
-from gpu_worker.preemption import Preemption
+from gpu_worker.model.oom import OUT_OF_MEMORY_ERROR, OnImages
+from gpu_worker.model.pipelines import GenerationJob
+from gpu_worker.decisions.preemption import Preemption
 from imagegen.batch_key import BatchKey
 from imagegen.settings import parse_bool
 

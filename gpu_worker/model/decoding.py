@@ -20,8 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from gpu_worker.acceleration import equal_parts, images_per_decode
-from gpu_worker.oom import OnImages  # on_images(first_index, images): here (H, W, 3) uint8 arrays
+from gpu_worker.model.acceleration import equal_parts, images_per_decode
+from gpu_worker.model.oom import OnImages  # on_images(first_index, images): here (H, W, 3) uint8 arrays
 
 # Latents per VAE decode: small enough that the first part's images are ready early (PNG encoding
 # of a part overlaps the decode of the next), large enough that the decode stays efficient (a

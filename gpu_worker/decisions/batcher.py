@@ -105,7 +105,7 @@ class Batch(Generic[T]):
     requests: tuple[Pending[T], ...]
     formed_at: float
     # Until this instant a request of the same key may stop this batch at its next step boundary and
-    # join it (gpu_worker/preemption.py); None: the batch runs to the end. Only the default policy
+    # join it (gpu_worker/decisions/preemption.py); None: the batch runs to the end. Only the default policy
     # sets it (AdaptiveBatcher: a lone request started instead of held).
     preemptible_until: float | None = None
 
@@ -118,8 +118,8 @@ class Batch(Generic[T]):
 
 @runtime_checkable
 class BatchPolicy(Protocol[T]):
-    """Everything the worker asks of a batching policy (gpu_worker/worker_state.py ``WorkerState``):
-    :class:`Batcher` and every policy of gpu_worker/policies.py implement all of it, so the worker
+    """Everything the worker asks of a batching policy (gpu_worker/decisions/worker_state.py ``WorkerState``):
+    :class:`Batcher` and every policy of gpu_worker/decisions/policies.py implement all of it, so the worker
     calls each method directly. Every method that needs the time takes ``now``."""
 
     config: BatchPolicyConfig  # the limits of the moment (the worker reports max_batch_size)
@@ -241,7 +241,7 @@ class Batcher(Generic[T]):
     def ready_at(self, group: deque[Pending[T]]) -> float:
         """The instant this group may run if the GPU is free (it runs at once if already full).
 
-        The one rule a subclass policy replaces (gpu_worker/policies.py)."""
+        The one rule a subclass policy replaces (gpu_worker/decisions/policies.py)."""
         oldest = group[0].arrived_at
         if len(group) >= self.max_batch_size_for(group[0].key):
             return float("-inf")

@@ -1,11 +1,11 @@
 """What the GPU worker knows and decides, as a pure object: no sockets, no asyncio, no torch, no threads.
 
-The worker's shell (gpu_worker/worker.py ``Worker``) tells :class:`WorkerState` what happened, with
+The worker's shell (gpu_worker/shell/worker.py ``Worker``) tells :class:`WorkerState` what happened, with
 ``now`` from its one injected clock, and carries out what it answers. That keeps every rule of the
 worker testable with a fake clock (tests/test_worker_state.py), as broker/state.py does for the
 broker.
 
-It owns the queue (the :class:`gpu_worker.batcher.BatchPolicy` that forms batches, and the queued
+It owns the queue (the :class:`gpu_worker.decisions.batcher.BatchPolicy` that forms batches, and the queued
 requests' deadlines) and the running batch's bookkeeping (its rows, their deadlines, the rows nobody
 waits for any more). Its events:
 
@@ -33,8 +33,8 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Union
 
-from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicy, BatchPolicyConfig
-from gpu_worker.preemption import AbandonDecision
+from gpu_worker.decisions.batcher import Batch, Batcher, BatchKey, BatchPolicy, BatchPolicyConfig
+from gpu_worker.decisions.preemption import AbandonDecision
 from imagegen.protocol import FailureCode, Generate
 
 # A running row past its deadline is dropped this long after it: the broker answers it first (its
@@ -53,7 +53,7 @@ class Queued:
 
 @dataclass(frozen=True)
 class RequestPreemption:
-    """Stop the running batch at its next step: an arrival can join it (gpu_worker/preemption.py)."""
+    """Stop the running batch at its next step: an arrival can join it (gpu_worker/decisions/preemption.py)."""
 
     batch_size: int
     since_formed_s: float  # how long after the batch was formed the arrival came
@@ -218,7 +218,7 @@ class WorkerState:
 
     def _abandon(self, request_id: str, why: str) -> list[Action]:
         """Nobody waits for this running row any more: the batch decides at its next step whether to
-        stop (gpu_worker.preemption.abandon_decision); its image is never sent, nor is it requeued."""
+        stop (gpu_worker.decisions.preemption.abandon_decision); its image is never sent, nor is it requeued."""
         running = self.running
         if running is None or request_id in running.unwanted:
             return []

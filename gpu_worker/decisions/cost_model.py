@@ -3,7 +3,7 @@
 BentoML's adaptive dispatcher fits ``latency = a + b * batch_size`` from the batches it has run;
 this does the same job without assuming a line, because real GPUs are not linear at small sizes
 (docs/benchmarks.md, GPU ceilings: an SDXL step at batch 1 costs what it costs at batch 2). For each
-:class:`~gpu_worker.batcher.BatchKey` it keeps a moving average of the observed duration per batch
+:class:`~gpu_worker.decisions.batcher.BatchKey` it keeps a moving average of the observed duration per batch
 size, and answers for other sizes by interpolating between observed sizes.
 
 Where it has no evidence it assumes the cost is *proportional* to the batch size (batching saves

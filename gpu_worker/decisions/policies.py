@@ -1,6 +1,6 @@
 """Batching policies a worker can run, chosen by ``BATCH_POLICY``: ``default`` and ``window`` (pure).
 
-``window`` is :class:`gpu_worker.batcher.Batcher`: a group runs when it fills a batch or its oldest
+``window`` is :class:`gpu_worker.decisions.batcher.Batcher`: a group runs when it fills a batch or its oldest
 request has waited the (adaptive) window. ``seed``, its earlier name, is still accepted.
 
 ``default`` is :class:`AdaptiveBatcher`. Same interface, same grouping by :class:`BatchKey`, same
@@ -17,7 +17,7 @@ GPU for batch-mates unless they are expected soon enough to pay for the wait:
     fraction) lets the burst land before the GPU commits to a batch of one. With ``preempt`` (the
     default) a group of *one* does not hold: it starts at once as a preemptible batch, and a request
     of its key arriving within ``coalesce_gap_s`` of it (:attr:`Batch.preemptible_until`) stops it
-    before its next denoising step (gpu_worker/preemption.py). A lone request pays no hold; a burst
+    before its next denoising step (gpu_worker/decisions/preemption.py). A lone request pays no hold; a burst
     pays what the stopped batch ran. The window is the whole gap, not capped by
     ``coalesce_fraction``: that cap bounds what a lone request pays for a hold, and a preemptible
     start costs it nothing. Groups of two or more (a burst landing) hold as before.
@@ -41,8 +41,8 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from gpu_worker.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig, Pending
-from gpu_worker.cost_model import OnlineCostModel
+from gpu_worker.decisions.batcher import Batch, Batcher, BatchKey, BatchPolicyConfig, Pending
+from gpu_worker.decisions.cost_model import OnlineCostModel
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ class ArrivalGaps:
 
 @dataclass
 class AdaptiveBatcher(Batcher[T]):
-    """The default policy: :class:`gpu_worker.batcher.Batcher` with another readiness rule.
+    """The default policy: :class:`gpu_worker.decisions.batcher.Batcher` with another readiness rule.
 
     Queueing, grouping, cancelling, taking a batch and the limits are Batcher's own; this class
     replaces only :meth:`ready_at` (when an idle GPU should run a group), and learns arrival gaps

@@ -1,39 +1,39 @@
 """The GPU worker's shell: the broker link, the GPU thread, PNG encoding and delivery.
 
-Every decision is :class:`gpu_worker.worker_state.WorkerState`'s, a pure object told each event
+Every decision is :class:`gpu_worker.decisions.worker_state.WorkerState`'s, a pure object told each event
 with ``now`` from the worker's one injected clock: what is queued (the batching policy, a
-:class:`gpu_worker.batcher.BatchPolicy`) and until when, which batch runs next, which rows of the
+:class:`gpu_worker.decisions.batcher.BatchPolicy`) and until when, which batch runs next, which rows of the
 running batch nobody waits for any more, what a stopped or failed batch leaves, the limits after an
 out-of-memory error, and when to look again. This shell carries out the actions it returns
-(:data:`gpu_worker.worker_state.Action`: send a FAILURE, abandon a row, stop the running batch, a
+(:data:`gpu_worker.decisions.worker_state.Action`: send a FAILURE, abandon a row, stop the running batch, a
 log line) and moves the bytes.
 
 Tasks on one event-loop thread (only that thread touches the socket; pyzmq sockets are not
 thread-safe):
 
-* the link (:mod:`gpu_worker.link`) registers, watches the broker's liveness and reconnects, and
+* the link (:mod:`gpu_worker.shell.link`) registers, watches the broker's liveness and reconnects, and
   hands GENERATE and CANCEL messages to this worker;
 * the heartbeat task reports queue depth and counters every interval;
 * the batch loop takes the next batch from the state whenever the GPU is free, sleeping until its
   next decision instant or the next arrival (queued requests past their deadline fail first, before
   they cost GPU time), and runs the pipeline in a dedicated thread (so heartbeats flow while the GPU
   computes). A batch the batcher marks preemptible (a lone request started instead of held,
-  gpu_worker/preemption.py) is stopped at its next step boundary when a request that could join it
+  gpu_worker/decisions/preemption.py) is stopped at its next step boundary when a request that could join it
   arrives in time; its request goes back to the queue and runs with the newcomers. Every batch is
   also stopped at its next step boundary when rows nobody waits for any more (a CANCEL from the
   broker, or the row's own deadline passing while it runs) make stopping worth it
-  (gpu_worker.preemption.abandon_decision): its wanted rows go back to the queue and run again;
+  (gpu_worker.decisions.preemption.abandon_decision): its wanted rows go back to the queue and run again;
   otherwise it finishes and only the wanted rows' images are sent. The GPU thread learns of both
-  through the batch's :class:`gpu_worker.preemption.Preemption`, the one object it shares with the
+  through the batch's :class:`gpu_worker.decisions.preemption.Preemption`, the one object it shares with the
   event loop. While a batch runs, each of its requests gets a PROGRESS message at its start (step 0)
   and then at most one every PROGRESS_INTERVAL_S.
 
 PNG encoding runs in its own thread pools and overlaps the GPU's work: a batch's images are handed
-over part by part as the VAE decodes them (gpu_worker.decoding), each part's PNGs are compressed
+over part by part as the VAE decodes them (gpu_worker.model.decoding), each part's PNGs are compressed
 while the GPU decodes the next part and then runs the next batch, and the results are sent once the
 whole batch is done (they all carry the batch's generation time). The GPU never waits for
 compression or sockets. Each image is also split into stripes compressed in parallel
-(gpu_worker/png.py, ISA-L's deflate), so a lone image's PNG costs about a millisecond.
+(gpu_worker/model/png.py, ISA-L's deflate), so a lone image's PNG costs about a millisecond.
 """
 
 from __future__ import annotations
@@ -48,14 +48,14 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol, Sequence
 
-from gpu_worker import png
-from gpu_worker.batcher import Batch, BatchKey, BatchPolicy, BatchPolicyConfig
-from gpu_worker.pipelines import GenerationJob
-from gpu_worker.preemption import BatchPreempted, Preemption, ProgressLimiter
-from gpu_worker.stats import WorkerCounters
-from gpu_worker.link import BrokerLink
-from gpu_worker.oom import OnImages, OomSplittingBackend
-from gpu_worker.worker_state import (
+from gpu_worker.model import png
+from gpu_worker.decisions.batcher import Batch, BatchKey, BatchPolicy, BatchPolicyConfig
+from gpu_worker.model.pipelines import GenerationJob
+from gpu_worker.decisions.preemption import BatchPreempted, Preemption, ProgressLimiter
+from gpu_worker.decisions.stats import WorkerCounters
+from gpu_worker.shell.link import BrokerLink
+from gpu_worker.model.oom import OnImages, OomSplittingBackend
+from gpu_worker.decisions.worker_state import (
     AbandonRow,
     Action,
     LogNote,
@@ -85,7 +85,7 @@ DRAIN_TIMEOUT_S = 300.0
 # At most one PROGRESS message per running request this often (its first, step 0, always goes; the
 # last step is never reported: the RESULT follows it).
 PROGRESS_INTERVAL_S = 0.5
-# PNG encoding (gpu_worker/png.py, ISA-L) of one 1024x1024 image takes 1-6 ms of CPU on the GPU
+# PNG encoding (gpu_worker/model/png.py, ISA-L) of one 1024x1024 image takes 1-6 ms of CPU on the GPU
 # hosts: encode a batch's images in parallel so delivery keeps up with the GPU, and split large
 # images (png.MIN_STRIPE_BYTES) into stripes on a second pool (a pool's thread never waits on its
 # own pool). The stripe pool may use every core but two, for the event loop and the GPU thread (the
@@ -104,7 +104,7 @@ def short_ids(request_ids: Sequence[str], labels: Sequence[str] = ()) -> str:
 
 
 class ImageBackend(Protocol):
-    """What the worker needs from a pipeline (gpu_worker.pipelines.ImagePipeline is the real one).
+    """What the worker needs from a pipeline (gpu_worker.model.pipelines.ImagePipeline is the real one).
 
     generate may hand images over early, ``on_images(first_index, images)`` from its own thread, for
     consecutive slices of the batch; whatever it did not hand over is taken from its return value.
@@ -129,7 +129,7 @@ def encode_png(image: Any, stripe_threads: Executor | None = None, request_id: s
     trace (the end apart from when the event loop picks the PNG up: worker_png_ready)."""
     if request_id is not None:
         stage_trace.stage("worker_png_started", request_id)
-    # ISA-L level 1: the fastest level that still finds repeats (gpu_worker/png.py).
+    # ISA-L level 1: the fastest level that still finds repeats (gpu_worker/model/png.py).
     encoded = png.encode_png(image, stripe_threads, stripes=PNG_STRIPE_THREADS, level=1)
     if request_id is not None:
         stage_trace.stage("worker_png_encoded", request_id)
@@ -215,13 +215,13 @@ class Worker:
                  seconds_per_work_unit: float = 0.0) -> None:
         self.identity = identity
         self.seconds_per_work_unit = seconds_per_work_unit  # measured at warm-up; reported for admission
-        # A batch that runs out of GPU memory is split and retried in halves (gpu_worker/oom.py).
+        # A batch that runs out of GPU memory is split and retried in halves (gpu_worker/model/oom.py).
         self.backend = OomSplittingBackend(backend, on_oom=self._out_of_memory_in_gpu_thread)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.capacity = capacity
         self.max_batch_size_auto = max_batch_size_auto
         self.clock = clock  # the one clock: decisions, deadlines and every duration the worker reports
-        # Every decision: the queue (any BatchPolicy, gpu_worker/policies.py; the window rule by
+        # Every decision: the queue (any BatchPolicy, gpu_worker/decisions/policies.py; the window rule by
         # default), deadlines, the running batch's rows.
         self.decisions = WorkerState(policy, batcher)
         self.counters = WorkerCounters()

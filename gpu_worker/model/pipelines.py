@@ -23,9 +23,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from gpu_worker import acceleration, decoding
-from gpu_worker.acceleration import AccelerationConfig
-from gpu_worker.preemption import Preemption
+from gpu_worker.model import acceleration, decoding
+from gpu_worker.model.acceleration import AccelerationConfig
+from gpu_worker.decisions.preemption import Preemption
 from imagegen.batch_key import BatchKey
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class ImagePipeline:
         if isinstance(sample_size, (list, tuple)):
             sample_size = max(sample_size)
         self.native_size = int(sample_size) * self.vae_scale_factor
-        self.images_per_part = decoding.IMAGES_PER_PART  # latents per VAE decode (gpu_worker.decoding)
+        self.images_per_part = decoding.IMAGES_PER_PART  # latents per VAE decode (gpu_worker.model.decoding)
 
     def __repr__(self) -> str:
         return (f"ImagePipeline(model_id={self.model_id!r}, architecture={self.architecture!r}, "
@@ -115,9 +115,9 @@ class ImagePipeline:
         their PNGs are being encoded).
 
         One pipeline call denoises the whole batch; its latents are then decoded in parts
-        (gpu_worker.decoding), and ``on_images(first_index, arrays)``, if given, receives each
+        (gpu_worker.model.decoding), and ``on_images(first_index, arrays)``, if given, receives each
         part's arrays as soon as they are on the host, before the next part is
-        decoded, in the calling thread. With a ``preemption`` (gpu_worker.preemption) every
+        decoded, in the calling thread. With a ``preemption`` (gpu_worker.decisions.preemption) every
         denoising step starts with ``preemption.before_step``, which raises BatchPreempted when the
         worker stops the batch, and each decode part with ``preemption.before_decode_part``, which
         raises it when no row is wanted any more. Raises ValueError for an empty batch or bad settings,
@@ -141,7 +141,7 @@ class ImagePipeline:
         for first-call work: cuDNN's algorithm choice and the allocator's growth per shape, and with
         TORCH_COMPILE the compilation and CUDA graph recording. Returns seconds per size.
 
-        With torch.compile, recompiling is forbidden afterwards (gpu_worker.acceleration): shapes
+        With torch.compile, recompiling is forbidden afterwards (gpu_worker.model.acceleration): shapes
         not warmed up here run eager. Call it from the thread that will generate (CUDA graphs are
         recorded per thread). guidance_scale: above 1 the UNet sees two rows per image (CFG), so
         warm up with the guidance the batches will use.
@@ -237,7 +237,7 @@ class ImagePipeline:
 
 class StepThrottle:
     """What a preemptible batch waits for before it looks for a stop: the GPU to have at most one
-    denoising step queued (gpu_worker/preemption.py).
+    denoising step queued (gpu_worker/decisions/preemption.py).
 
     Called before UNet call k, it marks the work queued so far with a CUDA event and waits for the
     mark made before call k - 1. Waiting for everything queued (a stream synchronize) left the GPU
@@ -264,7 +264,7 @@ class StepThrottle:
 
 def seconds_per_work_unit(small_px: int, small_step_s: float, large_px: int, large_step_s: float,
                           cfg_rows: int = 2) -> float:
-    """Seconds per work unit (gpu_worker.cost_model.work_units: megapixels x steps x CFG rows) from
+    """Seconds per work unit (gpu_worker.decisions.cost_model.work_units: megapixels x steps x CFG rows) from
     one step's time at two sizes: the marginal cost, (large - small) / (its extra units), which leaves
     out what a step costs whatever its size, so that it errs on the cheap side for every size (the
     broker refuses requests on it, broker/admission.py). A difference that is not positive (noise, a
@@ -384,7 +384,7 @@ def load_pipeline(model_id: str, device: str | None = None, dtype: str | None = 
     local folder in save_pretrained layout, or a hub id. device: None picks "cuda" when available,
     else "cpu". dtype: "float32" / "bfloat16" / "float16" (or fp32/bf16/fp16); None picks bfloat16
     on a GPU that supports it, else float16 on CUDA, float32 on the CPU. optimizations: what
-    gpu_worker.acceleration applies (None: nothing; torch.compile needs a warm_up afterwards).
+    gpu_worker.model.acceleration applies (None: nothing; torch.compile needs a warm_up afterwards).
     """
     _quiet_library_logging()
     started = time.perf_counter()
@@ -392,14 +392,14 @@ def load_pipeline(model_id: str, device: str | None = None, dtype: str | None = 
         torch_device = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype, torch_device)
         if model_id in BUILTIN_MODELS:
-            from gpu_worker import architectures
+            from gpu_worker.model import architectures
 
             pipe = architectures.build_pipeline(model_id, torch_device, torch_dtype)
         else:
             pipe = _from_pretrained(model_id, torch_device, torch_dtype)
         architecture = _detect_architecture(pipe)
         pipe.set_progress_bar_config(disable=True)
-        from gpu_worker import schedulers  # imports diffusers
+        from gpu_worker.model import schedulers# imports diffusers
 
         pipe.scheduler = schedulers.without_gpu_waits(pipe.scheduler)
         applied = acceleration.accelerate(pipe, torch_device, optimizations or AccelerationConfig(

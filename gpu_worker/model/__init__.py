@@ -1,0 +1,1 @@
+"""The model: diffusers pipelines, their acceleration, VAE decoding, PNG encoding."""

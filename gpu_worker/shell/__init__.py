@@ -1,0 +1,1 @@
+"""The worker process's shell: the broker link and the loop that carries out the decisions."""
