@@ -516,7 +516,7 @@ def test_bench_png_times_each_encoder_on_the_same_images(tmp_path):
 def test_bench_png_takes_a_baseline_file_where_there_is_no_git_history(tmp_path):
     """The GPU machines get the working tree without .git: --baseline also takes a png.py's path."""
     baseline = tmp_path / "old_png.py"
-    baseline.write_text((REPO / "gpu_worker" / "png.py").read_text())
+    baseline.write_text((REPO / "gpu_worker" / "model" / "png.py").read_text())
     out = tmp_path / "png.json"
     result = run_script("-m", "bench.png", "--sizes", "16", "--repeats", "2", "--baseline", str(baseline),
                         "--out", str(out))
