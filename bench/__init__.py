@@ -18,6 +18,7 @@ itself and its load test are in scripts/.
 * ``curve``: what CurveZMQ encryption costs per image on the worker link.
 * ``overload``: backpressure at ten times the service's capacity (503 + Retry-After, bounded memory).
 * ``abandon_probe``: how soon work nobody waits for frees the GPU, against a running service.
+* ``compile_cache``: how soon a compiled worker is ready: cold, restarted, and from an imported cache.
 * ``common``: what the modules share: the card's name, the saved result, the benchmark batch.
 
 ``compare_serving.sh`` (a shell script here, not a module) is an A/B of the serving path against

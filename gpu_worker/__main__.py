@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from gpu_worker.model.acceleration import AccelerationConfig
+from gpu_worker.model.compile_cache import cached_files, use_compile_cache
 from gpu_worker.decisions.batcher import BatchPolicyConfig
 from gpu_worker.model.oom import is_out_of_memory, release_cached_memory
 from gpu_worker.decisions.policies import make_batcher
@@ -148,6 +149,11 @@ async def main(settings: WorkerSettings) -> None:
     except (OSError, ValueError) as exc:
         log.error("cannot load the CurveZMQ keys (WORKER_CURVE_SECRET_KEY, BROKER_CURVE_PUBLIC_KEY): %s", exc)
         sys.exit(2)
+    if settings.torch_compile:
+        directory = use_compile_cache(settings.state_dir)
+        files = cached_files(directory)
+        log.info("torch.compile cache: %s (%s)", directory,
+                 f"{files} files: compiling reuses them" if files else "empty: the first compile takes minutes")
     started = time.perf_counter()
     try:
         # MODEL_ID=fake[:...] is the test backend of gpu_worker/model/fake_backend.py (no model at all).

@@ -10,7 +10,7 @@ from gpu_worker.decisions.policies import DEFAULT, POLICY_ALIASES, POLICY_NAMES,
 from imagegen import protocol
 from imagegen.keys import load_public, load_secret
 from imagegen.logs import log_format_setting, log_level_setting
-from imagegen.settings import parse_optional_int, parse_optional_str, require, setting
+from imagegen.settings import parse_optional_int, parse_optional_str, require, setting, state_dir_setting
 from imagegen.sockets import CurveClientKeys
 
 
@@ -96,12 +96,13 @@ class WorkerSettings:
                                   "H100: SDXL 1.17x and SD-1.5 1.35x faster at full batches, a lone request 6% "
                                   "(SD-1.5) and 11% (SDXL) faster (docs/benchmarks.md). The first start on a "
                                   "machine takes minutes (on an H200: SD-1.5 7.6 min for its 64 batch sizes on a "
-                                  "cold cache, SDXL 6.6 min for its 41); torch caches the result in TORCHINDUCTOR_CACHE_DIR (default under /tmp), "
-                                  "so restarts are faster")
+                                  "cold cache, SDXL 6.6 min for its 41); the result is cached in STATE_DIR/compile-cache "
+                                  "(TORCHINDUCTOR_CACHE_DIR overrides it), so restarts compile in seconds")
     cuda_graph_max_batch: int = setting("CUDA_GRAPH_MAX_BATCH", 2,
                                         "with TORCH_COMPILE on a GPU: batches of up to this many images replay "
                                         "CUDA graphs (mode=reduce-overhead), which removes the kernel-launch cost "
                                         "that dominates a lone request; 0: none")
+    state_dir: str = state_dir_setting()
     log_level: str = log_level_setting()
     log_format: str = log_format_setting()
 

@@ -112,3 +112,12 @@ def require(condition: bool, env: str, message: str) -> None:
     """Raise SettingsError naming ``env`` unless ``condition`` holds (for validate() methods)."""
     if not condition:
         raise SettingsError(f"{env}: {message}")
+
+
+def state_dir_setting() -> Any:
+    """STATE_DIR, the same in every service that keeps state on disk."""
+    return setting("STATE_DIR", "state",
+                   "folder for what the service keeps across restarts: torch.compile's cache "
+                   "(STATE_DIR/compile-cache; `python -m gpu_worker.model.compile_cache export FILE` "
+                   "copies it to another host with the same GPU and software). Relative paths are "
+                   "from the directory the service starts in")

@@ -34,8 +34,9 @@ torch raise instead of compiling, and any shape that would need compiling (anoth
 runs eager from then on.
 Compile time therefore never lands in a request.
 
-Compiled artefacts are cached on disk by torch (``TORCHINDUCTOR_CACHE_DIR``, default under /tmp): a
-restarted worker on the same machine warms up in a fraction of the first start's time.
+Compiled artefacts are cached on disk by torch, in STATE_DIR/compile-cache
+(:mod:`gpu_worker.model.compile_cache`): a restarted worker warms up in a fraction of the first
+start's time, and the cache can be exported to another host with the same GPU and software.
 
 CUDA graphs are recorded per thread: warm up in the thread that will serve (the worker's GPU thread).
 """
