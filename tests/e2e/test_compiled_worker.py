@@ -1,0 +1,55 @@
+"""A real worker process with TORCH_COMPILE=true (tiny model, CPU): it compiles and warms up before it
+registers, serves batches compiled, and runs a resolution it did not warm up eager instead of
+compiling inside the request. CUDA graphs need a GPU (bench/gpu.py measures them there)."""
+
+from __future__ import annotations
+
+import io
+import urllib.request
+
+import PIL.Image
+import pytest
+
+from tests.support.cluster import Cluster, post, send_concurrently
+
+pytestmark = pytest.mark.timeout(1800)  # a worker compiling on a busy 2-core machine
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    running = Cluster(tmp_path, MODEL_ID="tiny", TORCH_COMPILE="true", MAX_BATCH_SIZE="4",
+                      MAX_BATCH_WAIT_TIME="0.5")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_a_compiled_worker_warms_up_then_serves_without_compiling(cluster):
+    cluster.start("broker", "broker")
+    cluster.start("gateway", "gateway")
+    cluster.start_worker(0)
+    cluster.wait_for_workers(1, timeout_s=400)
+    log = (cluster.dir / "worker0.log").read_text()
+    assert "optimizations: torch.compile" in log, cluster.logs()
+    assert "warm-up at 64x64" in log and "{4: " in log and all(f" {size}: " in log for size in (1, 2, 3)), cluster.logs()
+
+    pool, futures = send_concurrently(cluster.url, 6)
+    replies = [future.result() for future in futures]
+    pool.shutdown()
+    assert [status for status, _, _ in replies] == [200] * 6, replies
+    assert max(body["batch_size"] for _, body, _ in replies) > 1
+    with urllib.request.urlopen(replies[0][1]["image_url"], timeout=10) as response:
+        assert PIL.Image.open(io.BytesIO(response.read())).size == (64, 64)
+
+    # Another resolution: torch would have to compile again, which is forbidden after the warm-up.
+    status, body, seconds = post(cluster.url, {"prompt": "wide", "width": 128, "height": 64,
+                                               "num_inference_steps": 2, "seed": 7})
+    assert status == 200, body
+    assert seconds < 20, "a compilation landed in the request"
+    log = (cluster.dir / "worker0.log").read_text()
+    # Both compiled parts that see the new size fall back once: the UNet, and the decoder of one image
+    # (the text encoders see the same 77 tokens whatever the size).
+    assert log.count("was not warmed up; it runs eager") == 2, cluster.logs()
+    assert "UNet input (2, 4, 8, 16) was not warmed up" in log and "VAE decoder input (1, 4, 8, 16)" in log
+    assert "ERROR" not in log, cluster.logs()
