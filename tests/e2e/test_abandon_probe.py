@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-from tests.support.cluster import Cluster
 from tests.support.paths import REPO
 
 pytestmark = [pytest.mark.e2e]
@@ -19,23 +18,15 @@ DEADLINE_S = "20"
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(make_cluster):
     # The deadline case needs a batch that admission accepts but that outlasts the deadline on any
     # machine, quiet or busy: the FAKE backend sleeps 0.05 s per denoising step, so 1000 steps take
     # 50 s whatever the CPU (the tiny model's speed made the batch finish before the deadline on a
     # quiet machine). Nothing is measured at the fake's warm-up, so the first batch is accepted; the
     # probe (1024x1024, 2 steps: 0.1 s for many work units) then teaches admission a cost per unit low
     # enough that the disconnect case's batch is accepted too.
-    c = Cluster(tmp_path, MODEL_ID="fake:step_delay=0.05", REQUEST_TIMEOUT_S=DEADLINE_S,
-                MAX_INFERENCE_STEPS="1000", MAX_BATCH_SIZE="8")
-    try:
-        c.start("broker", "broker")
-        c.start("gateway", "gateway")
-        c.start_worker(0)
-        c.wait_for_workers(1, timeout_s=180)
-        yield c
-    finally:
-        c.stop()
+    return make_cluster(MODEL_ID="fake:step_delay=0.05", REQUEST_TIMEOUT_S=DEADLINE_S, MAX_INFERENCE_STEPS="1000",
+                        MAX_BATCH_SIZE="8").start_all(1, timeout_s=180)
 
 
 @pytest.mark.timeout(600)

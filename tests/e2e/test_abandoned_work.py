@@ -21,39 +21,18 @@ import urllib.request
 
 import pytest
 
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, call
 
 pytestmark = [pytest.mark.e2e]
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    made: list[Cluster] = []
+def cluster(make_cluster):
+    """``cluster(workers=1, **settings)``: a started cluster that takes requests of up to 1000 steps."""
+    def start(workers: int = 1, **settings: str) -> Cluster:
+        return make_cluster(**{"MAX_INFERENCE_STEPS": "1000", **settings}).start_all(workers, timeout_s=120)
 
-    def make(workers: int = 1, **settings: str) -> Cluster:
-        c = Cluster(tmp_path, **{"MAX_INFERENCE_STEPS": "1000", **settings})
-        made.append(c)
-        c.start("broker", "broker")
-        c.start("gateway", "gateway")
-        for i in range(workers):
-            c.start_worker(i)
-        c.wait_for_workers(workers, timeout_s=120)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
-
-
-def call(url: str, path: str, body: dict, timeout_s: float = 120) -> tuple[int, dict, dict]:
-    """POST JSON; returns (status, JSON body, headers). Raises OSError when the client gives up."""
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, json.loads(response.read()), dict(response.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers)
+    return start
 
 
 def body(seed: int, size: int = 64, steps: int = 2) -> dict:

@@ -26,6 +26,7 @@ from imagegen.keys import main as keys_main
 from tests.support.broker_ping import ping
 from tests.support.paths import REPO
 from tests.support.procs import free_port, get_json, kill_tree
+from tests.support.supervisord import Stack, fetch, post_generate
 
 MIB = 1024 * 1024
 PART_BYTES = 15 * MIB
@@ -192,8 +193,6 @@ def test_under_supervisord_a_flood_stops_at_the_limit_and_an_accepted_request_is
     is running it), then the keyless loopback gateway socket is flooded, connection after connection.
     The broker never grows far past its limit, whether it sheds the connection or dies and is restarted
     by supervisord, and the request still gets its image."""
-    from tests.e2e.test_supervisord import Stack, fetch, post_generate
-
     stack = Stack(tmp_path, MODEL_ID="fake:delay=4", MAX_BATCH_WAIT_TIME="0.05", REQUEST_TIMEOUT_S="120",
                   PYTHONPATH=str(REPO))  # this checkout's code, whichever is installed
     conf = stack.conf.read_text()

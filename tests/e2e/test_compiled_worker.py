@@ -10,19 +10,14 @@ import urllib.request
 import PIL.Image
 import pytest
 
-from tests.support.cluster import Cluster, post, send_concurrently
+from tests.support.cluster import post, send_concurrently
 
 pytestmark = pytest.mark.timeout(1800)  # a worker compiling on a busy 2-core machine
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    running = Cluster(tmp_path, MODEL_ID="tiny", TORCH_COMPILE="true", MAX_BATCH_SIZE="4",
-                      MAX_BATCH_WAIT_TIME="0.5")
-    try:
-        yield running
-    finally:
-        running.stop()
+def cluster(make_cluster):
+    return make_cluster(MODEL_ID="tiny", TORCH_COMPILE="true", MAX_BATCH_SIZE="4", MAX_BATCH_WAIT_TIME="0.5")
 
 
 def test_a_compiled_worker_warms_up_then_serves_without_compiling(cluster):

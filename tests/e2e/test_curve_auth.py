@@ -19,7 +19,7 @@ from broker.server import BrokerServer
 from imagegen import protocol
 from imagegen.keys import main as keys_main
 from imagegen.protocol import WORKER_LINK, BatchingConfig, Disconnect, Heartbeat, Register, Welcome, WorkerStatus
-from tests.support.cluster import Cluster, post, request_body
+from tests.support.cluster import post, request_body
 from tests.support.procs import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
@@ -37,14 +37,13 @@ def keys(tmp_path):
 
 
 @pytest.fixture
-def secured(tmp_path, keys):
+def secured(keys, make_cluster):
     keys_dir, authorized = keys
-    c = Cluster(tmp_path, BROKER_CURVE_SECRET_KEY=str(keys_dir / "broker.key_secret"),
-                BROKER_AUTHORIZED_KEYS_DIR=str(authorized))
+    c = make_cluster(BROKER_CURVE_SECRET_KEY=str(keys_dir / "broker.key_secret"),
+                     BROKER_AUTHORIZED_KEYS_DIR=str(authorized))
     c.start("broker", "broker")
     c.start("gateway", "gateway")
-    yield c, keys_dir
-    c.stop()
+    return c, keys_dir
 
 
 def register(name: str) -> Register:

@@ -23,35 +23,12 @@ from tests.support.procs import free_port
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    made: list[Cluster] = []
-
-    def make(**settings: str) -> Cluster:
-        made.append(Cluster(tmp_path, **settings))
-        return made[-1]
-
-    yield make
-    for c in made:
-        c.stop()
-
-
-def start_cluster(make, workers: int, **settings: str) -> Cluster:
-    c = make(**settings)
-    c.start("broker", "broker")
-    c.start("gateway", "gateway")
-    for i in range(workers):
-        c.start_worker(i)
-    c.wait_for_workers(workers)
-    return c
-
-
 def results(futures) -> list[tuple[int, dict, float]]:
     return [f.result() for f in futures]
 
 
-def test_sigkill_of_a_worker_under_load_loses_no_request(cluster):
-    c = start_cluster(cluster, workers=2, MAX_BATCH_SIZE="2")
+def test_sigkill_of_a_worker_under_load_loses_no_request(make_cluster):
+    c = make_cluster(MAX_BATCH_SIZE="2").start_all(workers=2)
     pool, futures = send_concurrently(c.url, 16)
     time.sleep(0.5)
     c.signal("worker0", signal.SIGKILL)
@@ -62,8 +39,8 @@ def test_sigkill_of_a_worker_under_load_loses_no_request(cluster):
     assert {r["worker"] for _, r, _ in done} >= {"worker1"}
 
 
-def test_sigstop_worker_is_detected_within_the_liveness_window_and_its_work_requeued(cluster):
-    c = start_cluster(cluster, workers=2, MAX_BATCH_SIZE="2", MODEL_ID="fake:delay=0.5")
+def test_sigstop_worker_is_detected_within_the_liveness_window_and_its_work_requeued(make_cluster):
+    c = make_cluster(MAX_BATCH_SIZE="2", MODEL_ID="fake:delay=0.5").start_all(workers=2)
     pool, futures = send_concurrently(c.url, 12)
     time.sleep(0.3)
     stopped_at = time.monotonic()
@@ -80,8 +57,8 @@ def test_sigstop_worker_is_detected_within_the_liveness_window_and_its_work_requ
     assert post(c.url, request_body(99))[0] == 200
 
 
-def test_broker_restart_under_load_resumes_service_and_nothing_hangs(cluster):
-    c = start_cluster(cluster, workers=1, MAX_BATCH_SIZE="2", REQUEST_TIMEOUT_S="20")
+def test_broker_restart_under_load_resumes_service_and_nothing_hangs(make_cluster):
+    c = make_cluster(MAX_BATCH_SIZE="2", REQUEST_TIMEOUT_S="20").start_all(workers=1)
     pool, futures = send_concurrently(c.url, 8, timeout_s=30)
     time.sleep(0.4)
     c.signal("broker", signal.SIGKILL)
@@ -98,8 +75,8 @@ def test_broker_restart_under_load_resumes_service_and_nothing_hangs(cluster):
     assert post(c.url, request_body(99))[0] == 200
 
 
-def test_sigterm_drains_a_worker_with_zero_loss(cluster):
-    c = start_cluster(cluster, workers=2, MAX_BATCH_SIZE="2", MODEL_ID="fake:delay=0.4")
+def test_sigterm_drains_a_worker_with_zero_loss(make_cluster):
+    c = make_cluster(MAX_BATCH_SIZE="2", MODEL_ID="fake:delay=0.4").start_all(workers=2)
     pool, futures = send_concurrently(c.url, 16)
     time.sleep(0.5)
     c.signal("worker0", signal.SIGTERM)
@@ -109,8 +86,8 @@ def test_sigterm_drains_a_worker_with_zero_loss(cluster):
     assert "worker0 leaves: worker shutting down" in (c.dir / "broker.log").read_text()
 
 
-def test_sigterm_drains_the_broker_refusing_new_work_meanwhile(cluster):
-    c = start_cluster(cluster, workers=1, MAX_BATCH_SIZE="4", MODEL_ID="fake:delay=1.0")
+def test_sigterm_drains_the_broker_refusing_new_work_meanwhile(make_cluster):
+    c = make_cluster(MAX_BATCH_SIZE="4", MODEL_ID="fake:delay=1.0").start_all(workers=1)
     pool, futures = send_concurrently(c.url, 4)
     time.sleep(0.3)
     c.signal("broker", signal.SIGTERM)
@@ -122,8 +99,8 @@ def test_sigterm_drains_the_broker_refusing_new_work_meanwhile(cluster):
     assert c.processes["broker"].wait(timeout=30) == 0
 
 
-def test_sigterm_to_the_gateway_lets_requests_in_progress_finish(cluster):
-    c = start_cluster(cluster, workers=1, MAX_BATCH_SIZE="4", MODEL_ID="fake:delay=1.5")
+def test_sigterm_to_the_gateway_lets_requests_in_progress_finish(make_cluster):
+    c = make_cluster(MAX_BATCH_SIZE="4", MODEL_ID="fake:delay=1.5").start_all(workers=1)
     pool, futures = send_concurrently(c.url, 3)
     time.sleep(0.5)
     c.signal("gateway", signal.SIGTERM)
@@ -132,9 +109,9 @@ def test_sigterm_to_the_gateway_lets_requests_in_progress_finish(cluster):
     assert c.processes["gateway"].wait(timeout=30) == 0
 
 
-def test_out_of_memory_batches_are_split_and_the_worker_lowers_its_batch_size(cluster):
-    c = start_cluster(cluster, workers=1, MAX_BATCH_SIZE="8", MAX_BATCH_WAIT_TIME="1.0",
-                      MODEL_ID="fake:delay=0.1,oom_above=2")
+def test_out_of_memory_batches_are_split_and_the_worker_lowers_its_batch_size(make_cluster):
+    c = make_cluster(MAX_BATCH_SIZE="8", MAX_BATCH_WAIT_TIME="1.0",
+                     MODEL_ID="fake:delay=0.1,oom_above=2").start_all(workers=1)
     pool, futures = send_concurrently(c.url, 8)
     done = results(futures)
     assert [s for s, _, _ in done] == [200] * 8, done
@@ -143,8 +120,8 @@ def test_out_of_memory_batches_are_split_and_the_worker_lowers_its_batch_size(cl
     assert "max batch size lowered to 2" in (c.dir / "worker0.log").read_text()
 
 
-def test_deadline_passed_answers_504_and_the_request_is_dropped(cluster):
-    c = make_without_workers(cluster, REQUEST_TIMEOUT_S="1")
+def test_deadline_passed_answers_504_and_the_request_is_dropped(make_cluster):
+    c = make_without_workers(make_cluster, REQUEST_TIMEOUT_S="1")
     status, body, seconds = post(c.url, request_body(1))
     # The broker answers it itself at its deadline, saying where it was (the gateway waits a grace for that).
     assert status == 504 and body["error"]["code"] == "deadline_exceeded" and seconds < 3, (status, body, seconds)
@@ -153,16 +130,16 @@ def test_deadline_passed_answers_504_and_the_request_is_dropped(cluster):
                "the broker to drop the late request")
 
 
-def test_client_disconnect_cancels_its_queued_request(cluster):
-    c = make_without_workers(cluster)
+def test_client_disconnect_cancels_its_queued_request(make_cluster):
+    c = make_without_workers(make_cluster)
     with pytest.raises(OSError):  # urllib gives up after 0.5 s and closes the connection
         post(c.url, request_body(1), timeout_s=0.5)
     c.wait_for(lambda s: s["broker"]["cancelled"] == 1 and s["broker"]["queue_depth"] == 0, 5,
                "the disconnected client's request to be cancelled")
 
 
-def make_without_workers(cluster, **settings: str) -> Cluster:
-    c = cluster(**settings)
+def make_without_workers(make_cluster, **settings: str) -> Cluster:
+    c = make_cluster(**settings)
     c.start("broker", "broker")
     c.start("gateway", "gateway")
     c.wait_for(lambda s: s["num_gpus"] == 0, 30, "the gateway and broker to answer")
@@ -182,11 +159,11 @@ def scripted_broker_receives(router: zmq.Socket, wanted: type, timeout_s: float 
     raise AssertionError(f"the worker sent no {wanted.__name__} within {timeout_s}s")
 
 
-def test_a_request_the_worker_cannot_read_is_answered_at_once_not_left_to_its_deadline(cluster):
+def test_a_request_the_worker_cannot_read_is_answered_at_once_not_left_to_its_deadline(make_cluster):
     """The real worker process against a scripted broker (a raw ROUTER): a GENERATE beyond the
     worker's bounds (as from a broker or gateway of another build) gets a Failure naming the field at
     once; its client would otherwise wait out its deadline. An unreadable header has no id to answer."""
-    c = cluster()
+    c = make_cluster()
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0

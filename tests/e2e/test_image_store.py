@@ -19,7 +19,8 @@ import pytest
 
 from gateway.config import GatewaySettings
 from gateway.images import ImageStore
-from tests.integration.test_gateway import FakeBrokerClient, start_client
+from tests.support.fake_brokers import RecordingFakeBroker
+from tests.support.gateway import start_client
 from tests.support.image_folder import assert_storage_503, post, temp_files
 from tests.support.paths import REPO
 
@@ -59,7 +60,7 @@ def tmpfs(tmp_path: Path):
 
 async def test_full_then_read_only_tmpfs_answers_503_and_recovers(tmpfs: Path):
     images = tmpfs / "images"
-    broker = FakeBrokerClient()
+    broker = RecordingFakeBroker()
     client = await start_client(GatewaySettings(image_dir=str(images)), broker)
     try:
         response, body = await post(client)

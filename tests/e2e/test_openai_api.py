@@ -22,21 +22,18 @@ API_KEY = "test-key-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(make_module_cluster):
     """Broker, gateway and one worker (FAKE backend), API keys on; a 0.5 s window so n images batch."""
-    c = Cluster(tmp_path_factory.mktemp("openai"), GATEWAY_API_KEYS=API_KEY, MAX_BATCH_WAIT_TIME="0.5",
-                MAX_BATCH_SIZE="4", MODEL_ID="fake:delay=0.1")
-    try:
-        c.start("broker", "broker")
-        c.start("gateway", "gateway")
-        c.start_worker(0)
-        deadline = time.monotonic() + 60
-        while stats(c).get("num_gpus") != 1:
-            assert time.monotonic() < deadline, f"no worker registered\n{c.logs()}"
-            time.sleep(0.1)
-        yield c
-    finally:
-        c.stop()
+    c = make_module_cluster(GATEWAY_API_KEYS=API_KEY, MAX_BATCH_WAIT_TIME="0.5", MAX_BATCH_SIZE="4",
+                            MODEL_ID="fake:delay=0.1")
+    c.start("broker", "broker")
+    c.start("gateway", "gateway")
+    c.start_worker(0)
+    deadline = time.monotonic() + 60
+    while stats(c).get("num_gpus") != 1:  # /stats wants the key here, which Cluster.wait_for_workers has not
+        assert time.monotonic() < deadline, f"no worker registered\n{c.logs()}"
+        time.sleep(0.1)
+    return c
 
 
 def stats(c: Cluster) -> dict:

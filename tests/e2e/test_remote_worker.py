@@ -135,18 +135,16 @@ def start_in_namespace(cluster: Cluster, namespace: str, name: str, **settings: 
 
 
 @pytest.fixture
-def cluster(tmp_path, remote_host, keys):
+def cluster(remote_host, keys, make_cluster):
+    # make_cluster is set up after remote_host, so the cluster is stopped before the namespace goes.
     keys_dir, authorized = keys
     endpoint = f"tcp://{remote_host.root_address}:{free_port()}"
-    c = Cluster(tmp_path, BROKER_WORKER_BIND=endpoint, BROKER_WORKER_ADDRESS=endpoint, MODEL_ID="fake:delay=0.2",
-                BROKER_CURVE_SECRET_KEY=str(keys_dir / "broker.key_secret"),
-                BROKER_AUTHORIZED_KEYS_DIR=str(authorized))
-    try:
-        c.start("broker", "broker")
-        c.start("gateway", "gateway")
-        yield c
-    finally:
-        c.stop()
+    c = make_cluster(BROKER_WORKER_BIND=endpoint, BROKER_WORKER_ADDRESS=endpoint, MODEL_ID="fake:delay=0.2",
+                     BROKER_CURVE_SECRET_KEY=str(keys_dir / "broker.key_secret"),
+                     BROKER_AUTHORIZED_KEYS_DIR=str(authorized))
+    c.start("broker", "broker")
+    c.start("gateway", "gateway")
+    return c
 
 
 def test_worker_on_another_host_registers_serves_and_appears_in_stats_with_its_host(cluster, remote_host, keys):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 import time
 import urllib.error
@@ -30,20 +29,7 @@ from PIL import Image
 from gpu_worker.model.fake_backend import fake_pixels
 from gpu_worker.model.pipelines import GenerationJob
 from imagegen.batch_key import BatchKey
-from tests.support.cluster import Cluster
-
-
-def call(url: str, path: str, body: dict, label: str | None = None, timeout_s: float = 120) -> tuple[int, dict, dict]:
-    """POST ``body`` as JSON; returns (status, JSON answer, headers)."""
-    headers = {"Content-Type": "application/json"}
-    if label is not None:
-        headers["X-Request-ID"] = label
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, json.loads(response.read()), dict(response.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers)
+from tests.support.cluster import Cluster, call
 
 
 def pixels_at(url: str) -> np.ndarray:
@@ -111,18 +97,10 @@ def test_a_label_that_another_requests_old_id_was_made_from_gets_its_own_image(t
 
 
 @pytest.fixture(scope="module")
-def fake_cluster(tmp_path_factory):
+def fake_cluster(make_module_cluster):
     """Requests stay in flight long enough to overlap: each batch takes 0.3 s, at most 2 per batch."""
-    c = Cluster(tmp_path_factory.mktemp("labels"), MODEL_ID="fake:delay=0.3", MAX_BATCH_SIZE="2",
-                MAX_BATCH_WAIT_TIME="0.05", REQUEST_TIMEOUT_S="120", GATEWAY_MAX_PENDING="1000")
-    c.start("broker", "broker")
-    c.start("gateway", "gateway")
-    c.start_worker(0)
-    try:
-        c.wait_for_workers(1)
-        yield c
-    finally:
-        c.stop()
+    return make_module_cluster(MODEL_ID="fake:delay=0.3", MAX_BATCH_SIZE="2", MAX_BATCH_WAIT_TIME="0.05",
+                               REQUEST_TIMEOUT_S="120", GATEWAY_MAX_PENDING="1000").start_all(1)
 
 
 def solo_render(prompt: str, seed: int, size: int, steps: int) -> np.ndarray:

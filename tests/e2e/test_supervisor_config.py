@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_supervisord import Stack
 from tests.support.procs import get_json
+from tests.support.supervisord import Stack
 
 
 class GeneratedStack(Stack):

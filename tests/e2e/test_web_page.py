@@ -1,9 +1,9 @@
 """The web page at GET / (gateway/static/index.html), end to end in headless Chromium.
 
 Debian's Chromium (/usr/bin/chromium) driven by Playwright's Python driver; Playwright never
-downloads a browser here. The page talks to a real cluster of processes (tests/cluster.py: broker,
-two gateways, workers on the FAKE image backend, since the page and the serving layer are under
-test, not a model): one gateway is open, the other needs an API key.
+downloads a browser here. The page talks to a real cluster of processes (tests/support/cluster.py:
+broker, two gateways, workers on the FAKE image backend, since the page and the serving layer are
+under test, not a model): one gateway is open, the other needs an API key.
 
 Without /usr/bin/chromium the tests are skipped, except under CI (CI=true), where .ci/run installs
 it and a missing browser is a failure.
@@ -18,8 +18,9 @@ import time
 import pytest
 
 from gateway.config import GatewaySettings
-from tests.integration.test_gateway import FakeBrokerClient, start_client
 from tests.support.cluster import Cluster
+from tests.support.fake_brokers import RecordingFakeBroker
+from tests.support.gateway import start_client
 from tests.support.paths import REPO
 from tests.support.procs import free_port, get_json
 
@@ -35,7 +36,7 @@ WAIT_MS = 20_000
 
 async def test_page_is_served_without_a_key_and_loads_nothing_from_other_sites(tmp_path):
     settings = GatewaySettings(image_dir=str(tmp_path / "images"), api_keys=(API_KEY,))
-    client = await start_client(settings, FakeBrokerClient())
+    client = await start_client(settings, RecordingFakeBroker())
     try:
         response = await client.get("/")
         assert response.status == 200 and response.content_type == "text/html"
@@ -66,24 +67,21 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(make_module_cluster):
     """Broker, one worker, and two gateways on it: ``c.url`` open, ``c.keyed_url`` with API keys."""
-    c = Cluster(tmp_path_factory.mktemp("web"), MODEL_ID="fake:delay=0.2", MAX_BATCH_WAIT_TIME="0.05")
+    c = make_module_cluster(MODEL_ID="fake:delay=0.2", MAX_BATCH_WAIT_TIME="0.05")
     keyed_port = free_port()
     c.keyed_url = f"http://127.0.0.1:{keyed_port}"
-    try:
-        c.start("broker", "broker")
-        c.start("gateway", "gateway")
-        c.start("gateway-keyed", "gateway", GATEWAY_PORT=str(keyed_port), GATEWAY_API_KEYS=API_KEY)
-        c.start_worker(0)
-        c.wait_for_workers(1)
-        deadline = time.monotonic() + 30
-        while _status(f"{c.keyed_url}/healthz") != 200:
-            assert time.monotonic() < deadline, c.logs()
-            time.sleep(0.1)
-        yield c
-    finally:
-        c.stop()
+    c.start("broker", "broker")
+    c.start("gateway", "gateway")
+    c.start("gateway-keyed", "gateway", GATEWAY_PORT=str(keyed_port), GATEWAY_API_KEYS=API_KEY)
+    c.start_worker(0)
+    c.wait_for_workers(1)
+    deadline = time.monotonic() + 30
+    while _status(f"{c.keyed_url}/healthz") != 200:
+        assert time.monotonic() < deadline, c.logs()
+        time.sleep(0.1)
+    return c
 
 
 def _status(url: str) -> int | None:

@@ -39,7 +39,7 @@ from imagegen.protocol import (
     WorkerStatus,
 )
 from imagegen.settings import SettingsError, load
-from tests.support.cluster import Cluster, post, request_body, send_concurrently
+from tests.support.cluster import post, request_body, send_concurrently
 from tests.support.paths import REPO
 from tests.support.procs import free_port
 
@@ -115,19 +115,6 @@ def wait_for_message(intruder: Intruder, kind: type, timeout_s: float) -> bool:
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    made: list[Cluster] = []
-
-    def make(**settings: str) -> Cluster:
-        made.append(Cluster(tmp_path, **settings))
-        return made[-1]
-
-    yield make
-    for c in made:
-        c.stop()
-
-
-@pytest.fixture
 def intruders():
     started: list[Intruder] = []
 
@@ -154,7 +141,7 @@ def non_loopback_address() -> str | None:
 # ------------------------------------------------------------------ the default bind
 
 
-def test_the_default_worker_bind_cannot_be_reached_from_another_address(cluster, intruders):
+def test_the_default_worker_bind_cannot_be_reached_from_another_address(make_cluster, intruders):
     """The default bind's interface, on a free port: a DEALER on loopback is welcomed (the broker is
     up), one arriving on the machine's network address never connects, so it reads no prompt."""
     address = non_loopback_address()
@@ -162,7 +149,7 @@ def test_the_default_worker_bind_cannot_be_reached_from_another_address(cluster,
         pytest.skip("this machine has no non-loopback IPv4 address")
     default = load(BrokerSettings, [], environ={}).worker_bind
     port = free_port()
-    c = cluster(BROKER_WORKER_BIND=f"{default.rpartition(':')[0]}:{port}")
+    c = make_cluster(BROKER_WORKER_BIND=f"{default.rpartition(':')[0]}:{port}")
     c.start("broker", "broker")
     c.start("gateway", "gateway")
     local = intruders(f"tcp://127.0.0.1:{port}", "local-worker", reregister_s=1.0)
@@ -224,8 +211,8 @@ def test_the_broker_refuses_to_start_on_all_interfaces_without_keys_unless_told(
 # ------------------------------------------------------------------ who may register, and as whom
 
 
-def test_an_intruder_under_a_live_workers_name_neither_evicts_it_nor_receives_a_request(cluster, intruders):
-    c = cluster(MODEL_ID="fake:delay=0.1")
+def test_an_intruder_under_a_live_workers_name_neither_evicts_it_nor_receives_a_request(make_cluster, intruders):
+    c = make_cluster(MODEL_ID="fake:delay=0.1")
     c.start("broker", "broker")
     c.start("gateway", "gateway")
     c.start_worker(0)
@@ -249,10 +236,10 @@ def test_an_intruder_under_a_live_workers_name_neither_evicts_it_nor_receives_a_
           f"{broker['registrations_refused']} registrations refused, worker0 served 8 of 8")
 
 
-def test_a_connection_reusing_a_live_workers_routing_id_receives_nothing_meant_for_it(cluster, intruders):
+def test_a_connection_reusing_a_live_workers_routing_id_receives_nothing_meant_for_it(make_cluster, intruders):
     """Two raw DEALERs with the same ROUTING_ID: the first registered; the second must not take
     over the id (ROUTER_HANDOVER) and receive the first one's requests."""
-    c = cluster()
+    c = make_cluster()
     c.start("broker", "broker")
     routing_id = b"\x00worker-connection-1"
     victim = intruders(c.env["BROKER_WORKER_ADDRESS"], "victim-gpu0", routing_id=routing_id, reregister_s=1.0)
@@ -282,8 +269,8 @@ def test_a_connection_reusing_a_live_workers_routing_id_receives_nothing_meant_f
 # ------------------------------------------------------------------ the progress deadline
 
 
-def test_an_intruder_that_takes_work_and_never_answers_is_declared_stuck(cluster, intruders):
-    c = cluster(MODEL_ID="fake:delay=0.1", WORKER_PROGRESS_TIMEOUT_S="1", REQUEST_TIMEOUT_S="20")
+def test_an_intruder_that_takes_work_and_never_answers_is_declared_stuck(make_cluster, intruders):
+    c = make_cluster(MODEL_ID="fake:delay=0.1", WORKER_PROGRESS_TIMEOUT_S="1", REQUEST_TIMEOUT_S="20")
     c.start("broker", "broker")
     c.start("gateway", "gateway")
     c.start_worker(0)
@@ -304,10 +291,10 @@ def test_an_intruder_that_takes_work_and_never_answers_is_declared_stuck(cluster
           f"slowest reply {max(seconds for _, _, seconds in replies):.2f}s (progress timeout 1 s)")
 
 
-def test_a_worker_restarted_at_once_after_sigkill_comes_back_by_itself(cluster):
+def test_a_worker_restarted_at_once_after_sigkill_comes_back_by_itself(make_cluster):
     """Its old record still lives (a 4 s liveness window): the new process is refused, retries, and
     is admitted once the old record expires."""
-    c = cluster(MODEL_ID="fake:delay=0.1", HEARTBEAT_LIVENESS="20")
+    c = make_cluster(MODEL_ID="fake:delay=0.1", HEARTBEAT_LIVENESS="20")
     c.start("broker", "broker")
     c.start("gateway", "gateway")
     c.start_worker(0)
@@ -323,10 +310,10 @@ def test_a_worker_restarted_at_once_after_sigkill_comes_back_by_itself(cluster):
     print(f"restarted worker refused {refused} times, then admitted")
 
 
-def test_a_real_worker_running_a_batch_longer_than_the_progress_timeout_is_not_stuck(cluster):
+def test_a_real_worker_running_a_batch_longer_than_the_progress_timeout_is_not_stuck(make_cluster):
     """A 24-step batch of 0.5 s steps (12 s) against a 5 s progress timeout: the worker's PROGRESS
     (every step here; at most one each 0.5 s per request) keeps it from being declared stuck."""
-    c = cluster(MODEL_ID="fake:step_delay=0.5", WORKER_PROGRESS_TIMEOUT_S="5")
+    c = make_cluster(MODEL_ID="fake:step_delay=0.5", WORKER_PROGRESS_TIMEOUT_S="5")
     c.start("broker", "broker")
     c.start("gateway", "gateway")
     c.start_worker(0)

@@ -3,7 +3,7 @@ time; the broker answers a late request itself, saying where it was.
 
 The decisions are pure and run on a fake clock here (gpu_worker.decisions.preemption.abandon_decision,
 ProgressLimiter, broker.admission.Admission, broker.state.BrokerState's deadlines); the worker's shell
-runs in this process with the FAKE backend standing in for GPU time (tests/offline_worker.py).
+runs in this process with the FAKE backend standing in for GPU time (tests/support/offline_worker.py).
 Real processes: tests/e2e/test_abandoned_work.py.
 """
 
@@ -23,15 +23,8 @@ from gpu_worker.model.fake_backend import FakeBackend
 from gpu_worker.model.pipelines import seconds_per_work_unit
 from imagegen import protocol
 from imagegen.protocol import BatchingConfig, Cancel, Failure, Generate, GenerationParams, Progress, Register, Result
+from tests.support.clock import Clock
 from tests.support.offline_worker import close_offline_worker, offline_worker
-
-
-class Clock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # ------------------------------------------------------------------ the abandoned-rows decision

@@ -13,7 +13,8 @@ from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.images import StorageFailure, StorageUnavailable
 from imagegen.protocol import FailureCode
-from tests.integration.test_gateway import FakeBrokerClient, start_client
+from tests.support.fake_brokers import RecordingFakeBroker
+from tests.support.gateway import start_client
 
 BODY = {"prompt": "a lighthouse", "width": 64, "height": 64}
 OPENAI_BODY = {"prompt": "a lighthouse", "size": "64x64"}
@@ -36,7 +37,7 @@ def test_without_the_brokers_estimate_retry_after_is_the_setting():
     assert answer == ErrorAnswer(503, "overloaded", "full", 11)
 
 
-async def both_answers(tmp_path: Path, broker: FakeBrokerClient, **settings) -> tuple:
+async def both_answers(tmp_path: Path, broker: RecordingFakeBroker, **settings) -> tuple:
     """(status, body, Retry-After) of /generate, then of /v1/images/generations."""
     client = await start_client(GatewaySettings(image_dir=str(tmp_path / "images"), **settings), broker)
     try:
@@ -53,7 +54,7 @@ async def both_answers(tmp_path: Path, broker: FakeBrokerClient, **settings) -> 
                                      BrokerFailure("something_new", "new"),
                                      BrokerFailure("overloaded", "later", retry_after_s=41.2), "timeout"])
 async def test_both_routes_turn_a_failure_into_the_same_answer(tmp_path: Path, failure):
-    broker = FakeBrokerClient()
+    broker = RecordingFakeBroker()
     broker.failure = failure
     (status, body, retry), (openai_status, openai_body, openai_retry) = await both_answers(tmp_path, broker,
                                                                                            retry_after_s=9)
@@ -65,7 +66,7 @@ async def test_both_routes_turn_a_failure_into_the_same_answer(tmp_path: Path, f
 
 
 async def test_both_routes_refuse_an_image_of_the_wrong_size(tmp_path: Path):
-    broker = FakeBrokerClient()
+    broker = RecordingFakeBroker()
     broker.wrong_size = True
     (status, body, _), (openai_status, openai_body, _) = await both_answers(tmp_path, broker)
     assert status == openai_status == 502
@@ -79,7 +80,7 @@ async def test_both_routes_answer_a_full_disk_alike(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr("gateway.images.ImageStore.save", full)
     (status, body, retry), (openai_status, openai_body, openai_retry) = await both_answers(
-        tmp_path, FakeBrokerClient(), retry_after_s=13)
+        tmp_path, RecordingFakeBroker(), retry_after_s=13)
     assert (status, retry) == (openai_status, openai_retry) == (503, "13")
     assert body["error"]["code"] == openai_body["error"]["code"] == "storage_unavailable"
     assert body["error"]["message"] == openai_body["error"]["message"] == "IMAGE_DIR is full"
@@ -87,7 +88,7 @@ async def test_both_routes_answer_a_full_disk_alike(tmp_path: Path, monkeypatch)
 
 async def test_both_routes_give_the_same_kind_of_image_url(tmp_path: Path):
     (status, body, _), (openai_status, openai_body, _) = await both_answers(
-        tmp_path, FakeBrokerClient(), public_base_url="https://images.example/base/")
+        tmp_path, RecordingFakeBroker(), public_base_url="https://images.example/base/")
     assert status == openai_status == 200
     urls = [body["image_url"], openai_body["data"][0]["url"]]
     for url in urls:

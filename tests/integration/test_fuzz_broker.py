@@ -1,8 +1,8 @@
 """Hostile frames straight to both broker sockets (Hypothesis): dropped, counted, and it keeps serving.
 
 A real BrokerServer runs in-process on free 127.0.0.1 ports, with the gateway's real BrokerClient
-and one scripted worker (FakeWorker from test_broker_sockets: a FAKE, no model, it answers every
-request with fixed bytes). Each Hypothesis example opens a raw DEALER on the client or the worker
+and one scripted worker (FakeWorker from tests/support/fake_worker.py: a FAKE, no model, it answers
+every request with fixed bytes). Each Hypothesis example opens a raw DEALER on the client or the worker
 socket and sends 1-8 messages of 1-6 frames each: random bytes, valid link tags with random
 command bytes and random msgpack-ish headers, well-formed messages with random field values,
 truncated or re-tagged valid messages, msgpack bombs (huge declared lengths, bad extension
@@ -63,7 +63,7 @@ from imagegen.protocol import (
     StatsReply,
     WorkerStatus,
 )
-from tests.integration.test_broker_sockets import FakeWorker, params
+from tests.support.fake_worker import FakeWorker, params
 from tests.support.procs import free_port
 
 pytestmark = pytest.mark.timeout(120)

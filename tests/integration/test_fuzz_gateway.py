@@ -1,9 +1,10 @@
 """Property-based fuzzing of the HTTP gateway (Hypothesis): hostile input never gets a 5xx.
 
-The gateway runs in-process on aiohttp's TestServer with `FakeBroker` (below), a FAKE standing in
-for the broker: no ZeroMQ, no worker, no GPU. It does what the real link does with a request
-that passed validation -- encode it with the wire protocol and check that the broker would accept
-it -- and answers with a tiny PNG of the requested size.
+The gateway runs in-process on aiohttp's TestServer with `WireCheckingFakeBroker`
+(tests/support/fake_brokers.py), a FAKE standing in for the broker: no ZeroMQ, no worker, no GPU.
+It does what the real link does with a request that passed validation -- encode it with the wire
+protocol and check that the broker would accept it -- and answers with a tiny PNG of the requested
+size.
 
 Hypothesis drives synchronous tests; each example runs on one event loop per module (``Harness``),
 on which the server was created, so no example ever touches a loop that is not its server's.
@@ -24,9 +25,7 @@ import asyncio
 import json
 import math
 import re
-import struct
 import urllib.parse
-import zlib
 from typing import Any
 
 import jsonschema
@@ -40,8 +39,7 @@ from gateway.config import GatewaySettings
 from gateway.images import PNG_SIGNATURE, png_size
 from gateway.openapi import openapi_document, openapi_handler
 from gateway.validation import KNOWN_FIELDS
-from imagegen import protocol
-from imagegen.protocol import CLIENT_LINK, Generate, GenerationParams, Result
+from tests.support.fake_brokers import WireCheckingFakeBroker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,58 +57,12 @@ JSON_MAX_DEPTH = 300
 SECRET = b"TOP-SECRET-CONTENTS-OUTSIDE-THE-IMAGE-FOLDER"
 
 
-def tiny_png(width: int, height: int) -> bytes:
-    """Signature + IHDR + IEND: enough for png_size(), cheap enough to make thousands of times."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
-
-
-class FakeBroker:
-    """A FAKE standing in for the broker link (gateway.broker_client.BrokerClient); no ZeroMQ.
-
-    ``generate`` encodes the request exactly as the real link does (protocol.encode, which raises
-    on what msgpack cannot carry) and decodes it back as the broker would (protocol.decode): a
-    request the gateway accepted but the broker would drop as malformed is recorded in
-    ``wire_errors`` and fails the test. It answers with a made-up Result and ``tiny_png``."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.wire_errors: list[str] = []
-        self.stats_document = {"num_gpus": 1, "queue_depth": 0}
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
-                       label: str = "") -> tuple[Result, bytes]:
-        self.calls += 1
-        try:
-            frames = protocol.encode(CLIENT_LINK, Generate(request_id, params, timeout_s))
-            decoded, _ = protocol.decode(frames, CLIENT_LINK)
-            assert decoded.params == params, (decoded.params, params)
-        except Exception as exc:
-            self.wire_errors.append(f"{type(exc).__name__}: {exc} for {params!r}")
-            raise
-        result = Result(request_id=request_id, worker_name="fake-worker", host="fake-host", gpu_id=0,
-                        batch_id="fake-batch", batch_size=1, queue_wait_ms=1.25, generation_ms=2.5,
-                        width=params.width, height=params.height, seed=params.seed)
-        return result, tiny_png(params.width, params.height)
-
-    async def stats(self, timeout_s: float = 2.0) -> dict[str, Any]:
-        return self.stats_document
-
-
 class Harness:
     """One gateway on a TestServer, created on (and always driven from) its own event loop."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.broker = FakeBroker()
+        self.broker = WireCheckingFakeBroker()
         self.loop = asyncio.new_event_loop()
         self.client: TestClient = self.loop.run_until_complete(self._start())
 

@@ -1,6 +1,7 @@
 """Tests of the HTTP gateway (gateway/): routes, validation, error shapes, images on disk.
 
-The gateway runs in-process on aiohttp's TestServer with `FakeBrokerClient` (below) in place of
+The gateway runs in-process on aiohttp's TestServer with a `RecordingFakeBroker`
+(tests/support/fake_brokers.py, the ``client`` fixture of tests/integration/conftest.py) in place of
 the ZeroMQ broker link, so these tests need no broker, no worker, no GPU and no model.
 """
 
@@ -17,118 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from PIL import Image
 
-from gateway.app import create_app
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.images import ImageStore, new_image_id, png_size
 from gateway.validation import FieldError, parse_generate_request
 from imagegen import protocol
 from imagegen import settings as settings_lib
-from imagegen.protocol import CLIENT_LINK, MAX_ID_CHARS, MAX_SEED, Generate, GenerationParams, Result
+from imagegen.protocol import CLIENT_LINK, MAX_ID_CHARS, MAX_SEED, Generate, GenerationParams
+from tests.support.fake_brokers import RecordingFakeBroker
+from tests.support.gateway import start_client
+from tests.support.images import make_png
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
-def make_png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 60)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-class FakeBrokerClient:
-    """A FAKE standing in for the gateway's broker link over ZeroMQ (gateway.broker_client.BrokerClient).
-
-    It speaks the same Python interface the app uses (async start/close/generate/stats) but talks to
-    no broker: `generate` draws a real PNG of the requested size with PIL and returns it with a
-    made-up Result. The real ZeroMQ link and the broker are tested elsewhere; this exists only to
-    test the HTTP layer. Configure it per test:
-
-    * ``failure``: a BrokerFailure to raise from generate, or ``"timeout"`` for asyncio.TimeoutError;
-    * ``wrong_size``: return a PNG 8 pixels wider than asked; ``garbage``: return bytes that are no PNG;
-    * ``stats_document`` / ``stats_timeout``: what stats returns, or make it time out.
-
-    Every call is recorded: ``calls`` holds (request_id, GenerationParams, timeout_s) per generate,
-    ``stats_calls`` the timeout of each stats query.
-    """
-
-    RESULT = dict(worker_name="fake-worker-3", host="fake-host", gpu_id=3, batch_id="batch-42",
-                  batch_size=4, queue_wait_ms=12.345, generation_ms=678.912)
-
-    def __init__(self) -> None:
-        self.failure: BrokerFailure | str | None = None
-        self.wrong_size = False
-        self.garbage = False
-        self.stats_document: dict[str, Any] = {"num_gpus": 2, "queue_depth": 0, "workers": [{"name": "w0"}]}
-        self.stats_timeout = False
-        self.calls: list[tuple[str, GenerationParams, float]] = []
-        self.labels: list[str] = []  # each call's label (its client's X-Request-ID)
-        self.stats_calls: list[float] = []
-        self.started = False
-        self.closed = False
-
-    @property
-    def params(self) -> list[GenerationParams]:
-        return [params for _, params, _ in self.calls]
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def close(self) -> None:
-        self.closed = True
-
-    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
-                       label: str = "") -> tuple[Result, bytes]:
-        self.calls.append((request_id, params, timeout_s))
-        self.labels.append(label)
-        if self.failure == "timeout":
-            raise asyncio.TimeoutError()
-        if isinstance(self.failure, BrokerFailure):
-            raise self.failure
-        if self.garbage:
-            png = b"this is not a png at all, not even close"
-        else:
-            png = make_png(params.width + (8 if self.wrong_size else 0), params.height)
-        result = Result(request_id=request_id, width=params.width, height=params.height, seed=params.seed,
-                        **self.RESULT)
-        return result, png
-
-    async def stats(self, timeout_s: float = 2.0) -> dict[str, Any]:
-        self.stats_calls.append(timeout_s)
-        if self.stats_timeout:
-            raise asyncio.TimeoutError()
-        return self.stats_document
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> GatewaySettings:
-    return GatewaySettings(image_dir=str(tmp_path / "images"))
-
-
-@pytest.fixture
-def broker() -> FakeBrokerClient:
-    return FakeBrokerClient()
-
-
-async def start_client(settings: GatewaySettings, broker: Any) -> TestClient:
-    """The gateway app on a test server, with ``broker`` (any fake of the broker client) behind it."""
-    client = TestClient(TestServer(create_app(settings, broker_client=broker)))
-    await client.start_server()
-    return client
-
-
-@pytest.fixture
-async def client(settings: GatewaySettings, broker: FakeBrokerClient):
-    client = await start_client(settings, broker)
-    try:
-        yield client
-    finally:
-        await client.close()
+# --------------------------------------------------------------------------- helpers
 
 
 async def raw_request(client: TestClient, head: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
@@ -177,7 +84,7 @@ async def post_generate(client: TestClient, body: Any) -> tuple[int, Any, Any]:
 # --------------------------------------------------------------------------- success
 
 
-async def test_generate_success_full_response(client: TestClient, broker: FakeBrokerClient, settings):
+async def test_generate_success_full_response(client: TestClient, broker: RecordingFakeBroker, settings):
     body = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "width": 128, "height": 64,
             "num_inference_steps": 12, "guidance_scale": 5.5, "seed": 1234,
             "game_id": "game-1", "round_id": 7, "player_id": "alice"}
@@ -221,7 +128,7 @@ async def test_generate_success_full_response(client: TestClient, broker: FakeBr
     assert (Path(settings.image_dir) / f"{data['image_id']}.png").read_bytes() == content
 
 
-async def test_generate_defaults_and_random_seed(client: TestClient, broker: FakeBrokerClient, settings):
+async def test_generate_defaults_and_random_seed(client: TestClient, broker: RecordingFakeBroker, settings):
     status, data, _ = await post_generate(client, {"prompt": "a lighthouse at dusk"})
     assert status == 200, data
     params = broker.params[0]
@@ -242,7 +149,7 @@ async def test_generate_defaults_and_random_seed(client: TestClient, broker: Fak
         assert picture.size == (512, 512)
 
 
-async def test_generate_nulls_mean_defaults(client: TestClient, broker: FakeBrokerClient, settings):
+async def test_generate_nulls_mean_defaults(client: TestClient, broker: RecordingFakeBroker, settings):
     body = {"prompt": "x", "width": None, "height": None, "num_inference_steps": None,
             "guidance_scale": None, "seed": None, "negative_prompt": None, "game_id": None}
     status, data, _ = await post_generate(client, body)
@@ -252,7 +159,7 @@ async def test_generate_nulls_mean_defaults(client: TestClient, broker: FakeBrok
         settings.default_width, settings.default_height, settings.default_steps, settings.default_guidance_scale)
 
 
-async def test_random_seeds_differ_between_requests(client: TestClient, broker: FakeBrokerClient):
+async def test_random_seeds_differ_between_requests(client: TestClient, broker: RecordingFakeBroker):
     seeds = set()
     for _ in range(4):
         status, data, _ = await post_generate(client, {"prompt": "p", "width": 64, "height": 64})
@@ -270,7 +177,7 @@ async def test_generate_image_ids_are_unique(client: TestClient):
     assert len(ids) == 3
 
 
-async def test_public_base_url_used_in_image_url(tmp_path: Path, broker: FakeBrokerClient):
+async def test_public_base_url_used_in_image_url(tmp_path: Path, broker: RecordingFakeBroker):
     settings = GatewaySettings(image_dir=str(tmp_path / "images"), public_base_url="https://img.example.com/play/")
     client = await start_client(settings, broker)
     try:
@@ -281,7 +188,7 @@ async def test_public_base_url_used_in_image_url(tmp_path: Path, broker: FakeBro
     assert data["image_url"] == f"https://img.example.com/play/images/{data['image_id']}.png"
 
 
-async def test_float_with_integer_value_accepted(client: TestClient, broker: FakeBrokerClient):
+async def test_float_with_integer_value_accepted(client: TestClient, broker: RecordingFakeBroker):
     status, data, _ = await post_generate(client, {"prompt": "p", "width": 512.0, "height": 64,
                                                    "num_inference_steps": 10.0, "seed": 3.0})
     assert status == 200, data
@@ -290,7 +197,7 @@ async def test_float_with_integer_value_accepted(client: TestClient, broker: Fak
     assert all(type(v) is int for v in (params.width, params.num_inference_steps, params.seed))
 
 
-async def test_boundary_values_accepted(client: TestClient, broker: FakeBrokerClient, settings):
+async def test_boundary_values_accepted(client: TestClient, broker: RecordingFakeBroker, settings):
     body = {"prompt": "p" * settings.max_prompt_chars, "negative_prompt": "", "width": settings.min_image_side,
             "height": settings.min_image_side, "num_inference_steps": settings.max_inference_steps,
             "guidance_scale": 0, "seed": MAX_SEED, "game_id": "g" * MAX_ID_CHARS}
@@ -300,7 +207,7 @@ async def test_boundary_values_accepted(client: TestClient, broker: FakeBrokerCl
     assert broker.params[0].guidance_scale == 0.0
 
 
-async def test_app_starts_and_closes_the_broker_link(settings, broker: FakeBrokerClient):
+async def test_app_starts_and_closes_the_broker_link(settings, broker: RecordingFakeBroker):
     client = await start_client(settings, broker)
     assert broker.started and not broker.closed
     await client.close()
@@ -364,14 +271,14 @@ INVALID_BODIES = [
 
 
 @pytest.mark.parametrize("body, field", INVALID_BODIES, ids=[f"{i}-{f}" for i, (_, f) in enumerate(INVALID_BODIES)])
-async def test_invalid_body_fields(client: TestClient, broker: FakeBrokerClient, body, field):
+async def test_invalid_body_fields(client: TestClient, broker: RecordingFakeBroker, body, field):
     status, data, response = await post_generate(client, body)
     assert_error(status, data, 400, "invalid_request", field)
     assert response.content_type == "application/json"
     assert broker.calls == []
 
 
-async def test_too_many_pixels(tmp_path: Path, broker: FakeBrokerClient):
+async def test_too_many_pixels(tmp_path: Path, broker: RecordingFakeBroker):
     settings = GatewaySettings(image_dir=str(tmp_path / "images"), max_image_pixels=512 * 512)
     client = await start_client(settings, broker)
     try:
@@ -387,7 +294,7 @@ async def test_too_many_pixels(tmp_path: Path, broker: FakeBrokerClient):
 
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe\x00garbage", b'{"prompt": "a"} trailing'],
                          ids=["broken", "empty", "not-utf8", "trailing"])
-async def test_body_not_json(client: TestClient, broker: FakeBrokerClient, raw: bytes):
+async def test_body_not_json(client: TestClient, broker: RecordingFakeBroker, raw: bytes):
     response = await client.post("/generate", data=raw, headers={"Content-Type": "application/json"})
     assert_error(response.status, await response.json(), 400, "invalid_request", None)
     assert broker.calls == []
@@ -395,13 +302,13 @@ async def test_body_not_json(client: TestClient, broker: FakeBrokerClient, raw: 
 
 @pytest.mark.parametrize("document", [[{"prompt": "a cat"}], "a cat", 42, None, True],
                          ids=["array", "string", "number", "null", "bool"])
-async def test_body_not_an_object(client: TestClient, broker: FakeBrokerClient, document):
+async def test_body_not_an_object(client: TestClient, broker: RecordingFakeBroker, document):
     status, data, _ = await post_generate(client, document)
     assert_error(status, data, 400, "invalid_request", None)
     assert broker.calls == []
 
 
-async def test_body_too_large_content_length(client: TestClient, broker: FakeBrokerClient, settings):
+async def test_body_too_large_content_length(client: TestClient, broker: RecordingFakeBroker, settings):
     body = json.dumps({"prompt": "p" * (settings.max_request_bytes + 10)}).encode()
     response = await client.post("/generate", data=body, headers={"Content-Type": "application/json"})
     assert response.status == 413
@@ -410,7 +317,7 @@ async def test_body_too_large_content_length(client: TestClient, broker: FakeBro
     assert broker.calls == []
 
 
-async def test_body_too_large_declared_content_length_only(client: TestClient, broker: FakeBrokerClient):
+async def test_body_too_large_declared_content_length_only(client: TestClient, broker: RecordingFakeBroker):
     # Refused from the Content-Length header alone, before the body is read.
     status, headers, payload = await raw_request(
         client, "POST /generate HTTP/1.1\nHost: test\nContent-Type: application/json\n"
@@ -420,7 +327,7 @@ async def test_body_too_large_declared_content_length_only(client: TestClient, b
     assert broker.calls == []
 
 
-async def test_body_too_large_chunked(client: TestClient, broker: FakeBrokerClient, settings):
+async def test_body_too_large_chunked(client: TestClient, broker: RecordingFakeBroker, settings):
     chunk = b" " * 8192
 
     async def body():
@@ -436,7 +343,7 @@ async def test_body_too_large_chunked(client: TestClient, broker: FakeBrokerClie
     assert broker.calls == []
 
 
-async def test_chunked_body_within_limit_in_many_pieces(client: TestClient, broker: FakeBrokerClient):
+async def test_chunked_body_within_limit_in_many_pieces(client: TestClient, broker: RecordingFakeBroker):
     # A body that arrives in several chunks (with pauses between them) must be read whole.
     document = json.dumps({"prompt": "a cat in a hat", "width": 64, "height": 64, "seed": 5}).encode()
 
@@ -451,7 +358,7 @@ async def test_chunked_body_within_limit_in_many_pieces(client: TestClient, brok
     assert broker.params[0].prompt == "a cat in a hat"
 
 
-async def test_body_at_exact_size_limit_accepted(tmp_path: Path, broker: FakeBrokerClient):
+async def test_body_at_exact_size_limit_accepted(tmp_path: Path, broker: RecordingFakeBroker):
     settings = GatewaySettings(image_dir=str(tmp_path / "images"), max_request_bytes=1000)
     document = json.dumps({"prompt": "p", "width": 64, "height": 64}).encode()
     exact = document + b" " * (1000 - len(document))
@@ -478,7 +385,7 @@ async def test_body_at_exact_size_limit_accepted(tmp_path: Path, broker: FakeBro
     ("deadline_exceeded", 504),
     ("something_new", 500),
 ])
-async def test_broker_failures(client: TestClient, broker: FakeBrokerClient, settings, code, status):
+async def test_broker_failures(client: TestClient, broker: RecordingFakeBroker, settings, code, status):
     broker.failure = BrokerFailure(code, f"the broker says {code}")
     http_status, data, response = await post_generate(client, {"prompt": "p", "width": 64, "height": 64})
     assert_error(http_status, data, status, code)
@@ -491,7 +398,7 @@ async def test_broker_failures(client: TestClient, broker: FakeBrokerClient, set
     assert os.listdir(settings.image_dir) == []
 
 
-async def test_overloaded_retry_after_follows_settings(tmp_path: Path, broker: FakeBrokerClient):
+async def test_overloaded_retry_after_follows_settings(tmp_path: Path, broker: RecordingFakeBroker):
     settings = GatewaySettings(image_dir=str(tmp_path / "images"), retry_after_s=17)
     broker.failure = BrokerFailure("overloaded", "queue full")
     client = await start_client(settings, broker)
@@ -518,7 +425,7 @@ def test_request_timeout_is_refused_at_start_beyond_what_the_broker_accepts(tmp_
     assert protocol.decode(frames, CLIENT_LINK)[0].deadline_s == 86_400.0  # what the broker accepts
 
 
-async def test_broker_timeout(client: TestClient, broker: FakeBrokerClient, settings):
+async def test_broker_timeout(client: TestClient, broker: RecordingFakeBroker, settings):
     broker.failure = "timeout"
     status, data, _ = await post_generate(client, {"prompt": "p", "width": 64, "height": 64})
     assert_error(status, data, 504, "timeout")
@@ -526,7 +433,7 @@ async def test_broker_timeout(client: TestClient, broker: FakeBrokerClient, sett
 
 
 @pytest.mark.parametrize("mode", ["wrong_size", "garbage"])
-async def test_bad_worker_output(client: TestClient, broker: FakeBrokerClient, settings, mode):
+async def test_bad_worker_output(client: TestClient, broker: RecordingFakeBroker, settings, mode):
     setattr(broker, mode, True)
     status, data, _ = await post_generate(client, {"prompt": "p", "width": 64, "height": 64})
     assert_error(status, data, 502, "bad_worker_output")
@@ -536,21 +443,21 @@ async def test_bad_worker_output(client: TestClient, broker: FakeBrokerClient, s
 # --------------------------------------------------------------------------- stats, health, readiness
 
 
-async def test_stats_passthrough(client: TestClient, broker: FakeBrokerClient):
+async def test_stats_passthrough(client: TestClient, broker: RecordingFakeBroker):
     broker.stats_document = {"num_gpus": 3, "nested": {"a": [1, 2, 3]}, "batches": 17, "ratio": 0.5}
     response = await client.get("/stats")
     assert response.status == 200
     assert await response.json() == broker.stats_document
 
 
-async def test_stats_timeout(client: TestClient, broker: FakeBrokerClient, settings):
+async def test_stats_timeout(client: TestClient, broker: RecordingFakeBroker, settings):
     broker.stats_timeout = True
     response = await client.get("/stats")
     assert_error(response.status, await response.json(), 503, "broker_unreachable")
     assert response.headers["Retry-After"] == str(settings.retry_after_s)
 
 
-async def test_healthz(client: TestClient, broker: FakeBrokerClient):
+async def test_healthz(client: TestClient, broker: RecordingFakeBroker):
     broker.stats_timeout = True  # liveness does not depend on the broker
     response = await client.get("/healthz")
     assert response.status == 200
@@ -558,7 +465,7 @@ async def test_healthz(client: TestClient, broker: FakeBrokerClient):
 
 
 @pytest.mark.parametrize("num_gpus", [1, 4])
-async def test_readyz_ready(client: TestClient, broker: FakeBrokerClient, num_gpus):
+async def test_readyz_ready(client: TestClient, broker: RecordingFakeBroker, num_gpus):
     broker.stats_document = {"num_gpus": num_gpus}
     response = await client.get("/readyz")
     assert response.status == 200
@@ -567,14 +474,14 @@ async def test_readyz_ready(client: TestClient, broker: FakeBrokerClient, num_gp
 
 
 @pytest.mark.parametrize("document", [{"num_gpus": 0}, {}], ids=["zero", "missing"])
-async def test_readyz_no_workers(client: TestClient, broker: FakeBrokerClient, document):
+async def test_readyz_no_workers(client: TestClient, broker: RecordingFakeBroker, document):
     broker.stats_document = document
     response = await client.get("/readyz")
     assert response.status == 503
     assert (await response.json())["status"] == "not_ready"
 
 
-async def test_readyz_broker_timeout(client: TestClient, broker: FakeBrokerClient):
+async def test_readyz_broker_timeout(client: TestClient, broker: RecordingFakeBroker):
     broker.stats_timeout = True
     response = await client.get("/readyz")
     assert response.status == 503
@@ -633,7 +540,7 @@ async def test_unknown_route_json_404(client: TestClient):
     assert_error(response.status, await response.json(), 404, "not_found", None)
 
 
-async def test_get_generate_405(client: TestClient, broker: FakeBrokerClient):
+async def test_get_generate_405(client: TestClient, broker: RecordingFakeBroker):
     response = await client.get("/generate")
     assert response.content_type == "application/json"
     assert_error(response.status, await response.json(), 405, "method_not_allowed", None)

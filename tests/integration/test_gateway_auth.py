@@ -1,8 +1,9 @@
 """Optional API keys on the gateway (gateway/auth.py, GATEWAY_API_KEYS, GATEWAY_API_KEYS_FILE).
 
-The gateway runs in-process on aiohttp's TestServer with `FakeBrokerClient` (tests/integration/test_gateway.py), a
-FAKE in place of the ZeroMQ broker link: it draws a PNG with PIL and talks to no broker. What is under test is only the
-HTTP layer's authentication, so these tests need no broker, worker, GPU or model.
+The gateway runs in-process on aiohttp's TestServer (``start_gateway``, tests/integration/conftest.py) with a
+`RecordingFakeBroker` (tests/support/fake_brokers.py), a FAKE in place of the ZeroMQ broker link: it draws a PNG with
+PIL and talks to no broker. What is under test is only the HTTP layer's authentication, so these tests need no
+broker, worker, GPU or model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gateway.auth import api_key_middleware, load_api_keys
 from gateway.config import GatewaySettings
 from imagegen import settings as settings_lib
 from imagegen.settings import SettingsError
-from tests.integration.test_gateway import FakeBrokerClient, start_client
+from tests.support.fake_brokers import RecordingFakeBroker
 
 ENV_KEY = "env-key-0123456789abcdef"
 FILE_KEY = "file-key-fedcba9876543210"
@@ -40,24 +41,9 @@ def key_file(tmp_path: Path, text: str) -> str:
 
 
 @pytest.fixture
-async def make_client():
-    clients: list[TestClient] = []
-
-    async def make(settings: GatewaySettings) -> tuple[TestClient, FakeBrokerClient]:
-        broker = FakeBrokerClient()
-        client = await start_client(settings, broker)
-        clients.append(client)
-        return client, broker
-
-    yield make
-    for client in clients:
-        await client.close()
-
-
-@pytest.fixture
-async def secured(tmp_path, make_client) -> tuple[TestClient, FakeBrokerClient]:
+async def secured(tmp_path, start_gateway) -> tuple[TestClient, RecordingFakeBroker]:
     path = key_file(tmp_path, f"# keys for the game servers\n\n  {FILE_KEY}  \n# retired: {OTHER_KEY}\n")
-    return await make_client(load(tmp_path, GATEWAY_API_KEYS=f" {ENV_KEY} ,", GATEWAY_API_KEYS_FILE=path))
+    return await start_gateway(load(tmp_path, GATEWAY_API_KEYS=f" {ENV_KEY} ,", GATEWAY_API_KEYS_FILE=path))
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -76,10 +62,10 @@ async def assert_unauthorized(response) -> None:
 # --------------------------------------------------------------------------- no keys
 
 
-async def test_without_keys_no_authentication_is_needed(tmp_path, make_client):
+async def test_without_keys_no_authentication_is_needed(tmp_path, start_gateway):
     settings = load(tmp_path, GATEWAY_API_KEYS=" , ")  # empty entries only: no keys
     assert load_api_keys(settings) == frozenset()
-    client, broker = await make_client(settings)
+    client, broker = await start_gateway(settings)
     response = await client.post("/generate", json=BODY)
     assert response.status == 200, await response.text()
     assert (await client.get("/stats")).status == 200
@@ -148,7 +134,7 @@ async def test_exempt_routes_need_no_key(secured):
 
 
 async def test_openapi_json_needs_no_key(tmp_path):
-    app = create_app(load(tmp_path, GATEWAY_API_KEYS=ENV_KEY), broker_client=FakeBrokerClient())
+    app = create_app(load(tmp_path, GATEWAY_API_KEYS=ENV_KEY), broker_client=RecordingFakeBroker())
     if not any(resource.canonical == "/openapi.json" for resource in app.router.resources()):
         # gateway.app does not serve it (yet): a stand-in route, to test the exemption itself.
         async def openapi(request):

@@ -11,6 +11,8 @@ import pytest
 
 from gateway.config import GatewaySettings
 from imagegen import settings as settings_lib
+from tests.support.fake_brokers import RecordingFakeBroker
+from tests.support.gateway import start_client
 
 KEY = "k" * 24
 
@@ -46,17 +48,6 @@ def test_all_interfaces_without_keys_is_refused_naming_the_fix():
 
 
 # --------------------------------------------------------------------------- every answer in JSON
-
-
-@pytest.fixture
-async def client(tmp_path: Path):
-    from tests.integration.test_gateway import FakeBrokerClient, start_client
-
-    client = await start_client(GatewaySettings(image_dir=str(tmp_path / "images")), FakeBrokerClient())
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def test_unknown_path_lists_the_endpoints(client):
@@ -134,10 +125,8 @@ async def test_openai_size_out_of_bounds_names_the_bound(client, size, bound):
 
 
 async def test_too_many_pixels_names_max_image_pixels(tmp_path: Path):
-    from tests.integration.test_gateway import FakeBrokerClient, start_client
-
     settings = GatewaySettings(image_dir=str(tmp_path / "images"), max_image_pixels=128 * 128)
-    client = await start_client(settings, FakeBrokerClient())
+    client = await start_client(settings, RecordingFakeBroker())
     try:
         response = await client.post("/v1/images/generations", json={"prompt": "p", "size": "256x256"})
         body = await response.json()

@@ -17,7 +17,8 @@ import pytest
 
 from gateway.config import GatewaySettings
 from gateway.images import ImageStore
-from tests.integration.test_gateway import FakeBrokerClient, start_client
+from tests.support.fake_brokers import RecordingFakeBroker
+from tests.support.gateway import start_client
 from tests.support.image_folder import assert_storage_503, post
 
 
@@ -26,7 +27,7 @@ from tests.support.image_folder import assert_storage_503, post
 
 async def test_image_folder_replaced_by_a_file_answers_503(tmp_path: Path):
     images = tmp_path / "images"
-    client = await start_client(GatewaySettings(image_dir=str(images)), FakeBrokerClient())
+    client = await start_client(GatewaySettings(image_dir=str(images)), RecordingFakeBroker())
     try:
         images.rmdir()
         images.write_bytes(b"not a folder")

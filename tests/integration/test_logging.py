@@ -20,8 +20,8 @@ from gpu_worker.config import WorkerSettings
 from imagegen import settings as settings_lib
 from imagegen.logs import JsonFormatter, make_formatter, parse_log_format
 from imagegen.protocol import Failure, Generate, GenerationParams
-from tests.integration.test_gateway import start_client
-from tests.integration.test_metrics import FakeBroker, generate_body
+from tests.support.fake_brokers import ScriptedFakeBroker
+from tests.support.gateway import generate_body
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -79,17 +79,12 @@ def test_text_stays_the_default_and_bad_formats_are_refused_naming_log_format():
 
 
 @pytest.fixture
-async def gateway(tmp_path):
-    broker = FakeBroker()
-    client = await start_client(GatewaySettings(image_dir=str(tmp_path / "images")), broker)
-    try:
-        yield client, broker
-    finally:
-        await client.close()
+def broker() -> ScriptedFakeBroker:
+    """Behind the ``client`` fixture (tests/integration/conftest.py) here: it records ids and labels."""
+    return ScriptedFakeBroker()
 
 
-async def test_a_safe_client_id_is_echoed_and_travels_as_a_label_never_as_the_id(gateway):
-    client, broker = gateway
+async def test_a_safe_client_id_is_echoed_and_travels_as_a_label_never_as_the_id(client, broker):
     response = await client.post("/generate", json=generate_body(), headers={"X-Request-ID": "trace-7.A_b"})
     assert response.status == 200
     assert response.headers["X-Request-ID"] == "trace-7.A_b"
@@ -99,28 +94,25 @@ async def test_a_safe_client_id_is_echoed_and_travels_as_a_label_never_as_the_id
 
 
 @pytest.mark.parametrize("header", ["", "has space", "semi;colon", "x" * 65, "ünïcode", "new\\nline"])
-async def test_an_unsafe_client_id_is_no_label_and_the_answer_carries_the_service_id(gateway, header):
-    client, broker = gateway
+async def test_an_unsafe_client_id_is_no_label_and_the_answer_carries_the_service_id(client, broker, header):
     response = await client.post("/generate", json=generate_body(), headers={"X-Request-ID": header})
     assert response.status == 200
     assert HEX32.match(response.headers["X-Request-ID"]), response.headers["X-Request-ID"]
     assert broker.request_ids == [response.headers["X-Request-ID"]] and broker.labels == [""]
 
 
-async def test_errors_carry_the_id_too(gateway):
-    client, _ = gateway
+async def test_errors_carry_the_id_too(client):
     response = await client.post("/generate", json={"prompt": ""})
     assert response.status == 400 and HEX32.match(response.headers["X-Request-ID"])
     response = await client.get("/no-such-route", headers={"X-Request-ID": "abc"})
     assert response.status == 404 and response.headers["X-Request-ID"] == "abc"
 
 
-async def test_requests_with_one_label_in_flight_together_get_ids_of_their_own(gateway):
+async def test_requests_with_one_label_in_flight_together_get_ids_of_their_own(client, broker):
     """The id is the request's key on the broker link: two requests in flight never share one, whatever
     labels their clients send (the same one, or one another request's id was derived from)."""
     import asyncio
 
-    client, broker = gateway
     broker.hold = asyncio.Event()
     first = asyncio.create_task(client.post("/generate", json=generate_body(1), headers={"X-Request-ID": "dup"}))
     while not broker.request_ids:

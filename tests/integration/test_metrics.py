@@ -1,9 +1,10 @@
 """GET /metrics: the Prometheus exposition of the gateway (gateway/metrics.py, docs/metrics.md).
 
-The gateway runs in-process on aiohttp's TestServer with :class:`FakeBroker`, a FAKE standing in
-for the ZeroMQ broker link: no broker, worker or model runs here. Its stats documents are built by
-the real broker code (broker.state + broker.stats) wherever the document's shape matters, so a
-change of that shape breaks these tests rather than passing unnoticed.
+The gateway runs in-process on aiohttp's TestServer with a ScriptedFakeBroker
+(tests/support/fake_brokers.py), a FAKE standing in for the ZeroMQ broker link: no broker, worker or
+model runs here. Its stats documents are built by the real broker code (broker.state +
+broker.stats) wherever the document's shape matters, so a change of that shape breaks these tests
+rather than passing unnoticed.
 
 Every exposition is read back with prometheus_client's own parser, so what is checked is what a
 Prometheus server would ingest.
@@ -12,13 +13,10 @@ Prometheus server would ingest.
 from __future__ import annotations
 
 import asyncio
-import io
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.state import BrokerPolicy, BrokerState
@@ -27,69 +25,15 @@ from gateway.app import create_app
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.metrics import GatewayMetrics, RecentKeys
-from imagegen.protocol import BatchingConfig, GenerationParams, Heartbeat, Register, Result, WorkerStatus
-from tests.integration.test_gateway import start_client
-
-
-def make_png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (10, 20, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-class FakeBroker:
-    """A FAKE broker link (the app's interface of gateway.broker_client.BrokerClient, nothing behind it).
-
-    ``results`` are the Result fields to answer the next generate calls with, in order (then
-    ``default``); ``failure`` raises a BrokerFailure instead; ``hold`` makes generate wait until
-    released; ``stats_document`` is what stats returns, ``None`` makes it time out."""
-
-    def __init__(self) -> None:
-        self.default = dict(worker_name="w0", host="host-a", gpu_id=0, batch_id="w0:1", batch_size=1,
-                            queue_wait_ms=50.0, generation_ms=300.0)
-        self.results: list[dict[str, Any]] = []
-        self.failure: BrokerFailure | None = None
-        self.hold: asyncio.Event | None = None
-        self.stats_document: dict[str, Any] | None = {"num_gpus": 0, "broker": {}}
-        self.request_ids: list[str] = []
-        self.labels: list[str] = []
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
-                       label: str = "") -> tuple[Result, bytes]:
-        self.request_ids.append(request_id)
-        self.labels.append(label)
-        if self.hold is not None:
-            await self.hold.wait()
-        if self.failure is not None:
-            raise self.failure
-        fields = self.results.pop(0) if self.results else self.default
-        result = Result(request_id=request_id, width=params.width, height=params.height, seed=params.seed, **fields)
-        return result, make_png(params.width, params.height)
-
-    async def stats(self, timeout_s: float = 2.0) -> dict[str, Any]:
-        if self.stats_document is None:
-            raise asyncio.TimeoutError()
-        return self.stats_document
+from imagegen.protocol import BatchingConfig, Heartbeat, Register, Result, WorkerStatus
+from tests.support.fake_brokers import ScriptedFakeBroker
+from tests.support.gateway import generate_body
 
 
 @pytest.fixture
-def broker() -> FakeBroker:
-    return FakeBroker()
-
-
-@pytest.fixture
-async def client(tmp_path: Path, broker: FakeBroker):
-    client = await start_client(GatewaySettings(image_dir=str(tmp_path / "images")), broker)
-    try:
-        yield client
-    finally:
-        await client.close()
+def broker() -> ScriptedFakeBroker:
+    """Behind the ``client`` fixture (tests/integration/conftest.py) in this module."""
+    return ScriptedFakeBroker()
 
 
 async def scrape(client: TestClient) -> dict[str, Any]:
@@ -110,10 +54,6 @@ def value(families: dict[str, Any], sample_name: str, **labels: str) -> float:
                if s.name == sample_name and labels.items() <= s.labels.items()]
     assert len(matches) == 1, (sample_name, labels, families[family_name].samples)
     return matches[0]
-
-
-def generate_body(seed: int = 1) -> dict[str, Any]:
-    return {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, "seed": seed}
 
 
 # --------------------------------------------------------------------------- the cluster, from /stats

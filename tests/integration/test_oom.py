@@ -8,25 +8,21 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 import torch
 
-from gpu_worker.model import oom
 from gpu_worker.decisions.batcher import Batcher, BatchKey, BatchPolicyConfig
+from gpu_worker.model import oom
 from gpu_worker.model.fake_backend import FakeBackend, parse_fake_model_id
 from gpu_worker.model.oom import OUT_OF_MEMORY_ERROR, OomSplittingBackend, is_out_of_memory
 from gpu_worker.model.pipelines import GenerationJob, auto_max_batch_size
+from tests.support.images import pixels
 
 SETTINGS = BatchKey(64, 64, 2, 7.5)
 
 
 def jobs(n: int) -> list[GenerationJob]:
     return [GenerationJob(f"prompt {i}", None if i % 2 else f"neg {i}", 1000 + i) for i in range(n)]
-
-
-def pixels(image) -> bytes:
-    return np.asarray(image).tobytes()
 
 
 class Recorder:

@@ -14,7 +14,6 @@ import io
 import random
 
 import pytest
-from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from gateway.broker_client import BrokerFailure
@@ -22,7 +21,6 @@ from gateway.config import GatewaySettings
 from gateway.openai_api import generate_all, parse_images_request
 from gateway.validation import FieldError
 from imagegen.bounds import MAX_IMAGES_PER_REQUEST
-from tests.integration.test_gateway import FakeBrokerClient, start_client
 
 API_KEY = "test-key-0123456789abcdef"
 SETTINGS = GatewaySettings()
@@ -94,23 +92,7 @@ def test_body_must_be_an_object():
     assert field_of(["prompt"]) is None  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------- the route, FAKE broker
-
-
-@pytest.fixture
-async def gateway(tmp_path):
-    """(client, broker): the gateway app with the FAKE broker client, and API keys when asked."""
-    started: list[TestClient] = []
-
-    async def start(**settings) -> tuple[TestClient, FakeBrokerClient]:
-        broker = FakeBrokerClient()
-        client = await start_client(GatewaySettings(image_dir=str(tmp_path / "images"), **settings), broker)
-        started.append(client)
-        return client, broker
-
-    yield start
-    for client in started:
-        await client.close()
+# --------------------------------------------------------------------------- the route, FAKE broker (start_gateway)
 
 
 def assert_openai_error(body: dict, kind: str, param: str | None = None, code: str | None = None) -> None:
@@ -120,8 +102,8 @@ def assert_openai_error(body: dict, kind: str, param: str | None = None, code: s
         assert body["error"]["code"] == code, body
 
 
-async def test_urls_are_stored_images_and_n_requests_reach_the_broker_together(gateway):
-    client, broker = await gateway()
+async def test_urls_are_stored_images_and_n_requests_reach_the_broker_together(start_gateway):
+    client, broker = await start_gateway()
     response = await client.post("/v1/images/generations", json={"prompt": "a cat", "n": 3, "size": "64x64"})
     assert response.status == 200, await response.text()
     body = await response.json()
@@ -133,8 +115,8 @@ async def test_urls_are_stored_images_and_n_requests_reach_the_broker_together(g
         assert image.status == 200 and Image.open(io.BytesIO(await image.read())).size == (64, 64)
 
 
-async def test_each_image_has_a_service_made_id_and_carries_the_client_label(gateway):
-    client, broker = await gateway()
+async def test_each_image_has_a_service_made_id_and_carries_the_client_label(start_gateway):
+    client, broker = await start_gateway()
     response = await client.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, "size": "64x64"},
                                  headers={"X-Request-ID": "round-7.player-3"})
     assert response.status == 200, await response.text()
@@ -147,8 +129,8 @@ async def test_each_image_has_a_service_made_id_and_carries_the_client_label(gat
     assert counts and sum(float(line.rsplit(" ", 1)[1]) for line in counts) == 2, metrics
 
 
-async def test_b64_json_answers_the_pngs_inline(gateway):
-    client, _ = await gateway()
+async def test_b64_json_answers_the_pngs_inline(start_gateway):
+    client, _ = await start_gateway()
     response = await client.post("/v1/images/generations",
                                  json={"prompt": "a cat", "n": 2, "size": "64x128", "response_format": "b64_json"})
     data = (await response.json())["data"]
@@ -156,8 +138,8 @@ async def test_b64_json_answers_the_pngs_inline(gateway):
     assert Image.open(io.BytesIO(base64.b64decode(data[0]["b64_json"]))).size == (64, 128)
 
 
-async def test_invalid_requests_answer_400_in_openai_shape(gateway):
-    client, broker = await gateway()
+async def test_invalid_requests_answer_400_in_openai_shape(start_gateway):
+    client, broker = await start_gateway()
     response = await client.post("/v1/images/generations", json={"prompt": "a cat", "size": "100x100"})
     assert response.status == 400
     assert_openai_error(await response.json(), "invalid_request_error", "size", "invalid_value")
@@ -178,8 +160,8 @@ async def test_invalid_requests_answer_400_in_openai_shape(gateway):
     (BrokerFailure("generation_failed", "boom"), 500, "generation_failed"),
     ("timeout", 504, "timeout"),
 ])
-async def test_failures_answer_in_openai_shape_with_retry_after_on_503(gateway, failure, status, code):
-    client, broker = await gateway(retry_after_s=7)
+async def test_failures_answer_in_openai_shape_with_retry_after_on_503(start_gateway, failure, status, code):
+    client, broker = await start_gateway(retry_after_s=7)
     broker.failure = failure
     response = await client.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, "size": "64x64"})
     assert response.status == status
@@ -210,8 +192,8 @@ async def test_one_failed_image_cancels_the_others():
     assert broker.count == 4 and broker.cancelled == 3
 
 
-async def test_api_keys_guard_the_route_with_openai_shaped_401(gateway):
-    client, broker = await gateway(api_keys=(API_KEY,))
+async def test_api_keys_guard_the_route_with_openai_shaped_401(start_gateway):
+    client, broker = await start_gateway(api_keys=(API_KEY,))
     response = await client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64"})
     assert response.status == 401 and response.headers["WWW-Authenticate"] == "Bearer"
     assert_openai_error(await response.json(), "invalid_request_error", None, "invalid_api_key")
@@ -226,8 +208,8 @@ async def test_api_keys_guard_the_route_with_openai_shaped_401(gateway):
     assert (await (await client.get("/stats")).json())["error"]["code"] == "unauthorized"
 
 
-async def test_route_is_in_the_openapi_document(gateway):
-    client, _ = await gateway()
+async def test_route_is_in_the_openapi_document(start_gateway):
+    client, _ = await start_gateway()
     document = await (await client.get("/openapi.json")).json()
     operation = document["paths"]["/v1/images/generations"]["post"]
     assert {"200", "400", "401", "503"} <= set(operation["responses"])

@@ -23,18 +23,11 @@ from gpu_worker.model.fake_backend import FakeBackend
 from gpu_worker.model.pipelines import GenerationJob, StepThrottle, load_pipeline
 from imagegen.batch_key import BatchKey
 from imagegen.protocol import Cancel, Generate, GenerationParams, Result
+from tests.support.clock import Clock
 from tests.support.offline_worker import close_offline_worker, offline_worker
 
 
 # ------------------------------------------------------------------ the stop signal
-
-
-class Clock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_stop_requested_before_a_step_raises_there():

@@ -1,15 +1,11 @@
 """GET /readyz: ready only when a request sent now could be answered (broker answers, a worker
 accepts work, the image folder takes images). The decision is gateway/readiness.py's pure function;
-the HTTP tests run the gateway in-process with tests/integration/test_gateway.py's fake broker client."""
+the HTTP tests run the gateway in-process with a fake broker client (the ``client`` and ``broker``
+fixtures of tests/integration/conftest.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-from gateway.config import GatewaySettings
-from tests.integration.test_gateway import FakeBrokerClient, start_client
 
 
 def worker(state: str, gpu_id: int = 0) -> dict:
@@ -23,19 +19,8 @@ ONE_OF_TWO_READY = {"num_gpus": 2, "per_gpu_stats": [worker("draining", 0), work
 ONE_READY = {"num_gpus": 1, "worker": worker("ready")}
 
 
-@pytest.fixture
-async def client_and_broker(tmp_path: Path):
-    broker = FakeBrokerClient()
-    client = await start_client(GatewaySettings(image_dir=str(tmp_path / "images")), broker)
-    try:
-        yield client, broker
-    finally:
-        await client.close()
-
-
 @pytest.mark.parametrize("document", [ONE_DRAINING, ALL_DRAINING], ids=["one", "all-of-two"])
-async def test_not_ready_while_every_worker_drains(client_and_broker, document):
-    client, broker = client_and_broker
+async def test_not_ready_while_every_worker_drains(client, broker, document):
     broker.stats_document = document
     response = await client.get("/readyz")
     body = await response.json()
@@ -45,8 +30,7 @@ async def test_not_ready_while_every_worker_drains(client_and_broker, document):
 
 
 @pytest.mark.parametrize("document", [ONE_READY, ONE_OF_TWO_READY], ids=["one", "one-of-two"])
-async def test_ready_while_a_worker_accepts(client_and_broker, document):
-    client, broker = client_and_broker
+async def test_ready_while_a_worker_accepts(client, broker, document):
     broker.stats_document = document
     response = await client.get("/readyz")
     body = await response.json()

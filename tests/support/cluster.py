@@ -44,6 +44,16 @@ class Cluster:
         self.processes[name] = process
         return process
 
+    def start_all(self, workers: int = 1, timeout_s: float = 60) -> Cluster:
+        """The broker, the gateway and ``workers`` workers (GPU ids 0, 1, ...); returns once every
+        worker has registered."""
+        self.start("broker", "broker")
+        self.start("gateway", "gateway")
+        for index in range(workers):
+            self.start_worker(index)
+        self.wait_for_workers(workers, timeout_s)
+        return self
+
     def start_worker(self, index: int, **settings: str) -> subprocess.Popen:
         return self.start(f"worker{index}", "gpu_worker", **{"GPU_ID": str(index), "WORKER_NAME": f"worker{index}",
                                                              **settings})
@@ -93,6 +103,20 @@ def post(url: str, body: dict, timeout_s: float = 60) -> tuple[int, dict, float]
             return response.status, json.loads(response.read()), time.monotonic() - started
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}"), time.monotonic() - started
+
+
+def call(url: str, path: str, body: dict, label: str | None = None, timeout_s: float = 120) -> tuple[int, dict, dict]:
+    """POST ``body`` as JSON to ``path``, with ``label`` as its X-Request-ID; returns (status, JSON
+    answer, headers). Raises OSError when the client gives up."""
+    headers = {"Content-Type": "application/json"}
+    if label is not None:
+        headers["X-Request-ID"] = label
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers)
 
 
 def request_body(i: int, size: int = 64) -> dict:

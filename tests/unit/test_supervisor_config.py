@@ -11,8 +11,8 @@ import pytest
 from supervisor.options import ServerOptions
 
 from launcher.supervisor_config import main, render
-from tests.e2e.test_supervisord import BIN
 from tests.support.paths import REPO
+from tests.support.supervisord import BIN
 
 TEMPLATE = (REPO / "supervisord.conf").read_text()
 
