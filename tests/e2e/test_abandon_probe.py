@@ -12,8 +12,6 @@ import pytest
 
 from tests.support.paths import REPO
 
-pytestmark = [pytest.mark.e2e]
-
 DEADLINE_S = "20"
 
 

@@ -23,8 +23,6 @@ import pytest
 
 from tests.support.cluster import Cluster, call
 
-pytestmark = [pytest.mark.e2e]
-
 
 @pytest.fixture
 def cluster(make_cluster):

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.paths import REPO
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 
 def test_broker_ceiling_quick_run_reports_rate_and_cpu_per_request(tmp_path):

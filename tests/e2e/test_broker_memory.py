@@ -123,7 +123,6 @@ def processes():
         kill_tree(process.pid, grace_s=5)
 
 
-@pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_no_socket_reachable_from_other_hosts_lets_a_stranger_flood_the_broker(tmp_path, processes):
     """The broker told to listen on every interface on both links, the worker link with CurveZMQ keys.
@@ -168,7 +167,6 @@ def test_no_socket_reachable_from_other_hosts_lets_a_stranger_flood_the_broker(t
     assert ping(address).broker_epoch
 
 
-@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_the_ipc_gateway_socket_is_for_the_brokers_user_only(tmp_path, processes):
     """Started with a umask that would leave the socket file open to everyone."""
@@ -186,7 +184,6 @@ def test_the_ipc_gateway_socket_is_for_the_brokers_user_only(tmp_path, processes
 SMALL_LIMIT_BYTES = 256 * MIB
 
 
-@pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_under_supervisord_a_flood_stops_at_the_limit_and_an_accepted_request_is_still_answered(tmp_path):
     """The shipped supervisord.conf with its memory limit made small; a request is accepted (a worker

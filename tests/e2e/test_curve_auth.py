@@ -22,7 +22,7 @@ from imagegen.protocol import WORKER_LINK, BatchingConfig, Disconnect, Heartbeat
 from tests.support.cluster import post, request_body
 from tests.support.procs import free_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture

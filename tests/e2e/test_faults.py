@@ -20,7 +20,7 @@ from imagegen.protocol import WORKER_LINK, Command, Failure, Generate, Generatio
 from tests.support.cluster import Cluster, post, request_body, send_concurrently
 from tests.support.procs import free_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 
 def results(futures) -> list[tuple[int, dict, float]]:

@@ -76,7 +76,6 @@ def gateways(tmp_path: Path):
 # --------------------------------------------------------------------------- where it listens
 
 
-@pytest.mark.e2e
 def test_process_exits_2_on_all_interfaces_without_keys(tmp_path: Path):
     process = subprocess.run([sys.executable, "-m", "gateway"], env=gateway_env(tmp_path, GATEWAY_HOST="0.0.0.0"),
                              cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -84,7 +83,6 @@ def test_process_exits_2_on_all_interfaces_without_keys(tmp_path: Path):
     assert "GATEWAY_HOST" in process.stderr and "GATEWAY_ALLOW_UNAUTHENTICATED" in process.stderr
 
 
-@pytest.mark.e2e
 def test_unauthenticated_beyond_loopback_warns_at_start(gateways):
     gateway = gateways(GATEWAY_HOST="0.0.0.0", GATEWAY_ALLOW_UNAUTHENTICATED="true")
     gateway.wait_ready()
@@ -122,7 +120,6 @@ async def _peak_fds(gateway: Gateway, stop: asyncio.Event) -> int:
     return peak
 
 
-@pytest.mark.e2e
 async def test_stalled_bodies_are_answered_408_and_closed_while_others_are_served(gateways, tmp_path: Path):
     timeout_s, count = 2.0, 300
     gateway = gateways(GATEWAY_BODY_TIMEOUT_S=str(timeout_s), GATEWAY_MAX_CONNECTIONS="1000")
@@ -171,7 +168,6 @@ async def _send(port: int, request: bytes) -> tuple[asyncio.StreamReader, asynci
     return reader, writer
 
 
-@pytest.mark.e2e
 async def test_connections_beyond_the_cap_get_503_and_are_closed(gateways):
     limit = 20
     gateway = gateways(GATEWAY_MAX_CONNECTIONS=str(limit), RETRY_AFTER_S="7")
@@ -223,7 +219,6 @@ async def _exchange(port: int, request: bytes) -> tuple[bytes, dict]:
     return head, json.loads(body)
 
 
-@pytest.mark.e2e
 async def test_requests_the_parser_refuses_answer_json(gateways):
     gateway = gateways()
     gateway.wait_ready()

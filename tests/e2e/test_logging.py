@@ -24,7 +24,6 @@ def json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_one_grep_for_the_clients_id_finds_the_request_in_the_gateway_broker_and_worker_logs(tmp_path):
     cluster = Cluster(tmp_path, LOG_FORMAT="json")

@@ -49,7 +49,6 @@ def official_client(c: Cluster, api_key: str = API_KEY):
     return openai.OpenAI(base_url=f"{c.url}/v1", api_key=api_key, max_retries=0, timeout=30)
 
 
-@pytest.mark.e2e
 def test_official_client_b64_json_three_images_in_one_batch(cluster):
     client = official_client(cluster)
     before = stats(cluster)
@@ -64,7 +63,6 @@ def test_official_client_b64_json_three_images_in_one_batch(cluster):
     assert after["total_batches"] - before["total_batches"] == 1, (before, after)
 
 
-@pytest.mark.e2e
 def test_official_client_urls_load_without_a_key(cluster):
     result = official_client(cluster).images.generate(prompt="a lighthouse", n=2, size="64x128")
     assert [image.b64_json for image in result.data] == [None, None]
@@ -73,7 +71,6 @@ def test_official_client_urls_load_without_a_key(cluster):
             assert Image.open(io.BytesIO(response.read())).size == (64, 128)
 
 
-@pytest.mark.e2e
 def test_official_client_sees_openai_errors(cluster):
     with pytest.raises(openai.BadRequestError) as bad:
         official_client(cluster).images.generate(prompt="a lighthouse", size="100x100")

@@ -12,7 +12,7 @@ import pytest
 
 from bench import overload
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+pytestmark = pytest.mark.timeout(90)
 
 MAX_QUEUE_SIZE = 20
 BATCH_SIZE = 4

@@ -26,7 +26,7 @@ from imagegen.keys import main as keys_main
 from tests.support.cluster import Cluster, post, request_body, send_concurrently
 from tests.support.procs import free_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 TEST_RANGE = "10.201"  # 10.201.0.0/16: this test's own hosts only; one /30 per namespace

@@ -54,7 +54,6 @@ SECRET_A = {"prompt": "SECRET-A", "size": "64x64", "num_inference_steps": 40, "s
 B = {"prompt": "B", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 222}
 
 
-@pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_a_label_that_another_requests_old_id_was_made_from_gets_its_own_image(tmp_path):
     """The reported sequence: OpenAI request with X-Request-ID 'coll', then /generate with 'coll.0'
@@ -122,7 +121,6 @@ def colliding_labels(draw) -> list[str]:
     return draw(st.lists(st.sampled_from(family), min_size=3, max_size=6))
 
 
-@pytest.mark.e2e
 @pytest.mark.timeout(600)
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(labels=colliding_labels(), data=st.data())

@@ -28,7 +28,6 @@ class GeneratedStack(Stack):
         self.conf = generated
 
 
-@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_generated_config_runs_a_worker_per_gpu_under_supervisord(tmp_path):
     # Two GPUs assumed on a CPU machine: the FAKE backend (MODEL_ID=fake) does not touch CUDA, so

@@ -17,7 +17,7 @@ from PIL import Image
 from tests.support.procs import get_json, wait_until_ready
 from tests.support.supervisord import Stack, fetch, post_generate
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture

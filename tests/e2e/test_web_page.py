@@ -24,7 +24,7 @@ from tests.support.gateway import start_client
 from tests.support.paths import REPO
 from tests.support.procs import free_port, get_json
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps trying to reach Google on a closed network.

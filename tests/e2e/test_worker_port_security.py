@@ -43,7 +43,7 @@ from tests.support.cluster import post, request_body, send_concurrently
 from tests.support.paths import REPO
 from tests.support.procs import free_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 
 def register_message(name: str, capacity: int = 8) -> Register:
