@@ -4,7 +4,7 @@
 :mod:`gateway.validation` checks it, the response as ``gateway.app._success_body`` builds it, and
 every error answer), GET /stats, /healthz, /readyz, /images/{name} and / (the web page), and
 POST /v1/images/generations (its schemas come from gateway.openai_api). The schemas are JSON Schema
-2020-12 (OpenAPI 3.1's dialect), so the property tests (tests/test_fuzz_gateway.py) generate
+2020-12 (OpenAPI 3.1's dialect), so the property tests (tests/integration/test_fuzz_gateway.py) generate
 request bodies from them and validate the answers against them.
 
 Rules of the validator that JSON Schema cannot state are given as descriptions (two also as

@@ -9,7 +9,7 @@ Two layers:
 * :data:`GATEWAY_DEFAULTS`, what the gateway allows out of the box: the defaults of its settings
   (MAX_PROMPT_LENGTH, MIN_IMAGE_SIDE, ... DEFAULT_GUIDANCE_SCALE). gateway/validation.py checks
   requests against the settings, gateway/openapi.py describes them, and the form of
-  gateway/static/index.html starts from these defaults (tests/test_bounds.py keeps it so).
+  gateway/static/index.html starts from these defaults (tests/unit/test_bounds.py keeps it so).
 
 Rules no setting changes are here too: a side is a multiple of :data:`IMAGE_SIDE_MULTIPLE`, the
 seed the gateway picks, and how many images one OpenAI-style request may ask for.

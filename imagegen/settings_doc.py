@@ -2,7 +2,7 @@
 
 Each setting is declared once, with :func:`imagegen.settings.setting` (variable, default, help) in
 its service's settings class; this module turns those declarations into one table per service, so
-the reference cannot drift from the code. ``tests/test_settings_doc.py`` fails when
+the reference cannot drift from the code. ``tests/unit/test_settings_doc.py`` fails when
 docs/settings.md differs from what this prints. After adding or changing a setting::
 
     .venv/bin/python -m imagegen.settings_doc > docs/settings.md

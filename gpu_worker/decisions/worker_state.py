@@ -2,7 +2,7 @@
 
 The worker's shell (gpu_worker/shell/worker.py ``Worker``) tells :class:`WorkerState` what happened, with
 ``now`` from its one injected clock, and carries out what it answers. That keeps every rule of the
-worker testable with a fake clock (tests/test_worker_state.py), as broker/state.py does for the
+worker testable with a fake clock (tests/unit/test_worker_state.py), as broker/state.py does for the
 broker.
 
 It owns the queue (the :class:`gpu_worker.decisions.batcher.BatchPolicy` that forms batches, and the queued
