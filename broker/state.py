@@ -6,8 +6,9 @@ and sends the :class:`ToWorker` / :class:`ToClient` actions it gets back; the ev
 say what happened, for its log. That keeps every rule (admission of workers, credit, balancing,
 liveness, requeueing, overload, stats) testable with a fake clock.
 
-Requests live in one table keyed by request id, in one of two places: the broker's FIFO queue
-(waiting for a worker with credit) or assigned to one worker. A worker's *credit* is how many
+Requests live in one table keyed by request id, in one of two places: the broker's queue
+(waiting for a worker with credit; one FIFO per model, :class:`broker.models.ModelQueues`) or
+assigned to one worker. A worker's *credit* is how many
 requests it may hold at once (its ``capacity``, announced at registration): the broker hands
 work only to workers below it, so a slow worker is never flooded and the backlog waits here,
 bounded by ``max_queue_size``.
@@ -15,19 +16,25 @@ bounded by ``max_queue_size``.
 While requests wait here for credit, a *fair share* caps what each worker may take
 (:meth:`BrokerState.fair_share`): the backlog is spread over all workers instead of going to
 whichever frees credit first (docs/scheduling.md, "Dispatch across GPUs").
+
+With several models in the cluster (each worker serves the model it registered with) every rule
+that compares or counts workers works within one model's group: a request goes only to workers of
+its model (:func:`broker.models.route_model` decides which, at submit), each model has its own
+FIFO, balancer, fair share and admission, and a model whose workers are busy never holds back
+another's. With one model that is one group, exactly as before.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Mapping, Union
+from typing import Hashable, Mapping, Union
 
 from broker.admission import Admission, WorkerSpeed
 from broker.balancing import Balancer, Candidate
+from broker.models import ModelQueues, route_model
 from broker.registration import key_admits, registration_refusal
 from imagegen.batch_key import BatchKey, work_units
 from imagegen.protocol import (
@@ -160,25 +167,29 @@ class RequestRecord:
     dispatched_at: float | None = None
     step: int | None = None  # its worker's latest PROGRESS: denoising step ``step`` of ``steps``
     steps: int | None = None
+    # The model it goes to (broker/models.py route_model()); None: accepted while no worker was
+    # registered, it is routed when one is (BrokerState._place_unnamed).
+    model: str | None = None
 
 
 _EMPTY_STATUS = WorkerStatus("ready", 0, 0, 0, 0, 0, 0, 0.0, 0.0)
 
 class BatchTimes:
-    """The latest batch duration the workers reported (Result.generation_ms) per BatchKey, as
-    (seconds, batch size); the oldest keys are forgotten beyond ``max_keys``."""
+    """The latest batch duration the workers reported (Result.generation_ms) per key, as
+    (seconds, batch size); the oldest keys are forgotten beyond ``max_keys``. The broker's keys are
+    (model, BatchKey): one size of image costs another time on another model."""
 
     def __init__(self, max_keys: int = 256) -> None:
         self.max_keys = max_keys
-        self._latest: dict[BatchKey, tuple[float, int]] = {}
+        self._latest: dict[Hashable, tuple[float, int]] = {}
 
-    def observe(self, key: BatchKey, seconds: float, size: int) -> None:
+    def observe(self, key: Hashable, seconds: float, size: int) -> None:
         self._latest.pop(key, None)
         self._latest[key] = (seconds, size)
         if len(self._latest) > self.max_keys:
             del self._latest[next(iter(self._latest))]
 
-    def estimate_s(self, key: BatchKey, size: int) -> float | None:
+    def estimate_s(self, key: Hashable, size: int) -> float | None:
         """Seconds for a batch of ``size`` of ``key``: the latest one's, scaled by size; None if unknown."""
         latest = self._latest.get(key)
         return None if latest is None else latest[0] * size / latest[1]
@@ -234,15 +245,17 @@ class Counters:
     wrong_key_messages: int = 0  # from a worker's connection id, but not under the key it registered with
     unassigned_answers: int = 0  # RESULT/FAILURE/PROGRESS for a request held by another worker or queued
     workers_stuck: int = 0  # held requests past the progress deadline: removed, their work requeued
+    rejected_model: int = 0  # named a model no worker serves, or none while several are served (400)
 
 
 class BrokerState:
     def __init__(self, policy: BrokerPolicy, epoch: str) -> None:
         self.policy = policy
         self.epoch = epoch
-        self.balancer = Balancer(policy.strategy)
+        Balancer(policy.strategy)  # an unknown strategy fails here, not at the first dispatch
+        self._balancers: dict[str | None, Balancer] = {}  # one per model: its round-robin is its own
         self.requests: dict[str, RequestRecord] = {}
-        self.queue: deque[str] = deque()  # ids waiting for a worker; the front goes first
+        self.queue = ModelQueues()  # ids waiting for a worker, one FIFO per model; each front goes first
         self.workers: dict[bytes, WorkerRecord] = {}
         self.counters = Counters()
         self.max_queue_depth = 0
@@ -253,7 +266,8 @@ class BrokerState:
         self._registration_order = itertools.count()
         self.batch_times = BatchTimes()
         self.admission = Admission()  # refuses at once what could not finish in time (broker/admission.py)
-        self._units_ahead = (-math.inf, 0.0)  # (when summed, work units held): see units_ahead
+        # Per model (None: every request): (when summed, work units held); see units_ahead.
+        self._units_ahead: dict[str | None, tuple[float, float]] = {}
         self.draining = False
 
     def begin_drain(self) -> None:
@@ -282,30 +296,44 @@ class BrokerState:
             self.counters.rejected_draining += 1
             text = "the broker is shutting down; retry in a few seconds"
             return [ToClient(client_id, Failure(message.request_id, FailureCode.SHUTTING_DOWN.value, text))]
+        route = route_model(message.params.model, self.served_models(), message.params.model_fallback)
+        if route.refusal is not None:
+            self.counters.rejected_model += 1
+            return [ToClient(client_id, Failure(message.request_id, route.refusal.value, route.message),
+                             message.label)]
         if len(self.queue) >= self.policy.max_queue_size:
             self.counters.rejected_overloaded += 1
             text = f"the broker's queue is full ({self.policy.max_queue_size} requests waiting); retry later"
             return [ToClient(client_id, Failure(message.request_id, FailureCode.OVERLOADED.value, text))]
-        refusal = self._admission_refusal(message, now)
+        refusal = self._admission_refusal(message, route.model, now)
         if refusal is not None:
             return [ToClient(client_id, refusal, message.label)]
-        self.requests[message.request_id] = RequestRecord(client_id, message, now)
-        self.queue.append(message.request_id)
+        self.requests[message.request_id] = RequestRecord(client_id, message, now, model=route.model)
+        self.queue.append(route.model, message.request_id)
         self._observe_depth()
         return self.dispatch(now)
 
-    def _admission_refusal(self, message: Generate, now: float) -> Failure | None:
+    def served_models(self) -> list[str]:
+        """The models the registered workers serve (draining ones included: their model comes back)."""
+        return sorted({w.info.model_id for w in self.workers.values()})
+
+    def _workers_of(self, model: str | None) -> list[WorkerRecord]:
+        """The registered workers serving ``model``, in registration order."""
+        return [w for w in sorted(self.workers.values(), key=lambda w: w.order) if w.info.model_id == model]
+
+    def _admission_refusal(self, message: Generate, model: str | None, now: float) -> Failure | None:
         """A request that could not finish within its deadline, alone or behind the work already
-        here, is refused at once rather than accepted and left to time out (broker/admission.py)."""
+        here for its model, is refused at once rather than accepted and left to time out
+        (broker/admission.py); only its model's workers count, the fastest and the work spread."""
         workers = [WorkerSpeed(w.info.worker_name, w.info.seconds_per_work_unit)
-                   for w in self.workers.values() if w.accepting]
+                   for w in self.workers.values() if w.accepting and w.info.model_id == model]
         if self.admission.seconds_per_unit(workers, now) is None:
             return None  # nothing measured: never refused (and the held work need not be summed)
         key = BatchKey.of(message.params)
-        verdict = self.admission.decide(key, message.deadline_s, self.units_ahead(now), workers, now)
+        verdict = self.admission.decide(key, message.deadline_s, self.units_ahead(now, model), workers, now)
         if verdict.code is None:
-            at, units = self._units_ahead
-            self._units_ahead = (at, units + work_units(key))  # accepted: ahead of the next one
+            at, units = self._units_ahead[model]
+            self._units_ahead[model] = (at, units + work_units(key))  # accepted: ahead of the next one
             return None
         if verdict.code == FailureCode.TOO_COSTLY.value:
             self.counters.rejected_too_costly += 1
@@ -313,21 +341,24 @@ class BrokerState:
             self.counters.rejected_behind_queue += 1
         return Failure(message.request_id, verdict.code, verdict.message, verdict.retry_after_s)
 
-    def units_ahead(self, now: float) -> float:
-        """Work units (gpu_worker.decisions.cost_model.work_units) of every request held and not finished: in
+    def units_ahead(self, now: float, model: str | None = None) -> float:
+        """Work units (gpu_worker.decisions.cost_model.work_units) of every request for ``model``
+        (None: of every request) held and not finished: in
         full while queued, the part left by its latest PROGRESS once dispatched, half when a worker
         holds it and has reported nothing yet (it may be running). Summed at most every
         UNITS_AHEAD_RECOMPUTE_S, accepted requests added in between: summing at every arrival made a
         burst of 5000 cost 19 s of broker time (quadratic)."""
-        at, units = self._units_ahead
+        at, units = self._units_ahead.get(model, (-math.inf, 0.0))
         if not 0 <= now - at <= UNITS_AHEAD_RECOMPUTE_S:
-            units = self._sum_units_ahead()
-            self._units_ahead = (now, units)
+            units = self._sum_units_ahead(model)
+            self._units_ahead[model] = (now, units)
         return units
 
-    def _sum_units_ahead(self) -> float:
+    def _sum_units_ahead(self, model: str | None = None) -> float:
         total = 0.0
         for record in self.requests.values():
+            if model is not None and record.model != model:
+                continue
             units = work_units(BatchKey.of(record.message.params))
             if record.worker is None:
                 total += units
@@ -483,13 +514,14 @@ class BrokerState:
         if record is None:
             return instead
         self.counters.requests_completed += 1
+        model = self.workers[routing_id].info.model_id
         if message.generation_ms > 0:
-            self.batch_times.observe(BatchKey.of(record.message.params), message.generation_ms / 1000.0,
+            self.batch_times.observe((model, BatchKey.of(record.message.params)), message.generation_ms / 1000.0,
                                      message.batch_size)
             self.admission.observe(message.worker_name, BatchKey.of(record.message.params), message.batch_size,
                                    message.generation_ms / 1000.0, now)
         broker_wait_ms = ((record.dispatched_at or record.received_at) - record.received_at) * 1000.0
-        forwarded = replace(message, queue_wait_ms=message.queue_wait_ms + broker_wait_ms)
+        forwarded = replace(message, queue_wait_ms=message.queue_wait_ms + broker_wait_ms, model=model)
         return [ToClient(record.client_id, forwarded, record.message.label)] + self.dispatch(now)
 
     def failure(self, routing_id: bytes, message: Failure, now: float) -> list[Action]:
@@ -612,10 +644,15 @@ class BrokerState:
         if record.worker is None:
             if not self.workers:
                 return f"{deadline} while it was queued at the broker: no GPU worker is registered"
-            position = list(self.queue).index(request_id) + 1 if request_id in self.queue else 1
-            busy = "all busy" if self.accepting_workers() else "none accepting work"
-            return (f"{deadline} while it was still queued at the broker (position {position} of {len(self.queue)}; "
-                    f"{len(self.workers)} workers, {busy})")
+            workers = self._workers_of(record.model)
+            if not workers:
+                return (f"{deadline} while it was queued at the broker: no worker serving model "
+                        f"{record.model!r} is registered")
+            position = self.queue.position(request_id) if request_id in self.queue else 1
+            busy = "all busy" if any(w.accepting for w in workers) else "none accepting work"
+            serving = f" serving {record.model}" if len(self.served_models()) > 1 else ""
+            return (f"{deadline} while it was still queued at the broker (position {position} of "
+                    f"{self.queue.depth(record.model)}; {len(workers)} workers{serving}, {busy})")
         name = self._worker_name(record.worker)
         if record.step is None:
             return f"{deadline} while it was still queued at worker {name}"
@@ -631,7 +668,9 @@ class BrokerState:
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float) -> list[Action]:
-        """Hand queued requests, oldest first, to workers with credit, as the balancer chooses.
+        """Hand queued requests, oldest first, to workers of their model with credit, as that model's
+        balancer chooses. Each model is dispatched on its own: requests for a model whose workers
+        have no credit stay queued while those for another model go to its idle workers.
 
         **Fair share.** While requests wait here for credit (a backlog), a worker may take one only
         while its unfinished work (:meth:`unfinished`) is below its fair share of all unfinished
@@ -641,18 +680,48 @@ class BrokerState:
         (4 GPUs, a burst of 200: 40 each at once, then the 40 left over went 16/8/8/8 in the
         simulator, and on four H100s one GPU's third batch ran ~19 s, instead of 10 each). Without
         a backlog the balancer alone decides, as before; with one worker the share never binds."""
+        actions = self._place_unnamed()
+        for model in self.queue.models():
+            actions += self._dispatch_model(model, now)
+        return actions
+
+    def _place_unnamed(self) -> list[Action]:
+        """Requests accepted while no worker was registered that named no model (or one to fall back
+        from) are routed once a model is served, as they would have been on arrival: each keeps its
+        place in the queue, or is refused (model_required) when several models are served."""
+        if not self.queue.depth(None) or not self.workers:
+            return []
+        served = self.served_models()
         actions: list[Action] = []
-        while self.queue:
-            request_id = self.queue[0]
+        for request_id in self.queue.waiting(None):
+            record = self.requests[request_id]
+            route = route_model(record.message.params.model, served, record.message.params.model_fallback)
+            if route.refusal is None:
+                record.model = route.model
+                self.queue.place(request_id, route.model)
+                continue
+            self.queue.remove(request_id)
+            del self.requests[request_id]
+            self.counters.rejected_model += 1
+            failure = Failure(request_id, route.refusal.value, route.message)
+            actions.append(ToClient(record.client_id, failure, record.message.label))
+        return actions
+
+    def _dispatch_model(self, model: str | None, now: float) -> list[Action]:
+        """Hand ``model``'s queued requests, oldest first, to its workers with credit."""
+        actions: list[Action] = []
+        balancer = self._balancers.setdefault(model, Balancer(self.policy.strategy))
+        while self.queue.depth(model):
+            request_id = self.queue.head(model)
             record = self.requests[request_id]
             if self._past_deadline(record, now):
-                self.queue.popleft()
+                self.queue.popleft(model)
                 actions.append(self._fail_late(request_id))
                 continue
-            chosen = self.balancer.choose(self._candidates(now))
+            chosen = balancer.choose(self._candidates(model, now))
             if chosen is None:
                 break
-            self.queue.popleft()
+            self.queue.popleft(model)
             worker = self.workers[chosen]
             if not worker.in_flight:
                 worker.last_progress = now  # the progress deadline counts from its first request
@@ -669,15 +738,21 @@ class BrokerState:
             actions.append(ToWorker(chosen, replace(record.message, deadline_s=remaining_s), worker.info.worker_name))
         return actions
 
-    def _candidates(self, now: float) -> list[Candidate]:
-        ordered = [w for w in sorted(self.workers.values(), key=lambda w: w.order) if w.accepting]
-        share = self.fair_share(now, ordered)
+    def _candidates(self, model: str | None, now: float) -> list[Candidate]:
+        if model is None:
+            return []  # named no model and none is served yet: it waits (see _place_unnamed)
+        ordered = [w for w in self._workers_of(model) if w.accepting]
+        share = self.fair_share(now, ordered, model)
         return [Candidate(w.routing_id, len(w.in_flight), w.info.capacity,
                           over_share=share is not None and self.unfinished(w, now) >= share)
                 for w in ordered]
 
-    def fair_share(self, now: float, workers: list[WorkerRecord] | None = None) -> int | None:
+    def fair_share(self, now: float, workers: list[WorkerRecord] | None = None,
+                   model: str | None = None) -> int | None:
         """A worker holding this many unfinished requests or more may take no other now; None: no cap.
+
+        Within one model's group: ``workers`` serve ``model``, and only its queue counts (None: the
+        whole queue and every accepting worker, one group, as with one model).
 
         None unless the policy asks for it, two workers or more accept work, and there is a backlog:
         the request at the head of the queue has waited (it arrived before ``now``, or was
@@ -689,13 +764,16 @@ class BrokerState:
         anything is queued), so the cap only redirects a request, or keeps it queued until a worker
         under its share has credit again (its images are back). A worker at or over its share is
         busy with that much work, so no GPU idles for it."""
-        if not self.policy.fair_share or not self.queue:
+        queued = len(self.queue) if model is None else self.queue.depth(model)
+        if not self.policy.fair_share or not queued:
             return None
         if workers is None:
-            workers = [w for w in self.workers.values() if w.accepting]
-        if len(workers) < 2 or self.requests[self.queue[0]].received_at >= now:
+            workers = [w for w in self.workers.values()
+                       if w.accepting and (model is None or w.info.model_id == model)]
+        head = next(iter(self.queue)) if model is None else self.queue.head(model)
+        if len(workers) < 2 or self.requests[head].received_at >= now:
             return None
-        total = len(self.queue) + sum(self.unfinished(w, now) for w in workers)
+        total = queued + sum(self.unfinished(w, now) for w in workers)
         capacities = sorted(w.info.capacity for w in workers)
         if total >= sum(capacities):
             return None
@@ -723,7 +801,7 @@ class BrokerState:
         does not count the others' nearly finished batches as a whole batch of work each."""
         running = worker.status.running
         if running and worker.running_key is not None and worker.batch_started_at is not None:
-            expected_s = self.batch_times.estimate_s(worker.running_key, running)
+            expected_s = self.batch_times.estimate_s((worker.info.model_id, worker.running_key), running)
             if expected_s:
                 left = 1.0 - (now - worker.batch_started_at) / expected_s
                 running = math.ceil(running * min(1.0, max(0.0, left)))
@@ -773,7 +851,7 @@ class BrokerState:
                 actions.append(self._fail(request_id, FailureCode.WORKER_LOST,
                                           f"{record.attempts} workers failed to finish it (last: {lost_text})"))
                 continue
-            self.queue.appendleft(request_id)
+            self.queue.appendleft(record.model, request_id)
             self.counters.requeued += 1
             actions.append(Requeued(request_id, record.message.label, name, why))
         return actions

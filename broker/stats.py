@@ -15,6 +15,9 @@ Definitions (all counts since the broker started, including workers that have si
 
 Beyond the seed, the single-GPU shape carries ``worker``: its one worker's entry, with the fields of
 a per_gpu_stats entry (absent with no worker), so per-worker metrics need no second shape.
+
+Both shapes carry ``models``: for each model a registered worker serves (or a request waits for),
+its workers and queue depths (:func:`models_section`).
 """
 
 from __future__ import annotations
@@ -90,6 +93,24 @@ def _per_gpu(worker: WorkerRecord, now: float) -> dict[str, Any]:
     }
 
 
+def models_section(state: BrokerState) -> dict[str, dict[str, int]]:
+    """model -> its registered and accepting workers, the requests waiting for it in the broker
+    (``broker_queue_depth``), and those plus its workers' queues (``current_queue_depth``). Requests
+    accepted before any worker registered that name no model wait under none of them."""
+    models = sorted(set(state.served_models()) | {m for m in state.queue.models() if m is not None})
+    section = {}
+    for model in models:
+        workers = [w for w in state.workers.values() if w.info.model_id == model]
+        waiting = state.queue.depth(model)
+        section[model] = {
+            "workers": len(workers),
+            "accepting_workers": sum(1 for w in workers if w.accepting),
+            "broker_queue_depth": waiting,
+            "current_queue_depth": waiting + sum(w.queue_depth for w in workers),
+        }
+    return section
+
+
 def _broker_section(state: BrokerState) -> dict[str, Any]:
     c = state.counters
     return {
@@ -115,6 +136,7 @@ def _broker_section(state: BrokerState) -> dict[str, Any]:
         "wrong_key_worker_messages": c.wrong_key_messages,
         "unassigned_answers": c.unassigned_answers,
         "workers_stuck": c.workers_stuck,
+        "rejected_model": c.rejected_model,
         "draining": state.draining,
     }
 
@@ -132,7 +154,8 @@ def build_stats(state: BrokerState, now: float, extra_broker_counters: dict[str,
     broker = _broker_section(state) | (extra_broker_counters or {})
     if len(workers) <= 1:
         only = workers[0] if workers else None
-        single = {**common, "num_gpus": len(workers), "config": _config(only), "broker": broker}
+        single = {**common, "num_gpus": len(workers), "config": _config(only), "models": models_section(state),
+                  "broker": broker}
         return single | ({"worker": _per_gpu(only, now)} if only is not None else {})
     return {
         "num_gpus": len(workers),
@@ -141,5 +164,6 @@ def build_stats(state: BrokerState, now: float, extra_broker_counters: dict[str,
         **common,
         "per_gpu_stats": [_per_gpu(w, now) for w in workers],
         "config": _config(workers[0]),
+        "models": models_section(state),
         "broker": broker,
     }

@@ -32,10 +32,17 @@ FAILURE_STATUS = {
     FailureCode.BROKER_RESTARTED.value: 503,
     FailureCode.INVALID_REQUEST.value: 400,
     FailureCode.TOO_COSTLY.value: 400,
+    FailureCode.UNKNOWN_MODEL.value: 400,
+    FailureCode.MODEL_REQUIRED.value: 400,
     FailureCode.DEADLINE_EXCEEDED.value: 504,
     FailureCode.GENERATION_FAILED.value: 500,
 }
 UNKNOWN_FAILURE_STATUS = 500
+# Failures about one request field: the error names it (/generate's "field", OpenAI's "param").
+FAILURE_FIELD = {
+    FailureCode.UNKNOWN_MODEL.value: "model",
+    FailureCode.MODEL_REQUIRED.value: "model",
+}
 
 # GET serves a kept image here (gateway/app.py image()); the name is "<image id>.png".
 IMAGE_ROUTE = "/images/{name}"
@@ -49,6 +56,7 @@ class ErrorAnswer:
     code: str
     message: str
     retry_after_s: int | None = None  # sent as Retry-After; None: no such header
+    field: str | None = None  # the request field at fault, if one is
 
     def headers(self) -> dict[str, str] | None:
         return None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
@@ -64,7 +72,8 @@ def broker_failure_answer(exc: BrokerFailure, settings: GatewaySettings) -> Erro
     """The broker (or a worker) ended the request without an image: its code decides the status;
     every 503 says when to retry."""
     status = FAILURE_STATUS.get(exc.code, UNKNOWN_FAILURE_STATUS)
-    return ErrorAnswer(status, exc.code, exc.message, retry_after_s(exc, settings) if status == 503 else None)
+    return ErrorAnswer(status, exc.code, exc.message, retry_after_s(exc, settings) if status == 503 else None,
+                       FAILURE_FIELD.get(exc.code))
 
 
 def broker_silent_text(settings: GatewaySettings) -> str:

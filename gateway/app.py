@@ -48,7 +48,7 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 def answer_error(answer: ErrorAnswer) -> web.Response:
     """A generate error (gateway/answers.py) in this route's shape."""
-    return error_response(answer.status, answer.code, answer.message, headers=answer.headers())
+    return error_response(answer.status, answer.code, answer.message, answer.field, headers=answer.headers())
 
 
 @web.middleware
@@ -168,6 +168,7 @@ def _success_body(request: web.Request, parsed: GenerateRequest, result: Result,
         "host": result.host,
         "queue_wait_ms": round(result.queue_wait_ms, 1),
         "generation_ms": round(result.generation_ms, 1),
+        "model": result.model or None,
     }
 
 

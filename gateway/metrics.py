@@ -181,6 +181,7 @@ BROKER_OUTCOMES = {
     "rejected_too_costly": "rejected_too_costly",
     "rejected_behind_queue": "rejected_behind_queue",
     "rejected_draining": "rejected_draining",
+    "rejected_model": "rejected_model",
     "cancelled": "cancelled",
 }
 
@@ -246,6 +247,7 @@ class ClusterCollector(Collector):
         yield from _cluster_families(self.stats)
         yield from _broker_families(self.stats.get("broker", {}))
         yield from _worker_families(_workers(self.stats))
+        yield from _model_families(self.stats.get("models") or {})
 
 
 def _cluster_families(stats: dict[str, Any]) -> Iterator[Metric]:
@@ -279,6 +281,25 @@ def _broker_families(broker: dict[str, Any]) -> Iterator[Metric]:
         family = CounterMetricFamily(f"imagegen_broker_{kind}_messages", doc, labels=["link"])
         for link in ("client", "worker"):
             family.add_metric([link], float(broker.get(f"{kind}_{link}_messages", 0)))
+        yield family
+
+
+# (metric name, key in a model's entry of the stats document's "models", help)
+MODEL_GAUGES = (
+    ("imagegen_model_workers", "workers", "Workers registered now that serve the model"),
+    ("imagegen_model_accepting_workers", "accepting_workers", "Workers of the model that take new work now"),
+    ("imagegen_model_broker_queue_depth", "broker_queue_depth",
+     "Requests for the model waiting in the broker for one of its workers"),
+    ("imagegen_model_queue_depth", "current_queue_depth",
+     "Requests for the model accepted and not yet in a running batch (the broker's queue plus its workers')"),
+)
+
+
+def _model_families(models: dict[str, Any]) -> Iterator[Metric]:
+    for name, key, doc in MODEL_GAUGES:
+        family = GaugeMetricFamily(name, doc, labels=["model"])
+        for model, entry in sorted(models.items()):
+            family.add_metric([str(model)], float(entry.get(key) or 0))
         yield family
 
 

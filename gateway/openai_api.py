@@ -13,8 +13,11 @@ Fields, as in OpenAI's API:
   MAX_IMAGE_PIXELS); ``"auto"``, null or absent: DEFAULT_WIDTH x DEFAULT_HEIGHT;
 * ``response_format``: ``"url"`` (default; the PNG is stored and served like /generate's) or
   ``"b64_json"`` (the PNG inline, base64; nothing is stored);
-* ``model``: any string, ignored: the cluster serves the one model its workers loaded (MODEL_ID),
-  which the gateway does not know; ``user``: any string, ignored.
+* ``model``: which of the cluster's models draws (a worker's MODEL_ID). Absent, or one no worker
+  serves while the cluster serves one model: that model (OpenAI clients send names such as
+  ``dall-e-3``; ``GenerationParams.model_fallback``). With several models served it must name one: 400
+  ``model_required`` or ``unknown_model``, listing them (broker/models.py decides);
+  ``user``: any string, ignored.
 
 Extensions beyond OpenAI's fields (send them with the client's ``extra_body``):
 ``negative_prompt``, ``num_inference_steps``, ``guidance_scale`` (as in /generate) and ``seed``
@@ -48,7 +51,7 @@ from gateway.images import StorageUnavailable
 from gateway.request_ids import new_request_id, request_label_of
 from gateway.validation import FieldError, parse_generate_request
 from imagegen.bounds import IMAGE_SIDE_MULTIPLE, MAX_IMAGES_PER_REQUEST, PICKED_SEED_LIMIT, WIRE
-from imagegen.protocol import GenerationParams, Result
+from imagegen.protocol import MAX_MODEL_ID_CHARS, GenerationParams, Result
 
 RESPONSE_FORMATS = ("url", "b64_json")
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
@@ -82,7 +85,7 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
 
 def answer_openai_error(answer: ErrorAnswer) -> web.Response:
     """A generate error (gateway/answers.py) in OpenAI's shape: its code is OpenAI's ``code``."""
-    return openai_error(answer.status, answer.message, code=answer.code, headers=answer.headers())
+    return openai_error(answer.status, answer.message, answer.field, code=answer.code, headers=answer.headers())
 
 
 def parse_images_request(body: Any, settings: GatewaySettings, rng: random.Random | None = None) -> ImagesRequest:
@@ -103,6 +106,8 @@ def parse_images_request(body: Any, settings: GatewaySettings, rng: random.Rando
     if response_format not in RESPONSE_FORMATS:
         raise FieldError("response_format", f"response_format must be 'url' or 'b64_json', got {response_format!r}")
     generate_body = {key: body[key] for key in ("prompt", *EXTENSION_FIELDS) if key in body}
+    if body.get("model"):  # "" counts as absent, as OpenAI's own default does
+        generate_body["model"] = body["model"]
     generate_body.update(_size(body.get("size")))
     try:
         first = parse_generate_request(generate_body, settings, rng).params
@@ -110,6 +115,7 @@ def parse_images_request(body: Any, settings: GatewaySettings, rng: random.Rando
         if exc.field in ("width", "height"):
             raise FieldError("size", f"size {body.get('size')!r}: {exc.message}", exc.status) from None
         raise
+    first = replace(first, model_fallback=True)
     return ImagesRequest(_with_seeds(first, n, body.get("seed") is not None, rng), response_format)
 
 
@@ -223,7 +229,11 @@ def openapi_schemas(settings: GatewaySettings) -> dict[str, Any]:
                                         f"{s.max_image_side}, at most {s.max_image_pixels} pixels; "
                                         "auto: the default."},
                 "response_format": {"enum": [*RESPONSE_FORMATS, None], "default": "url"},
-                "model": {**nullable_string, "description": "Ignored: the workers' MODEL_ID is served."},
+                "model": {**nullable_string, "maxLength": MAX_MODEL_ID_CHARS,
+                          "description": "The model to draw with: a MODEL_ID some worker serves (GET /stats "
+                                         "lists them under models). Absent, empty, or one not served while the "
+                                         "cluster serves one model: that model. With several served it must "
+                                         "name one (400 model_required or unknown_model, listing them)."},
                 "user": {**nullable_string, "description": "Ignored."},
                 "negative_prompt": {**nullable_string, "maxLength": s.max_prompt_chars},
                 "num_inference_steps": {"type": ["integer", "null"], "minimum": WIRE.inference_steps.low,
@@ -281,7 +291,8 @@ def openapi_paths(settings: GatewaySettings) -> dict[str, Any]:
             "application/json": {"schema": {"$ref": "#/components/schemas/ImagesRequest"}}}},
         "responses": {
             "200": answer("All n images.", "ImagesResponse"),
-            "400": answer("A field is wrong; error.param names it.", "OpenAIError"),
+            "400": answer("A field is wrong; error.param names it (code unknown_model or model_required: the "
+                          "models served are listed).", "OpenAIError"),
             "401": answer("API keys are configured and none valid was sent (code invalid_api_key).", "OpenAIError"),
             "408": answer(f"The body did not arrive within GATEWAY_BODY_TIMEOUT_S={settings.body_timeout_s:g}s "
                           "(code body_timeout).", "OpenAIError"),

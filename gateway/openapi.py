@@ -27,7 +27,7 @@ from gateway.config import GatewaySettings
 from gateway.context import SETTINGS
 from gateway.openai_api import openapi_paths as openai_paths, openapi_schemas as openai_schemas
 from imagegen.bounds import IMAGE_SIDE_MULTIPLE, PICKED_SEED_BITS, WIRE
-from imagegen.protocol import MAX_ID_CHARS
+from imagegen.protocol import MAX_ID_CHARS, MAX_MODEL_ID_CHARS
 
 OPENAPI_VERSION = "3.1.0"
 IMAGE_NAME_PATTERN = r"^[0-9a-f]{32}\.png$"
@@ -112,6 +112,13 @@ def generate_request_schema(settings: GatewaySettings) -> dict[str, Any]:
             "game_id": _identifier_schema(),
             "round_id": _identifier_schema(),
             "player_id": _identifier_schema(),
+            "model": {
+                "type": ["string", "null"], "minLength": 1, "maxLength": MAX_MODEL_ID_CHARS,
+                "description": "The model to draw with: the MODEL_ID of some registered worker (GET /stats lists "
+                               "them under models). null or absent: the one model served; when several are "
+                               "served it is required (400 model_required). A model no worker serves: 400 "
+                               "unknown_model. Both errors list the models served and name the field.",
+            },
         },
         "required": ["prompt"],
         "additionalProperties": False,
@@ -153,6 +160,9 @@ def generate_response_schema(settings: GatewaySettings) -> dict[str, Any]:
             "host": {"type": "string", "description": "The worker's host."},
             "queue_wait_ms": {**non_negative_ms, "description": "Time spent queued (broker and worker)."},
             "generation_ms": {**non_negative_ms, "description": "Inference time of the batch."},
+            "model": {"type": ["string", "null"],
+                      "description": "The model of the worker that made the image (its MODEL_ID); null from "
+                                     "a broker that does not say."},
         },
         "required": ["image_id", "image_url", "duration_ms", "game_id", "round_id", "player_id", "width",
                      "height", "num_inference_steps", "guidance_scale", "seed", "batch_id", "batch_size",
@@ -170,12 +180,14 @@ ERROR_SCHEMA: dict[str, Any] = {
             "properties": {
                 "code": {"type": "string", "minLength": 1,
                          "description": "Machine-readable: invalid_request, not_found, method_not_allowed, "
-                                        "too_costly, overloaded, worker_lost, shutting_down, deadline_exceeded, "
+                                        "too_costly, unknown_model, model_required, overloaded, worker_lost, "
+                                        "shutting_down, deadline_exceeded, "
                                         "timeout, storage_unavailable, "
                                         "generation_failed, bad_worker_output, broker_unreachable, ..."},
                 "message": {"type": "string", "minLength": 1, "description": "Human-readable explanation."},
                 "field": {"type": ["string", "null"],
-                          "description": "The request field at fault (400 invalid_request); null otherwise."},
+                          "description": "The request field at fault (400 invalid_request; model for "
+                                         "unknown_model and model_required); null otherwise."},
             },
             "required": ["code", "message", "field"],
             "additionalProperties": False,
@@ -225,7 +237,9 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                         "400": _error("The body is not JSON, not an object, or a field is wrong (error.field "
                                       "names it); the pipeline refused the inputs; or the request could not "
                                       "finish within its deadline even alone on the fastest worker "
-                                      "(too_costly: the message gives the estimate and the limit)."),
+                                      "(too_costly: the message gives the estimate and the limit); or the "
+                                      "model is not served (unknown_model) or several are and none was named "
+                                      "(model_required): both list the models served, field model."),
                         "408": _error(f"The body did not arrive within GATEWAY_BODY_TIMEOUT_S={s.body_timeout_s:g}s "
                                       "(body_timeout); the connection is closed."),
                         "413": _error(f"The body exceeds {s.max_request_bytes} bytes (MAX_REQUEST_BYTES)."),
@@ -332,8 +346,20 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                 "Stats": {
                     "type": "object",
                     "description": "num_gpus, total_requests, total_batches, avg_batch_size, current_queue_depth, "
-                                   "..., per_gpu_stats[] with two or more workers, and a broker section.",
-                    "properties": {"num_gpus": {"type": "integer", "minimum": 0}},
+                                   "..., per_gpu_stats[] with two or more workers, models, and a broker section.",
+                    "properties": {
+                        "num_gpus": {"type": "integer", "minimum": 0},
+                        "models": {
+                            "type": "object",
+                            "description": "Per model served (a worker's MODEL_ID), or asked for and waiting: its "
+                                           "workers and queue depths.",
+                            "additionalProperties": {
+                                "type": "object",
+                                "properties": {name: {"type": "integer", "minimum": 0} for name in (
+                                    "workers", "accepting_workers", "broker_queue_depth", "current_queue_depth")},
+                            },
+                        },
+                    },
                 },
                 "Health": {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]},
                 "Ready": {

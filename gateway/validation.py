@@ -13,11 +13,11 @@ from typing import Any
 
 from gateway.config import GatewaySettings
 from imagegen.bounds import IMAGE_SIDE_MULTIPLE, PICKED_SEED_LIMIT, WIRE
-from imagegen.protocol import MAX_ID_CHARS, GenerationParams
+from imagegen.protocol import MAX_ID_CHARS, MAX_MODEL_ID_CHARS, GenerationParams
 
 KNOWN_FIELDS = (
     "prompt", "negative_prompt", "game_id", "round_id", "player_id",
-    "width", "height", "num_inference_steps", "guidance_scale", "seed",
+    "width", "height", "num_inference_steps", "guidance_scale", "seed", "model",
 )
 
 
@@ -64,6 +64,7 @@ def parse_generate_request(body: Any, settings: GatewaySettings, rng: random.Ran
         guidance_scale=_number(body, "guidance_scale", settings.default_guidance_scale,
                                WIRE.guidance_scale.low, settings.max_guidance_scale),
         seed=_integer(body, "seed", default_seed, WIRE.seed.low, WIRE.seed.high),
+        model=_model(body),
     )
     return GenerateRequest(params, _identifier(body, "game_id"), _identifier(body, "round_id"),
                            _identifier(body, "player_id"))
@@ -82,6 +83,22 @@ def _prompt(body: dict, field: str, settings: GatewaySettings, required: bool) -
         raise FieldError(field, f"{field} must not be empty")
     if len(value) > settings.max_prompt_chars:
         raise FieldError(field, f"{field} is {len(value)} characters; the limit is {settings.max_prompt_chars}")
+    return value
+
+
+def _model(body: dict) -> str | None:
+    """The model asked for, a worker's MODEL_ID; None (absent or null): the one model served. Whether
+    it is served is the broker's answer (unknown_model, model_required: broker/models.py)."""
+    value = body.get("model")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise FieldError("model", f"model must be a string, got {_json_type(value)}")
+    _check_unicode("model", value)
+    if not value:
+        raise FieldError("model", "model must not be empty; leave it out to use the one model served")
+    if len(value) > MAX_MODEL_ID_CHARS:
+        raise FieldError("model", f"model is {len(value)} characters; the limit is {MAX_MODEL_ID_CHARS}")
     return value
 
 

@@ -117,6 +117,12 @@ class GenerationParams:
     guidance_scale: float = bounded(low=WIRE.guidance_scale.low, high=WIRE.guidance_scale.high)
     seed: int = bounded(low=WIRE.seed.low, high=WIRE.seed.high)
     negative_prompt: str | None = bounded(None, max_len=MAX_PROMPT_CHARS)
+    # The model to draw with, one a worker registered with (Register.model_id); None: the one model
+    # served (broker/models.py route_model()). A broker of an older build ignores it; workers need not read it.
+    model: str | None = bounded(None, max_len=MAX_MODEL_ID_CHARS)
+    # True: a ``model`` no worker serves counts as none named, so it goes to the one model served
+    # when only one is (OpenAI clients send fixed names such as "dall-e-3"); with several, refused.
+    model_fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,9 @@ class Result(Message):
     width: int = bounded(low=1, high=WIRE.image_side.high)
     height: int = bounded(low=1, high=WIRE.image_side.high)
     seed: int = bounded(low=WIRE.seed.low, high=WIRE.seed.high)
+    # The model of the worker that made it, filled in by the broker on the way to the gateway ("": a
+    # broker of an older build).
+    model: str = bounded("", max_len=MAX_MODEL_ID_CHARS)
 
 
 class FailureCode(str, enum.Enum):
@@ -234,6 +243,8 @@ class FailureCode(str, enum.Enum):
     SHUTTING_DOWN = "shutting_down"  # the broker is draining for a restart (HTTP 503)
     BROKER_RESTARTED = "broker_restarted"  # lost in a broker restart even after one resend (HTTP 503)
     TOO_COSTLY = "too_costly"  # could not finish within its deadline even alone on the fastest worker (HTTP 400)
+    UNKNOWN_MODEL = "unknown_model"  # names a model no registered worker serves; lists those served (HTTP 400)
+    MODEL_REQUIRED = "model_required"  # names no model while several are served; the message lists them (HTTP 400)
 
 
 @dataclass(frozen=True)

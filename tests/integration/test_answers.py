@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.answers import FAILURE_STATUS, UNKNOWN_FAILURE_STATUS, ErrorAnswer, broker_failure_answer
+from gateway.answers import FAILURE_FIELD, FAILURE_STATUS, UNKNOWN_FAILURE_STATUS, ErrorAnswer, broker_failure_answer
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.images import StorageFailure, StorageUnavailable
@@ -61,7 +61,8 @@ async def test_both_routes_turn_a_failure_into_the_same_answer(tmp_path: Path, f
     assert (status, retry) == (openai_status, openai_retry)
     assert body["error"]["code"] == openai_body["error"]["code"]
     assert body["error"]["message"] == openai_body["error"]["message"]
-    assert body["error"]["field"] is None and openai_body["error"]["param"] is None
+    field = FAILURE_FIELD.get(getattr(failure, "code", None))  # "model" for a model refusal, else None
+    assert body["error"]["field"] == openai_body["error"]["param"] == field
     assert openai_body["error"]["type"] == ("invalid_request_error" if status < 500 else "server_error")
 
 

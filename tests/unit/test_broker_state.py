@@ -738,7 +738,7 @@ def test_fair_share_counts_a_batch_about_to_end_as_nearly_done():
 def test_a_running_batch_counts_in_full_until_a_batch_of_its_key_has_finished():
     s, _ = four_workers_with_a_backlog()
     assert s.unfinished(s.workers[W2], T0 + 50.0) == 4  # no batch time known yet
-    s.batch_times.observe(BatchKey(512, 512, 25, 7.5), 10.0, 2)
+    s.batch_times.observe(("tiny/sd", BatchKey(512, 512, 25, 7.5)), 10.0, 2)  # batch times are per model
     assert s.unfinished(s.workers[W2], T0 + 5.1) == 3  # half of the batch of 2 left, rounded up
     assert s.unfinished(s.workers[W2], T0 + 50.0) == 2  # only its queue
 
