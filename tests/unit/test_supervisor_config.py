@@ -99,6 +99,29 @@ def test_main_refuses_settings_the_config_could_not_honour(tmp_path, capsys, arg
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_gpu_model_ids_give_the_workers_they_name_their_own_model(tmp_path, capsys):
+    out = tmp_path / "run" / "supervisord.conf"
+    environ = {"GPU_MODEL_IDS": "0=tiny; 2=fake:delay=0.1,fail=1"}  # a model id may hold commas
+    assert main(["--output", str(out), "--assume-gpu-count", "3"], environ) == 0, capsys.readouterr().err
+    workers = parse(out.read_text(), tmp_path)["gpu_worker"]
+    assert workers["gpu_worker_0"].environment["MODEL_ID"] == "tiny"
+    assert workers["gpu_worker_2"].environment["MODEL_ID"] == "fake:delay=0.1,fail=1"
+    assert "MODEL_ID" not in workers["gpu_worker_1"].environment  # keeps the environment's MODEL_ID
+    assert "; gpu_worker_0: MODEL_ID=tiny" in out.read_text()
+
+
+@pytest.mark.parametrize("model_ids, message", [
+    ("3=tiny", "GPU_MODEL_IDS names 3, which get no worker here (workers: 0, 1)"),
+    ("cpu=tiny", "GPU_MODEL_IDS names cpu"),
+    ("0:tiny", "expected GPU=MODEL_ID pairs separated by ';'"),
+    ("0=tiny;0=sd15", "GPU 0 is given two models"),
+])
+def test_gpu_model_ids_that_would_leave_a_model_unserved_are_refused(tmp_path, capsys, model_ids, message):
+    out = tmp_path / "out.conf"
+    assert main(["--output", str(out), "--assume-gpu-count", "2"], {"GPU_MODEL_IDS": model_ids}) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 def test_serve_sh_generates_the_config_before_starting_supervisord():
     script = (REPO / "scripts" / "serve.sh").read_text()
     assert "python -m launcher.supervisor_config --output run/supervisord.conf" in script
