@@ -46,10 +46,10 @@ from tests.support.procs import free_port
 pytestmark = pytest.mark.timeout(120)
 
 
-def register_message(name: str, capacity: int = 8) -> Register:
+def register_message(name: str, capacity: int = 8, model_id: str = "fake") -> Register:
     batching = BatchingConfig(enable_batching=True, max_batch_size=capacity, max_wait_time=0.05, min_batch_size=1,
                               min_wait_time=0.0, adaptive_batching=False, adaptive_threshold=10)
-    return Register(worker_name=name, host="intruder-host", gpu_id=0, pid=4242, model_id="fake", device="cpu",
+    return Register(worker_name=name, host="intruder-host", gpu_id=0, pid=4242, model_id=model_id, device="cpu",
                     capacity=capacity, batching=batching)
 
 
@@ -58,8 +58,9 @@ class Intruder:
     ``heartbeat_s``, records what the broker sends it and never answers a request."""
 
     def __init__(self, address: str, name: str, routing_id: bytes | None = None, reregister_s: float | None = None,
-                 heartbeat_s: float = 0.1) -> None:
-        self.address, self.name, self.routing_id = address, name, routing_id
+                 heartbeat_s: float = 0.1, model_id: str = "fake") -> None:
+        # model_id: the cluster's own model, so that the broker would route its requests to the intruder
+        self.address, self.name, self.routing_id, self.model_id = address, name, routing_id, model_id
         self.reregister_s, self.heartbeat_s = reregister_s, heartbeat_s
         self.received: list[protocol.Message] = []
         self.registrations = 0
@@ -85,7 +86,7 @@ class Intruder:
             sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         sock.connect(self.address)
         beat = protocol.encode(WORKER_LINK, Heartbeat(WorkerStatus("ready", 0, 0, 0, 0, 0, 0, 0.0, 0.0)))
-        register = protocol.encode(WORKER_LINK, register_message(self.name))
+        register = protocol.encode(WORKER_LINK, register_message(self.name, model_id=self.model_id))
         last_register = last_beat = 0.0
         try:
             while not self._stop.is_set():
@@ -218,7 +219,7 @@ def test_an_intruder_under_a_live_workers_name_neither_evicts_it_nor_receives_a_
     c.start_worker(0)
     c.wait_for_workers(1)
     # The worker's name is in every response; the intruder claims it again and again.
-    intruder = intruders(c.env["BROKER_WORKER_ADDRESS"], "worker0", reregister_s=0.05)
+    intruder = intruders(c.env["BROKER_WORKER_ADDRESS"], "worker0", reregister_s=0.05, model_id=c.env["MODEL_ID"])
     assert wait_for_message(intruder, Disconnect, 10), c.logs()
     replies = []
     for i in range(8):
@@ -275,7 +276,8 @@ def test_an_intruder_that_takes_work_and_never_answers_is_declared_stuck(make_cl
     c.start("gateway", "gateway")
     c.start_worker(0)
     c.wait_for_workers(1)
-    intruder = intruders(c.env["BROKER_WORKER_ADDRESS"], "intruder-gpu0")  # registers once, heartbeats
+    intruder = intruders(c.env["BROKER_WORKER_ADDRESS"], "intruder-gpu0",  # registers once, heartbeats
+                         model_id=c.env["MODEL_ID"])
     c.wait_for_workers(2, timeout_s=10)
     pool, futures = send_concurrently(c.url, 6, timeout_s=40)
     replies = [future.result() for future in futures]
