@@ -121,12 +121,10 @@ def stop_reason(decision: AbandonDecision | None) -> str:
 
 
 class WorkerState:
-    """The worker's queue, running batch and decisions. ``policy``: the limits the registration
-    reports (lowered after an out-of-memory error); ``batcher``: the batching policy (the window
-    rule when None)."""
+    """The worker's queue, running batch and decisions. ``batcher``: the batching policy, built with
+    ``policy`` (the window rule with ``policy`` when None)."""
 
     def __init__(self, policy: BatchPolicyConfig, batcher: BatchPolicy[Generate] | None = None) -> None:
-        self.policy = policy
         self.batcher: BatchPolicy[Generate] = batcher if batcher is not None else Batcher(policy)
         self.queued_deadlines: dict[str, float] = {}  # request id -> instant (worker clock) its client gives up
         self.running: RunningBatch | None = None
@@ -144,6 +142,11 @@ class WorkerState:
     @property
     def running_size(self) -> int:
         return len(self.running.batch) if self.running is not None else 0
+
+    @property
+    def policy(self) -> BatchPolicyConfig:
+        """The limits the registration reports: the batcher's own, lowered after an out-of-memory error."""
+        return self.batcher.config
 
     @property
     def max_batch_size(self) -> int:
@@ -298,7 +301,6 @@ class WorkerState:
         BatchPolicyConfig.after_out_of_memory); the registration reports the lowered limits."""
         pixels = key.pixels if key is not None else None
         new_size = self.batcher.lower_max_batch_size(succeeded_size, pixels)
-        self.policy = self.policy.after_out_of_memory(succeeded_size, pixels)
         where = f" at {key.width}x{key.height}" if key is not None else ""
         budget = (f" (pixel budget {self.policy.max_batch_pixels}: {key.width}x{key.height} batches of at most "
                   f"{max(1, self.policy.max_batch_pixels // key.pixels)})"
