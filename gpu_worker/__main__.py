@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from gpu_worker.model.acceleration import AccelerationConfig
-from gpu_worker.model.compile_cache import cached_files, use_compile_cache
+from gpu_worker.model.compile_cache import holds_artefacts, use_compile_cache
 from gpu_worker.decisions.batcher import BatchPolicyConfig
 from gpu_worker.model.oom import is_out_of_memory, release_cached_memory
 from gpu_worker.decisions.policies import make_batcher
@@ -151,9 +151,8 @@ async def main(settings: WorkerSettings) -> None:
         sys.exit(2)
     if settings.torch_compile:
         directory = use_compile_cache(settings.state_dir)
-        files = cached_files(directory)
-        log.info("torch.compile cache: %s (%s)", directory,
-                 f"{files} files: compiling reuses them" if files else "empty: the first compile takes minutes")
+        log.info("torch.compile cache: %s (%s)", directory, "compiling reuses what it holds"
+                 if holds_artefacts(directory) else "empty: the first compile takes minutes")
     started = time.perf_counter()
     try:
         # MODEL_ID=fake[:...] is the test backend of gpu_worker/model/fake_backend.py (no model at all).

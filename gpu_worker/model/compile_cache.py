@@ -62,9 +62,10 @@ def use_compile_cache(state_dir: str | os.PathLike, environ: dict[str, str] | No
     return directory
 
 
-def cached_files(directory: Path) -> int:
-    """How many files the cache holds (0: a cold start, compiling takes minutes)."""
-    return sum(1 for path in directory.rglob("*") if path.is_file()) if directory.is_dir() else 0
+def holds_artefacts(directory: Path) -> bool:
+    """Whether torch has written anything to the cache (False: a cold start, compiling takes minutes).
+    Looks at one entry only: a warm cache holds thousands of files, and this runs at every start."""
+    return directory.is_dir() and next(directory.iterdir(), None) is not None
 
 
 def fingerprint() -> dict[str, str]:
@@ -113,11 +114,14 @@ def export_cache(directory: Path, archive: Path, made_with: Mapping[str, str]) -
 
 
 def read_manifest(archive: Path) -> dict[str, Any]:
+    """The manifest, read from the archive's first member (``export`` writes it first), so the
+    archive is not decompressed to its end once to find it and again to unpack it."""
     try:
         with tarfile.open(archive, "r:*") as tar:
-            member = tar.extractfile(MANIFEST_NAME)
+            first = tar.next()
+            member = tar.extractfile(first) if first is not None and first.name == MANIFEST_NAME else None
             manifest = json.loads(member.read()) if member is not None else None
-    except (OSError, tarfile.TarError, KeyError, ValueError) as exc:
+    except (OSError, tarfile.TarError, ValueError) as exc:
         raise CompileCacheError(f"{archive} is not a compile-cache archive made by `export` ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
         raise CompileCacheError(f"{archive} has no manifest of format {ARCHIVE_FORMAT}: export it again with this version")
