@@ -34,7 +34,7 @@ from pathlib import Path
 
 from launcher.gpus import GpuSelectionError, nvml_device_count, resolve_gpu_ids
 from imagegen import settings as settings_lib
-from imagegen.settings import SettingsError, setting
+from imagegen.settings import SettingsError, parse_optional_str, setting
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER_PROGRAM = "gpu_worker"
@@ -43,10 +43,6 @@ SERVICE_PROGRAMS = ("broker", "gateway")  # left out with --workers-only
 # numprocs options that make no sense for one program per GPU
 _NUMPROCS_OPTIONS = ("numprocs", "numprocs_start", "process_name")
 _PER_PROCESS_NAME = "%(program_name)s_%(process_num)d"
-
-
-def _optional_str(text: str) -> str | None:
-    return text.strip() or None
 
 
 def parse_model_ids(text: str) -> dict[str, str]:
@@ -72,7 +68,7 @@ class LauncherSettings:
                                   "physical GPU ids (nvidia-smi numbering) to run one worker each on, e.g. 0,2; "
                                   "unset: every GPU NVML finds (within CUDA_VISIBLE_DEVICES if set); "
                                   "cpu: one CPU worker. No GPU at all: one CPU worker",
-                                  parse=_optional_str)
+                                  parse=parse_optional_str)
     model_ids: dict[str, str] | None = setting(
         "GPU_MODEL_IDS", None,
         "a model per GPU, to serve several models from one host: GPU=MODEL_ID pairs separated by ';', "

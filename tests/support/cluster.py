@@ -96,13 +96,8 @@ class Cluster:
 def post(url: str, body: dict, timeout_s: float = 60) -> tuple[int, dict, float]:
     """POST /generate; returns (status, JSON body, seconds taken)."""
     started = time.monotonic()
-    request = urllib.request.Request(f"{url}/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, json.loads(response.read()), time.monotonic() - started
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}"), time.monotonic() - started
+    status, answer, _ = call(url, "/generate", body, timeout_s=timeout_s)
+    return status, answer, time.monotonic() - started
 
 
 def call(url: str, path: str, body: dict, label: str | None = None, timeout_s: float = 120) -> tuple[int, dict, dict]:
