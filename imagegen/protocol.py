@@ -57,6 +57,9 @@ MAX_CAPACITY = 100_000  # WORKER_MAX_IN_FLIGHT
 MAX_GPU_ID = 4096  # GPU_ID (-1: a CPU worker)
 MAX_HOST_CHARS = 255  # WORKER_HOST
 MAX_MODEL_ID_CHARS = 1024  # MODEL_ID
+MAX_SIZES = 64  # image sizes a worker lists (SIZES) or reports warm
+SIZE_STATES = ("off", "warming", "warm")  # WorkerStatus.compile_state
+UNLISTED_SIZE_RULES = ("eager", "refuse", "snap")  # Register.unlisted_size (the worker's UNLISTED_SIZE)
 HEARTBEAT_INTERVAL_RANGE_S = (0.01, 3600.0)  # the broker's HEARTBEAT_INTERVAL_S, sent in every Welcome
 
 
@@ -125,6 +128,17 @@ class GenerationParams:
     model_fallback: bool = False
 
 
+@dataclass(frozen=True, order=True)
+class ImageSize:
+    """An image size in pixels, width x height (a size a worker serves compiled, or has warm)."""
+
+    width: int = bounded(low=WIRE.image_side.low, high=WIRE.image_side.high)
+    height: int = bounded(low=WIRE.image_side.low, high=WIRE.image_side.high)
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     """A worker's batching settings, as the seed names them; reported at registration for /stats."""
@@ -157,6 +171,17 @@ class WorkerStatus:
     # request's batch, or rows no longer wanted), and the GPU time they had run, summed. Defaults: a worker of an older build sends neither.
     stopped_batches: int = bounded(0, low=0)
     sum_stopped_ms: float = bounded(0.0, low=0.0)
+    # torch.compile (gpu_worker/model/warm_up.py): "off" (eager: every size runs alike), "warming" (some
+    # listed sizes are warm, others warm in the background) or "warm" (every listed size). A size is
+    # warm when it runs compiled at every batch size up to the limit without compiling.
+    compile_state: str = bounded("off", max_len=16)
+    warm_sizes: tuple[ImageSize, ...] = bounded((), max_len=MAX_SIZES)
+    # Batches (and their images) that ran eager because their size was not warm; requests of an
+    # unlisted size refused or snapped to a listed one (UNLISTED_SIZE).
+    eager_batches: int = bounded(0, low=0)
+    eager_images: int = bounded(0, low=0)
+    unlisted_refused: int = bounded(0, low=0)
+    unlisted_snapped: int = bounded(0, low=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +205,12 @@ class Register(Message):
     # admission rule before it has seen a result (broker/admission.py). 0: not measured (a worker of
     # an older build, WORKER_WARMUP=0, the fake backend).
     seconds_per_work_unit: float = bounded(0.0, low=0.0, high=1e6)
+    # The sizes it serves compiled (SIZES; empty: TORCH_COMPILE off, every size runs alike), those
+    # already warm when it registers (later ones come in WorkerStatus.warm_sizes), and what it does
+    # with a size it does not list (UNLISTED_SIZE: one of UNLISTED_SIZE_RULES).
+    sizes: tuple[ImageSize, ...] = bounded((), max_len=MAX_SIZES)
+    warm_sizes: tuple[ImageSize, ...] = bounded((), max_len=MAX_SIZES)
+    unlisted_size: str = bounded("eager", max_len=16)
 
 
 @dataclass(frozen=True)
@@ -245,6 +276,7 @@ class FailureCode(str, enum.Enum):
     TOO_COSTLY = "too_costly"  # could not finish within its deadline even alone on the fastest worker (HTTP 400)
     UNKNOWN_MODEL = "unknown_model"  # names a model no registered worker serves; lists those served (HTTP 400)
     MODEL_REQUIRED = "model_required"  # names no model while several are served; the message lists them (HTTP 400)
+    SIZE_NOT_SERVED = "size_not_served"  # a size the worker does not list, with UNLISTED_SIZE=refuse; lists them (HTTP 400)
 
 
 @dataclass(frozen=True)
@@ -438,6 +470,13 @@ def _check(value: Any, hint: Any, meta: typing.Mapping, where: str) -> Any:
         return _check(value, inner, meta, where)
     if dataclasses.is_dataclass(hint):
         return from_header(hint, value, where)
+    if origin is tuple:  # tuple[X, ...]: a sequence of at most max_len items, each checked as X
+        if not isinstance(value, (tuple, list)):
+            raise ProtocolError(f"{where}: expected an array")
+        if meta.get("max_len") is not None and len(value) > meta["max_len"]:
+            raise ProtocolError(f"{where}: more than {meta['max_len']} items")
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        return tuple(_check(item, item_hint, {}, f"{where}[{index}]") for index, item in enumerate(value))
     if hint is dict:
         if not isinstance(value, dict):
             raise ProtocolError(f"{where}: expected a map")

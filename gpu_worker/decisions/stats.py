@@ -11,7 +11,7 @@ from imagegen.protocol import WorkerStatus
 class WorkerCounters:
     """The counting half of :class:`~imagegen.protocol.WorkerStatus`: each field here is the
     WorkerStatus field of the same name, so ``status`` passes them on by name; the rest of
-    WorkerStatus (state, queue depth, running, max_batch_size) is the worker's state now."""
+    WorkerStatus (state, queue depth, running, max_batch_size, compile_state, warm_sizes) is the worker's state now."""
 
     max_queue_depth: int = 0
     total_requests: int = 0
@@ -21,6 +21,10 @@ class WorkerCounters:
     sum_generation_ms: float = 0.0
     stopped_batches: int = 0
     sum_stopped_ms: float = 0.0
+    eager_batches: int = 0  # ran eager: their size was not warm (TORCH_COMPILE)
+    eager_images: int = 0
+    unlisted_refused: int = 0  # a size SIZES does not list, refused (UNLISTED_SIZE=refuse)
+    unlisted_snapped: int = 0  # ... or drawn at the nearest listed size (UNLISTED_SIZE=snap)
 
     def observe_queue_depth(self, depth: int) -> None:
         self.max_queue_depth = max(self.max_queue_depth, depth)
@@ -31,6 +35,11 @@ class WorkerCounters:
         self.total_requests += len(wait_s)
         self.sum_wait_ms += sum(wait_s) * 1000.0
         self.sum_generation_ms += generation_s * 1000.0
+
+    def record_eager(self, images: int) -> None:
+        """A batch of ``images`` ran eager: its size was not warm."""
+        self.eager_batches += 1
+        self.eager_images += images
 
     def record_failed(self, count: int) -> None:
         self.total_failed += count

@@ -6,6 +6,7 @@ The rule under test: decode() returns a typed message or raises ProtocolError, n
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import msgpack
 import pytest
@@ -144,6 +145,34 @@ def test_a_status_without_the_stopped_batch_counters_reads_as_none_stopped():
     older = {k: v for k, v in dataclasses.asdict(status()).items() if k not in ("stopped_batches", "sum_stopped_ms")}
     decoded = protocol.from_header(WorkerStatus, older)
     assert (decoded.stopped_batches, decoded.sum_stopped_ms) == (0, 0.0)
+
+
+def test_sizes_round_trip_as_image_sizes():
+    sizes = (protocol.ImageSize(1024, 1024), protocol.ImageSize(1152, 896))
+    message = dataclasses.replace(register(), sizes=sizes, warm_sizes=sizes[:1], unlisted_size="snap")
+    decoded, _ = decode(encode(WORKER_LINK, message), WORKER_LINK)
+    assert decoded == message
+    assert decoded.sizes == sizes and isinstance(decoded.sizes, tuple)
+    assert [str(size) for size in decoded.sizes] == ["1024x1024", "1152x896"]
+
+
+def test_a_register_of_an_older_build_lists_no_sizes():
+    older = {k: v for k, v in dataclasses.asdict(register()).items() if k not in ("sizes", "warm_sizes", "unlisted_size")}
+    decoded = protocol.from_header(Register, older)
+    assert (decoded.sizes, decoded.warm_sizes, decoded.unlisted_size) == ((), (), "eager")
+
+
+@pytest.mark.parametrize("sizes, error", [
+    ([{"width": 64, "height": 64}] * (protocol.MAX_SIZES + 1), "sizes: more than 64 items"),
+    ([{"width": 4, "height": 64}], "sizes[0].width: 4 is below"),
+    ({"width": 64, "height": 64}, "sizes: expected an array"),
+    (["64x64"], "sizes[0]: expected a map"),
+])
+def test_sizes_out_of_bounds_are_refused(sizes, error):
+    header = dataclasses.asdict(register())
+    header["sizes"] = sizes
+    with pytest.raises(ProtocolError, match=re.escape(error)):
+        decode([WORKER_LINK, Command.REGISTER.value, msgpack.packb(header)], WORKER_LINK)
 
 
 @pytest.mark.parametrize("link", [WORKER_LINK, CLIENT_LINK])

@@ -8,7 +8,7 @@ from gpu_worker.decisions.stats import WorkerCounters
 from imagegen.protocol import WorkerStatus
 
 # WorkerStatus fields that are the worker's state now, not counted by WorkerCounters.
-STATE_NOW = {"state", "queue_depth", "running", "max_batch_size"}
+STATE_NOW = {"state", "queue_depth", "running", "max_batch_size", "compile_state", "warm_sizes"}
 
 
 def test_every_counted_field_of_worker_status_is_a_counter():
