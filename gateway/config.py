@@ -9,7 +9,9 @@ from imagegen.bounds import GATEWAY_DEFAULTS as DEFAULTS
 from imagegen.bounds import IMAGE_SIDE_MULTIPLE, WIRE
 from imagegen.protocol import MAX_DEADLINE_S
 from imagegen.logs import log_format_setting, log_level_setting
-from imagegen.settings import parse_bool, parse_optional_str, require, setting
+from gateway.jobs.store import parse_store_url
+from gateway.jobs.webhooks import parse_webhook_secret, read_webhook_secret_file
+from imagegen.settings import parse_bool, parse_optional_str, require, setting, state_dir_setting
 from imagegen.sockets import is_local_endpoint
 
 
@@ -152,6 +154,40 @@ class GatewaySettings:
                                         "file of API keys, one per line ('#' starts a comment line); "
                                         "combined with GATEWAY_API_KEYS; a missing or keyless file stops the gateway at "
                                         "start", parse=parse_optional_str)
+    # Jobs, their events and webhooks: gateway/jobs/, docs/jobs.md.
+    state_dir: str = state_dir_setting()
+    job_store: str = setting("JOB_STORE", "sqlite",
+                             "where jobs, their events and the webhook outbox live: sqlite (STATE_DIR/jobs.sqlite3, "
+                             "one gateway) or redis (JOB_STORE_URL; every gateway with the same URL shares jobs)")
+    job_store_url: str | None = setting("JOB_STORE_URL", None,
+                                        "the Redis server of JOB_STORE=redis: redis://[:PASSWORD@]HOST:PORT/DB, "
+                                        "rediss:// for TLS or unix:///PATH.sock (the password never appears in logs)",
+                                        parse=parse_store_url)
+    job_retention_s: float = setting("JOB_RETENTION_S", 86400.0,
+                                     "finished jobs (status, result, events, pending webhooks) are deleted this many "
+                                     "seconds after they finish; jobs not finished are kept")
+    webhook_secret: str | None = setting("WEBHOOK_SECRET", None,
+                                         "key that signs webhook deliveries, written whsec_<base64 of 24 to 64 bytes> "
+                                         "(`python -m gateway.jobs.webhooks` makes one); unset, with no "
+                                         "WEBHOOK_SECRET_FILE: jobs with a webhook are refused",
+                                         parse=parse_webhook_secret)
+    webhook_secret_file: str | None = setting("WEBHOOK_SECRET_FILE", None,
+                                              "file holding the webhook secret instead of WEBHOOK_SECRET (which other "
+                                              "users may see in the process's environment); unreadable or malformed: "
+                                              "the gateway stops at start", parse=parse_optional_str)
+    webhook_allow_private: bool = setting("WEBHOOK_ALLOW_PRIVATE", False,
+                                          "DANGEROUS. true: webhooks may go to loopback, private (10/8, 172.16/12, "
+                                          "192.168/16, fc00::/7), link-local (169.254/16, where cloud metadata "
+                                          "services answer with credentials) and reserved addresses, so anyone who "
+                                          "can submit a job can make the gateway send requests into its own network. "
+                                          "For tests and closed networks only; false: public addresses only",
+                                          parse=parse_bool)
+    webhook_max_attempts: int = setting("WEBHOOK_MAX_ATTEMPTS", 8,
+                                        "attempts at one webhook delivery, with exponential backoff between them "
+                                        "(5 s, 20 s, 80 s... up to 6 h, with jitter); then it is given up")
+    webhook_timeout_s: float = setting("WEBHOOK_TIMEOUT_S", 10.0,
+                                       "seconds a receiver has to answer a delivery (connecting included) before "
+                                       "the attempt counts as failed")
     log_level: str = log_level_setting()
     log_format: str = log_format_setting()
 
@@ -189,6 +225,19 @@ class GatewaySettings:
                 f"must be between {steps.low} and {steps.high}")
         require(guidance.low < self.max_guidance_scale <= guidance.high, "MAX_GUIDANCE_SCALE",
                 f"must be in ({guidance.low:g}, {guidance.high:g}]")
+        require(self.job_store in ("sqlite", "redis"), "JOB_STORE", "must be sqlite or redis")
+        require(self.job_store != "redis" or self.job_store_url is not None, "JOB_STORE_URL",
+                "JOB_STORE=redis needs the Redis server's URL, e.g. redis://127.0.0.1:6379/0")
+        require(self.job_retention_s > 0, "JOB_RETENTION_S", "must be positive")
+        require(self.webhook_secret is None or self.webhook_secret_file is None, "WEBHOOK_SECRET_FILE",
+                "set WEBHOOK_SECRET or WEBHOOK_SECRET_FILE, not both")
+        if self.webhook_secret_file is not None:
+            try:
+                read_webhook_secret_file(self.webhook_secret_file)
+            except ValueError as exc:
+                require(False, "WEBHOOK_SECRET_FILE", str(exc))
+        require(1 <= self.webhook_max_attempts <= 100, "WEBHOOK_MAX_ATTEMPTS", "must be between 1 and 100")
+        require(0 < self.webhook_timeout_s <= 300, "WEBHOOK_TIMEOUT_S", "must be positive and at most 300")
         for env, default_side in (("DEFAULT_WIDTH", self.default_width), ("DEFAULT_HEIGHT", self.default_height)):
             require(default_side % IMAGE_SIDE_MULTIPLE == 0
                     and self.min_image_side <= default_side <= self.max_image_side, env,

@@ -119,5 +119,6 @@ def state_dir_setting() -> Any:
     return setting("STATE_DIR", "state",
                    "folder for what the service keeps across restarts: torch.compile's cache "
                    "(STATE_DIR/compile-cache; `python -m gpu_worker.model.compile_cache export FILE` "
-                   "copies it to another host with the same GPU and software). Relative paths are "
+                   "copies it to another host with the same GPU and software) in the worker, the job store "
+                   "(STATE_DIR/jobs.sqlite3 with JOB_STORE=sqlite) in the gateway. Relative paths are "
                    "from the directory the service starts in")
