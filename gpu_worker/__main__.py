@@ -9,12 +9,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from gpu_worker.model.acceleration import AccelerationConfig
+from gpu_worker.model.acceleration import AccelerationConfig, configure_sizes
 from gpu_worker.model.compile_cache import holds_artefacts, use_compile_cache
 from gpu_worker.decisions.batcher import BatchPolicyConfig
 from gpu_worker.model.oom import is_out_of_memory, release_cached_memory
 from gpu_worker.decisions.policies import make_batcher
-from gpu_worker.config import WorkerSettings
+from gpu_worker.config import DYNAMIC, WorkerSettings
+from gpu_worker.decisions.sizes import batch_sizes_at, default_sizes, parse_sizes, sizes_text, warm_up_batch_sizes
 from gpu_worker.model.pipelines import (
     ImagePipeline,
     ModelLoadError,
@@ -24,8 +25,9 @@ from gpu_worker.model.pipelines import (
     seconds_per_work_unit,
 )
 from gpu_worker.model.fake_backend import is_fake_model_id, parse_fake_model_id
-from gpu_worker.shell.worker import Worker, WorkerIdentity, registration
+from gpu_worker.shell.worker import SizeServing, Worker, WorkerIdentity, registration
 from imagegen import protocol
+from imagegen.protocol import ImageSize
 from imagegen import settings as settings_lib
 from imagegen import stage_trace
 from imagegen.logs import setup_logging
@@ -71,50 +73,44 @@ def batch_policy(settings: WorkerSettings, pipeline: ImagePipeline) -> tuple[Bat
     return policy, auto
 
 
-def warm_up_batch_sizes(max_batch_size: int, cuda_graph_max_batch: int = 0) -> list[int]:
-    """Every batch size the worker may run, the largest first, unless every size runs with CUDA graphs
-    (max_batch_size <= cuda_graph_max_batch, with TORCH_COMPILE): then the smallest first.
+def served_sizes(settings: WorkerSettings, pipeline: ImagePipeline) -> tuple[ImageSize, ...]:
+    """SIZES, or the architecture's buckets at the model's native size (SIZES=auto)."""
+    listed = parse_sizes(settings.sizes)
+    return listed if listed is not None else default_sizes(pipeline.architecture, pipeline.native_size)
 
-    Every size: a size's first batch pays one-off costs besides compiling (likely cuDNN's choice of
-    convolution plans per input shape and the allocator's growth; not profiled): on an H100 the
-    first SD-1.5 batch of 6 took 1.44 s and later ones 0.83-0.90 s, the first batch of 50 ran 0.7 s
-    slower than the raw pipeline's rate (docs/benchmarks.md). With TORCH_COMPILE this also compiles
-    both graphs and records a CUDA graph per small size. The largest first: an auto-detected
-    maximum that runs out of memory is found before the others are warmed up. But the CUDA-graph
-    mode's one compilation (batch dimension dynamic) serves all its sizes and is made at the first
-    size it sees: with the largest first, a lone request's batch of one runs code compiled at
-    another size. Likely why, with MAX_BATCH_SIZE=2 (order [2, 1]), the worker's lone SD-1.5 batch
-    ran 3% slower than the raw pipeline on two H200s, and within 1% with the automatic size (order
-    [64, 1, 2, ...]) on three (docs/benchmarks.md, SD-1.5 on the H200; not yet measured with this
-    order). So there batch 1 comes first, as in the raw benchmark."""
-    if max_batch_size <= cuda_graph_max_batch:
-        return list(range(1, max_batch_size + 1))
-    return [max_batch_size, *range(1, max_batch_size)]
+
+def first_size(sizes: tuple[ImageSize, ...], native_size: int) -> ImageSize:
+    """The size warmed before registering: the native square when listed, else the first listed."""
+    native = ImageSize(native_size, native_size)
+    return native if native in sizes else sizes[0]
 
 
 def warm_up(pipeline: ImagePipeline, policy: BatchPolicyConfig, compiled: bool,
-            cuda_graph_max_batch: int = 0) -> BatchPolicyConfig:
-    """Generate at the served resolution before registering; returns the policy, with a smaller
-    max batch size if the auto-detected one ran out of memory (then the largest that fit)."""
-    size = pipeline.native_size
+            cuda_graph_max_batch: int = 0, image_size: ImageSize | None = None) -> BatchPolicyConfig:
+    """Generate at ``image_size`` (the native square by default) before registering; returns the
+    policy, with a smaller max batch size if the auto-detected one ran out of memory (then the
+    largest that fit)."""
+    width, height = ((image_size.width, image_size.height) if image_size is not None
+                     else (pipeline.native_size, pipeline.native_size))
     started = time.perf_counter()
-    sizes = warm_up_batch_sizes(policy.max_batch_size, cuda_graph_max_batch if compiled else 0)
-    log.info("warm-up at %dx%d, batch sizes %s%s", size, size, sizes,
+    graph_max = cuda_graph_max_batch if compiled else 0
+    sizes = batch_sizes_at(ImageSize(width, height), policy.max_batch_size, policy.max_batch_pixels, graph_max)
+    log.info("warm-up at %dx%d, batch sizes %s%s", width, height, sizes,
              " (TORCH_COMPILE: compiling takes minutes on a cold cache)" if compiled else "")
     try:
-        seconds = pipeline.warm_up(sizes, size, size)
+        seconds = pipeline.warm_up(sizes, width, height)
     except Exception as exc:  # noqa: BLE001 - only an out-of-memory error is survivable here
         if not is_out_of_memory(exc) or policy.max_batch_size == 1:
             raise
         release_cached_memory()
         smaller = max(1, policy.max_batch_size // 2)
         log.warning("warm-up: a batch of %d ran out of GPU memory at %dx%d; MAX_BATCH_SIZE %d",
-                    policy.max_batch_size, size, size, smaller)
+                    policy.max_batch_size, width, height, smaller)
         smaller_policy = policy.with_max_batch_size(smaller)
-        if policy.max_batch_pixels is not None:  # auto-detected: the pixel budget is the same batch at native size
-            smaller_policy = replace(smaller_policy, max_batch_pixels=smaller * size * size)
-        return warm_up(pipeline, smaller_policy, compiled, cuda_graph_max_batch)
-    log.info("warm-up at %dx%d took %.1fs (seconds per batch size: %s)", size, size,
+        if policy.max_batch_pixels is not None:  # auto-detected: the pixel budget is the same batch at this size
+            smaller_policy = replace(smaller_policy, max_batch_pixels=smaller * width * height)
+        return warm_up(pipeline, smaller_policy, compiled, cuda_graph_max_batch, image_size)
+    log.info("warm-up at %dx%d took %.1fs (seconds per batch size: %s)", width, height,
              time.perf_counter() - started, seconds)
     return policy
 
@@ -161,8 +157,14 @@ async def main(settings: WorkerSettings) -> None:
     except (ModelLoadError, ValueError) as exc:  # ValueError: a malformed fake id
         log.error("%s", exc)
         sys.exit(EXIT_MODEL_LOAD_FAILED)
+    loaded_at = time.monotonic()  # the worker's clock: ready and warm times count from here
     log.info("loaded MODEL_ID=%s (%s) on %s as %s in %.1fs", settings.model_id, pipeline.architecture,
              pipeline.device, pipeline.dtype, time.perf_counter() - started)
+    sizes = served_sizes(settings, pipeline)
+    first = first_size(sizes, pipeline.native_size)
+    fake = is_fake_model_id(settings.model_id)
+    if settings.torch_compile and not fake:
+        configure_sizes(len(sizes), dynamic_spatial=settings.size_compilation == DYNAMIC)
     policy, auto = batch_policy(settings, pipeline)
     # One thread runs every generation, the warm-up's too: CUDA graphs are recorded per thread.
     gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
@@ -170,12 +172,18 @@ async def main(settings: WorkerSettings) -> None:
         log.warning("TORCH_COMPILE without WORKER_WARMUP: the first request of each batch size will wait "
                     "for torch.compile (minutes for SDXL)")
     cost_per_unit = 0.0
-    if settings.warmup and not is_fake_model_id(settings.model_id):
+    # The fake backend warms up only to stand in for compiling (fake:warm_delay) with TORCH_COMPILE.
+    warms = settings.warmup and (settings.torch_compile or not fake)
+    if warms:
         policy = await asyncio.get_running_loop().run_in_executor(
-            gpu_thread, warm_up, pipeline, policy, settings.torch_compile, settings.cuda_graph_max_batch)
+            gpu_thread, warm_up, pipeline, policy, settings.torch_compile, settings.cuda_graph_max_batch,
+            first if settings.torch_compile else None)
         if settings.torch_compile:
-            # Compiled, a step at twice the native side would run eager (recompiles are forbidden after
-            # the warm-up) and mark that shape eager for good: leave the figure to the first results.
+            log.info("size %s warm %.1fs after the model loaded (1 of %d sizes warm); the others warm in the "
+                     "background: %s", first, time.monotonic() - loaded_at, len(sizes),
+                     sizes_text(size for size in sizes if size != first) or "none")
+            # Compiled, a step at twice the native side would run eager (recompiles are forbidden outside
+            # a warm-up): leave the figure to the first results.
             log.info("TORCH_COMPILE: the cost of a step is not measured at warm-up; the broker learns it from "
                      "this worker's results")
         else:
@@ -190,7 +198,12 @@ async def main(settings: WorkerSettings) -> None:
         device=str(pipeline.device),
     )
     capacity = settings.max_in_flight or 2 * policy.max_batch_size
-    why = protocol.refusal(protocol.WORKER_LINK, registration(identity, policy, capacity, auto))
+    compiled_sizes = settings.torch_compile and warms
+    size_serving = SizeServing(
+        sizes=sizes, unlisted=settings.unlisted_size, warm_at_start=(first,) if compiled_sizes else (),
+        warm_up=pipeline.warm_up if compiled_sizes else None, max_defer_s=settings.warm_up_max_defer_s,
+        cuda_graph_max_batch=settings.cuda_graph_max_batch, loaded_at=loaded_at)
+    why = protocol.refusal(protocol.WORKER_LINK, registration(identity, policy, capacity, auto, sizes=size_serving))
     if why is not None:  # the broker would drop every registration: never serve, silently
         log.error("the broker would refuse this worker's registration as malformed (%s); its name is WORKER_NAME, "
                   "or WORKER_HOST-gpuGPU_ID when unset: shorten what is too long", why)
@@ -198,9 +211,10 @@ async def main(settings: WorkerSettings) -> None:
     worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
                     settings.heartbeat_interval_s, settings.heartbeat_liveness, max_batch_size_auto=auto,
                     curve=curve, batcher=make_batcher(settings.batch_policy, policy), gpu_thread=gpu_thread,
-                    seconds_per_work_unit=cost_per_unit)
-    log.info("worker %s: max batch %d, capacity %d, batch policy %s, broker %s", identity.name,
-             policy.max_batch_size, capacity, settings.batch_policy, settings.broker_address)
+                    seconds_per_work_unit=cost_per_unit, sizes=size_serving)
+    log.info("worker %s: max batch %d, capacity %d, batch policy %s, broker %s; sizes %s (others: %s)",
+             identity.name, policy.max_batch_size, capacity, settings.batch_policy, settings.broker_address,
+             sizes_text(sizes), settings.unlisted_size)
     await worker.serve(stop_event_on_signals(asyncio.get_running_loop()))
     log.info("worker %s stopped", identity.name)
 

@@ -7,12 +7,16 @@ import socket
 from dataclasses import dataclass
 
 from gpu_worker.decisions.policies import DEFAULT, POLICY_ALIASES, POLICY_NAMES, canonical_policy
+from gpu_worker.decisions.sizes import AUTO, parse_sizes
 from imagegen import protocol
 from imagegen.keys import load_public, load_secret
 from imagegen.logs import log_format_setting, log_level_setting
 from imagegen.settings import parse_optional_int, parse_optional_str, require, setting, state_dir_setting
 from imagegen.sockets import CurveClientKeys
 
+PER_SIZE = "per-size"
+DYNAMIC = "dynamic"
+SIZE_COMPILATIONS = (PER_SIZE, DYNAMIC)
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,8 @@ class WorkerSettings:
                                             "the broker's public broker.key file (with WORKER_CURVE_SECRET_KEY)",
                                             parse=parse_optional_str)
     warmup: bool = setting("WORKER_WARMUP", True,
-                           "generate (2 steps) at the model's native resolution before registering, at every batch "
+                           "generate (2 steps) at the model's native resolution (with TORCH_COMPILE: the first of "
+                           "SIZES) before registering, at every batch "
                            "size, so no request pays for first-call setup or compiling: the largest first, or the "
                            "smallest first when MAX_BATCH_SIZE is at most CUDA_GRAPH_MAX_BATCH with TORCH_COMPILE "
                            "(the CUDA graphs' one compilation is then made for a lone request's batch). With "
@@ -90,9 +95,10 @@ class WorkerSettings:
     torch_compile: bool = setting("TORCH_COMPILE", False,
                                   "compile the UNet, the VAE decoder and the text encoders with torch.compile at "
                                   "start (with channels_last and fused QKV projections). One compilation serves a "
-                                  "range of batch sizes (dynamic batch dimension), warmed up before the worker "
-                                  "registers, and recompiling is forbidden afterwards, so compile time never lands "
-                                  "in a request; a shape that would need it (another resolution) runs eager. On an "
+                                  "range of batch sizes (dynamic batch dimension) at each size SIZES lists; the "
+                                  "first size is warmed up before the worker registers, the others in the "
+                                  "background, and recompiling is forbidden outside a warm-up, so compile time never "
+                                  "lands in a request; a size not warm (yet) runs eager. On an "
                                   "H100: SDXL 1.17x and SD-1.5 1.35x faster at full batches, a lone request 6% "
                                   "(SD-1.5) and 11% (SDXL) faster (docs/benchmarks.md). The first start on a "
                                   "machine takes minutes (on an H200: SD-1.5 7.6 min for its 64 batch sizes on a "
@@ -102,6 +108,25 @@ class WorkerSettings:
                                         "with TORCH_COMPILE on a GPU: batches of up to this many images replay "
                                         "CUDA graphs (mode=reduce-overhead), which removes the kernel-launch cost "
                                         "that dominates a lone request; 0: none")
+    sizes: str = setting("SIZES", AUTO,
+                         "image sizes served at compiled speed with TORCH_COMPILE, as WIDTHxHEIGHT,... ; auto: the "
+                         "architecture's standard aspect-ratio buckets (SDXL: 1024x1024, 1152x896, 896x1152, "
+                         "1216x832, 832x1216, 1344x768, 768x1344, 1536x640, 640x1536; SD-1.5: 512x512, 512x768, "
+                         "768x512, 576x448, 448x576), scaled to a model of another native size. The first (the "
+                         "native square when listed) is warmed before the worker registers, the others in the "
+                         "background between batches (WARM_UP_MAX_DEFER_S)")
+    unlisted_size: str = setting("UNLISTED_SIZE", "eager",
+                                 "a request of a size SIZES does not list: eager (run it uncompiled, counted in "
+                                 "/stats as eager_batches), refuse (400 size_not_served, listing the sizes) or "
+                                 "snap (draw it at the listed size nearest in aspect ratio, then area)")
+    size_compilation: str = setting("SIZE_COMPILATION", PER_SIZE,
+                                    "with TORCH_COMPILE: per-size (one compilation per listed size, each "
+                                    "specialised to its shape) or dynamic (height and width symbolic: one "
+                                    "compilation shared by every size, kernels not specialised to any)")
+    warm_up_max_defer_s: float = setting("WARM_UP_MAX_DEFER_S", 30.0,
+                                         "with TORCH_COMPILE, sizes not yet warm are warmed a unit (one batch "
+                                         "size of one size) at a time whenever the queue is empty, and at least "
+                                         "one unit this often under steady traffic")
     state_dir: str = state_dir_setting()
     log_level: str = log_level_setting()
     log_format: str = log_format_setting()
@@ -129,6 +154,15 @@ class WorkerSettings:
                                 ("WORKER_HOST", self.host, protocol.MAX_HOST_CHARS),
                                 ("MODEL_ID", self.model_id, protocol.MAX_MODEL_ID_CHARS)):
             require(text is None or len(text) <= most, env, f"must be at most {most} characters")
+        try:
+            parse_sizes(self.sizes)
+        except ValueError as exc:
+            require(False, "SIZES", str(exc))
+        require(self.unlisted_size in protocol.UNLISTED_SIZE_RULES, "UNLISTED_SIZE",
+                f"must be one of {', '.join(protocol.UNLISTED_SIZE_RULES)}")
+        require(self.size_compilation in SIZE_COMPILATIONS, "SIZE_COMPILATION",
+                f"must be one of {', '.join(SIZE_COMPILATIONS)}")
+        require(self.warm_up_max_defer_s > 0, "WARM_UP_MAX_DEFER_S", "must be positive")
         require(self.cuda_graph_max_batch >= 0, "CUDA_GRAPH_MAX_BATCH", "must not be negative")
         require(self.heartbeat_interval_s > 0, "HEARTBEAT_INTERVAL_S", "must be positive")
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")

@@ -24,7 +24,8 @@ waits for any more). Its events:
 * :meth:`WorkerState.next_wake_at`: when the shell should look again without a new message.
 
 Its actions (:data:`Action`): :class:`Queued`, :class:`RequestPreemption`, :class:`AbandonRow`,
-:class:`SendFailure` and :class:`LogNote` (a line the shell writes to its log).
+:class:`SendFailure`, :class:`UnlistedSize` (a size SIZES does not list, run eager, refused or snapped)
+and :class:`LogNote` (a line the shell writes to its log).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from typing import Any, Mapping, Union
 
 from gpu_worker.decisions.batcher import Batch, Batcher, BatchKey, BatchPolicy, BatchPolicyConfig
 from gpu_worker.decisions.preemption import AbandonDecision
-from imagegen.protocol import FailureCode, Generate
+from gpu_worker.decisions.sizes import SizeRule
+from imagegen.protocol import FailureCode, Generate, ImageSize
 
 # A running row past its deadline is dropped this long after it: the broker answers it first (its
 # answer says where the request was) and sends CANCEL, which stops it at once; this is the fallback
@@ -85,7 +87,17 @@ class LogNote:
     error: BaseException | None = None  # logged with its traceback
 
 
-Action = Union[Queued, RequestPreemption, AbandonRow, SendFailure, LogNote]
+@dataclass(frozen=True)
+class UnlistedSize:
+    """A request of a size SIZES does not list: ``outcome`` is "eager", "refused" or "snapped" (to
+    ``size``). The shell counts it (and notes demand for a size it will warm)."""
+
+    request_id: str
+    outcome: str
+    size: ImageSize | None = None
+
+
+Action = Union[Queued, RequestPreemption, AbandonRow, SendFailure, LogNote, UnlistedSize]
 
 
 @dataclass(frozen=True)
@@ -124,8 +136,10 @@ class WorkerState:
     """The worker's queue, running batch and decisions. ``batcher``: the batching policy, built with
     ``policy`` (the window rule with ``policy`` when None)."""
 
-    def __init__(self, policy: BatchPolicyConfig, batcher: BatchPolicy[Generate] | None = None) -> None:
+    def __init__(self, policy: BatchPolicyConfig, batcher: BatchPolicy[Generate] | None = None,
+                 sizes: SizeRule | None = None) -> None:
         self.batcher: BatchPolicy[Generate] = batcher if batcher is not None else Batcher(policy)
+        self.sizes = sizes or SizeRule(())  # SIZES and UNLISTED_SIZE; none listed: every size as asked
         self.queued_deadlines: dict[str, float] = {}  # request id -> instant (worker clock) its client gives up
         self.running: RunningBatch | None = None
 
@@ -156,14 +170,26 @@ class WorkerState:
 
     def accept(self, request: Generate, now: float) -> list[Action]:
         """A GENERATE: queue it with its deadline; a resent id that is already queued is ignored
-        (one answer will come)."""
+        (one answer will come). A size SIZES does not list is run as asked, refused or snapped
+        (UNLISTED_SIZE)."""
+        params = request.params
+        decision = self.sizes.decide(params.width, params.height)
+        noted: list[Action] = []
+        if decision.refusal is not None:
+            return [UnlistedSize(request.request_id, "refused"),
+                    SendFailure(request.request_id, FailureCode.SIZE_NOT_SERVED, decision.refusal)]
+        if decision.size is not None:
+            request = replace(request, params=replace(params, width=decision.size.width, height=decision.size.height))
+            noted.append(UnlistedSize(request.request_id, "snapped", decision.size))
+        elif decision.unlisted:
+            noted.append(UnlistedSize(request.request_id, "eager"))
         key = BatchKey.of(request.params)
         try:
             self.batcher.add(request.request_id, key, request, now)
         except ValueError:
             return []
         self.queued_deadlines[request.request_id] = now + request.deadline_s
-        return [Queued(request), *self._preemption_for(key, now)]
+        return [*noted, Queued(request), *self._preemption_for(key, now)]
 
     def _preemption_for(self, key: BatchKey, now: float) -> list[Action]:
         """Stop the running batch (once) if the batcher says an arrival of ``key`` should join it."""

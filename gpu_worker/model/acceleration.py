@@ -11,7 +11,7 @@ latents it is given:
   one at batch 2 costs), and replaying a captured graph removes the per-kernel launch cost;
 * **compiled** (torch.compile ``mode="default"``) for larger batches: fused element-wise kernels,
   a compute-bound regime where graphs would only cost memory;
-* **eager**, the original forward, for any shape that was not warmed up.
+* **eager**, the original forward, for any shape that is not warm (not warmed up yet, or not served).
 
 The VAE decoder, run once per batch, is the next cost (an SD-1.5 batch of 32 at 512²: 457 ms eager,
 215 ms compiled on an H100, docs/benchmarks.md): :class:`CompiledVaeDecode` compiles it the same way
@@ -27,11 +27,15 @@ compilation of its own for one).
 
 The batch dimension is marked dynamic, so one compilation per mode serves every batch size (instead
 of one compilation, a minute or two for SDXL, per size; torch may still compile once more for a
-larger range of sizes). :func:`warm_up_shapes` runs the batch sizes it is given at the resolution the
-worker serves (the worker passes every batch size it may run, the largest first), which
-compiles both modes and records a CUDA graph per small size; then :func:`forbid_recompiles` makes
-torch raise instead of compiling, and any shape that would need compiling (another resolution, say)
-runs eager from then on.
+larger range of sizes). Image sizes (SIZES, gpu_worker/decisions/sizes.py) compile one of two ways
+(:func:`configure_sizes`): per size, each compilation specialised to its height and width
+(torch's automatic dynamic shapes off, so a second size does not turn the first one's graph
+symbolic), or with height and width marked dynamic, one compilation for every size.
+:func:`warm_up_shapes` runs the batch sizes it is given at one size (the worker passes every batch
+size it may run, the largest first; and warms its other sizes the same way later, between batches),
+which compiles both modes and records a CUDA graph per small size; outside it
+:func:`forbid_recompiles` makes torch raise instead of compiling, and any shape that would need
+compiling (a size not warm yet, or not listed) runs eager, until a warm-up compiles it.
 Compile time therefore never lands in a request.
 
 Compiled artefacts are cached on disk by torch, in STATE_DIR/compile-cache
@@ -53,6 +57,31 @@ import torch
 log = logging.getLogger(__name__)
 
 RECOMPILE_REFUSED = "fail_on_recompile"  # in the message torch raises once recompiles are forbidden
+# Compilations one function may hold before torch stops compiling it (per mode and size, per batch
+# size range); configure_sizes raises it with the number of sizes served.
+BASE_CACHE_SIZE_LIMIT = 16
+
+
+class _Warming:
+    """Whether a warm-up runs now (set by warm_up_shapes, in the GPU thread that runs everything):
+    then a shape that ran eager before is tried compiled again (and compiles)."""
+
+    active = False
+    dynamic_spatial = False  # configure_sizes: height and width symbolic
+
+
+_WARMING = _Warming()
+
+
+def configure_sizes(size_count: int, dynamic_spatial: bool) -> None:
+    """Before the first compilation: room for ``size_count`` sizes' compilations, and whether they
+    share one with symbolic height and width (True) or each get their own (False)."""
+    import torch._dynamo
+
+    limit = max(BASE_CACHE_SIZE_LIMIT, 4 * size_count + 8)  # compiled + graphs modes, room for batch ranges
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+    torch._dynamo.config.automatic_dynamic_shapes = dynamic_spatial
+    _WARMING.dynamic_spatial = dynamic_spatial
 
 
 @dataclass(frozen=True)
@@ -131,7 +160,7 @@ class CompiledUnetForward:
     def __init__(self, eager: Callable[..., Any], cuda_graph_max_batch: int) -> None:
         import torch._dynamo  # noqa: F401 - imported here: importing dynamo costs ~1 s
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, BASE_CACHE_SIZE_LIMIT)
         self.eager = eager
         self.compiled = torch.compile(eager, mode="default", fullgraph=False)
         self.graphed = None
@@ -160,9 +189,10 @@ class CompiledUnetForward:
         shape = tuple(sample.shape)
         rows = shape[0]
         mode = self.mode_for(rows)
-        if mode == "eager" or shape in self.eager_shapes:
+        if mode == "eager" or (shape in self.eager_shapes and not _WARMING.active):
             return self.eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
         _mark_batch_dynamic(rows, sample, encoder_hidden_states, kwargs)
+        _mark_spatial_dynamic(sample)
         implementation = self.graphed if mode == "graphs" else self.compiled
         return _compiled_or_eager(implementation, self.eager, "UNet", shape, self.eager_shapes,
                                   (sample, timestep, encoder_hidden_states, *args), kwargs)
@@ -185,7 +215,7 @@ class CompiledTextEncoderForward:
 
     def __call__(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         shape = tuple(input_ids.shape)
-        if shape in self.eager_shapes:
+        if shape in self.eager_shapes and not _WARMING.active:
             return self.eager(input_ids, *args, **kwargs)
         if input_ids.shape[0] >= 2:
             import torch._dynamo
@@ -230,8 +260,10 @@ class CompiledVaeDecode:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         single = latents.shape[0] < 2
-        if (single and not self.compile_single) or tuple(latents.shape) in self.eager_shapes:
+        if (single and not self.compile_single) or (tuple(latents.shape) in self.eager_shapes
+                                                    and not _WARMING.active):
             return self.eager(latents, return_dict=False)[0]
+        _mark_spatial_dynamic(latents)
         if not single:  # a size of 1 cannot be the dynamic one: torch specialises it (its own compilation)
             import torch._dynamo
 
@@ -279,13 +311,16 @@ def _compiled_or_eager(implementation: Callable[..., Any], eager: Callable[..., 
     """Call the compiled implementation; where torch refuses to compile a new shape (recompiles are
     forbidden after the warm-up), remember the shape and run it eager from then on."""
     try:
-        return implementation(*args, **kwargs)
+        result = implementation(*args, **kwargs)
     except RuntimeError as exc:
         if RECOMPILE_REFUSED not in str(exc):
             raise  # out of memory and real errors reach the caller (the OOM splitter)
-        log.warning("%s input %s was not warmed up; it runs eager from now on", name, shape)
+        if shape not in eager_shapes:
+            log.info("%s input %s is not warm; it runs eager until a warm-up compiles it", name, shape)
         eager_shapes.add(shape)
         return eager(*args, **kwargs)
+    eager_shapes.discard(shape)  # compiled by a warm-up: no longer eager
+    return result
 
 
 def _mark_batch_dynamic(rows: int, sample: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -302,6 +337,15 @@ def _mark_batch_dynamic(rows: int, sample: torch.Tensor, encoder_hidden_states: 
             torch._dynamo.mark_dynamic(tensor, 0)
 
 
+def _mark_spatial_dynamic(latents: torch.Tensor) -> None:
+    """With SIZE_COMPILATION=dynamic: height and width symbolic (the last two dimensions)."""
+    if _WARMING.dynamic_spatial and latents.dim() == 4:
+        import torch._dynamo
+
+        torch._dynamo.maybe_mark_dynamic(latents, 2)
+        torch._dynamo.maybe_mark_dynamic(latents, 3)
+
+
 def forbid_recompiles() -> None:
     """From now on torch raises instead of compiling (CompiledUnetForward then runs eager)."""
     torch.compiler.set_stance("fail_on_recompile")
@@ -315,9 +359,11 @@ def warm_up_shapes(generate: Callable[[int], Any], batch_sizes: list[int]) -> di
     """Call ``generate(batch_size)`` for each size (compiling and recording on first use); returns
     seconds per size. Recompiles stay allowed during the warm-up and are forbidden afterwards."""
     allow_recompiles()
+    _WARMING.active = True
     try:
         return time_each(generate, batch_sizes)
     finally:
+        _WARMING.active = False
         forbid_recompiles()
 
 

@@ -17,6 +17,8 @@ It is chosen with a MODEL_ID of the form ``fake`` or ``fake:key=value,key=value`
     fake:oom_above=2             raise torch.OutOfMemoryError for a batch of more than 2 images
     fake:fail=1                  raise RuntimeError("fake failure") on every generate call
     fake:cell=1                  one random colour per pixel (PNGs as large as a random-weight model's)
+    fake:warm_delay=0.5          with TORCH_COMPILE, each warm-up call (one batch size of one size) sleeps
+                                 0.5 s, standing in for compiling: the worker's warming of SIZES without a model
     fake:delay=0.2,oom_above=2   options combine
 
 :func:`parse_fake_model_id` returns None for any MODEL_ID that is not a fake id, and raises
@@ -52,7 +54,7 @@ FAKE_SIZE_MULTIPLE = 8
 # path's PNG encoding, transfer and file write at their real size (python -m bench.gpu service --trace).
 DEFAULT_CELL_PX = 8
 
-_KEYS = ("delay", "oom_above", "fail", "cell", "step_delay")
+_KEYS = ("delay", "oom_above", "fail", "cell", "step_delay", "warm_delay")
 
 
 class FakeBackend:
@@ -70,7 +72,7 @@ class FakeBackend:
 
     def __init__(self, model_id: str = FAKE_PREFIX, delay_s: float = 0.0,
                  oom_above: int | None = None, fail: bool = False, cell_px: int = DEFAULT_CELL_PX,
-                 step_delay_s: float = 0.0) -> None:
+                 step_delay_s: float = 0.0, warm_delay_s: float = 0.0) -> None:
         if not (math.isfinite(delay_s) and delay_s >= 0):
             raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay_s}")
         if not (math.isfinite(step_delay_s) and step_delay_s >= 0):
@@ -89,7 +91,9 @@ class FakeBackend:
         self.oom_above = oom_above
         self.fail = fail
         self.cell_px = cell_px
+        self.warm_delay_s = float(warm_delay_s)
         self.batch_sizes: list[int] = []
+        self.warmed: list[tuple[int, int, int]] = []  # (width, height, batch size) of every warm-up call
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -134,6 +138,17 @@ class FakeBackend:
             return arrays
         return [PIL.Image.fromarray(pixels) for pixels in arrays]
 
+    def warm_up(self, batch_sizes: Sequence[int], width: int, height: int) -> dict[int, float]:
+        """Stands in for ImagePipeline.warm_up with TORCH_COMPILE: sleeps warm_delay per batch size
+        (no compiling happens); returns seconds per batch size as the real one does."""
+        seconds = {}
+        for size in batch_sizes:
+            time.sleep(self.warm_delay_s)
+            with self._lock:
+                self.warmed.append((width, height, size))
+            seconds[size] = self.warm_delay_s
+        return seconds
+
     def per_image_memory_bytes(self, width: int, height: int) -> int:
         """A nominal figure (one float32 RGB image): positive, growing with pixels, not measured."""
         if width <= 0 or height <= 0:
@@ -177,7 +192,7 @@ def parse_fake_model_id(model_id: str) -> FakeBackend | None:
     """A FakeBackend for a fake MODEL_ID (``fake`` or ``fake:key=value,...``), else None.
 
     Keys: ``delay`` (seconds per batch, float >= 0), ``step_delay`` (seconds per denoising step, float
-    >= 0), ``oom_above`` (int >= 0), ``fail``
+    >= 0), ``warm_delay`` (seconds per warm-up call, float >= 0), ``oom_above`` (int >= 0), ``fail``
     (1/0, true/false, yes/no, on/off), ``cell`` (pixels per side of a flat-colour cell, int >= 1).
     A malformed fake id (unknown or repeated key, missing ``=``, bad value, empty option list)
     raises ValueError naming the id and the problem.
@@ -229,6 +244,14 @@ def parse_fake_model_id(model_id: str) -> FakeBackend | None:
             fail = parse_bool(options["fail"])
         except ValueError:
             raise _bad(model_id, f"fail must be 1 or 0, got {options['fail']!r}") from None
+    warm_delay_s = 0.0
+    if "warm_delay" in options:
+        try:
+            warm_delay_s = float(options["warm_delay"])
+        except ValueError:
+            raise _bad(model_id, f"warm_delay must be a number of seconds, got {options['warm_delay']!r}") from None
+        if not (math.isfinite(warm_delay_s) and warm_delay_s >= 0):
+            raise _bad(model_id, f"warm_delay must be a finite number >= 0, got {options['warm_delay']!r}")
     cell_px = DEFAULT_CELL_PX
     if "cell" in options:
         try:
@@ -238,12 +261,13 @@ def parse_fake_model_id(model_id: str) -> FakeBackend | None:
         if cell_px < 1:
             raise _bad(model_id, f"cell must be >= 1, got {cell_px}")
     return FakeBackend(model_id, delay_s=delay_s, oom_above=oom_above, fail=fail, cell_px=cell_px,
-                       step_delay_s=step_delay_s)
+                       step_delay_s=step_delay_s, warm_delay_s=warm_delay_s)
 
 
 def _bad(model_id: str, problem: str) -> ValueError:
     return ValueError(
         f"bad fake MODEL_ID {model_id!r}: {problem}. Expected 'fake' or "
         f"'fake:key=value,...' with keys delay (seconds per batch, >= 0), step_delay (seconds per "
-        f"denoising step, >= 0), oom_above (integer >= 0), fail (1 or 0) and cell (pixels, >= 1), "
+        f"denoising step, >= 0), warm_delay (seconds per warm-up call, >= 0), oom_above (integer >= 0), "
+        f"fail (1 or 0) and cell (pixels, >= 1), "
         f"e.g. 'fake:delay=0.2,oom_above=2'")

@@ -52,9 +52,10 @@ from gpu_worker.model import png
 from gpu_worker.decisions.batcher import Batch, BatchKey, BatchPolicy, BatchPolicyConfig
 from gpu_worker.model.pipelines import GenerationJob
 from gpu_worker.decisions.preemption import BatchPreempted, Preemption, ProgressLimiter
+from gpu_worker.decisions.sizes import SizeRule, WarmUpPlan, WarmUpUnit, batch_sizes_at, sizes_text
 from gpu_worker.decisions.stats import WorkerCounters
 from gpu_worker.shell.link import BrokerLink
-from gpu_worker.model.oom import OnImages, OomSplittingBackend
+from gpu_worker.model.oom import OnImages, OomSplittingBackend, is_out_of_memory, release_cached_memory
 from gpu_worker.decisions.worker_state import (
     AbandonRow,
     Action,
@@ -62,6 +63,7 @@ from gpu_worker.decisions.worker_state import (
     Queued,
     RequestPreemption,
     SendFailure,
+    UnlistedSize,
     WorkerState,
 )
 from imagegen import stage_trace
@@ -74,6 +76,7 @@ from imagegen.protocol import (
     Failure,
     Generate,
     Heartbeat,
+    ImageSize,
     Progress,
     Register,
     Result,
@@ -116,6 +119,24 @@ class ImageBackend(Protocol):
 
 
 @dataclass(frozen=True)
+class SizeServing:
+    """The sizes the worker serves compiled (SIZES), what it does with others (UNLISTED_SIZE), and,
+    with TORCH_COMPILE, how it warms those not warm when it registers (gpu_worker/decisions/sizes.py).
+
+    ``warm_up``: (batch sizes, width, height) -> seconds per batch size, run in the GPU thread
+    (ImagePipeline.warm_up); None: nothing is warmed after registering (compile off, or
+    WORKER_WARMUP=0) and compile_state is "off"."""
+
+    sizes: tuple[ImageSize, ...] = ()
+    unlisted: str = "eager"
+    warm_at_start: tuple[ImageSize, ...] = ()
+    warm_up: Callable[[Sequence[int], int, int], Any] | None = None
+    max_defer_s: float = 30.0
+    cuda_graph_max_batch: int = 0
+    loaded_at: float | None = None  # when the model was loaded, on the worker's clock (for the log)
+
+
+@dataclass(frozen=True)
 class WorkerIdentity:
     name: str
     host: str
@@ -146,11 +167,14 @@ def timed_call(clock: Callable[[], float], call: Any, *args: Any) -> tuple[Any, 
 
 
 def registration(identity: WorkerIdentity, policy: BatchPolicyConfig, capacity: int, auto: bool,
-                 seconds_per_work_unit: float = 0.0) -> Register:
-    """What the worker registers with (again after every reconnect, with the policy of the moment)."""
+                 seconds_per_work_unit: float = 0.0, sizes: SizeServing = SizeServing(),
+                 warm_sizes: Sequence[ImageSize] = ()) -> Register:
+    """What the worker registers with (again after every reconnect, with the policy and warm sizes of
+    the moment)."""
     return Register(worker_name=identity.name, host=identity.host, gpu_id=identity.gpu_id, pid=os.getpid(),
                     model_id=identity.model_id, device=identity.device, capacity=capacity,
-                    batching=batching_report(policy, auto), seconds_per_work_unit=seconds_per_work_unit)
+                    batching=batching_report(policy, auto), seconds_per_work_unit=seconds_per_work_unit,
+                    sizes=tuple(sizes.sizes), warm_sizes=tuple(warm_sizes), unlisted_size=sizes.unlisted)
 
 
 def batching_report(config: BatchPolicyConfig, auto: bool) -> BatchingConfig:
@@ -212,7 +236,7 @@ class Worker:
                  capacity: int, broker_address: str, heartbeat_interval_s: float, liveness: int = 5,
                  max_batch_size_auto: bool = False, clock=time.monotonic, batcher: BatchPolicy[Generate] | None = None,
                  curve: CurveClientKeys | None = None, gpu_thread: ThreadPoolExecutor | None = None,
-                 seconds_per_work_unit: float = 0.0) -> None:
+                 seconds_per_work_unit: float = 0.0, sizes: SizeServing = SizeServing()) -> None:
         self.identity = identity
         self.seconds_per_work_unit = seconds_per_work_unit  # measured at warm-up; reported for admission
         # A batch that runs out of GPU memory is split and retried in halves (gpu_worker/model/oom.py).
@@ -223,7 +247,14 @@ class Worker:
         self.clock = clock  # the one clock: decisions, deadlines and every duration the worker reports
         # Every decision: the queue (any BatchPolicy, gpu_worker/decisions/policies.py; the window rule by
         # default), deadlines, the running batch's rows.
-        self.decisions = WorkerState(policy, batcher)
+        self.decisions = WorkerState(policy, batcher, SizeRule(sizes.sizes, sizes.unlisted))
+        self.sizes = sizes
+        # The sizes still to warm, with TORCH_COMPILE (gpu_worker/decisions/sizes.py); None: compile off.
+        self.warm_up: WarmUpPlan | None = None
+        if sizes.warm_up is not None:
+            self.warm_up = WarmUpPlan([size for size in sizes.sizes if size not in sizes.warm_at_start],
+                                      self._batch_sizes_at, sizes.max_defer_s, warm=list(sizes.warm_at_start),
+                                      last_unit_at=clock())
         self.counters = WorkerCounters()
         self.preemption: Preemption | None = None  # the running batch's stop signal, shared with the GPU thread
         self.progress_limiter = ProgressLimiter(PROGRESS_INTERVAL_S, clock)
@@ -290,7 +321,20 @@ class Worker:
 
     def _registration(self) -> Register:
         return registration(self.identity, self.decisions.policy, self.capacity, self.max_batch_size_auto,
-                            self.seconds_per_work_unit)
+                            self.seconds_per_work_unit, self.sizes, self.warm_sizes)
+
+    @property
+    def warm_sizes(self) -> tuple[ImageSize, ...]:
+        return tuple(self.warm_up.warm) if self.warm_up is not None else ()
+
+    @property
+    def compile_state(self) -> str:
+        return self.warm_up.state if self.warm_up is not None else "off"
+
+    def _batch_sizes_at(self, size: ImageSize) -> list[int]:
+        """The batch sizes a warm-up of ``size`` runs, under the limits of the moment."""
+        policy = self.decisions.policy
+        return batch_sizes_at(size, policy.max_batch_size, policy.max_batch_pixels, self.sizes.cuda_graph_max_batch)
 
     def _on_message(self, message: object) -> None:
         if isinstance(message, Generate):
@@ -316,13 +360,25 @@ class Worker:
                 self._queued(action.request)
             elif isinstance(action, RequestPreemption):
                 self._request_preemption(action)
+            elif isinstance(action, UnlistedSize):
+                self._unlisted_size(action)
             elif isinstance(action, LogNote):
                 log.log(action.level, action.text, exc_info=action.error, extra=dict(action.fields))
             else:
                 raise TypeError(f"unknown worker action {action!r}")
 
+    def _unlisted_size(self, action: UnlistedSize) -> None:
+        if action.outcome == "refused":
+            self.counters.unlisted_refused += 1
+        elif action.outcome == "snapped":
+            self.counters.unlisted_snapped += 1
+        log.debug("request %s: a size SIZES does not list, %s%s", action.request_id, action.outcome,
+                  f" to {action.size}" if action.size else "", extra={"request_id": action.request_id})
+
     def _queued(self, request: Generate) -> None:
         params = request.params
+        if self.warm_up is not None:
+            self.warm_up.note_demand(ImageSize(params.width, params.height))
         log.debug("request %s queued: %dx%d, %d steps", request_name(request.request_id, request.label),
                   params.width, params.height, params.num_inference_steps,
                   extra=request_fields(request.request_id, request.label))
@@ -353,18 +409,50 @@ class Worker:
 
     def _send_status(self) -> None:
         status = self.counters.status(self.state, self.decisions.queue_depth, self.decisions.running_size)
-        self.link.send(Heartbeat(replace(status, max_batch_size=self.decisions.max_batch_size)))
+        self.link.send(Heartbeat(replace(status, max_batch_size=self.decisions.max_batch_size,
+                                         compile_state=self.compile_state, warm_sizes=self.warm_sizes)))
 
     # ------------------------------------------------------------------ batches
 
     async def _batch_loop(self) -> None:
         while self.state != "draining":
             self._execute(self.decisions.expire_queued(self.clock()))
+            unit = self._warm_up_unit_due()
+            if unit is not None:
+                await self._warm(unit)
+                continue
             batch = self.decisions.start_batch(self.clock())
             if batch is None:
                 await self._sleep_until_next_decision()
                 continue
             await self._run(batch)
+
+    def _warm_up_unit_due(self) -> WarmUpUnit | None:
+        if self.warm_up is None:
+            return None
+        return self.warm_up.next_unit(self.clock(), queue_empty=self.decisions.queue_depth == 0)
+
+    async def _warm(self, unit: WarmUpUnit) -> None:
+        """Run one warm-up unit in the GPU thread (the event loop goes on: heartbeats, arrivals)."""
+        plan = self.warm_up
+        assert plan is not None and self.sizes.warm_up is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.gpu_thread, self.sizes.warm_up, [unit.batch_size], unit.size.width, unit.size.height)
+        except Exception as exc:  # noqa: BLE001 - a size that cannot be warmed runs eager; the worker serves on
+            if is_out_of_memory(exc):
+                release_cached_memory()
+            plan.unit_failed(unit, self.clock())
+            log.warning("warming %s at batch %d failed (%s: %s): requests of that size run eager",
+                        unit.size, unit.batch_size, type(exc).__name__, exc)
+            return
+        if plan.unit_done(unit, self.clock()):
+            since = "" if self.sizes.loaded_at is None else f" {self.clock() - self.sizes.loaded_at:.1f}s after the model loaded"
+            log.info("size %s warm%s (%d of %d sizes warm)", unit.size, since, len(plan.warm), len(self.sizes.sizes))
+            if plan.done:
+                log.info("every listed size is warm%s: %s%s", since, sizes_text(plan.warm),
+                         f"; could not warm {sizes_text(plan.failed)}" if plan.failed else "")
+            self._send_status()
 
     async def _await_batch(self, running: asyncio.Future) -> Any:
         """The GPU thread's answer; meanwhile, rows whose deadline passes are abandoned at once."""
@@ -392,6 +480,9 @@ class Worker:
     async def _sleep_until_next_decision(self) -> None:
         self.arrival.clear()
         wake_at = self.decisions.next_wake_at(self.clock())
+        due_at = self.warm_up.next_due_at() if self.warm_up is not None else None
+        if due_at is not None:  # a warm-up unit comes due even while requests wait
+            wake_at = due_at if wake_at is None else min(wake_at, due_at)
         timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
         try:
             await asyncio.wait_for(self.arrival.wait(), timeout)
@@ -446,6 +537,8 @@ class Worker:
         self.decisions.observe_batch(key, len(batch), generation_s, self.backend.oom_splits != splits_before,
                                      self.clock())
         self.counters.record_batch([batch.wait_s(p) for p in batch.requests], generation_s)
+        if self.warm_up is not None and not self.warm_up.is_warm(ImageSize(key.width, key.height)):
+            self.counters.record_eager(len(batch))
         labels = [p.item.label for p in batch.requests]
         log.info("batch %s: %d x %dx%d, %d steps in %.3fs (GPU thread %.3fs); requests %s%s", batch_id, len(batch),
                  key.width, key.height, key.num_inference_steps, generation_s, gpu_thread_s,
