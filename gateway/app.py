@@ -18,8 +18,9 @@ from gateway.answers import has_requested_size, image_url, keep_image, storage_a
 from gateway.auth import api_key_middleware, load_api_keys
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.config import GatewaySettings
-from gateway.context import BODY_STALLED, BROKER, IMAGES, METRICS, SETTINGS, read_json_body
+from gateway.context import BODY_STALLED, BROKER, IMAGES, METRICS, SETTINGS, openai_shaped, read_json_body
 from gateway.images import ImageStore, StorageUnavailable, png_size
+from gateway.jobs.routes import prefers_async, setup_jobs, submit_job
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import OUTCOME, GatewayMetrics, metrics_middleware
 from gateway.openapi import openapi_handler
@@ -82,7 +83,7 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
             headers = {"Allow": allowed}
         elif isinstance(exc, web.HTTPNotFound) and request.match_info.route.resource is None:
             message = f"no endpoint at {request.path}; endpoints: {', '.join(_endpoints(request.app))}"
-        if request.path.startswith("/v1/"):
+        if openai_shaped(request.path):
             response = openai_error(exc.status, message, code=code, headers=headers)
             response[OUTCOME] = code
             return response
@@ -97,7 +98,9 @@ def _endpoints(app: web.Application) -> list[str]:
 
 async def generate(request: web.Request) -> web.Response:
     """POST /generate; logs the request's id (and the client's X-Request-ID, its label) with its
-    answer's status and duration."""
+    answer's status and duration. With ``Prefer: respond-async``: a job (gateway/jobs/routes.py)."""
+    if prefers_async(request):
+        return await submit_job(request)
     started = time.perf_counter()
     request_id, label = request_id_of(request), request_label_of(request)
     name, fields = request_name(request_id, label), request_fields(request_id, label)
@@ -265,4 +268,5 @@ def create_app(settings: GatewaySettings, broker_client: Any = None) -> web.Appl
     app.router.add_get("/openapi.json", openapi_handler)
     app.router.add_post("/v1/images/generations", images_generations)
     app.router.add_get("/", index_page)
+    setup_jobs(app)  # the job API (/v1/jobs); its store closes after the broker link
     return app

@@ -23,6 +23,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from gateway.config import GatewaySettings, configured_api_keys
+from gateway.context import openai_shaped
 
 # (method, route pattern) pairs that need no key. The route pattern (the matched resource's
 # canonical form, e.g. "/images/{name}") is compared rather than the raw path, so an odd spelling of
@@ -41,6 +42,20 @@ EXEMPT_ROUTES = frozenset(
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The name of the key a request came with ("" with keys off): what owns the jobs it submits
+# (gateway/jobs/). A digest of the key, never the key itself, so a job store holds no secret.
+API_KEY_NAME = web.RequestKey("api_key_name", str)
+
+
+def key_name(key: str) -> str:
+    """A key's lasting name: ``key-`` and the first 16 hex digits of its SHA-256."""
+    return "key-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def api_key_name_of(request: web.Request) -> str:
+    """The name of the key ``request`` came with; "" when keys are off."""
+    return request.get(API_KEY_NAME, "")
 
 
 def load_api_keys(settings: GatewaySettings) -> frozenset[str]:
@@ -82,22 +97,26 @@ def api_key_middleware(keys: frozenset[str]):
     """An aiohttp middleware that lets a request through only with one of ``keys`` (or to an exempt route)."""
     if not keys:
         raise ValueError("api_key_middleware needs at least one key; with none, add no middleware")
-    digests = tuple(_digest(key) for key in keys)
+    ordered = sorted(keys)
+    digests = tuple(_digest(key) for key in ordered)
+    names = tuple(key_name(key) for key in ordered)
 
     @web.middleware
     async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if _is_exempt(request):
             return await handler(request)
         token = _bearer_token(request)
-        openai_shape = request.path.startswith("/v1/")
+        openai_shape = openai_shaped(request.path)
         if token is None:
             return unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>'", openai_shape)
         presented = _digest(token)
-        matched = False
-        for digest in digests:  # every key, no early exit
-            matched |= hmac.compare_digest(presented, digest)
-        if not matched:
+        matched = None
+        for index, digest in enumerate(digests):  # every key, no early exit
+            if hmac.compare_digest(presented, digest):
+                matched = index
+        if matched is None:
             return unauthorized("the API key is not valid", openai_shape)
+        request[API_KEY_NAME] = names[matched]
         return await handler(request)
 
     return require_api_key

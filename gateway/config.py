@@ -188,6 +188,17 @@ class GatewaySettings:
     webhook_timeout_s: float = setting("WEBHOOK_TIMEOUT_S", 10.0,
                                        "seconds a receiver has to answer a delivery (connecting included) before "
                                        "the attempt counts as failed")
+    progress_event_interval_s: float = setting("PROGRESS_EVENT_INTERVAL_S", 0.5,
+                                               "a job records at most one progress event (and one queue-position "
+                                               "change) per this many seconds; the newest step waiting is written "
+                                               "when the interval ends, and a job's last step and its end always")
+    job_event_streams_max: int = setting("JOB_EVENT_STREAMS_MAX", 500,
+                                         "job event streams (GET /v1/jobs/{id}/events) open at once, all jobs "
+                                         "together; beyond it 503 too_many_streams. Each is also an open "
+                                         "connection (GATEWAY_MAX_CONNECTIONS)")
+    job_event_streams_per_job: int = setting("JOB_EVENT_STREAMS_PER_JOB", 8,
+                                             "event streams open at once for one job; beyond it 429 "
+                                             "too_many_streams")
     log_level: str = log_level_setting()
     log_format: str = log_format_setting()
 
@@ -238,6 +249,9 @@ class GatewaySettings:
                 require(False, "WEBHOOK_SECRET_FILE", str(exc))
         require(1 <= self.webhook_max_attempts <= 100, "WEBHOOK_MAX_ATTEMPTS", "must be between 1 and 100")
         require(0 < self.webhook_timeout_s <= 300, "WEBHOOK_TIMEOUT_S", "must be positive and at most 300")
+        require(0 <= self.progress_event_interval_s <= 60, "PROGRESS_EVENT_INTERVAL_S", "must be between 0 and 60")
+        require(self.job_event_streams_max >= 1, "JOB_EVENT_STREAMS_MAX", "must be at least 1")
+        require(self.job_event_streams_per_job >= 1, "JOB_EVENT_STREAMS_PER_JOB", "must be at least 1")
         for env, default_side in (("DEFAULT_WIDTH", self.default_width), ("DEFAULT_HEIGHT", self.default_height)):
             require(default_side % IMAGE_SIDE_MULTIPLE == 0
                     and self.min_image_side <= default_side <= self.max_image_side, env,

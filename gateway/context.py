@@ -21,6 +21,16 @@ BROKER = web.AppKey("broker", BrokerClient)
 IMAGES = web.AppKey("images", ImageStore)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 
+# The job API (gateway/jobs/routes.py) lives under /v1/ but is the gateway's own: its errors, aiohttp's
+# 404/405 and the API-key check's 401 included, take the gateway's shape, not OpenAI's.
+JOBS_PATH = "/v1/jobs"
+
+
+def openai_shaped(path: str) -> bool:
+    """Whether errors on ``path`` take OpenAI's shape: the OpenAI-compatible routes under /v1/."""
+    return path.startswith("/v1/") and path != JOBS_PATH and not path.startswith(JOBS_PATH + "/")
+
+
 # Set on a request whose body stopped arriving: its answer (408) is the connection's last
 # (app.py's close_stalled_connections closes it once the answer is written).
 BODY_STALLED = web.RequestKey("body_stalled", bool)

@@ -25,6 +25,7 @@ from aiohttp import web
 from gateway.answers import IMAGE_ROUTE
 from gateway.config import GatewaySettings
 from gateway.context import SETTINGS
+from gateway.jobs.routes import openapi_paths as jobs_paths, openapi_schemas as jobs_schemas
 from gateway.openai_api import openapi_paths as openai_paths, openapi_schemas as openai_schemas
 from imagegen.bounds import IMAGE_SIDE_MULTIPLE, PICKED_SEED_BITS, WIRE
 from imagegen.protocol import MAX_ID_CHARS, MAX_MODEL_ID_CHARS
@@ -227,13 +228,20 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                     "operationId": "generate",
                     "summary": "Generate one image",
                     "description": f"Request bodies larger than {s.max_request_bytes} bytes (MAX_REQUEST_BYTES) "
-                                   "are refused with 413.",
+                                   "are refused with 413. With Prefer: respond-async, a job instead (as POST "
+                                   "/v1/jobs, which also takes its body): 202 at once.",
+                    "parameters": [{"name": "Prefer", "in": "header", "required": False,
+                                    "schema": {"type": "string"},
+                                    "description": "respond-async: answer 202 with a job (see POST /v1/jobs) "
+                                                   "instead of waiting for the image."}],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("GenerateRequest")}},
                     },
                     "responses": {
                         "200": _json(_ref("GenerateResponse"), "The image was generated; fetch it at image_url."),
+                        "202": _json(_ref("JobAccepted"), "With Prefer: respond-async: the job was submitted "
+                                                          "(Preference-Applied: respond-async)."),
                         "400": _error("The body is not JSON, not an object, or a field is wrong (error.field "
                                       "names it); the pipeline refused the inputs; or the request could not "
                                       "finish within its deadline even alone on the fastest worker "
@@ -336,6 +344,7 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                 },
             },
             **openai_paths(s),
+            **jobs_paths(s),
         },
         "components": {
             "schemas": {
@@ -343,6 +352,7 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                 "GenerateResponse": generate_response_schema(s),
                 "Error": ERROR_SCHEMA,
                 **openai_schemas(s),
+                **jobs_schemas(s, generate_request_schema(s)),
                 "Stats": {
                     "type": "object",
                     "description": "num_gpus, total_requests, total_batches, avg_batch_size, current_queue_depth, "

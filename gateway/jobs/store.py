@@ -36,7 +36,8 @@ preview). ``owner`` is the API key's name, "" when keys are off.
   answers 404 either way, revealing nothing). ``load(job_id)`` skips the owner check: for the
   gateway's own bookkeeping (results arriving from the broker), never for an id a client sent.
 * ``update(job_id, **changes)``: a partial update of the fields in :data:`UPDATABLE` (status,
-  timestamps, progress, batch_size, worker, queue_position, attempt, result, error), returning the
+  timestamps, progress, batch_size, worker, queue_position, estimated_start_at, attempt, result,
+  error), returning the
   job as it now is. **Terminal states are final**: once a job is succeeded, failed or cancelled, an
   update is *ignored* (nothing changes) and returns None, as it does for an unknown id, so a result
   that arrives after a cancel cannot overwrite it. A terminal status needs ``finished_at``.
@@ -150,6 +151,9 @@ class Job:
     webhook_url: str | None = None
     webhook_events: tuple[str, ...] | None = None  # the job's filter as given (webhooks.py reads it)
     preview: bool = False
+    request_id: str | None = None         # the service-made id of its request at the broker (collect, cancel)
+    gateway: str | None = None            # the GATEWAY_ID of the gateway that runs it (several share Redis)
+    estimated_start_at: float | None = None  # while queued: when the broker expects it to start
 
     @property
     def finished(self) -> bool:
@@ -172,7 +176,7 @@ class Job:
 
 # What update() may change; the rest is fixed at creation.
 UPDATABLE = frozenset({"status", "started_at", "finished_at", "progress", "batch_size", "worker",
-                       "queue_position", "attempt", "result", "error"})
+                       "queue_position", "estimated_start_at", "attempt", "result", "error"})
 
 
 @dataclass(frozen=True)
