@@ -649,6 +649,30 @@ def _stored_status(settings: GatewaySettings, job_id: str) -> str:
         store.close()
 
 
+# --------------------------------------------------------------------------- docs/api.md's client
+
+
+async def test_the_sse_client_in_docs_api_md_follows_a_job_to_its_end(tmp_path, start_gateway):
+    from tests.support.paths import REPO
+
+    text = (REPO / "docs" / "api.md").read_text()
+    code = next(block for block in text.split("```python\n")[1:] if "async def watch(" in block).split("```")[0]
+    namespace: dict[str, Any] = {"__name__": "docs_api_client"}
+    exec(compile(code, "docs/api.md", "exec"), namespace)
+    fake = JobFakeBroker(auto=False)
+    client = await start_gateway(job_settings(tmp_path, api_keys=ApiKeys([KEY_A])), fake)
+    job = await submit(client, headers={"Authorization": f"Bearer {KEY_A}"})
+    await fake.wait_for_requests(1)
+    fake.request(0).step(0).step(1)
+    seen: list[tuple[str, dict]] = []
+    async for event, data in namespace["watch"](job["events_url"], api_key=KEY_A):
+        seen.append((event, data))
+        if event == "progress" and data["step"] == 1:
+            fake.request(0).step(6).succeed()
+    assert [event for event, _ in seen] == ["queued", "started", "progress", "progress", "succeeded"]
+    assert seen[-1][1]["image_url"].endswith(".png")
+
+
 # --------------------------------------------------------------------------- OpenAPI
 
 
