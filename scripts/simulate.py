@@ -8,6 +8,7 @@
     python scripts/simulate.py --scaling             # a burst of 50 per GPU, 1-64 GPUs: broker dispatch (~40 s)
     python scripts/simulate.py --write docs/scheduling   # all of the above as JSON, and the PNG plots
     python scripts/simulate.py --workload poisson --load 0.9 --gpus 8 --policy default
+    python scripts/simulate.py --workload sd15-mixed --costs sd15-h200 --load 0.6 --json   # waits per size
 
 No sleeping, no sockets: broker.state.BrokerState, broker.balancing.Balancer and the batchers of
 gpu_worker.decisions.policies run against a virtual clock, and a GPU cost model fitted to measured tables
@@ -29,7 +30,7 @@ from gpu_worker.decisions.policies import POLICY_ALIASES  # noqa: E402
 from simulator import costs as cost_models  # noqa: E402
 from simulator import runs  # noqa: E402
 from simulator import workloads as wl  # noqa: E402
-from simulator.metrics import latencies_s  # noqa: E402
+from simulator.metrics import group_waits, latencies_s  # noqa: E402
 
 COMPARE_COLUMNS = ("workload", "gpus", "policy", "throughput_img_s", "p50_s", "p95_s", "p99_s",
                    "avg_batch_size", "gpu_busy_fraction")
@@ -110,8 +111,26 @@ def print_scaling(report: dict[str, Any]) -> int:
     return 1 if failures else 0
 
 
+def size_groups_table(rows: Sequence[dict[str, Any]], policies: Sequence[str] = ("window", "default")) -> str:
+    """Per size group of the mixed-resolution rows: requests, where its costs come from, and the
+    wait (client sends -> its batch starts) p50 / p95 / max under each policy in ``policies``."""
+    fields = ("wait_p50_s", "wait_p95_s", "wait_max_s")
+    by = {(r["workload"], r["policy"]): r for r in rows if "groups" in r}
+    lines = ["| workload | size | requests | costs | " + " | ".join(fields) + " |", "|" + "---|" * (len(fields) + 4),
+             "| | | | | " + " | ".join([" / ".join(policies)] * len(fields)) + " |"]
+    for name in dict.fromkeys(w for w, _ in by):
+        mine = [by[(name, p)] for p in policies]
+        for size, group in mine[0]["groups"].items():
+            cells = [" / ".join(_cell(r["groups"][size][f]) for r in mine) for f in fields]
+            lines.append(f"| {name} | {size} | {group['requests']} | {group['costs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def print_checks(rows: list[dict[str, Any]]) -> int:
     failures = runs.check_default(rows)
+    for line in runs.near_capacity_ties(rows):
+        print(f"TIE (mixed resolutions at {runs.NEAR_CAPACITY_LOAD:.0%} of capacity or more, "
+              f"p95 band {runs.NEAR_CAPACITY_P95_BAND:.0%}):", line)
     for line in failures:
         print("FAIL:", line)
     print(f"{'all checks pass' if not failures else f'{len(failures)} checks fail'}: default vs window on "
@@ -197,9 +216,19 @@ def single_run(args: argparse.Namespace) -> dict[str, Any]:
         "mixed": lambda: wl.mixed(args.load * wl.mixed_capacity_img_s(costs, runs.MAX_BATCH, args.gpus),
                                   args.requests, seed=args.seed),
         "lone": lambda: wl.lone(key),
+        **{mix: functools.partial(_size_mix, mix, args, costs) for mix in wl.SIZE_MIXES},
     }[args.workload]()
-    _, report = runs.run(workload, runs.cluster_for(args.policy, args.gpus), costs, args.policy)
-    return report.row()
+    sim, report = runs.run(workload, runs.cluster_for(args.policy, args.gpus), costs, args.policy)
+    row = report.row()
+    if args.workload in wl.SIZE_MIXES:
+        row["groups"] = group_waits(sim, [k for k, _ in wl.SIZE_MIXES[args.workload]])
+    return row
+
+
+def _size_mix(mix: str, args: argparse.Namespace, costs: cost_models.CostModel) -> wl.Workload:
+    keys = wl.SIZE_MIXES[mix]
+    capacity = wl.mixed_capacity_img_s(costs, runs.MAX_BATCH, args.gpus, keys=keys)
+    return wl.size_mix(mix, args.load * capacity, args.requests, seed=args.seed)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -214,8 +243,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--write", metavar="DIR", type=Path,
                         help="write compare.json, validation.json, robustness.json, scaling.json, latency_cdf.png "
                              "and load_sweep.png")
-    parser.add_argument("--workload", choices=("burst", "users", "poisson", "mixed", "lone"),
-                        help="one run of one workload (with --policy, --gpus, --costs, --load, --requests)")
+    parser.add_argument("--workload", choices=("burst", "users", "poisson", "mixed", "lone") + tuple(wl.SIZE_MIXES),
+                        help="one run of one workload (with --policy, --gpus, --costs, --load, --requests); "
+                             "sdxl-buckets and sd15-mixed are mixed resolutions (pick a matching --costs) and "
+                             "report each size group's waits")
     parser.add_argument("--policy", choices=tuple(runs.POLICIES) + tuple(POLICY_ALIASES), default="default",
                         help="window, default or greedy (seed: the same as window)")
     parser.add_argument("--gpus", type=int, default=1)
@@ -246,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(rows, indent=1))
         else:
             print(side_by_side(rows))
+            print("\nMixed resolutions, per size group (costs: measured at that size, or scaled from the "
+                  "table's measured size by work units):\n")
+            print(size_groups_table(rows))
+            print()
             status = print_checks(rows)
     if args.validate:
         rows = validation()

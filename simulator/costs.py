@@ -124,6 +124,18 @@ def get(name: str) -> CostModel:
         raise ValueError(f"unknown cost model {name!r}; expected one of {', '.join(COST_MODELS)}") from None
 
 
+def provenance(costs: CostModel, key: BatchKey) -> str:
+    """Where ``costs`` gets the time of ``key``'s batches: "measured" for the key its table was measured
+    at, else how it is scaled from that key's measurements (work units: megapixels x steps x CFG rows)."""
+    ref = costs.reference_key
+    if key == ref:
+        return "measured"
+    size = f"{ref.width}x{ref.height}"
+    if isinstance(costs, MeasuredTable):  # UNet rows and VAE images in native-size images, steps apart
+        return f"scaled from {size} by work units (one image = {key.pixels / ref.pixels:.3f} measured images)"
+    return f"scaled from {size} by work units (x{work_units(key) / work_units(ref):.3f})"
+
+
 def ideal_packing_s(costs: CostModel, key: BatchKey, n: int, max_batch: int) -> float:
     """Least total GPU time to run ``n`` requests of ``key`` in batches of at most ``max_batch``
     (dynamic programming over batch sizes): the best any policy can do for a burst on one GPU."""

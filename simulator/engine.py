@@ -85,6 +85,13 @@ class RequestRecord:
     done_at: float | None = None
     failed: str | None = None
     batch_size: int = 0
+    started_at: float | None = None  # when the batch that made its image started on the GPU
+
+    @property
+    def wait_s(self) -> float:
+        """From the client sending to its image's batch starting: broker queue and worker queue."""
+        assert self.started_at is not None
+        return self.started_at - self.sent_at
 
     @property
     def latency_s(self) -> float:
@@ -279,6 +286,8 @@ class SimWorker:
             return  # stopped earlier (preempted)
         batch, started_at, duration_s = self._running
         self.sim.batches.append(BatchRecord(self.index, batch.key, len(batch), started_at, duration_s))
+        for pending in batch.requests:
+            self.sim.requests[pending.request_id].started_at = started_at
         self._end_batch()
         self.batches_done += 1
         self.requests_done += len(batch)

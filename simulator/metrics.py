@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from gpu_worker.decisions.batcher import BatchKey
+from simulator.costs import provenance
 from simulator.engine import Simulation
 
 
@@ -54,6 +56,29 @@ def _round(value: float, digits: int) -> float:
     if value == 0 or not math.isfinite(value):
         return value
     return round(value, max(0, digits - 1 - int(math.floor(math.log10(abs(value))))))
+
+
+def size_label(key: BatchKey, keys: Sequence[BatchKey]) -> str:
+    """``WIDTHxHEIGHT``, with steps and guidance added when another key of ``keys`` has that size."""
+    if sum(1 for k in keys if (k.width, k.height) == (key.width, key.height)) <= 1:
+        return f"{key.width}x{key.height}"
+    return f"{key.width}x{key.height}/{key.num_inference_steps} steps/guidance {key.guidance_scale:g}"
+
+
+def group_waits(sim: Simulation, keys: Sequence[BatchKey], digits: int = 4) -> dict[str, dict[str, Any]]:
+    """Per size group (``keys``, in that order): requests, where its costs come from, and the wait
+    (client sends -> its image's batch starts on a GPU) p50 / p95 / max and latency p95, in seconds."""
+    done = [r for r in sim.requests.values() if r.done_at is not None and r.failed is None]
+    groups = {}
+    for key in keys:
+        mine = [r for r in done if r.key == key]
+        waits = [r.wait_s for r in mine]
+        stats = {"wait_p50_s": percentile(waits, 50), "wait_p95_s": percentile(waits, 95),
+                 "wait_max_s": max(waits, default=math.nan),
+                 "latency_p95_s": percentile([r.latency_s for r in mine], 95)}
+        groups[size_label(key, keys)] = {"requests": len(mine), "costs": provenance(sim.costs, key),
+                                         **{k: _round(v, digits) for k, v in stats.items()}}
+    return groups
 
 
 def latencies_s(sim: Simulation) -> list[float]:

@@ -78,9 +78,37 @@ MIXED_KEYS: tuple[tuple[BatchKey, float], ...] = (
 )
 
 
-def mixed_capacity_img_s(costs: CostModel, max_batch: int, gpus: int = 1) -> float:
-    """Images per second the cluster sustains on the mix if every key ran in full batches."""
-    mean_s_per_image = sum(w * costs.batch_s(k, max_batch) / max_batch for k, w in MIXED_KEYS)
+# Mixed resolutions (docs/batching.md, "Mixed resolutions in the simulator"): keys that differ only in size,
+# so every size is a group of its own. SDXL's standard aspect-ratio buckets (about one megapixel
+# each), 1024x1024 the most common; SD-1.5 at 512x512 and its two 2:3 portrait/landscape sizes.
+SDXL_BUCKET_KEYS: tuple[tuple[BatchKey, float], ...] = (
+    (BatchKey(1024, 1024, 25, 5.0), 0.40),
+    (BatchKey(1152, 896, 25, 5.0), 0.10),
+    (BatchKey(896, 1152, 25, 5.0), 0.10),
+    (BatchKey(1216, 832, 25, 5.0), 0.08),
+    (BatchKey(832, 1216, 25, 5.0), 0.08),
+    (BatchKey(1344, 768, 25, 5.0), 0.07),
+    (BatchKey(768, 1344, 25, 5.0), 0.07),
+    (BatchKey(1536, 640, 25, 5.0), 0.05),
+    (BatchKey(640, 1536, 25, 5.0), 0.05),
+)
+SD15_MIXED_KEYS: tuple[tuple[BatchKey, float], ...] = (
+    (BatchKey(512, 512, 25, 7.5), 0.60),
+    (BatchKey(512, 768, 25, 7.5), 0.20),
+    (BatchKey(768, 512, 25, 7.5), 0.20),
+)
+# Mix name -> its keys and weights (the mixed-resolution workloads of --compare).
+SIZE_MIXES: dict[str, tuple[tuple[BatchKey, float], ...]] = {
+    "sdxl-buckets": SDXL_BUCKET_KEYS,
+    "sd15-mixed": SD15_MIXED_KEYS,
+}
+
+
+def mixed_capacity_img_s(costs: CostModel, max_batch: int, gpus: int = 1,
+                         keys: Sequence[tuple[BatchKey, float]] = MIXED_KEYS) -> float:
+    """Images per second the cluster sustains on a mix (``keys``: key, weight) if every key ran in
+    full batches."""
+    mean_s_per_image = sum(w * costs.batch_s(k, max_batch) / max_batch for k, w in keys)
     return gpus / mean_s_per_image
 
 
@@ -88,3 +116,10 @@ def mixed(rate_img_s: float, n: int, seed: int = 3, name: str = "mixed") -> Work
     keys, weights = zip(*MIXED_KEYS)
     return poisson(rate_img_s, n, keys, weights, seed, name,
                    f"Poisson at {rate_img_s:.3g} images/s over {len(keys)} sizes/steps/guidance scales")
+
+
+def size_mix(mix: str, rate_img_s: float, n: int, seed: int = 5, name: str | None = None) -> Workload:
+    """Poisson arrivals over the sizes of :data:`SIZE_MIXES` ``[mix]``, each drawn by its weight."""
+    keys, weights = zip(*SIZE_MIXES[mix])
+    return poisson(rate_img_s, n, keys, weights, seed, name or mix,
+                   f"Poisson at {rate_img_s:.3g} images/s over {len(keys)} sizes ({mix})")

@@ -23,7 +23,10 @@ The rule (dynamic-batching.md, "Request Flow" and "Adaptive Wait Time Calculatio
   makes the same decisions without the up-to-100 ms lag.
 * Two additions the seed leaves open, so that nothing starves: a group smaller than
   ``min_batch_size`` still runs once its oldest request has waited the full ``max_wait_time``; and
-  when several groups are ready, the one whose oldest request arrived first runs first.
+  when several groups are ready, the one whose oldest request arrived first runs first
+  (:meth:`Batcher.choose_group`, every policy's rule). Since every group is ready by
+  ``max_wait_time`` after its oldest arrival, from then on only batches led by older requests can
+  go before a request: its wait is bounded (docs/batching.md, "Choosing among size groups").
 * ``enable_batching=False``: one request per inference, first come first served, no waiting.
 """
 
@@ -252,6 +255,12 @@ class Batcher(Generic[T]):
     def _ready_groups(self, now: float) -> Iterator[deque[Pending[T]]]:
         return (g for g in self._groups.values() if self.ready_at(g) <= now)
 
+    def choose_group(self, ready: list[deque[Pending[T]]], now: float) -> deque[Pending[T]]:
+        """Of the groups that may run now (at least one), the one that runs: the one whose oldest
+        request arrived first, full or not, so a stream that keeps one size's batches full cannot
+        hold back a request of another size once its group may run."""
+        return min(ready, key=lambda g: g[0].arrived_at)
+
     def next_batch(self, now: float) -> Batch[T] | None:
         """The batch to run now, removed from the queue; None if every group should keep waiting.
 
@@ -260,7 +269,7 @@ class Batcher(Generic[T]):
         ready = list(self._ready_groups(now))
         if not ready:
             return None
-        group = min(ready, key=lambda g: g[0].arrived_at)
+        group = self.choose_group(ready, now)
         key = group[0].key
         taken = tuple(group.popleft() for _ in range(min(len(group), self.max_batch_size_for(key))))
         if not group:

@@ -253,6 +253,65 @@ def test_incompatible_keys_never_share_a_batch_and_the_oldest_group_runs_first()
     assert (second.key, ids_of(second)) == (KEY, ["k1"])
 
 
+BUCKET = BatchKey(1152, 896, 25, 5.0)  # an SDXL aspect-ratio bucket: a size group of its own
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_a_full_batch_of_another_size_does_not_jump_a_request_that_has_waited_out_its_window(name):
+    b = make_batcher(name, BatchPolicyConfig(max_batch_size=4, max_wait_time_s=5.0))
+    b.add("lone", BUCKET, None, T0)
+    for i in range(4):
+        b.add(f"k{i}", KEY, None, T0 + 1.0 + 0.001 * i)  # a full batch, ready at once, but newer
+    assert ids_of(b.next_batch(T0 + 5.0)) == ["lone"]
+    assert ids_of(b.next_batch(T0 + 5.0)) == ["k0", "k1", "k2", "k3"]
+
+
+def _serve_stream_and_one_bucket_request(name: str, batches: int = 12, lone_in_batch: int = 3):
+    """One GPU, SDXL-like costs: a stream of 1024x1024 requests that fills every batch of 16 (16
+    arrive, evenly spread, during each full batch), and one 1152x896 request that arrives halfway
+    through batch ``lone_in_batch``. Returns the lone request's arrival, the start and requests of
+    every batch, and the stream's batch time."""
+    costs = {1: 2.02, 16: 14.65}  # seconds per batch of 1 and of 16 (sdxl-h200)
+    full_s = costs[16]
+    gap = full_s / 16
+    arrivals = [(T0 + i * gap, KEY, f"k{i}") for i in range(16 * batches)]
+    lone_at = T0 + (lone_in_batch - 0.5) * full_s
+    arrivals = sorted(arrivals + [(lone_at, BUCKET, "lone")], key=lambda arrival: arrival[0])
+    b = make_batcher(name, BatchPolicyConfig(max_batch_size=16, max_wait_time_s=5.0))
+    for i in range(16):  # the stream is already flowing: a first full batch is queued at T0
+        b.add(f"pre{i}", KEY, None, T0 - full_s + i * gap)
+    now, started = T0, []
+    while arrivals or b.queue_depth:
+        while arrivals and arrivals[0][0] <= now:
+            at, key, request_id = arrivals.pop(0)
+            b.add(request_id, key, None, at)
+        batch = b.next_batch(now)
+        if batch is None:
+            wake = b.next_decision_at()
+            now = min(wake if wake is not None else float("inf"), arrivals[0][0] if arrivals else float("inf"))
+            continue
+        duration_s = costs[16] if len(batch) == 16 else costs[1] * len(batch)
+        started.append((now, batch))
+        now += duration_s
+        b.observe_batch(batch.key, len(batch), duration_s, now)
+    return lone_at, started, full_s
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_a_steady_stream_of_full_batches_cannot_starve_a_lone_request_of_another_size(name):
+    """The rule for choosing among size groups (docs/batching.md): once a group may run (at the latest
+    MAX_BATCH_WAIT_TIME after its oldest request arrived), only batches led by requests older than
+    its oldest go before it. Here: the batch running when the lone request arrives, then one more
+    batch of the stream (it holds the requests that arrived before the lone one), then the lone one."""
+    lone_at, started, full_s = _serve_stream_and_one_bucket_request(name)
+    (lone_start, _), = [(at, batch) for at, batch in started if batch.key == BUCKET]
+    ahead = [batch for at, batch in started if lone_at <= at < lone_start]
+    assert len(ahead) == 1 and ahead[0].key == KEY and len(ahead[0]) == 16
+    assert min(p.arrived_at for p in ahead[0].requests) < lone_at  # led by a request older than it
+    assert lone_start - lone_at <= 5.0 + 2 * full_s  # the bound: its window, the running batch and one more
+    assert all(len(batch) == 16 for _, batch in started if batch.key == KEY)  # the stream filled every batch
+
+
 def test_a_held_group_does_not_block_a_ready_one():
     b = make(HoldTuning(preempt=False))
     b.add("old", OTHER, None, T0)
