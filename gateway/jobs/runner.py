@@ -187,6 +187,7 @@ class _Run:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False        # no more ops will come (the terminal one is queued, or it was cancelled)
     cancelled: bool = False   # cancelled through this gateway: its task ends without writing
+    unreported: bool = False  # resumed without any report of the broker in its record (maybe never sent)
     task: asyncio.Task | None = None
     writer: asyncio.Task | None = None
 
@@ -314,7 +315,9 @@ class JobRunner:
             run = _Run(job=job, request_id=job.request_id, label="", params=parsed.params if parsed else None,
                        parsed=parsed, origin=None, status=job.status, attempt=job.attempt,
                        started=job.started_at is not None, position=job.queue_position,
-                       step=(job.progress or {}).get("step", 0), steps=(job.progress or {}).get("steps"))
+                       step=(job.progress or {}).get("step", 0), steps=(job.progress or {}).get("steps"),
+                       unreported=(job.status == "queued" and job.queue_position is None and job.started_at is None
+                                   and job.attempt == 1))
             self._launch(run, resume=True)
             resumed += 1
         if resumed:
@@ -396,6 +399,7 @@ class JobRunner:
         run = _Run(job=stored, request_id=stored.request_id or "", label=label, params=parsed.params,
                    parsed=parsed, origin=origin, status="queued", attempt=1, started=False)
         self._launch(run, resume=False)
+        await asyncio.sleep(0)  # its task sends the request to the broker before the client hears of the job
         return stored, True
 
     def _launch(self, run: _Run, resume: bool) -> None:
@@ -527,21 +531,32 @@ class JobRunner:
 
     # ------------------------------------------------------------------ the request's end
 
+    async def _ask_broker(self, run: _Run, resume: bool) -> tuple[Result, bytes]:
+        """The job's answer from the broker: sent now, or (``resume``) collected after a restart."""
+        on_event = functools.partial(self.on_event, run)
+        remaining_s = run.job.created_at + self.settings.request_timeout_s - self.clock()
+        if resume:
+            try:
+                return await self.broker.collect(run.request_id, max(remaining_s, RESUME_MIN_TIMEOUT_S),
+                                                 on_event=on_event)
+            except BrokerFailure as exc:
+                # Stored, answered 202, and the gateway stopped before its request reached the broker
+                # (no report ever came for it): send it now rather than call it lost.
+                if exc.code != UNKNOWN_REQUEST or not run.unreported or run.params is None:
+                    raise
+                log.info("job %s: its request never reached the broker (the gateway stopped first): sending it now",
+                         run.job.id)
+        assert run.params is not None
+        # cancel_on_exit=False: the request outlives this call (the gateway stopping leaves it at the
+        # broker for the next start to collect); cancel() cancels it.
+        timeout_s = max(remaining_s, RESUME_MIN_TIMEOUT_S) if resume else self.settings.request_timeout_s
+        return await self.broker.generate(run.request_id, run.params, timeout_s, label=run.label, on_event=on_event,
+                                          watch=True, cancel_on_exit=False)
+
     async def _drive(self, run: _Run, resume: bool) -> None:
         settings = self.settings
-        on_event = functools.partial(self.on_event, run)
         try:
-            if resume:
-                remaining_s = run.job.created_at + settings.request_timeout_s - self.clock()
-                result, png = await self.broker.collect(run.request_id, max(remaining_s, RESUME_MIN_TIMEOUT_S),
-                                                        on_event=on_event)
-            else:
-                assert run.params is not None
-                # cancel_on_exit=False: the request outlives this call (the gateway stopping leaves it
-                # at the broker for the next start to collect); cancel() cancels it.
-                result, png = await self.broker.generate(run.request_id, run.params, settings.request_timeout_s,
-                                                         label=run.label, on_event=on_event, watch=True,
-                                                         cancel_on_exit=False)
+            result, png = await self._ask_broker(run, resume)
         except asyncio.CancelledError:
             self._abandon(run)
             raise

@@ -598,7 +598,8 @@ async def test_a_webhook_gets_signed_events_and_the_retry_of_a_failed_one(tmp_pa
 
 async def test_jobs_survive_the_gateway_closing_and_opening_again(tmp_path, start_gateway):
     """The same SQLite file and the same broker: a finished job keeps its status and result; one
-    running at the close is collected and finishes; one the broker lost fails saying so."""
+    running at the close is collected and finishes; one the broker lost fails saying so; one whose
+    request never reached the broker (no report came for it) is sent at the next start."""
     fake = JobFakeBroker(auto=False)
     settings = job_settings(tmp_path)
     first = await start_gateway(settings, fake)
@@ -614,12 +615,19 @@ async def test_jobs_survive_the_gateway_closing_and_opening_again(tmp_path, star
     await until(lambda: _field_is(first, running["id"], "progress", {"step": 2, "steps": 6}), "step 2")
     lost = await submit(first)
     await fake.wait_for_requests(3)
+    fake.request(2).queued(1)
+    await until(lambda: _field_is(first, lost["id"], "queue_position", 1), "the broker reported the third")
+    unsent = await submit(first)
+    await fake.wait_for_requests(4)
     await first.close()
     assert (await asyncio.to_thread(_stored_status, settings, running["id"])) == "running"
     del fake.requests[fake.order[2]]  # the broker restarted meanwhile and forgot this one
+    del fake.requests[fake.order[3]]  # as if the gateway had stopped before sending this one
+    unsent_request = fake.order[3]
+    fake.auto = True  # what is sent from now on runs to its end
 
     second = await start_gateway(settings, fake)
-    assert sorted(fake.collected) == sorted(fake.order[1:3])
+    assert sorted(fake.collected) == sorted(fake.order[1:4])
     done_after = await status(second, done["id"])
 
     def without_urls(document: dict) -> dict:  # the test servers' ports differ
@@ -637,6 +645,8 @@ async def test_jobs_survive_the_gateway_closing_and_opening_again(tmp_path, star
     assert progress_steps(events) == [1, 2, 3, 6] and events[-1].type == "succeeded"
     failed = await status_is(second, lost["id"], "failed")
     assert failed["error"]["code"] == "job_lost" and "submit it again" in failed["error"]["message"]
+    sent = await status_is(second, unsent["id"], "succeeded")
+    assert fake.order[4:] == [unsent_request] and sent["result"]["seed"] == BODY["seed"]
 
 
 def _stored_status(settings: GatewaySettings, job_id: str) -> str:
