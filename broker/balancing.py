@@ -15,12 +15,17 @@ class Candidate:
     """A worker as the balancer sees it: identity, the requests it holds, and how many it may hold.
 
     ``over_share``: it already holds its fair share of the unfinished work while requests wait in
-    the broker for credit (:meth:`broker.state.BrokerState.fair_share`), so it may take nothing now."""
+    the broker for credit (:meth:`broker.state.BrokerState.fair_share`), so it may take nothing now.
+
+    ``preferred``: it has the request's image size warm (it runs compiled there without compiling,
+    :meth:`broker.state.WorkerRecord.has_warm`); the balancer picks among preferred workers with
+    credit first."""
 
     key: Hashable
     in_flight: int
     capacity: int
     over_share: bool = False
+    preferred: bool = True
 
     @property
     def has_credit(self) -> bool:
@@ -33,6 +38,9 @@ class Balancer:
     * ``round-robin``: the next worker after the last one chosen, in the given order.
     * ``queue-depth``: the worker holding the fewest requests; ties go round-robin, so equal
       workers share a burst evenly instead of the first one taking everything.
+
+    Preferred candidates (the request's size warm there) with credit come first: the strategy
+    chooses among them, and among all with credit only when none of them has any.
 
     Loads are the broker's own in-flight counts, which change the instant a request is assigned,
     rather than worker-reported depths, which arrive late and would let a burst pile onto one GPU.
@@ -50,6 +58,7 @@ class Balancer:
         eligible = [c for c in ordered if c.has_credit]
         if not eligible:
             return None
+        eligible = [c for c in eligible if c.preferred] or eligible
         if self.strategy == QUEUE_DEPTH:
             chosen = min(eligible, key=lambda c: c.in_flight)  # min() keeps the first of equals
         else:

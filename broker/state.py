@@ -44,6 +44,7 @@ from imagegen.protocol import (
     FailureCode,
     Generate,
     Heartbeat,
+    ImageSize,
     Message,
     Progress,
     Register,
@@ -214,6 +215,8 @@ class WorkerRecord:
     # The last sign that it works on what it holds (PROGRESS, RESULT, FAILURE; or the moment it
     # was handed its first request while holding none): the progress deadline counts from here.
     last_progress: float = 0.0
+    # Whether ``status`` is one the worker sent (a heartbeat came), not the empty one it starts with.
+    reported: bool = False
 
     @property
     def queue_depth(self) -> int:
@@ -223,6 +226,31 @@ class WorkerRecord:
     @property
     def accepting(self) -> bool:
         return self.status.state == "ready"
+
+    @property
+    def warm_sizes(self) -> tuple[ImageSize, ...]:
+        """The sizes it runs compiled without compiling: its latest heartbeat's, or before its first
+        heartbeat those it registered with."""
+        return self.status.warm_sizes if self.reported else self.info.warm_sizes
+
+    @property
+    def compile_state(self) -> str:
+        """Its torch.compile state, one of SIZE_STATES (WorkerStatus.compile_state): its latest
+        heartbeat's, or before its first heartbeat what its registration implies: every listed size
+        warm: warm; some: warming; none listed, or none warm: off (a worker that compiles warms a
+        size before it registers; one that lists sizes with none warm runs every size alike)."""
+        if self.reported:
+            return self.status.compile_state
+        if not self.info.sizes or not self.info.warm_sizes:
+            return "off"
+        return "warm" if set(self.info.sizes) <= set(self.info.warm_sizes) else "warming"
+
+    def has_warm(self, size: ImageSize) -> bool:
+        """Whether a request of ``size`` runs compiled here without compiling; every size does on a
+        worker that does not compile (compile state off, or no sizes listed), since all run alike."""
+        if self.compile_state == "off" or not self.info.sizes:
+            return True
+        return size in self.warm_sizes
 
 
 @dataclass
@@ -503,7 +531,7 @@ class BrokerState:
               or message.status.total_batches != previous.total_batches):  # a new batch started
             keys = {BatchKey.of(self.requests[rid].message.params) for rid in worker.in_flight if rid in self.requests}
             worker.batch_started_at, worker.running_key = now, keys.pop() if len(keys) == 1 else None
-        worker.status = message.status
+        worker.status, worker.reported = message.status, True
         worker.sent_since_status = 0
         self._observe_depth()
         return self.dispatch(now)
@@ -718,7 +746,8 @@ class BrokerState:
                 self.queue.popleft(model)
                 actions.append(self._fail_late(request_id))
                 continue
-            chosen = balancer.choose(self._candidates(model, now))
+            params = record.message.params
+            chosen = balancer.choose(self._candidates(model, now, ImageSize(params.width, params.height)))
             if chosen is None:
                 break
             self.queue.popleft(model)
@@ -738,13 +767,18 @@ class BrokerState:
             actions.append(ToWorker(chosen, replace(record.message, deadline_s=remaining_s), worker.info.worker_name))
         return actions
 
-    def _candidates(self, model: str | None, now: float) -> list[Candidate]:
+    def _candidates(self, model: str | None, now: float, size: ImageSize | None = None) -> list[Candidate]:
+        """``model``'s accepting workers as the balancer sees them; those with ``size`` warm are
+        preferred (None: all are), so a request goes where it runs compiled without compiling when
+        such a worker has credit, and else where the balancer would send it anyway (it runs eager
+        there, or after the worker's warm-up: the worker decides)."""
         if model is None:
             return []  # named no model and none is served yet: it waits (see _place_unnamed)
         ordered = [w for w in self._workers_of(model) if w.accepting]
         share = self.fair_share(now, ordered, model)
         return [Candidate(w.routing_id, len(w.in_flight), w.info.capacity,
-                          over_share=share is not None and self.unfinished(w, now) >= share)
+                          over_share=share is not None and self.unfinished(w, now) >= share,
+                          preferred=size is None or w.has_warm(size))
                 for w in ordered]
 
     def fair_share(self, now: float, workers: list[WorkerRecord] | None = None,

@@ -90,6 +90,16 @@ def _per_gpu(worker: WorkerRecord, now: float) -> dict[str, Any]:
         "stopped_batches": worker.status.stopped_batches,
         "stopped_batch_seconds": round(worker.status.sum_stopped_ms / 1000.0, 3),
         "last_seen_s_ago": round(now - worker.last_seen, 3),
+        # torch.compile: the sizes it serves compiled, those warm now, what it does with others, and
+        # the batches (images) that ran eager and the unlisted-size requests refused or snapped.
+        "sizes": [str(size) for size in worker.info.sizes],
+        "warm_sizes": [str(size) for size in worker.warm_sizes],
+        "compile_state": worker.compile_state,
+        "unlisted_size": worker.info.unlisted_size,
+        "eager_batches": worker.status.eager_batches,
+        "eager_images": worker.status.eager_images,
+        "unlisted_refused": worker.status.unlisted_refused,
+        "unlisted_snapped": worker.status.unlisted_snapped,
     }
 
 

@@ -34,14 +34,17 @@ FAILURE_STATUS = {
     FailureCode.TOO_COSTLY.value: 400,
     FailureCode.UNKNOWN_MODEL.value: 400,
     FailureCode.MODEL_REQUIRED.value: 400,
+    FailureCode.SIZE_NOT_SERVED.value: 400,
     FailureCode.DEADLINE_EXCEEDED.value: 504,
     FailureCode.GENERATION_FAILED.value: 500,
 }
 UNKNOWN_FAILURE_STATUS = 500
-# Failures about one request field: the error names it (/generate's "field", OpenAI's "param").
+# Failures about one request field: the error names it (/generate's "field", OpenAI's "param"; a
+# size is /generate's width and height, OpenAI's size: see gateway/openai_api.py).
 FAILURE_FIELD = {
     FailureCode.UNKNOWN_MODEL.value: "model",
     FailureCode.MODEL_REQUIRED.value: "model",
+    FailureCode.SIZE_NOT_SERVED.value: "width",
 }
 
 # GET serves a kept image here (gateway/app.py image()); the name is "<image id>.png".

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from imagegen.protocol import Result
+from imagegen.protocol import SIZE_STATES, UNLISTED_SIZE_RULES, Result
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text format
 WORKER_LABELS = ("gpu_id", "host", "worker")
@@ -230,7 +230,26 @@ WORKER_COUNTERS = (
      "batch whose rows were no longer wanted (its wanted requests ran in a later batch)"),
     ("imagegen_worker_stopped_batch_seconds", "stopped_batch_seconds",
      "GPU seconds the stopped batches had run (thrown away)"),
+    ("imagegen_worker_eager_batches", "eager_batches",
+     "Batches that ran eager because their image size was not warm (torch.compile on)"),
+    ("imagegen_worker_eager_images", "eager_images", "Images in the batches that ran eager"),
 )
+# (metric name, stats key holding a list of "WxH" sizes in a per_gpu_stats entry, help): gauges of their count
+WORKER_SIZE_COUNTS = (
+    ("imagegen_worker_sizes", "sizes", "Image sizes the worker serves compiled (SIZES; 0: torch.compile off)"),
+    ("imagegen_worker_warm_sizes", "warm_sizes",
+     "Image sizes that run compiled on the worker now without compiling at any batch size"),
+)
+# (metric name, label, stats key, the label's values, help): one series per value, 1 for the worker's own
+WORKER_STATE_SETS = (
+    ("imagegen_worker_compile_state", "state", "compile_state", SIZE_STATES,
+     "1 for the worker's torch.compile state (off: every size runs eager; warming: some listed sizes are "
+     "not warm yet; warm: all are), 0 for the others"),
+    ("imagegen_worker_unlisted_size_rule", "rule", "unlisted_size", UNLISTED_SIZE_RULES,
+     "1 for what the worker does with a size it does not list (UNLISTED_SIZE), 0 for the others"),
+)
+# outcome label -> stats key: requests of a size the worker does not list, refused or snapped to a listed one
+UNLISTED_OUTCOMES = {"refused": "unlisted_refused", "snapped": "unlisted_snapped"}
 
 
 class ClusterCollector(Collector):
@@ -333,3 +352,21 @@ def _worker_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
         for entry in workers:
             family.add_metric(labels(entry), float(entry.get(key) or 0))
         yield family
+    for name, key, doc in WORKER_SIZE_COUNTS:
+        family = GaugeMetricFamily(name, doc, labels=WORKER_LABELS)
+        for entry in workers:
+            family.add_metric(labels(entry), float(len(entry.get(key) or ())))
+        yield family
+    for name, label, key, values, doc in WORKER_STATE_SETS:
+        family = GaugeMetricFamily(name, doc, labels=[*WORKER_LABELS, label])
+        for entry in workers:
+            for value in values:
+                family.add_metric([*labels(entry), value], 1.0 if entry.get(key) == value else 0.0)
+        yield family
+    unlisted = CounterMetricFamily("imagegen_worker_unlisted_sizes", "Requests of an image size the worker "
+                                   "does not list, by outcome: refused (size_not_served) or snapped to a listed "
+                                   "size (UNLISTED_SIZE)", labels=[*WORKER_LABELS, "outcome"])
+    for entry in workers:
+        for outcome, key in UNLISTED_OUTCOMES.items():
+            unlisted.add_metric([*labels(entry), outcome], float(entry.get(key) or 0))
+    yield unlisted

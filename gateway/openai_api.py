@@ -84,8 +84,15 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
 
 
 def answer_openai_error(answer: ErrorAnswer) -> web.Response:
-    """A generate error (gateway/answers.py) in OpenAI's shape: its code is OpenAI's ``code``."""
-    return openai_error(answer.status, answer.message, answer.field, code=answer.code, headers=answer.headers())
+    """A generate error (gateway/answers.py) in OpenAI's shape: its code is OpenAI's ``code``, and a
+    field of /generate's is named as OpenAI's (:func:`openai_param`)."""
+    return openai_error(answer.status, answer.message, openai_param(answer.field), code=answer.code,
+                        headers=answer.headers())
+
+
+def openai_param(field: str | None) -> str | None:
+    """OpenAI's name for a /generate field: ``size`` for width and height, else the same."""
+    return "size" if field in ("width", "height") else field
 
 
 def parse_images_request(body: Any, settings: GatewaySettings, rng: random.Random | None = None) -> ImagesRequest:
@@ -292,7 +299,8 @@ def openapi_paths(settings: GatewaySettings) -> dict[str, Any]:
         "responses": {
             "200": answer("All n images.", "ImagesResponse"),
             "400": answer("A field is wrong; error.param names it (code unknown_model or model_required: the "
-                          "models served are listed).", "OpenAIError"),
+                          "models served are listed; size_not_served: the sizes served are listed, param "
+                          "size).", "OpenAIError"),
             "401": answer("API keys are configured and none valid was sent (code invalid_api_key).", "OpenAIError"),
             "408": answer(f"The body did not arrive within GATEWAY_BODY_TIMEOUT_S={settings.body_timeout_s:g}s "
                           "(code body_timeout).", "OpenAIError"),

@@ -181,14 +181,16 @@ ERROR_SCHEMA: dict[str, Any] = {
             "properties": {
                 "code": {"type": "string", "minLength": 1,
                          "description": "Machine-readable: invalid_request, not_found, method_not_allowed, "
-                                        "too_costly, unknown_model, model_required, overloaded, worker_lost, "
+                                        "too_costly, unknown_model, model_required, size_not_served, overloaded, "
+                                        "worker_lost, "
                                         "shutting_down, deadline_exceeded, "
                                         "timeout, storage_unavailable, "
                                         "generation_failed, bad_worker_output, broker_unreachable, ..."},
                 "message": {"type": "string", "minLength": 1, "description": "Human-readable explanation."},
                 "field": {"type": ["string", "null"],
                           "description": "The request field at fault (400 invalid_request; model for "
-                                         "unknown_model and model_required); null otherwise."},
+                                         "unknown_model and model_required; width for "
+                                         "size_not_served); null otherwise."},
             },
             "required": ["code", "message", "field"],
             "additionalProperties": False,
@@ -247,7 +249,9 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                                       "finish within its deadline even alone on the fastest worker "
                                       "(too_costly: the message gives the estimate and the limit); or the "
                                       "model is not served (unknown_model) or several are and none was named "
-                                      "(model_required): both list the models served, field model."),
+                                      "(model_required): both list the models served, field model; or the "
+                                      "worker serves only the sizes it lists and this is not one "
+                                      "(size_not_served: the message lists them, field width)."),
                         "408": _error(f"The body did not arrive within GATEWAY_BODY_TIMEOUT_S={s.body_timeout_s:g}s "
                                       "(body_timeout); the connection is closed."),
                         "413": _error(f"The body exceeds {s.max_request_bytes} bytes (MAX_REQUEST_BYTES)."),

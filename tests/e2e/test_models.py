@@ -5,7 +5,11 @@ while both are served, is refused 400 listing both; the OpenAI route's ``model``
 
 from __future__ import annotations
 
+import re
+import urllib.request
+
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import Cluster, call, post
 
@@ -79,3 +83,27 @@ def test_the_openai_routes_model_selects(cluster):
     assert served_by(cluster.stats())["worker0"] == before["worker0"]
     status, answer = post_openai(cluster.url, {"prompt": "a lighthouse", "model": "dall-e-3"})
     assert status == 400 and (answer["error"]["code"], answer["error"]["param"]) == ("unknown_model", "model")
+
+
+def test_stats_and_metrics_show_each_workers_compile_state(cluster):
+    """CPU workers without TORCH_COMPILE: compile state off (every size alike), no size warm, which
+    /stats and /metrics show through the broker and the gateway."""
+    entries = cluster.stats()["per_gpu_stats"]
+    for entry in entries:
+        assert (entry["warm_sizes"], entry["compile_state"]) == ([], "off"), entry
+        assert all(re.fullmatch(r"\d+x\d+", size) for size in entry["sizes"]), entry
+        assert entry["unlisted_size"] in ("eager", "refuse", "snap")
+        assert all(isinstance(entry[key], int) for key in ("eager_batches", "eager_images", "unlisted_refused",
+                                                           "unlisted_snapped"))
+    with urllib.request.urlopen(f"{cluster.url}/metrics", timeout=10) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+    workers = WORKER_OF.values()
+    states = {(s.labels["worker"], s.labels["state"]): s.value
+              for s in families["imagegen_worker_compile_state"].samples}
+    assert states == {(worker, state): float(state == "off")
+                      for worker in workers for state in ("off", "warming", "warm")}
+    assert {s.labels["worker"]: s.value for s in families["imagegen_worker_warm_sizes"].samples} == {
+        worker: 0.0 for worker in workers}
+    assert {s.labels["worker"]: s.value for s in families["imagegen_worker_sizes"].samples} == {
+        entry["worker"]: float(len(entry["sizes"])) for entry in entries}

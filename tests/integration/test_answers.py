@@ -12,6 +12,7 @@ from gateway.answers import FAILURE_FIELD, FAILURE_STATUS, UNKNOWN_FAILURE_STATU
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.images import StorageFailure, StorageUnavailable
+from gateway.openai_api import openai_param
 from imagegen.protocol import FailureCode
 from tests.support.fake_brokers import RecordingFakeBroker
 from tests.support.gateway import start_client
@@ -62,8 +63,20 @@ async def test_both_routes_turn_a_failure_into_the_same_answer(tmp_path: Path, f
     assert body["error"]["code"] == openai_body["error"]["code"]
     assert body["error"]["message"] == openai_body["error"]["message"]
     field = FAILURE_FIELD.get(getattr(failure, "code", None))  # "model" for a model refusal, else None
-    assert body["error"]["field"] == openai_body["error"]["param"] == field
+    assert body["error"]["field"] == field
+    assert openai_body["error"]["param"] == openai_param(field)  # OpenAI names width and height "size"
     assert openai_body["error"]["type"] == ("invalid_request_error" if status < 500 else "server_error")
+
+
+async def test_a_size_not_served_is_a_400_naming_the_size_on_both_routes(tmp_path: Path):
+    broker = RecordingFakeBroker()
+    broker.failure = BrokerFailure("size_not_served", "64x64 is not served; sizes served: 512x512, 768x768")
+    (status, body, retry), (openai_status, openai_body, openai_retry) = await both_answers(tmp_path, broker)
+    assert status == openai_status == 400 and retry is openai_retry is None
+    assert body["error"] == {"code": "size_not_served", "field": "width",
+                             "message": "64x64 is not served; sizes served: 512x512, 768x768"}
+    assert openai_body["error"] == {"code": "size_not_served", "param": "size", "type": "invalid_request_error",
+                                    "message": "64x64 is not served; sizes served: 512x512, 768x768"}
 
 
 async def test_both_routes_refuse_an_image_of_the_wrong_size(tmp_path: Path):

@@ -137,8 +137,10 @@ class BrokerHarness:
             sock.connect(self.address[link])
         return sock
 
-    async def sync(self, sock: zmq.asyncio.Socket, link: str) -> None:
-        """Send a probe the broker answers; once it has, it has handled everything sent before it."""
+    async def sync(self, sock: zmq.asyncio.Socket, link: str, refused: int = 0) -> None:
+        """Send a probe the broker answers; once it has, it has handled everything sent before it.
+        ``refused``: worker-link messages sent before it that the broker also answers with Disconnect
+        (any but a DISCONNECT, from an unregistered sender): their answers come first."""
         if link == "client":
             probe_id = uuid.uuid4().hex
             await sock.send_multipart(protocol.encode(CLIENT_LINK, StatsQuery(probe_id)))
@@ -146,7 +148,11 @@ class BrokerHarness:
         else:  # an unregistered worker's heartbeat is answered with Disconnect ("register again")
             await sock.send_multipart(protocol.encode(WORKER_LINK, Heartbeat(WorkerStatus("ready", 0, 0, 0, 0, 0, 0,
                                                                                           0.0, 0.0))))
-            done = lambda m: isinstance(m, Disconnect)  # noqa: E731
+            disconnects = [refused + 1]
+
+            def done(message) -> bool:
+                disconnects[0] -= isinstance(message, Disconnect)
+                return disconnects[0] == 0
         while True:
             frames = await asyncio.wait_for(sock.recv_multipart(), 5)
             try:
@@ -229,6 +235,12 @@ def _field_values(hint: Any, meta: typing.Mapping, valid: bool) -> st.SearchStra
         return st.one_of(st.none(), _field_values(inner, meta, valid))
     if dataclasses.is_dataclass(hint):
         return message_headers(hint, valid)
+    if origin is tuple:  # tuple[X, ...]: an array of at most max_len X; unless valid, sometimes one more
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        max_len = meta.get("max_len") or 8
+        items = _field_values(item_hint, {}, valid)
+        arrays = st.lists(items, max_size=min(max_len, 4))
+        return arrays if valid else st.one_of(arrays, st.lists(items, min_size=max_len + 1, max_size=max_len + 1))
     if hint is dict:
         return st.dictionaries(st.text(max_size=8), json_leaves if valid else mp_values, max_size=3)
     if hint is bool:
@@ -353,7 +365,7 @@ def counter(counters: dict, name: str) -> int:
 async def attack(h: BrokerHarness, link: str, messages: list[list[bytes]], oversized: tuple | None) -> None:
     tag = LINKS[link]
     before = await h.counters()
-    malformed = decodable = 0
+    malformed = decodable = refused = 0
     to_send = []
     for frames in messages:
         kind = classify(frames, tag)
@@ -364,6 +376,7 @@ async def attack(h: BrokerHarness, link: str, messages: list[list[bytes]], overs
             malformed += 1
         else:
             decodable += 1
+            refused += link == "worker" and kind is not Disconnect  # answered Disconnect: register first
     if oversized is not None:
         position, command = oversized
         frames = [tag, command, pack({"request_id": "x"}), b"png"][:max(3, position + 1)]
@@ -373,7 +386,7 @@ async def attack(h: BrokerHarness, link: str, messages: list[list[bytes]], overs
     try:
         for frames in to_send:
             await sock.send_multipart(frames)
-        await h.sync(sock, link)
+        await h.sync(sock, link, refused)
     finally:
         sock.close(linger=0)
     after = await h.counters()

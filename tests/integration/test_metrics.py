@@ -13,6 +13,7 @@ Prometheus server would ingest.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from gateway.app import create_app
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.metrics import GatewayMetrics, RecentKeys
-from imagegen.protocol import BatchingConfig, Heartbeat, Register, Result, WorkerStatus
+from imagegen.protocol import BatchingConfig, Heartbeat, ImageSize, Register, Result, WorkerStatus
 from tests.support.fake_brokers import ScriptedFakeBroker
 from tests.support.gateway import generate_body
 
@@ -115,6 +116,46 @@ async def test_cluster_metrics_have_prometheus_names_types_and_per_gpu_labels(cl
         assert value(families, "imagegen_worker_max_batch_size", **labels) == 8
         assert value(families, "imagegen_worker_stopped_batches_total", **labels) == gpu
         assert value(families, "imagegen_worker_stopped_batch_seconds_total", **labels) == pytest.approx(0.025 * gpu)
+
+
+async def test_worker_compile_metrics_show_sizes_state_and_eager_and_unlisted_counts(client, broker):
+    """Each worker's listed and warm sizes (counts), compile state and UNLISTED_SIZE rule (one series
+    per value, 1 for its own), and its eager batches and unlisted-size requests by outcome."""
+    state = BrokerState(BrokerPolicy(), epoch="e" * 32)
+    sizes = (ImageSize(512, 512), ImageSize(768, 768), ImageSize(1024, 1024))
+    state.register(b"w0", replace(registration("w0", 0), sizes=sizes, warm_sizes=sizes[:1], unlisted_size="refuse"),
+                   now=10.0)
+    state.register(b"w1", registration("w1", 1), now=10.0)  # lists no sizes: torch.compile off
+    state.heartbeat(b"w0", Heartbeat(WorkerStatus("ready", 0, 0, 0, 0, 0, 0, 0.0, 0.0, 8, compile_state="warming",
+                                                  warm_sizes=sizes[:2], eager_batches=4, eager_images=9,
+                                                  unlisted_refused=3, unlisted_snapped=0)), now=11.0)
+    broker.stats_document = build_stats(state, now=12.0)
+    families = await scrape(client)
+    w0 = {"gpu_id": "0", "host": "host-a", "worker": "w0"}
+    w1 = {"gpu_id": "1", "host": "host-a", "worker": "w1"}
+    assert {name: families[name].type for name in (
+        "imagegen_worker_sizes", "imagegen_worker_warm_sizes", "imagegen_worker_compile_state",
+        "imagegen_worker_unlisted_size_rule", "imagegen_worker_eager_batches", "imagegen_worker_eager_images",
+        "imagegen_worker_unlisted_sizes")} == {
+        "imagegen_worker_sizes": "gauge", "imagegen_worker_warm_sizes": "gauge",
+        "imagegen_worker_compile_state": "gauge", "imagegen_worker_unlisted_size_rule": "gauge",
+        "imagegen_worker_eager_batches": "counter", "imagegen_worker_eager_images": "counter",
+        "imagegen_worker_unlisted_sizes": "counter"}
+    for labels, listed, warm in ((w0, 3, 2), (w1, 0, 0)):
+        assert value(families, "imagegen_worker_sizes", **labels) == listed
+        assert value(families, "imagegen_worker_warm_sizes", **labels) == warm
+    states = {state: value(families, "imagegen_worker_compile_state", state=state, **w0)
+              for state in ("off", "warming", "warm")}
+    assert states == {"off": 0, "warming": 1, "warm": 0}
+    assert value(families, "imagegen_worker_compile_state", state="off", **w1) == 1
+    assert value(families, "imagegen_worker_unlisted_size_rule", rule="refuse", **w0) == 1
+    assert value(families, "imagegen_worker_unlisted_size_rule", rule="eager", **w0) == 0
+    assert value(families, "imagegen_worker_unlisted_size_rule", rule="eager", **w1) == 1
+    assert value(families, "imagegen_worker_eager_batches_total", **w0) == 4
+    assert value(families, "imagegen_worker_eager_images_total", **w0) == 9
+    assert value(families, "imagegen_worker_unlisted_sizes_total", outcome="refused", **w0) == 3
+    assert value(families, "imagegen_worker_unlisted_sizes_total", outcome="snapped", **w0) == 0
+    assert value(families, "imagegen_worker_eager_batches_total", **w1) == 0
 
 
 async def test_a_single_worker_keeps_its_labels(client, broker):
