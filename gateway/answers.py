@@ -22,7 +22,7 @@ from gateway.broker_client import BROKER_ANSWER_GRACE_S, BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.context import IMAGES, SETTINGS
 from gateway.images import StorageUnavailable, new_image_id, png_size
-from imagegen.protocol import FailureCode, GenerationParams
+from imagegen.protocol import FailureCode, Result
 
 # How a broker-side failure reaches the HTTP client; a code not listed here is a 500.
 FAILURE_STATUS = {
@@ -91,10 +91,11 @@ def broker_silent_answer(settings: GatewaySettings) -> ErrorAnswer:
     return ErrorAnswer(504, "timeout", broker_silent_text(settings))
 
 
-def has_requested_size(png: bytes, params: GenerationParams) -> bool:
-    """Whether the worker's PNG is as large as the request asked (a model that ignores the size, or
-    a worker's bug, must not reach the client as success)."""
-    return png_size(png) == (params.width, params.height)
+def has_reported_size(png: bytes, result: Result) -> bool:
+    """Whether the worker's PNG has the size its result reports (a model that ignores the size, or a
+    worker's bug, must not reach the client as success). That is the size asked for, or with
+    UNLISTED_SIZE=snap the listed size the worker drew instead (the answer reports it)."""
+    return png_size(png) == (result.width, result.height)
 
 
 def wrong_size_answer(sender: str) -> ErrorAnswer:

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from gateway.answers import IMAGE_ROUTE, ErrorAnswer, broker_failure_answer, broker_silent_answer
-from gateway.answers import has_requested_size, image_url, keep_image, storage_answer, wrong_size_answer
+from gateway.answers import has_reported_size, image_url, keep_image, storage_answer, wrong_size_answer
 from gateway.auth import api_key_middleware, load_api_keys
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.config import GatewaySettings
@@ -136,9 +136,9 @@ async def _generate(request: web.Request, request_id: str, label: str, started: 
     except asyncio.TimeoutError:
         return answer_error(broker_silent_answer(settings))
     request.app[METRICS].observe_result(result)
-    if not has_requested_size(png, params):
-        log.error("request %s: worker %s sent an image of size %s, expected %dx%d", request_id,
-                  result.worker_name, png_size(png), params.width, params.height,
+    if not has_reported_size(png, result):
+        log.error("request %s: worker %s sent an image of size %s, reporting %dx%d", request_id,
+                  result.worker_name, png_size(png), result.width, result.height,
                   extra={"request_id": request_id})
         return answer_error(wrong_size_answer("the worker"))
     try:
@@ -159,8 +159,8 @@ def _success_body(request: web.Request, parsed: GenerateRequest, result: Result,
         "game_id": parsed.game_id,
         "round_id": parsed.round_id,
         "player_id": parsed.player_id,
-        "width": params.width,
-        "height": params.height,
+        "width": result.width,  # the size drawn: with UNLISTED_SIZE=snap, maybe not the one asked
+        "height": result.height,
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
         "seed": params.seed,

@@ -42,7 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.answers import ErrorAnswer, broker_failure_answer, broker_silent_answer, has_requested_size
+from gateway.answers import ErrorAnswer, broker_failure_answer, broker_silent_answer, has_reported_size
 from gateway.answers import image_url, keep_image, storage_answer, wrong_size_answer
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
@@ -193,7 +193,7 @@ async def images_generations(request: web.Request) -> web.Response:
         return answer_openai_error(broker_silent_answer(settings))
     for result, _ in made:
         request.app[METRICS].observe_result(result)
-    if not all(has_requested_size(png, params) for params, (_, png) in zip(parsed.images, made)):
+    if not all(has_reported_size(png, result) for result, png in made):
         return answer_openai_error(wrong_size_answer("a worker"))
     try:
         data = [await _image_entry(request, parsed.response_format, png) for _, png in made]
