@@ -103,11 +103,19 @@ class FakeRequest:
         return self.succeed()
 
 
-class JobFakeBroker:
-    """See the module docstring. ``auto``: give every request the default script."""
+@dataclass(frozen=True)
+class FakeIdentity:
+    gateway_id: str
 
-    def __init__(self, auto: bool = True) -> None:
+
+class JobFakeBroker:
+    """See the module docstring. ``auto``: give every request the default script; ``gateway_id``:
+    the identity of the gateway this link belongs to (``identity.gateway_id``, as the real link's).
+    ``for_gateway(gateway_id)`` is another gateway's link to the same fake broker."""
+
+    def __init__(self, auto: bool = True, gateway_id: str | None = None) -> None:
         self.auto = auto
+        self.identity = FakeIdentity(gateway_id) if gateway_id is not None else None
         self.requests: dict[str, FakeRequest] = {}
         self.order: list[str] = []        # request ids, in the order generate got them
         self.collected: list[str] = []    # request ids collect was asked for
@@ -116,6 +124,14 @@ class JobFakeBroker:
         self.result_fields = dict(RESULT)
         self._closed = asyncio.Event()
         self._arrived = asyncio.Event()
+
+    def for_gateway(self, gateway_id: str) -> "JobFakeBroker":
+        """A link of another gateway to this broker: the same requests, its own identity and lifecycle."""
+        other = JobFakeBroker(self.auto, gateway_id)
+        other.requests, other.order, other.collected, other.cancelled = (self.requests, self.order, self.collected,
+                                                                         self.cancelled)
+        other.labels, other.result_fields, other._arrived = self.labels, self.result_fields, self._arrived
+        return other
 
     async def start(self) -> None:
         self._closed = asyncio.Event()
