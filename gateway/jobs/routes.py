@@ -185,8 +185,10 @@ async def submit_job(request: web.Request) -> web.Response:
     job = new_job(api_key_name_of(request), generate_body, runner.clock(), webhook_url=webhook,
                   webhook_events=events, preview=preview, idempotency_key=key)
     try:
-        stored, created = await runner.submit(job, parsed, label=request_label_of(request),
-                                              origin=str(request.url.origin()))
+        # Shielded: a client that goes away mid-call (handler_cancellation) must not leave a job
+        # stored and never started.
+        stored, created = await asyncio.shield(runner.submit(job, parsed, label=request_label_of(request),
+                                                             origin=str(request.url.origin())))
     except IdempotencyConflict as exc:
         return error_response(409, "idempotency_conflict", str(exc))
     except JobStoreError as exc:
@@ -233,7 +235,7 @@ async def delete_job(request: web.Request) -> web.Response:
         return error
     runner = request.app[JOBS]
     try:
-        job = await runner.cancel(job)
+        job = await asyncio.shield(runner.cancel(job))  # once begun, the broker is told, whoever waits
     except JobStoreError as exc:
         return _store_error(request, exc)
     if job.status in ("succeeded", "failed"):
@@ -285,8 +287,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         await response.write(f"retry: {RETRY_MS}\n\n".encode())
         await _stream(request, response, runner, job.id, last_id, wake)
-    except (ConnectionError, asyncio.CancelledError):
-        pass  # the client went away
+    except ConnectionError:
+        pass  # the client went away (with handler_cancellation, the handler is cancelled instead)
     except JobStoreError as exc:
         log.warning("job %s: event stream ended: %s", job.id, exc)
     finally:

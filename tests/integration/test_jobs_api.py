@@ -41,12 +41,12 @@ async def start_gateway():
     ``configure(runner)`` runs before it starts. Each is closed after the test (if the test did not)."""
     started: list[TestClient] = []
 
-    async def start(settings: GatewaySettings, broker: Any,
-                    configure: Callable[[JobRunner], None] | None = None) -> TestClient:
+    async def start(settings: GatewaySettings, broker: Any, configure: Callable[[JobRunner], None] | None = None,
+                    **server_options: Any) -> TestClient:
         app = create_app(settings, broker_client=broker)
         if configure is not None:
             configure(app[JOBS])
-        client = TestClient(TestServer(app))
+        client = TestClient(TestServer(app, **server_options))
         await client.start_server()
         started.append(client)
         return client
@@ -481,10 +481,12 @@ async def test_the_job_paths_answer_in_the_gateways_error_shape(tmp_path, start_
 # --------------------------------------------------------------------------- event streams: bounds, heartbeats
 
 
-async def test_event_streams_are_bounded_and_freed_when_their_clients_leave(tmp_path, start_gateway):
+@pytest.mark.parametrize("handler_cancellation", [False, True])  # python -m gateway cancels handlers
+async def test_event_streams_are_bounded_and_freed_when_their_clients_leave(tmp_path, start_gateway,
+                                                                            handler_cancellation):
     fake = JobFakeBroker(auto=False)
     settings = job_settings(tmp_path, job_event_streams_per_job=1, job_event_streams_max=2)
-    client = await start_gateway(settings, fake)
+    client = await start_gateway(settings, fake, handler_cancellation=handler_cancellation)
     runner = client.server.app[JOBS]
     first, second, third = [await submit(client) for _ in range(3)]
     one = await client.get(f"/v1/jobs/{first['id']}/events")
