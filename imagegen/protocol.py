@@ -205,9 +205,12 @@ class Register(Message):
     # admission rule before it has seen a result (broker/admission.py). 0: not measured (a worker of
     # an older build, WORKER_WARMUP=0, the fake backend).
     seconds_per_work_unit: float = bounded(0.0, low=0.0, high=1e6)
-    # The sizes it serves compiled (SIZES; empty: TORCH_COMPILE off, every size runs alike), those
-    # already warm when it registers (later ones come in WorkerStatus.warm_sizes), and what it does
-    # with a size it does not list (UNLISTED_SIZE: one of UNLISTED_SIZE_RULES).
+    # The sizes it lists (SIZES: served compiled with TORCH_COMPILE; sent with compile off too, for
+    # UNLISTED_SIZE), those already warm when it registers (later ones come in
+    # WorkerStatus.warm_sizes; a compiling worker warms its first size before registering, so listed
+    # sizes with none warm mean compile off, until its first heartbeat says), and what it does with a
+    # size it does not list (UNLISTED_SIZE: one of UNLISTED_SIZE_RULES). Empty sizes: a worker of an
+    # older build; every size runs alike there.
     sizes: tuple[ImageSize, ...] = bounded((), max_len=MAX_SIZES)
     warm_sizes: tuple[ImageSize, ...] = bounded((), max_len=MAX_SIZES)
     unlisted_size: str = bounded("eager", max_len=16)
