@@ -19,6 +19,8 @@ itself and its load test are in scripts/.
 * ``overload``: backpressure at ten times the service's capacity (503 + Retry-After, bounded memory).
 * ``abandon_probe``: how soon work nobody waits for frees the GPU, against a running service.
 * ``compile_cache``: how soon a compiled worker is ready: cold, restarted, and from an imported cache.
+* ``resolutions``: every listed size at compiled speed (burst, square-only and mixed Poisson traffic,
+  lone requests against the raw batch of one) and the ready times: cold, restarted, imported cache.
 * ``common``: what the modules share: the card's name, the saved result, the benchmark batch.
 
 ``compare_serving.sh`` (a shell script here, not a module) is an A/B of the serving path against
