@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from broker.balancing import STRATEGIES
 from imagegen.logs import log_format_setting, log_level_setting
-from imagegen.protocol import HEARTBEAT_INTERVAL_RANGE_S
+from imagegen.protocol import HEARTBEAT_INTERVAL_RANGE_S, MAX_ATTEMPTS
 from imagegen.settings import parse_optional_str, require, setting
 from imagegen.sockets import is_local_endpoint
 
@@ -64,6 +64,20 @@ class BrokerSettings:
                                       "heartbeats a worker may miss before the broker declares it dead and requeues its work")
     max_attempts: int = setting("MAX_REQUEST_ATTEMPTS", 3,
                                 "workers a request may be handed to before it fails (when workers die holding it)")
+    unclaimed_results: int = setting(
+        "BROKER_UNCLAIMED_RESULTS", 1000,
+        "answers (images or failures) the broker keeps when it cannot deliver them because their gateway is "
+        "not connected (restarting) or has been silent for 5 s, so that a gateway can collect them by request "
+        "id; beyond it the oldest is dropped. 0: keep none (a gateway that restarts loses the answers of the "
+        "requests it had sent)")
+    unclaimed_result_bytes: int = setting(
+        "BROKER_UNCLAIMED_RESULT_BYTES", 256 * 1024 * 1024,
+        "bytes of kept answers (images, about 1 KiB more each) at most; beyond it the oldest are dropped, and an "
+        "image larger than this is never kept. Counts against BROKER_MEMORY_LIMIT_BYTES, whose half it may not "
+        "exceed")
+    unclaimed_result_ttl_s: float = setting(
+        "BROKER_UNCLAIMED_RESULT_TTL_S", 600.0,
+        "seconds a kept answer waits for a gateway to collect it before it is dropped")
     drain_timeout_s: float = setting("BROKER_DRAIN_TIMEOUT_S", 60.0,
                                      "on SIGTERM, seconds to let accepted requests finish before answering "
                                      "the rest with 503 shutting_down")
@@ -86,7 +100,15 @@ class BrokerSettings:
         require(shortest_s <= self.heartbeat_interval_s <= longest_s, "HEARTBEAT_INTERVAL_S",
                 f"must be between {shortest_s:g} and {longest_s:g}")
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")
-        require(self.max_attempts >= 1, "MAX_REQUEST_ATTEMPTS", "must be at least 1")
+        require(1 <= self.max_attempts <= MAX_ATTEMPTS, "MAX_REQUEST_ATTEMPTS", f"must be between 1 and {MAX_ATTEMPTS}")
+        require(self.unclaimed_results >= 0, "BROKER_UNCLAIMED_RESULTS", "must not be negative")
+        require(self.unclaimed_result_bytes >= 0, "BROKER_UNCLAIMED_RESULT_BYTES", "must not be negative")
+        require(self.memory_limit_bytes == 0 or self.unclaimed_result_bytes <= self.memory_limit_bytes // 2,
+                "BROKER_UNCLAIMED_RESULT_BYTES",
+                f"{self.unclaimed_result_bytes} is more than half of BROKER_MEMORY_LIMIT_BYTES "
+                f"({self.memory_limit_bytes}): kept answers would leave too little for the requests in flight; "
+                f"lower it or raise the memory limit")
+        require(self.unclaimed_result_ttl_s > 0, "BROKER_UNCLAIMED_RESULT_TTL_S", "must be positive")
         require(self.drain_timeout_s >= 0, "BROKER_DRAIN_TIMEOUT_S", "must not be negative")
         require(self.worker_progress_timeout_s >= 0, "WORKER_PROGRESS_TIMEOUT_S", "must not be negative")
         require(self.curve_secret_key is not None or self.allow_unauthenticated_workers

@@ -42,6 +42,7 @@ from imagegen.protocol import (
     WORKER_LINK,
     BrokerHeartbeat,
     Cancel,
+    Collect,
     Disconnect,
     FailureCode,
     Failure,
@@ -88,6 +89,12 @@ def send_now(sock: zmq.asyncio.Socket, frames: Sequence[Any]) -> Exception | Non
     return future.exception()
 
 
+def _client_name(client_id: bytes) -> str:
+    """A gateway's routing id for the log: its GATEWAY_ID when printable, else hex."""
+    text = client_id.decode("ascii", "replace")
+    return text if text.isprintable() and text.isascii() else client_id.hex()[:16]
+
+
 def _user_id(frame: Any) -> str | None:
     """The ZAP User-Id of the connection a frame came in on (the z85 public key under CurveZMQ)."""
     try:
@@ -107,6 +114,9 @@ class BrokerServer:
             liveness=settings.heartbeat_liveness,
             max_attempts=settings.max_attempts,
             progress_timeout_s=settings.worker_progress_timeout_s,
+            unclaimed_results=settings.unclaimed_results,
+            unclaimed_bytes=settings.unclaimed_result_bytes,
+            unclaimed_ttl_s=settings.unclaimed_result_ttl_s,
         )
         self.state = BrokerState(policy, epoch=uuid.uuid4().hex)
         self.dropped: Counter[str] = Counter()  # malformed or undeliverable messages, by kind
@@ -114,7 +124,8 @@ class BrokerServer:
         self.allow_list: KeyAllowList | None = None
         self.authenticator: AsyncioAuthenticator | None = None
         try:
-            self.client_sock = make_router(self.ctx, settings.client_bind)
+            # ROUTER_HANDOVER: a restarted gateway (the same GATEWAY_ID) takes its connection back.
+            self.client_sock = make_router(self.ctx, settings.client_bind, handover=True)
             self.worker_sock = make_router(self.ctx, settings.worker_bind, self._start_authentication())
         except BaseException:
             # A socket left open would make the context's term() (at garbage collection) wait forever.
@@ -171,10 +182,17 @@ class BrokerServer:
         them: checked every DEADLINE_CHECK_INTERVAL_S, so the broker's answer, which says where the
         request was, reaches the gateway before the gateway's own timer gives up (it waits a grace
         past REQUEST_TIMEOUT_S for it, gateway/broker_client.py). Runs during a drain too: a drain
-        never waits for requests nobody waits for."""
+        never waits for requests nobody waits for. Each round also sends the QUEUED reports due
+        (watched requests whose place in the queue changed) and drops kept answers past their time."""
         while True:
             await asyncio.sleep(DEADLINE_CHECK_INTERVAL_S)
-            self._execute(self.state.expire_deadlines(self.clock()))
+            now = self.clock()
+            self._execute(self.state.expire_deadlines(now))
+            self._execute(self.state.queue_reports(now))
+            expired = self.state.expire_unclaimed(now)
+            if expired:
+                log.info("dropped %d kept answers nobody collected within BROKER_UNCLAIMED_RESULT_TTL_S (%gs)",
+                         len(expired), self.settings.unclaimed_result_ttl_s)
 
     async def _drain(self, timeout_s: float) -> None:
         """Refuse new requests, let accepted ones finish (those past their deadline or cancelled are
@@ -229,11 +247,14 @@ class BrokerServer:
     def _on_client_message(self, client_id: bytes, frames: Sequence[Any]) -> None:
         message, _ = protocol.decode(frames, CLIENT_LINK)
         now = self.clock()
+        self.state.heard_from(client_id, now, pinged=isinstance(message, Ping))
         if isinstance(message, Generate):
             stage_trace.stage("broker_got_request", message.request_id)
             self._execute(self.state.submit(client_id, message, now))
         elif isinstance(message, Cancel):
             self._execute(self.state.cancel(client_id, message, now))
+        elif isinstance(message, Collect):
+            self._execute(self.state.collect(client_id, message, now))
         elif isinstance(message, Ping):
             pong = Pong(message.query_id, self.state.epoch, self.state.accepting_workers())
             self._send(self.client_sock, client_id, protocol.encode(CLIENT_LINK, pong))
@@ -362,20 +383,56 @@ class BrokerServer:
             if not isinstance(action, (ToClient, ToWorker)):
                 self._log_event(action)
                 continue
-            self._log_action(action)
             if isinstance(action, ToClient):
-                frames_payload = payload if isinstance(action.message, Result) else ()
-                frames = protocol.encode(CLIENT_LINK, action.message, frames_payload)
-                if isinstance(action.message, Result):
-                    stage_trace.stage("broker_sent_result", action.message.request_id)
-                self._send(self.client_sock, action.client_id, frames)
+                self._send_to_client(action, payload)
                 continue
+            self._log_action(action)
             frames = protocol.encode(WORKER_LINK, action.message)
             if isinstance(action.message, Generate):
                 stage_trace.stage("broker_sent_request", action.message.request_id)
             if not self._send(self.worker_sock, action.routing_id, frames):
                 # The worker's connection is gone: treat it as a disconnect, requeueing what it held.
                 self._execute(self.state.disconnect(action.routing_id, self.clock(), Removal.UNREACHABLE))
+
+    def _send_to_client(self, action: ToClient, payload: Sequence[Any]) -> None:
+        """Send to a gateway. An answer (RESULT, FAILURE) that cannot go, because the gateway is not
+        connected or has fallen silent (BrokerState.client_silent), is kept for a COLLECT
+        (broker/unclaimed.py); a report (PROGRESS, QUEUED) that cannot go is dropped."""
+        message = action.message
+        answer = isinstance(message, (Result, Failure))
+        if answer:
+            self._log_action(action)
+        frames_payload = action.payload or (tuple(payload) if isinstance(message, Result) else ())
+        if self.state.client_silent(action.client_id, self.clock()):
+            error: Exception | None = ConnectionError("the gateway has sent nothing, not even a ping, lately")
+        else:
+            if isinstance(message, Result):
+                stage_trace.stage("broker_sent_result", message.request_id)
+            error = send_now(self.client_sock, [action.client_id, *protocol.encode(CLIENT_LINK, message,
+                                                                                   frames_payload)])
+        if error is None:
+            return
+        if not answer:
+            self.dropped["undeliverable_client_reports"] += 1
+            return
+        self.dropped["undeliverable_client_messages"] += 1
+        if not action.keep:
+            log.warning("could not send to client %s: %s", action.client_id.hex()[:8], error)
+            return
+        dropped = self.state.keep_unclaimed(action, frames_payload, self.clock())
+        name = request_name(message.request_id, action.label)
+        extra = request_fields(message.request_id, action.label)
+        if message.request_id in dropped:
+            log.warning("request %s: could not deliver its answer to gateway %s (%s), nor keep it (larger than "
+                        "BROKER_UNCLAIMED_RESULT_BYTES=%d, or BROKER_UNCLAIMED_RESULTS=0): dropped", name,
+                        _client_name(action.client_id), error, self.settings.unclaimed_result_bytes, extra=extra)
+            return
+        log.info("request %s: could not deliver its answer to gateway %s (%s): kept for a COLLECT (%d kept)",
+                 name, _client_name(action.client_id), error, len(self.state.unclaimed), extra=extra)
+        if dropped:
+            log.warning("dropped the %d oldest kept answers to make room (BROKER_UNCLAIMED_RESULTS=%d, "
+                        "BROKER_UNCLAIMED_RESULT_BYTES=%d)", len(dropped), self.settings.unclaimed_results,
+                        self.settings.unclaimed_result_bytes)
 
     def _send(self, sock: zmq.asyncio.Socket, peer: bytes, frames: list[Any]) -> bool:
         error = send_now(sock, [peer, *frames])

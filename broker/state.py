@@ -22,6 +22,10 @@ that compares or counts workers works within one model's group: a request goes o
 its model (:func:`broker.models.route_model` decides which, at submit), each model has its own
 FIFO, balancer, fair share and admission, and a model whose workers are busy never holds back
 another's. With one model that is one group, exactly as before.
+
+A request's answer and reports go to its *client*: the gateway connection that sent it, or the
+latest that collected it (:meth:`BrokerState.collect`). An answer the shell cannot deliver is kept
+(:meth:`BrokerState.keep_unclaimed`, :mod:`broker.unclaimed`) for any gateway to collect by id.
 """
 
 from __future__ import annotations
@@ -36,9 +40,13 @@ from broker.admission import Admission, WorkerSpeed
 from broker.balancing import Balancer, Candidate
 from broker.models import ModelQueues, route_model
 from broker.registration import key_admits, registration_refusal
+from broker.unclaimed import Kept, UnclaimedResults
 from imagegen.batch_key import BatchKey, work_units
 from imagegen.protocol import (
+    MAX_ATTEMPTS,
+    MAX_DEADLINE_S,
     Cancel,
+    Collect,
     Disconnect,
     Failure,
     FailureCode,
@@ -47,6 +55,7 @@ from imagegen.protocol import (
     ImageSize,
     Message,
     Progress,
+    Queued,
     Register,
     Result,
     Welcome,
@@ -56,6 +65,10 @@ from imagegen.protocol import (
 
 # Admission sums the work held at most this often (broker clock seconds); arrivals in between add theirs.
 UNITS_AHEAD_RECOMPUTE_S = 0.1
+# A watched request's QUEUED report is sent at most this often (when its position changed).
+QUEUED_REPORT_INTERVAL_S = 1.0
+# A client that pinged and has not been heard from for this long is forgotten (its record only).
+CLIENT_MEMORY_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -69,8 +82,14 @@ class ToWorker:
 @dataclass(frozen=True)
 class ToClient:
     client_id: bytes
-    message: Message  # a Result is sent with the payload frames the worker sent
+    message: Message  # a Result is sent with the payload frames the worker sent, unless ``payload`` says
     label: str = ""  # the request's label (its client's X-Request-ID), for the broker's log line only
+    # A Result or Failure that cannot be delivered is kept for a COLLECT (broker/unclaimed.py) unless
+    # this is False (an answer about an id that is not the request's own: unknown_request, id in use).
+    keep: bool = field(default=True, compare=False)
+    # Set for an answer sent from the unclaimed store: its payload, and when it was first kept.
+    payload: tuple = field(default=(), compare=False)
+    kept_at: float | None = field(default=None, compare=False)
 
 
 # What happened, for the broker's log only: nothing is sent for these. They come back among the
@@ -152,6 +171,14 @@ class BrokerPolicy:
     # A worker holding requests that sends no PROGRESS, RESULT or FAILURE for this long is stuck
     # (it heartbeats, so liveness alone never catches it): removed like a dead one. 0: never.
     progress_timeout_s: float = 120.0
+    # Answers nobody could take (broker/unclaimed.py): at most this many, this many payload bytes,
+    # each this long (BROKER_UNCLAIMED_RESULTS, _BYTES, _TTL_S).
+    unclaimed_results: int = 1000
+    unclaimed_bytes: int = 256 * 1024 * 1024
+    unclaimed_ttl_s: float = 600.0
+    # A client that pings (every gateway does, each second) and has sent nothing for this long is
+    # treated as gone: its answers are kept instead of sent, its reports dropped, until it speaks.
+    client_silence_s: float = 5.0
 
     @property
     def worker_timeout_s(self) -> float:
@@ -171,9 +198,28 @@ class RequestRecord:
     # The model it goes to (broker/models.py route_model()); None: accepted while no worker was
     # registered, it is routed when one is (BrokerState._place_unnamed).
     model: str | None = None
+    # Its client gets QUEUED reports (Generate.watch, or it was collected): the position last
+    # reported (0: at a worker, its batch not started) and when.
+    watch: bool = False
+    reported_position: int | None = None
+    reported_at: float | None = None
+    batch_size: int = 0  # the rows of its running batch, by its worker's latest PROGRESS (0: not said)
 
 
 _EMPTY_STATUS = WorkerStatus("ready", 0, 0, 0, 0, 0, 0, 0.0, 0.0)
+
+
+def _units_left(record: RequestRecord) -> float:
+    """Work units of a request held and not finished: in full while queued, the part left by its
+    latest PROGRESS once dispatched, half when a worker holds it and has reported nothing yet (it
+    may be running)."""
+    units = work_units(BatchKey.of(record.message.params))
+    if record.worker is None:
+        return units
+    if record.step is not None and record.steps:
+        return units * max(0.0, 1.0 - record.step / record.steps)
+    return units * 0.5
+
 
 class BatchTimes:
     """The latest batch duration the workers reported (Result.generation_ms) per key, as
@@ -274,6 +320,10 @@ class Counters:
     unassigned_answers: int = 0  # RESULT/FAILURE/PROGRESS for a request held by another worker or queued
     workers_stuck: int = 0  # held requests past the progress deadline: removed, their work requeued
     rejected_model: int = 0  # named a model no worker serves, or none while several are served (400)
+    collects: int = 0  # COLLECT messages received
+    collects_unknown: int = 0  # ... for an id the broker held nothing for (unknown_request)
+    progress_forwarded: int = 0  # worker PROGRESS messages passed on to the request's client
+    queued_reports: int = 0  # QUEUED reports sent
 
 
 class BrokerState:
@@ -297,6 +347,10 @@ class BrokerState:
         # Per model (None: every request): (when summed, work units held); see units_ahead.
         self._units_ahead: dict[str | None, tuple[float, float]] = {}
         self.draining = False
+        # Answers that could not be delivered, kept for a COLLECT (broker/unclaimed.py).
+        self.unclaimed = UnclaimedResults(policy.unclaimed_results, policy.unclaimed_bytes, policy.unclaimed_ttl_s)
+        self._watched: set[str] = set()  # ids of requests whose client gets QUEUED reports
+        self._pinged: dict[bytes, float] = {}  # client -> when last heard, for clients that ping
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on; those already accepted still run to the end."""
@@ -318,7 +372,9 @@ class BrokerState:
             # bug: refuse the newcomer rather than drop it silently or hand it the other's image.
             text = f"request id {message.request_id!r} is already in use by another gateway's request"
             return [ToClient(client_id, Failure(message.request_id, FailureCode.INVALID_REQUEST.value, text),
-                             message.label)]
+                             message.label, keep=False)]
+        if message.request_id in self.unclaimed:  # a resend of one answered while its gateway was away
+            return [self._from_store(self.unclaimed.take(message.request_id), client_id)]
         self.counters.requests_received += 1
         if self.draining:
             self.counters.rejected_draining += 1
@@ -336,9 +392,12 @@ class BrokerState:
         refusal = self._admission_refusal(message, route.model, now)
         if refusal is not None:
             return [ToClient(client_id, refusal, message.label)]
-        self.requests[message.request_id] = RequestRecord(client_id, message, now, model=route.model)
+        self.requests[message.request_id] = RequestRecord(client_id, message, now, model=route.model,
+                                                          watch=message.watch)
         self.queue.append(route.model, message.request_id)
         self._observe_depth()
+        if message.watch:
+            self._watched.add(message.request_id)  # its first QUEUED report: queue_reports' next round
         return self.dispatch(now)
 
     def served_models(self) -> list[str]:
@@ -383,18 +442,8 @@ class BrokerState:
         return units
 
     def _sum_units_ahead(self, model: str | None = None) -> float:
-        total = 0.0
-        for record in self.requests.values():
-            if model is not None and record.model != model:
-                continue
-            units = work_units(BatchKey.of(record.message.params))
-            if record.worker is None:
-                total += units
-            elif record.step is not None and record.steps:
-                total += units * max(0.0, 1.0 - record.step / record.steps)
-            else:
-                total += units * 0.5
-        return total
+        return sum(_units_left(record) for record in self.requests.values()
+                   if model is None or record.model == model)
 
     def cancel(self, client_id: bytes, message: Cancel, now: float) -> list[Action]:
         """Nobody waits for the request any more: forget it; if a worker holds it, tell the worker to drop it.
@@ -404,6 +453,7 @@ class BrokerState:
         (a restarted gateway, or another one serving the same client)."""
         record = self.requests.get(message.request_id)
         if record is None:
+            self.unclaimed.discard(message.request_id)  # answered, and kept for nobody now
             return []  # already answered
         del self.requests[message.request_id]
         self.counters.cancelled += 1
@@ -441,6 +491,124 @@ class BrokerState:
     def holds_request(self, request_id: str) -> bool:
         """Whether ``request_id`` is one accepted here and not answered yet."""
         return request_id in self.requests
+
+    # ------------------------------------------------------------------ clients that come and go
+
+    def collect(self, client_id: bytes, message: Collect, now: float) -> list[Action]:
+        """Any gateway asks for a request by id (a restarted gateway, or another one sharing its jobs).
+
+        A kept answer (:meth:`keep_unclaimed`) is sent to it now and forgotten. A request still
+        queued or at a worker gets ``client_id`` as its client from now on (its answer, PROGRESS and
+        QUEUED reports go there; the previous client hears nothing more of it) and is watched; the
+        asker hears where it is now: a QUEUED, or the latest PROGRESS. Anything else is answered
+        with ``unknown_request``."""
+        self.counters.collects += 1
+        request_id = message.request_id
+        kept = self.unclaimed.take(request_id)
+        if kept is not None:
+            return [self._from_store(kept, client_id)]
+        record = self.requests.get(request_id)
+        if record is None:
+            self.counters.collects_unknown += 1
+            text = (f"the broker holds no request {request_id!r} and no answer for it: its answer was delivered "
+                    f"already, or kept and then dropped (BROKER_UNCLAIMED_RESULT_TTL_S, BROKER_UNCLAIMED_RESULTS, "
+                    f"BROKER_UNCLAIMED_RESULT_BYTES), or the broker restarted since it was sent")
+            return [ToClient(client_id, Failure(request_id, FailureCode.UNKNOWN_REQUEST.value, text), keep=False)]
+        record.client_id = client_id
+        record.watch = True
+        self._watched.add(request_id)
+        if record.step is not None:
+            return [ToClient(client_id, self._progress_of(record), record.message.label)]
+        record.reported_position = None  # the new client has heard nothing yet
+        return self._queued_reports(now, [request_id], force=True)
+
+    def queue_reports(self, now: float) -> list[Action]:
+        """QUEUED reports for the watched requests whose position changed since their last report
+        (queued here: 1, 2, ...; at a worker, its batch not started: 0), at most one per request
+        every QUEUED_REPORT_INTERVAL_S. The shell calls it a few times a second."""
+        if not self._watched:
+            return []
+        return self._queued_reports(now, list(self._watched))
+
+    def _queued_reports(self, now: float, request_ids: list[str], force: bool = False) -> list[Action]:
+        """QUEUED reports for those of ``request_ids`` that are due (``force``: due now)."""
+        due: dict[str, RequestRecord] = {}
+        for request_id in request_ids:
+            record = self.requests.get(request_id)
+            if record is None or not record.watch:
+                self._watched.discard(request_id)  # answered, cancelled or failed
+            elif record.step is None and (force or record.reported_at is None
+                                          or now - record.reported_at >= QUEUED_REPORT_INTERVAL_S):
+                due[request_id] = record
+        if not due:
+            return []
+        actions: list[Action] = []
+        for request_id, record in due.items():
+            if record.worker is not None and record.reported_position != 0:
+                actions.append(self._report(record, Queued(request_id, 0), now))
+        waiting = {rid for rid, record in due.items() if record.worker is None and rid in self.queue}
+        for model in {self.queue.model_of(rid) for rid in waiting}:
+            actions += self._queued_in(model, waiting, now, force)
+        return actions
+
+    def _queued_in(self, model: str | None, due: set[str], now: float, force: bool) -> list[Action]:
+        """QUEUED reports for the ``due`` requests waiting in ``model``'s queue whose position
+        changed (``force``: every one), with the work ahead of each and the estimated start."""
+        queue = self.queue.waiting(model)
+        workers = [w for w in self._workers_of(model) if w.accepting] if model is not None else []
+        speeds = [WorkerSpeed(w.info.worker_name, w.info.seconds_per_work_unit) for w in workers]
+        per_unit = self.admission.seconds_per_unit(speeds, now) if speeds else None
+        ahead = sum(_units_left(record) for record in self.requests.values()
+                    if record.worker is not None and record.model == model)
+        actions: list[Action] = []
+        left = len(due)
+        for position, request_id in enumerate(queue, 1):
+            record = self.requests[request_id]
+            if request_id in due:
+                left -= 1
+                if force or record.reported_position != position:
+                    start_s = None if per_unit is None else min(MAX_DEADLINE_S, ahead * per_unit / len(workers))
+                    report = Queued(request_id, position, len(queue), round(ahead, 3), start_s)
+                    actions.append(self._report(record, report, now))
+                if not left:
+                    break
+            ahead += _units_left(record)
+        return actions
+
+    def _report(self, record: RequestRecord, report: Queued, now: float) -> ToClient:
+        record.reported_position, record.reported_at = report.position, now
+        self.counters.queued_reports += 1
+        return ToClient(record.client_id, report, record.message.label)
+
+    def heard_from(self, client_id: bytes, now: float, pinged: bool = False) -> None:
+        """A client sent something (``pinged``: a PING; from then on its silence counts, see
+        :meth:`client_silent`). Answers kept while it was away stay kept: a gateway that was away
+        collects what it still waits for (gateway/broker_client.py), and one restarted with the
+        same GATEWAY_ID waits for nothing it sent before."""
+        if pinged or client_id in self._pinged:
+            self._pinged[client_id] = now
+
+    def client_silent(self, client_id: bytes, now: float) -> bool:
+        """Whether a client that pings has sent nothing for ``client_silence_s``: it is gone (or
+        stalled), so its answers are kept rather than sent into a connection nobody reads. A client
+        that never pinged is never silent: only a failed send tells that it is gone."""
+        heard = self._pinged.get(client_id)
+        return heard is not None and now - heard > self.policy.client_silence_s
+
+    def keep_unclaimed(self, action: ToClient, payload: tuple, now: float) -> list[str]:
+        """An answer (RESULT or FAILURE) that could not be delivered to its client: kept for a
+        COLLECT, within the store's bounds; returns the ids of the answers dropped to make room."""
+        return self.unclaimed.keep(action.message.request_id, action.client_id, action.message, payload,
+                                   action.label, now, action.kept_at)
+
+    def expire_unclaimed(self, now: float) -> list[str]:
+        """Drop the kept answers past their time (and forget clients long silent); returns their ids."""
+        for client_id in [c for c, heard in self._pinged.items() if now - heard > CLIENT_MEMORY_S]:
+            del self._pinged[client_id]
+        return self.unclaimed.expire(now)
+
+    def _from_store(self, kept: Kept, client_id: bytes) -> ToClient:
+        return ToClient(client_id, kept.message, kept.label, payload=kept.payload, kept_at=kept.kept_at)
 
     # ------------------------------------------------------------------ worker side
 
@@ -582,8 +750,17 @@ class BrokerState:
             return []
         worker.last_progress = worker.last_seen = now
         record = self.requests[message.request_id]
-        record.step, record.steps = message.step, message.steps
-        return []
+        record.step, record.steps, record.batch_size = message.step, message.steps, message.batch_size
+        # Its client sees the attempt (a request taken back from a worker that died starts again from
+        # step 0 under the next number) and the worker.
+        self.counters.progress_forwarded += 1
+        return [ToClient(record.client_id, self._progress_of(record), record.message.label)]
+
+    def _progress_of(self, record: RequestRecord) -> Progress:
+        """The request's latest PROGRESS as its client gets it (its worker has sent one)."""
+        worker_name = self._worker_name(record.worker) if record.worker is not None else ""
+        return Progress(record.message.request_id, record.step or 0, record.steps or 1,
+                        min(MAX_ATTEMPTS, max(1, record.attempts)), worker_name, record.batch_size)
 
     def disconnect(self, routing_id: bytes, now: float, why: Removal = Removal.LEFT, reason: str = "") -> list[Action]:
         """A worker goes: it said goodbye (``reason``: its words), or the shell found it gone (``why``);
@@ -881,6 +1058,7 @@ class BrokerState:
         for request_id in reversed(held):
             record = self.requests[request_id]
             record.worker, record.dispatched_at = None, None
+            record.step = record.steps = record.reported_position = None  # its next attempt starts over
             if record.attempts >= self.policy.max_attempts:
                 actions.append(self._fail(request_id, FailureCode.WORKER_LOST,
                                           f"{record.attempts} workers failed to finish it (last: {lost_text})"))

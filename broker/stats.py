@@ -147,6 +147,18 @@ def _broker_section(state: BrokerState) -> dict[str, Any]:
         "unassigned_answers": c.unassigned_answers,
         "workers_stuck": c.workers_stuck,
         "rejected_model": c.rejected_model,
+        # Answers kept because their gateway was away (broker/unclaimed.py): held now, and since start.
+        "unclaimed_results": len(state.unclaimed),
+        "unclaimed_result_bytes": state.unclaimed.bytes,
+        "unclaimed_kept": state.unclaimed.counters.kept,
+        "unclaimed_claimed": state.unclaimed.counters.claimed,
+        "unclaimed_expired": state.unclaimed.counters.expired,
+        "unclaimed_dropped": state.unclaimed.counters.dropped,
+        "unclaimed_cancelled": state.unclaimed.counters.cancelled,
+        "collects": c.collects,
+        "collects_unknown": c.collects_unknown,
+        "progress_forwarded": c.progress_forwarded,
+        "queued_reports": c.queued_reports,
         "draining": state.draining,
     }
 

@@ -8,6 +8,7 @@ import sys
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings, listens_unauthenticated_beyond_loopback
+from gateway.identity import GatewayIdentityError
 from gateway.serving import serve
 from imagegen import settings as settings_lib
 from imagegen import stage_trace
@@ -34,8 +35,12 @@ def main(argv: list[str]) -> int:
     # lets requests in progress finish for up to GATEWAY_SHUTDOWN_TIMEOUT_S, then runs the cleanup
     # contexts. handler_cancellation: a client that disconnects cancels its handler, which tells
     # the broker to drop the request before it costs GPU time.
-    asyncio.run(serve(create_app(settings), settings,
-                      access_log_format='%a "%r" %s %b %Tfs id=%{X-Request-ID}o', handler_cancellation=True))
+    try:
+        asyncio.run(serve(create_app(settings), settings,
+                          access_log_format='%a "%r" %s %b %Tfs id=%{X-Request-ID}o', handler_cancellation=True))
+    except GatewayIdentityError as exc:  # at start, before it listens: STATE_DIR/gateway-id (gateway/identity.py)
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -30,6 +30,7 @@ FAILURE_STATUS = {
     FailureCode.WORKER_LOST.value: 503,
     FailureCode.SHUTTING_DOWN.value: 503,
     FailureCode.BROKER_RESTARTED.value: 503,
+    FailureCode.UNKNOWN_REQUEST.value: 503,  # collected after the broker lost it (a restart): send it again
     FailureCode.INVALID_REQUEST.value: 400,
     FailureCode.TOO_COSTLY.value: 400,
     FailureCode.UNKNOWN_MODEL.value: 400,

@@ -18,6 +18,7 @@ from gateway.answers import has_reported_size, image_url, keep_image, storage_an
 from gateway.auth import api_key_middleware, load_api_keys
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.config import GatewaySettings
+from gateway.identity import resolve_gateway_identity
 from gateway.context import BODY_STALLED, BROKER, IMAGES, METRICS, SETTINGS, openai_shaped, read_json_body
 from gateway.images import ImageStore, StorageUnavailable, png_size
 from gateway.jobs.routes import prefers_async, setup_jobs, submit_job
@@ -225,7 +226,10 @@ async def image(request: web.Request) -> web.StreamResponse:
 
 async def _broker_link(app: web.Application) -> AsyncIterator[None]:
     if BROKER not in app:
-        app[BROKER] = BrokerClient(app[SETTINGS].broker_address, max_pending=app[SETTINGS].max_pending)
+        settings = app[SETTINGS]
+        identity = resolve_gateway_identity(settings.gateway_id, settings.state_dir)  # GatewayIdentityError
+        log.info("gateway id %s (from %s)", identity.gateway_id, identity.source)
+        app[BROKER] = BrokerClient(settings.broker_address, max_pending=settings.max_pending, identity=identity)
     await app[BROKER].start()
     yield
     await app[BROKER].close()

@@ -9,6 +9,7 @@ from imagegen.bounds import GATEWAY_DEFAULTS as DEFAULTS
 from imagegen.bounds import IMAGE_SIDE_MULTIPLE, WIRE
 from imagegen.protocol import MAX_DEADLINE_S
 from imagegen.logs import log_format_setting, log_level_setting
+from gateway.identity import gateway_id_problem
 from gateway.jobs.store import parse_store_url
 from gateway.jobs.webhooks import parse_webhook_secret, read_webhook_secret_file
 from imagegen.settings import parse_bool, parse_optional_str, require, setting, state_dir_setting
@@ -156,6 +157,14 @@ class GatewaySettings:
                                         "start", parse=parse_optional_str)
     # Jobs, their events and webhooks: gateway/jobs/, docs/jobs.md.
     state_dir: str = state_dir_setting()
+    gateway_id: str | None = setting(
+        "GATEWAY_ID", None,
+        "this gateway's lasting identity on the broker link (1 to 64 letters, digits, '.', '_', '-'): the "
+        "broker sends each request's answer to the gateway that sent it, so a gateway restarted with the same "
+        "identity gets its connection back, and answers that came while it was away wait at the broker for it "
+        "to collect (BROKER_UNCLAIMED_RESULTS). Unset: one made at random and kept in STATE_DIR/gateway-id, "
+        "locked while the gateway runs. Several gateways need one each (their own STATE_DIR, or GATEWAY_ID)",
+        parse=parse_optional_str)
     job_store: str = setting("JOB_STORE", "sqlite",
                              "where jobs, their events and the webhook outbox live: sqlite (STATE_DIR/jobs.sqlite3, "
                              "one gateway) or redis (JOB_STORE_URL; every gateway with the same URL shares jobs)")
@@ -236,6 +245,8 @@ class GatewaySettings:
                 f"must be between {steps.low} and {steps.high}")
         require(guidance.low < self.max_guidance_scale <= guidance.high, "MAX_GUIDANCE_SCALE",
                 f"must be in ({guidance.low:g}, {guidance.high:g}]")
+        require(self.gateway_id is None or gateway_id_problem(self.gateway_id) is None, "GATEWAY_ID",
+                gateway_id_problem(self.gateway_id or "") or "")
         require(self.job_store in ("sqlite", "redis"), "JOB_STORE", "must be sqlite or redis")
         require(self.job_store != "redis" or self.job_store_url is not None, "JOB_STORE_URL",
                 "JOB_STORE=redis needs the Redis server's URL, e.g. redis://127.0.0.1:6379/0")

@@ -7,6 +7,15 @@ Every message is a list of ZeroMQ frames (the ROUTER side sees the peer's routin
     frame 2   header: a msgpack map, at most :data:`MAX_HEADER_BYTES` (STATS_REPLY: :data:`MAX_STATS_HEADER_BYTES`)
     frame 3.. payload frames, raw bytes (PNG images); never inside msgpack, never pickled
 
+Who gets what on the client link: a request's RESULT or FAILURE, and its PROGRESS and QUEUED
+reports, go to the gateway connection that sent its GENERATE, or the one that sent a COLLECT for
+it since (the latest wins). Each gateway connects with a lasting routing id (GATEWAY_ID), so a
+restarted gateway gets its connection back. A RESULT or FAILURE the broker cannot deliver (the
+gateway is not connected, or has sent nothing, ping included, for a few seconds) is kept, bounded,
+for a later COLLECT (BROKER_UNCLAIMED_RESULTS, docs/architecture.md "Results a gateway did not
+take"). CANCEL and COLLECT are honoured from any gateway: request ids are service-made and
+unguessable.
+
 Each command has one typed message class (a frozen dataclass). :func:`encode` turns a message
 into frames; :func:`decode` turns frames back into a message, validating the tag, the command,
 the header's size, every field's type and bounds, and the payload frame count. Anything that
@@ -61,6 +70,7 @@ MAX_SIZES = 64  # image sizes a worker lists (SIZES) or reports warm
 SIZE_STATES = ("off", "warming", "warm")  # WorkerStatus.compile_state
 UNLISTED_SIZE_RULES = ("eager", "refuse", "snap")  # Register.unlisted_size (the worker's UNLISTED_SIZE)
 HEARTBEAT_INTERVAL_RANGE_S = (0.01, 3600.0)  # the broker's HEARTBEAT_INTERVAL_S, sent in every Welcome
+MAX_ATTEMPTS = 1000  # the broker's MAX_REQUEST_ATTEMPTS: a request's attempt number (Progress.attempt)
 
 
 class ProtocolError(ValueError):
@@ -80,12 +90,15 @@ class Command(bytes, enum.Enum):
     DISCONNECT = b"\x07"  # both ways: W->B "I am leaving"; B->W "I don't know you, register again"
     BROKER_HEARTBEAT = b"\x08"  # B->W: I am alive (and which broker I am)
     CANCEL = b"\x09"  # G->B, B->W: nobody waits for the request any more; drop it, running or not
-    PROGRESS = b"\x0a"  # W->B: a running request reached a denoising step (rate-limited by the worker)
+    PROGRESS = b"\x0a"  # W->B: a running request reached a denoising step (rate-limited by the worker);
+    #                      also B->G on the client link, with the attempt number filled in
     # client link (IGC)
     STATS_QUERY = b"\x11"  # G->B
     STATS_REPLY = b"\x12"  # B->G
     PING = b"\x13"  # G->B: are you there?
     PONG = b"\x14"  # B->G: yes, and this is my epoch (a new epoch: the broker restarted)
+    QUEUED = b"\x15"  # B->G: a watched request waits in the broker's queue at this position
+    COLLECT = b"\x16"  # G->B: send me this request's answer (kept, or when it comes) and its reports
 
 
 def _meta(*, max_len: int | None = None, low: float | None = None, high: float | None = None) -> dict:
@@ -244,6 +257,9 @@ class Generate(Message):
     params: GenerationParams
     deadline_s: float = bounded(low=0.0, high=MAX_DEADLINE_S)  # seconds the client waits; the broker counts from receipt
     label: str = bounded("", max_len=MAX_LABEL_CHARS)  # the client's X-Request-ID, for logs only; "" if none
+    # True: the broker sends the client QUEUED reports while the request waits in its queue (jobs);
+    # False (/generate): only PROGRESS, which every request gets once a worker runs it.
+    watch: bool = False
 
 
 @dataclass(frozen=True)
@@ -280,6 +296,9 @@ class FailureCode(str, enum.Enum):
     UNKNOWN_MODEL = "unknown_model"  # names a model no registered worker serves; lists those served (HTTP 400)
     MODEL_REQUIRED = "model_required"  # names no model while several are served; the message lists them (HTTP 400)
     SIZE_NOT_SERVED = "size_not_served"  # a size the worker does not list, with UNLISTED_SIZE=refuse; lists them (HTTP 400)
+    # A COLLECT for an id the broker holds nothing for: answered and taken already, its kept answer
+    # expired or was dropped (BROKER_UNCLAIMED_RESULT_TTL_S), or the broker restarted since (HTTP 503)
+    UNKNOWN_REQUEST = "unknown_request"
 
 
 @dataclass(frozen=True)
@@ -309,14 +328,23 @@ class Cancel(Message):
 class Progress(Message):
     """A running request reached denoising step ``step`` of ``steps`` (0: its batch started).
 
-    One message per running request, rate-limited by the worker; the broker's progress deadline
-    (a worker holding requests that sends no progress, result or failure for too long is declared
-    stuck) and, later, per-request progress for clients are built on it."""
+    One message per running request, rate-limited by the worker (at most one every 0.5 s); the
+    broker's progress deadline (a worker holding requests that sends no progress, result or
+    failure for too long is declared stuck) is built on it, and the broker forwards each one to the
+    request's client, filling in ``attempt`` (1 for the first worker to run it; a request taken
+    back from a worker that died or left runs again from step 0 under the next number) and
+    ``worker_name``; a worker leaves both at their defaults. ``batch_size``: the rows of the batch
+    it runs in, from the worker (0: not said, a worker of an older build). A batch stopped at a step
+    boundary and run again on the same worker (preemption) starts again from step 0 under the same
+    attempt number."""
 
     COMMAND: ClassVar[Command] = Command.PROGRESS
     request_id: str = bounded(max_len=MAX_ID_CHARS)
     step: int = bounded(low=0, high=WIRE.inference_steps.high)
     steps: int = bounded(low=WIRE.inference_steps.low, high=WIRE.inference_steps.high)
+    attempt: int = bounded(1, low=1, high=MAX_ATTEMPTS)
+    worker_name: str = bounded("", max_len=MAX_ID_CHARS)
+    batch_size: int = bounded(0, low=0, high=MAX_BATCH_IMAGES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +366,39 @@ class Pong(Message):
 
 
 @dataclass(frozen=True)
+class Queued(Message):
+    """Where a watched request (``Generate.watch``, or one collected) waits: ``position`` 1 goes
+    next among the ``waiting`` requests of its model in the broker's queue; 0: a worker holds it and
+    its batch has not started (PROGRESS follows). Sent when it is queued, then when its position
+    changes, at most once a second.
+
+    ``ahead_units``: work units (megapixels x steps x CFG rows) the model's workers must get through
+    before it starts: the unfinished part of what they hold plus the requests queued before it.
+    ``estimated_start_s``: that work x the fastest worker's seconds per work unit (what the
+    broker's admission uses, broker/admission.py, without its discount) / the model's accepting
+    workers; None until a worker has measured its speed. A rough figure: batching, and requests of
+    other sizes joining batches, move it."""
+
+    COMMAND: ClassVar[Command] = Command.QUEUED
+    request_id: str = bounded(max_len=MAX_ID_CHARS)
+    position: int = bounded(low=0)
+    waiting: int = bounded(0, low=0)
+    ahead_units: float = bounded(0.0, low=0.0)
+    estimated_start_s: float | None = bounded(None, low=0.0, high=MAX_DEADLINE_S)
+
+
+@dataclass(frozen=True)
+class Collect(Message):
+    """Any gateway asks for a request by id. The broker answers at once with a kept RESULT or
+    FAILURE (and forgets it); for a request still queued or running, the asker becomes its client
+    (its answer, PROGRESS and QUEUED reports go there from now on) and gets a QUEUED or the latest
+    PROGRESS now; for an id it knows nothing of, FAILURE ``unknown_request``."""
+
+    COMMAND: ClassVar[Command] = Command.COLLECT
+    request_id: str = bounded(max_len=MAX_ID_CHARS)
+
+
+@dataclass(frozen=True)
 class StatsQuery(Message):
     COMMAND: ClassVar[Command] = Command.STATS_QUERY
     query_id: str = bounded(max_len=MAX_ID_CHARS)
@@ -352,7 +413,8 @@ class StatsReply(Message):
 
 _WORKER_LINK_COMMANDS = {Register, Welcome, Heartbeat, Disconnect, Generate, Result, Failure, BrokerHeartbeat, Cancel,
                          Progress}
-_CLIENT_LINK_COMMANDS = {Generate, Result, Failure, StatsQuery, StatsReply, Cancel, Ping, Pong}
+_CLIENT_LINK_COMMANDS = {Generate, Result, Failure, StatsQuery, StatsReply, Cancel, Ping, Pong, Progress, Queued,
+                         Collect}
 MESSAGE_TYPES: dict[bytes, dict[Command, type[Message]]] = {
     WORKER_LINK: {cls.COMMAND: cls for cls in _WORKER_LINK_COMMANDS},
     CLIENT_LINK: {cls.COMMAND: cls for cls in _CLIENT_LINK_COMMANDS},

@@ -120,5 +120,6 @@ def state_dir_setting() -> Any:
                    "folder for what the service keeps across restarts: torch.compile's cache "
                    "(STATE_DIR/compile-cache; `python -m gpu_worker.model.compile_cache export FILE` "
                    "copies it to another host with the same GPU and software) in the worker, the job store "
-                   "(STATE_DIR/jobs.sqlite3 with JOB_STORE=sqlite) in the gateway. Relative paths are "
+                   "(STATE_DIR/jobs.sqlite3 with JOB_STORE=sqlite) and its identity on the broker link "
+                   "(STATE_DIR/gateway-id, unless GATEWAY_ID is set) in the gateway. Relative paths are "
                    "from the directory the service starts in")

@@ -47,19 +47,24 @@ def is_local_endpoint(endpoint: str) -> bool:
         return False
 
 
-def make_router(ctx: zmq.Context, bind: str, curve: CurveServerKeys | None = None) -> zmq.Socket:
+def make_router(ctx: zmq.Context, bind: str, curve: CurveServerKeys | None = None,
+                handover: bool = False) -> zmq.Socket:
     """A broker-side ROUTER bound to ``bind``.
 
     ROUTER_MANDATORY makes a send to a vanished peer raise EHOSTUNREACH instead of silently
     dropping the message; MAXMSGSIZE disconnects a peer that sends an oversized frame before it
     can fill our memory; LINGER 0 keeps shutdown from hanging on unsendable messages.
 
-    ROUTER_HANDOVER stays off (libzmq's default): with it on, a second connection that announces
-    a connected peer's routing id takes that id over, and receives every message meant for the
-    first (a worker's prompts). Off, such a connection is ignored while the id is in use."""
+    ROUTER_HANDOVER stays off by default (libzmq's default): with it on, a second connection that
+    announces a connected peer's routing id takes that id over, and receives every message meant
+    for the first (a worker's prompts). Off, such a connection is ignored while the id is in use.
+    The gateways' socket turns it on (``handover``): each gateway announces a lasting id
+    (GATEWAY_ID), and a restarted gateway must get its connection back at once, even while the
+    broker has not yet noticed that the old one is gone. Only processes on the broker's host reach
+    that socket (BROKER_CLIENT_BIND), and they may already submit and cancel anything."""
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1 if handover else 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
@@ -74,9 +79,16 @@ def make_router(ctx: zmq.Context, bind: str, curve: CurveServerKeys | None = Non
 
 
 def make_dealer(ctx: zmq.Context, connect: str, linger_ms: int = 2000,
-                curve: CurveClientKeys | None = None) -> zmq.Socket:
-    """A DEALER connected to a broker; it reconnects by itself if the broker restarts."""
+                curve: CurveClientKeys | None = None, routing_id: bytes | None = None) -> zmq.Socket:
+    """A DEALER connected to a broker; it reconnects by itself if the broker restarts.
+
+    ``routing_id``: the id the broker's ROUTER knows this connection by (1 to 255 bytes, not
+    starting with a zero byte); None: a random one that libzmq makes per connection."""
     sock = ctx.socket(zmq.DEALER)
+    if routing_id is not None:
+        if not 1 <= len(routing_id) <= 255 or routing_id[0] == 0:
+            raise ValueError("a routing id is 1 to 255 bytes and does not start with a zero byte")
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.RECONNECT_IVL, 250)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)

@@ -471,11 +471,11 @@ class Worker:
         due = [rid for row, rid in enumerate(request_ids)
                if row not in unwanted_rows and self.progress_limiter.allow(rid)]
         if due and self.loop is not None:
-            self.loop.call_soon_threadsafe(self._send_progress, due, step, steps)
+            self.loop.call_soon_threadsafe(self._send_progress, due, step, steps, len(request_ids))
 
-    def _send_progress(self, request_ids: Sequence[str], step: int, steps: int) -> None:
+    def _send_progress(self, request_ids: Sequence[str], step: int, steps: int, batch_size: int) -> None:
         for request_id in request_ids:
-            self.link.send(Progress(request_id, min(step, steps), steps))
+            self.link.send(Progress(request_id, min(step, steps), steps, batch_size=batch_size))
 
     async def _sleep_until_next_decision(self) -> None:
         self.arrival.clear()
@@ -506,7 +506,8 @@ class Worker:
         self.preemption = preemption
         for pending in batch.requests:
             stage_trace.stage("worker_batch_started", pending.request_id)
-        self._send_progress([rid for rid in request_ids if self.progress_limiter.allow(rid)], 0, steps)
+        self._send_progress([rid for rid in request_ids if self.progress_limiter.allow(rid)], 0, steps,
+                            len(request_ids))
         started = self.clock()
         splits_before = self.backend.oom_splits
         encodings = BatchEncodings(self.encoder_threads, self.stripe_threads, request_ids)

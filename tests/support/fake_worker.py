@@ -9,7 +9,17 @@ import zmq
 import zmq.asyncio
 
 from imagegen import protocol
-from imagegen.protocol import WORKER_LINK, BatchingConfig, Generate, GenerationParams, Register, Result, Welcome
+from imagegen.protocol import (
+    WORKER_LINK,
+    BatchingConfig,
+    Cancel,
+    Generate,
+    GenerationParams,
+    Progress,
+    Register,
+    Result,
+    Welcome,
+)
 
 
 def params(i: int = 0) -> GenerationParams:
@@ -18,7 +28,8 @@ def params(i: int = 0) -> GenerationParams:
 
 
 class FakeWorker:
-    """A scripted worker (FAKE: no model): registers, records requests, answers when told to."""
+    """A scripted worker (FAKE: no model): registers, records requests (and the ids it is told to
+    cancel), answers and reports progress when told to."""
 
     def __init__(self, ctx: zmq.asyncio.Context, address: str, name: str, capacity: int = 4,
                  auto_reply: bool = True) -> None:
@@ -29,6 +40,7 @@ class FakeWorker:
         self.sock.linger = 0
         self.sock.connect(address)
         self.received: list[Generate] = []
+        self.cancelled: list[str] = []
         self.welcomed = asyncio.Event()
         self.task: asyncio.Task | None = None
 
@@ -51,6 +63,11 @@ class FakeWorker:
                 self.received.append(message)
                 if self.auto_reply:
                     await self.reply(message)
+            elif isinstance(message, Cancel):
+                self.cancelled.append(message.request_id)
+
+    async def progress(self, message: Generate, step: int, steps: int) -> None:
+        await self.sock.send_multipart(protocol.encode(WORKER_LINK, Progress(message.request_id, step, steps)))
 
     async def reply(self, message: Generate) -> None:
         result = Result(request_id=message.request_id, worker_name=self.name, host="test-host",

@@ -34,7 +34,7 @@ CALL = re.compile(r"^_?[A-Za-z_]\w*(\.\w+)*\(\)$")
 CAMEL = re.compile(r"^_?[A-Z][a-z0-9]\w*(\.\w+)*$")
 UPPER = re.compile(r"^_?[A-Z][A-Z0-9_]*[A-Z0-9]$")
 # Upper-case words of the page that are neither settings nor code constants: ZeroMQ's own names.
-ZMQ_WORDS = {"ROUTER_MANDATORY", "MAXMSGSIZE", "DONTWAIT"}
+ZMQ_WORDS = {"ROUTER_MANDATORY", "ROUTER_HANDOVER", "MAXMSGSIZE", "DONTWAIT"}
 ENV_NAMES = {f.metadata["env"] for cls in (BrokerSettings, GatewaySettings, WorkerSettings, LauncherSettings)
              for f in dataclasses.fields(cls)}
 

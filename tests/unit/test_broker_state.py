@@ -905,11 +905,11 @@ def test_a_message_under_another_key_than_the_workers_removes_the_worker():
 # ------------------------------------------------------------------ progress deadline
 
 
-def test_progress_is_recorded_on_the_request():
+def test_progress_is_recorded_on_the_request_and_passed_on_to_its_client():
     s = state()
     s.register(W1, reg(), T0)
     s.submit(CLIENT, gen("r1"), T0)
-    assert s.progress(W1, Progress("r1", 3, 25), T0 + 1) == []
+    assert s.progress(W1, Progress("r1", 3, 25), T0 + 1) == [ToClient(CLIENT, Progress("r1", 3, 25, 1, "w1"))]
     assert (s.requests["r1"].step, s.requests["r1"].steps) == (3, 25)
 
 
