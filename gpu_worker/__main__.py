@@ -211,7 +211,8 @@ async def main(settings: WorkerSettings) -> None:
     worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
                     settings.heartbeat_interval_s, settings.heartbeat_liveness, max_batch_size_auto=auto,
                     curve=curve, batcher=make_batcher(settings.batch_policy, policy), gpu_thread=gpu_thread,
-                    seconds_per_work_unit=cost_per_unit, sizes=size_serving)
+                    seconds_per_work_unit=cost_per_unit, sizes=size_serving,
+                    preview_every_steps=settings.preview_every_steps)
     log.info("worker %s: max batch %d, capacity %d, batch policy %s, broker %s; sizes %s (others: %s)",
              identity.name, policy.max_batch_size, capacity, settings.batch_policy, settings.broker_address,
              sizes_text(sizes), settings.unlisted_size)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from gpu_worker.decisions.policies import DEFAULT, POLICY_ALIASES, POLICY_NAMES, canonical_policy
 from gpu_worker.decisions.sizes import AUTO, parse_sizes
 from imagegen import protocol
+from imagegen.bounds import WIRE
 from imagegen.keys import load_public, load_secret
 from imagegen.logs import log_format_setting, log_level_setting
 from imagegen.settings import parse_optional_int, parse_optional_str, require, setting, state_dir_setting
@@ -127,6 +128,12 @@ class WorkerSettings:
                                          "with TORCH_COMPILE, sizes not yet warm are warmed a unit (one batch "
                                          "size of one size) at a time whenever the queue is empty, and at least "
                                          "one unit this often under steady traffic")
+    preview_every_steps: int = setting("PREVIEW_EVERY_STEPS", 5,
+                                       "a request that asks for previews (preview: true) gets a small image of its "
+                                       "latents after every this many denoising steps (never the last): a linear "
+                                       "latent-to-RGB map at 1/8 of the image's side, no VAE decode, computed on the "
+                                       "GPU for the batch's rows that asked, in one matrix product "
+                                       "(gpu_worker/model/previews.py)")
     state_dir: str = state_dir_setting()
     log_level: str = log_level_setting()
     log_format: str = log_format_setting()
@@ -164,6 +171,8 @@ class WorkerSettings:
                 f"must be one of {', '.join(SIZE_COMPILATIONS)}")
         require(self.warm_up_max_defer_s > 0, "WARM_UP_MAX_DEFER_S", "must be positive")
         require(self.cuda_graph_max_batch >= 0, "CUDA_GRAPH_MAX_BATCH", "must not be negative")
+        require(1 <= self.preview_every_steps <= WIRE.inference_steps.high, "PREVIEW_EVERY_STEPS",
+                f"must be between 1 and {WIRE.inference_steps.high}")
         require(self.heartbeat_interval_s > 0, "HEARTBEAT_INTERVAL_S", "must be positive")
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")
         require((self.curve_secret_key is None) == (self.broker_public_key is None), "WORKER_CURVE_SECRET_KEY",

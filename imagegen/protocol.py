@@ -92,6 +92,7 @@ class Command(bytes, enum.Enum):
     CANCEL = b"\x09"  # G->B, B->W: nobody waits for the request any more; drop it, running or not
     PROGRESS = b"\x0a"  # W->B: a running request reached a denoising step (rate-limited by the worker);
     #                      also B->G on the client link, with the attempt number filled in
+    PREVIEW = b"\x0b"  # W->B: a small image of a running request's latents (payload: JPEG bytes)
     # client link (IGC)
     STATS_QUERY = b"\x11"  # G->B
     STATS_REPLY = b"\x12"  # B->G
@@ -139,6 +140,10 @@ class GenerationParams:
     # True: a ``model`` no worker serves counts as none named, so it goes to the one model served
     # when only one is (OpenAI clients send fixed names such as "dall-e-3"); with several, refused.
     model_fallback: bool = False
+    # True: send Preview messages (a small image of the latents every few denoising steps) while it
+    # runs. Not part of what batch-mates must share (imagegen/batch_key.py): rows with and without
+    # previews run in one batch. A peer of an older build ignores it (no previews).
+    preview: bool = False
 
 
 @dataclass(frozen=True, order=True)
@@ -347,6 +352,21 @@ class Progress(Message):
     batch_size: int = bounded(0, low=0, high=MAX_BATCH_IMAGES)
 
 
+@dataclass(frozen=True)
+class Preview(Message):
+    """A small image of a running request's latents after ``step`` of ``steps`` denoising steps
+    (payload frame: a JPEG at 1/8 of the image's side), for a request with ``GenerationParams.preview``.
+
+    An approximation of the latents through a fixed linear latent-to-RGB map, not a decode of the
+    image (gpu_worker/model/previews.py); sent every PREVIEW_EVERY_STEPS steps (the worker's
+    setting), never for the last step, and only for rows still wanted."""
+
+    COMMAND: ClassVar[Command] = Command.PREVIEW
+    request_id: str = bounded(max_len=MAX_ID_CHARS)
+    step: int = bounded(low=1, high=WIRE.inference_steps.high)
+    steps: int = bounded(low=WIRE.inference_steps.low, high=WIRE.inference_steps.high)
+
+
 # ---------------------------------------------------------------------------------------------
 # Client link
 
@@ -412,14 +432,14 @@ class StatsReply(Message):
 
 
 _WORKER_LINK_COMMANDS = {Register, Welcome, Heartbeat, Disconnect, Generate, Result, Failure, BrokerHeartbeat, Cancel,
-                         Progress}
+                         Progress, Preview}
 _CLIENT_LINK_COMMANDS = {Generate, Result, Failure, StatsQuery, StatsReply, Cancel, Ping, Pong, Progress, Queued,
                          Collect}
 MESSAGE_TYPES: dict[bytes, dict[Command, type[Message]]] = {
     WORKER_LINK: {cls.COMMAND: cls for cls in _WORKER_LINK_COMMANDS},
     CLIENT_LINK: {cls.COMMAND: cls for cls in _CLIENT_LINK_COMMANDS},
 }
-_PAYLOAD_COMMANDS = {Command.RESULT}
+_PAYLOAD_COMMANDS = {Command.RESULT, Command.PREVIEW}
 
 
 # ---------------------------------------------------------------------------------------------

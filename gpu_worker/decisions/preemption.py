@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 
 class BatchPreempted(Exception):
@@ -98,15 +98,18 @@ class Preemption:
     newcomer can ask to join it any more (None: it was never preemptible for that). ``rows`` and
     ``steps``: the batch's size and denoising steps, for the abandoned-rows decision; with rows > 0
     the GPU thread waits for the GPU before every step (so a stop is never many queued steps late).
-    ``on_step(steps_done)``: called by the GPU thread before each step after the first (progress)."""
+    ``on_step(steps_done)``: called by the GPU thread before each step after the first (progress).
+    ``previews``: the batch's gpu_worker.model.previews.PreviewPlan (rows that asked for previews, how
+    often), which the backend reads; None: no row asked."""
 
     def __init__(self, open_until_s: float | None, clock: Callable[[], float], rows: int = 0, steps: int = 0,
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 on_step: Callable[[int], None] | None = None, previews: Any = None) -> None:
         self.open_until_s = open_until_s
         self.clock = clock
         self.rows = rows
         self.steps = steps
         self.on_step = on_step
+        self.previews = previews
         self._requested = threading.Event()
         self._unwanted: set[int] = set()
         self._lock = threading.Lock()

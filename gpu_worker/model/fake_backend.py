@@ -39,6 +39,7 @@ import torch
 
 from gpu_worker.model.oom import OUT_OF_MEMORY_ERROR, OnImages
 from gpu_worker.model.pipelines import GenerationJob
+from gpu_worker.model.previews import flat_previews
 from gpu_worker.decisions.preemption import Preemption
 from imagegen.batch_key import BatchKey
 from imagegen.settings import parse_bool
@@ -111,6 +112,9 @@ class FakeBackend:
         sees what it sees in service). With a
         ``preemption`` the delay is slept in num_inference_steps equal steps, each preceded by
         ``preemption.before_step`` (which may raise BatchPreempted), as the real denoising loop does.
+        When the preemption carries a preview plan (gpu_worker/model/previews.py) with rows, the steps
+        run as a loop even without a delay, and each due step delivers a small flat image per row
+        still wanted (gpu_worker.model.previews.flat_previews), standing in for the latents' preview.
         """
         jobs = list(jobs)
         with self._lock:
@@ -125,11 +129,17 @@ class FakeBackend:
                 f"CUDA out of memory (fake: a batch of {len(jobs)} images is more than "
                 f"oom_above={self.oom_above})")
         delay_s = self.delay_s + self.step_delay_s * settings.num_inference_steps
-        if delay_s and preemption is not None:
+        plan = getattr(preemption, "previews", None)
+        plan = plan if plan is not None and plan.rows else None
+        if preemption is not None and (delay_s or plan is not None):
             began, steps = time.monotonic(), settings.num_inference_steps
             for step in range(steps):  # steps end at fixed instants: no drift from 25 sleeps
                 preemption.before_step(lambda: None)  # nothing queued on a device to wait for
                 time.sleep(max(0.0, began + delay_s * (step + 1) / steps - time.monotonic()))
+                if plan is not None and plan.due(step + 1):  # no latents: flat images, as small as previews get
+                    images = flat_previews(plan, step + 1, settings.width, settings.height)
+                    if images:
+                        plan.deliver(step + 1, images)
         elif delay_s:
             time.sleep(delay_s)
         arrays = [fake_pixels(job, settings, self.cell_px) for job in jobs]

@@ -23,7 +23,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from gpu_worker.model import acceleration, decoding
+from gpu_worker.model import acceleration, decoding, previews
 from gpu_worker.model.acceleration import AccelerationConfig
 from gpu_worker.decisions.preemption import Preemption
 from imagegen.batch_key import BatchKey
@@ -196,6 +196,7 @@ class ImagePipeline:
         self._check_settings(settings)
         # CPU generators: the initial noise is the same whichever device runs the model.
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+        previewer = self._previewer(preemption)
         with torch.inference_mode(), self._checked_before_each_step(preemption):
             output = self.diffusers_pipeline(
                 prompt=[job.prompt for job in jobs],
@@ -211,11 +212,22 @@ class ImagePipeline:
                 guidance_scale=settings.guidance_scale,
                 num_images_per_prompt=1,
                 output_type=output_type,
+                **({} if previewer is None else previews.step_end_callback(previewer, settings.num_inference_steps)),
             )
+            if previewer is not None:
+                previewer.finish()
         images = output.images
         if len(images) != len(jobs):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(jobs)} jobs")
         return images
+
+    def _previewer(self, preemption: Preemption | None) -> previews.LatentPreviewer | None:
+        """The batch's previews (gpu_worker/model/previews.py), when its Preemption carries a plan with
+        rows that asked for them."""
+        plan = getattr(preemption, "previews", None)
+        if plan is None or not plan.rows:
+            return None
+        return previews.LatentPreviewer(plan, self.architecture)
 
     @contextlib.contextmanager
     def _checked_before_each_step(self, preemption: Preemption | None) -> Iterator[None]:

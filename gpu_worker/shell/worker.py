@@ -26,7 +26,9 @@ thread-safe):
   otherwise it finishes and only the wanted rows' images are sent. The GPU thread learns of both
   through the batch's :class:`gpu_worker.decisions.preemption.Preemption`, the one object it shares with the
   event loop. While a batch runs, each of its requests gets a PROGRESS message at its start (step 0)
-  and then at most one every PROGRESS_INTERVAL_S.
+  and then at most one every PROGRESS_INTERVAL_S; a request that asked for previews
+  (GenerationParams.preview) also gets a PREVIEW, a small image of its latents
+  (gpu_worker/model/previews.py), every PREVIEW_EVERY_STEPS steps.
 
 PNG encoding runs in its own thread pools and overlaps the GPU's work: a batch's images are handed
 over part by part as the VAE decodes them (gpu_worker.model.decoding), each part's PNGs are compressed
@@ -56,6 +58,7 @@ from gpu_worker.decisions.sizes import SizeRule, WarmUpPlan, WarmUpUnit, batch_s
 from gpu_worker.decisions.stats import WorkerCounters
 from gpu_worker.shell.link import BrokerLink
 from gpu_worker.model.oom import OnImages, OomSplittingBackend, is_out_of_memory, release_cached_memory
+from gpu_worker.model.previews import DEFAULT_EVERY_STEPS, PreviewPlan
 from gpu_worker.decisions.worker_state import (
     AbandonRow,
     Action,
@@ -77,6 +80,7 @@ from imagegen.protocol import (
     Generate,
     Heartbeat,
     ImageSize,
+    Preview,
     Progress,
     Register,
     Result,
@@ -236,8 +240,10 @@ class Worker:
                  capacity: int, broker_address: str, heartbeat_interval_s: float, liveness: int = 5,
                  max_batch_size_auto: bool = False, clock=time.monotonic, batcher: BatchPolicy[Generate] | None = None,
                  curve: CurveClientKeys | None = None, gpu_thread: ThreadPoolExecutor | None = None,
-                 seconds_per_work_unit: float = 0.0, sizes: SizeServing = SizeServing()) -> None:
+                 seconds_per_work_unit: float = 0.0, sizes: SizeServing = SizeServing(),
+                 preview_every_steps: int = DEFAULT_EVERY_STEPS) -> None:
         self.identity = identity
+        self.preview_every_steps = preview_every_steps  # PREVIEW_EVERY_STEPS
         self.seconds_per_work_unit = seconds_per_work_unit  # measured at warm-up; reported for admission
         # A batch that runs out of GPU memory is split and retried in halves (gpu_worker/model/oom.py).
         self.backend = OomSplittingBackend(backend, on_oom=self._out_of_memory_in_gpu_thread)
@@ -477,6 +483,29 @@ class Worker:
         for request_id in request_ids:
             self.link.send(Progress(request_id, min(step, steps), steps, batch_size=batch_size))
 
+    def _preview_plan(self, batch: Batch[Generate], steps: int,
+                      unwanted: Callable[[], frozenset[int]]) -> PreviewPlan | None:
+        """The batch's previews (gpu_worker/model/previews.py): the rows whose request asked, every
+        PREVIEW_EVERY_STEPS steps; None when no row asked."""
+        rows = tuple(row for row, pending in enumerate(batch.requests) if pending.item.params.preview)
+        if not rows:
+            return None
+        request_ids = [pending.request_id for pending in batch.requests]
+        return PreviewPlan(rows, self.preview_every_steps, steps, unwanted=unwanted,
+                           deliver=lambda step, images: self._previews_in_gpu_thread(request_ids, step, steps, images))
+
+    def _previews_in_gpu_thread(self, request_ids: Sequence[str], step: int, steps: int,
+                                images: Sequence[tuple[int, bytes]]) -> None:
+        """Called by the GPU thread with a due step's encoded previews: hand them to the event loop
+        (before the batch's answer, which the loop learns of later, so a preview never follows its RESULT)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._send_previews, [(request_ids[row], image) for row, image in images],
+                                           step, steps)
+
+    def _send_previews(self, images: Sequence[tuple[str, bytes]], step: int, steps: int) -> None:
+        for request_id, image in images:
+            self.link.send(Preview(request_id, step, steps), [image])
+
     async def _sleep_until_next_decision(self) -> None:
         self.arrival.clear()
         wake_at = self.decisions.next_wake_at(self.clock())
@@ -502,7 +531,8 @@ class Worker:
         # are from the stop signal itself (thread-safe), never from the event loop's state.
         preemption = Preemption(batch.preemptible_until, self.clock, rows=len(batch), steps=steps,
                                 on_step=lambda step: self._progress_in_gpu_thread(request_ids, preemption.unwanted,
-                                                                                  step, steps))
+                                                                                  step, steps),
+                                previews=self._preview_plan(batch, steps, lambda: preemption.unwanted))
         self.preemption = preemption
         for pending in batch.requests:
             stage_trace.stage("worker_batch_started", pending.request_id)
@@ -546,6 +576,9 @@ class Worker:
                  short_ids(request_ids, labels),
                  f" ({len(unwanted)} no longer wanted: images dropped)" if unwanted else "",
                  extra={"batch_id": batch_id, "request_ids": request_ids, "labels": labels})
+        if preemption.previews is not None:
+            log.debug("batch %s: %d previews, %.1f ms in the GPU thread", batch_id, preemption.previews.images,
+                      preemption.previews.seconds * 1000.0, extra={"batch_id": batch_id})
         task = asyncio.create_task(self._deliver(batch, batch_id, encodings, generation_s, unwanted))
         self.delivery_tasks.add(task)
         task.add_done_callback(self.delivery_tasks.discard)
