@@ -24,6 +24,7 @@ from tests.support.procs import free_port, kill_tree, wait_until_ready
 def gateway_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "IMAGE_DIR"))}
     env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", IMAGE_DIR=str(tmp_path / "images"),
+               STATE_DIR=str(tmp_path / "state"),
                BROKER_CLIENT_ADDRESS=f"tcp://127.0.0.1:{free_port()}", GATEWAY_PORT=str(free_port()),
                GATEWAY_HOST="127.0.0.1")
     env.update(settings)

@@ -74,7 +74,9 @@ def cluster(make_module_cluster):
     c.keyed_url = f"http://127.0.0.1:{keyed_port}"
     c.start("broker", "broker")
     c.start("gateway", "gateway")
-    c.start("gateway-keyed", "gateway", GATEWAY_PORT=str(keyed_port), GATEWAY_API_KEYS=API_KEY)
+    # Its own STATE_DIR: two gateways on one would share one identity (gateway/identity.py refuses it).
+    c.start("gateway-keyed", "gateway", GATEWAY_PORT=str(keyed_port), GATEWAY_API_KEYS=API_KEY,
+            STATE_DIR=str(c.dir / "state-keyed"))
     c.start_worker(0)
     c.wait_for_workers(1)
     deadline = time.monotonic() + 30
