@@ -50,6 +50,7 @@ from imagegen.protocol import (
     Heartbeat,
     Ping,
     Pong,
+    Preview,
     Progress,
     ProtocolError,
     Register,
@@ -290,6 +291,8 @@ class BrokerServer:
             self._execute(self.state.failure(routing_id, message, now))
         elif isinstance(message, Progress):
             self._execute(self.state.progress(routing_id, message, now))
+        elif isinstance(message, Preview):
+            self._execute(self.state.preview(routing_id, message, now), payload)
         elif isinstance(message, Disconnect):
             self._execute(self.state.disconnect(routing_id, now, Removal.LEFT, message.reason))
         else:
@@ -397,12 +400,12 @@ class BrokerServer:
     def _send_to_client(self, action: ToClient, payload: Sequence[Any]) -> None:
         """Send to a gateway. An answer (RESULT, FAILURE) that cannot go, because the gateway is not
         connected or has fallen silent (BrokerState.client_silent), is kept for a COLLECT
-        (broker/unclaimed.py); a report (PROGRESS, QUEUED) that cannot go is dropped."""
+        (broker/unclaimed.py); a report (PROGRESS, QUEUED, PREVIEW) that cannot go is dropped."""
         message = action.message
         answer = isinstance(message, (Result, Failure))
         if answer:
             self._log_action(action)
-        frames_payload = action.payload or (tuple(payload) if isinstance(message, Result) else ())
+        frames_payload = action.payload or (tuple(payload) if isinstance(message, (Result, Preview)) else ())
         if self.state.client_silent(action.client_id, self.clock()):
             error: Exception | None = ConnectionError("the gateway has sent nothing, not even a ping, lately")
         else:

@@ -54,6 +54,7 @@ from imagegen.protocol import (
     Heartbeat,
     ImageSize,
     Message,
+    Preview,
     Progress,
     Queued,
     Register,
@@ -323,6 +324,7 @@ class Counters:
     collects: int = 0  # COLLECT messages received
     collects_unknown: int = 0  # ... for an id the broker held nothing for (unknown_request)
     progress_forwarded: int = 0  # worker PROGRESS messages passed on to the request's client
+    previews_forwarded: int = 0  # worker PREVIEW messages passed on to the request's client
     queued_reports: int = 0  # QUEUED reports sent
 
 
@@ -755,6 +757,19 @@ class BrokerState:
         # step 0 under the next number) and the worker.
         self.counters.progress_forwarded += 1
         return [ToClient(record.client_id, self._progress_of(record), record.message.label)]
+
+    def preview(self, routing_id: bytes, message: Preview, now: float) -> list[Action]:
+        """A running request's preview (gpu_worker/model/previews.py): a sign of progress too; passed
+        on as it is to the request's client (the shell sends the worker's payload frame along)."""
+        worker = self.workers.get(routing_id)
+        if worker is None:
+            return [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
+        if not self._holds(worker, message.request_id):
+            return []
+        worker.last_progress = worker.last_seen = now
+        record = self.requests[message.request_id]
+        self.counters.previews_forwarded += 1
+        return [ToClient(record.client_id, message, record.message.label)]
 
     def _progress_of(self, record: RequestRecord) -> Progress:
         """The request's latest PROGRESS as its client gets it (its worker has sent one)."""

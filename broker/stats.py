@@ -158,6 +158,7 @@ def _broker_section(state: BrokerState) -> dict[str, Any]:
         "collects": c.collects,
         "collects_unknown": c.collects_unknown,
         "progress_forwarded": c.progress_forwarded,
+        "previews_forwarded": c.previews_forwarded,
         "queued_reports": c.queued_reports,
         "draining": state.draining,
     }

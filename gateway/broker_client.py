@@ -17,7 +17,9 @@ For jobs, which outlive one gateway process (docs/architecture.md, "Results a ga
   restarted gateway gets its connection back, and answers the broker could not deliver meanwhile
   wait there; ``collect()`` fetches one by request id (or waits for it, from any gateway), and
   ``cancel()`` cancels any request by id;
-* ``on_event`` receives a request's PROGRESS (and with ``watch``, QUEUED) reports before its answer;
+* ``on_event`` receives a request's PROGRESS (and with ``watch``, QUEUED) reports before its answer,
+  and its PREVIEWs (requests with ``GenerationParams.preview``) as :class:`PreviewReport`, which
+  carries the image;
 * an answer that comes for no waiting call (one the previous process of this gateway sent, finished
   before the jobs code collected it) is kept a while (ORPHAN_KEEP_S) for ``collect()``;
 * after a gap in PONGs from the same broker (the link dropped, or this process stalled; the broker
@@ -50,6 +52,7 @@ from imagegen.protocol import (
     GenerationParams,
     Ping,
     Pong,
+    Preview,
     Progress,
     ProtocolError,
     Queued,
@@ -77,7 +80,16 @@ ABANDONED_MEMORY = 10_000
 # keeps the answers of a gateway silent for 5 s, broker.state.BrokerPolicy.client_silence_s).
 LINK_GAP_PINGS = 2.5
 
-OnEvent = Callable[[protocol.Message], None]  # receives a Progress or Queued
+OnEvent = Callable[[protocol.Message], None]  # receives a Progress, a Queued or a PreviewReport
+
+
+@dataclass(frozen=True)
+class PreviewReport(Preview):
+    """What ``on_event`` gets for a PREVIEW: the message (``request_id``, ``step``, ``steps``; it is a
+    :class:`imagegen.protocol.Preview`) and ``image``, its payload: the preview's JPEG bytes
+    (gpu_worker/model/previews.py). Only made here, never sent."""
+
+    image: bytes = b""
 
 
 class BrokerFailure(Exception):
@@ -169,9 +181,11 @@ class BrokerClient:
         a collect(): a job that outlives this call). close() never cancels.
 
         ``on_event(message)`` is called, in the event loop, for each Progress (every request gets
-        them once a worker runs it, at most one each 0.5 s, with the attempt number) and, with
+        them once a worker runs it, at most one each 0.5 s, with the attempt number), with
         ``watch``, each Queued (its place in the broker's queue, when it changes, at most once a
-        second) that comes before the answer. An exception it raises is logged and ignored."""
+        second), and with ``params.preview``, each preview as a :class:`PreviewReport` (a Preview
+        whose ``image`` is the JPEG's bytes), that comes before the answer. An exception it raises
+        is logged and ignored."""
         if len(self.waiting) >= self.max_pending:
             raise BrokerFailure(FailureCode.OVERLOADED.value,
                                 f"the gateway already has {self.max_pending} requests waiting; retry later")
@@ -343,8 +357,11 @@ class BrokerClient:
                 continue
             reply_id = message.query_id if isinstance(message, StatsReply) else getattr(message, "request_id", None)
             waiting = self.waiting.get(reply_id)
-            if isinstance(message, (Progress, Queued)):
+            if isinstance(message, (Progress, Queued, Preview)):
                 if waiting is not None and waiting.on_event is not None and not waiting.future.done():
+                    if isinstance(message, Preview):
+                        message = PreviewReport(message.request_id, message.step, message.steps,
+                                                image=bytes(payload[0]))
                     self._report(waiting.on_event, message)
             elif waiting is not None and not waiting.future.done():
                 waiting.future.set_result((message, payload))

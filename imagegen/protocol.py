@@ -92,7 +92,7 @@ class Command(bytes, enum.Enum):
     CANCEL = b"\x09"  # G->B, B->W: nobody waits for the request any more; drop it, running or not
     PROGRESS = b"\x0a"  # W->B: a running request reached a denoising step (rate-limited by the worker);
     #                      also B->G on the client link, with the attempt number filled in
-    PREVIEW = b"\x0b"  # W->B: a small image of a running request's latents (payload: JPEG bytes)
+    PREVIEW = b"\x0b"  # W->B and B->G: a small image of a running request's latents (payload: JPEG bytes)
     # client link (IGC)
     STATS_QUERY = b"\x11"  # G->B
     STATS_REPLY = b"\x12"  # B->G
@@ -359,7 +359,9 @@ class Preview(Message):
 
     An approximation of the latents through a fixed linear latent-to-RGB map, not a decode of the
     image (gpu_worker/model/previews.py); sent every PREVIEW_EVERY_STEPS steps (the worker's
-    setting), never for the last step, and only for rows still wanted."""
+    setting), never for the last step, and only for rows still wanted. The broker forwards it, its
+    payload frame untouched, to the request's client like PROGRESS (dropped when that gateway cannot
+    take it: a report, not an answer)."""
 
     COMMAND: ClassVar[Command] = Command.PREVIEW
     request_id: str = bounded(max_len=MAX_ID_CHARS)
@@ -434,7 +436,7 @@ class StatsReply(Message):
 _WORKER_LINK_COMMANDS = {Register, Welcome, Heartbeat, Disconnect, Generate, Result, Failure, BrokerHeartbeat, Cancel,
                          Progress, Preview}
 _CLIENT_LINK_COMMANDS = {Generate, Result, Failure, StatsQuery, StatsReply, Cancel, Ping, Pong, Progress, Queued,
-                         Collect}
+                         Collect, Preview}
 MESSAGE_TYPES: dict[bytes, dict[Command, type[Message]]] = {
     WORKER_LINK: {cls.COMMAND: cls for cls in _WORKER_LINK_COMMANDS},
     CLIENT_LINK: {cls.COMMAND: cls for cls in _CLIENT_LINK_COMMANDS},

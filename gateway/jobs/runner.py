@@ -62,7 +62,7 @@ from gateway.jobs.store import SQLITE_FILE, Event, Job, JobStore, JobStoreError,
 from gateway.jobs.webhooks import WebhookSender, record_event, wants
 from gateway.request_ids import new_request_id
 from gateway.validation import FieldError, GenerateRequest, parse_generate_request
-from imagegen.protocol import GenerationParams, Result
+from imagegen.protocol import GenerationParams, Preview, Result
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ class JobRunner:
         if run.done:
             return
         try:
-            if type(message).__name__ == "Preview":
+            if isinstance(message, Preview):  # a gateway.broker_client.PreviewReport: its image is .image
                 return  # previews are not recorded yet
             if hasattr(message, "position"):
                 self._on_queued(run, message)

@@ -177,3 +177,39 @@ def test_the_preview_flag_is_off_by_default_travels_and_does_not_split_batches()
     del header["params"]["preview"]
     old, _ = decode([WORKER_LINK, Command.GENERATE.value, msgpack.packb(header)], WORKER_LINK)
     assert old.params.preview is False
+
+
+# ------------------------------------------------------------------ the broker passes previews on
+
+
+def broker_with_one_request():
+    from broker.state import BrokerPolicy, BrokerState
+    from imagegen.protocol import BatchingConfig, Register
+
+    s = BrokerState(BrokerPolicy(), epoch="epoch-1")
+    for routing_id, name in ((b"w1", "w1"), (b"w2", "w2")):
+        s.register(routing_id, Register(name, "host-a", 0, 1000, "tiny", "cpu", 1, BatchingConfig(
+            True, 8, 5.0, 1, 0.5, True, 10)), 100.0)
+    s.submit(b"gateway-1", Generate("r1", GenerationParams("a cat", 512, 512, 25, 7.5, 1, preview=True), 600.0), 100.0)
+    holder = next(w for w in s.workers.values() if w.in_flight).routing_id
+    return s, holder, (b"w2" if holder == b"w1" else b"w1")
+
+
+def test_the_broker_passes_a_preview_to_the_requests_client_as_it_came_and_counts_it_as_progress():
+    from broker.state import ToClient, ToWorker
+    from broker.stats import build_stats
+
+    s, holder, other = broker_with_one_request()
+    actions = s.preview(holder, Preview("r1", 5, 25), 130.0)
+    assert [(a.client_id, a.message) for a in actions if isinstance(a, ToClient)] == [(b"gateway-1", Preview("r1", 5, 25))]
+    assert s.workers[holder].last_progress == 130.0  # the progress deadline counts from here
+    assert s.preview(other, Preview("r1", 10, 25), 131.0) == []  # not its request
+    assert [type(a) for a in s.preview(b"nobody", Preview("r1", 10, 25), 131.0)] == [ToWorker]
+    assert s.counters.previews_forwarded == 1 == build_stats(s, 132.0)["broker"]["previews_forwarded"]
+
+
+def test_a_preview_travels_to_the_gateway_with_its_payload():
+    from imagegen.protocol import CLIENT_LINK
+
+    message, payload = decode(encode(CLIENT_LINK, Preview("r1", 5, 25), [b"jpeg"]), CLIENT_LINK)
+    assert message == Preview("r1", 5, 25) and payload == [b"jpeg"]
