@@ -15,6 +15,7 @@
   first Progress            ``started`` {attempt, steps, batch_size, worker}; status running
   Progress (step)           ``progress`` {step, steps}, steps only ever increasing within an attempt
   Progress, higher attempt  ``restarted`` {attempt}; its steps count from the start again
+  Preview (its JPEG)        ``preview`` {step, steps, image: a data: URL}, for a job with preview on
   Result                    ``succeeded`` (the /generate answer's fields; the image kept)
   Failure, timeout          ``failed`` {error: {code, message}}
   DELETE /v1/jobs/{id}      ``cancelled``
@@ -44,6 +45,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import functools
 import inspect
@@ -312,7 +314,7 @@ class JobRunner:
                 await self._write_end(job, "failed", {"error": {"code": LOST_CODE, "message": LOST_MESSAGE}})
                 continue
             parsed = self._parse(job.request)
-            run = _Run(job=job, request_id=job.request_id, label="", params=parsed.params if parsed else None,
+            run = _Run(job=job, request_id=job.request_id, label="", params=self._params(job, parsed),
                        parsed=parsed, origin=None, status=job.status, attempt=job.attempt,
                        started=job.started_at is not None, position=job.queue_position,
                        step=(job.progress or {}).get("step", 0), steps=(job.progress or {}).get("steps"),
@@ -396,7 +398,7 @@ class JobRunner:
             return stored, False
         self.stats["submitted"] += 1
         self._after_event(stored, event)
-        run = _Run(job=stored, request_id=stored.request_id or "", label=label, params=parsed.params,
+        run = _Run(job=stored, request_id=stored.request_id or "", label=label, params=self._params(stored, parsed),
                    parsed=parsed, origin=origin, status="queued", attempt=1, started=False)
         self._launch(run, resume=False)
         await asyncio.sleep(0)  # its task sends the request to the broker before the client hears of the job
@@ -406,6 +408,13 @@ class JobRunner:
         self._runs[run.job.id] = run
         run.writer = asyncio.create_task(self._write(run), name=f"job-writer-{run.job.id}")
         run.task = asyncio.create_task(self._drive(run, resume), name=f"job-{run.job.id}")
+
+    @staticmethod
+    def _params(job: Job, parsed: GenerateRequest | None) -> GenerationParams | None:
+        """What the broker gets: the request's parameters, asking for previews when the job does."""
+        if parsed is None:
+            return None
+        return replace(parsed.params, preview=True) if job.preview else parsed.params
 
     def _parse(self, request: dict) -> GenerateRequest | None:
         try:
@@ -425,7 +434,8 @@ class JobRunner:
             return
         try:
             if isinstance(message, Preview):  # a gateway.broker_client.PreviewReport: its image is .image
-                return  # previews are not recorded yet
+                self._on_preview(run, message)
+                return
             if hasattr(message, "position"):
                 self._on_queued(run, message)
             elif hasattr(message, "step") and hasattr(message, "steps"):
@@ -451,6 +461,15 @@ class JobRunner:
         else:
             run.pending_queued = (position, estimate)
             self._schedule_flush(run, run.queued_written + self.interval_s - now)
+
+    def _on_preview(self, run: _Run, message: Any) -> None:
+        """A preview of the job's latents: a ``preview`` event whose image is a data: URL (a JPEG of a
+        few KiB), for a job that asked (``preview: true``)."""
+        image = getattr(message, "image", b"")
+        if not run.job.preview or not image:
+            return
+        self._emit(run, {}, "preview", {"step": int(message.step), "steps": int(message.steps),
+                                        "image": "data:image/jpeg;base64," + base64.b64encode(image).decode()})
 
     def _emit_queued(self, run: _Run, position: int, estimate: float | None) -> None:
         at = self.clock()
@@ -686,7 +705,9 @@ class JobRunner:
         assert store is not None
 
         def apply() -> tuple[Job | None, Event | None]:
-            job = store.update(run.job.id, **op.changes)
+            # An event that changes nothing in the record (a preview) is only appended: the log
+            # refuses it once the job has ended.
+            job = store.update(run.job.id, **op.changes) if op.changes else run.job
             if job is None or op.event is None:
                 return job, None
             return job, record_event(store, job, op.event, op.data, now=op.at)
@@ -701,7 +722,7 @@ class JobRunner:
                 if attempt >= (TERMINAL_WRITE_ATTEMPTS if op.terminal else 1):
                     return
                 await asyncio.sleep(TERMINAL_RETRY_S)
-        if job is None:  # finished elsewhere (cancelled): its streams read the log again
+        if job is None or (not op.changes and event is None):  # finished (cancelled elsewhere, say)
             self.hub.notify(run.job.id)
             return
         if op.terminal:

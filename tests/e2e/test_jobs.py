@@ -3,6 +3,7 @@ per-step delay (MODEL_ID=fake:step_delay=0.1: the serving layer is under test, a
 reports each row's steps as it goes), spoken to over HTTP as a client would.
 
 * progress events of rows batched together: each job its own, steps increasing, then succeeded;
+* preview events of a job that asked for them, each a picture (JPEG) of its latents;
 * cancel of a running job: the worker stops its batch at the next step and serves the request
   queued behind it;
 * the gateway killed (SIGKILL) while jobs run, then started again on the same STATE_DIR: the jobs
@@ -159,6 +160,25 @@ def test_rows_batched_together_each_get_their_own_progress(cluster):
             assert image.read(8) == b"\x89PNG\r\n\x1a\n"
     batch_sizes = {job(c, accepted["id"])["batch_size"] for accepted in jobs}
     assert max(batch_sizes) >= 2, batch_sizes  # submitted together: batched together
+
+
+def test_a_job_with_previews_streams_pictures_of_its_latents(cluster):
+    import base64
+    import io
+
+    from PIL import Image
+
+    c = cluster()
+    accepted = submit(c, {**body(7, steps=20), "preview": True})
+    plain = submit(c, body(8, steps=20))
+    events = read_events(accepted["events_url"])
+    previews = [data for _, kind, data in events if kind == "preview"]
+    assert [data["step"] for data in previews] == [5, 10, 15], (events, c.logs())  # PREVIEW_EVERY_STEPS=5
+    for data in previews:
+        jpeg = base64.b64decode(data["image"].removeprefix("data:image/jpeg;base64,"))
+        assert Image.open(io.BytesIO(jpeg)).size == (8, 8)  # 1/8 of the image's side
+    assert events[-1][1] == "succeeded"
+    assert "preview" not in [kind for _, kind, _ in read_events(plain["events_url"])]
 
 
 def test_cancelling_a_running_job_frees_the_worker_at_the_next_step(cluster):

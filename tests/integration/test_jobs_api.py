@@ -209,6 +209,35 @@ async def test_a_restarted_row_says_so_and_counts_its_steps_again(tmp_path, star
     assert (await status(client, job["id"]))["attempt"] == 2
 
 
+async def test_a_job_that_asks_for_previews_gets_them_as_events(tmp_path, start_gateway):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    fake = JobFakeBroker(auto=False)
+    client = await start_gateway(job_settings(tmp_path), fake)
+    with_previews = await submit(client, {**BODY, "preview": True})
+    without = await submit(client, {**BODY, "seed": 12})
+    await fake.wait_for_requests(2)
+    asked, plain = fake.request(0), fake.request(1)
+    assert asked.params.preview and not plain.params.preview  # the worker is asked for them
+    for request in (asked, plain):  # (a worker sends none to a request that did not ask)
+        request.step(0).step(1).step(2).preview(2, jpeg).step(3).preview(4, jpeg).step(6).succeed()
+    events = await events_of(client, with_previews["id"])
+    previews = [event for event in events if event.type == "preview"]
+    assert [(event.data["step"], event.data["steps"]) for event in previews] == [(2, 6), (4, 6)]
+    prefix = "data:image/jpeg;base64,"
+    assert all(event.data["image"].startswith(prefix) for event in previews)
+    picture = Image.open(io.BytesIO(base64.b64decode(previews[0].data["image"][len(prefix):])))
+    assert picture.size == (8, 8)
+    assert [event.type for event in events].index("preview") > [event.type for event in events].index("started")
+    assert "preview" not in [event.type for event in await events_of(client, without["id"])]
+
+
 async def test_a_preempted_batch_restarts_under_the_same_attempt(tmp_path, start_gateway):
     """Preemption runs the batch again on the same worker from step 0, under the same attempt number."""
     fake = JobFakeBroker(auto=False)

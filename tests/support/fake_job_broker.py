@@ -4,8 +4,8 @@
 uses: ``generate(request_id, params, timeout_s, label="", on_event=None, watch=False)``,
 ``collect(request_id, timeout_s, on_event=None)`` and ``cancel(request_id)``, plus start, close
 and stats. Each request it is given becomes a :class:`FakeRequest` whose script the test feeds:
-``queued(position)``, ``step(step, steps, attempt)`` (each delivered to ``on_event`` as the broker's
-Queued and Progress reports), then ``succeed()`` or ``fail(code)``. With ``auto=True`` every request
+``queued(position)``, ``step(step, steps, attempt)``, ``preview(step, image)`` (each delivered to
+``on_event`` as the broker's Queued, Progress and Preview reports), then ``succeed()`` or ``fail(code)``. With ``auto=True`` every request
 gets :meth:`FakeRequest.default_script` at once (queued 2, queued 1, steps 0..N, the image).
 
 Like a broker, it keeps requests across the gateway's restarts: ``close()`` (the gateway's broker
@@ -81,6 +81,13 @@ class FakeRequest:
 
     def step(self, step: int, steps: int | None = None, attempt: int = 1) -> "FakeRequest":
         self.script.put_nowait(("report", progress_report(self.request_id, step, steps or self.steps, attempt)))
+        return self
+
+    def preview(self, step: int, image: bytes, steps: int | None = None) -> "FakeRequest":
+        """A PREVIEW report, as the real link hands it over (a PreviewReport with the JPEG as ``image``)."""
+        from gateway.broker_client import PreviewReport
+
+        self.script.put_nowait(("report", PreviewReport(self.request_id, step, steps or self.steps, image=image)))
         return self
 
     def succeed(self, **fields: Any) -> "FakeRequest":
