@@ -17,6 +17,8 @@ itself and its load test are in scripts/.
 * ``broker_ceiling``: how many requests per second one broker routes, and its CPU per request.
 * ``curve``: what CurveZMQ encryption costs per image on the worker link.
 * ``overload``: backpressure at ten times the service's capacity (503 + Retry-After, bounded memory).
+* ``jobs_load``: 1,000 jobs at once through the job API, each followed by its event stream: every job
+  ends, every listener gets its terminal event, and the gateway's memory and open files.
 * ``abandon_probe``: how soon work nobody waits for frees the GPU, against a running service.
 * ``compile_cache``: how soon a compiled worker is ready: cold, restarted, and from an imported cache.
 * ``resolutions``: every listed size at compiled speed (burst, square-only and mixed Poisson traffic,

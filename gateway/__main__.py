@@ -9,7 +9,7 @@ import sys
 from gateway.app import create_app
 from gateway.config import GatewaySettings, listens_unauthenticated_beyond_loopback
 from gateway.identity import GatewayIdentityError
-from gateway.serving import serve
+from gateway.serving import check_open_files_limit, serve
 from imagegen import settings as settings_lib
 from imagegen import stage_trace
 from imagegen.logs import setup_logging
@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
         log.warning("GATEWAY_HOST=%s is reachable from other machines and no API key is configured: anyone who "
                     "can reach port %d can use the GPUs (GATEWAY_ALLOW_UNAUTHENTICATED=true); set GATEWAY_API_KEYS "
                     "to require a key", settings.host, settings.port)
+    check_open_files_limit(settings)  # every connection is a file: the soft limit is often 1024
     # serve stops on SIGTERM (supervisorctl stop) and SIGINT: it stops accepting connections,
     # lets requests in progress finish for up to GATEWAY_SHUTDOWN_TIMEOUT_S, then runs the cleanup
     # contexts. handler_cancellation: a client that disconnects cancels its handler, which tells

@@ -5,14 +5,18 @@ file descriptor for as long as the client keeps it open. :class:`CappedRunner` w
 factory aiohttp hands to ``loop.create_server`` so that beyond GATEWAY_MAX_CONNECTIONS a new
 connection is answered ``503 too_many_connections`` (JSON, Retry-After) and closed at once, before
 any of its bytes are parsed. The count covers every HTTP connection, idle keep-alive ones included;
-long-lived event streams, when an API adds them, get a cap of their own so they cannot crowd out
-ordinary requests.
+the job API's long-lived event streams have a cap of their own (JOB_EVENT_STREAMS_MAX) so they cannot
+crowd out ordinary requests.
 
 The other bounds on a slow client: GATEWAY_IDLE_TIMEOUT_S closes a connection with no request in
 progress (idle keep-alive, or headers that never finish); GATEWAY_BODY_TIMEOUT_S bounds reading a
 body (gateway/context.py ``read_json_body``, which answers 408 and closes the connection); and a
 body nobody reads (an error answered first) is drained for at most that long too (aiohttp's
 ``lingering_time``) before the connection closes.
+
+Each connection is a file descriptor: :func:`raise_open_files_limit` (at start) lifts the soft
+RLIMIT_NOFILE, often 1024, to GATEWAY_MAX_CONNECTIONS plus the gateway's own files, so that the cap,
+not EMFILE, is what a crowd of clients meets.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import signal
 from typing import Any, Callable
 
@@ -32,6 +37,40 @@ from gateway.context import METRICS
 log = logging.getLogger(__name__)
 
 REFUSED_LINGER_S = 2.0  # how long a refused connection's request is read and dropped before closing
+# Files the gateway holds besides its HTTP connections: the listening socket, the broker link's
+# ZeroMQ sockets, the job store, image files being written, logs, the event loop (about 20 when idle).
+OWN_FILES = 100
+
+
+def raise_open_files_limit(max_connections: int, getrlimit: Callable = resource.getrlimit,
+                           setrlimit: Callable = resource.setrlimit) -> tuple[int, int, int]:
+    """Raise the soft limit on open files to ``max_connections + OWN_FILES``, as far as the hard limit
+    allows; (soft limit before, soft limit now, what is needed)."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_connections + OWN_FILES
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft, soft, needed
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target, needed
+        except (ValueError, OSError):
+            pass
+    return soft, soft, needed
+
+
+def check_open_files_limit(settings: GatewaySettings) -> None:
+    """At start: raise the open files limit for GATEWAY_MAX_CONNECTIONS, or say why it could not be."""
+    before, now, needed = raise_open_files_limit(settings.max_connections)
+    if now != resource.RLIM_INFINITY and now < needed:
+        log.warning("the open files limit is %d (hard limit included), below GATEWAY_MAX_CONNECTIONS=%d plus %d for "
+                    "the gateway's own files: past it new connections fail (too many open files) instead of "
+                    "getting 503 too_many_connections; raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, "
+                    "supervisord minfds) or lower GATEWAY_MAX_CONNECTIONS", now, settings.max_connections, OWN_FILES)
+    elif now != before:
+        log.info("open files limit raised from %d to %d for GATEWAY_MAX_CONNECTIONS=%d", before, now,
+                 settings.max_connections)
 
 
 def refusal_bytes(retry_after_s: int, limit: int) -> bytes:
