@@ -8,12 +8,15 @@ from dataclasses import dataclass
 from broker.balancing import STRATEGIES
 from imagegen.logs import log_format_setting, log_level_setting
 from imagegen.protocol import HEARTBEAT_INTERVAL_RANGE_S, MAX_ATTEMPTS
-from imagegen.settings import parse_optional_str, require, setting
+from imagegen.settings import parse_optional_int, parse_optional_str, require, setting
 from imagegen.sockets import is_local_endpoint
 
 # Below this the broker could not even start (its idle data size is about 40 MiB).
 MIN_MEMORY_LIMIT_BYTES = 64 * 1024 * 1024
 
+
+
+DEFAULT_UNCLAIMED_RESULT_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,11 +73,12 @@ class BrokerSettings:
         "not connected (restarting) or has been silent for 5 s, so that a gateway can collect them by request "
         "id; beyond it the oldest is dropped. 0: keep none (a gateway that restarts loses the answers of the "
         "requests it had sent)")
-    unclaimed_result_bytes: int = setting(
-        "BROKER_UNCLAIMED_RESULT_BYTES", 256 * 1024 * 1024,
+    unclaimed_result_bytes: int | None = setting(
+        "BROKER_UNCLAIMED_RESULT_BYTES", None,
         "bytes of kept answers (images, about 1 KiB more each) at most; beyond it the oldest are dropped, and an "
         "image larger than this is never kept. Counts against BROKER_MEMORY_LIMIT_BYTES, whose half it may not "
-        "exceed")
+        "exceed; unset: a quarter of BROKER_MEMORY_LIMIT_BYTES, at most 256 MiB (256 MiB with no limit)",
+        parse=parse_optional_int)
     unclaimed_result_ttl_s: float = setting(
         "BROKER_UNCLAIMED_RESULT_TTL_S", 600.0,
         "seconds a kept answer waits for a gateway to collect it before it is dropped")
@@ -92,6 +96,15 @@ class BrokerSettings:
     log_level: str = log_level_setting()
     log_format: str = log_format_setting()
 
+    def unclaimed_bytes(self) -> int:
+        """BROKER_UNCLAIMED_RESULT_BYTES, or its default: a quarter of the memory limit, at most 256 MiB (a
+        lower BROKER_MEMORY_LIMIT_BYTES alone must not make the broker refuse to start)."""
+        if self.unclaimed_result_bytes is not None:
+            return self.unclaimed_result_bytes
+        if self.memory_limit_bytes == 0:
+            return DEFAULT_UNCLAIMED_RESULT_BYTES
+        return min(DEFAULT_UNCLAIMED_RESULT_BYTES, self.memory_limit_bytes // 4)
+
     def validate(self) -> None:
         require(self.strategy in STRATEGIES, "GPU_LOAD_BALANCE_STRATEGY",
                 f"{self.strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -102,8 +115,8 @@ class BrokerSettings:
         require(self.heartbeat_liveness >= 1, "HEARTBEAT_LIVENESS", "must be at least 1")
         require(1 <= self.max_attempts <= MAX_ATTEMPTS, "MAX_REQUEST_ATTEMPTS", f"must be between 1 and {MAX_ATTEMPTS}")
         require(self.unclaimed_results >= 0, "BROKER_UNCLAIMED_RESULTS", "must not be negative")
-        require(self.unclaimed_result_bytes >= 0, "BROKER_UNCLAIMED_RESULT_BYTES", "must not be negative")
-        require(self.memory_limit_bytes == 0 or self.unclaimed_result_bytes <= self.memory_limit_bytes // 2,
+        require(self.unclaimed_bytes() >= 0, "BROKER_UNCLAIMED_RESULT_BYTES", "must not be negative")
+        require(self.memory_limit_bytes == 0 or self.unclaimed_bytes() <= self.memory_limit_bytes // 2,
                 "BROKER_UNCLAIMED_RESULT_BYTES",
                 f"{self.unclaimed_result_bytes} is more than half of BROKER_MEMORY_LIMIT_BYTES "
                 f"({self.memory_limit_bytes}): kept answers would leave too little for the requests in flight; "

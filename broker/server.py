@@ -116,7 +116,7 @@ class BrokerServer:
             max_attempts=settings.max_attempts,
             progress_timeout_s=settings.worker_progress_timeout_s,
             unclaimed_results=settings.unclaimed_results,
-            unclaimed_bytes=settings.unclaimed_result_bytes,
+            unclaimed_bytes=settings.unclaimed_bytes(),
             unclaimed_ttl_s=settings.unclaimed_result_ttl_s,
         )
         self.state = BrokerState(policy, epoch=uuid.uuid4().hex)
@@ -428,14 +428,14 @@ class BrokerServer:
         if message.request_id in dropped:
             log.warning("request %s: could not deliver its answer to gateway %s (%s), nor keep it (larger than "
                         "BROKER_UNCLAIMED_RESULT_BYTES=%d, or BROKER_UNCLAIMED_RESULTS=0): dropped", name,
-                        _client_name(action.client_id), error, self.settings.unclaimed_result_bytes, extra=extra)
+                        _client_name(action.client_id), error, self.settings.unclaimed_bytes(), extra=extra)
             return
         log.info("request %s: could not deliver its answer to gateway %s (%s): kept for a COLLECT (%d kept)",
                  name, _client_name(action.client_id), error, len(self.state.unclaimed), extra=extra)
         if dropped:
             log.warning("dropped the %d oldest kept answers to make room (BROKER_UNCLAIMED_RESULTS=%d, "
                         "BROKER_UNCLAIMED_RESULT_BYTES=%d)", len(dropped), self.settings.unclaimed_results,
-                        self.settings.unclaimed_result_bytes)
+                        self.settings.unclaimed_bytes())
 
     def _send(self, sock: zmq.asyncio.Socket, peer: bytes, frames: list[Any]) -> bool:
         error = send_now(sock, [peer, *frames])

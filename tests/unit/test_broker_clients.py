@@ -330,6 +330,13 @@ def test_kept_answers_may_not_take_more_than_half_the_memory_limit():
     BrokerSettings(memory_limit_bytes=0, unclaimed_result_bytes=10 * 1024**3).validate()  # no limit
 
 
+def test_a_lower_memory_limit_alone_lowers_the_kept_answers_default_instead_of_refusing_to_start():
+    BrokerSettings(memory_limit_bytes=256 * 1024**2).validate()
+    assert BrokerSettings(memory_limit_bytes=256 * 1024**2).unclaimed_bytes() == 64 * 1024**2
+    assert BrokerSettings().unclaimed_bytes() == 256 * 1024**2  # a quarter of 2 GiB is more: capped
+    assert BrokerSettings(memory_limit_bytes=0).unclaimed_bytes() == 256 * 1024**2
+
+
 # ------------------------------------------------------------------ the client link's new messages
 
 
