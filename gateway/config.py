@@ -101,7 +101,8 @@ class GatewaySettings:
     max_connections: int = setting("GATEWAY_MAX_CONNECTIONS", 1000,
                                    "open HTTP connections at once, idle keep-alive ones included; beyond it a new "
                                    "connection gets 503 too_many_connections (with Retry-After) and is closed. "
-                                   "Long-lived event streams, when an API adds them, get a cap of their own")
+                                   "Job event streams count here too, and have caps of their own (JOB_EVENT_STREAMS_MAX, "
+                                   "JOB_EVENT_STREAMS_PER_JOB)")
     idle_timeout_s: float = setting("GATEWAY_IDLE_TIMEOUT_S", 75.0,
                                     "seconds a connection may stay open without a request in progress "
                                     "(keep-alive, or headers that never finish)")
