@@ -745,29 +745,34 @@ class BrokerState:
 
     def progress(self, routing_id: bytes, message: Progress, now: float) -> list[Action]:
         """A running request of this worker reached a denoising step: the worker is not stuck."""
-        worker = self.workers.get(routing_id)
-        if worker is None:
-            return [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
-        if not self._holds(worker, message.request_id):
-            return []
-        worker.last_progress = worker.last_seen = now
-        record = self.requests[message.request_id]
+        record, refusal = self._running_request(routing_id, message.request_id, now)
+        if record is None:
+            return refusal
         record.step, record.steps, record.batch_size = message.step, message.steps, message.batch_size
         # Its client sees the attempt (a request taken back from a worker that died starts again from
         # step 0 under the next number) and the worker.
         self.counters.progress_forwarded += 1
         return [ToClient(record.client_id, self._progress_of(record), record.message.label)]
 
+    def _running_request(self, routing_id: bytes, request_id: str,
+                         now: float) -> tuple[RequestRecord | None, list[Action]]:
+        """The record of ``request_id`` when the worker at ``routing_id`` holds it (that worker is then
+        seen working: its progress deadline starts again); else None and what to answer (an unknown
+        worker is told to register again; another's request is ignored)."""
+        worker = self.workers.get(routing_id)
+        if worker is None:
+            return None, [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
+        if not self._holds(worker, request_id):
+            return None, []
+        worker.last_progress = worker.last_seen = now
+        return self.requests[request_id], []
+
     def preview(self, routing_id: bytes, message: Preview, now: float) -> list[Action]:
         """A running request's preview (gpu_worker/model/previews.py): a sign of progress too; passed
         on as it is to the request's client (the shell sends the worker's payload frame along)."""
-        worker = self.workers.get(routing_id)
-        if worker is None:
-            return [ToWorker(routing_id, Disconnect("unknown worker: register again"))]
-        if not self._holds(worker, message.request_id):
-            return []
-        worker.last_progress = worker.last_seen = now
-        record = self.requests[message.request_id]
+        record, refusal = self._running_request(routing_id, message.request_id, now)
+        if record is None:
+            return refusal
         self.counters.previews_forwarded += 1
         return [ToClient(record.client_id, message, record.message.label)]
 

@@ -99,6 +99,21 @@ def has_reported_size(png: bytes, result: Result) -> bool:
     return png_size(png) == (result.width, result.height)
 
 
+def how_it_was_made(result: Result) -> dict[str, Any]:
+    """The fields of a /generate answer (and a succeeded job's result) that the worker's result gives:
+    its batch, worker, host, GPU, wait and generation times, and model."""
+    return {
+        "batch_id": result.batch_id,
+        "batch_size": result.batch_size,
+        "gpu_id": result.gpu_id,
+        "worker": result.worker_name,
+        "host": result.host,
+        "queue_wait_ms": round(result.queue_wait_ms, 1),
+        "generation_ms": round(result.generation_ms, 1),
+        "model": result.model or None,
+    }
+
+
 def wrong_size_answer(sender: str) -> ErrorAnswer:
     """502 for an image of another size than asked; ``sender`` names who sent it ("the worker")."""
     return ErrorAnswer(502, "bad_worker_output", f"{sender} returned an image of the wrong size")

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from gateway.answers import IMAGE_ROUTE, ErrorAnswer, broker_failure_answer, broker_silent_answer
-from gateway.answers import has_reported_size, image_url, keep_image, storage_answer, wrong_size_answer
+from gateway.answers import has_reported_size, how_it_was_made, image_url, keep_image, storage_answer, wrong_size_answer
 from gateway.auth import api_key_middleware, load_api_keys
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.config import GatewaySettings
@@ -165,14 +165,7 @@ def _success_body(request: web.Request, parsed: GenerateRequest, result: Result,
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
         "seed": params.seed,
-        "batch_id": result.batch_id,
-        "batch_size": result.batch_size,
-        "gpu_id": result.gpu_id,
-        "worker": result.worker_name,
-        "host": result.host,
-        "queue_wait_ms": round(result.queue_wait_ms, 1),
-        "generation_ms": round(result.generation_ms, 1),
-        "model": result.model or None,
+        **how_it_was_made(result),
     }
 
 

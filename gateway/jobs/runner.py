@@ -57,7 +57,7 @@ from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, TypeVar
 
-from gateway.answers import IMAGE_ROUTE, broker_silent_text
+from gateway.answers import IMAGE_ROUTE, broker_silent_text, how_it_was_made
 from gateway.broker_client import BrokerFailure
 from gateway.images import StorageUnavailable, new_image_id, png_size
 from gateway.jobs.store import SQLITE_FILE, Event, Job, JobStore, JobStoreError, open_job_store
@@ -657,14 +657,7 @@ class JobRunner:
             "guidance_scale": (parsed.params.guidance_scale if parsed
                                else request.get("guidance_scale") or self.settings.default_guidance_scale),
             "seed": result.seed,
-            "batch_id": result.batch_id,
-            "batch_size": result.batch_size,
-            "gpu_id": result.gpu_id,
-            "worker": result.worker_name,
-            "host": result.host,
-            "queue_wait_ms": round(result.queue_wait_ms, 1),
-            "generation_ms": round(result.generation_ms, 1),
-            "model": result.model or None,
+            **how_it_was_made(result),
         }
 
     def _end(self, run: _Run, status: str, data: dict, changes: dict | None = None,
