@@ -350,14 +350,32 @@ class Cluster(Service):
             time.sleep(0.2)
 
 
-def wait_until_warm(cluster: Cluster, process: subprocess.Popen, log: Path, offset: int, timeout_s: float) -> dict:
-    """Follow a worker's log until every listed size is warm; then until the broker shows it warm."""
+def gpu_memory_used_mib(gpu: int) -> int | None:
+    """The card's memory in use (nvidia-smi), MiB; None without nvidia-smi (CPU runs)."""
+    try:
+        answer = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                 "-i", str(gpu)], capture_output=True, text=True, timeout=30)
+        return int(answer.stdout.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def wait_until_warm(cluster: Cluster, process: subprocess.Popen, log: Path, offset: int, timeout_s: float,
+                    gpu: int = 0) -> dict:
+    """Follow a worker's log until every listed size is warm; then until the broker shows it warm.
+    The card's memory in use is sampled when the first size is warm and when every size is (the
+    worker alone on the card: its weights, activations, compiled code and CUDA graphs' pools)."""
     deadline = time.monotonic() + timeout_s
+    memory_mib: dict[str, int | None] = {}
     while True:
         with log.open("rb") as handle:
             handle.seek(offset)
             found = parse_warm_log(handle.read().decode(errors="replace"))
+        if found["first_warm_s"] is not None and "first_size_warm" not in memory_mib:
+            memory_mib["first_size_warm"] = gpu_memory_used_mib(gpu)
         if found["all_warm_s"] is not None:
+            memory_mib["all_sizes_warm"] = gpu_memory_used_mib(gpu)
+            found["gpu_memory_used_mib"] = memory_mib
             break
         if process.poll() is not None:
             raise RuntimeError(f"the worker exited (code {process.returncode}) before every size was warm; see {log}")
@@ -372,12 +390,12 @@ def wait_until_warm(cluster: Cluster, process: subprocess.Popen, log: Path, offs
 
 
 def start_and_time(cluster: Cluster, name: str, settings: dict[str, str], timeout_s: float,
-                   keep: bool = False) -> tuple[dict, subprocess.Popen | None]:
+                   keep: bool = False, gpu: int = 0) -> tuple[dict, subprocess.Popen | None]:
     """Start a worker, wait until every size is warm; stop it unless ``keep``."""
     cluster.wait_for(lambda s: s.get("num_gpus") == 0, 120, "the previous worker gone from the broker")
     process, log, offset = cluster.start_worker(name, settings)
     try:
-        found = wait_until_warm(cluster, process, log, offset, timeout_s)
+        found = wait_until_warm(cluster, process, log, offset, timeout_s, gpu)
     except BaseException:
         cluster.stop_worker(process)
         raise
@@ -519,6 +537,7 @@ def raw_batch1(args: argparse.Namespace) -> dict:
     rows = {}
     for size in sizes:
         warm = pipeline.warm_up([1], size.width, size.height)
+        reserved_gib = round(torch.cuda.memory_reserved() / 2**30, 2) if on_cuda else None
         key = BatchKey(size.width, size.height, args.steps, GUIDANCE)
         if on_cuda:
             torch.cuda.synchronize()
@@ -533,10 +552,13 @@ def raw_batch1(args: argparse.Namespace) -> dict:
             seconds.append(time.perf_counter() - began)
         rows[str(size)] = {"batch1_s": round(statistics.median(seconds), 4), "runs_s": [round(s, 4) for s in seconds],
                            "warm_up_s": round(warm.get(1, 0.0), 2),
+                           # cumulative: weights, then each size's compiled code and CUDA graph pool
+                           "reserved_after_warm_gib": reserved_gib,
                            "peak_above_weights_gib": round((torch.cuda.max_memory_allocated() - weights) / 2**30, 2)
                            if on_cuda else None}
         print(f"raw {size} batch 1: {rows[str(size)]['batch1_s']} s", file=sys.stderr, flush=True)
     return {"device": torch.cuda.get_device_name(0) if on_cuda else "cpu", "load_s": round(load_s, 1),
+            "weights_gib": round(weights / 2**30, 2) if on_cuda else None,
             "steps": args.steps, "sizes": rows}
 
 
@@ -592,6 +614,7 @@ def record_start(document: dict, start: str, found: dict) -> None:
     ready["all_sizes_warm_after"][start] = found["all_warm_s"]
     ready["load_s"][start] = found["load_s"]
     ready["could_not_warm"][start] = found["could_not_warm"]
+    document.setdefault("gpu_memory_used_mib", {})[start] = found.get("gpu_memory_used_mib")
     if start == "cold":
         ready["all_sizes_warm"] = found["all_warm_s"]
 
@@ -637,7 +660,7 @@ def run(args: argparse.Namespace, document: dict, save: Callable[[], None]) -> N
                 fresh(host_state(work, "a"))
             name = "worker-cold" if "cold" in phases else "worker-traffic"
             found, worker = start_and_time(cluster, name, worker_settings(args, host_state(work, "a")),
-                                           args.ready_timeout_s, keep="traffic" in phases)
+                                           args.ready_timeout_s, keep="traffic" in phases, gpu=args.gpu)
             if "cold" in phases:
                 record_start(document, "cold", found)
                 save()
@@ -661,13 +684,13 @@ def run(args: argparse.Namespace, document: dict, save: Callable[[], None]) -> N
                              "--work first")
         if "restart" in phases:
             found, _ = start_and_time(cluster, "worker-restart", worker_settings(args, host_state(work, "a")),
-                                      args.ready_timeout_s)
+                                      args.ready_timeout_s, gpu=args.gpu)
             record_start(document, "restart_with_cache", found)
             save()
         if "new-host" in phases:
             document["compile_cache"] = carry_cache(work)
             found, _ = start_and_time(cluster, "worker-new-host", worker_settings(args, host_state(work, "b")),
-                                      args.ready_timeout_s)
+                                      args.ready_timeout_s, gpu=args.gpu)
             record_start(document, "new_host_with_cache", found)
             save()
     if "raw" in phases:  # the service is stopped: the card is the raw pipeline's alone
@@ -677,6 +700,7 @@ def run(args: argparse.Namespace, document: dict, save: Callable[[], None]) -> N
             document["lone_by_size"].setdefault(size, {})["raw_batch1_s"] = row["batch1_s"]
             document["lone_by_size"][size]["raw_runs_s"] = row["runs_s"]
             document["lone_by_size"][size]["raw_peak_above_weights_gib"] = row["peak_above_weights_gib"]
+            document["lone_by_size"][size]["raw_reserved_after_warm_gib"] = row.get("reserved_after_warm_gib")
         save()
 
 
