@@ -71,6 +71,17 @@ SIZE_STATES = ("off", "warming", "warm")  # WorkerStatus.compile_state
 UNLISTED_SIZE_RULES = ("eager", "refuse", "snap")  # Register.unlisted_size (the worker's UNLISTED_SIZE)
 HEARTBEAT_INTERVAL_RANGE_S = (0.01, 3600.0)  # the broker's HEARTBEAT_INTERVAL_S, sent in every Welcome
 MAX_ATTEMPTS = 1000  # the broker's MAX_REQUEST_ATTEMPTS: a request's attempt number (Progress.attempt)
+# Generate.priority, most urgent first; a value outside it (a peer of a newer build) counts as "normal".
+PRIORITIES = ("high", "normal", "low")
+DEFAULT_PRIORITY = "normal"
+
+
+def priority_rank(priority: str) -> int:
+    """0 for "high", 1 for "normal", 2 for "low"; an unknown value ranks as "normal"."""
+    try:
+        return PRIORITIES.index(priority)
+    except ValueError:
+        return PRIORITIES.index(DEFAULT_PRIORITY)
 
 
 class ProtocolError(ValueError):
@@ -265,6 +276,13 @@ class Generate(Message):
     # True: the broker sends the client QUEUED reports while the request waits in its queue (jobs);
     # False (/generate): only PROGRESS, which every request gets once a worker runs it.
     watch: bool = False
+    # How urgent (one of PRIORITIES): the broker's queue and the worker's admission serve higher ones
+    # first, with aging so that lower ones still run. The gateway caps it by the API key's allowance.
+    priority: str = bounded(DEFAULT_PRIORITY, max_len=8)
+    # Who the GPU time is charged to, for fair shares between API keys: the gateway's id of the key
+    # ("key-" + 16 hex of its SHA-256, as the job store's owner), "" without API keys. Made by the
+    # gateway, never taken from a client.
+    owner: str = bounded("", max_len=MAX_ID_CHARS)
 
 
 @dataclass(frozen=True)

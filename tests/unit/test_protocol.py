@@ -207,7 +207,7 @@ def test_decode_accepts_int_for_a_float_field():
 
 def test_unknown_extra_keys_are_ignored():
     h = generate_header(sampler="euler")  # nested
-    h["priority"] = "high"  # top level
+    h["tenant_class"] = "gold"  # top level
     decoded, _ = decode(frames_with(WORKER_LINK, Command.GENERATE, h), WORKER_LINK)
     assert decoded == generate()
 
