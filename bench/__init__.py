@@ -24,6 +24,8 @@ itself and its load test are in scripts/.
 * ``resolutions``: every listed size at compiled speed (burst, square-only and mixed Poisson traffic,
   lone requests against the raw batch of one) and the ready times: cold, restarted, imported cache.
 * ``common``: what the modules share: the card's name, the saved result, the benchmark batch.
+* ``local_service``: broker, gateway and one worker as subprocesses on loopback, started and stopped
+  by process group, for the harnesses that load the whole service over HTTP (jobs_load, overload).
 
 ``compare_serving.sh`` (a shell script here, not a module) is an A/B of the serving path against
 another checkout, on the FAKE backend.

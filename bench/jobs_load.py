@@ -37,13 +37,9 @@ import os
 import platform
 import random
 import resource
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +47,9 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
-from imagegen.local_cluster import loopback_settings
+from bench.common import save_json
+from bench.local_service import LocalService, interrupt_on_termination
 
-REPO = Path(__file__).resolve().parent.parent
 TERMINAL = ("succeeded", "failed", "cancelled")
 SAMPLE_INTERVAL_S = 0.5
 READY_TIMEOUT_S = 180.0
@@ -91,73 +87,14 @@ def proc_status(pid: int) -> dict[str, int]:
     return figures
 
 
-class Service:
+class Service(LocalService):
     """Broker, gateway and one CPU worker as subprocesses, each in its own process group."""
 
     def __init__(self, workdir: Path, model: str, settings: dict[str, str]) -> None:
-        self.dir = workdir
-        loopback, self.url = loopback_settings(workdir / "images")
-        env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        self.env = {**env, **loopback, "MODEL_ID": model, "STATE_DIR": str(workdir / "state"),
-                    "LOG_LEVEL": "WARNING",  # a log line per job and per request would be much of the gateway's work
-                    "CUDA_VISIBLE_DEVICES": "", "WORKER_NAME": "cpu0", **settings}
-        self.processes: dict[str, subprocess.Popen] = {}
-
-    def start(self) -> None:
-        for name, module in (("broker", "broker"), ("gateway", "gateway"), ("worker", "gpu_worker")):
-            with open(self.dir / f"{name}.log", "ab") as log:
-                self.processes[name] = subprocess.Popen(
-                    [sys.executable, "-m", module], env=self.env, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def pid(self, name: str) -> int:
-        return self.processes[name].pid
-
-    def exited(self) -> dict[str, int]:
-        return {name: p.returncode for name, p in self.processes.items() if p.poll() is not None}
-
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.exited():
-                raise RuntimeError(f"exited while starting: {self.exited()}\n{self.logs()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"not ready within {timeout_s:g}s\n{self.logs()}")
-
-    def stop(self) -> None:
-        """SIGTERM each process group, wait, then SIGKILL the groups (whatever is left)."""
-        for process in self.processes.values():
-            _killpg(process.pid, signal.SIGCONT)
-            _killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for process in self.processes.values():
-            _killpg(process.pid, signal.SIGKILL)
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def logs(self, chars: int = 3000) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(self.dir.glob("*.log")))
-
-
-def _killpg(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        super().__init__(workdir, {
+            "MODEL_ID": model, "STATE_DIR": str(workdir / "state"),
+            "LOG_LEVEL": "WARNING",  # a log line per job and per request would be much of the gateway's work
+            "CUDA_VISIBLE_DEVICES": "", "WORKER_NAME": "cpu0", **settings}, DROPPED_ENV, STOP_GRACE_S, READY_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- one job
@@ -513,10 +450,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _enough_file_descriptors(jobs: int) -> None:
     """This client holds a connection per job: raise its own soft limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -532,24 +465,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="jobs-load-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        service = Service(workdir, args.model, dict(args.set))
-        try:
-            service.start()
-            service.wait_ready()
+        with Service(workdir, args.model, dict(args.set)) as service:
             result = asyncio.run(measure(service.url, args, service.pid("gateway"), service))
             result["exited"] = service.exited()
-        except BaseException:
-            print(service.logs(), file=sys.stderr)
-            raise
-        finally:
-            service.stop()
         return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop the service on SIGTERM too
-    signal.signal(signal.SIGHUP, _raise_keyboard_interrupt)
+    interrupt_on_termination()
     try:
         result = run(args)
     except KeyboardInterrupt:
@@ -558,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(result)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        save_json(result, args.json)
         print(f"wrote {args.json}")
     return 0 if passed(result) else 1
 

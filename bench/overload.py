@@ -21,26 +21,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from imagegen.local_cluster import loopback_settings
+from bench.common import save_json
+from bench.local_service import LocalService, interrupt_on_termination
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLE_INTERVAL_S = 0.5
 READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 5.0
@@ -63,18 +58,12 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-class Stack:
+class Stack(LocalService):
     """Broker, gateway and one worker as subprocesses, each in its own process group (session)."""
 
     def __init__(self, workdir: Path, max_queue_size: int, batch_size: int, delay_s: float,
                  max_pending: int | None) -> None:
-        self.dir = workdir
-        loopback, self.url = loopback_settings(workdir / "images")
-        env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        self.env = {
-            **env,
-            **loopback,
+        settings = {
             "MAX_QUEUE_SIZE": str(max_queue_size),
             "MODEL_ID": f"fake:delay={delay_s:g}",  # the FAKE backend: the serving layer is under test
             "MAX_BATCH_SIZE": str(batch_size),
@@ -86,67 +75,9 @@ class Stack:
             "WORKER_NAME": "overload-worker0",
         }
         if max_pending is not None:
-            self.env["GATEWAY_MAX_PENDING"] = str(max_pending)
-        else:
-            self.env.pop("GATEWAY_MAX_PENDING", None)  # the default
-        self.processes: dict[str, subprocess.Popen] = {}
-
-    def start(self) -> None:
-        for name, module in (("broker", "broker"), ("gateway", "gateway"), ("worker", "gpu_worker")):
-            log = open(self.dir / f"{name}.log", "ab")
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", module], env=self.env, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
-            log.close()
-
-    def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self.processes.items()}
-
-    def check_alive(self) -> None:
-        dead = {name: p.returncode for name, p in self.processes.items() if p.poll() is not None}
-        if dead:
-            raise RuntimeError(f"process(es) exited early: {dead}\n{self.logs()}")
-
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"not ready within {timeout_s:g}s\n{self.logs()}")
-
-    def stop(self) -> None:
-        """SIGTERM each process group, wait, then SIGKILL the groups (whatever is left)."""
-        for process in self.processes.values():
-            _killpg(process.pid, signal.SIGCONT)
-            _killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for process in self.processes.values():
-            _killpg(process.pid, signal.SIGKILL)
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def logs(self, chars: int = 3000) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(self.dir.glob("*.log")))
-
-
-def _killpg(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+            settings["GATEWAY_MAX_PENDING"] = str(max_pending)
+        # without: the default (the caller's own GATEWAY_MAX_PENDING is dropped)
+        super().__init__(workdir, settings, (*DROPPED_ENV, "GATEWAY_MAX_PENDING"), STOP_GRACE_S, READY_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- load and sampling
@@ -367,34 +298,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(args: argparse.Namespace) -> dict:
     """Start the stack, offer the load, stop the stack (always), return the summary."""
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        stack = Stack(workdir, args.max_queue_size, args.batch_size, args.delay, args.max_pending)
-        try:
-            stack.start()
-            stack.wait_ready()
+        with Stack(workdir, args.max_queue_size, args.batch_size, args.delay, args.max_pending) as stack:
             outcomes, samples, elapsed = asyncio.run(measure(stack, args.rate, args.duration, args.timeout, args.settle))
             stack.check_alive()
             result = summarise(outcomes, samples, args, elapsed)
-        except BaseException:
-            print(stack.logs(), file=sys.stderr)
-            raise
-        finally:
-            stack.stop()
         return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop the stack on SIGTERM too
-    signal.signal(signal.SIGHUP, _raise_keyboard_interrupt)
+    interrupt_on_termination()
     try:
         result = run(args)
     except KeyboardInterrupt:
@@ -403,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(result)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        save_json(result, args.json)
         print(f"wrote {args.json}")
     return 0
 
