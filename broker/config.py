@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from broker.balancing import STRATEGIES
+from broker.priorities import DEFAULT_AGING_S, DEFAULT_HALF_LIFE_S
 from imagegen.logs import log_format_setting, log_level_setting
 from imagegen.protocol import HEARTBEAT_INTERVAL_RANGE_S, MAX_ATTEMPTS
 from imagegen.settings import parse_optional_int, parse_optional_str, require, setting
@@ -82,6 +83,17 @@ class BrokerSettings:
     unclaimed_result_ttl_s: float = setting(
         "BROKER_UNCLAIMED_RESULT_TTL_S", 600.0,
         "seconds a kept answer waits for a gateway to collect it before it is dropped")
+    priority_aging_s: float = setting(
+        "PRIORITY_AGING_S", DEFAULT_AGING_S,
+        "seconds after which a queued request competes one priority class higher (low as normal, normal as "
+        "high), again after each further such period, so a low request that waited this long goes before "
+        "normal ones that came later and nothing starves behind more urgent work (broker/priorities.py). "
+        "0: no aging (strict priority)")
+    fair_share_half_life_s: float = setting(
+        "FAIR_SHARE_HALF_LIFE_S", DEFAULT_HALF_LIFE_S,
+        "seconds over which an API key's GPU time counts half as much in the fair share between keys: among "
+        "waiting requests of one priority, the key furthest below its share (GPU-seconds / share=) goes next. "
+        "Shorter: the share evens out over recent minutes only; longer: over a longer history")
     drain_timeout_s: float = setting("BROKER_DRAIN_TIMEOUT_S", 60.0,
                                      "on SIGTERM, seconds to let accepted requests finish before answering "
                                      "the rest with 503 shutting_down")
@@ -122,6 +134,8 @@ class BrokerSettings:
                 f"({self.memory_limit_bytes}): kept answers would leave too little for the requests in flight; "
                 f"lower it or raise the memory limit")
         require(self.unclaimed_result_ttl_s > 0, "BROKER_UNCLAIMED_RESULT_TTL_S", "must be positive")
+        require(self.priority_aging_s >= 0, "PRIORITY_AGING_S", "must not be negative (0: no aging)")
+        require(self.fair_share_half_life_s > 0, "FAIR_SHARE_HALF_LIFE_S", "must be positive")
         require(self.drain_timeout_s >= 0, "BROKER_DRAIN_TIMEOUT_S", "must not be negative")
         require(self.worker_progress_timeout_s >= 0, "WORKER_PROGRESS_TIMEOUT_S", "must not be negative")
         require(self.curve_secret_key is not None or self.allow_unauthenticated_workers

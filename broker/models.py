@@ -87,24 +87,36 @@ class ModelQueues:
     def __init__(self) -> None:
         self._queues: dict[str | None, deque[str]] = {}
         self._model_of: dict[str, str | None] = {}
+        # Ids added as ``ranked`` (a priority other than normal, or an owner: broker/priorities.py
+        # chooses among them), and how many of them each model's queue holds.
+        self._ranked: set[str] = set()
+        self._ranked_in: dict[str | None, int] = {}
         self._order: dict[str, int] = {}
         self._back = itertools.count()
         self._front = itertools.count(-1, -1)
 
-    def append(self, model: str | None, request_id: str) -> None:
-        self._add(model, request_id, next(self._back))
+    def append(self, model: str | None, request_id: str, ranked: bool = False) -> None:
+        self._add(model, request_id, next(self._back), ranked)
         self._queues[model].append(request_id)
 
-    def appendleft(self, model: str | None, request_id: str) -> None:
-        self._add(model, request_id, next(self._front))
+    def appendleft(self, model: str | None, request_id: str, ranked: bool = False) -> None:
+        self._add(model, request_id, next(self._front), ranked)
         self._queues[model].appendleft(request_id)
 
-    def _add(self, model: str | None, request_id: str, order: int) -> None:
+    def _add(self, model: str | None, request_id: str, order: int, ranked: bool = False) -> None:
         if request_id in self._model_of:
             raise ValueError(f"request {request_id!r} is already queued")
         self._model_of[request_id] = model
         self._order[request_id] = order
         self._queues.setdefault(model, deque())
+        if ranked:
+            self._ranked.add(request_id)
+            self._ranked_in[model] = self._ranked_in.get(model, 0) + 1
+
+    def has_ranked(self, model: str | None) -> bool:
+        """Whether ``model``'s queue holds a request added as ``ranked`` (then the next to go is
+        chosen by broker/priorities.py rather than taken from the head)."""
+        return self._ranked_in.get(model, 0) > 0
 
     def remove(self, request_id: str) -> None:
         """Take a queued id out, wherever it waits; ValueError if it is not queued."""
@@ -112,6 +124,11 @@ class ModelQueues:
             raise ValueError(f"request {request_id!r} is not queued")
         model = self._model_of.pop(request_id)
         del self._order[request_id]
+        if request_id in self._ranked:
+            self._ranked.discard(request_id)
+            self._ranked_in[model] -= 1
+            if not self._ranked_in[model]:
+                del self._ranked_in[model]
         queue = self._queues[model]
         if queue[0] == request_id:
             queue.popleft()
@@ -150,9 +167,9 @@ class ModelQueues:
 
     def place(self, request_id: str, model: str) -> None:
         """``request_id`` waits under ``model`` from now on, keeping its place in the order."""
-        order = self._order[request_id]
+        order, ranked = self._order[request_id], request_id in self._ranked
         self.remove(request_id)
-        self._add(model, request_id, order)
+        self._add(model, request_id, order, ranked)
         queue = self._queues[model]
         queue.insert(bisect.bisect_left(queue, order, key=self._order.__getitem__), request_id)
 
@@ -160,6 +177,8 @@ class ModelQueues:
         self._queues.clear()
         self._model_of.clear()
         self._order.clear()
+        self._ranked.clear()
+        self._ranked_in.clear()
 
     def __len__(self) -> int:
         return len(self._model_of)

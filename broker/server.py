@@ -118,6 +118,8 @@ class BrokerServer:
             unclaimed_results=settings.unclaimed_results,
             unclaimed_bytes=settings.unclaimed_bytes(),
             unclaimed_ttl_s=settings.unclaimed_result_ttl_s,
+            priority_aging_s=settings.priority_aging_s,
+            fair_share_half_life_s=settings.fair_share_half_life_s,
         )
         self.state = BrokerState(policy, epoch=uuid.uuid4().hex)
         self.dropped: Counter[str] = Counter()  # malformed or undeliverable messages, by kind

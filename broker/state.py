@@ -39,6 +39,8 @@ from typing import Hashable, Mapping, Union
 from broker.admission import Admission, WorkerSpeed
 from broker.balancing import Balancer, Candidate
 from broker.models import ModelQueues, route_model
+from broker.priorities import (DEFAULT_AGING_S, DEFAULT_HALF_LIFE_S, FairShares, Waiting, class_counters,
+                               is_plain, known_priority, pick)
 from broker.registration import key_admits, registration_refusal
 from broker.unclaimed import Kept, UnclaimedResults
 from imagegen.batch_key import BatchKey, work_units
@@ -180,6 +182,11 @@ class BrokerPolicy:
     # A client that pings (every gateway does, each second) and has sent nothing for this long is
     # treated as gone: its answers are kept instead of sent, its reports dropped, until it speaks.
     client_silence_s: float = 5.0
+    # Priorities and fair shares between owners (broker/priorities.py): a request gains one class
+    # for every this many seconds it waits (PRIORITY_AGING_S; 0: never), and owners' GPU-seconds
+    # halve every this many (FAIR_SHARE_HALF_LIFE_S).
+    priority_aging_s: float = DEFAULT_AGING_S
+    fair_share_half_life_s: float = DEFAULT_HALF_LIFE_S
 
     @property
     def worker_timeout_s(self) -> float:
@@ -353,6 +360,9 @@ class BrokerState:
         self.unclaimed = UnclaimedResults(policy.unclaimed_results, policy.unclaimed_bytes, policy.unclaimed_ttl_s)
         self._watched: set[str] = set()  # ids of requests whose client gets QUEUED reports
         self._pinged: dict[bytes, float] = {}  # client -> when last heard, for clients that ping
+        # GPU-seconds per owner, and figures per priority, for the order of the queue and for /stats.
+        self.fair_shares = FairShares(policy.fair_share_half_life_s)
+        self.priority_counters = class_counters()
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on; those already accepted still run to the end."""
@@ -396,7 +406,10 @@ class BrokerState:
             return [ToClient(client_id, refusal, message.label)]
         self.requests[message.request_id] = RequestRecord(client_id, message, now, model=route.model,
                                                           watch=message.watch)
-        self.queue.append(route.model, message.request_id)
+        self.queue.append(route.model, message.request_id, ranked=not is_plain(message.priority, message.owner))
+        self.priority_counters[known_priority(message.priority)].received += 1
+        if message.owner:
+            self.fair_shares.set_share(message.owner, message.share, now)
         self._observe_depth()
         if message.watch:
             self._watched.add(message.request_id)  # its first QUEUED report: queue_reports' next round
@@ -713,6 +726,8 @@ class BrokerState:
             return instead
         self.counters.requests_completed += 1
         model = self.workers[routing_id].info.model_id
+        # Its part of its batch's GPU time, charged to its owner (the fair share, and /stats).
+        self.fair_shares.charge(record.message.owner, message.generation_ms / 1000.0 / message.batch_size, now)
         if message.generation_ms > 0:
             self.batch_times.observe((model, BatchKey.of(record.message.params)), message.generation_ms / 1000.0,
                                      message.batch_size)
@@ -937,17 +952,27 @@ class BrokerState:
         actions: list[Action] = []
         balancer = self._balancers.setdefault(model, Balancer(self.policy.strategy))
         while self.queue.depth(model):
-            request_id = self.queue.head(model)
+            if self.queue.has_ranked(model):
+                # Priorities or owners among the waiting: broker/priorities.py chooses, once a worker has credit.
+                if not any(c.has_credit for c in self._candidates(model, now)):
+                    break
+                request_id = self._next_ranked(model, now)
+            else:
+                request_id = self.queue.head(model)
             record = self.requests[request_id]
             if self._past_deadline(record, now):
-                self.queue.popleft(model)
+                self.queue.remove(request_id)
                 actions.append(self._fail_late(request_id))
                 continue
             params = record.message.params
             chosen = balancer.choose(self._candidates(model, now, ImageSize(params.width, params.height)))
             if chosen is None:
                 break
-            self.queue.popleft(model)
+            self.queue.remove(request_id)
+            if record.attempts == 0:
+                counters = self.priority_counters[known_priority(record.message.priority)]
+                counters.dispatched += 1
+                counters.queue_wait_s += max(0.0, now - record.received_at)
             worker = self.workers[chosen]
             if not worker.in_flight:
                 worker.last_progress = now  # the progress deadline counts from its first request
@@ -963,6 +988,26 @@ class BrokerState:
                               max(0.0, record.received_at + record.message.deadline_s - now))
             actions.append(ToWorker(chosen, replace(record.message, deadline_s=remaining_s), worker.info.worker_name))
         return actions
+
+    def _next_ranked(self, model: str | None, now: float) -> str:
+        """The next of ``model``'s queued requests by priority (with aging) and then fair share between
+        owners (broker/priorities.py pick). An owner's usage: its decayed GPU-seconds, plus an estimate
+        for its requests held by workers and not finished (the latest per-image time of their kind,
+        else of any result, else 1 s each)."""
+        in_flight: dict[str, float] = {}
+        for record in self.requests.values():
+            owner = record.message.owner
+            if record.worker is not None and owner:
+                key = (record.model, BatchKey.of(record.message.params))
+                estimate = self.batch_times.estimate_s(key, 1) or self.fair_shares.latest_image_s or 1.0
+                in_flight[owner] = in_flight.get(owner, 0.0) + estimate
+        waiting = (Waiting(request_id, message.priority, message.owner, message.share, record.received_at)
+                   for request_id in self.queue.waiting(model)
+                   for record in (self.requests[request_id],) for message in (record.message,))
+        chosen = pick(waiting, now, self.policy.priority_aging_s,
+                      lambda owner: self.fair_shares.recent(owner, now) + in_flight.get(owner, 0.0))
+        assert chosen is not None
+        return chosen
 
     def _candidates(self, model: str | None, now: float, size: ImageSize | None = None) -> list[Candidate]:
         """``model``'s accepting workers as the balancer sees them; those with ``size`` warm are
@@ -1083,7 +1128,8 @@ class BrokerState:
                 actions.append(self._fail(request_id, FailureCode.WORKER_LOST,
                                           f"{record.attempts} workers failed to finish it (last: {lost_text})"))
                 continue
-            self.queue.appendleft(record.model, request_id)
+            self.queue.appendleft(record.model, request_id,
+                                  ranked=not is_plain(record.message.priority, record.message.owner))
             self.counters.requeued += 1
             actions.append(Requeued(request_id, record.message.label, name, why))
         return actions

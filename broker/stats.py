@@ -17,7 +17,9 @@ Beyond the seed, the single-GPU shape carries ``worker``: its one worker's entry
 a per_gpu_stats entry (absent with no worker), so per-worker metrics need no second shape.
 
 Both shapes carry ``models``: for each model a registered worker serves (or a request waits for),
-its workers and queue depths (:func:`models_section`).
+its workers and queue depths (:func:`models_section`); ``priorities``: per priority, requests
+waiting, accepted and dispatched and their wait in the queue (:func:`priorities_section`); and
+``fair_share``: per owner (API key), its GPU-seconds and weight (:func:`owners_section`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 from broker.state import BrokerState, WorkerRecord
-from imagegen.protocol import WorkerStatus
+from broker.priorities import known_priority
+from imagegen.protocol import PRIORITIES, WorkerStatus
 
 
 def _averages(status: WorkerStatus) -> dict[str, float]:
@@ -121,6 +124,46 @@ def models_section(state: BrokerState) -> dict[str, dict[str, int]]:
     return section
 
 
+def priorities_section(state: BrokerState) -> dict[str, dict[str, Any]]:
+    """priority -> requests of it waiting in the broker's queue now (``queued``), accepted since start
+    (``requests``), handed to a worker for the first time (``dispatched``), and the seconds those
+    waited in the queue, summed (``queue_wait_seconds``) and on average (``avg_queue_wait_ms``)."""
+    queued = {priority: 0 for priority in PRIORITIES}
+    for request_id in state.queue:
+        queued[known_priority(state.requests[request_id].message.priority)] += 1
+    section = {}
+    for priority, counters in state.priority_counters.items():
+        section[priority] = {
+            "queued": queued[priority],
+            "requests": counters.received,
+            "dispatched": counters.dispatched,
+            "queue_wait_seconds": round(counters.queue_wait_s, 3),
+            "avg_queue_wait_ms": round(counters.queue_wait_s * 1000.0 / counters.dispatched) if counters.dispatched else 0,
+        }
+    return section
+
+
+def owners_section(state: BrokerState, now: float) -> dict[str, Any]:
+    """The fair share between owners (API keys): the half-life of its GPU-seconds, and per owner that
+    sent a request (none without API keys) its GPU-seconds since start (``gpu_seconds``), decayed as
+    the fair share counts them (``recent_gpu_seconds``), its weight, and its requests waiting now."""
+    fair = state.fair_shares
+    queued: dict[str, int] = {}
+    for request_id in state.queue:
+        owner = state.requests[request_id].message.owner
+        if owner:
+            queued[owner] = queued.get(owner, 0) + 1
+    owners = sorted((set(fair.owners()) | set(queued)) - {""})
+    return {
+        "half_life_s": fair.half_life_s,
+        "priority_aging_s": state.policy.priority_aging_s,
+        "owners": {owner: {"gpu_seconds": round(fair.total(owner), 3),
+                           "recent_gpu_seconds": round(fair.recent(owner, now), 3),
+                           "share": fair.share(owner),
+                           "queued": queued.get(owner, 0)} for owner in owners},
+    }
+
+
 def _broker_section(state: BrokerState) -> dict[str, Any]:
     c = state.counters
     return {
@@ -178,7 +221,7 @@ def build_stats(state: BrokerState, now: float, extra_broker_counters: dict[str,
     if len(workers) <= 1:
         only = workers[0] if workers else None
         single = {**common, "num_gpus": len(workers), "config": _config(only), "models": models_section(state),
-                  "broker": broker}
+                  "priorities": priorities_section(state), "fair_share": owners_section(state, now), "broker": broker}
         return single | ({"worker": _per_gpu(only, now)} if only is not None else {})
     return {
         "num_gpus": len(workers),
@@ -188,5 +231,7 @@ def build_stats(state: BrokerState, now: float, extra_broker_counters: dict[str,
         "per_gpu_stats": [_per_gpu(w, now) for w in workers],
         "config": _config(workers[0]),
         "models": models_section(state),
+        "priorities": priorities_section(state),
+        "fair_share": owners_section(state, now),
         "broker": broker,
     }

@@ -15,7 +15,8 @@ from aiohttp import web
 
 from gateway.answers import IMAGE_ROUTE, ErrorAnswer, broker_failure_answer, broker_silent_answer
 from gateway.answers import has_reported_size, how_it_was_made, image_url, keep_image, storage_answer, wrong_size_answer
-from gateway.auth import api_key_middleware, load_api_keys
+from gateway.auth import api_key_middleware, load_key_policies, ranking_of
+from gateway.key_policies import key_name
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.config import GatewaySettings
 from gateway.identity import resolve_gateway_identity
@@ -121,6 +122,7 @@ async def _generate(request: web.Request, request_id: str, label: str, started: 
     try:
         body = await read_json_body(request, settings.max_request_bytes)
         parsed = parse_generate_request(body, settings)
+        ranking = ranking_of(request, parsed.priority)
     except FieldError as exc:
         return error_response(exc.status, exc.code or "invalid_request", exc.message, exc.field)
     params = parsed.params
@@ -130,7 +132,7 @@ async def _generate(request: web.Request, request_id: str, label: str, started: 
         with request.app[METRICS].requests_waiting.track_inprogress():
             stage_trace.stage("gateway_sent_request", request_id)
             result, png = await request.app[BROKER].generate(request_id, params, settings.request_timeout_s,
-                                                                 label=label)
+                                                                 label=label, **ranking)
             stage_trace.stage("gateway_got_result", request_id)
     except BrokerFailure as exc:
         return answer_error(broker_failure_answer(exc, settings))
@@ -244,8 +246,8 @@ def create_app(settings: GatewaySettings, broker_client: Any = None) -> web.Appl
     # client_max_size above our own limit: read_json_body enforces MAX_REQUEST_BYTES with a JSON error.
     # With API keys configured, authentication runs inside json_errors (see gateway/auth.py).
     # Request ids and metrics come first, so they see every answer, errors and 401s included.
-    api_keys = load_api_keys(settings)
-    gateway_metrics = GatewayMetrics()
+    api_keys = load_key_policies(settings)
+    gateway_metrics = GatewayMetrics(owners=frozenset(key_name(key) for key in api_keys))
     middlewares = [close_stalled_connections, request_id_middleware(), metrics_middleware(gateway_metrics),
                    json_errors]
     middlewares += [api_key_middleware(api_keys)] if api_keys else []

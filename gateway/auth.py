@@ -16,13 +16,19 @@ key's content nor its length shows in the timing).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.config import GatewaySettings, configured_api_keys
+from gateway.config import GatewaySettings, configured_api_keys, configured_key_policies
+from gateway.key_policies import OPEN_POLICY, KeyPolicy, key_name, priority_refusal
+from gateway.validation import FieldError
+
+# The error code of a request whose priority is above its API key's max_priority (HTTP 403).
+PRIORITY_NOT_ALLOWED = "priority_not_allowed"
 from gateway.context import openai_shaped
 
 # (method, route pattern) pairs that need no key. The route pattern (the matched resource's
@@ -46,11 +52,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The name of the key a request came with ("" with keys off): what owns the jobs it submits
 # (gateway/jobs/). A digest of the key, never the key itself, so a job store holds no secret.
 API_KEY_NAME = web.RequestKey("api_key_name", str)
+# Its allowance: highest priority and fair-share weight (gateway/key_policies.py).
+API_KEY_POLICY = web.RequestKey("api_key_policy", KeyPolicy)
 
 
-def key_name(key: str) -> str:
-    """A key's lasting name: ``key-`` and the first 16 hex digits of its SHA-256."""
-    return "key-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+def key_policy_of(request: web.Request) -> KeyPolicy:
+    """What the key ``request`` came with may ask for (gateway/key_policies.py); with keys off, anything."""
+    return request.get(API_KEY_POLICY, OPEN_POLICY)
 
 
 def api_key_name_of(request: web.Request) -> str:
@@ -93,13 +101,43 @@ def unauthorized(message: str, openai_shape: bool = False) -> web.Response:
     return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
 
 
-def api_key_middleware(keys: frozenset[str]):
-    """An aiohttp middleware that lets a request through only with one of ``keys`` (or to an exempt route)."""
+def ranking_of(request: web.Request, priority: str) -> dict[str, Any]:
+    """What a request of ``priority`` goes to the broker with (BrokerClient.generate's ``priority``,
+    ``owner`` and ``share``): its key's name as owner and the key's share, never anything the client
+    sent. Raises FieldError (403, ``priority_not_allowed``) when the key may not use ``priority``."""
+    policy = key_policy_of(request)
+    refusal = priority_refusal(priority, policy)
+    if refusal is not None:
+        raise FieldError("priority", refusal, status=403, code=PRIORITY_NOT_ALLOWED)
+    return {"priority": priority, "owner": api_key_name_of(request), "share": policy.share}
+
+
+@functools.lru_cache(maxsize=8)
+def _policies_by_name(settings: GatewaySettings) -> dict[str, KeyPolicy]:
+    return {key_name(key): policy for key, policy in configured_key_policies(settings).items()}
+
+
+def share_of(settings: GatewaySettings, owner: str) -> float:
+    """The fair-share weight of the key named ``owner`` (a job's owner); 1 for none or a key no longer
+    configured."""
+    policy = _policies_by_name(settings).get(owner) if owner else None
+    return policy.share if policy is not None else OPEN_POLICY.share
+
+
+def load_key_policies(settings: GatewaySettings) -> dict[str, KeyPolicy]:
+    """The configured keys with their allowances (max_priority=, share=); empty: no authentication."""
+    return configured_key_policies(settings)
+
+
+def api_key_middleware(keys: frozenset[str] | dict[str, KeyPolicy]):
+    """An aiohttp middleware that lets a request through only with one of ``keys`` (or to an exempt
+    route); ``keys`` may map each key to its allowance (a plain set: the default one for each)."""
     if not keys:
         raise ValueError("api_key_middleware needs at least one key; with none, add no middleware")
     ordered = sorted(keys)
     digests = tuple(_digest(key) for key in ordered)
     names = tuple(key_name(key) for key in ordered)
+    policies = tuple(keys[key] if isinstance(keys, dict) else KeyPolicy() for key in ordered)
 
     @web.middleware
     async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -117,6 +155,7 @@ def api_key_middleware(keys: frozenset[str]):
         if matched is None:
             return unauthorized("the API key is not valid", openai_shape)
         request[API_KEY_NAME] = names[matched]
+        request[API_KEY_POLICY] = policies[matched]
         return await handler(request)
 
     return require_api_key

@@ -44,6 +44,8 @@ import zmq.asyncio
 from imagegen import protocol
 from imagegen.protocol import (
     CLIENT_LINK,
+    DEFAULT_PRIORITY,
+    DEFAULT_SHARE,
     Cancel,
     Collect,
     Failure,
@@ -172,7 +174,8 @@ class BrokerClient:
 
     async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
                        label: str = "", on_event: OnEvent | None = None, watch: bool = False,
-                       cancel_on_exit: bool = True) -> tuple[Result, bytes]:
+                       cancel_on_exit: bool = True, priority: str = DEFAULT_PRIORITY, owner: str = "",
+                       share: float = DEFAULT_SHARE) -> tuple[Result, bytes]:
         """The image for ``params`` (PNG bytes) and how it was made; raises BrokerFailure or TimeoutError.
 
         ``request_id`` is service-made (gateway/request_ids.py); ``label``, the client's X-Request-ID,
@@ -185,13 +188,17 @@ class BrokerClient:
         ``watch``, each Queued (its place in the broker's queue, when it changes, at most once a
         second), and with ``params.preview``, each preview as a :class:`PreviewReport` (a Preview
         whose ``image`` is the JPEG's bytes), that comes before the answer. An exception it raises
-        is logged and ignored."""
+        is logged and ignored.
+
+        ``priority``, ``owner`` and ``share``: its place in the broker's queue (broker/priorities.py):
+        how urgent, the API key it is charged to (its name; "" without keys) and that key's weight."""
         if len(self.waiting) >= self.max_pending:
             raise BrokerFailure(FailureCode.OVERLOADED.value,
                                 f"the gateway already has {self.max_pending} requests waiting; retry later")
         answered = False
         try:
-            message, payload = await self._ask(request_id, Generate(request_id, params, timeout_s, label, watch),
+            generate = Generate(request_id, params, timeout_s, label, watch, priority, owner, share)
+            message, payload = await self._ask(request_id, generate,
                                                timeout_s + BROKER_ANSWER_GRACE_S, on_event)
             answered = True
         finally:

@@ -10,6 +10,7 @@ from imagegen.bounds import IMAGE_SIDE_MULTIPLE, WIRE
 from imagegen.protocol import MAX_DEADLINE_S
 from imagegen.logs import log_format_setting, log_level_setting
 from gateway.identity import gateway_id_problem
+from gateway.key_policies import KeyPolicy, key_name, parse_key_options
 from gateway.jobs.store import parse_store_url
 from gateway.jobs.webhooks import parse_webhook_secret, read_webhook_secret_file
 from imagegen.settings import parse_bool, parse_optional_str, require, setting, state_dir_setting
@@ -41,31 +42,48 @@ def _check_api_key(env: str, key: str, where: str) -> None:
             f"the key {where} must be printable ASCII without spaces")
 
 
-def read_api_keys_file(path: str) -> ApiKeys:
-    """GATEWAY_API_KEYS_FILE: one key per line; blank lines and lines starting with '#' are skipped."""
+def _key_entry(env: str, entry: str, where: str) -> tuple[str, KeyPolicy]:
+    """One configured key: the key, then optional words max_priority=... share=... (gateway/key_policies.py)."""
+    key, *options = entry.split()
+    _check_api_key(env, key, where)
+    return key, parse_key_options(env, options, where)
+
+
+def read_api_keys_file(path: str) -> list[tuple[str, KeyPolicy]]:
+    """GATEWAY_API_KEYS_FILE: one key per line, with its options after it; blank lines and lines
+    starting with '#' are skipped."""
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         require(False, "GATEWAY_API_KEYS_FILE", f"cannot read {path!r}: {exc}")
-    keys = []
+    entries = []
     for number, line in enumerate(lines, 1):
-        key = line.strip()
-        if key and not key.startswith("#"):
-            _check_api_key("GATEWAY_API_KEYS_FILE", key, f"on line {number} of {path!r}")
-            keys.append(key)
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            entries.append(_key_entry("GATEWAY_API_KEYS_FILE", entry, f"on line {number} of {path!r}"))
     # A key file that holds no key would silently turn authentication off: refuse it.
-    require(bool(keys), "GATEWAY_API_KEYS_FILE", f"{path!r} holds no key")
-    return ApiKeys(keys)
+    require(bool(entries), "GATEWAY_API_KEYS_FILE", f"{path!r} holds no key")
+    return entries
+
+
+def configured_key_policies(settings: "GatewaySettings") -> dict[str, KeyPolicy]:
+    """Every key of GATEWAY_API_KEYS and GATEWAY_API_KEYS_FILE, checked, with its allowance; empty: no
+    authentication. A key listed twice must have the same options both times."""
+    entries = [_key_entry("GATEWAY_API_KEYS", entry, f"number {index}")
+               for index, entry in enumerate(settings.api_keys or (), 1)]
+    if settings.api_keys_file is not None:
+        entries += read_api_keys_file(settings.api_keys_file)
+    policies: dict[str, KeyPolicy] = {}
+    for key, policy in entries:
+        require(policies.setdefault(key, policy) == policy, "GATEWAY_API_KEYS",
+                f"the key named {key_name(key)} is listed twice (GATEWAY_API_KEYS, GATEWAY_API_KEYS_FILE) with "
+                f"different options; keep one line for it")
+    return policies
 
 
 def configured_api_keys(settings: "GatewaySettings") -> frozenset[str]:
     """Every key of GATEWAY_API_KEYS and GATEWAY_API_KEYS_FILE, checked; empty: no authentication."""
-    keys = list(settings.api_keys or ())
-    for index, key in enumerate(keys, 1):
-        _check_api_key("GATEWAY_API_KEYS", key, f"number {index}")
-    if settings.api_keys_file is not None:
-        keys += read_api_keys_file(settings.api_keys_file)
-    return frozenset(keys)
+    return frozenset(configured_key_policies(settings))
 
 
 def is_loopback(host: str) -> bool:
@@ -150,10 +168,15 @@ class GatewaySettings:
     api_keys: ApiKeys | None = setting("GATEWAY_API_KEYS", None,
                                        "comma-separated API keys (16+ printable ASCII characters each, without spaces) "
                                        "clients must send as "
-                                       "'Authorization: Bearer KEY'; unset or empty: no authentication",
+                                       "'Authorization: Bearer KEY'; unset or empty: no authentication. A key may be "
+                                       "followed by options, space-separated: max_priority=high|normal|low (the "
+                                       "highest priority its requests may use; default normal) and share=N (its "
+                                       "weight in the broker's fair share between keys, 0.01-1000; default 1), e.g. "
+                                       "'KEY1 max_priority=high share=2,KEY2'",
                                        parse=_api_keys)
     api_keys_file: str | None = setting("GATEWAY_API_KEYS_FILE", None,
-                                        "file of API keys, one per line ('#' starts a comment line); "
+                                        "file of API keys, one per line, each optionally followed by max_priority= and "
+                                        "share= as in GATEWAY_API_KEYS ('#' starts a comment line); "
                                         "combined with GATEWAY_API_KEYS; a missing or keyless file stops the gateway at "
                                         "start", parse=parse_optional_str)
     # Jobs, their events and webhooks: gateway/jobs/, docs/jobs.md.

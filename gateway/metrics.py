@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from imagegen.protocol import SIZE_STATES, UNLISTED_SIZE_RULES, Result
+from imagegen.protocol import PRIORITIES, SIZE_STATES, UNLISTED_SIZE_RULES, Result
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text format
 WORKER_LABELS = ("gpu_id", "host", "worker")
@@ -66,7 +66,10 @@ class RecentKeys:
 class GatewayMetrics:
     """The gateway's metrics, in a registry of their own."""
 
-    def __init__(self, recent_batches: int = RECENT_BATCHES) -> None:
+    def __init__(self, recent_batches: int = RECENT_BATCHES, owners: frozenset[str] = frozenset()) -> None:
+        # The names of the configured API keys (gateway/key_policies.py key_name): the owner label's
+        # values, so that label stays bounded whatever the broker's stats hold.
+        self.owners = owners
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -109,7 +112,7 @@ class GatewayMetrics:
 
     def exposition(self, stats: dict[str, Any] | None) -> bytes:
         """The text to serve: the gateway's metrics, then the cluster's from ``stats`` (None: no answer)."""
-        return generate_latest(self.registry) + generate_latest(ClusterCollector(stats))
+        return generate_latest(self.registry) + generate_latest(ClusterCollector(stats, self.owners))
 
 
 def _route(request: web.Request) -> str:
@@ -255,8 +258,9 @@ UNLISTED_OUTCOMES = {"refused": "unlisted_refused", "snapped": "unlisted_snapped
 class ClusterCollector(Collector):
     """The cluster's state as metric families, from one stats document (None: the broker did not answer)."""
 
-    def __init__(self, stats: dict[str, Any] | None) -> None:
+    def __init__(self, stats: dict[str, Any] | None, owners: frozenset[str] = frozenset()) -> None:
         self.stats = stats
+        self.owners = owners
 
     def collect(self) -> Iterator[Metric]:
         yield _gauge("imagegen_broker_up", "1 if the broker answered this scrape's stats query, else 0",
@@ -267,6 +271,48 @@ class ClusterCollector(Collector):
         yield from _broker_families(self.stats.get("broker", {}))
         yield from _worker_families(_workers(self.stats))
         yield from _model_families(self.stats.get("models") or {})
+        yield from _priority_families(self.stats.get("priorities") or {})
+        yield from _owner_families((self.stats.get("fair_share") or {}).get("owners") or {}, self.owners)
+
+
+# (metric name, key in a priority's entry of the stats document's "priorities", help, counter?)
+PRIORITY_FAMILIES = (
+    ("imagegen_priority_requests", "requests", "Generate requests the broker accepted, by priority", True),
+    ("imagegen_priority_dispatched", "dispatched",
+     "Requests the broker handed to a worker for the first time, by priority", True),
+    ("imagegen_priority_queue_wait_seconds", "queue_wait_seconds",
+     "Seconds the dispatched requests waited in the broker's queue, summed, by priority (divide by "
+     "imagegen_priority_dispatched_total for the mean)", True),
+    ("imagegen_priority_queued", "queued", "Requests waiting in the broker's queue now, by priority", False),
+)
+# (metric name, key in an owner's entry of the stats document's fair_share.owners, help, counter?)
+OWNER_FAMILIES = (
+    ("imagegen_owner_gpu_seconds", "gpu_seconds",
+     "GPU-seconds of the API key's finished requests (each image's part of its batch's generation time)", True),
+    ("imagegen_owner_recent_gpu_seconds", "recent_gpu_seconds",
+     "The key's GPU-seconds as the broker's fair share counts them: halved every FAIR_SHARE_HALF_LIFE_S", False),
+    ("imagegen_owner_queued", "queued", "The key's requests waiting in the broker's queue now", False),
+)
+
+
+def _priority_families(priorities: dict[str, Any]) -> Iterator[Metric]:
+    for name, key, doc, counter in PRIORITY_FAMILIES:
+        family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=["priority"])
+        for priority in PRIORITIES:
+            family.add_metric([priority], float((priorities.get(priority) or {}).get(key) or 0))
+        yield family
+
+
+def _owner_families(owners: dict[str, Any], known: frozenset[str]) -> Iterator[Metric]:
+    """One series per configured API key (``known``), 0 until the broker has charged it; owners the
+    broker reports that are not this gateway's keys are left out (the label set stays bounded)."""
+    if not known:
+        return
+    for name, key, doc, counter in OWNER_FAMILIES:
+        family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=["owner"])
+        for owner in sorted(known):
+            family.add_metric([owner], float((owners.get(owner) or {}).get(key) or 0))
+        yield family
 
 
 def _cluster_families(stats: dict[str, Any]) -> Iterator[Metric]:

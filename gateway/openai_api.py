@@ -43,6 +43,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.answers import ErrorAnswer, broker_failure_answer, broker_silent_answer, has_reported_size
+from gateway.auth import ranking_of
 from gateway.answers import image_url, keep_image, storage_answer, wrong_size_answer
 from gateway.broker_client import BrokerFailure
 from gateway.config import GatewaySettings
@@ -51,12 +52,12 @@ from gateway.images import StorageUnavailable
 from gateway.request_ids import new_request_id, request_label_of
 from gateway.validation import FieldError, parse_generate_request
 from imagegen.bounds import IMAGE_SIDE_MULTIPLE, MAX_IMAGES_PER_REQUEST, PICKED_SEED_LIMIT, WIRE
-from imagegen.protocol import MAX_MODEL_ID_CHARS, GenerationParams, Result
+from imagegen.protocol import DEFAULT_PRIORITY, MAX_MODEL_ID_CHARS, PRIORITIES, GenerationParams, Result
 
 RESPONSE_FORMATS = ("url", "b64_json")
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
 # Fields of POST /generate accepted here too, passed through to its validator unchanged.
-EXTENSION_FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "seed")
+EXTENSION_FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "seed", "priority")
 # Used with fullmatch: "$" would also accept a trailing newline. Any number of digits, so that
 # "1000000x5" is told which bound it breaks rather than that its format is wrong.
 SIZE_PATTERN = re.compile(r"([0-9]+)x([0-9]+)")
@@ -73,6 +74,7 @@ class ImagesRequest:
 
     images: tuple[GenerationParams, ...]
     response_format: str
+    priority: str = DEFAULT_PRIORITY  # the extension field priority (high, normal, low)
 
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -117,13 +119,14 @@ def parse_images_request(body: Any, settings: GatewaySettings, rng: random.Rando
         generate_body["model"] = body["model"]
     generate_body.update(_size(body.get("size")))
     try:
-        first = parse_generate_request(generate_body, settings, rng).params
+        checked = parse_generate_request(generate_body, settings, rng)
+        first = checked.params
     except FieldError as exc:
         if exc.field in ("width", "height"):
             raise FieldError("size", f"size {body.get('size')!r}: {exc.message}", exc.status) from None
         raise
     first = replace(first, model_fallback=True)
-    return ImagesRequest(_with_seeds(first, n, body.get("seed") is not None, rng), response_format)
+    return ImagesRequest(_with_seeds(first, n, body.get("seed") is not None, rng), response_format, checked.priority)
 
 
 def _count(value: Any) -> int:
@@ -158,14 +161,15 @@ def _with_seeds(first: GenerationParams, n: int, seeded: bool,
 
 
 async def generate_all(broker: Any, images: tuple[GenerationParams, ...], timeout_s: float,
-                       label: str = "") -> list[tuple[Result, bytes]]:
+                       label: str = "", **ranking: Any) -> list[tuple[Result, bytes]]:
     """Send every image's request at once (so they can share a batch) and wait for all of them.
 
     Each image is a request of its own with a fresh service-made id; all carry the HTTP request's
     label (the client's X-Request-ID), so one grep finds all of them in the broker's and workers'
     logs. The first failure cancels the others (the broker client tells the broker to drop them) and
-    is raised; so does cancellation of the caller (its HTTP client went away)."""
-    tasks = [asyncio.ensure_future(broker.generate(new_request_id(), params, timeout_s, label=label))
+    is raised; so does cancellation of the caller (its HTTP client went away). ``ranking``: the
+    priority, owner and share each request goes with (gateway/auth.py ranking_of)."""
+    tasks = [asyncio.ensure_future(broker.generate(new_request_id(), params, timeout_s, label=label, **ranking))
              for params in images]
     try:
         return list(await asyncio.gather(*tasks))
@@ -180,13 +184,14 @@ async def images_generations(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     try:
         parsed = parse_images_request(await read_json_body(request, settings.max_request_bytes), settings)
+        ranking = ranking_of(request, parsed.priority)
     except FieldError as exc:
         code = exc.code or ("request_too_large" if exc.status == 413 else "unknown_parameter"
                             if isinstance(exc, UnknownField) else "invalid_value" if exc.field else "invalid_json")
         return openai_error(exc.status, exc.message, param=exc.field, code=code)
     try:
         made = await generate_all(request.app[BROKER], parsed.images, settings.request_timeout_s,
-                                  request_label_of(request))
+                                  request_label_of(request), **ranking)
     except BrokerFailure as exc:
         return answer_openai_error(broker_failure_answer(exc, settings))
     except asyncio.TimeoutError:
@@ -221,8 +226,8 @@ def openapi_schemas(settings: GatewaySettings) -> dict[str, Any]:
             "type": "object",
             "title": "ImagesRequest",
             "description": "OpenAI's images.generate body. Unknown fields are refused (400 naming the field). "
-                           "Extensions: negative_prompt, num_inference_steps, guidance_scale and seed, as in "
-                           "POST /generate (image i gets seed + i).",
+                           "Extensions: negative_prompt, num_inference_steps, guidance_scale, seed and priority, "
+                           "as in POST /generate (image i gets seed + i).",
             "properties": {
                 "prompt": {"type": "string", "minLength": 1, "maxLength": s.max_prompt_chars,
                            "description": "What to draw: at least one non-whitespace character."},
@@ -248,6 +253,9 @@ def openapi_schemas(settings: GatewaySettings) -> dict[str, Any]:
                 "guidance_scale": {"type": ["number", "null"], "minimum": WIRE.guidance_scale.low,
                                    "maximum": s.max_guidance_scale, "default": s.default_guidance_scale},
                 "seed": {"type": ["integer", "null"], "minimum": WIRE.seed.low, "maximum": WIRE.seed.high},
+                "priority": {"enum": [*PRIORITIES, None], "default": DEFAULT_PRIORITY,
+                             "description": "high, normal or low, as in POST /generate (403 priority_not_allowed "
+                                            "above the API key's max_priority)."},
             },
             "required": ["prompt"],
             "additionalProperties": False,
@@ -302,6 +310,8 @@ def openapi_paths(settings: GatewaySettings) -> dict[str, Any]:
                           "models served are listed; size_not_served: the sizes served are listed, param "
                           "size).", "OpenAIError"),
             "401": answer("API keys are configured and none valid was sent (code invalid_api_key).", "OpenAIError"),
+            "403": answer("The priority is above what the API key may use (code priority_not_allowed, param "
+                          "priority).", "OpenAIError"),
             "408": answer(f"The body did not arrive within GATEWAY_BODY_TIMEOUT_S={settings.body_timeout_s:g}s "
                           "(code body_timeout).", "OpenAIError"),
             "413": answer(f"The body exceeds {settings.max_request_bytes} bytes.", "OpenAIError"),

@@ -28,7 +28,7 @@ from gateway.context import SETTINGS
 from gateway.jobs.routes import openapi_paths as jobs_paths, openapi_schemas as jobs_schemas
 from gateway.openai_api import openapi_paths as openai_paths, openapi_schemas as openai_schemas
 from imagegen.bounds import IMAGE_SIDE_MULTIPLE, PICKED_SEED_BITS, WIRE
-from imagegen.protocol import MAX_ID_CHARS, MAX_MODEL_ID_CHARS
+from imagegen.protocol import DEFAULT_PRIORITY, MAX_ID_CHARS, MAX_MODEL_ID_CHARS, PRIORITIES
 
 OPENAPI_VERSION = "3.1.0"
 IMAGE_NAME_PATTERN = r"^[0-9a-f]{32}\.png$"
@@ -119,6 +119,13 @@ def generate_request_schema(settings: GatewaySettings) -> dict[str, Any]:
                                "them under models). null or absent: the one model served; when several are "
                                "served it is required (400 model_required). A model no worker serves: 400 "
                                "unknown_model. Both errors list the models served and name the field.",
+            },
+            "priority": {
+                "enum": [*PRIORITIES, None], "default": DEFAULT_PRIORITY,
+                "description": "How urgent: high, normal (default) or low. The broker serves higher priorities first; a request "
+                               "gains one class for every PRIORITY_AGING_S it waits, so low ones still run. With "
+                               "API keys, a key may use up to its max_priority (default normal): above it, 403 "
+                               "priority_not_allowed. Anything else: 400 naming the allowed values.",
             },
         },
         "required": ["prompt"],
@@ -252,6 +259,8 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                                       "(model_required): both list the models served, field model; or the "
                                       "worker serves only the sizes it lists and this is not one "
                                       "(size_not_served: the message lists them, field width)."),
+                        "403": _error("The priority is above what the API key may use (priority_not_allowed: the "
+                                      "message names the highest allowed, field priority)."),
                         "408": _error(f"The body did not arrive within GATEWAY_BODY_TIMEOUT_S={s.body_timeout_s:g}s "
                                       "(body_timeout); the connection is closed."),
                         "413": _error(f"The body exceeds {s.max_request_bytes} bytes (MAX_REQUEST_BYTES)."),
@@ -372,6 +381,20 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                                 "properties": {name: {"type": "integer", "minimum": 0} for name in (
                                     "workers", "accepting_workers", "broker_queue_depth", "current_queue_depth")},
                             },
+                        },
+                        "priorities": {
+                            "type": "object",
+                            "description": "Per priority (high, normal, low): requests waiting in the broker's queue "
+                                           "now (queued), accepted since start (requests), handed to a worker for "
+                                           "the first time (dispatched), and those's wait in the queue "
+                                           "(queue_wait_seconds summed, avg_queue_wait_ms).",
+                        },
+                        "fair_share": {
+                            "type": "object",
+                            "description": "The fair share between API keys: half_life_s (FAIR_SHARE_HALF_LIFE_S), "
+                                           "priority_aging_s (PRIORITY_AGING_S), and owners: per key name "
+                                           "(key-<16 hex>), gpu_seconds since start, recent_gpu_seconds (decayed, "
+                                           "as the fair share counts them), share and queued.",
                         },
                     },
                 },

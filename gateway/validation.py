@@ -13,11 +13,11 @@ from typing import Any
 
 from gateway.config import GatewaySettings
 from imagegen.bounds import IMAGE_SIDE_MULTIPLE, PICKED_SEED_LIMIT, WIRE
-from imagegen.protocol import MAX_ID_CHARS, MAX_MODEL_ID_CHARS, GenerationParams
+from imagegen.protocol import DEFAULT_PRIORITY, MAX_ID_CHARS, MAX_MODEL_ID_CHARS, PRIORITIES, GenerationParams
 
 KNOWN_FIELDS = (
     "prompt", "negative_prompt", "game_id", "round_id", "player_id",
-    "width", "height", "num_inference_steps", "guidance_scale", "seed", "model",
+    "width", "height", "num_inference_steps", "guidance_scale", "seed", "model", "priority",
 )
 
 
@@ -38,6 +38,9 @@ class GenerateRequest:
     game_id: str | None
     round_id: str | None
     player_id: str | None
+    # How urgent (one of PRIORITIES; default normal): the broker serves higher ones first, with aging
+    # (broker/priorities.py). Whether the API key may use it is the route's check (gateway/key_policies.py).
+    priority: str = DEFAULT_PRIORITY
 
 
 def parse_generate_request(body: Any, settings: GatewaySettings, rng: random.Random | None = None) -> GenerateRequest:
@@ -67,7 +70,19 @@ def parse_generate_request(body: Any, settings: GatewaySettings, rng: random.Ran
         model=_model(body),
     )
     return GenerateRequest(params, _identifier(body, "game_id"), _identifier(body, "round_id"),
-                           _identifier(body, "player_id"))
+                           _identifier(body, "player_id"), _priority(body))
+
+
+def _priority(body: dict) -> str:
+    """high, normal or low; absent or null: normal."""
+    value = body.get("priority")
+    if value is None:
+        return DEFAULT_PRIORITY
+    if value not in PRIORITIES:
+        shown = repr(value) if isinstance(value, str) and len(value) <= 40 else _json_type(value)
+        raise FieldError("priority", f"priority must be one of {', '.join(PRIORITIES)} (default "
+                                     f"{DEFAULT_PRIORITY}), got {shown}")
+    return value
 
 
 def _prompt(body: dict, field: str, settings: GatewaySettings, required: bool) -> str | None:

@@ -74,6 +74,10 @@ MAX_ATTEMPTS = 1000  # the broker's MAX_REQUEST_ATTEMPTS: a request's attempt nu
 # Generate.priority, most urgent first; a value outside it (a peer of a newer build) counts as "normal".
 PRIORITIES = ("high", "normal", "low")
 DEFAULT_PRIORITY = "normal"
+# Generate.share: an API key's weight in the broker's fair share between keys (its share= option).
+DEFAULT_SHARE = 1.0
+MIN_SHARE = 0.01
+MAX_SHARE = 1000.0
 
 
 def priority_rank(priority: str) -> int:
@@ -283,6 +287,9 @@ class Generate(Message):
     # ("key-" + 16 hex of its SHA-256, as the job store's owner), "" without API keys. Made by the
     # gateway, never taken from a client.
     owner: str = bounded("", max_len=MAX_ID_CHARS)
+    # The owner's weight in the broker's fair share (broker/priorities.py): its key's share= (1 by
+    # default, and without API keys). A peer of an older build leaves it out: 1.
+    share: float = bounded(DEFAULT_SHARE, low=MIN_SHARE, high=MAX_SHARE)
 
 
 @dataclass(frozen=True)

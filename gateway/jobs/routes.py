@@ -33,7 +33,7 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from gateway.answers import IMAGE_ROUTE
-from gateway.auth import api_key_name_of
+from gateway.auth import api_key_name_of, ranking_of
 from gateway.context import BROKER, IMAGES, JOBS_PATH, METRICS, SETTINGS, read_json_body
 from gateway.jobs.runner import JobRunner, StreamsFull, iso_time
 from gateway.jobs.store import TERMINAL_EVENTS, IdempotencyConflict, Job, JobStore, JobStoreError, new_job
@@ -42,6 +42,7 @@ from gateway.jobs.webhooks import (WEBHOOK_EVENT_NAMES, WebhookUrlRefused, confi
 from gateway.metrics import OUTCOME
 from gateway.request_ids import request_label_of
 from gateway.validation import KNOWN_FIELDS, FieldError, parse_generate_request
+from imagegen.protocol import DEFAULT_PRIORITY, PRIORITIES
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,12 @@ def job_urls(request: web.Request, job_id: str) -> dict[str, str]:
     return {"status_url": status_url, "events_url": status_url + "/events"}
 
 
+def _priority_of(job: Job) -> str:
+    """The priority the job's request asked for (its body's ``priority``; normal when it gave none)."""
+    priority = job.request.get("priority")
+    return priority if priority in PRIORITIES else DEFAULT_PRIORITY
+
+
 def job_document(request: web.Request, job: Job, now: float) -> dict[str, Any]:
     """GET /v1/jobs/{id}: what the job is, as of ``now`` (Unix seconds)."""
     document: dict[str, Any] = {
@@ -95,6 +102,7 @@ def job_document(request: web.Request, job: Job, now: float) -> dict[str, Any]:
         "started_at": iso_time(job.started_at),
         "finished_at": iso_time(job.finished_at),
         "attempt": job.attempt,
+        "priority": _priority_of(job),
         **job_urls(request, job.id),
     }
     if job.status == "queued":
@@ -167,6 +175,7 @@ async def submit_job(request: web.Request) -> web.Response:
                 raise FieldError(exc.field, f"unknown field {exc.field!r}; accepted fields: "
                                             f"{', '.join((*KNOWN_FIELDS, *JOB_FIELDS))}") from None
             raise
+        ranking_of(request, parsed.priority)  # 403 priority_not_allowed: above the key's max_priority
         if webhook is not None:
             if configured_webhook_secret(settings) is None:
                 raise FieldError("webhook", "this gateway sends no webhooks: its operator has not set WEBHOOK_SECRET "
@@ -459,6 +468,8 @@ def openapi_schemas(settings: Any, generate_request: dict[str, Any]) -> dict[str
                 "attempt": {"type": "integer", "minimum": 1,
                             "description": "1, then 2, 3... each time the job was stopped and started again "
                                            "(preempted, or its worker was lost)."},
+                "priority": {"enum": list(PRIORITIES),
+                             "description": "The priority its request asked for (normal when it gave none)."},
                 "status_url": {"type": "string", "format": "uri"},
                 "events_url": {"type": "string", "format": "uri"},
                 "queue_position": {"type": ["integer", "null"], "minimum": 0,
@@ -477,8 +488,8 @@ def openapi_schemas(settings: Any, generate_request: dict[str, Any]) -> dict[str
                 "error": error,
                 "webhook": {"type": "string"},
             },
-            "required": ["id", "status", "created_at", "started_at", "finished_at", "attempt", "status_url",
-                         "events_url"],
+            "required": ["id", "status", "created_at", "started_at", "finished_at", "attempt", "priority",
+                         "status_url", "events_url"],
         },
     }
 
@@ -509,6 +520,7 @@ def openapi_paths(settings: Any) -> dict[str, Any]:
                         "headers": {"Location": {"schema": {"type": "string"}, "description": "status_url"}}},
                 "400": _answer("A field is wrong (error.field names it), as for POST /generate; or the webhook "
                                "URL is refused, or the gateway has no WEBHOOK_SECRET.", "Error"),
+                "403": _answer("The priority is above what the API key may use (priority_not_allowed).", "Error"),
                 "409": _answer("The Idempotency-Key was used with another body (idempotency_conflict).", "Error"),
                 "413": _answer(f"The body exceeds {s.max_request_bytes} bytes (MAX_REQUEST_BYTES).", "Error"),
                 "503": store_down,

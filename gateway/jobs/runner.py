@@ -58,13 +58,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, TypeVar
 
 from gateway.answers import IMAGE_ROUTE, broker_silent_text, how_it_was_made
+from gateway.auth import share_of
 from gateway.broker_client import BrokerFailure
 from gateway.images import StorageUnavailable, new_image_id, png_size
 from gateway.jobs.store import SQLITE_FILE, Event, Job, JobStore, JobStoreError, open_job_store
 from gateway.jobs.webhooks import WebhookSender, record_event, wants
 from gateway.request_ids import new_request_id
 from gateway.validation import FieldError, GenerateRequest, parse_generate_request
-from imagegen.protocol import GenerationParams, Preview, Result
+from imagegen.protocol import DEFAULT_PRIORITY, GenerationParams, Preview, Result
 
 log = logging.getLogger(__name__)
 
@@ -569,8 +570,12 @@ class JobRunner:
         # cancel_on_exit=False: the request outlives this call (the gateway stopping leaves it at the
         # broker for the next start to collect); cancel() cancels it.
         timeout_s = max(remaining_s, RESUME_MIN_TIMEOUT_S) if resume else self.settings.request_timeout_s
+        # Its place in the broker's queue: the priority it asked for (checked against its key when it
+        # was submitted), charged to the key that submitted it, with that key's share.
+        priority = run.parsed.priority if run.parsed is not None else DEFAULT_PRIORITY
         return await self.broker.generate(run.request_id, run.params, timeout_s, label=run.label, on_event=on_event,
-                                          watch=True, cancel_on_exit=False)
+                                          watch=True, cancel_on_exit=False, priority=priority, owner=run.job.owner,
+                                          share=share_of(self.settings, run.job.owner))
 
     async def _drive(self, run: _Run, resume: bool) -> None:
         settings = self.settings

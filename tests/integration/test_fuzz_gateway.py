@@ -239,6 +239,8 @@ def from_schema(schema: dict, document: dict) -> st.SearchStrategy:
         return st.one_of(*(from_schema(branch, document) for branch in schema["anyOf"]))
     if "const" in schema:
         return st.just(schema["const"])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
     types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
     options = []
     for kind in types:

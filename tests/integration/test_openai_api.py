@@ -175,7 +175,7 @@ async def test_one_failed_image_cancels_the_others():
             self.cancelled = 0
             self.count = 0
 
-        async def generate(self, request_id, params, timeout_s, label=""):
+        async def generate(self, request_id, params, timeout_s, label="", **ranking):
             self.count += 1
             if self.count == 2:
                 raise BrokerFailure("generation_failed", "boom")

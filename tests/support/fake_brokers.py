@@ -52,6 +52,7 @@ class RecordingFakeBroker:
         self.stats_timeout = False
         self.calls: list[tuple[str, GenerationParams, float]] = []
         self.labels: list[str] = []  # each call's label (its client's X-Request-ID)
+        self.rankings: list[dict[str, Any]] = []  # each call's priority, owner and share
         self.stats_calls: list[float] = []
         self.started = False
         self.closed = False
@@ -67,9 +68,10 @@ class RecordingFakeBroker:
         self.closed = True
 
     async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
-                       label: str = "") -> tuple[Result, bytes]:
+                       label: str = "", **ranking: Any) -> tuple[Result, bytes]:
         self.calls.append((request_id, params, timeout_s))
         self.labels.append(label)
+        self.rankings.append(ranking)  # priority, owner, share (BrokerClient.generate)
         if self.failure == "timeout":
             raise asyncio.TimeoutError()
         if isinstance(self.failure, BrokerFailure):
@@ -115,7 +117,7 @@ class ScriptedFakeBroker:
         pass
 
     async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
-                       label: str = "") -> tuple[Result, bytes]:
+                       label: str = "", **ranking: Any) -> tuple[Result, bytes]:
         self.request_ids.append(request_id)
         self.labels.append(label)
         if self.hold is not None:
@@ -161,7 +163,7 @@ class WireCheckingFakeBroker:
         pass
 
     async def generate(self, request_id: str, params: GenerationParams, timeout_s: float,
-                       label: str = "") -> tuple[Result, bytes]:
+                       label: str = "", **ranking: Any) -> tuple[Result, bytes]:
         self.calls += 1
         try:
             frames = protocol.encode(CLIENT_LINK, Generate(request_id, params, timeout_s))

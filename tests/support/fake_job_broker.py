@@ -125,6 +125,7 @@ class JobFakeBroker:
         self.identity = FakeIdentity(gateway_id) if gateway_id is not None else None
         self.requests: dict[str, FakeRequest] = {}
         self.order: list[str] = []        # request ids, in the order generate got them
+        self.rankings: dict[str, dict] = {}  # request id -> its priority, owner and share
         self.collected: list[str] = []    # request ids collect was asked for
         self.cancelled: list[str] = []    # request ids cancel was sent for
         self.labels: list[str] = []
@@ -159,8 +160,9 @@ class JobFakeBroker:
 
     async def generate(self, request_id: str, params: GenerationParams, timeout_s: float, label: str = "",
                        on_event: Callable[[Any], None] | None = None, watch: bool = False,
-                       cancel_on_exit: bool = True) -> tuple[Result, bytes]:
+                       cancel_on_exit: bool = True, **ranking: Any) -> tuple[Result, bytes]:
         request = FakeRequest(request_id, params, watch)
+        self.rankings[request_id] = ranking  # priority, owner, share (BrokerClient.generate)
         self.requests[request_id] = request
         self.order.append(request_id)
         self.labels.append(label)
