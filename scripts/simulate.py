@@ -134,8 +134,13 @@ def print_checks(rows: list[dict[str, Any]]) -> int:
     for line in failures:
         print("FAIL:", line)
     print(f"{'all checks pass' if not failures else f'{len(failures)} checks fail'}: default vs window on "
-          f"{len({r['workload'] for r in rows})} workloads")
-    return 1 if failures else 0
+          f"{len({r['workload'] for r in rows if r['policy'] == 'window'})} workloads")
+    step_failures = runs.check_step(rows)
+    for line in step_failures:
+        print("FAIL (step):", line)
+    print(f"{'all step checks pass' if not step_failures else f'{len(step_failures)} step checks fail'}: "
+          f"step vs run-to-completion (default) on {len({r['workload'] for r in rows if r['policy'] == 'step'})} workloads")
+    return 1 if failures or step_failures else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +157,7 @@ def _pyplot():
 
 
 STYLE = {"window": dict(color="#c0392b", ls="-"), "default": dict(color="#1f6fb2", ls="-"),
-         "greedy": dict(color="#7f8c8d", ls="--")}
+         "greedy": dict(color="#7f8c8d", ls="--"), "step": dict(color="#27ae60", ls="-.")}
 
 
 def plot_latency_cdfs(path: Path) -> None:
@@ -161,7 +166,7 @@ def plot_latency_cdfs(path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(10, 5.6), dpi=80)
     for ax, name in zip(axes.flat, CDF_WORKLOADS):
         case = cases[name]
-        for label in runs.COMPARED:
+        for label in runs.BATCH_COMPARED:
             sim, _ = runs.run(case.workload, runs.cluster_for(label, case.gpus), case.costs, label)
             lat = sorted(latencies_s(sim))
             ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=label, **STYLE[label])
@@ -181,7 +186,7 @@ def plot_load_sweep(path: Path) -> None:
     plt = _pyplot()
     reports = runs.load_sweep(SWEEP_LOADS)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
-    for label in runs.COMPARED:
+    for label in runs.BATCH_COMPARED:
         mine = [r for r in reports if r.policy == label]
         loads = [r.extra["offered_load"] * 100 for r in mine]
         left.plot(loads, [r.throughput_img_s for r in mine], marker="o", ms=3, label=label, **STYLE[label])
@@ -248,7 +253,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "sdxl-buckets and sd15-mixed are mixed resolutions (pick a matching --costs) and "
                              "report each size group's waits")
     parser.add_argument("--policy", choices=tuple(runs.POLICIES) + tuple(POLICY_ALIASES), default="default",
-                        help="window, default or greedy (seed: the same as window)")
+                        help="window, default (run-to-completion), greedy or step (seed: the same as window)")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--costs", choices=tuple(cost_models.COST_MODELS), default="sdxl-h200")
     parser.add_argument("--load", type=float, default=0.9, help="fraction of capacity (poisson, mixed)")

@@ -149,3 +149,75 @@ def ideal_packing_s(costs: CostModel, key: BatchKey, n: int, max_batch: int) -> 
 def capacity_img_s(costs: CostModel, key: BatchKey, max_batch: int) -> float:
     """Most images per second one GPU can sustain for ``key`` (its most efficient batch size)."""
     return max(b / costs.batch_s(key, b) for b in range(1, max_batch + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-step costs for the step-level engine (BATCH_POLICY=step), derived from the batch tables above
+
+
+@dataclass(frozen=True)
+class StepCostModel:
+    """What one step-level operation costs, derived from a batch table so that a cohort of ``n``
+    requests of one key, encoded together, stepped together and decoded together, costs exactly
+    ``batch_s(key, n)``:
+
+        batch_s(key, n) = encode_s(key, n) + steps x step_s(shape, n, unet_rows) + decode_s(key, n)
+
+    * encode (prompts of newcomers): ``prelude_fraction`` of ``batch_s(key, n)`` (the simulator's
+      prelude share, ClusterConfig.prelude_fraction).
+    * :class:`MeasuredTable` (UNet step and VAE columns): a step of ``u`` UNet rows (2 per request
+      with CFG, 1 without) costs ``(1 - p) x step_ms(u x pixel scale)`` whatever the rows' steps and
+      guidance; decoding ``n`` images ``(1 - p) x vae_ms(n x pixel scale)``.
+    * :class:`BatchCurve` (whole batch calls): the decode share is the VAE share of the same model's
+      H200 table at the same batch size (``decode_table``), and a step of ``n`` rows costs the rest
+      over the steps, ``(1 - p - d) x work(shape, cfg) x curve(n) / steps``, its CFG factor the
+      rows' mean (exact for rows of one key; rows of mixed guidance in between).
+    """
+
+    costs: CostModel
+    prelude_fraction: float = 0.01
+    decode_table: MeasuredTable | None = None  # None: the H200 table of the costs' model
+
+    def _companion(self) -> MeasuredTable:
+        if self.decode_table is not None:
+            return self.decode_table
+        return SD15_H200 if self.costs.reference_key == SD15_512 else SDXL_H200
+
+    def encode_s(self, key: BatchKey, n: int) -> float:
+        return self.prelude_fraction * self.costs.batch_s(key, n) if n else 0.0
+
+    def decode_fraction(self, key: BatchKey, n: int) -> float:
+        """BatchCurve tables: the share of a batch of ``n`` that is VAE decoding (companion table's)."""
+        table = self._companion()
+        scaled = BatchKey(table.reference_key.width, table.reference_key.height, key.num_inference_steps,
+                          key.guidance_scale)
+        vae_s = interpolate(table.vae_ms_by_images, n, below="proportional") / 1000.0
+        return vae_s / table.batch_s(scaled, n)
+
+    def decode_s(self, key: BatchKey, n: int) -> float:
+        if n <= 0:
+            return 0.0
+        p = self.prelude_fraction
+        costs = self.costs
+        if isinstance(costs, MeasuredTable):
+            scale = key.pixels / costs.reference_key.pixels
+            return (1 - p) * interpolate(costs.vae_ms_by_images, n * scale, below="proportional") / 1000.0
+        return self.decode_fraction(key, n) * costs.batch_s(key, n)
+
+    def step_s(self, shape: tuple[int, int], images: int, unet_rows: float, steps: int | None = None) -> float:
+        """One denoising step of ``images`` rows of ``shape`` taking ``unet_rows`` UNet rows.
+        ``steps``: the rows' step count where they share one (BatchCurve tables: exact for one key)."""
+        if images <= 0:
+            return 0.0
+        p = self.prelude_fraction
+        costs = self.costs
+        if isinstance(costs, MeasuredTable):
+            scale = shape[0] * shape[1] / costs.reference_key.pixels
+            return (1 - p) * interpolate(costs.step_ms_by_rows, unet_rows * scale, below="clamp") / 1000.0
+        ref = costs.reference_key
+        steps = steps or ref.num_inference_steps
+        cfg = unet_rows / images  # 1 (no CFG) .. 2 (CFG), the rows' mean
+        key = BatchKey(shape[0], shape[1], steps, 5.0 if cfg > 1 else 1.0)
+        whole = costs.batch_s(key, images) * (cfg / (2 if cfg > 1 else 1))
+        d = self.decode_fraction(key, images)
+        return (1 - p - d) * whole / steps

@@ -113,3 +113,24 @@ def summarize(sim: Simulation, workload: str, policy: str, **extra: Any) -> RunR
         makespan_s=makespan,
         extra=dict(extra),
     )
+
+
+def class_latencies(sim: Simulation, digits: int = 4) -> dict[str, dict[str, Any]]:
+    """Per priority class (Generate.priority), the answered requests' latency p50 / p95 / p99 (s)."""
+    done = [r for r in sim.requests.values() if r.done_at is not None and r.failed is None]
+    classes = {}
+    for label in dict.fromkeys(sorted((r.priority for r in done), key=lambda p: ("high", "normal", "low").index(p)
+                                      if p in ("high", "normal", "low") else 3)):
+        lat = [r.latency_s for r in done if r.priority == label]
+        classes[label] = {"requests": len(lat), **{f"p{q}_s": _round(percentile(lat, q), digits) for q in (50, 95, 99)}}
+    return classes
+
+
+def cancel_stats(sim: Simulation) -> dict[str, Any]:
+    """Requests the clients cancelled, how many of them were running (rows on the GPU) when the
+    CANCEL reached their worker, and the most denoising steps such a row still ran after it (the
+    step in progress counted: 1 is "freed within one step")."""
+    cancelled = [r for r in sim.requests.values() if r.cancelled]
+    running = [r.steps_after_cancel for r in cancelled if r.steps_after_cancel is not None]
+    return {"cancelled": len(cancelled), "cancelled_running": sum(1 for s in running if s > 0),
+            "cancel_steps_after_max": max(running, default=0)}

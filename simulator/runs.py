@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from gpu_worker.decisions.batcher import BatchKey, BatchPolicyConfig
-from gpu_worker.decisions.policies import DEFAULT, POLICY_ALIASES, WINDOW, HoldTuning
+from gpu_worker.decisions.policies import DEFAULT, POLICY_ALIASES, RUN_TO_COMPLETION, STEP, WINDOW, HoldTuning
 from simulator import costs as cost_models
 from simulator import workloads as wl
 from simulator.costs import CostModel
 from simulator.engine import ClusterConfig, Simulation
-from simulator.metrics import RunReport, group_waits, summarize
+from simulator.metrics import RunReport, cancel_stats, class_latencies, group_waits, summarize
 
 # Policy name in the reports -> (BATCH_POLICY value, tuning of the default policy).
 POLICIES: dict[str, tuple[str, HoldTuning | None]] = {
@@ -33,8 +33,11 @@ POLICIES: dict[str, tuple[str, HoldTuning | None]] = {
     # The default without its holds: run whatever is queued the moment the GPU is free. Shown to
     # make the case for the holds (a burst's first request would otherwise run alone).
     "greedy": (DEFAULT, HoldTuning(coalesce=False, break_even=False)),
+    # Decisions per denoising step (gpu_worker/decisions/step_scheduler.py), run by SimStepWorker.
+    "step": (STEP, None),
 }
-COMPARED = ("window", "default", "greedy")
+COMPARED = ("window", "default", "greedy", "step")
+BATCH_COMPARED = ("window", "default", "greedy")  # the policies that form whole batches
 
 MAX_BATCH = 16  # measured up to 16 on the SDXL table (47 GiB); the H100 smoke test auto-detected 20
 POISSON_LOADS = (0.3, 0.6, 0.9, 1.2)
@@ -50,7 +53,8 @@ def run(workload: wl.Workload, cluster: ClusterConfig, costs: CostModel, policy_
 
 
 def cluster_for(policy_label: str, gpus: int = 1, batching: BatchPolicyConfig | None = None) -> ClusterConfig:
-    name, tuning = POLICIES[POLICY_ALIASES.get(policy_label, policy_label)]
+    label = POLICY_ALIASES.get(policy_label, policy_label)
+    name, tuning = POLICIES["default" if label == RUN_TO_COMPLETION else label]
     return ClusterConfig(gpus=gpus, policy=name, tuning=tuning,
                          batching=batching or BatchPolicyConfig(max_batch_size=MAX_BATCH))
 
@@ -64,6 +68,8 @@ class Case:
     gpus: int = 1
     extra: dict[str, float] = field(default_factory=dict)
     groups: tuple[BatchKey, ...] = ()  # report each size group's waits (metrics.group_waits) in its rows
+    classes: bool = False  # report each priority class's latencies (metrics.class_latencies)
+    cancels: bool = False  # report the cancelled requests (metrics.cancel_stats)
 
 
 def _suffix(name: str, costs: CostModel, gpus: int) -> str:
@@ -137,7 +143,38 @@ def comparison_cases() -> list[Case]:
             + cases_for(cost_models.SD15_H200, **short)
             + cases_for(cost_models.SDXL_H100, **short)
             + cases_for(cost_models.SD15_H100, **short)
-            + mixed_resolution_cases())
+            + mixed_resolution_cases()
+            + [case for costs in STEP_TABLES for case in step_cases(costs)])
+
+
+STEP_LOAD = 0.8  # the step policy's workloads run at this fraction of capacity
+STEP_REQUESTS = 500
+# Cost tables the step policy's workloads run on (the first is unsuffixed in names).
+STEP_TABLES = (cost_models.SDXL_H200, cost_models.SD15_H200, cost_models.SDXL_H100, cost_models.SD15_H100)
+
+
+def step_cases(costs: CostModel, load: float = STEP_LOAD, requests: int = STEP_REQUESTS, seed: int = 11) -> list[Case]:
+    """The step policy's workloads on one GPU of ``costs`` (every policy runs them): ``mixed-steps``
+    (one shape at 10, 25 and 50 steps), ``mixed-guidance`` (four guidance scales, one without CFG),
+    ``priority-80`` (10% high, 60% normal, 30% low; rows carry each class's latencies and a lone
+    request's latency) and ``cancel-20`` (a fifth cancelled through the broker within three lone
+    latencies of sending), all Poisson at ``load`` of the workload's capacity in full batches."""
+    key = costs.reference_key
+    capacity = cost_models.capacity_img_s(costs, key, MAX_BATCH)
+    lone_s = costs.batch_s(key, 1)
+    cases = []
+    for name, keys in (("mixed-steps", wl.steps_mix(key)), ("mixed-guidance", wl.guidance_mix(key))):
+        rate = load * wl.mixed_capacity_img_s(costs, MAX_BATCH, keys=keys)
+        workload = wl.poisson(rate, requests, [k for k, _ in keys], [w for _, w in keys], seed=seed,
+                              name=_suffix(name, costs, 1))
+        cases.append(Case(workload, costs, 1, {"offered_load": load}))
+    pct = round(load * 100)
+    cases.append(Case(wl.prioritised(load * capacity, requests, key, seed=seed, name=_suffix(f"priority-{pct}", costs, 1)),
+                      costs, 1, {"offered_load": load, "lone_s": lone_s}, classes=True))
+    cases.append(Case(wl.cancelling(load * capacity, requests, key, 3 * lone_s, seed=seed,
+                                    name=_suffix(f"cancel-{round(wl.CANCEL_FRACTION * 100)}", costs, 1)),
+                      costs, 1, {"offered_load": load}, cancels=True))
+    return cases
 
 
 def compare(policies: Sequence[str] = COMPARED, cases: Sequence[Case] | None = None,
@@ -151,6 +188,10 @@ def compare(policies: Sequence[str] = COMPARED, cases: Sequence[Case] | None = N
             sim, report = run(case.workload, cluster, case.costs, label, **case.extra)
             if case.groups:
                 report = replace(report, extra={**report.extra, "groups": group_waits(sim, case.groups)})
+            if case.classes:
+                report = replace(report, extra={**report.extra, "classes": class_latencies(sim)})
+            if case.cancels:
+                report = replace(report, extra={**report.extra, **cancel_stats(sim)})
             reports.append(report)
     return reports
 
@@ -235,7 +276,7 @@ def validate(policy_label: str = "window") -> list[dict[str, Any]]:
     return [validate_row(row, policy_label) for row in SEED_ROWS]
 
 
-def load_sweep(loads: Sequence[float], policies: Sequence[str] = COMPARED, costs: CostModel = cost_models.SDXL_H200,
+def load_sweep(loads: Sequence[float], policies: Sequence[str] = BATCH_COMPARED, costs: CostModel = cost_models.SDXL_H200,
                gpus: int = 1, requests_per_gpu: int = POISSON_REQUESTS) -> list[RunReport]:
     """Poisson arrivals at each offered load (fraction of capacity), once per policy."""
     cases = cases_for(costs, gpus, requests_per_gpu, loads, mixed=False)
@@ -288,6 +329,51 @@ def check_default(rows: Sequence[dict[str, Any]], within: float = 0.05) -> list[
             failures.append(f"{workload}: lone latency {default['p50_s']} s > {limit} x batch1 {default['batch1_s']} s")
         if "ideal_s" in default and default["makespan_s"] > limit * default["ideal_s"]:
             failures.append(f"{workload}: {default['makespan_s']} s > {limit} x ideal packing {default['ideal_s']} s")
+    return failures
+
+
+STEP_WORKLOADS = ("mixed-steps", "mixed-guidance", "priority-", "cancel-")  # step_cases' names
+STEP_P95_WITHIN = 0.01  # on the batch workloads, the step policy's p95 may exceed run-to-completion's by this
+STEP_MIXED_STEPS_GAIN = 0.25  # on mixed-steps its p95 is at least this much lower
+HIGH_OVER_LONE = 1.3  # on priority-80 the high class's p95 is at most this many lone latencies
+LOW_OVER_NORMAL = 3.0  # ...and the low class's p99 at most this many of the normal class's
+
+
+def check_step(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The step policy's targets on --compare's rows; returns what fails (empty: all pass).
+
+    Against run-to-completion (rows labelled ``default``) on every batch workload (not
+    STEP_WORKLOADS): p95 within STEP_P95_WITHIN and throughput no lower; on mixed-steps, p95
+    STEP_MIXED_STEPS_GAIN lower. On priority-80: the high class's p95 at most HIGH_OVER_LONE lone
+    latencies and the low class's p99 at most LOW_OVER_NORMAL of the normal class's. On cancel-20:
+    no cancelled row runs more than the step in progress when its CANCEL arrives."""
+    by = {(r["workload"], r["policy"]): r for r in rows}
+    failures = []
+    for (workload, policy), step in by.items():
+        if policy != "step" or (workload, "default") not in by:
+            continue
+        rtc = by[(workload, "default")]
+        ours = any(name in workload for name in STEP_WORKLOADS)
+        if "mixed-steps" in workload:
+            if step["p95_s"] > (1 - STEP_MIXED_STEPS_GAIN) * rtc["p95_s"]:
+                failures.append(f"{workload}: step p95 {step['p95_s']} s not {STEP_MIXED_STEPS_GAIN:.0%} below "
+                                f"run-to-completion's {rtc['p95_s']} s")
+        elif not ours and step["p95_s"] > (1 + STEP_P95_WITHIN) * rtc["p95_s"]:
+            failures.append(f"{workload}: step p95 {step['p95_s']} s > run-to-completion's {rtc['p95_s']} s "
+                            f"+{STEP_P95_WITHIN:.0%}")
+        if not ours and step["throughput_img_s"] < rtc["throughput_img_s"]:
+            failures.append(f"{workload}: step throughput {step['throughput_img_s']} < run-to-completion's "
+                            f"{rtc['throughput_img_s']}")
+        classes = step.get("classes")
+        if classes:
+            if classes["high"]["p95_s"] > HIGH_OVER_LONE * step["lone_s"]:
+                failures.append(f"{workload}: high p95 {classes['high']['p95_s']} s > {HIGH_OVER_LONE} x lone "
+                                f"{step['lone_s']} s")
+            if classes["low"]["p99_s"] > LOW_OVER_NORMAL * classes["normal"]["p99_s"]:
+                failures.append(f"{workload}: low p99 {classes['low']['p99_s']} s > {LOW_OVER_NORMAL} x normal's "
+                                f"{classes['normal']['p99_s']} s")
+        if step.get("cancel_steps_after_max", 0) > 1:
+            failures.append(f"{workload}: a cancelled row ran {step['cancel_steps_after_max']} steps after its CANCEL")
     return failures
 
 
@@ -372,8 +458,8 @@ def check_scaling(rows: Sequence[dict[str, Any]], minimum: float = 0.95) -> list
 
 def dispatch_effect(cases: Sequence[Case] | None = None) -> list[dict[str, Any]]:
     """--compare's rows without and with the fair share: one entry per row that differs."""
-    before = [r.row() for r in compare(cases=cases, fair_share=False)]
-    after = [r.row() for r in compare(cases=cases, fair_share=True)]
+    before = [r.row() for r in compare(BATCH_COMPARED, cases=cases, fair_share=False)]
+    after = [r.row() for r in compare(BATCH_COMPARED, cases=cases, fair_share=True)]
     changed = []
     for old, new in zip(before, after):
         if old != new:

@@ -123,3 +123,57 @@ def size_mix(mix: str, rate_img_s: float, n: int, seed: int = 5, name: str | Non
     keys, weights = zip(*SIZE_MIXES[mix])
     return poisson(rate_img_s, n, keys, weights, seed, name or mix,
                    f"Poisson at {rate_img_s:.3g} images/s over {len(keys)} sizes ({mix})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads of the step-level policy (docs/scheduling.md, "Step-level scheduling"); every policy runs them.
+
+# One shape at three step counts (a fast draft, the usual, a slow final render), equally often.
+STEP_MIX_STEPS = (10, 25, 50)
+# One shape and step count at four guidance scales, one of them without CFG.
+GUIDANCE_MIX = (1.0, 3.5, 5.0, 7.5)
+# priority-80: the share of each class.
+PRIORITY_MIX = (("high", 0.1), ("normal", 0.6), ("low", 0.3))
+CANCEL_FRACTION = 0.2  # cancel-20: a fifth of the requests are cancelled
+
+
+def steps_mix(key: BatchKey) -> tuple[tuple[BatchKey, float], ...]:
+    """``key`` at each of STEP_MIX_STEPS, equally weighted."""
+    return tuple((BatchKey(key.width, key.height, s, key.guidance_scale), 1 / len(STEP_MIX_STEPS))
+                 for s in STEP_MIX_STEPS)
+
+
+def guidance_mix(key: BatchKey) -> tuple[tuple[BatchKey, float], ...]:
+    """``key`` at each of GUIDANCE_MIX, equally weighted."""
+    return tuple((BatchKey(key.width, key.height, key.num_inference_steps, g), 1 / len(GUIDANCE_MIX))
+                 for g in GUIDANCE_MIX)
+
+
+def prioritised(rate_img_s: float, n: int, key: BatchKey, seed: int = 7, name: str = "priority",
+                classes: Sequence[tuple[str, float]] = PRIORITY_MIX) -> Workload:
+    """Poisson arrivals of one key, each request's priority drawn by ``classes`` (class, weight)."""
+    labels, weights = zip(*classes)
+
+    def schedule(sim: Simulation) -> None:
+        rng = random.Random(seed)
+        at_s = 0.0
+        for _ in range(n):
+            at_s += rng.expovariate(rate_img_s)
+            sim.submit(key, at_s, priority=rng.choices(labels, weights)[0])
+    return Workload(name, f"Poisson at {rate_img_s:.3g} images/s, priorities {dict(classes)}", schedule)
+
+
+def cancelling(rate_img_s: float, n: int, key: BatchKey, cancel_within_s: float, seed: int = 9,
+               fraction: float = CANCEL_FRACTION, name: str = "cancel") -> Workload:
+    """Poisson arrivals of one key; a ``fraction`` of the requests are cancelled by their client
+    (CANCEL through the broker) a uniform time in (0, ``cancel_within_s``) after sending, unless
+    answered by then: some while queued, most while their rows run."""
+    def schedule(sim: Simulation) -> None:
+        rng = random.Random(seed)
+        at_s = 0.0
+        for _ in range(n):
+            at_s += rng.expovariate(rate_img_s)
+            cancel = rng.random() < fraction
+            after = rng.uniform(0.0, cancel_within_s)
+            sim.submit(key, at_s, cancel_after_s=after if cancel else None)
+    return Workload(name, f"Poisson at {rate_img_s:.3g} images/s, {fraction:.0%} cancelled", schedule)

@@ -1,4 +1,9 @@
-"""Batching policies a worker can run, chosen by ``BATCH_POLICY``: ``default`` and ``window`` (pure).
+"""Batching policies a worker can run, chosen by ``BATCH_POLICY``: ``run-to-completion`` and ``window`` (pure).
+
+``run-to-completion`` (also accepted as ``default``, its earlier name) is :class:`AdaptiveBatcher`
+below: a batch, once formed, runs all its denoising steps. ``step``
+(gpu_worker/decisions/step_scheduler.py) decides per denoising step instead; the simulator runs it,
+a worker refuses it until its step-level engine is wired in.
 
 ``window`` is :class:`gpu_worker.decisions.batcher.Batcher`: a group runs when it fills a batch or its oldest
 request has waited the (adaptive) window. ``seed``, its earlier name, is still accepted.
@@ -46,11 +51,17 @@ from gpu_worker.decisions.cost_model import OnlineCostModel
 
 T = TypeVar("T")
 
-DEFAULT = "default"
+RUN_TO_COMPLETION = "run-to-completion"
+DEFAULT = RUN_TO_COMPLETION  # the worker's BATCH_POLICY when none is given
 WINDOW = "window"
-POLICY_NAMES = (DEFAULT, WINDOW)
-# Earlier names still accepted in BATCH_POLICY and by make_batcher, so existing configurations keep working.
-POLICY_ALIASES = {"seed": WINDOW}
+# Step-level scheduling (gpu_worker/decisions/step_scheduler.py): decided per denoising step, not per
+# batch. The simulator runs it; a worker cannot until its step-level engine is wired in.
+STEP = "step"
+POLICY_NAMES = (RUN_TO_COMPLETION, WINDOW)
+# Other names still accepted in BATCH_POLICY and by make_batcher, so existing configurations keep working.
+POLICY_ALIASES = {"seed": WINDOW, "default": RUN_TO_COMPLETION}
+STEP_NOT_WIRED = ("step needs the step-level engine, which this worker does not have yet; "
+                  "set run-to-completion (the default) or window")
 
 
 def canonical_policy(name: str) -> str:
@@ -182,11 +193,13 @@ class AdaptiveBatcher(Batcher[T]):
 
 
 def make_batcher(name: str, config: BatchPolicyConfig, tuning: HoldTuning | None = None) -> Batcher:
-    """The batcher for policy ``name`` ("default" or "window"; "seed" names "window"), with the shared
-    limits in ``config``."""
+    """The batcher for policy ``name`` ("run-to-completion" or "window"; "default" and "seed" name them),
+    with the shared limits in ``config``. "step" is not a batcher: ValueError saying so."""
     name = canonical_policy(name)
     if name == WINDOW:
         return Batcher(config)
-    if name == DEFAULT:
+    if name == RUN_TO_COMPLETION:
         return AdaptiveBatcher(config=config, tuning=tuning or HoldTuning())
+    if name == STEP:
+        raise ValueError(STEP_NOT_WIRED)
     raise ValueError(f"unknown batching policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

@@ -437,11 +437,12 @@ def test_work_units_count_pixels_steps_and_cfg_rows():
     assert work_units(BatchKey(1024, 1024, 25, 5.0)) == 4 * work_units(BatchKey(512, 512, 25, 5.0))
 
 
-def test_batch_policy_setting_defaults_to_default_and_rejects_unknown_names():
+def test_batch_policy_setting_defaults_to_run_to_completion_and_rejects_unknown_names():
     from gpu_worker.config import WorkerSettings
     from imagegen import settings as settings_lib
 
-    assert settings_lib.load(WorkerSettings, [], {}).batch_policy == "default"
+    assert settings_lib.load(WorkerSettings, [], {}).batch_policy == "run-to-completion"
+    assert settings_lib.load(WorkerSettings, [], {"BATCH_POLICY": "default"}).batch_policy == "run-to-completion"
     assert settings_lib.load(WorkerSettings, ["--batch-policy", "window"], {}).batch_policy == "window"
     assert settings_lib.load(WorkerSettings, [], {"BATCH_POLICY": "seed"}).batch_policy == "window"  # an alias
     with pytest.raises(settings_lib.SettingsError, match="BATCH_POLICY"):

@@ -344,3 +344,71 @@ def test_the_compiled_h100_costs_reproduce_the_measured_service_burst():
     (row,) = [r for r in rows if r["dispatch"] == "fair-share"]
     assert row["makespan_s"] == pytest.approx(burst["duration_s"], rel=0.03)
     assert row["batches"] == 3
+
+
+# ------------------------------------------------------------------ the step policy (step_scheduler.py)
+
+
+@pytest.mark.parametrize("costs", [cost_models.SDXL_H200, cost_models.SD15_H200, cost_models.SDXL_H100,
+                                   cost_models.SD15_H100_COMPILED])
+@pytest.mark.parametrize("key_change", [{}, {"num_inference_steps": 10}, {"guidance_scale": 1.0},
+                                        {"width": 768, "height": 768}])
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_a_step_cohort_of_one_key_costs_exactly_the_tables_batch(costs, key_change, n):
+    """encode + steps x step + decode == batch_s for a cohort encoded, stepped and decoded together."""
+    key = replace(costs.reference_key, **key_change)
+    model = cost_models.StepCostModel(costs)
+    rows = n * (2 if key.guidance_scale > 1 else 1)
+    total = (model.encode_s(key, n) + key.num_inference_steps
+             * model.step_s((key.width, key.height), n, rows, key.num_inference_steps) + model.decode_s(key, n))
+    assert total == pytest.approx(costs.batch_s(key, n), rel=1e-9)
+
+
+def test_the_step_policy_runs_in_the_simulator_and_answers_everything():
+    sim, report = simulate(wl.mixed(0.6, 120), policy="step")
+    assert report.completed == report.requests == 120
+    assert not sim.broker.requests
+    assert all(0 < b.size <= runs.MAX_BATCH for b in sim.batches if not b.stopped)
+
+
+def test_a_lone_request_under_the_step_policy_takes_one_batch_of_one():
+    _, report = simulate(wl.lone(KEY), policy="step")
+    _, rtc = simulate(wl.lone(KEY), policy="default")
+    assert report.p50_s == pytest.approx(rtc.p50_s, rel=1e-6)
+
+
+def test_cancelled_rows_free_their_share_within_one_step():
+    case = next(c for c in runs.step_cases(SDXL, requests=150) if c.cancels)
+    for policy, most in (("step", 1), ("default", None)):
+        sim, _ = simulate(case.workload, policy=policy)
+        stats = runs.cancel_stats(sim)
+        assert stats["cancelled"] > 10 and stats["cancelled_running"] > 0
+        if most is not None:
+            assert stats["cancel_steps_after_max"] <= most
+        else:
+            assert stats["cancel_steps_after_max"] > 1  # run-to-completion finishes a batch it keeps
+        answered = [r for r in sim.requests.values() if r.done_at is not None]
+        assert not any(r.cancelled for r in answered)
+
+
+def test_priority_classes_are_reported_and_high_runs_first_under_the_step_policy():
+    case = next(c for c in runs.step_cases(SDXL, requests=200) if c.classes)
+    [step] = [r.row() for r in runs.compare(("step",), [case])]
+    assert set(step["classes"]) == {"high", "normal", "low"}
+    assert step["classes"]["high"]["p95_s"] < step["classes"]["normal"]["p95_s"]
+
+
+def test_check_step_reports_each_missed_target():
+    rows = [{"workload": "w", "policy": "default", "p95_s": 10.0, "throughput_img_s": 1.0},
+            {"workload": "w", "policy": "step", "p95_s": 10.2, "throughput_img_s": 0.99},
+            {"workload": "mixed-steps", "policy": "default", "p95_s": 10.0, "throughput_img_s": 1.0},
+            {"workload": "mixed-steps", "policy": "step", "p95_s": 8.0, "throughput_img_s": 1.0},
+            {"workload": "priority-80", "policy": "default", "p95_s": 1.0, "throughput_img_s": 1.0},
+            {"workload": "priority-80", "policy": "step", "p95_s": 9.0, "throughput_img_s": 0.5, "lone_s": 2.0,
+             "classes": {"high": {"p95_s": 2.7}, "normal": {"p99_s": 5.0}, "low": {"p99_s": 16.0}}},
+            {"workload": "cancel-20", "policy": "default", "p95_s": 1.0, "throughput_img_s": 1.0},
+            {"workload": "cancel-20", "policy": "step", "p95_s": 1.0, "throughput_img_s": 1.0,
+             "cancel_steps_after_max": 2}]
+    failures = runs.check_step(rows)
+    assert len(failures) == 6, failures
+    assert runs.check_step([r for r in rows if r["workload"] == "w" and r["policy"] == "default"]) == []
