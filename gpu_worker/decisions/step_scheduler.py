@@ -22,28 +22,26 @@ Measured costs make a step of r rows cost about ``a + b r`` with a small ``a`` (
 H200: ~12 ms fixed and ~33 ms per image from 2 images up; compiled SDXL at 1024^2 gains only 13%
 from batch 1 to 16). With costs that close to linear, advancing every row at every step is
 processor sharing: the GPU does the same work per second whichever rows it advances, but every row
-then finishes late, and the mean and p95 latency under load are worse than finishing requests in
-order (in the simulator, admitting every newcomer at once raised p95 by 20-60% on Poisson loads).
-So the scheduler keeps the order run-to-completion has and spends the step-level freedom only where
-it pays:
+then finishes late. So the scheduler keeps the order run-to-completion has and spends the
+step-level freedom only where it lowers latency (docs/scheduling.md has the simulated results,
+including where it still falls short):
 
 1. **A cohort runs to completion.** When nothing runs, the best-ranked waiting row chooses the
    shape; its cohort is every waiting row of that shape, best-ranked first, up to ``max_rows``,
    whatever their steps or guidance (run-to-completion cannot group those; this is where mixed
-   step counts gain: one cohort instead of three batches, and short rows leave it early).
-2. **A newcomer joins a running cohort only where that lowers latency**: (a) while the cohort is
-   young (the newcomer arrived within ``coalesce_s`` of the cohort's previous admission: a burst
-   landing, the case run-to-completion handles by restarting a lone batch; here the newcomer simply
-   joins at the next boundary and nothing is lost); (b) when it is free (the step's estimated cost
-   with one more row is within ``free_tolerance`` of its cost now: launch-bound small batches,
-   e.g. SDXL's batch 2 costs what batch 1 does); (c) into a place a finished, cancelled or dropped
-   row left (``refill``), which keeps the step's cost where the cohort started and serves the
-   newcomer instead of leaving the place empty until the cohort's last row ends.
+   step counts and guidance scales gain: one cohort instead of several batches).
+2. **A newcomer joins a running cohort** (a) while a burst lands (it arrived within
+   ``coalesce_s`` of the cohort's newest row: run-to-completion restarts its lone batch for this;
+   here the newcomer joins at the next boundary and nothing is lost), or (b) when joining lowers
+   the summed completion time of the cohort's rows and the newcomers (:meth:`_merge_gain`, from
+   the learned step costs: with near-linear costs it seldom does) and, with
+   ``merge_only_emptying``, leaves nothing waiting: under a backlog finishing in order wins.
 3. **Higher priority first, with aging.** A row's class is its priority's rank (high 0, normal 1,
-   low 2) less one for every ``aging_s`` it has waited since arriving, so nothing starves. A
-   waiting row of a better class than every row of the cohort pauses the cohort: the better rows
-   run as a cohort of their own (plus lower rows that ride free, 2b), and the paused rows resume
-   when it ends. Finished rows of a worse class than waiting work are decoded after it.
+   low 2) less one for every ``aging_lones`` lone-request times it has waited, never better than
+   normal (a high request stays ahead; the gateway caps who may send one). A waiting row of a
+   better class than every row of the cohort pauses the cohort: the better rows run as a cohort
+   of their own, with worse rows only where they ride (nearly) free (``priority_slack``), and the
+   paused rows resume when it ends. Finished rows of a worse class are decoded after it.
 4. **Dropped rows free their share at the next boundary**: a cancelled or expired row is left out
    of the very next step.
 
