@@ -27,7 +27,7 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Hashable, Iterable, Iterator
 
 from imagegen.protocol import FailureCode
 
@@ -87,36 +87,47 @@ class ModelQueues:
     def __init__(self) -> None:
         self._queues: dict[str | None, deque[str]] = {}
         self._model_of: dict[str, str | None] = {}
-        # Ids added as ``ranked`` (a priority other than normal, or an owner: broker/priorities.py
-        # chooses among them), and how many of them each model's queue holds.
-        self._ranked: set[str] = set()
+        # Each id's group (None: a plain request; else its priority and owner, for broker/priorities.py),
+        # each model's groups as FIFOs in the same order, and how many ids of a group not None each holds.
+        self._group_of: dict[str, Hashable] = {}
+        self._groups: dict[str | None, dict[Hashable, deque[str]]] = {}
         self._ranked_in: dict[str | None, int] = {}
         self._order: dict[str, int] = {}
         self._back = itertools.count()
         self._front = itertools.count(-1, -1)
 
-    def append(self, model: str | None, request_id: str, ranked: bool = False) -> None:
-        self._add(model, request_id, next(self._back), ranked)
+    def append(self, model: str | None, request_id: str, group: Hashable = None) -> None:
+        """Queue ``request_id`` last; ``group``: its priority and owner (None: a plain request)."""
+        self._add(model, request_id, next(self._back), group)
         self._queues[model].append(request_id)
+        self._groups[model][group].append(request_id)
 
-    def appendleft(self, model: str | None, request_id: str, ranked: bool = False) -> None:
-        self._add(model, request_id, next(self._front), ranked)
+    def appendleft(self, model: str | None, request_id: str, group: Hashable = None) -> None:
+        self._add(model, request_id, next(self._front), group)
         self._queues[model].appendleft(request_id)
+        self._groups[model][group].appendleft(request_id)
 
-    def _add(self, model: str | None, request_id: str, order: int, ranked: bool = False) -> None:
+    def _add(self, model: str | None, request_id: str, order: int, group: Hashable = None) -> None:
         if request_id in self._model_of:
             raise ValueError(f"request {request_id!r} is already queued")
         self._model_of[request_id] = model
         self._order[request_id] = order
         self._queues.setdefault(model, deque())
-        if ranked:
-            self._ranked.add(request_id)
+        self._group_of[request_id] = group
+        self._groups.setdefault(model, {}).setdefault(group, deque())
+        if group is not None:
             self._ranked_in[model] = self._ranked_in.get(model, 0) + 1
 
     def has_ranked(self, model: str | None) -> bool:
-        """Whether ``model``'s queue holds a request added as ``ranked`` (then the next to go is
-        chosen by broker/priorities.py rather than taken from the head)."""
+        """Whether ``model``'s queue holds a request of a group other than None (a priority or an
+        owner): then the next to go is chosen among :meth:`group_heads` by broker/priorities.py
+        rather than taken from the head."""
         return self._ranked_in.get(model, 0) > 0
+
+    def group_heads(self, model: str | None) -> list[str]:
+        """The first id of each of ``model``'s groups, in queue order: each the longest-waiting of
+        its priority and owner, so the only ones broker/priorities.py pick() needs to see."""
+        return sorted((queue[0] for queue in self._groups.get(model, {}).values()), key=self._order.__getitem__)
 
     def remove(self, request_id: str) -> None:
         """Take a queued id out, wherever it waits; ValueError if it is not queued."""
@@ -124,8 +135,17 @@ class ModelQueues:
             raise ValueError(f"request {request_id!r} is not queued")
         model = self._model_of.pop(request_id)
         del self._order[request_id]
-        if request_id in self._ranked:
-            self._ranked.discard(request_id)
+        group = self._group_of.pop(request_id)
+        groups = self._groups[model]
+        if groups[group][0] == request_id:
+            groups[group].popleft()
+        else:
+            groups[group].remove(request_id)
+        if not groups[group]:
+            del groups[group]
+            if not groups:
+                del self._groups[model]
+        if group is not None:
             self._ranked_in[model] -= 1
             if not self._ranked_in[model]:
                 del self._ranked_in[model]
@@ -167,17 +187,18 @@ class ModelQueues:
 
     def place(self, request_id: str, model: str) -> None:
         """``request_id`` waits under ``model`` from now on, keeping its place in the order."""
-        order, ranked = self._order[request_id], request_id in self._ranked
+        order, group = self._order[request_id], self._group_of[request_id]
         self.remove(request_id)
-        self._add(model, request_id, order, ranked)
-        queue = self._queues[model]
-        queue.insert(bisect.bisect_left(queue, order, key=self._order.__getitem__), request_id)
+        self._add(model, request_id, order, group)
+        for queue in (self._queues[model], self._groups[model][group]):
+            queue.insert(bisect.bisect_left(queue, order, key=self._order.__getitem__), request_id)
 
     def clear(self) -> None:
         self._queues.clear()
         self._model_of.clear()
         self._order.clear()
-        self._ranked.clear()
+        self._group_of.clear()
+        self._groups.clear()
         self._ranked_in.clear()
 
     def __len__(self) -> int:

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from imagegen.protocol import DEFAULT_PRIORITY, PRIORITIES, priority_rank
+from imagegen.protocol import DEFAULT_PRIORITY, PRIORITIES, Generate, priority_rank
 
 DEFAULT_AGING_S = 60.0
 DEFAULT_HALF_LIFE_S = 300.0
@@ -50,6 +50,15 @@ def effective_rank(priority: str, waited_s: float, aging_s: float) -> int:
 def is_plain(priority: str, owner: str) -> bool:
     """A request both rules leave in queue order: normal, and no owner."""
     return priority_rank(priority) == priority_rank(DEFAULT_PRIORITY) and not owner
+
+
+def queue_group(message: Generate) -> tuple[str, str] | None:
+    """The group a request waits in (broker/models.py ModelQueues): None for a plain one, else its
+    priority and owner. Within a group the first queued has waited longest, so :func:`pick` need
+    only see each group's first."""
+    if is_plain(message.priority, message.owner):
+        return None
+    return known_priority(message.priority), message.owner
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from broker.admission import Admission, WorkerSpeed
 from broker.balancing import Balancer, Candidate
 from broker.models import ModelQueues, route_model
 from broker.priorities import (DEFAULT_AGING_S, DEFAULT_HALF_LIFE_S, FairShares, Waiting, class_counters,
-                               is_plain, known_priority, pick)
+                               known_priority, pick, queue_group)
 from broker.registration import key_admits, registration_refusal
 from broker.unclaimed import Kept, UnclaimedResults
 from imagegen.batch_key import BatchKey, work_units
@@ -406,7 +406,7 @@ class BrokerState:
             return [ToClient(client_id, refusal, message.label)]
         self.requests[message.request_id] = RequestRecord(client_id, message, now, model=route.model,
                                                           watch=message.watch)
-        self.queue.append(route.model, message.request_id, ranked=not is_plain(message.priority, message.owner))
+        self.queue.append(route.model, message.request_id, group=queue_group(message))
         self.priority_counters[known_priority(message.priority)].received += 1
         if message.owner:
             self.fair_shares.set_share(message.owner, message.share, now)
@@ -995,15 +995,19 @@ class BrokerState:
         for its requests held by workers and not finished (the latest per-image time of their kind,
         else of any result, else 1 s each)."""
         in_flight: dict[str, float] = {}
-        for record in self.requests.values():
-            owner = record.message.owner
-            if record.worker is not None and owner:
-                key = (record.model, BatchKey.of(record.message.params))
+        for worker in self.workers.values():
+            for request_id in worker.in_flight:
+                record = self.requests.get(request_id)
+                if record is None or not record.message.owner:
+                    continue
+                key = (worker.info.model_id, BatchKey.of(record.message.params))
                 estimate = self.batch_times.estimate_s(key, 1) or self.fair_shares.latest_image_s or 1.0
+                owner = record.message.owner
                 in_flight[owner] = in_flight.get(owner, 0.0) + estimate
-        waiting = (Waiting(request_id, message.priority, message.owner, message.share, record.received_at)
-                   for request_id in self.queue.waiting(model)
-                   for record in (self.requests[request_id],) for message in (record.message,))
+        # Each group's first (the longest-waiting of its priority and owner) is all pick() needs.
+        waiting = [Waiting(request_id, record.message.priority, record.message.owner, record.message.share,
+                           record.received_at)
+                   for request_id in self.queue.group_heads(model) for record in (self.requests[request_id],)]
         chosen = pick(waiting, now, self.policy.priority_aging_s,
                       lambda owner: self.fair_shares.recent(owner, now) + in_flight.get(owner, 0.0))
         assert chosen is not None
@@ -1128,8 +1132,7 @@ class BrokerState:
                 actions.append(self._fail(request_id, FailureCode.WORKER_LOST,
                                           f"{record.attempts} workers failed to finish it (last: {lost_text})"))
                 continue
-            self.queue.appendleft(record.model, request_id,
-                                  ranked=not is_plain(record.message.priority, record.message.owner))
+            self.queue.appendleft(record.model, request_id, group=queue_group(record.message))
             self.counters.requeued += 1
             actions.append(Requeued(request_id, record.message.label, name, why))
         return actions

@@ -3,6 +3,7 @@ broker's queue order built on them (BrokerState with a fake clock)."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -98,18 +99,26 @@ def test_fair_shares_forget_the_owner_charged_longest_ago_beyond_the_bound():
     assert shares.owners() == ["a", "c"]
 
 
-def test_model_queues_count_ranked_requests_through_every_change():
+def test_model_queues_keep_each_group_in_queue_order_through_every_change():
     queues = ModelQueues()
-    queues.append(None, "r1", ranked=True)
+    queues.append(None, "r1", group=("high", "a"))
     queues.append(None, "r2")
+    queues.append(None, "r3", group=("high", "a"))
+    queues.appendleft(None, "r0")
     assert queues.has_ranked(None)
+    assert queues.group_heads(None) == ["r0", "r1"]
     queues.place("r1", "m")
+    queues.place("r3", "m")
+    queues.place("r2", "m")
     assert queues.has_ranked("m") and not queues.has_ranked(None)
+    assert queues.group_heads("m") == ["r1", "r2"] and queues.waiting("m") == ["r1", "r2", "r3"]
     queues.remove("r1")
-    assert not queues.has_ranked("m")
-    queues.appendleft("m", "r3", ranked=True)
+    assert queues.group_heads("m") == ["r2", "r3"]
+    queues.remove("r3")
+    assert not queues.has_ranked("m") and queues.group_heads("m") == ["r2"]
+    queues.appendleft("m", "r4", group=("low", ""))
     queues.clear()
-    assert not queues.has_ranked("m")
+    assert not queues.has_ranked("m") and queues.group_heads("m") == []
 
 
 # ------------------------------------------------------------------ the broker's queue order
@@ -218,3 +227,22 @@ def test_stats_show_per_priority_figures_and_owners_gpu_seconds():
     assert owners["key-a"]["gpu_seconds"] == 3.0 and owners["key-a"]["share"] == 2.0
     assert owners["key-b"] == {"gpu_seconds": 0.0, "recent_gpu_seconds": 0.0, "share": 1.0, "queued": 0}
     assert "" not in owners
+
+
+def test_the_first_of_each_group_is_all_pick_needs_to_see():
+    """The broker hands pick() only each (priority, owner) group's first request (ModelQueues
+    group_heads()); with arrival times in queue order that chooses as a look at every request would."""
+    rng = random.Random(7)
+    for _ in range(500):
+        queues, waiting, at = ModelQueues(), [], 0.0
+        for index in range(rng.randint(1, 30)):
+            at += rng.choice((0.0, 1.0, 20.0, 70.0))
+            entry = w(f"r{index}", rng.choice(("high", "normal", "low")), rng.choice(("", "a", "b")),
+                      rng.choice((1.0, 2.0)), at)
+            waiting.append(entry)
+            queues.append(None, entry.request_id, group=(entry.priority, entry.owner))
+        usage = {"": rng.random(), "a": rng.random(), "b": rng.random()}
+        by_id = {entry.request_id: entry for entry in waiting}
+        heads = [by_id[request_id] for request_id in queues.group_heads(None)]
+        now = at + rng.choice((0.0, 30.0, 100.0))
+        assert pick(heads, now, 60.0, usage.get) == pick(waiting, now, 60.0, usage.get)
