@@ -91,7 +91,8 @@ def test_a_high_request_queued_behind_normal_ones_is_dispatched_first(cluster):
                    **{f"normal {i}": future.result() for i, future in enumerate(normal)}}
     assert all(status == 200 for status, _ in answers.values()), (answers, cluster.logs())
     order = sorted(answers, key=lambda name: batch_number(answers[name][1]))
-    assert order == ["busy", "urgent", "normal 0", "normal 1", "normal 2"], answers
+    # The normal ones were sent at once from threads: their own order is the broker's arrival order.
+    assert order[:2] == ["busy", "urgent"] and sorted(order[2:]) == ["normal 0", "normal 1", "normal 2"], answers
 
 
 def test_a_low_request_is_not_starved(cluster):

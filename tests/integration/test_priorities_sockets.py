@@ -100,6 +100,14 @@ def post(client: TestClient, key: str, payload: dict) -> asyncio.Task:
     return asyncio.ensure_future(send())
 
 
+async def queue_one(client: TestClient, server: BrokerServer, key: str, payload: dict) -> asyncio.Task:
+    """POST it, and wait until the broker has queued it (so requests queue in the order sent)."""
+    before = len(server.state.queue)
+    task = post(client, key, payload)
+    await until(lambda: len(server.state.queue) == before + 1, f"{payload['prompt']!r} queued at the broker")
+    return task
+
+
 async def serve_in_order(worker: FakeWorker, count: int) -> list[str]:
     """Answer the worker's requests one at a time as they come: the prompts, in the order dispatched."""
     for index in range(count):
@@ -112,10 +120,8 @@ async def test_a_high_request_queued_behind_normal_ones_is_dispatched_first(clus
     client, server, worker = await cluster()
     tasks = [post(client, PLAIN, body("busy"))]
     await until(lambda: len(worker.received) == 1, "the first request at the worker")
-    tasks += [post(client, PLAIN, body(f"normal {i}")) for i in range(3)]
-    await until(lambda: len(server.state.queue) == 3, "three normal requests queued at the broker")
-    tasks.append(post(client, URGENT, body("urgent", "high")))
-    await until(lambda: len(server.state.queue) == 4, "the high request queued")
+    tasks += [await queue_one(client, server, PLAIN, body(f"normal {i}")) for i in range(3)]
+    tasks.append(await queue_one(client, server, URGENT, body("urgent", "high")))
     order = await serve_in_order(worker, 5)
     assert order == ["busy", "urgent", "normal 0", "normal 1", "normal 2"]
     answers = await asyncio.gather(*tasks)
@@ -127,23 +133,23 @@ async def test_a_high_request_queued_behind_normal_ones_is_dispatched_first(clus
 
 async def test_a_low_request_is_not_starved_once_it_has_aged(cluster):
     client, server, worker = await cluster(priority_aging_s=0.3)
-    tasks = [post(client, URGENT, body("busy")), post(client, URGENT, body("low", "low"))]
-    await until(lambda: len(worker.received) == 1 and len(server.state.queue) == 1, "busy running, low queued")
+    tasks = [post(client, URGENT, body("busy"))]
+    await until(lambda: len(worker.received) == 1, "the first request at the worker")
+    tasks.append(await queue_one(client, server, URGENT, body("low", "low")))
     # The low request waits PRIORITY_AGING_S (no duration is asserted: only the order that follows).
     await asyncio.sleep(0.4)
-    tasks += [post(client, URGENT, body(f"normal {i}")) for i in range(2)]
-    await until(lambda: len(server.state.queue) == 3, "two normal requests queued behind it")
+    tasks += [await queue_one(client, server, URGENT, body(f"normal {i}")) for i in range(2)]
     assert await serve_in_order(worker, 4) == ["busy", "low", "normal 0", "normal 1"]
     await asyncio.gather(*tasks)
 
 
 async def test_without_aging_the_low_request_waits_behind_later_normal_ones(cluster):
     client, server, worker = await cluster(priority_aging_s=0.0)
-    tasks = [post(client, URGENT, body("busy")), post(client, URGENT, body("low", "low"))]
-    await until(lambda: len(worker.received) == 1 and len(server.state.queue) == 1, "busy running, low queued")
+    tasks = [post(client, URGENT, body("busy"))]
+    await until(lambda: len(worker.received) == 1, "the first request at the worker")
+    tasks.append(await queue_one(client, server, URGENT, body("low", "low")))
     await asyncio.sleep(0.4)
-    tasks += [post(client, URGENT, body(f"normal {i}")) for i in range(2)]
-    await until(lambda: len(server.state.queue) == 3, "two normal requests queued behind it")
+    tasks += [await queue_one(client, server, URGENT, body(f"normal {i}")) for i in range(2)]
     assert await serve_in_order(worker, 4) == ["busy", "normal 0", "normal 1", "low"]
     await asyncio.gather(*tasks)
 
@@ -161,10 +167,8 @@ async def test_owners_share_the_worker_and_their_gpu_seconds_appear_in_metrics(c
     client, server, worker = await cluster()
     tasks = [post(client, PLAIN, body("busy"))]
     await until(lambda: len(worker.received) == 1, "the first request at the worker")
-    tasks += [post(client, PLAIN, body(f"plain {i}")) for i in range(3)]
-    await until(lambda: len(server.state.queue) == 3, "the plain key's requests queued")
-    tasks += [post(client, OTHER, body(f"other {i}")) for i in range(2)]
-    await until(lambda: len(server.state.queue) == 5, "the other key's requests queued")
+    tasks += [await queue_one(client, server, PLAIN, body(f"plain {i}")) for i in range(3)]
+    tasks += [await queue_one(client, server, OTHER, body(f"other {i}")) for i in range(2)]
     order = await serve_in_order(worker, 6)
     # The other key, below its share, goes before the plain key's older requests.
     assert order == ["busy", "other 0", "plain 0", "other 1", "plain 1", "plain 2"]
