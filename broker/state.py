@@ -40,7 +40,7 @@ from broker.admission import Admission, WorkerSpeed
 from broker.balancing import Balancer, Candidate
 from broker.models import ModelQueues, route_model
 from broker.priorities import (DEFAULT_AGING_S, DEFAULT_HALF_LIFE_S, FairShares, Waiting, class_counters,
-                               known_priority, pick, queue_group)
+                               effective_rank, known_priority, pick, queue_group)
 from broker.registration import key_admits, registration_refusal
 from broker.unclaimed import Kept, UnclaimedResults
 from imagegen.batch_key import BatchKey, work_units
@@ -568,8 +568,14 @@ class BrokerState:
 
     def _queued_in(self, model: str | None, due: set[str], now: float, force: bool) -> list[Action]:
         """QUEUED reports for the ``due`` requests waiting in ``model``'s queue whose position
-        changed (``force``: every one), with the work ahead of each and the estimated start."""
+        changed (``force``: every one), with the work ahead of each and the estimated start. With
+        priorities among them, positions follow the priority classes after aging (broker/priorities.py
+        effective_rank(), then queue order); the fair share between owners is left out."""
         queue = self.queue.waiting(model)
+        if self.queue.has_ranked(model):
+            aging_s = self.policy.priority_aging_s
+            queue.sort(key=lambda rid: effective_rank(self.requests[rid].message.priority,
+                                                      now - self.requests[rid].received_at, aging_s))
         workers = [w for w in self._workers_of(model) if w.accepting] if model is not None else []
         speeds = [WorkerSpeed(w.info.worker_name, w.info.seconds_per_work_unit) for w in workers]
         per_unit = self.admission.seconds_per_unit(speeds, now) if speeds else None

@@ -12,6 +12,7 @@ from broker.models import ModelQueues
 from broker.priorities import FairShares, Waiting, effective_rank, is_plain, pick
 from broker.state import BrokerPolicy, BrokerState
 from broker.stats import build_stats
+from imagegen.protocol import Queued
 from tests.unit.test_broker_state import CLIENT, T0, W1, dispatched, gen, reg, res
 
 # ------------------------------------------------------------------ the pure rules
@@ -246,3 +247,13 @@ def test_the_first_of_each_group_is_all_pick_needs_to_see():
         heads = [by_id[request_id] for request_id in queues.group_heads(None)]
         now = at + rng.choice((0.0, 30.0, 100.0))
         assert pick(heads, now, 60.0, usage.get) == pick(waiting, now, 60.0, usage.get)
+
+
+def test_queued_reports_count_the_requests_of_better_classes_ahead():
+    s = one_slot_broker()
+    for rid in ("n1", "n2"):
+        s.submit(CLIENT, replace(pgen(rid), watch=True), T0 + 1)
+    s.submit(CLIENT, replace(pgen("h", "high"), watch=True), T0 + 2)
+    reports = {a.message.request_id: a.message.position for a in s.queue_reports(T0 + 3)
+               if isinstance(a.message, Queued)}
+    assert reports == {"h": 1, "n1": 2, "n2": 3}
