@@ -417,7 +417,7 @@ class SimStepWorker:
     every step after. A CANCEL reaching the worker goes to ``cancel``; the row is left out of the
     next boundary. ``Simulation.batches`` gets one record per step (size: rows advanced), so a
     run's ``avg_batch_size`` is rows per step and ``batches`` the steps run; a boundary that only
-    decodes is recorded as stopped (GPU time, no step)."""
+    decodes or encodes is recorded as stopped (GPU time, no step)."""
 
     def __init__(self, sim: Simulation, index: int) -> None:
         self.sim = sim
@@ -485,7 +485,7 @@ class SimStepWorker:
                 record.steps_after_cancel = (record.steps_after_cancel or 0) + 1
         if plan.idle:
             self._advancing = ()
-            if plan.admit or self._members:
+            if self._members:
                 self._members = ()
                 self._send_status()
             return
@@ -504,7 +504,7 @@ class SimStepWorker:
         decode_s, encode_s, step_s = decode_s * self.speed, encode_s * self.speed, step_s * self.speed
         for request_id in plan.admit:
             self.sim.requests[request_id].started_at = now
-        members = tuple(sorted(plan.advance))
+        members = tuple(sorted(self.scheduler.cohort))
         self._advancing = plan.advance
         self._busy = True
         if members != self._members:

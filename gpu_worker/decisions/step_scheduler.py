@@ -22,30 +22,43 @@ Measured costs make a step of r rows cost about ``a + b r`` with a small ``a`` (
 H200: ~12 ms fixed and ~33 ms per image from 2 images up; compiled SDXL at 1024^2 gains only 13%
 from batch 1 to 16). With costs that close to linear, advancing every row at every step is
 processor sharing: the GPU does the same work per second whichever rows it advances, but every row
-then finishes late. So the scheduler keeps the order run-to-completion has and spends the
-step-level freedom only where it lowers latency (docs/scheduling.md has the simulated results,
-including where it still falls short):
+then finishes late. In the simulator, letting newcomers join whenever that lowered the summed
+completion time of the rows at hand (rule 2b without its arrivals term) raised p95 at 90% load by
+7% (SDXL) to 40% (4 GPUs), and joining wherever a place was free spread a burst's batches apart
+and cost throughput. So the scheduler keeps run-to-completion's order and spends the step-level
+freedom only where it pays (docs/scheduling.md has the tables, and where it still falls short):
 
 1. **A cohort runs to completion.** When nothing runs, the best-ranked waiting row chooses the
-   shape; its cohort is every waiting row of that shape, best-ranked first, up to ``max_rows``,
-   whatever their steps or guidance (run-to-completion cannot group those; this is where mixed
-   step counts and guidance scales gain: one cohort instead of several batches).
-2. **A newcomer joins a running cohort** (a) while a burst lands (it arrived within
-   ``coalesce_s`` of the cohort's newest row: run-to-completion restarts its lone batch for this;
-   here the newcomer joins at the next boundary and nothing is lost), or (b) when joining lowers
-   the summed completion time of the cohort's rows and the newcomers (:meth:`_merge_gain`, from
-   the learned step costs: with near-linear costs it seldom does) and, with
-   ``merge_only_emptying``, leaves nothing waiting: under a backlog finishing in order wins.
+   shape and its cohort is every waiting row of that shape, best-ranked first, up to
+   ``max_rows``, whatever their steps or guidance: one cohort where run-to-completion needs one
+   batch per (steps, guidance), and rows with fewer steps leave it early. A cohort none of whose
+   rows has stepped encodes its newcomers' prompts and plans again before its first step
+   (``encode_first``), so a burst still landing joins it and its rows stay in step. As in
+   run-to-completion's break-even hold, a shape for which waiting for one more row pays
+   (``t(k) - t(k+1) + t(1)/(k+1) > 0`` on the step costs, arrivals due in time) lets another
+   shape's rows of the same class go first (``break_even``). A cohort whose rows have all
+   finished is decoded before the next is chosen (``decode_first``), so the next one takes the
+   requests that arrived meanwhile, as run-to-completion's next batch does.
+2. **A newcomer joins a running cohort** (a) while a burst lands: it arrived within ``coalesce_s``
+   of the cohort's newest row; or (b) when the merge gain is positive: the summed seconds saved
+   over the cohort's rows, the newcomers and ``arrival_weight`` of the requests of that shape
+   expected before the cohort ends (at the observed mean gap), less the extra time the rows left
+   waiting spend waiting (:meth:`_merge_gain`). Without the merge, the newcomers would run with
+   those arrivals in a fuller cohort when this one ends; with it, they finish sooner but the
+   cohort's rows slow down and the arrivals wait for the longer cohort. Under a backlog, or where
+   a newcomer would outlast the cohort while others are due, it seldom pays; with mixed step
+   counts a short newcomer behind long rows usually does.
 3. **Higher priority first, with aging.** A row's class is its priority's rank (high 0, normal 1,
-   low 2) less one for every ``aging_lones`` lone-request times it has waited, never better than
-   normal (a high request stays ahead; the gateway caps who may send one). A waiting row of a
-   better class than every row of the cohort pauses the cohort: the better rows run as a cohort
-   of their own, with worse rows only where they ride (nearly) free (``priority_slack``), and the
-   paused rows resume when it ends. Finished rows of a worse class are decoded after it.
+   low 2) less one per ``aging_lones`` lone-request times waited, never better than normal (a
+   high request stays ahead; the gateway caps who may send one). A waiting row of a better class
+   than every running row pauses the cohort: the better rows run as a cohort of their own, formed
+   again at every boundary, with rows of worse classes only where they ride (nearly) free
+   (``priority_slack``); the paused rows resume when it ends, and finished rows of a worse class
+   are decoded after it.
 4. **Dropped rows free their share at the next boundary**: a cancelled or expired row is left out
    of the very next step.
 
-Rows are ranked by (class, arrival); the plan never holds an idle GPU (no window).
+Rows are ranked by (class, arrival); the plan never holds an idle GPU.
 """
 
 from __future__ import annotations
@@ -77,20 +90,27 @@ class StepTuning:
     """The step policy's knobs (the defaults are what docs/scheduling.md's tables use)."""
 
     max_rows: int = 16  # requests advanced together in one step (MAX_BATCH_SIZE)
-    coalesce_s: float = 0.02  # a burst's requests reach the worker closer together than this
-    free_tolerance: float = 0.02  # one more row is "free" if the step costs at most this much more
-    priority_slack: float = 0.02  # rows of a worse class ride a priority cohort while its steps cost this much more
-    merge_only_emptying: bool = True  # newcomers join by (b) only if that leaves nothing waiting
+    coalesce_s: float = 0.02  # a burst's requests reach the worker closer together than this (rule 2a)
+    encode_first: bool = True  # a cohort none of whose rows has stepped encodes newcomers, then plans again
+    decode_first: bool = True  # an ended cohort is decoded before the next one is chosen
+    merge: bool = True  # newcomers join a running cohort where the merge gain says so (rule 2b)
+    arrival_weight: float = 0.3  # the merge gain counts this fraction of the arrivals expected meanwhile
+    rate_alpha: float = 0.1  # weight of the newest gap between arrivals (per shape) in their moving average
+    break_even: bool = True  # a new cohort that waiting for one more row would pay for yields to another shape
     aging_lones: float = 4.0  # a waiting row's class improves by one per this many lone-request times waited
     aging_s: float = 60.0  # ...or per aging_s while no step cost is known
-    preempt_priority: bool = True  # a better-class row pauses a running cohort of worse ones
+    preempt_priority: bool = True  # a better-class row pauses a running cohort of worse ones (rule 3)
+    priority_slack: float = 0.02  # worse rows ride a priority cohort while its step costs at most this much
+    #                               more than its cheapest step with fewer riders
     cost_alpha: float = 0.3  # weight of the newest step time in the online step-cost model
 
     def __post_init__(self) -> None:
         if self.max_rows < 1:
             raise ValueError("max_rows must be at least 1")
-        if self.coalesce_s < 0 or self.free_tolerance < 0 or self.aging_s <= 0:
-            raise ValueError("need coalesce_s >= 0, free_tolerance >= 0 and aging_s > 0")
+        if self.coalesce_s < 0 or self.priority_slack < 0 or self.aging_s <= 0 or self.aging_lones <= 0:
+            raise ValueError("need coalesce_s >= 0, priority_slack >= 0, aging_s > 0 and aging_lones > 0")
+        if not 0 <= self.arrival_weight <= 1 or not 0 < self.rate_alpha <= 1:
+            raise ValueError("need 0 <= arrival_weight <= 1 and 0 < rate_alpha <= 1")
         if not 0 < self.cost_alpha <= 1:
             raise ValueError("cost_alpha must be in (0, 1]")
 
@@ -144,7 +164,8 @@ class StepPlan:
 
     @property
     def idle(self) -> bool:
-        return not (self.advance or self.decode or self.drop)
+        """Nothing for the GPU to do (dropped rows need no GPU)."""
+        return not (self.advance or self.admit or self.decode)
 
 
 @dataclass
@@ -186,9 +207,10 @@ class StepScheduler(Generic[T]):
         self.costs = StepCosts(self.tuning.cost_alpha)
         self.rows: dict[str, Row[T]] = {}  # every request held: waiting, admitted, finished
         self.cohort: list[str] = []  # the rows the last plan advanced, in rank order
-        self.cohort_places = 0  # rows the cohort started with (refill keeps it there)
         self._last_admitted_at: float | None = None  # arrival of the cohort's newest row
         self._unwanted: dict[str, str] = {}  # request id -> why, dropped at the next plan
+        # per shape: the latest arrival and the moving average of the gaps between arrivals
+        self._arrivals: dict[Shape, tuple[float | None, float | None]] = {}
 
     # ------------------------------------------------------------------ what the shell reports
 
@@ -205,6 +227,12 @@ class StepScheduler(Generic[T]):
         if request.request_id in self.rows:
             raise ValueError(f"request {request.request_id!r} is already held")
         self.rows[request.request_id] = Row(request, now)
+        shape = shape_of(request.key)
+        last, mean = self._arrivals.get(shape, (None, None))
+        if last is not None:
+            gap = max(0.0, now - last)
+            mean = gap if mean is None else mean + self.tuning.rate_alpha * (gap - mean)
+        self._arrivals[shape] = (now if last is None else max(last, now), mean)
 
     def cancel(self, request_id: str, now: float) -> bool:
         """Nobody waits for the request: it is dropped at the next plan. False if it is not held."""
@@ -263,15 +291,6 @@ class StepScheduler(Generic[T]):
             return False
         return costs[-1] <= min(costs) * (1.0 + self.tuning.priority_slack)  # type: ignore[operator]
 
-    def _free(self, shape: Shape, rows_now: int, rows_after: int) -> bool:
-        """Whether a step of ``rows_after`` UNet rows costs at most free_tolerance more than one of ``rows_now``."""
-        if rows_now <= 0:
-            return True
-        now_s, after_s = self.step_s(shape, rows_now), self.step_s(shape, rows_after)
-        if now_s is None or after_s is None:
-            return False
-        return after_s <= now_s * (1.0 + self.tuning.free_tolerance)
-
     def plan(self, now: float) -> StepPlan:
         tuning = self.tuning
         drop = []
@@ -295,38 +314,52 @@ class StepScheduler(Generic[T]):
             if best_waiting < min(self.rank(r, now)[0] for r in cohort):
                 waiting = sorted(waiting + cohort, key=lambda r: self.rank(r, now))
                 cohort = []  # a better class waits: the cohort pauses, the better rows form their own
+        if cohort and min(self.rank(r, now)[0] for r in cohort) < NORMAL:
+            # A priority cohort is formed again at every boundary: riders give way to rows of its class.
+            lead_class = min(self.rank(r, now)[0] for r in cohort)
+            riders = [r for r in cohort if self.rank(r, now)[0] > lead_class]
+            cohort = [r for r in cohort if self.rank(r, now)[0] == lead_class]
+            waiting = sorted(waiting + riders, key=lambda r: self.rank(r, now))
 
+        finished = [r for r in self.rows.values() if r.finished_at is not None]
+        if not cohort and finished and self.tuning.decode_first and (
+                not waiting or self.rank(waiting[0], now)[0] >= min(self.rank(r, now)[0] for r in finished)):
+            # The cohort has ended: decode it first and choose the next cohort after, as
+            # run-to-completion forms its next batch once the last one is done.
+            self.cohort = []
+            return StepPlan(drop=tuple(drop), decode=tuple(r.request_id for r in finished))
         if not cohort:
             cohort = self._new_cohort(waiting, now)
-            self.cohort_places = len(cohort)
         else:
             cohort = self._grow_cohort(cohort, waiting, now)
         finished = [r for r in self.rows.values() if r.finished_at is not None]
         best_class = min((self.rank(r, now)[0] for r in cohort), default=math.inf)
         decode = tuple(r.request_id for r in finished
                        if not cohort or self.rank(r, now)[0] <= best_class)
-        advance = tuple(r.request_id for r in cohort)
+        members = tuple(r.request_id for r in cohort)
         admit = tuple(r.request_id for r in cohort if not r.admitted)
         for row in cohort:
             if not row.admitted:
                 row.admitted = True
                 self._last_admitted_at = max(self._last_admitted_at or row.arrived_at, row.arrived_at)
-        pause = tuple(i for i in live if i not in advance)
-        self.cohort = list(advance)
+        # A cohort none of whose rows has stepped yet only encodes its newcomers and plans again: a
+        # burst still landing joins before the first step, and the rows stay in step (same GPU time).
+        fresh = tuning.encode_first and admit and all(r.steps_done == 0 for r in cohort)
+        advance = () if fresh else members
+        pause = tuple(i for i in live if i not in members)
+        self.cohort = list(members)
         shape = shape_of(cohort[0].key) if cohort else None
-        wake_at = None
-        if not cohort and any(r.finished_at is None for r in self.rows.values()):
-            wake_at = None  # rows wait only when nothing can run: cannot happen without a cohort
-        return StepPlan(advance, admit, pause, tuple(drop), decode, shape, wake_at)
+        return StepPlan(advance, admit, pause, tuple(drop), decode, shape)
 
     def _new_cohort(self, waiting: list[Row[T]], now: float) -> list[Row[T]]:
         """The best-ranked waiting row's shape; every waiting row of it up to max_rows, best first;
         rows of a worse class than the leader only while they ride free."""
         if not waiting:
             return []
-        lead = waiting[0]
+        lead = self._lead(waiting, now)
         shape = shape_of(lead.key)
         lead_class = self.rank(lead, now)[0]
+        self._last_admitted_at = None
         cohort: list[Row[T]] = []
         rows = lead_rows = 0
         for row in waiting:
@@ -342,9 +375,48 @@ class StepScheduler(Generic[T]):
                 lead_rows += unet_rows(row.key)
             cohort.append(row)
             rows = more
-        if len(cohort) == 1 and not lead.admitted:
-            self._last_admitted_at = None
         return cohort
+
+    def _lead(self, waiting: list[Row[T]], now: float) -> Row[T]:
+        """The row whose shape the new cohort takes: the best-ranked one, unless waiting for one more
+        row of its shape is expected to pay (run-to-completion's break-even rule on the step costs:
+        a cohort of k waits w for row k + 1 while ``w < t(k) - t(k+1) + t(1)/(k+1)``, t the time of
+        a cohort of that size, held at most ``(k+1) B - k g`` after its newest arrival at mean gap
+        g) and a row of the same class and another shape waits: then that shape goes first."""
+        first = waiting[0]
+        if not self.tuning.break_even:
+            return first
+        klass = self.rank(first, now)[0]
+        seen: set[Shape] = set()
+        for row in waiting:
+            shape = shape_of(row.key)
+            if self.rank(row, now)[0] != klass:
+                break
+            if shape in seen:
+                continue
+            seen.add(shape)
+            mine = [r for r in waiting if shape_of(r.key) == shape]
+            if not self._worth_waiting(shape, row, mine, now):
+                return row
+        return first
+
+    def _worth_waiting(self, shape: Shape, row: Row[T], mine: list[Row[T]], now: float) -> bool:
+        k = len(mine)
+        gap = self.mean_gap_s(shape)
+        if k >= self.tuning.max_rows or gap is None:
+            return False
+        u = unet_rows(row.key)
+        steps = row.key.num_inference_steps
+        times = [self.step_s(shape, n * u) for n in (1, k, k + 1)]
+        if any(t is None for t in times):
+            return False
+        t1, tk, tk1 = (steps * t for t in times)  # type: ignore[operator]
+        wait = tk - tk1 + t1 / (k + 1)
+        if wait <= 0:
+            return False
+        hold = min(wait, (k + 1) * wait - k * gap)
+        newest = max(r.arrived_at for r in mine)
+        return now < newest + hold
 
     def _grow_cohort(self, cohort: list[Row[T]], waiting: list[Row[T]], now: float) -> list[Row[T]]:
         """Newcomers join a running cohort only where that lowers latency (module docstring, 2)."""
@@ -354,43 +426,60 @@ class StepScheduler(Generic[T]):
         grown = list(cohort)
         candidates = [r for r in waiting if shape_of(r.key) == shape and self.rank(r, now)[0] <= lead_class]
         room = tuning.max_rows - len(grown)
-        if room > 0 and lead_class < NORMAL:  # a priority cohort: worse rows ride only where it is free
-            rows = sum(unet_rows(r.key) for r in grown)
-            lead_rows = sum(unet_rows(r.key) for r in grown if self.rank(r, now)[0] == lead_class)
-            for row in waiting:
-                if len(grown) >= tuning.max_rows:
-                    break
-                more = rows + unet_rows(row.key)
-                if shape_of(row.key) == shape and row not in candidates and self._rides(shape, lead_rows, more):
-                    grown.append(row)
-                    rows = more
-            room = tuning.max_rows - len(grown)
         if not candidates or room <= 0:
-            return grown
-        # (a) a burst landing: newcomers that arrived within coalesce_s of the cohort's newest row
+            return self._add_riders(grown, waiting, lead_class, now)
+        # (a) a burst landing: newcomers that arrived within coalesce_s of the cohort's newest row, or
+        # any newcomer while no row of the cohort has stepped (it is still being formed)
+        fresh = all(r.steps_done == 0 for r in grown)
         while candidates and len(grown) < tuning.max_rows and self._last_admitted_at is not None:
             row = candidates[0]
-            if row.admitted or row.arrived_at - self._last_admitted_at > tuning.coalesce_s:
+            if not fresh and (row.admitted or row.arrived_at - self._last_admitted_at > tuning.coalesce_s):
                 break
             grown.append(candidates.pop(0))
             self._last_admitted_at = max(self._last_admitted_at, row.arrived_at)
         # (b) the best-ranked newcomers, as many as lower the summed completion time the most
         room = tuning.max_rows - len(grown)
-        if tuning.merge_only_emptying and (len(candidates) > room or len(candidates) < len(waiting)):
-            return grown  # rows would still wait after it: a backlog, where finishing in order wins
+        if not tuning.merge or not candidates:
+            return self._add_riders(grown, waiting, lead_class, now)
         best, best_gain = 0, 0.0
         for w in range(1, min(room, len(candidates)) + 1):
-            gain = self._merge_gain(grown, candidates[:w])
+            gain = self._merge_gain(grown, candidates[:w], len(waiting) - w)
             if gain is not None and gain > best_gain:
                 best, best_gain = w, gain
         grown += candidates[:best]
+        if lead_class < NORMAL:  # a priority row also joins its class's cohort where it rides free
+            rows = sum(unet_rows(r.key) for r in grown)
+            for row in candidates[best:]:
+                if len(grown) < tuning.max_rows and self._rides(shape, rows, rows + unet_rows(row.key)):
+                    grown.append(row)
+                    rows += unet_rows(row.key)
+        return self._add_riders(grown, waiting, lead_class, now)
+
+    def _add_riders(self, grown: list[Row[T]], waiting: list[Row[T]], lead_class: float, now: float) -> list[Row[T]]:
+        """A priority cohort takes rows of worse classes (best-ranked first) while they ride free."""
+        if lead_class >= NORMAL:
+            return grown
+        shape = shape_of(grown[0].key)
+        lead_rows = rows = sum(unet_rows(r.key) for r in grown)
+        for row in waiting:
+            if len(grown) >= self.tuning.max_rows:
+                break
+            more = rows + unet_rows(row.key)
+            if (shape_of(row.key) == shape and row not in grown and self.rank(row, now)[0] > lead_class
+                    and self._rides(shape, lead_rows, more)):
+                grown.append(row)
+                rows = more
         return grown
 
-    def _finish_times(self, shape: Shape, rows: list[Row[T]]) -> list[float] | None:
-        """Seconds from now until each row (by steps left, ascending) finishes if ``rows`` run as one
-        cohort from now on, each step costing what its remaining rows cost; None: no cost estimate."""
-        left = sorted(r.steps_left for r in rows)
-        per_row = sum(unet_rows(r.key) for r in rows) / len(rows)
+    def _finish_times(self, shape: Shape, rows: list[Row[T]] | list[tuple[int, int]]) -> list[float] | None:
+        """Seconds from now until each row (by steps left, ascending) finishes if ``rows`` (rows, or
+        (steps left, UNet rows) pairs) run as one cohort from now on, each step costing what its
+        remaining rows cost; None: no cost estimate."""
+        pairs = [(r.steps_left, unet_rows(r.key)) if isinstance(r, Row) else r for r in rows]
+        if not pairs:
+            return []
+        left = sorted(steps for steps, _ in pairs)
+        per_row = sum(u for _, u in pairs) / len(pairs)
         t, before, out = 0.0, 0, []
         for i, steps in enumerate(left):
             if steps > before:
@@ -402,16 +491,35 @@ class StepScheduler(Generic[T]):
             out.append(t)
         return out
 
-    def _merge_gain(self, cohort: list[Row[T]], newcomers: list[Row[T]]) -> float | None:
-        """Summed seconds the rows save if ``newcomers`` join the cohort now rather than run as a
-        cohort of their own when it ends (negative: joining costs more). It counts only these rows,
-        and counts the cohort's rows as delayed by the extra cost of its steps: a step of near-linear
-        cost gains nothing from sharing, so the rows already running keep their pace."""
+    def mean_gap_s(self, shape: Shape) -> float | None:
+        """The moving average of the gaps between arrivals of ``shape``; None before two arrived."""
+        return self._arrivals.get(shape, (None, None))[1]
+
+    def _merge_gain(self, cohort: list[Row[T]], newcomers: list[Row[T]], others: int = 0) -> float | None:
+        """Summed seconds saved if ``newcomers`` join the cohort now rather than run as a cohort of
+        their own when it ends (negative: joining costs more), over the cohort's rows, the newcomers
+        and the requests expected to arrive before the cohort ends (at the observed mean gap, with
+        the newcomers' steps): without the merge those would join the newcomers' cohort; with it
+        they wait for the merged cohort's end and run on their own. The ``others`` rows left waiting
+        (other shapes, or beyond the newcomers) wait as long as the merge makes the cohort longer."""
         shape = shape_of(cohort[0].key)
         alone = self._finish_times(shape, cohort)
-        after = self._finish_times(shape, newcomers)
         merged = self._finish_times(shape, cohort + newcomers)
-        if alone is None or after is None or merged is None:
+        if alone is None or merged is None:
             return None
-        separate = sum(alone) + sum(alone[-1] + t for t in after)
-        return separate - sum(merged)
+        end, merged_end = alone[-1], merged[-1]
+        expected = 0
+        gap = self.mean_gap_s(shape)
+        if gap:
+            room = self.tuning.max_rows - len(newcomers)
+            expected = max(0, min(room, round(self.tuning.arrival_weight * end / max(gap, 1e-9))))
+        typical = (round(sum(r.steps_left for r in newcomers) / len(newcomers)),
+                   round(sum(unet_rows(r.key) for r in newcomers) / len(newcomers)))
+        arrivals = [typical] * expected
+        after = self._finish_times(shape, [(r.steps_left, unet_rows(r.key)) for r in newcomers] + arrivals)
+        later = self._finish_times(shape, arrivals)
+        if after is None or later is None:
+            return None
+        separate = sum(alone) + sum(end + t for t in after)
+        joined = sum(merged) + sum(merged_end + t for t in later)
+        return separate - joined - others * max(0.0, merged_end - end)

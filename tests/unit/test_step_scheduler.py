@@ -36,12 +36,14 @@ def run_steps(sched: StepScheduler, now: float, n: int, step_s: float = 0.1) -> 
     return now
 
 
-def test_a_lone_request_runs_at_once_and_is_decoded_after_its_last_step():
+def test_a_lone_request_is_encoded_at_once_then_stepped_and_decoded_after_its_last_step():
     sched = scheduler()
     sched.add(req("a"), 0.0)
     plan = sched.plan(0.0)
-    assert plan.advance == ("a",) and plan.admit == ("a",) and plan.shape == SHAPE
-    now = run_steps(sched, 0.0, 25)
+    assert plan.admit == ("a",) and plan.advance == () and not plan.idle  # its prompt first
+    plan = sched.plan(0.01)
+    assert plan.advance == ("a",) and plan.admit == () and plan.shape == SHAPE
+    now = run_steps(sched, 0.01, 25)
     plan = sched.plan(now)
     assert plan.decode == ("a",) and plan.advance == ()
 
@@ -50,18 +52,31 @@ def test_rows_of_different_steps_and_guidance_share_a_step():
     sched = scheduler()
     for rid, key in (("a", KEY), ("b", BatchKey(1024, 1024, 10, 5.0)), ("c", BatchKey(1024, 1024, 50, 7.5))):
         sched.add(req(rid, key), 0.0)
-    assert set(sched.plan(0.0).advance) == {"a", "b", "c"}
+    assert set(sched.plan(0.0).admit) == {"a", "b", "c"}
+    assert set(sched.plan(0.01).advance) == {"a", "b", "c"}
 
 
-def test_a_burst_landing_joins_the_running_lone_row_at_the_next_boundary():
+def test_a_burst_landing_while_its_first_row_is_encoded_joins_before_the_first_step():
+    sched = scheduler()
+    sched.add(req("a"), 0.0)
+    assert sched.plan(0.0).admit == ("a",)
+    for i in range(15):
+        sched.add(req(f"b{i}"), 0.002 * (i + 1))
+    plan = sched.plan(0.03)
+    assert len(plan.admit) == 15 and plan.advance == ()
+    plan = sched.plan(0.1)
+    assert len(plan.advance) == 16 and plan.admit == ()
+
+
+def test_a_burst_landing_just_after_the_first_step_joins_at_the_next_boundary():
     sched = scheduler()
     sched.add(req("a"), 0.0)
     sched.plan(0.0)
-    for i in range(15):
-        sched.add(req(f"b{i}"), 0.002 * (i + 1))
+    sched.plan(0.001)
+    sched.add(req("b"), 0.015)  # within 20 ms of a: the same burst
     sched.step_done(("a",), 0.08, 0.08)
     plan = sched.plan(0.08)
-    assert len(plan.advance) == 16 and len(plan.admit) == 15
+    assert set(plan.advance) == {"a", "b"} and plan.admit == ("b",)
 
 
 def test_under_a_backlog_a_newcomer_waits_for_the_cohort_instead_of_slowing_it():
@@ -121,7 +136,7 @@ def test_an_old_low_row_runs_before_a_newer_normal_one():
     sched = scheduler(aging_lones=1.0)
     sched.add(req("low", priority="low"), 0.0)
     sched.add(req("normal", BatchKey(768, 768, 25, 5.0)), 100.0)
-    assert sched.plan(100.0).advance == ("low",)
+    assert sched.plan(100.0).admit == ("low",)
 
 
 def test_the_merge_gain_counts_the_summed_completion_time():
