@@ -191,7 +191,7 @@ class CompiledUnetForward:
         mode = self.mode_for(rows)
         if mode == "eager" or (shape in self.eager_shapes and not _WARMING.active):
             return self.eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
-        _mark_batch_dynamic(rows, sample, encoder_hidden_states, kwargs)
+        _mark_batch_dynamic(rows, sample, encoder_hidden_states, kwargs, timestep)
         _mark_spatial_dynamic(sample)
         implementation = self.graphed if mode == "graphs" else self.compiled
         return _compiled_or_eager(implementation, self.eager, "UNet", shape, self.eager_shapes,
@@ -324,12 +324,15 @@ def _compiled_or_eager(implementation: Callable[..., Any], eager: Callable[..., 
 
 
 def _mark_batch_dynamic(rows: int, sample: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                        kwargs: dict[str, Any]) -> None:
+                        kwargs: dict[str, Any], timestep: Any = None) -> None:
     """Mark dim 0 dynamic on every input that carries the batch (latents, text embeddings, SDXL's
-    added conditions), so one compiled graph serves every batch size."""
+    added conditions, and a per-row timestep: gpu_worker.model.step_engine gives the UNet one
+    timestep per row, the stock pipelines one for all), so one compiled graph serves every batch size."""
     import torch._dynamo
 
     tensors = [sample, encoder_hidden_states]
+    if isinstance(timestep, torch.Tensor):
+        tensors.append(timestep)  # a 0-dim one (the stock pipelines') is left alone below
     added = kwargs.get("added_cond_kwargs") or {}
     tensors += [value for value in added.values() if isinstance(value, torch.Tensor)]
     for tensor in tensors:

@@ -67,3 +67,46 @@ def _tables_on(scheduler: PNDMScheduler, device: torch.device) -> tuple[torch.Te
         cached = (scheduler.alphas_cumprod.to(device), scheduler.final_alpha_cumprod.to(device))
         scheduler._device_tables = cached
     return cached
+
+
+# Scheduler names (a later setting chooses one; the step engine's tests run each): name -> (diffusers
+# class name, configuration overrides). The class is built from the pipeline's own scheduler
+# configuration (its betas, training timesteps, spacing, prediction type) with these overrides, as
+# ``Class.from_config(pipeline.scheduler.config, **overrides)`` does in diffusers' documentation. An
+# override a class does not take is left out (EulerAncestralDiscreteScheduler has no Karras sigmas).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler",
+                 {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    # PLMS as SD-1.5 ships it: no Runge-Kutta warm-up (with it, 4 steps would cost 13 UNet calls)
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+}
+SCHEDULER_NAMES = tuple(SCHEDULERS)
+
+
+def named_scheduler(name: str, config: Any) -> Any:
+    """A new scheduler ``name`` (one of SCHEDULER_NAMES) made from ``config`` (a pipeline scheduler's
+    ``config``), with PNDM's coefficient lookup on the device (:func:`without_gpu_waits`).
+    Raises ValueError for an unknown name."""
+    import inspect
+
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
+    class_name, overrides = SCHEDULERS[name]
+    scheduler_class = getattr(diffusers, class_name)
+    accepted = inspect.signature(scheduler_class.__init__).parameters
+    return without_gpu_waits(scheduler_class.from_config(
+        config, **{key: value for key, value in overrides.items() if key in accepted}))
+
+
+def fresh_copy(scheduler: Any) -> Any:
+    """A new scheduler of ``scheduler``'s class and configuration, with none of its per-run state
+    (timesteps, step index, multistep history): one per request in a batch whose requests advance
+    separately. PNDM keeps its coefficients on the device as ``scheduler`` does."""
+    return without_gpu_waits(type(scheduler).from_config(scheduler.config))

@@ -10,7 +10,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
 from gpu_worker.model.pipelines import load_pipeline
-from gpu_worker.model.schedulers import without_gpu_waits
+from gpu_worker.model.schedulers import SCHEDULER_NAMES, fresh_copy, named_scheduler, without_gpu_waits
 
 SD15_LIKE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
@@ -61,3 +61,38 @@ def test_the_scheduler_stays_a_pndm_scheduler_and_others_are_untouched() -> None
 def test_loaded_sd15_pipeline_uses_it() -> None:
     scheduler = load_pipeline("tiny").diffusers_pipeline.scheduler
     assert type(scheduler) is PNDMScheduler and "_get_prev_sample" in vars(scheduler)
+
+
+@pytest.mark.parametrize("name, class_name", [
+    ("euler", "EulerDiscreteScheduler"), ("euler_a", "EulerAncestralDiscreteScheduler"),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler"), ("dpmpp_2m_karras", "DPMSolverMultistepScheduler"),
+    ("ddim", "DDIMScheduler"), ("pndm", "PNDMScheduler"),
+])
+def test_named_schedulers_keep_the_pipelines_configuration(name: str, class_name: str) -> None:
+    base = EulerDiscreteScheduler(**{key: value for key, value in SD15_LIKE.items()
+                                     if key not in ("skip_prk_steps", "set_alpha_to_one")},
+                                  use_karras_sigmas=True, timestep_spacing="leading")
+    scheduler = named_scheduler(name, base.config)
+    assert type(scheduler).__name__ == class_name and name in SCHEDULER_NAMES
+    assert (scheduler.config.beta_schedule, scheduler.config.beta_end, scheduler.config.timestep_spacing) == (
+        "scaled_linear", 0.012, "leading")
+    if class_name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        assert scheduler.config.use_karras_sigmas is (name == "dpmpp_2m_karras")
+    if name.startswith("dpmpp"):
+        assert (scheduler.config.algorithm_type, scheduler.config.solver_order) == ("dpmsolver++", 2)
+    if name == "pndm":
+        assert scheduler.config.skip_prk_steps and "_get_prev_sample" in vars(scheduler)
+
+
+def test_unknown_scheduler_name_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown scheduler 'lms'; expected one of euler, euler_a, dpmpp_2m"):
+        named_scheduler("lms", EulerDiscreteScheduler().config)
+
+
+def test_a_fresh_copy_has_the_class_and_configuration_but_none_of_the_state() -> None:
+    original = without_gpu_waits(PNDMScheduler(**SD15_LIKE))
+    run_loop(original, 5)
+    copy = fresh_copy(original)
+    assert type(copy) is PNDMScheduler and copy.config == original.config and copy is not original
+    assert copy.ets == [] and copy.counter == 0 and "_get_prev_sample" in vars(copy)
+    assert run_loop(copy, 5)[-1].equal(run_loop(without_gpu_waits(PNDMScheduler(**SD15_LIKE)), 5)[-1])
