@@ -1,0 +1,55 @@
+"""gpu_worker.model.step_engine with torch.compile on the CPU: warmed up at one number of UNet rows, the
+compiled UNet serves steps of other row counts without compiling again (the engine's per-row timestep is
+marked dynamic with the batch; unmarked, torch refuses the dynamic batch at the first compilation).
+Compiling runs the C++ compiler (processes), hence e2e: about 45 s on a quiet 2-core machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpu_worker.model import acceleration, schedulers
+from gpu_worker.model.acceleration import AccelerationConfig, compiled_forward
+from gpu_worker.model.pipelines import ImagePipeline, load_pipeline
+from gpu_worker.model.step_engine import StepEngine
+from tests.integration.test_step_engine import FOX, LIGHTHOUSE, OWL, RAMEN, TOLERANCE
+
+pytestmark = pytest.mark.timeout(1200)  # several times the quiet figure on a busy machine
+
+
+def run(pipeline: ImagePipeline, warm_up: bool) -> torch.Tensor:
+    """Two guided rows take a step (4 UNet rows: the compiled warm-up, when asked), then steps of 7, 3
+    and 5 UNet rows; the four rows' latents after them."""
+    engine = StepEngine(pipeline, schedulers.named_scheduler("euler", pipeline.diffusers_pipeline.scheduler.config))
+    engine.admit([FOX, OWL])
+    if warm_up:
+        acceleration.warm_up_shapes(lambda _size: engine.step(["fox", "owl"]), [4])
+    else:
+        engine.step(["fox", "owl"])
+    engine.admit([LIGHTHOUSE, RAMEN])
+    engine.step(["fox", "owl", "lighthouse", "ramen"])  # 2 + 2 + 2 + 1 UNet rows
+    engine.step(["lighthouse", "ramen"])  # 3
+    engine.step(["owl", "lighthouse", "ramen"])  # 5
+    return engine.latents(["fox", "owl", "lighthouse", "ramen"])
+
+
+def test_one_warm_up_serves_every_row_count():
+    compiled = load_pipeline("tiny", "cpu", "float32",
+                             AccelerationConfig(compile=True, cuda_graph_max_batch=0, compile_encoders=False))
+    forward = compiled_forward(compiled.diffusers_pipeline.unet)
+    assert forward is not None
+    rows: list[int] = []
+    implementation = forward.compiled
+
+    def recorded(sample, *args, **kwargs):
+        rows.append(sample.shape[0])
+        return implementation(sample, *args, **kwargs)
+
+    forward.compiled = recorded
+    try:
+        latents = run(compiled, warm_up=True)
+    finally:
+        acceleration.allow_recompiles()
+    assert rows == [4, 7, 3, 5] and forward.eager_shapes == set()  # every step compiled, none refused
+    eager = run(load_pipeline("tiny", "cpu", "float32"), warm_up=False)
+    assert (latents - eager).abs().max().item() <= TOLERANCE
