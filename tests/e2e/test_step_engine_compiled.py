@@ -1,7 +1,8 @@
 """gpu_worker.model.step_engine with torch.compile on the CPU: warmed up at one number of UNet rows, the
 compiled UNet serves steps of other row counts without compiling again (the engine's per-row timestep is
 marked dynamic with the batch; unmarked, torch refuses the dynamic batch at the first compilation).
-Compiling runs the C++ compiler (processes), hence e2e: about 45 s on a quiet 2-core machine."""
+Compiling runs the C++ compiler (processes), hence e2e: about 45 s on a quiet 2-core machine. On a GPU
+(``python -m pytest -m gpu tests/e2e/test_step_engine_compiled.py``), with and without CUDA graphs."""
 
 from __future__ import annotations
 
@@ -53,3 +54,27 @@ def test_one_warm_up_serves_every_row_count():
     assert rows == [4, 7, 3, 5] and forward.eager_shapes == set()  # every step compiled, none refused
     eager = run(load_pipeline("tiny", "cpu", "float32"), warm_up=False)
     assert (latents - eager).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+@pytest.mark.parametrize("graph_max_batch", [0, 4], ids=["compiled", "cuda_graphs"])
+def test_on_the_gpu_too_with_and_without_cuda_graphs(graph_max_batch):
+    # Warmed up at one row count, steps of other row counts run compiled, none refused (refused
+    # recompilations fall back to eager); with CUDA graphs too (each row count records its own graph
+    # at its first replay: compiled once for all, recorded per size).
+    pipeline = load_pipeline("tiny-sdxl", "cuda", "float32",
+                             AccelerationConfig(compile=True, cuda_graph_max_batch=graph_max_batch,
+                                                compile_encoders=False))
+    forward = acceleration.compiled_forward(pipeline.diffusers_pipeline.unet)
+    engine = StepEngine(pipeline, schedulers.named_scheduler("euler", pipeline.diffusers_pipeline.scheduler.config))
+    engine.admit([FOX, OWL])
+    acceleration.warm_up_shapes(lambda _size: engine.step(["fox", "owl"]), [4])
+    try:
+        engine.admit([LIGHTHOUSE, RAMEN])
+        engine.step(["fox", "owl", "lighthouse", "ramen"])  # 7 UNet rows
+        engine.step(["lighthouse", "ramen"])  # 3
+        engine.step(["owl", "lighthouse", "ramen"])  # 5
+    finally:
+        acceleration.allow_recompiles()
+    assert forward.eager_shapes == set()
