@@ -23,15 +23,19 @@ drop rows at every step boundary (step-level "continuous" batching):
 
 A row's result does not depend on what it shares steps with, nor on when it is admitted, paused or
 resumed: its noise comes from its own generator, exactly as the stock pipeline draws it from a list of
-generators (one per image), and every operation on it is the stock pipeline's, row by row. The
-latents equal those of the stock pipeline run for that request alone up to float rounding in the UNet
-(a batch of other size and content sums in another order): tests/integration/test_step_engine.py
-holds every scheduler of gpu_worker.model.schedulers.SCHEDULERS, both layouts, to 1e-4.
+generators (one per image), and every operation on it is the stock pipeline's, row by row. Its latents
+are the stock pipeline's for that request alone bit for bit when the model calls compute one row at a
+time, and up to the rounding of batched kernels otherwise (a batch sums in another order than a lone
+request; the stock pipeline's own batches differ from its lone requests as much): every scheduler of
+gpu_worker.model.schedulers.SCHEDULERS, both layouts, tests/integration/test_step_engine.py.
 
 With torch.compile (gpu_worker.model.acceleration) the UNet's batch dimension is marked dynamic, the
-per-row timestep tensor's with it, so a changing number of rows does not recompile. The compiled
-UNet is warmed up by ``ImagePipeline.warm_up`` with a scalar timestep, though: a per-row timestep is a
-different input, which after that warm-up runs eager until a warm-up of its own has run the engine.
+per-row timestep tensor's with it, so one warm-up per implementation (CompiledUnetForward.mode_for:
+CUDA graphs or compiled) serves every number of rows of two or more (with CUDA graphs, each row count
+records its own graph at its first call: tests/e2e/test_step_engine_compiled.py). ``ImagePipeline.warm_up``
+compiles for the stock pipeline's 0-dim timestep, though: torch guards on a tensor's dimensions, so the
+engine's 1-D timestep asks for another compilation, refused once the warm-up is over (eager instead),
+until a warm-up runs the engine itself.
 
 Not thread-safe: one thread (the worker's GPU thread) calls everything.
 """
