@@ -12,7 +12,8 @@
 
 No sleeping, no sockets: broker.state.BrokerState, broker.balancing.Balancer and the batchers of
 gpu_worker.decisions.policies run against a virtual clock, and a GPU cost model fitted to measured tables
-says how long each batch takes. The whole --compare takes a few seconds.
+says how long each batch takes (each denoising step, under the step policy). The whole --compare takes
+about a minute.
 """
 
 from __future__ import annotations
@@ -210,9 +211,16 @@ def plot_load_sweep(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+STEP_WORKLOAD_NAMES = ("mixed-steps", "mixed-guidance", "priority", "cancel")  # runs.step_cases, in order
+
+
 def single_run(args: argparse.Namespace) -> dict[str, Any]:
     costs = cost_models.get(args.costs)
     key = costs.reference_key
+    if args.workload in STEP_WORKLOAD_NAMES:  # one GPU, as in --compare
+        case = runs.step_cases(costs, args.load, args.requests, args.seed)[STEP_WORKLOAD_NAMES.index(args.workload)]
+        [report] = runs.compare((args.policy,), [case])
+        return report.row()
     capacity = args.gpus * cost_models.capacity_img_s(costs, key, runs.MAX_BATCH)
     workload = {
         "burst": lambda: wl.burst(args.requests, key),
@@ -248,10 +256,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--write", metavar="DIR", type=Path,
                         help="write compare.json, validation.json, robustness.json, scaling.json, latency_cdf.png "
                              "and load_sweep.png")
-    parser.add_argument("--workload", choices=("burst", "users", "poisson", "mixed", "lone") + tuple(wl.SIZE_MIXES),
+    parser.add_argument("--workload", choices=("burst", "users", "poisson", "mixed", "lone") + tuple(wl.SIZE_MIXES)
+                        + STEP_WORKLOAD_NAMES,
                         help="one run of one workload (with --policy, --gpus, --costs, --load, --requests); "
                              "sdxl-buckets and sd15-mixed are mixed resolutions (pick a matching --costs) and "
-                             "report each size group's waits")
+                             "report each size group's waits; mixed-steps, mixed-guidance, priority (each class's "
+                             "latencies) and cancel (a fifth cancelled) are the step policy's workloads, on one GPU")
     parser.add_argument("--policy", choices=tuple(runs.POLICIES) + tuple(POLICY_ALIASES), default="default",
                         help="window, default (run-to-completion), greedy or step (seed: the same as window)")
     parser.add_argument("--gpus", type=int, default=1)

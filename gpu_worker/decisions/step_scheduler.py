@@ -209,6 +209,8 @@ class StepScheduler(Generic[T]):
         self.cohort: list[str] = []  # the rows the last plan advanced, in rank order
         self._last_admitted_at: float | None = None  # arrival of the cohort's newest row
         self._unwanted: dict[str, str] = {}  # request id -> why, dropped at the next plan
+        self._ranked_at: float | None = None  # ranks computed at this instant (one plan's), by request id
+        self._ranks: dict[str, tuple[float, float]] = {}
         # per shape: the latest arrival and the moving average of the gaps between arrivals
         self._arrivals: dict[Shape, tuple[float | None, float | None]] = {}
 
@@ -267,6 +269,15 @@ class StepScheduler(Generic[T]):
 
     def rank(self, row: Row[T], now: float) -> tuple[float, float]:
         """Lower runs first: the priority class, improved by one per aging period waited, then arrival."""
+        if now != self._ranked_at:
+            self._ranked_at, self._ranks = now, {}
+        cached = self._ranks.get(row.request_id)
+        if cached is not None:
+            return cached
+        self._ranks[row.request_id] = ranked = self._rank(row, now)
+        return ranked
+
+    def _rank(self, row: Row[T], now: float) -> tuple[float, float]:
         waited = max(0.0, now - row.arrived_at)
         klass = priority_rank(row.request.priority)
         aged = klass - math.floor(waited / self.aging_period_s(row.key))
