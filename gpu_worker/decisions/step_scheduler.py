@@ -150,9 +150,11 @@ class Row(Generic[T]):
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What to do at one step boundary (see the module docstring). Empty ``advance``: the GPU has
-    nothing to step; ``wake_at`` is when the plan can next change without an arrival (None: only an
-    arrival changes it)."""
+    """What to do at one step boundary (see the module docstring), in this order on the GPU:
+    forget ``drop``, decode ``decode``, encode ``admit``'s prompts, step ``advance``. ``advance`` may
+    be empty while ``admit`` is not (a cohort is encoded before its first step) or ``decode`` is not
+    (an ended cohort is decoded before the next is chosen). :attr:`idle`: nothing for the GPU; the
+    plan never keeps an idle GPU waiting, so the shell plans again at the next arrival or CANCEL."""
 
     advance: tuple[str, ...] = ()
     admit: tuple[str, ...] = ()
@@ -160,7 +162,6 @@ class StepPlan:
     drop: tuple[tuple[str, str], ...] = ()  # (request id, "cancelled" | "deadline")
     decode: tuple[str, ...] = ()
     shape: Shape | None = None
-    wake_at: float | None = None
 
     @property
     def idle(self) -> bool:
