@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 
 from broker.balancing import STRATEGIES
-from broker.priorities import DEFAULT_AGING_S, DEFAULT_HALF_LIFE_S
+from broker.priorities import DEFAULT_AGING_S, DEFAULT_HALF_LIFE_S, DEFAULT_HIGH_PRIORITY_RESERVE
 from imagegen.logs import log_format_setting, log_level_setting
-from imagegen.protocol import HEARTBEAT_INTERVAL_RANGE_S, MAX_ATTEMPTS
+from imagegen.protocol import HEARTBEAT_INTERVAL_RANGE_S, MAX_ATTEMPTS, MAX_CAPACITY
 from imagegen.settings import parse_optional_int, parse_optional_str, require, setting
 from imagegen.sockets import is_local_endpoint
 
@@ -94,6 +94,12 @@ class BrokerSettings:
         "seconds over which an API key's GPU time counts half as much in the fair share between keys: among "
         "waiting requests of one priority, the key furthest below its share (GPU-seconds / share=) goes next. "
         "Shorter: the share evens out over recent minutes only; longer: over a longer history")
+    high_priority_reserve: int = setting(
+        "BROKER_HIGH_PRIORITY_RESERVE", DEFAULT_HIGH_PRIORITY_RESERVE,
+        "places each worker takes beyond its capacity (WORKER_MAX_IN_FLIGHT) for requests sent with priority high "
+        "alone, so that a high request does not wait in the broker's queue while normal and low ones fill every "
+        "worker; the worker's scheduler then runs it first (BATCH_POLICY=step). 0: high requests wait for a "
+        "place like the others")
     drain_timeout_s: float = setting("BROKER_DRAIN_TIMEOUT_S", 60.0,
                                      "on SIGTERM, seconds to let accepted requests finish before answering "
                                      "the rest with 503 shutting_down")
@@ -135,6 +141,8 @@ class BrokerSettings:
                 f"lower it or raise the memory limit")
         require(self.unclaimed_result_ttl_s > 0, "BROKER_UNCLAIMED_RESULT_TTL_S", "must be positive")
         require(self.priority_aging_s >= 0, "PRIORITY_AGING_S", "must not be negative (0: no aging)")
+        require(0 <= self.high_priority_reserve <= MAX_CAPACITY, "BROKER_HIGH_PRIORITY_RESERVE",
+                f"must be between 0 and {MAX_CAPACITY}")
         require(self.fair_share_half_life_s > 0, "FAIR_SHARE_HALF_LIFE_S", "must be positive")
         require(self.drain_timeout_s >= 0, "BROKER_DRAIN_TIMEOUT_S", "must not be negative")
         require(self.worker_progress_timeout_s >= 0, "WORKER_PROGRESS_TIMEOUT_S", "must not be negative")

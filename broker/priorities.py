@@ -35,6 +35,9 @@ from typing import Callable, Iterable
 from imagegen.protocol import DEFAULT_PRIORITY, PRIORITIES, Generate, priority_rank
 
 DEFAULT_AGING_S = 60.0
+# Places beyond a worker's capacity for high-priority requests alone (BROKER_HIGH_PRIORITY_RESERVE):
+# two cover the priority-80 workload's high requests on every simulated table (docs/scheduling.md).
+DEFAULT_HIGH_PRIORITY_RESERVE = 2
 DEFAULT_HALF_LIFE_S = 300.0
 MAX_OWNERS = 1024  # owners whose usage is remembered; beyond it the one charged longest ago is forgotten
 

@@ -120,6 +120,7 @@ class BrokerServer:
             unclaimed_ttl_s=settings.unclaimed_result_ttl_s,
             priority_aging_s=settings.priority_aging_s,
             fair_share_half_life_s=settings.fair_share_half_life_s,
+            high_priority_reserve=settings.high_priority_reserve,
         )
         self.state = BrokerState(policy, epoch=uuid.uuid4().hex)
         self.dropped: Counter[str] = Counter()  # malformed or undeliverable messages, by kind

@@ -39,8 +39,8 @@ from typing import Hashable, Mapping, Union
 from broker.admission import Admission, WorkerSpeed
 from broker.balancing import Balancer, Candidate
 from broker.models import ModelQueues, route_model
-from broker.priorities import (DEFAULT_AGING_S, DEFAULT_HALF_LIFE_S, FairShares, Waiting, class_counters,
-                               effective_rank, known_priority, pick, queue_group)
+from broker.priorities import (DEFAULT_AGING_S, DEFAULT_HALF_LIFE_S, DEFAULT_HIGH_PRIORITY_RESERVE, FairShares,
+                               Waiting, class_counters, effective_rank, known_priority, pick, queue_group)
 from broker.registration import key_admits, registration_refusal
 from broker.unclaimed import Kept, UnclaimedResults
 from imagegen.batch_key import BatchKey, work_units
@@ -187,6 +187,10 @@ class BrokerPolicy:
     # halve every this many (FAIR_SHARE_HALF_LIFE_S).
     priority_aging_s: float = DEFAULT_AGING_S
     fair_share_half_life_s: float = DEFAULT_HALF_LIFE_S
+    # Places a worker takes beyond its capacity for high-priority requests alone
+    # (BROKER_HIGH_PRIORITY_RESERVE): a high request does not wait in the broker's queue while
+    # normal and low ones fill every worker's places; the worker's own scheduler then runs it first.
+    high_priority_reserve: int = DEFAULT_HIGH_PRIORITY_RESERVE
 
     @property
     def worker_timeout_s(self) -> float:
@@ -958,11 +962,18 @@ class BrokerState:
         actions: list[Action] = []
         balancer = self._balancers.setdefault(model, Balancer(self.policy.strategy))
         while self.queue.depth(model):
+            reserve = False  # whether this request may take a worker's high-priority reserve
             if self.queue.has_ranked(model):
-                # Priorities or owners among the waiting: broker/priorities.py chooses, once a worker has credit.
-                if not any(c.has_credit for c in self._candidates(model, now)):
+                # Priorities or owners among the waiting: broker/priorities.py chooses, once a worker has credit
+                # (or, for a high request only, a place of its reserve).
+                if any(c.has_credit for c in self._candidates(model, now)):
+                    request_id = self._next_ranked(model, now)
+                elif any(c.has_credit for c in self._candidates(model, now, reserve=True)):
+                    request_id, reserve = self._next_ranked(model, now, high_only=True), True
+                    if request_id is None:
+                        break
+                else:
                     break
-                request_id = self._next_ranked(model, now)
             else:
                 request_id = self.queue.head(model)
             record = self.requests[request_id]
@@ -971,7 +982,7 @@ class BrokerState:
                 actions.append(self._fail_late(request_id))
                 continue
             params = record.message.params
-            chosen = balancer.choose(self._candidates(model, now, ImageSize(params.width, params.height)))
+            chosen = balancer.choose(self._candidates(model, now, ImageSize(params.width, params.height), reserve))
             if chosen is None:
                 break
             self.queue.remove(request_id)
@@ -995,12 +1006,17 @@ class BrokerState:
             actions.append(ToWorker(chosen, replace(record.message, deadline_s=remaining_s), worker.info.worker_name))
         return actions
 
-    def _next_ranked(self, model: str | None, now: float) -> str:
+    def _next_ranked(self, model: str | None, now: float, high_only: bool = False) -> str | None:
         """The next of ``model``'s queued requests by priority (with aging) and then fair share between
         owners (broker/priorities.py pick). An owner's usage: its decayed GPU-seconds, plus an estimate
         for its requests held by workers and not finished (the latest per-image time of their kind,
         else of any result, else 1 s each)."""
         in_flight: dict[str, float] = {}
+        heads = [(request_id, self.requests[request_id]) for request_id in self.queue.group_heads(model)]
+        if high_only:  # only a request sent as high may take a reserved place (None: none waits)
+            heads = [(request_id, record) for request_id, record in heads if record.message.priority == "high"]
+            if not heads:
+                return None
         for worker in self.workers.values():
             for request_id in worker.in_flight:
                 record = self.requests.get(request_id)
@@ -1012,14 +1028,14 @@ class BrokerState:
                 in_flight[owner] = in_flight.get(owner, 0.0) + estimate
         # Each group's first (the longest-waiting of its priority and owner) is all pick() needs.
         waiting = [Waiting(request_id, record.message.priority, record.message.owner, record.message.share,
-                           record.received_at)
-                   for request_id in self.queue.group_heads(model) for record in (self.requests[request_id],)]
+                           record.received_at) for request_id, record in heads]
         chosen = pick(waiting, now, self.policy.priority_aging_s,
                       lambda owner: self.fair_shares.recent(owner, now) + in_flight.get(owner, 0.0))
         assert chosen is not None
         return chosen
 
-    def _candidates(self, model: str | None, now: float, size: ImageSize | None = None) -> list[Candidate]:
+    def _candidates(self, model: str | None, now: float, size: ImageSize | None = None,
+                    reserve: bool = False) -> list[Candidate]:
         """``model``'s accepting workers as the balancer sees them; those with ``size`` warm are
         preferred (None: all are), so a request goes where it runs compiled without compiling when
         such a worker has credit, and else where the balancer would send it anyway (it runs eager
@@ -1027,6 +1043,9 @@ class BrokerState:
         if model is None:
             return []  # named no model and none is served yet: it waits (see _place_unnamed)
         ordered = [w for w in self._workers_of(model) if w.accepting]
+        if reserve:  # a high request's places beyond capacity; the backlog's spread does not apply to them
+            return [Candidate(w.routing_id, len(w.in_flight), w.info.capacity + self.policy.high_priority_reserve,
+                              preferred=size is None or w.has_warm(size)) for w in ordered]
         share = self.fair_share(now, ordered, model)
         return [Candidate(w.routing_id, len(w.in_flight), w.info.capacity,
                           over_share=share is not None and self.unfinished(w, now) >= share,

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
 
-from gpu_worker.decisions.policies import POLICY_ALIASES  # noqa: E402
+from gpu_worker.decisions.policies import POLICY_ALIASES, RUN_TO_COMPLETION  # noqa: E402
 from simulator import costs as cost_models  # noqa: E402
 from simulator import runs  # noqa: E402
 from simulator import workloads as wl  # noqa: E402
@@ -262,8 +262,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "sdxl-buckets and sd15-mixed are mixed resolutions (pick a matching --costs) and "
                              "report each size group's waits; mixed-steps, mixed-guidance, priority (each class's "
                              "latencies) and cancel (a fifth cancelled) are the step policy's workloads, on one GPU")
-    parser.add_argument("--policy", choices=tuple(runs.POLICIES) + tuple(POLICY_ALIASES), default="default",
-                        help="window, default (run-to-completion), greedy or step (seed: the same as window)")
+    parser.add_argument("--policy", default="default",
+                        choices=tuple(dict.fromkeys((*runs.POLICIES, RUN_TO_COMPLETION, *POLICY_ALIASES))),
+                        help="window, run-to-completion (default), greedy or step (seed: the same as window)")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--costs", choices=tuple(cost_models.COST_MODELS), default="sdxl-h200")
     parser.add_argument("--load", type=float, default=0.9, help="fraction of capacity (poisson, mixed)")

@@ -63,6 +63,7 @@ class ClusterConfig:
     capacity: int | None = None  # WORKER_MAX_IN_FLIGHT; None: 2 x max batch size, as the worker does
     strategy: str = "queue-depth"  # GPU_LOAD_BALANCE_STRATEGY
     fair_share: bool = True  # BrokerPolicy.fair_share; False: the broker's dispatch before it
+    high_priority_reserve: int = BrokerPolicy.high_priority_reserve  # BROKER_HIGH_PRIORITY_RESERVE
     hop_s: float = 0.0005  # one ZeroMQ message between two processes on a LAN
     encode_s_per_mpixel: float = 0.03  # PNG encoding (compress level 1) of one image on one thread
     encode_threads: int = 8  # PNG_ENCODER_THREADS: a batch's images are encoded this many at a time
@@ -129,7 +130,8 @@ class Simulation:
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
         self.broker = BrokerState(BrokerPolicy(strategy=cluster.strategy, max_queue_size=10**9,
-                                               fair_share=cluster.fair_share), epoch="sim")
+                                               fair_share=cluster.fair_share,
+                                               high_priority_reserve=cluster.high_priority_reserve), epoch="sim")
         self.requests: dict[str, RequestRecord] = {}
         self.batches: list[BatchRecord] = []
         worker_class = SimStepWorker if cluster.policy == STEP else SimWorker

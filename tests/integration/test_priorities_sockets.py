@@ -117,7 +117,7 @@ async def serve_in_order(worker: FakeWorker, count: int) -> list[str]:
 
 
 async def test_a_high_request_queued_behind_normal_ones_is_dispatched_first(cluster):
-    client, server, worker = await cluster()
+    client, server, worker = await cluster(high_priority_reserve=0)  # the queue's order under test
     tasks = [post(client, PLAIN, body("busy"))]
     await until(lambda: len(worker.received) == 1, "the first request at the worker")
     tasks += [await queue_one(client, server, PLAIN, body(f"normal {i}")) for i in range(3)]
@@ -129,6 +129,20 @@ async def test_a_high_request_queued_behind_normal_ones_is_dispatched_first(clus
     # What the worker got says who it was for and how urgent.
     urgent = next(m for m in worker.received if m.params.prompt == "urgent")
     assert (urgent.priority, urgent.owner, urgent.share) == ("high", key_name(URGENT), 2.0)
+
+
+async def test_a_high_request_reaches_a_full_worker_through_its_reserved_place(cluster):
+    client, server, worker = await cluster()  # BROKER_HIGH_PRIORITY_RESERVE: its default, 2
+    tasks = [post(client, PLAIN, body("busy"))]
+    await until(lambda: len(worker.received) == 1, "the first request at the worker")
+    tasks.append(await queue_one(client, server, PLAIN, body("normal")))  # waits: the one place is held
+    tasks.append(post(client, URGENT, body("urgent", "high")))
+    await until(lambda: len(worker.received) == 2, "the high request at the worker")
+    assert [m.params.prompt for m in worker.received] == ["busy", "urgent"]
+    order = await serve_in_order(worker, 3)
+    assert order == ["busy", "urgent", "normal"]
+    answers = await asyncio.gather(*tasks)
+    assert all(status == 200 for status, _ in answers), answers
 
 
 async def test_a_low_request_is_not_starved_once_it_has_aged(cluster):

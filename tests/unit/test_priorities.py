@@ -130,7 +130,9 @@ def pgen(request_id: str, priority: str = "normal", owner: str = "", share: floa
 
 
 def one_slot_broker(**policy) -> BrokerState:
-    """A broker with one worker that holds one request at a time, busy with request "busy"."""
+    """A broker with one worker that holds one request at a time, busy with request "busy". No place
+    is reserved for high requests unless ``policy`` says so: the queue's order is under test."""
+    policy.setdefault("high_priority_reserve", 0)
     s = BrokerState(BrokerPolicy(**policy), epoch="epoch-1")
     s.register(W1, reg("w1", capacity=1), T0)
     assert dispatched(s.submit(CLIENT, pgen("busy"), T0)) == [(W1, "busy")]
@@ -150,6 +152,24 @@ def test_a_high_request_queued_behind_normal_ones_is_dispatched_first():
     assert finish(s, "busy", T0 + 3) == ["h"]
     assert finish(s, "h", T0 + 4) == ["n1"]
     assert finish(s, "n1", T0 + 5) == ["n2"]
+
+
+def test_a_high_request_takes_a_reserved_place_when_every_place_is_held():
+    s = one_slot_broker(high_priority_reserve=1)
+    assert dispatched(s.submit(CLIENT, pgen("n1"), T0 + 1)) == []  # normal: waits for the one place
+    assert dispatched(s.submit(CLIENT, pgen("h1", "high"), T0 + 2)) == [(W1, "h1")]  # the reserve
+    assert dispatched(s.submit(CLIENT, pgen("h2", "high"), T0 + 3)) == []  # the reserve is used
+    assert finish(s, "busy", T0 + 4) == ["h2"]  # then the queue's order: high first
+    assert finish(s, "h1", T0 + 5) == []  # h2 holds the one place: the reserve is not the normal's
+    assert finish(s, "h2", T0 + 6) == ["n1"]
+
+
+def test_a_normal_request_aged_to_high_does_not_take_a_reserved_place():
+    s = one_slot_broker(high_priority_reserve=1, priority_aging_s=1.0)
+    s.submit(CLIENT, pgen("n1"), T0)
+    s.submit(CLIENT, pgen("low", "low"), T0)
+    assert dispatched(s.dispatch(T0 + 100)) == []  # both aged to the high class; neither was sent as high
+    assert dispatched(s.submit(CLIENT, pgen("h1", "high"), T0 + 100)) == [(W1, "h1")]
 
 
 def test_a_low_request_is_not_starved_by_a_stream_of_normal_ones():
