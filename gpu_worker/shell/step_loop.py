@@ -96,6 +96,7 @@ class StepWorker(Worker):
         self._unet_calls: dict[int, int] = {}
         self._last_advance: tuple[str, ...] = ()
         self._cohort_id = ""
+        self._let_go: set[str] = set()  # rows never admitted, let go by a drain or a broker that forgot them
 
     # ------------------------------------------------------------------ messages
 
@@ -153,7 +154,8 @@ class StepWorker(Worker):
         now = self.clock()
         unstarted = [row.request_id for row in self.scheduler.rows.values() if not row.admitted]
         for request_id in unstarted:
-            self.scheduler.cancel(request_id, now)
+            if self.scheduler.cancel(request_id, now):
+                self._let_go.add(request_id)
         return len(unstarted)
 
     def _send_status(self) -> None:
@@ -272,8 +274,8 @@ class StepWorker(Worker):
     def _send_row_progress(self, progress: dict[str, int], rows: int) -> None:
         for request_id, done in progress.items():
             held = self.held.get(request_id)
-            if held is None or done >= self.unet_calls(held.steps):
-                continue  # its last step: the RESULT follows
+            if held is None or done >= held.steps:
+                continue  # its last step (and PNDM's extra call): the RESULT follows
             if self.progress_limiter.allow(request_id):
                 self.link.send(Progress(request_id, min(done, held.steps), held.steps, batch_size=rows))
 
@@ -283,6 +285,11 @@ class StepWorker(Worker):
             held = self.held.pop(request_id, None)
             self.progress_limiter.forget(request_id)
             if held is None:
+                continue
+            if request_id in self._let_go:
+                self._let_go.discard(request_id)
+                log.info("request %s let go before it started: the broker requeues it", request_id,
+                         extra={"request_id": request_id})
                 continue
             if why == "deadline":
                 self.link.send(Failure(request_id, FailureCode.DEADLINE_EXCEEDED.value,

@@ -27,7 +27,7 @@ from tests.support.cluster import Cluster, call
 
 pytestmark = pytest.mark.timeout(300)
 
-TINY = {"MODEL_ID": "tiny", "WORKER_WARMUP": "0", "MAX_INFERENCE_STEPS": "400", "PROGRESS_EVENT_INTERVAL_S": "0",
+TINY = {"MODEL_ID": "tiny", "LOG_LEVEL": "DEBUG", "WORKER_WARMUP": "0", "MAX_INFERENCE_STEPS": "400", "PROGRESS_EVENT_INTERVAL_S": "0",
         "MAX_BATCH_SIZE": "8", "REQUEST_TIMEOUT_S": "240"}
 # A pixel of one image may differ by this much between a lone run and a run in a batch: the UNet
 # sums a batch in another order (tests/integration/test_step_engine.py bounds the latents).
@@ -112,15 +112,19 @@ def test_a_newcomer_joins_the_running_row_at_its_own_step_and_a_cancel_frees_the
     assert "cancelled: dropped at step" in log, c.logs()
 
 
-def test_a_drained_worker_finishes_its_running_rows(make_cluster):
-    c = make_cluster(**TINY, BATCH_POLICY="step").start_all(1, timeout_s=120)
-    running = submit(c, body(1, steps=20, guidance=7.5))
+def test_a_drained_worker_finishes_its_running_row_with_its_previews(make_cluster):
+    c = make_cluster(**TINY, BATCH_POLICY="step", PREVIEW_EVERY_STEPS="5").start_all(1, timeout_s=120)
+    running = submit(c, {**body(1, steps=20, guidance=7.5), "preview": True})
     wait_for_job(c, running["id"], lambda d: d["status"] == "running" and d["progress"]["step"] >= 1, "running",
                  timeout_s=120)
     c.signal("worker0", signal.SIGTERM)
     done = wait_for_job(c, running["id"], lambda d: d["status"] in ("succeeded", "failed", "cancelled"),
                         "finished", timeout_s=120)
     assert done["status"] == "succeeded", (done, c.logs())
+    events = read_events(running["events_url"])
+    previews = [data for _, kind, data in events if kind == "preview"]
+    assert [(data["step"], data["steps"]) for data in previews] == [(5, 20), (10, 20), (15, 20)], events
+    assert all(data["image"].startswith("data:image/jpeg;base64,") for data in previews)
     assert c.processes["worker0"].wait(timeout=60) == 0, c.logs()
 
 
