@@ -206,10 +206,18 @@ async def main(settings: WorkerSettings) -> None:
     capacity = settings.max_in_flight or 2 * policy.max_batch_size
     compiled_sizes = settings.torch_compile and warms
     step = settings.batch_policy == STEP
-    if step and compiled_sizes:
-        log.warning("BATCH_POLICY=step with TORCH_COMPILE: only %s is warmed; the step loop does not warm other "
-                    "sizes in the background", first)
-        compiled_sizes = False
+    engine = None
+    if step:
+        from gpu_worker.model.step_engine import StepEngine
+        from gpu_worker.shell.step_loop import warm_up_engine
+
+        engine = StepEngine(pipeline)
+        if compiled_sizes:
+            # The engine gives the UNet a timestep per row, an input the pipeline's warm-up did not compile.
+            seconds = await asyncio.get_running_loop().run_in_executor(gpu_thread, warm_up_engine, engine, first)
+            log.warning("BATCH_POLICY=step with TORCH_COMPILE: the step engine is warm at %s (%.1fs); other sizes "
+                        "run eager (the step loop does not warm them in the background)", first, seconds)
+            compiled_sizes = False
     size_serving = SizeServing(
         sizes=sizes, unlisted=settings.unlisted_size, warm_at_start=(first,) if compiled_sizes else (),
         warm_up=pipeline.warm_up if compiled_sizes else None, max_defer_s=settings.warm_up_max_defer_s,
@@ -221,13 +229,12 @@ async def main(settings: WorkerSettings) -> None:
         sys.exit(2)
     common = dict(max_batch_size_auto=auto, curve=curve, gpu_thread=gpu_thread, seconds_per_work_unit=cost_per_unit,
                   sizes=size_serving, preview_every_steps=settings.preview_every_steps)
-    if step:
-        from gpu_worker.model.step_engine import StepEngine
+    if engine is not None:
         from gpu_worker.shell.step_loop import StepWorker
 
         worker: Worker = StepWorker(identity, pipeline, policy, capacity, settings.broker_address,
                                     settings.heartbeat_interval_s, settings.heartbeat_liveness,
-                                    engine=StepEngine(pipeline), **common)
+                                    engine=engine, **common)
     else:
         worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
                         settings.heartbeat_interval_s, settings.heartbeat_liveness,

@@ -31,13 +31,15 @@ more than its steps), so that the scheduler's "finished" is the engine's. PROGRE
 the request's own steps.
 
 Not here: out-of-memory splitting (a boundary that runs out of memory fails its rows) and the
-background warm-up of further sizes with TORCH_COMPILE (only the first size is warm).
+background warm-up of further sizes with TORCH_COMPILE (:func:`warm_up_engine` compiles the engine's
+call at the first size before registering; other sizes run eager).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -45,18 +47,33 @@ import torch
 
 from gpu_worker.decisions.step_scheduler import StepPlan, StepRequest, StepScheduler, StepTuning
 from gpu_worker.decisions.worker_state import failure_code, MAX_FAILURE_TEXT_CHARS
-from gpu_worker.model import previews, schedulers
+from gpu_worker.model import acceleration, previews, schedulers
 from gpu_worker.model.pipelines import GenerationJob
 from gpu_worker.model.step_engine import RowSpec, StepEngine
 from gpu_worker.shell.worker import BatchEncodings, Worker, short_ids
 from imagegen import stage_trace
 from imagegen.batch_key import BatchKey
 from imagegen.logs import request_fields, request_name
-from imagegen.protocol import Cancel, FailureCode, Failure, Generate, Heartbeat, Preview, Progress, Result
+from imagegen.protocol import Cancel, FailureCode, Failure, Generate, Heartbeat, ImageSize, Preview, Progress, Result
 
 log = logging.getLogger(__name__)
 
 IDLE_LOOK_S = 1.0  # with nothing to run, the loop looks again at least this often (besides arrivals)
+WARM_UP_ROW = "warm-up"
+
+
+def warm_up_engine(engine: StepEngine, size: ImageSize) -> float:
+    """Compile the engine's UNet call (a timestep per row, the batch dimension dynamic) with two steps of
+    one guided row at ``size``, in the GPU thread, with TORCH_COMPILE; returns the seconds it took.
+    One warm-up serves every row count (tests/e2e/test_step_engine_compiled.py)."""
+    began = time.perf_counter()
+    key = BatchKey(size.width, size.height, 2, 7.5)
+    engine.admit([RowSpec(WARM_UP_ROW, GenerationJob("warm-up", None, 0), key)])
+    try:
+        acceleration.warm_up_shapes(lambda _rows: engine.step([WARM_UP_ROW]), [2])
+    finally:
+        engine.drop(WARM_UP_ROW)
+    return time.perf_counter() - began
 
 
 @dataclass
@@ -166,6 +183,13 @@ class StepWorker(Worker):
     # ------------------------------------------------------------------ the step loop
 
     async def _batch_loop(self) -> None:
+        try:
+            await self._step_loop()
+        except Exception:
+            log.exception("the step loop failed: this worker takes no more work; restart it")
+            raise
+
+    async def _step_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if self.state == "draining":

@@ -1,5 +1,6 @@
-"""StepEngine.scaled_latents: what previews read under BATCH_POLICY=step, each row's latents as its
-scheduler scales them for its next UNet call (tiny pipeline on the CPU)."""
+"""The step engine as the worker uses it under BATCH_POLICY=step (tiny pipeline on the CPU):
+StepEngine.scaled_latents, what previews read, each row's latents as its
+scheduler scales them for its next UNet call; and the engine warm-up of TORCH_COMPILE."""
 
 from __future__ import annotations
 
@@ -43,3 +44,15 @@ def test_euler_rows_are_scaled_at_their_own_next_sigma(pipeline):
         assert torch.allclose(scaled[index], expected, rtol=1e-5, atol=1e-6), row_id
     assert not torch.allclose(scaled, latents)
     assert engine.row_ids() == ["a", "b"]  # the rows stay
+
+
+def test_the_engine_warm_up_steps_a_row_of_its_own_and_leaves_the_engine_empty(pipeline):
+    from gpu_worker.shell.step_loop import warm_up_engine
+    from imagegen.protocol import ImageSize
+
+    engine = StepEngine(pipeline)
+    calls = []
+    step = engine.step
+    engine.step = lambda row_ids: calls.append(list(row_ids)) or step(row_ids)  # type: ignore[method-assign]
+    assert warm_up_engine(engine, ImageSize(64, 64)) >= 0
+    assert calls == [["warm-up"]] and engine.row_ids() == []
