@@ -197,9 +197,12 @@ class StepWorker(Worker):
             plan = self.scheduler.plan(self.clock())
             self._dropped(plan)
             if plan.idle:
+                if plan.drop:  # nothing to run, but the dropped rows' memory is freed now
+                    await loop.run_in_executor(self.gpu_thread, self._forget_rows_in_gpu_thread,
+                                               [request_id for request_id, _ in plan.drop])
                 if self.state == "draining" and not self.scheduler.rows:
                     return
-                await self._sleep(plan)
+                await self._sleep()
                 continue
             admitted = [self._row_spec(request_id) for request_id in plan.admit]
             self._start_rows(plan)
@@ -256,10 +259,8 @@ class StepWorker(Worker):
 
     def _boundary_in_gpu_thread(self, plan: StepPlan, admitted: Sequence[RowSpec]) -> BoundaryOutcome:
         engine = self.engine
+        self._forget_rows_in_gpu_thread([request_id for request_id, _ in plan.drop])
         present = set(engine.row_ids())
-        for request_id, _ in plan.drop:
-            if request_id in present:
-                engine.drop(request_id)
         for request_id in plan.pause:
             if request_id in present and not engine.is_paused(request_id):
                 engine.pause(request_id)
@@ -339,15 +340,18 @@ class StepWorker(Worker):
 
     def _forget_rows_in_gpu_thread(self, request_ids: Sequence[str]) -> None:
         present = set(self.engine.row_ids())
-        for request_id in request_ids:
-            if request_id in present:
-                self.engine.drop(request_id)
+        gone = [request_id for request_id in request_ids if request_id in present]
+        for request_id in gone:
+            self.engine.drop(request_id)
+        if gone:
+            log.debug("dropped %d rows from the step engine; %d rows left in it", len(gone), len(present) - len(gone))
 
-    async def _sleep(self, plan: StepPlan) -> None:
+    async def _sleep(self) -> None:
+        """Nothing for the GPU: wait for an arrival or a CANCEL (the plan never keeps an idle GPU waiting
+        while rows wait), looking again every IDLE_LOOK_S all the same."""
         self.arrival.clear()
-        timeout = IDLE_LOOK_S if plan.wake_at is None else max(0.0, min(IDLE_LOOK_S, plan.wake_at - self.clock()))
         try:
-            await asyncio.wait_for(self.arrival.wait(), timeout)
+            await asyncio.wait_for(self.arrival.wait(), IDLE_LOOK_S)
         except asyncio.TimeoutError:
             pass
 

@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from tests.e2e.test_jobs import delete, job, read_events, submit, wait_for_job
+from tests.e2e.test_jobs import delete, job, read_events, submit, wait_for_job, wait_for_worker_log
 from tests.support.cluster import Cluster, call
 
 pytestmark = pytest.mark.timeout(300)
@@ -114,6 +114,18 @@ def test_a_newcomer_joins_the_running_row_at_its_own_step_and_a_cancel_frees_the
     assert done["result"]["batch_size"] == 1, done
     log = (c.dir / "worker0.log").read_text(errors="replace")
     assert "cancelled: dropped at step" in log, c.logs()
+
+
+def test_cancelling_the_only_running_row_frees_its_memory_on_the_device(make_cluster):
+    c = make_cluster(**TINY, BATCH_POLICY="step").start_all(1, timeout_s=120)
+    alone = submit(c, body(1, steps=600, guidance=7.5))
+    wait_for_job(c, alone["id"], lambda d: d["status"] == "running" and d["progress"]["step"] >= 1, "running",
+                 timeout_s=120)
+    status, cancelled = delete(c, alone["id"])
+    assert status == 200 and cancelled["status"] == "cancelled", cancelled
+    # Nothing else to run: the plan is idle, and the row still leaves the engine (LOG_LEVEL=DEBUG).
+    wait_for_worker_log(c, "dropped 1 rows from the step engine; 0 rows left in it", timeout_s=60)
+    assert "cancelled: dropped at step" in (c.dir / "worker0.log").read_text(errors="replace")
 
 
 def test_a_drained_worker_finishes_its_running_row_with_its_previews(make_cluster):
