@@ -150,7 +150,7 @@ class StepWorker(Worker):
         log.debug("request %s queued: %dx%d, %d steps", request_name(request.request_id, request.label),
                   params.width, params.height, params.num_inference_steps,
                   extra=request_fields(request.request_id, request.label))
-        self.counters.observe_queue_depth(self.scheduler.queue_depth)
+        self.counters.observe_queue_depth(max(0, self.scheduler.queue_depth - self.scheduler.running))
         self.arrival.set()
 
     def unet_calls(self, steps: int) -> int:
@@ -176,7 +176,9 @@ class StepWorker(Worker):
         return len(unstarted)
 
     def _send_status(self) -> None:
-        status = self.counters.status(self.state, self.scheduler.queue_depth, self.scheduler.running)
+        # As under the other policies: queue_depth leaves out the rows running (the broker adds them).
+        running = self.scheduler.running
+        status = self.counters.status(self.state, max(0, self.scheduler.queue_depth - running), running)
         self.link.send(Heartbeat(replace(status, max_batch_size=self.decisions.max_batch_size,
                                          compile_state=self.compile_state, warm_sizes=self.warm_sizes)))
 

@@ -94,6 +94,9 @@ def test_a_newcomer_joins_the_running_row_at_its_own_step_and_a_cancel_frees_the
     running = wait_for_job(c, short["id"], lambda d: d["status"] == "running" and d["progress"]["step"] >= 1,
                            "running", timeout_s=120)
     assert job(c, long["id"])["status"] == "running", c.logs()
+    # The heartbeat reports both rows running, none queued.
+    c.wait_for(lambda stats: (stats["worker"]["running"], stats["worker"]["current_queue_depth"]) == (2, 0), 60,
+               "the worker's heartbeat reporting two running rows")
     status, cancelled = delete(c, long["id"])
     assert status == 200 and cancelled["status"] == "cancelled", cancelled
     done = wait_for_job(c, short["id"], lambda d: d["status"] in ("succeeded", "failed", "cancelled"), "finished",
