@@ -13,7 +13,7 @@ from gpu_worker.model.acceleration import AccelerationConfig, configure_sizes
 from gpu_worker.model.compile_cache import holds_artefacts, use_compile_cache
 from gpu_worker.decisions.batcher import BatchPolicyConfig
 from gpu_worker.model.oom import is_out_of_memory, release_cached_memory
-from gpu_worker.decisions.policies import make_batcher
+from gpu_worker.decisions.policies import STEP, make_batcher
 from gpu_worker.config import DYNAMIC, WorkerSettings
 from gpu_worker.decisions.sizes import batch_sizes_at, default_sizes, parse_sizes, sizes_text, warm_up_batch_sizes
 from gpu_worker.model.pipelines import (
@@ -36,6 +36,9 @@ from imagegen.runner import run_service, stop_event_on_signals
 log = logging.getLogger("gpu_worker")
 
 EXIT_MODEL_LOAD_FAILED = 3
+STEP_NEEDS_AN_ENGINE = ("BATCH_POLICY=step needs a model with a step-level engine, and the fake backend "
+                        "(MODEL_ID=fake...) has none: set BATCH_POLICY=run-to-completion (the default) or window, "
+                        "or a real MODEL_ID (tiny runs on the CPU)")
 
 
 def optimizations(settings: WorkerSettings) -> AccelerationConfig:
@@ -149,6 +152,9 @@ async def main(settings: WorkerSettings) -> None:
         directory = use_compile_cache(settings.state_dir)
         log.info("torch.compile cache: %s (%s)", directory, "compiling reuses what it holds"
                  if holds_artefacts(directory) else "empty: the first compile takes minutes")
+    if settings.batch_policy == STEP and is_fake_model_id(settings.model_id):
+        log.error("%s", STEP_NEEDS_AN_ENGINE)
+        sys.exit(2)
     started = time.perf_counter()
     try:
         # MODEL_ID=fake[:...] is the test backend of gpu_worker/model/fake_backend.py (no model at all).
@@ -199,6 +205,19 @@ async def main(settings: WorkerSettings) -> None:
     )
     capacity = settings.max_in_flight or 2 * policy.max_batch_size
     compiled_sizes = settings.torch_compile and warms
+    step = settings.batch_policy == STEP
+    engine = None
+    if step:
+        from gpu_worker.model.step_engine import StepEngine
+        from gpu_worker.shell.step_loop import warm_up_engine
+
+        engine = StepEngine(pipeline)
+        if compiled_sizes:
+            # The engine gives the UNet a timestep per row, an input the pipeline's warm-up did not compile.
+            seconds = await asyncio.get_running_loop().run_in_executor(gpu_thread, warm_up_engine, engine, first)
+            log.warning("BATCH_POLICY=step with TORCH_COMPILE: the step engine is warm at %s (%.1fs); other sizes "
+                        "run eager (the step loop does not warm them in the background)", first, seconds)
+            compiled_sizes = False
     size_serving = SizeServing(
         sizes=sizes, unlisted=settings.unlisted_size, warm_at_start=(first,) if compiled_sizes else (),
         warm_up=pipeline.warm_up if compiled_sizes else None, max_defer_s=settings.warm_up_max_defer_s,
@@ -208,11 +227,18 @@ async def main(settings: WorkerSettings) -> None:
         log.error("the broker would refuse this worker's registration as malformed (%s); its name is WORKER_NAME, "
                   "or WORKER_HOST-gpuGPU_ID when unset: shorten what is too long", why)
         sys.exit(2)
-    worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
-                    settings.heartbeat_interval_s, settings.heartbeat_liveness, max_batch_size_auto=auto,
-                    curve=curve, batcher=make_batcher(settings.batch_policy, policy), gpu_thread=gpu_thread,
-                    seconds_per_work_unit=cost_per_unit, sizes=size_serving,
-                    preview_every_steps=settings.preview_every_steps)
+    common = dict(max_batch_size_auto=auto, curve=curve, gpu_thread=gpu_thread, seconds_per_work_unit=cost_per_unit,
+                  sizes=size_serving, preview_every_steps=settings.preview_every_steps)
+    if engine is not None:
+        from gpu_worker.shell.step_loop import StepWorker
+
+        worker: Worker = StepWorker(identity, pipeline, policy, capacity, settings.broker_address,
+                                    settings.heartbeat_interval_s, settings.heartbeat_liveness,
+                                    engine=engine, **common)
+    else:
+        worker = Worker(identity, pipeline, policy, capacity, settings.broker_address,
+                        settings.heartbeat_interval_s, settings.heartbeat_liveness,
+                        batcher=make_batcher(settings.batch_policy, policy), **common)
     log.info("worker %s: max batch %d, capacity %d, batch policy %s, broker %s; sizes %s (others: %s)",
              identity.name, policy.max_batch_size, capacity, settings.batch_policy, settings.broker_address,
              sizes_text(sizes), settings.unlisted_size)

@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from gpu_worker.decisions.policies import DEFAULT, POLICY_ALIASES, POLICY_NAMES, STEP, STEP_NOT_WIRED, canonical_policy
+from gpu_worker.decisions.policies import DEFAULT, POLICY_ALIASES, POLICY_NAMES, STEP, canonical_policy
 from gpu_worker.decisions.sizes import AUTO, parse_sizes
 from imagegen import protocol
 from imagegen.bounds import WIRE
@@ -54,9 +54,11 @@ class WorkerSettings:
                                 "within milliseconds or the measured costs say waiting pays, and runs all its steps; "
                                 "window: a group runs when it fills a batch or its oldest request has waited the "
                                 "window (MAX_BATCH_WAIT_TIME, adaptive), see docs/batching.md; default and seed: the "
-                                "earlier names of run-to-completion and window, still accepted; step (decisions per "
-                                "denoising step, docs/scheduling.md) is refused until the worker has its step-level "
-                                "engine",
+                                "earlier names of run-to-completion and window, still accepted; step: decisions per "
+                                "denoising step (docs/scheduling.md): rows of one size with different steps or "
+                                "guidance share each step, newcomers join at step boundaries, a cancelled row leaves "
+                                "at the next one; needs a real model (not MODEL_ID=fake); no out-of-memory splitting, "
+                                "and with TORCH_COMPILE only the first size is warmed",
                                 parse=lambda text: canonical_policy(text.strip()))
     max_in_flight: int | None = setting("WORKER_MAX_IN_FLIGHT", None,
                                         "requests the broker may hand this worker at once; "
@@ -154,9 +156,8 @@ class WorkerSettings:
                 "must not exceed MAX_BATCH_SIZE")
         require(1 <= self.adaptive_threshold <= protocol.MAX_ADAPTIVE_THRESHOLD, "ADAPTIVE_BATCH_THRESHOLD",
                 f"must be between 1 and {protocol.MAX_ADAPTIVE_THRESHOLD}")
-        require(self.batch_policy != STEP, "BATCH_POLICY", STEP_NOT_WIRED)
-        require(self.batch_policy in POLICY_NAMES, "BATCH_POLICY",
-                f"must be one of {', '.join(POLICY_NAMES + tuple(POLICY_ALIASES))}")
+        require(self.batch_policy in POLICY_NAMES + (STEP,), "BATCH_POLICY",
+                f"must be one of {', '.join(POLICY_NAMES + (STEP,) + tuple(POLICY_ALIASES))}")
         require(self.max_in_flight is None or 1 <= self.max_in_flight <= protocol.MAX_CAPACITY, "WORKER_MAX_IN_FLIGHT",
                 f"must be between 1 and {protocol.MAX_CAPACITY}")
         require(self.gpu_id is None or -1 <= self.gpu_id <= protocol.MAX_GPU_ID, "GPU_ID",

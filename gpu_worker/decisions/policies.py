@@ -2,8 +2,8 @@
 
 ``run-to-completion`` (also accepted as ``default``, its earlier name) is :class:`AdaptiveBatcher`
 below: a batch, once formed, runs all its denoising steps. ``step``
-(gpu_worker/decisions/step_scheduler.py) decides per denoising step instead; the simulator runs it,
-a worker refuses it until its step-level engine is wired in.
+(gpu_worker/decisions/step_scheduler.py) decides per denoising step instead; it is not a batcher:
+the worker runs it in its step loop (gpu_worker/shell/step_loop.py), the simulator in its own.
 
 ``window`` is :class:`gpu_worker.decisions.batcher.Batcher`: a group runs when it fills a batch or its oldest
 request has waited the (adaptive) window. ``seed``, its earlier name, is still accepted.
@@ -55,13 +55,14 @@ RUN_TO_COMPLETION = "run-to-completion"
 DEFAULT = RUN_TO_COMPLETION  # the worker's BATCH_POLICY when none is given
 WINDOW = "window"
 # Step-level scheduling (gpu_worker/decisions/step_scheduler.py): decided per denoising step, not per
-# batch. The simulator runs it; a worker cannot until its step-level engine is wired in.
+# batch. Not a batcher: the worker runs it in its step loop (gpu_worker/shell/step_loop.py), the
+# simulator in its own.
 STEP = "step"
 POLICY_NAMES = (RUN_TO_COMPLETION, WINDOW)
 # Other names still accepted in BATCH_POLICY and by make_batcher, so existing configurations keep working.
 POLICY_ALIASES = {"seed": WINDOW, "default": RUN_TO_COMPLETION}
-STEP_NOT_WIRED = ("step needs the step-level engine, which this worker does not have yet; "
-                  "set run-to-completion (the default) or window")
+STEP_NOT_A_BATCHER = ("step is not a batcher: it runs with the step-level engine, in the worker's step loop "
+                      "(gpu_worker/shell/step_loop.py)")
 
 
 def canonical_policy(name: str) -> str:
@@ -201,5 +202,5 @@ def make_batcher(name: str, config: BatchPolicyConfig, tuning: HoldTuning | None
     if name == RUN_TO_COMPLETION:
         return AdaptiveBatcher(config=config, tuning=tuning or HoldTuning())
     if name == STEP:
-        raise ValueError(STEP_NOT_WIRED)
+        raise ValueError(STEP_NOT_A_BATCHER)
     raise ValueError(f"unknown batching policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

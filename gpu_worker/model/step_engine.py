@@ -319,6 +319,17 @@ class StepEngine:
         with torch.inference_mode():
             return torch.cat([row.latents.to(self.device) for row in rows])
 
+    def scaled_latents(self, row_ids: Sequence[str]) -> torch.Tensor:
+        """As :meth:`latents`, each row scaled by its scheduler's input scaling at its next timestep (its
+        last once finished): what the UNet's next call sees, and what previews read (Euler's
+        1 / sqrt(sigma^2 + 1); most schedulers: unchanged)."""
+        rows = [self._row(row_id) for row_id in row_ids]
+        latents = self.latents(row_ids)
+        with torch.inference_mode():
+            return torch.cat([row.scheduler.scale_model_input(latents[index:index + 1],
+                                                              row.scheduler.timesteps[min(row.done, row.total - 1)])
+                              for index, row in enumerate(rows)])
+
     def take_latents(self, row_ids: Sequence[str]) -> torch.Tensor:
         """The final latents of finished rows, as :meth:`latents`, and the rows leave the engine: what
         the stock pipeline returns with ``output_type="latent"``."""

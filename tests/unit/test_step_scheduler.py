@@ -150,11 +150,10 @@ def test_the_merge_gain_counts_the_summed_completion_time():
     assert gain is not None and gain < 0  # near-linear steps: joining costs the cohort more than it saves
 
 
-def test_step_is_not_a_batcher_and_the_worker_refuses_it():
+def test_step_is_not_a_batcher_and_the_worker_runs_it_in_its_step_loop():
     from gpu_worker.config import WorkerSettings
     from imagegen import settings as settings_lib
 
     with pytest.raises(ValueError, match="step-level engine"):
         make_batcher(STEP, BatchPolicyConfig())
-    with pytest.raises(settings_lib.SettingsError, match="BATCH_POLICY: step needs the step-level engine"):
-        settings_lib.load(WorkerSettings, [], {"BATCH_POLICY": "step"})
+    assert settings_lib.load(WorkerSettings, [], {"BATCH_POLICY": "step"}).batch_policy == STEP
