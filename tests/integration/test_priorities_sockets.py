@@ -108,6 +108,13 @@ async def queue_one(client: TestClient, server: BrokerServer, key: str, payload:
     return task
 
 
+async def hold_the_worker(client: TestClient, worker: FakeWorker, key: str) -> list[asyncio.Task]:
+    """Send "busy" with ``key`` and wait until the worker holds it (its one place is then taken)."""
+    tasks = [post(client, key, body("busy"))]
+    await until(lambda: len(worker.received) == 1, "the first request at the worker")
+    return tasks
+
+
 async def serve_in_order(worker: FakeWorker, count: int) -> list[str]:
     """Answer the worker's requests one at a time as they come: the prompts, in the order dispatched."""
     for index in range(count):
@@ -118,8 +125,7 @@ async def serve_in_order(worker: FakeWorker, count: int) -> list[str]:
 
 async def test_a_high_request_queued_behind_normal_ones_is_dispatched_first(cluster):
     client, server, worker = await cluster(high_priority_reserve=0)  # the queue's order under test
-    tasks = [post(client, PLAIN, body("busy"))]
-    await until(lambda: len(worker.received) == 1, "the first request at the worker")
+    tasks = await hold_the_worker(client, worker, PLAIN)
     tasks += [await queue_one(client, server, PLAIN, body(f"normal {i}")) for i in range(3)]
     tasks.append(await queue_one(client, server, URGENT, body("urgent", "high")))
     order = await serve_in_order(worker, 5)
@@ -133,8 +139,7 @@ async def test_a_high_request_queued_behind_normal_ones_is_dispatched_first(clus
 
 async def test_a_high_request_reaches_a_full_worker_through_its_reserved_place(cluster):
     client, server, worker = await cluster()  # BROKER_HIGH_PRIORITY_RESERVE: its default, 2
-    tasks = [post(client, PLAIN, body("busy"))]
-    await until(lambda: len(worker.received) == 1, "the first request at the worker")
+    tasks = await hold_the_worker(client, worker, PLAIN)
     tasks.append(await queue_one(client, server, PLAIN, body("normal")))  # waits: the one place is held
     tasks.append(post(client, URGENT, body("urgent", "high")))
     await until(lambda: len(worker.received) == 2, "the high request at the worker")
@@ -145,26 +150,18 @@ async def test_a_high_request_reaches_a_full_worker_through_its_reserved_place(c
     assert all(status == 200 for status, _ in answers), answers
 
 
-async def test_a_low_request_is_not_starved_once_it_has_aged(cluster):
-    client, server, worker = await cluster(priority_aging_s=0.3)
-    tasks = [post(client, URGENT, body("busy"))]
-    await until(lambda: len(worker.received) == 1, "the first request at the worker")
+@pytest.mark.parametrize("aging_s, order", [
+    (0.3, ["busy", "low", "normal 0", "normal 1"]),  # aged: the low request goes before later normal ones
+    (0.0, ["busy", "normal 0", "normal 1", "low"]),  # no aging: it waits behind them
+], ids=["aged", "without-aging"])
+async def test_a_low_request_goes_before_later_normal_ones_only_once_it_has_aged(cluster, aging_s, order):
+    client, server, worker = await cluster(priority_aging_s=aging_s)
+    tasks = await hold_the_worker(client, worker, URGENT)
     tasks.append(await queue_one(client, server, URGENT, body("low", "low")))
-    # The low request waits PRIORITY_AGING_S (no duration is asserted: only the order that follows).
+    # The low request waits past PRIORITY_AGING_S (no duration is asserted: only the order that follows).
     await asyncio.sleep(0.4)
     tasks += [await queue_one(client, server, URGENT, body(f"normal {i}")) for i in range(2)]
-    assert await serve_in_order(worker, 4) == ["busy", "low", "normal 0", "normal 1"]
-    await asyncio.gather(*tasks)
-
-
-async def test_without_aging_the_low_request_waits_behind_later_normal_ones(cluster):
-    client, server, worker = await cluster(priority_aging_s=0.0)
-    tasks = [post(client, URGENT, body("busy"))]
-    await until(lambda: len(worker.received) == 1, "the first request at the worker")
-    tasks.append(await queue_one(client, server, URGENT, body("low", "low")))
-    await asyncio.sleep(0.4)
-    tasks += [await queue_one(client, server, URGENT, body(f"normal {i}")) for i in range(2)]
-    assert await serve_in_order(worker, 4) == ["busy", "normal 0", "normal 1", "low"]
+    assert await serve_in_order(worker, 4) == order
     await asyncio.gather(*tasks)
 
 
@@ -179,8 +176,7 @@ async def test_a_key_cannot_exceed_its_allowed_priority(cluster):
 
 async def test_owners_share_the_worker_and_their_gpu_seconds_appear_in_metrics(cluster):
     client, server, worker = await cluster()
-    tasks = [post(client, PLAIN, body("busy"))]
-    await until(lambda: len(worker.received) == 1, "the first request at the worker")
+    tasks = await hold_the_worker(client, worker, PLAIN)
     tasks += [await queue_one(client, server, PLAIN, body(f"plain {i}")) for i in range(3)]
     tasks += [await queue_one(client, server, OTHER, body(f"other {i}")) for i in range(2)]
     order = await serve_in_order(worker, 6)
