@@ -21,6 +21,7 @@ from gateway.broker_client import BrokerClient, BrokerFailure
 from imagegen import protocol
 from imagegen.protocol import CLIENT_LINK, Pong, Progress, Queued
 from tests.support.fake_worker import FakeWorker, params
+from tests.support.polling import until
 from tests.support.procs import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -82,17 +83,6 @@ async def cluster():
         yield made
     finally:
         await made.close()
-
-
-async def until(predicate, what: str, timeout_s: float = 10.0) -> None:
-    """Wait until ``predicate()`` holds (polled), or fail naming ``what``."""
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.02)
-    try:
-        await asyncio.wait_for(poll(), timeout_s)
-    except asyncio.TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def gone(server: BrokerServer, identity: bytes) -> None:

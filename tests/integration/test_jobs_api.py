@@ -24,6 +24,7 @@ from gateway.jobs.webhooks import Backoff, generate_secret, parse_webhook_secret
 from gateway.openapi import openapi_document
 from tests.support.clock import Clock
 from tests.support.fake_job_broker import JobFakeBroker
+from tests.support.polling import until
 from tests.support.sse import TERMINAL, SseEvent, read_until_end, sse_events
 
 BODY = {"prompt": "a fox in the snow", "width": 64, "height": 64, "num_inference_steps": 6, "seed": 11}
@@ -54,23 +55,6 @@ async def start_gateway():
     yield start
     for client in started:
         await client.close()
-
-
-async def until(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` (sync or async) until it returns something true; fail naming ``what``."""
-    async def poll() -> Any:
-        while True:
-            value = check()
-            if asyncio.iscoroutine(value):
-                value = await value
-            if value:
-                return value
-            await asyncio.sleep(0.01)
-
-    try:
-        return await asyncio.wait_for(poll(), timeout_s)
-    except asyncio.TimeoutError:
-        pytest.fail(f"never: {what}")
 
 
 async def submit(client: TestClient, body: dict | None = None, headers: dict | None = None) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import zmq.asyncio
@@ -24,6 +24,7 @@ from gateway.key_policies import key_name
 from imagegen.protocol import Generate
 from tests.support.fake_worker import FakeWorker
 from tests.support.images import make_png
+from tests.support.polling import until
 from tests.support.procs import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,16 +48,6 @@ def body(prompt: str, priority: str | None = None) -> dict[str, Any]:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-async def until(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> None:
-    async def poll() -> None:
-        while not check():
-            await asyncio.sleep(0.01)
-    try:
-        await asyncio.wait_for(poll(), timeout_s)
-    except asyncio.TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 @pytest.fixture
