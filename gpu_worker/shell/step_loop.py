@@ -54,7 +54,7 @@ from gpu_worker.shell.worker import BatchEncodings, Worker, short_ids
 from imagegen import stage_trace
 from imagegen.batch_key import BatchKey
 from imagegen.logs import request_fields, request_name
-from imagegen.protocol import Cancel, FailureCode, Failure, Generate, Heartbeat, ImageSize, Preview, Progress, Result
+from imagegen.protocol import Cancel, FailureCode, Failure, Generate, Heartbeat, ImageSize, Preview, Progress
 
 log = logging.getLogger(__name__)
 
@@ -383,18 +383,5 @@ class StepWorker(Worker):
             request = held.request
             stage_trace.stage("worker_png_ready", request.request_id)
             first = held.first_step_at if held.first_step_at is not None else decoded_at
-            result = Result(
-                request_id=request.request_id,
-                worker_name=self.identity.name,
-                host=self.identity.host,
-                gpu_id=self.identity.gpu_id,
-                batch_id=held.batch_id,
-                batch_size=held.last_step_rows,
-                queue_wait_ms=(first - held.arrived_at) * 1000.0,
-                generation_ms=(decoded_at - first) * 1000.0,
-                width=request.params.width,
-                height=request.params.height,
-                seed=request.params.seed,
-            )
-            stage_trace.stage("worker_sent_result", request.request_id)
-            self.link.send(result, [image])
+            self._send_result(request, image, held.batch_id, held.last_step_rows, first - held.arrived_at,
+                              decoded_at - first)

@@ -601,6 +601,18 @@ class Worker:
         self.counters.record_failed(len(batch))
         self._send_status()
 
+    def _send_result(self, request: Generate, png: bytes, batch_id: str, batch_size: int, queue_wait_s: float,
+                     generation_s: float) -> None:
+        """One image's RESULT (its PNG in the payload frame), with how and where it was made."""
+        params = request.params
+        result = Result(request_id=request.request_id, worker_name=self.identity.name, host=self.identity.host,
+                        gpu_id=self.identity.gpu_id, batch_id=batch_id, batch_size=batch_size,
+                        queue_wait_ms=queue_wait_s * 1000.0, generation_ms=generation_s * 1000.0,
+                        width=params.width, height=params.height, seed=params.seed)
+        # Before the send: the gateway may answer the request before the caller runs on.
+        stage_trace.stage("worker_sent_result", request.request_id)
+        self.link.send(result, [png])
+
     async def _deliver(self, batch: Batch[Generate], batch_id: str, encodings: BatchEncodings,
                        generation_s: float, unwanted: frozenset[str] = frozenset()) -> None:
         for index, pending in enumerate(batch.requests):
@@ -608,20 +620,4 @@ class Worker:
                 continue  # nobody waits for it: the broker has answered or forgotten it
             png = await encodings.png(index)
             stage_trace.stage("worker_png_ready", pending.request_id)
-            params = pending.item.params
-            result = Result(
-                request_id=pending.request_id,
-                worker_name=self.identity.name,
-                host=self.identity.host,
-                gpu_id=self.identity.gpu_id,
-                batch_id=batch_id,
-                batch_size=len(batch),
-                queue_wait_ms=batch.wait_s(pending) * 1000.0,
-                generation_ms=generation_s * 1000.0,
-                width=params.width,
-                height=params.height,
-                seed=params.seed,
-            )
-            # Before the send: the gateway may answer the request before this loop runs on.
-            stage_trace.stage("worker_sent_result", pending.request_id)
-            self.link.send(result, [png])
+            self._send_result(pending.item, png, batch_id, len(batch), batch.wait_s(pending), generation_s)
