@@ -131,6 +131,12 @@ async def test_another_gateway_collects_a_running_request_and_a_third_cancels_on
         watching = asyncio.create_task(b.collect("job-2", 300, on_event=started.append))
         await until(lambda: started, "the collector to hear where the long request is", cluster)
         c.cancel("job-2")  # from a third gateway: the worker drops it at its next step
+
+        async def cancel_heard() -> bool:
+            return (await stats(c)).get("broker", {}).get("cancelled") == 1
+        # The cancel and the next request travel on different gateways' sockets: sent before the
+        # broker has the cancel, the next one would be refused (200 s of work ahead, 60 s deadline).
+        await until(cancel_heard, "the broker to hear the cancel", cluster)
         result, _ = await a.generate("job-3", params(3, steps=2), 60)
         assert result.request_id == "job-3"
         document = await stats(c)
