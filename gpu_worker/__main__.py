@@ -25,7 +25,7 @@ from gpu_worker.model.pipelines import (
     seconds_per_work_unit,
 )
 from gpu_worker.model.fake_backend import is_fake_model_id, parse_fake_model_id
-from gpu_worker.shell.worker import SizeServing, Worker, WorkerIdentity, registration
+from gpu_worker.shell.worker import BatchLoopFailed, SizeServing, Worker, WorkerIdentity, registration
 from imagegen import protocol
 from imagegen.protocol import ImageSize
 from imagegen import settings as settings_lib
@@ -36,6 +36,7 @@ from imagegen.runner import run_service, stop_event_on_signals
 log = logging.getLogger("gpu_worker")
 
 EXIT_MODEL_LOAD_FAILED = 3
+EXIT_BATCH_LOOP_FAILED = 4  # supervisord's autorestart starts a new worker
 STEP_NEEDS_AN_ENGINE = ("BATCH_POLICY=step needs a model with a step-level engine, and the fake backend "
                         "(MODEL_ID=fake...) has none: set BATCH_POLICY=run-to-completion (the default) or window, "
                         "or a real MODEL_ID (tiny runs on the CPU)")
@@ -242,7 +243,12 @@ async def main(settings: WorkerSettings) -> None:
     log.info("worker %s: max batch %d, capacity %d, batch policy %s, broker %s; sizes %s (others: %s)",
              identity.name, policy.max_batch_size, capacity, settings.batch_policy, settings.broker_address,
              sizes_text(sizes), settings.unlisted_size)
-    await worker.serve(stop_event_on_signals(asyncio.get_running_loop()))
+    try:
+        await worker.serve(stop_event_on_signals(asyncio.get_running_loop()))
+    except BatchLoopFailed as exc:
+        log.critical("worker %s: its batch loop failed (%s); it handed its requests back to the broker and "
+                     "exits with status %d to be restarted", identity.name, exc, EXIT_BATCH_LOOP_FAILED)
+        sys.exit(EXIT_BATCH_LOOP_FAILED)
     log.info("worker %s stopped", identity.name)
 
 

@@ -188,7 +188,7 @@ class StepWorker(Worker):
         try:
             await self._step_loop()
         except Exception:
-            log.exception("the step loop failed: this worker takes no more work; restart it")
+            log.exception("the step loop failed: this worker hands its requests back and exits")
             raise
 
     async def _step_loop(self) -> None:

@@ -140,6 +140,10 @@ class SizeServing:
     loaded_at: float | None = None  # when the model was loaded, on the worker's clock (for the log)
 
 
+class BatchLoopFailed(RuntimeError):
+    """The worker's batch loop ended with an error: the process must exit and be restarted."""
+
+
 @dataclass(frozen=True)
 class WorkerIdentity:
     name: str
@@ -279,14 +283,23 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     async def serve(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain. If the batch loop fails, leave as a drain does (the
+        broker requeues what this worker held) and raise :class:`BatchLoopFailed`: a worker whose GPU
+        loop is gone must exit, so that its supervisor starts a new one, rather than heartbeat on
+        while holding requests it will never run."""
         self.loop = asyncio.get_running_loop()
         self.link.start()
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         batch_loop = asyncio.create_task(self._batch_loop(), name="batches")
+        stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
-            await stop.wait()
+            await asyncio.wait([stopping, batch_loop], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stopping.cancel()
             await self._leave(batch_loop, heartbeat)
+        failure = None if batch_loop.cancelled() else batch_loop.exception()
+        if failure is not None:
+            raise BatchLoopFailed(f"{type(failure).__name__}: {failure}") from failure
 
     async def _leave(self, batch_loop: asyncio.Task, heartbeat: asyncio.Task) -> None:
         """Drain: stop taking work, finish the batch on the GPU, deliver it, then say goodbye.
