@@ -216,6 +216,7 @@ class RequestRecord:
     reported_position: int | None = None
     reported_at: float | None = None
     batch_size: int = 0  # the rows of its running batch, by its worker's latest PROGRESS (0: not said)
+    paused: bool = False  # its row waits at ``step`` while better-priority rows run (its latest PROGRESS)
 
 
 _EMPTY_STATUS = WorkerStatus("ready", 0, 0, 0, 0, 0, 0, 0.0, 0.0)
@@ -774,6 +775,7 @@ class BrokerState:
         if record is None:
             return refusal
         record.step, record.steps, record.batch_size = message.step, message.steps, message.batch_size
+        record.paused = message.paused
         # Its client sees the attempt (a request taken back from a worker that died starts again from
         # step 0 under the next number) and the worker.
         self.counters.progress_forwarded += 1
@@ -805,7 +807,8 @@ class BrokerState:
         """The request's latest PROGRESS as its client gets it (its worker has sent one)."""
         worker_name = self._worker_name(record.worker) if record.worker is not None else ""
         return Progress(record.message.request_id, record.step or 0, record.steps or 1,
-                        min(MAX_ATTEMPTS, max(1, record.attempts)), worker_name, record.batch_size)
+                        min(MAX_ATTEMPTS, max(1, record.attempts)), worker_name, record.batch_size,
+                        record.paused)
 
     def disconnect(self, routing_id: bytes, now: float, why: Removal = Removal.LEFT, reason: str = "") -> list[Action]:
         """A worker goes: it said goodbye (``reason``: its words), or the shell found it gone (``why``);
@@ -906,7 +909,8 @@ class BrokerState:
         name = self._worker_name(record.worker)
         if record.step is None:
             return f"{deadline} while it was still queued at worker {name}"
-        return f"{deadline} while it was being generated on worker {name} (step {record.step} of {record.steps})"
+        doing = "paused on" if record.paused else "being generated on"
+        return f"{deadline} while it was {doing} worker {name} (step {record.step} of {record.steps})"
 
     def _past_deadline(self, record: RequestRecord, now: float) -> bool:
         return now > record.received_at + record.message.deadline_s
@@ -1153,6 +1157,7 @@ class BrokerState:
             record = self.requests[request_id]
             record.worker, record.dispatched_at = None, None
             record.step = record.steps = record.reported_position = None  # its next attempt starts over
+            record.paused = False
             if record.attempts >= self.policy.max_attempts:
                 actions.append(self._fail(request_id, FailureCode.WORKER_LOST,
                                           f"{record.attempts} workers failed to finish it (last: {lost_text})"))

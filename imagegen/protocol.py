@@ -366,7 +366,8 @@ class Progress(Message):
     ``worker_name``; a worker leaves both at their defaults. ``batch_size``: the rows of the batch
     it runs in, from the worker (0: not said, a worker of an older build). A batch stopped at a step
     boundary and run again on the same worker (preemption) starts again from step 0 under the same
-    attempt number."""
+    attempt number. ``paused``: the request's row waits at ``step``, its latents kept, while rows of a
+    better priority take the GPU (BATCH_POLICY=step); the next PROGRESS without it says it runs again."""
 
     COMMAND: ClassVar[Command] = Command.PROGRESS
     request_id: str = bounded(max_len=MAX_ID_CHARS)
@@ -375,6 +376,7 @@ class Progress(Message):
     attempt: int = bounded(1, low=1, high=MAX_ATTEMPTS)
     worker_name: str = bounded("", max_len=MAX_ID_CHARS)
     batch_size: int = bounded(0, low=0, high=MAX_BATCH_IMAGES)
+    paused: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
   calls :func:`submit_job` when :func:`prefers_async`). ``Idempotency-Key``: the same key and body
   give the same job (202, same id), another body 409 ``idempotency_conflict``.
 * ``GET /v1/jobs/{id}``: the job's status document (:func:`job_document`).
-* ``DELETE /v1/jobs/{id}``: cancels a queued or running job (200, status cancelled at once); a
+* ``DELETE /v1/jobs/{id}``: cancels a queued, running or paused job (200, status cancelled at once); a
   cancelled job answers 200 again; a succeeded or failed one 409 ``job_finished``.
 * ``GET /v1/jobs/{id}/events``: Server-Sent Events (:func:`job_events`): the job's stored events
   after ``Last-Event-ID`` (header, or ``?last_event_id=``) or from the first, then new ones as they
@@ -36,7 +36,8 @@ from gateway.answers import IMAGE_ROUTE
 from gateway.auth import api_key_name_of, ranking_of
 from gateway.context import BROKER, IMAGES, JOBS_PATH, METRICS, SETTINGS, read_json_body
 from gateway.jobs.runner import JobRunner, StreamsFull, iso_time
-from gateway.jobs.store import TERMINAL_EVENTS, IdempotencyConflict, Job, JobStore, JobStoreError, new_job
+from gateway.jobs.store import (STATUSES, TERMINAL_EVENTS, IdempotencyConflict, Job, JobStore, JobStoreError,
+                                new_job)
 from gateway.jobs.webhooks import (WEBHOOK_EVENT_NAMES, WebhookUrlRefused, configured_webhook_secret,
                                    parse_webhook_events, resolve_webhook_url)
 from gateway.metrics import OUTCOME
@@ -111,7 +112,7 @@ def job_document(request: web.Request, job: Job, now: float) -> dict[str, Any]:
                                          else round(max(0.0, job.estimated_start_at - now), 1))
     if job.progress is not None:
         document["progress"] = job.progress
-    if job.status in ("running", "succeeded"):
+    if job.status in ("running", "paused", "succeeded"):
         document["batch_size"] = job.batch_size
         document["worker"] = job.worker
     if job.status == "succeeded" and job.result is not None:
@@ -237,8 +238,8 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def delete_job(request: web.Request) -> web.Response:
-    """DELETE /v1/jobs/{id}: cancel. 200 with the job (cancelled) when it was queued, running or
-    already cancelled; 409 job_finished when it had succeeded or failed."""
+    """DELETE /v1/jobs/{id}: cancel. 200 with the job (cancelled) when it was queued, running, paused
+    or already cancelled; 409 job_finished when it had succeeded or failed."""
     job, error = await _owned_job(request)
     if error is not None:
         return error
@@ -437,7 +438,7 @@ def openapi_schemas(settings: Any, generate_request: dict[str, Any]) -> dict[str
         "preview": {"type": ["boolean", "null"], "default": False,
                     "description": "Ask for preview events (small images of the work in progress)."},
     }
-    status_enum = {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]}
+    status_enum = {"enum": list(STATUSES)}
     error = {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
              "required": ["code", "message"]}
     return {
@@ -456,7 +457,8 @@ def openapi_schemas(settings: Any, generate_request: dict[str, Any]) -> dict[str
             "type": "object",
             "title": "Job",
             "description": "A job's status. Fields appear by status: queue_position and estimated_start_s while "
-                           "queued; progress once it started; batch_size and worker while running and after "
+                           "queued; progress once it started; batch_size and worker while running or paused "
+                           "(its row waits, latents kept, while higher-priority rows run; BATCH_POLICY=step) and after "
                            "success; image_url and result (the answer POST /generate would have given, "
                            "duration_ms counted from submission) when succeeded; error when failed.",
             "properties": {
@@ -536,7 +538,7 @@ def openapi_paths(settings: Any) -> dict[str, Any]:
             "delete": {
                 "operationId": "cancelJob",
                 "summary": "Cancel a job",
-                "description": "A queued job is dropped; a running one leaves its batch before its next step. "
+                "description": "A queued job is dropped; a running or paused one leaves its batch before its next step. "
                                "Cancelling a cancelled job answers 200 again.",
                 "parameters": [job_id],
                 "responses": {

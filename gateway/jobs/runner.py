@@ -447,7 +447,7 @@ class JobRunner:
     def _on_queued(self, run: _Run, message: Any) -> None:
         position = int(message.position)
         estimate = _estimated_start_s(message)
-        requeued = run.status == "running"
+        requeued = run.status in ("running", "paused")
         if requeued:  # back in a queue (its worker was lost, or it was preempted)
             self._flush(run)
             run.status = "queued"
@@ -480,6 +480,7 @@ class JobRunner:
 
     def _on_progress(self, run: _Run, message: Any) -> None:
         step, steps = int(message.step), int(message.steps)
+        paused = bool(getattr(message, "paused", False))
         attempt = int(getattr(message, "attempt", None) or run.attempt)
         if attempt < run.attempt:
             return  # a late report of an attempt already given up
@@ -496,7 +497,13 @@ class JobRunner:
             run.progress_written = -math.inf
             self._emit(run, {**running, "attempt": attempt, "progress": {"step": step, "steps": steps}},
                        "restarted", {"attempt": attempt})
-        elif run.status != "running":
+        elif run.status == "paused" and not paused:
+            self._flush(run)
+            run.status, run.steps = "running", steps
+            run.step = max(step, run.step)
+            resumed_at = {"step": run.step, "steps": steps}
+            self._emit(run, {**running, "progress": resumed_at}, "resumed", resumed_at)
+        elif run.status not in ("running", "paused"):
             self._flush(run)
             run.status, run.steps = "running", steps
             if not run.started:
@@ -506,6 +513,9 @@ class JobRunner:
                            "started", {"attempt": attempt, "steps": steps, **known})
             else:
                 self._emit(run, {**running, "progress": {"step": run.step, "steps": steps}}, None, None)
+        if paused:
+            self._pause(run, step, steps)
+            return
         if step <= run.step:
             return  # steps only increase within an attempt
         run.step, run.steps = step, steps
@@ -517,6 +527,16 @@ class JobRunner:
         else:
             run.pending_progress = (step, steps)
             self._schedule_flush(run, run.progress_written + self.interval_s - now)
+
+    def _pause(self, run: _Run, step: int, steps: int) -> None:
+        """Its row waits, latents kept, while better-priority rows run (BATCH_POLICY=step): status
+        ``paused`` and a ``paused`` event, after the step held back by the rate limit."""
+        if run.status == "paused":
+            return
+        self._flush(run)
+        run.status, run.step, run.steps = "paused", max(step, run.step), steps
+        at = {"step": run.step, "steps": steps}
+        self._emit(run, {"status": "paused", "progress": at}, "paused", at)
 
     def _emit_progress(self, run: _Run, step: int, steps: int) -> None:
         self._emit(run, {"status": "running", "progress": {"step": step, "steps": steps}}, "progress",

@@ -41,7 +41,7 @@ preview). ``owner`` is the API key's name, "" when keys are off.
   job as it now is. **Terminal states are final**: once a job is succeeded, failed or cancelled, an
   update is *ignored* (nothing changes) and returns None, as it does for an unknown id, so a result
   that arrives after a cancel cannot overwrite it. A terminal status needs ``finished_at``.
-* ``unfinished(limit)``: queued and running jobs (for a gateway that starts again to collect them).
+* ``unfinished(limit)``: queued, running and paused jobs (for a gateway that starts again to collect them).
 
 Events (:class:`Event`)
 -----------------------
@@ -95,10 +95,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 # The SSE event names; a terminal event has a terminal status's name.
-EVENT_TYPES = ("queued", "started", "progress", "preview", "restarted", "succeeded", "failed", "cancelled")
+EVENT_TYPES = ("queued", "started", "progress", "preview", "restarted", "paused", "resumed", "succeeded", "failed",
+               "cancelled")
 TERMINAL_EVENTS = TERMINAL_STATUSES
 # Frequent events: the log keeps the newest max_events of them, the outbox the latest pending one.
 TRIMMED_EVENTS = frozenset({"queued", "progress", "preview"})

@@ -103,6 +103,7 @@ WEBHOOK_EVENT_GROUPS: dict[str, tuple[str, ...]] = {
     "start": ("started", "restarted"),
     "progress": ("progress",),
     "preview": ("preview",),
+    "pauses": ("paused", "resumed"),
     "completed": ("succeeded", "failed", "cancelled"),
 }
 DEFAULT_WEBHOOK_EVENTS = ("start", "completed")

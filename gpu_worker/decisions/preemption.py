@@ -88,6 +88,12 @@ class ProgressLimiter:
             self._last[request_id] = now
             return True
 
+    def sent(self, request_id: str) -> None:
+        """A PROGRESS that had to go whatever the interval (its row paused or resumed): the next
+        one waits an interval from now."""
+        with self._lock:
+            self._last[request_id] = self.clock()
+
     def forget(self, request_id: str) -> None:
         with self._lock:
             self._last.pop(request_id, None)

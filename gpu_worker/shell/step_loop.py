@@ -14,7 +14,9 @@ What each request is told:
 
 * PROGRESS per row, with its own step (rows that joined at different boundaries are at different
   steps): step 0 when it is admitted, then at most one every PROGRESS_INTERVAL_S, never its last
-  step (the RESULT follows); ``batch_size`` is the rows of the step it took;
+  step (the RESULT follows); ``batch_size`` is the rows of the step it took. A row the plan pauses
+  gets PROGRESS ``paused`` at once, and its first step after that a PROGRESS at once (running
+  again), whatever the interval;
 * PREVIEW every PREVIEW_EVERY_STEPS of its own steps, from its own latents, when it asked;
 * RESULT: ``batch_id`` names the cohort it first stepped in (rows that joined a running cohort share
   its id), ``batch_size`` the rows of its last step, ``queue_wait_ms`` its arrival to its first step
@@ -87,6 +89,7 @@ class RowLog:
     batch_id: str = ""  # the cohort it first stepped in
     last_step_rows: int = 0
     steps_done: int = 0  # UNet calls made for it
+    paused: bool = False  # its row waits (latents kept) while better-priority rows run; its client knows
 
 
 @dataclass
@@ -221,6 +224,7 @@ class StepWorker(Worker):
                     held = self.held[request_id]
                     held.last_step_rows = len(plan.advance)
                     held.steps_done += 1
+            self._send_paused(plan.pause)
             if outcome.progress:
                 self._send_row_progress(outcome.progress, len(plan.advance))
             for request_id, step, image in outcome.previews or ():
@@ -298,12 +302,27 @@ class StepWorker(Worker):
                 images.append((request_id, done, previews.encode_preview(rgb[0].cpu().numpy())))
         return images
 
+    def _send_paused(self, request_ids: Sequence[str]) -> None:
+        """Rows the plan paused: each one's client hears it at once (PROGRESS ``paused``, whatever the
+        rate limit), at the step it reached."""
+        for request_id in request_ids:
+            held = self.held.get(request_id)
+            if held is None or held.paused:
+                continue
+            held.paused = True
+            self.progress_limiter.sent(request_id)
+            self.link.send(Progress(request_id, min(held.steps_done, held.steps), held.steps, paused=True))
+
     def _send_row_progress(self, progress: dict[str, int], rows: int) -> None:
         for request_id, done in progress.items():
             held = self.held.get(request_id)
             if held is None or done >= held.steps:
                 continue  # its last step (and PNDM's extra call): the RESULT follows
-            if self.progress_limiter.allow(request_id):
+            resumed = held.paused  # a paused row that ran again: its client hears it at once
+            held.paused = False
+            if resumed:
+                self.progress_limiter.sent(request_id)
+            if resumed or self.progress_limiter.allow(request_id):
                 self.link.send(Progress(request_id, min(done, held.steps), held.steps, batch_size=rows))
 
     def _dropped(self, plan: StepPlan) -> None:

@@ -7,6 +7,8 @@ second).
 * a request that arrives while another runs joins it: the two jobs' progress (the job API's status
   and event stream) shows each its own step; cancelling the first frees its row: the second's last
   steps run alone;
+* a high-priority request that arrives while a normal one runs pauses it (job status and event
+  ``paused`` at the step it reached) and runs alone; the normal one then resumes where it stopped;
 * a worker told BATCH_POLICY=step with the fake backend (no step engine) refuses to start, saying why.
 
 No test asserts a duration: each waits for what must happen."""
@@ -117,6 +119,33 @@ def test_a_newcomer_joins_the_running_row_at_its_own_step_and_a_cancel_frees_the
     assert done["result"]["batch_size"] == 1, done
     log = (c.dir / "worker0.log").read_text(errors="replace")
     assert "cancelled: dropped at step" in log, c.logs()
+
+
+def test_a_high_priority_arrival_pauses_the_running_row_which_says_so_and_resumes_where_it_stopped(make_cluster):
+    c = make_cluster(**TINY, BATCH_POLICY="step").start_all(1, timeout_s=120)
+    normal = submit(c, body(1, steps=600, guidance=7.5))
+    wait_for_job(c, normal["id"], lambda d: d["status"] == "running" and d["progress"]["step"] >= 1, "running",
+                 timeout_s=120)
+    urgent = submit(c, {**body(2, steps=20, guidance=7.5), "priority": "high"})
+    # No step costs say the normal row would ride free: it waits, latents kept, while the high one runs.
+    paused = wait_for_job(c, normal["id"], lambda d: d["status"] == "paused", "paused", timeout_s=120)
+    done = wait_for_job(c, urgent["id"], lambda d: d["status"] in ("succeeded", "failed", "cancelled"), "finished",
+                        timeout_s=120)
+    assert done["status"] == "succeeded" and done["result"]["batch_size"] == 1, (done, c.logs())
+    resumed = wait_for_job(c, normal["id"], lambda d: d["status"] == "running", "running again", timeout_s=120)
+    status, cancelled = delete(c, normal["id"])
+    assert status == 200 and cancelled["status"] == "cancelled", cancelled
+    events = read_events(normal["events_url"])
+    kinds = [kind for _, kind, _ in events]
+    assert kinds.count("paused") == 1 and kinds.count("resumed") == 1 and "restarted" not in kinds, kinds
+    paused_at = next(data["step"] for _, kind, data in events if kind == "paused")
+    resumed_at = next(data["step"] for _, kind, data in events if kind == "resumed")
+    assert 1 <= paused_at == paused["progress"]["step"] <= resumed_at <= resumed["progress"]["step"], events
+    # No step ran for it while it was paused: the steps before the pause, the steps after the resume.
+    steps = [data["step"] for _, kind, data in events if kind in ("progress", "paused", "resumed")]
+    assert steps == sorted(steps), steps
+    assert resumed_at <= paused_at + 1, (paused_at, resumed_at)
+    assert resumed["attempt"] == 1
 
 
 def test_cancelling_the_only_running_row_frees_its_memory_on_the_device(make_cluster):

@@ -22,7 +22,7 @@ import urllib.request
 import pytest
 
 from gateway.config import GatewaySettings
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, call
 from tests.support.fake_brokers import RecordingFakeBroker
 from tests.support.gateway import start_client
 from tests.support.paths import REPO
@@ -357,3 +357,42 @@ def test_a_card_refused_an_event_stream_follows_its_job_by_status(page, cluster)
     log = (cluster.dir / "gateway-one-stream.log").read_text()
     assert re.search(rf'"GET /v1/jobs/{second}/events HTTP/1\.1" 503', log), log[-3000:]
     assert page.errors == []
+
+
+@pytest.mark.timeout(400)
+def test_a_card_says_its_job_is_paused_while_a_high_priority_request_runs_and_then_running(page, tmp_path_factory):
+    """BATCH_POLICY=step on the real tiny pipeline (the fake backend has no step engine): a long job
+    from the page, then a high-priority job from the API: the card says paused at the step it
+    reached, then running again, and its bar never goes back."""
+    c = Cluster(tmp_path_factory.mktemp("web-paused"), MODEL_ID="tiny", WORKER_WARMUP="0", BATCH_POLICY="step",
+                MAX_INFERENCE_STEPS="1000", PROGRESS_EVENT_INTERVAL_S="0", PYTHONPATH=str(REPO))
+    try:
+        c.start("broker", "broker")
+        c.start("gateway", "gateway")
+        c.start_worker(0)
+        c.wait_for_workers(1, timeout_s=120)
+        page.goto(f"{c.url}/")
+        page.evaluate(WATCH_NEWEST_CARD)
+        submit(page, "a patient heron", steps=150)  # the most the page allows
+        page.wait_for_function("""() => {
+            const card = document.querySelector("#gallery .job");
+            return card && card.dataset.status === "running" && Number(card.dataset.step) > 0;
+        }""", timeout=120_000)
+        status, urgent, _ = call(c.url, "/v1/jobs", {"prompt": "urgent", "width": 64, "height": 64,
+                                                     "num_inference_steps": 20, "seed": 2, "priority": "high"})
+        assert status == 202, urgent
+        page.wait_for_function("""() => document.querySelector("#gallery .job").dataset.status === "running"
+                                        && seen.states.some((s) => s.startsWith("Paused"))""", timeout=120_000)
+        card = page.locator("#gallery .job").first
+        seen = page.evaluate("window.seen")
+        pause = next(s for s in seen["states"] if s.startswith("Paused"))
+        assert re.fullmatch(r"Paused at step \d+ of 150: higher-priority requests run first", pause), seen
+        assert seen["states"][-1].startswith("Running on worker"), seen  # running again, as before the pause
+        assert seen["steps"] == sorted(seen["steps"]), seen
+        assert job_status(c.url, urgent["id"])["status"] == "succeeded"
+        card.locator("button.cancel").click()
+        page.wait_for_function("""() => document.querySelector("#gallery .job").dataset.status === "cancelled" """,
+                               timeout=WAIT_MS)
+        assert page.errors == []
+    finally:
+        c.stop()

@@ -193,6 +193,15 @@ def test_a_dispatched_request_past_its_deadline_is_answered_and_its_worker_told_
     assert "r1" not in s.requests and not s.workers[W1].in_flight
 
 
+def test_a_paused_request_past_its_deadline_is_answered_saying_it_was_paused():
+    s = broker()
+    s.register(W1, reg(), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    s.progress(W1, Progress("r1", 7, 25, paused=True), T0 + 10)
+    (answer,) = [a for a in s.expire_deadlines(T0 + 30.5) if isinstance(a, ToClient)]
+    assert "while it was paused on worker w1 (step 7 of 25)" in answer.message.message
+
+
 def test_the_late_answer_says_queued_at_the_worker_or_at_the_broker_or_no_worker():
     s = broker()
     s.submit(CLIENT, gen("lonely"), T0)

@@ -193,6 +193,45 @@ async def test_a_restarted_row_says_so_and_counts_its_steps_again(tmp_path, star
     assert (await status(client, job["id"]))["attempt"] == 2
 
 
+async def test_a_paused_row_says_so_and_resumes_where_it_stopped(tmp_path, start_gateway):
+    """Under BATCH_POLICY=step a row waits, its latents kept, while higher-priority rows run: status
+    paused, a paused event at the step it reached, then resumed and its steps go on (no restart)."""
+    fake = JobFakeBroker(auto=False)
+    client = await start_gateway(job_settings(tmp_path), fake)
+    job = await submit(client)
+    await fake.wait_for_requests(1)
+    request = fake.request(0)
+    request.step(0).step(1).step(2).step(2, paused=True)
+    paused = await status_is(client, job["id"], "paused")
+    assert paused["progress"] == {"step": 2, "steps": 6} and paused["attempt"] == 1
+    assert "worker" in paused and "batch_size" in paused
+    request.step(2, paused=True)  # said again (a collected request's last report): one event only
+    request.step(3)
+    running = await status_is(client, job["id"], "running")
+    assert running["progress"] == {"step": 3, "steps": 6}
+    request.step(4).step(4, paused=True).step(5).step(6).succeed()
+    events = await events_of(client, job["id"])
+    types = [event.type for event in events if event.type != "queued"]
+    assert types == ["started", "progress", "progress", "paused", "resumed", "progress", "paused", "resumed",
+                     "progress", "succeeded"], types
+    pauses = [(event.type, event.data["step"]) for event in events if event.type in ("paused", "resumed")]
+    assert pauses == [("paused", 2), ("resumed", 3), ("paused", 4), ("resumed", 5)]
+    assert (await status(client, job["id"]))["attempt"] == 1
+
+
+async def test_a_job_whose_first_report_is_paused_starts_then_pauses(tmp_path, start_gateway):
+    fake = JobFakeBroker(auto=False)
+    client = await start_gateway(job_settings(tmp_path), fake)
+    job = await submit(client)
+    await fake.wait_for_requests(1)
+    fake.request(0).step(0, paused=True)
+    paused = await status_is(client, job["id"], "paused")
+    assert paused["started_at"] is not None and paused["progress"] == {"step": 0, "steps": 6}
+    fake.request(0).step(1).step(6).succeed()
+    types = [event.type for event in await events_of(client, job["id"]) if event.type != "queued"]
+    assert types == ["started", "paused", "resumed", "progress", "succeeded"], types
+
+
 async def test_a_job_that_asks_for_previews_gets_them_as_events(tmp_path, start_gateway):
     import base64
     import io

@@ -53,8 +53,8 @@ def queued_report(request_id: str, position: int, estimated_start_s: float = 0.0
     return Queued(request_id=request_id, position=position, **extra)
 
 
-def progress_report(request_id: str, step: int, steps: int, attempt: int = 1) -> Any:
-    return Progress(request_id=request_id, step=step, steps=steps, attempt=attempt)
+def progress_report(request_id: str, step: int, steps: int, attempt: int = 1, paused: bool = False) -> Any:
+    return Progress(request_id=request_id, step=step, steps=steps, attempt=attempt, paused=paused)
 
 
 RESULT = dict(worker_name="fake-worker-1", host="fake-host", gpu_id=1, batch_id="fake-worker-1:7", batch_size=3,
@@ -79,8 +79,10 @@ class FakeRequest:
         self.script.put_nowait(("report", queued_report(self.request_id, position, estimated_start_s)))
         return self
 
-    def step(self, step: int, steps: int | None = None, attempt: int = 1) -> "FakeRequest":
-        self.script.put_nowait(("report", progress_report(self.request_id, step, steps or self.steps, attempt)))
+    def step(self, step: int, steps: int | None = None, attempt: int = 1, paused: bool = False) -> "FakeRequest":
+        """A PROGRESS report (``paused``: its row waits at ``step`` while better-priority rows run)."""
+        self.script.put_nowait(("report", progress_report(self.request_id, step, steps or self.steps, attempt,
+                                                          paused)))
         return self
 
     def preview(self, step: int, image: bytes, steps: int | None = None) -> "FakeRequest":

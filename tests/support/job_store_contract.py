@@ -99,11 +99,13 @@ class JobStoreContract:
     def test_an_update_of_an_unknown_job_is_none(self, store):
         assert store.update("no-such-job", status="running") is None
 
-    def test_unfinished_lists_queued_and_running_jobs(self, store):
-        queued, running, done = (store.create(job()) for _ in range(3))
+    def test_unfinished_lists_queued_running_and_paused_jobs(self, store):
+        queued, running, paused, done = (store.create(job()) for _ in range(4))
         store.update(running.id, status="running")
+        store.update(paused.id, status="paused", progress={"step": 3, "steps": 10})
         store.update(done.id, status="failed", finished_at=T0, error={"code": "x", "message": "y"})
-        assert sorted(j.id for j in store.unfinished()) == sorted([queued.id, running.id])
+        assert sorted(j.id for j in store.unfinished()) == sorted([queued.id, running.id, paused.id])
+        assert store.load(paused.id).status == "paused"
 
     # --- idempotency -------------------------------------------------------------------------
 
@@ -173,8 +175,8 @@ class JobStoreContract:
         made = store.create(job())
         with pytest.raises(ValueError):
             store.append_event(made.id, "exploded")
-        assert set(EVENT_TYPES) == {"queued", "started", "progress", "preview", "restarted", "succeeded",
-                                    "failed", "cancelled"}
+        assert set(EVENT_TYPES) == {"queued", "started", "progress", "preview", "restarted", "paused", "resumed",
+                                    "succeeded", "failed", "cancelled"}
 
     def test_frequent_events_are_trimmed_oldest_first_and_the_rest_kept(self, open_store):
         store = open_store(max_events=5)

@@ -913,6 +913,20 @@ def test_progress_is_recorded_on_the_request_and_passed_on_to_its_client():
     assert (s.requests["r1"].step, s.requests["r1"].steps) == (3, 25)
 
 
+def test_a_paused_row_is_passed_on_as_paused_until_its_next_progress():
+    s = state()
+    s.register(W1, reg(), T0)
+    s.submit(CLIENT, gen("r1"), T0)
+    s.progress(W1, Progress("r1", 3, 25, batch_size=2), T0 + 1)
+    paused = s.progress(W1, Progress("r1", 3, 25, paused=True), T0 + 2)
+    assert paused == [ToClient(CLIENT, Progress("r1", 3, 25, 1, "w1", 0, paused=True))]
+    assert s.requests["r1"].paused
+    # A gateway collecting the request now hears where it is: paused.
+    assert s.progress(W1, Progress("r1", 4, 25, batch_size=1), T0 + 3) == [
+        ToClient(CLIENT, Progress("r1", 4, 25, 1, "w1", 1))]
+    assert not s.requests["r1"].paused
+
+
 def test_a_worker_holding_requests_without_progress_is_declared_stuck_and_its_work_requeued():
     s = state(heartbeat_interval_s=1.0, liveness=5, progress_timeout_s=60.0)
     s.register(W1, reg("w1", capacity=2), T0)
