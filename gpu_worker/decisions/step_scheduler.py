@@ -214,6 +214,8 @@ class StepScheduler(Generic[T]):
         self._ranks: dict[str, tuple[float, float]] = {}
         # per shape: the latest arrival and the moving average of the gaps between arrivals
         self._arrivals: dict[Shape, tuple[float | None, float | None]] = {}
+        # per shape: fewer rows than max_rows, after a step of that shape ran out of GPU memory
+        self.row_limits: dict[Shape, int] = {}
 
     # ------------------------------------------------------------------ what the shell reports
 
@@ -259,6 +261,22 @@ class StepScheduler(Generic[T]):
         if ids:
             first = self.rows[ids[0]]
             self.observe_step(shape_of(first.key), sum(unet_rows(self.rows[i].key) for i in ids), seconds)
+
+    def max_rows(self, shape: Shape) -> int:
+        """The most requests one step of ``shape`` advances: ``max_rows``, or less after running out
+        of memory at that shape."""
+        return self.row_limits.get(shape, self.tuning.max_rows)
+
+    def out_of_memory(self, request_ids: Iterable[str]) -> int | None:
+        """The last plan's step of these rows ran out of GPU memory and changed nothing: steps of their
+        shape take half as many rows from now on (the rows left out pause, latents kept, at the next
+        plan). Returns the new limit; None for a lone row (it cannot be split: the shell fails it)."""
+        ids = [i for i in request_ids if i in self.rows]
+        if len(ids) <= 1:
+            return None
+        shape = shape_of(self.rows[ids[0]].key)
+        self.row_limits[shape] = limit = max(1, min(self.max_rows(shape), len(ids)) // 2)
+        return limit
 
     def decoded(self, request_ids: Iterable[str]) -> None:
         """Decoded (or failed): forget them."""
@@ -320,6 +338,12 @@ class StepScheduler(Generic[T]):
         waiting = sorted((r for r in self.rows.values() if r.finished_at is None and r.request_id not in live),
                          key=lambda r: self.rank(r, now))
         cohort: list[Row[T]] = [self.rows[i] for i in live]
+        if cohort and len(cohort) > self.max_rows(shape_of(cohort[0].key)):
+            # Its shape's limit fell (out of memory): the best-ranked rows go on, the others pause.
+            ranked = sorted(cohort, key=lambda r: self.rank(r, now))
+            kept = ranked[:self.max_rows(shape_of(cohort[0].key))]
+            waiting = sorted(waiting + [r for r in cohort if r not in kept], key=lambda r: self.rank(r, now))
+            cohort = [r for r in cohort if r in kept]
 
         if cohort and waiting and tuning.preempt_priority:
             best_waiting = self.rank(waiting[0], now)[0]
@@ -375,7 +399,7 @@ class StepScheduler(Generic[T]):
         cohort: list[Row[T]] = []
         rows = lead_rows = 0
         for row in waiting:
-            if len(cohort) >= self.tuning.max_rows:
+            if len(cohort) >= self.max_rows(shape):
                 break
             if shape_of(row.key) != shape:
                 continue
@@ -415,7 +439,7 @@ class StepScheduler(Generic[T]):
     def _worth_waiting(self, shape: Shape, row: Row[T], mine: list[Row[T]], now: float) -> bool:
         k = len(mine)
         gap = self.mean_gap_s(shape)
-        if k >= self.tuning.max_rows or gap is None:
+        if k >= self.max_rows(shape) or gap is None:
             return False
         u = unet_rows(row.key)
         steps = row.key.num_inference_steps
@@ -436,21 +460,22 @@ class StepScheduler(Generic[T]):
         shape = shape_of(cohort[0].key)
         lead_class = min(self.rank(r, now)[0] for r in cohort)
         grown = list(cohort)
+        limit = self.max_rows(shape)
         candidates = [r for r in waiting if shape_of(r.key) == shape and self.rank(r, now)[0] <= lead_class]
-        room = tuning.max_rows - len(grown)
+        room = limit - len(grown)
         if not candidates or room <= 0:
             return self._add_riders(grown, waiting, lead_class, now)
         # (a) a burst landing: newcomers that arrived within coalesce_s of the cohort's newest row, or
         # any newcomer while no row of the cohort has stepped (it is still being formed)
         fresh = all(r.steps_done == 0 for r in grown)
-        while candidates and len(grown) < tuning.max_rows and self._last_admitted_at is not None:
+        while candidates and len(grown) < limit and self._last_admitted_at is not None:
             row = candidates[0]
             if not fresh and (row.admitted or row.arrived_at - self._last_admitted_at > tuning.coalesce_s):
                 break
             grown.append(candidates.pop(0))
             self._last_admitted_at = max(self._last_admitted_at, row.arrived_at)
         # (b) the best-ranked newcomers, as many as lower the summed completion time the most
-        room = tuning.max_rows - len(grown)
+        room = limit - len(grown)
         if not tuning.merge or not candidates:
             return self._add_riders(grown, waiting, lead_class, now)
         best, best_gain = 0, 0.0
@@ -462,7 +487,7 @@ class StepScheduler(Generic[T]):
         if lead_class < NORMAL:  # a priority row also joins its class's cohort where it rides free
             rows = sum(unet_rows(r.key) for r in grown)
             for row in candidates[best:]:
-                if len(grown) < tuning.max_rows and self._rides(shape, rows, rows + unet_rows(row.key)):
+                if len(grown) < limit and self._rides(shape, rows, rows + unet_rows(row.key)):
                     grown.append(row)
                     rows += unet_rows(row.key)
         return self._add_riders(grown, waiting, lead_class, now)
@@ -474,7 +499,7 @@ class StepScheduler(Generic[T]):
         shape = shape_of(grown[0].key)
         lead_rows = rows = sum(unet_rows(r.key) for r in grown)
         for row in waiting:
-            if len(grown) >= self.tuning.max_rows:
+            if len(grown) >= self.max_rows(shape):
                 break
             more = rows + unet_rows(row.key)
             if (shape_of(row.key) == shape and row not in grown and self.rank(row, now)[0] > lead_class
@@ -523,7 +548,7 @@ class StepScheduler(Generic[T]):
         expected = 0
         gap = self.mean_gap_s(shape)
         if gap:
-            room = self.tuning.max_rows - len(newcomers)
+            room = self.max_rows(shape) - len(newcomers)
             expected = max(0, min(room, round(self.tuning.arrival_weight * end / max(gap, 1e-9))))
         typical = (round(sum(r.steps_left for r in newcomers) / len(newcomers)),
                    round(sum(unet_rows(r.key) for r in newcomers) / len(newcomers)))

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from gpu_worker.model import decoding, schedulers
+from gpu_worker.model.oom import is_out_of_memory
 from gpu_worker.model.pipelines import GenerationJob
 from imagegen.batch_key import BatchKey
 
@@ -57,6 +58,15 @@ if TYPE_CHECKING:
     from gpu_worker.model.pipelines import ImagePipeline
 
 OFFLOAD_DEVICE = torch.device("cpu")
+
+
+class UNetOutOfMemory(RuntimeError):
+    """A step's UNet call ran out of device memory before any row changed: the same rows, or fewer,
+    can step again as if it never happened. ``rows``: the requests it tried to advance."""
+
+    def __init__(self, rows: int, cause: BaseException) -> None:
+        super().__init__(f"out of memory stepping {rows} rows: {cause}")
+        self.rows = rows
 
 
 @dataclass(frozen=True)
@@ -197,7 +207,8 @@ class StepEngine:
 
     def step(self, row_ids: Sequence[str]) -> None:
         """Advance each of ``row_ids`` (admitted, not paused, not finished, all of one latent shape) by
-        one denoising step, in one UNet call."""
+        one denoising step, in one UNet call. Raises :class:`UNetOutOfMemory` when that call runs out of
+        memory, every row left as it was."""
         rows = self._rows_for_step(row_ids)
         guided = [row for row in rows if row.guided]
         timesteps = [row.scheduler.timesteps[row.done] for row in rows]
@@ -217,9 +228,14 @@ class StepEngine:
                     "text_embeds": torch.cat([row.negative_pooled for row in guided] + [row.pooled for row in rows]),
                     "time_ids": torch.cat([row.time_ids for row in guided] + [row.time_ids for row in rows]),
                 }
-            noise = self.diffusers_pipeline.unet(
-                sample, timestep, encoder_hidden_states=hidden, timestep_cond=None,
-                cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False)[0]
+            try:
+                noise = self.diffusers_pipeline.unet(
+                    sample, timestep, encoder_hidden_states=hidden, timestep_cond=None,
+                    cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False)[0]
+            except Exception as exc:
+                if is_out_of_memory(exc):  # no row's latents or scheduler state has changed yet
+                    raise UNetOutOfMemory(len(rows), exc) from exc
+                raise
             unconditional, conditional = noise[:len(guided)], noise[len(guided):]
             next_guided = 0
             for index, (row, step_timestep) in enumerate(zip(rows, timesteps)):

@@ -32,8 +32,12 @@ Scheduler steps count UNet calls: a request's step count as the engine runs it (
 more than its steps), so that the scheduler's "finished" is the engine's. PROGRESS and PREVIEW report
 the request's own steps.
 
-Not here: out-of-memory splitting (a boundary that runs out of memory fails its rows) and the
-background warm-up of further sizes with TORCH_COMPILE (:func:`warm_up_engine` compiles the engine's
+Out of memory: a step whose UNet call runs out of GPU memory changes no row; the scheduler halves
+the rows a step of that shape may take (StepScheduler.out_of_memory) and the next plan pauses the
+rows beyond it, which run when places free up; a lone row that does not fit fails
+(``generation_failed``). Other errors of a boundary fail its rows.
+
+Not here: the background warm-up of further sizes with TORCH_COMPILE (:func:`warm_up_engine` compiles the engine's
 call at the first size before registering; other sizes run eager).
 """
 
@@ -51,7 +55,8 @@ from gpu_worker.decisions.step_scheduler import StepPlan, StepRequest, StepSched
 from gpu_worker.decisions.worker_state import failure_code, MAX_FAILURE_TEXT_CHARS
 from gpu_worker.model import acceleration, previews, schedulers
 from gpu_worker.model.pipelines import GenerationJob
-from gpu_worker.model.step_engine import RowSpec, StepEngine
+from gpu_worker.model.oom import release_cached_memory
+from gpu_worker.model.step_engine import RowSpec, StepEngine, UNetOutOfMemory
 from gpu_worker.shell.worker import BatchEncodings, Worker, short_ids
 from imagegen import stage_trace
 from imagegen.batch_key import BatchKey
@@ -101,6 +106,7 @@ class BoundaryOutcome:
     previews: list[tuple[str, int, bytes]] | None = None  # (row, step, image)
     decoded: tuple[str, ...] = ()
     encodings: BatchEncodings | None = None
+    out_of_memory: UNetOutOfMemory | None = None  # the step ran out of memory; no row changed
 
 
 class StepWorker(Worker):
@@ -215,10 +221,12 @@ class StepWorker(Worker):
                 outcome: BoundaryOutcome = await loop.run_in_executor(
                     self.gpu_thread, self._boundary_in_gpu_thread, plan, admitted)
             except Exception as exc:  # the pipeline's errors end this boundary's rows, never the worker
-                self._fail_rows(plan, exc)
+                self._fail_rows(list(dict.fromkeys(plan.decode + plan.admit + plan.advance)), exc)
                 continue
             now = self.clock()
-            if plan.advance:
+            if outcome.out_of_memory is not None:
+                self._out_of_memory(plan.advance, outcome.out_of_memory)
+            elif plan.advance:
                 self.scheduler.step_done(plan.advance, outcome.step_s, now)
                 for request_id in plan.advance:
                     held = self.held[request_id]
@@ -281,7 +289,12 @@ class StepWorker(Worker):
                 if engine.is_paused(request_id):
                     engine.resume(request_id)
             began = self.clock()
-            engine.step(plan.advance)
+            try:
+                engine.step(plan.advance)
+            except UNetOutOfMemory as exc:
+                release_cached_memory()
+                outcome.out_of_memory = exc
+                return outcome
             if engine.device.type == "cuda":
                 torch.cuda.synchronize(engine.device)
             outcome.step_s = self.clock() - began
@@ -344,8 +357,18 @@ class StepWorker(Worker):
                      "cancelled" if why == "cancelled" else "passed its deadline",
                      held.steps_done, extra={"request_id": request_id})
 
-    def _fail_rows(self, plan: StepPlan, exc: Exception) -> None:
-        request_ids = [i for i in dict.fromkeys(plan.decode + plan.admit + plan.advance) if i in self.held]
+    def _out_of_memory(self, advance: Sequence[str], exc: UNetOutOfMemory) -> None:
+        """A step ran out of GPU memory, every row as it was: steps of that shape take half the rows
+        from now on (the scheduler pauses the others, latents kept); a lone row cannot be split and fails."""
+        limit = self.scheduler.out_of_memory(advance)
+        if limit is None:
+            self._fail_rows(list(advance), exc)
+            return
+        log.warning("a step of %d rows ran out of GPU memory (%s); steps of that size take at most %d rows from "
+                    "now on, the others wait their turn", len(advance), exc.__cause__ or exc, limit)
+
+    def _fail_rows(self, request_ids: Sequence[str], exc: Exception) -> None:
+        request_ids = [i for i in request_ids if i in self.held]
         code = failure_code(exc)
         text = f"{type(exc).__name__}: {exc}"[:MAX_FAILURE_TEXT_CHARS]
         log.error("step of %d rows failed (%s); requests %s", len(request_ids), code.value, " ".join(request_ids),

@@ -122,6 +122,44 @@ def test_a_high_priority_arrival_pauses_lower_rows_and_they_resume_after():
     assert {f"n{i}" for i in range(8)} & set(plan.advance)  # the paused rows resume
 
 
+def test_a_step_out_of_memory_halves_its_shape_and_the_rows_left_out_pause_then_finish():
+    sched = scheduler()
+    for i in range(8):
+        sched.add(req(f"a{i}"), 0.0)
+    sched.plan(0.0)
+    plan = sched.plan(0.01)
+    assert len(plan.advance) == 8
+    assert sched.out_of_memory(plan.advance) == 4  # the step did not happen: no step_done
+    plan = sched.plan(0.02)
+    assert plan.advance == ("a0", "a1", "a2", "a3") and set(plan.pause) == {"a4", "a5", "a6", "a7"}
+    assert sched.max_rows(SHAPE) == 4 and sched.max_rows((768, 768)) == 16  # other shapes keep their limit
+    assert sched.out_of_memory(plan.advance) == 2
+    plan = sched.plan(0.03)
+    assert plan.advance == ("a0", "a1") and set(plan.pause) == {"a2", "a3"}
+    # From then on every row still gets its 25 steps, two at a time, and nothing runs above the limit.
+    finished: set[str] = set()
+    now = 0.03
+    for _ in range(200):
+        assert len(plan.advance) <= 2
+        finished.update(plan.decode)
+        sched.decoded(plan.decode)
+        if plan.idle:
+            break
+        now += 0.1
+        sched.step_done(plan.advance, 0.1, now)
+        plan = sched.plan(now)
+    assert finished == {f"a{i}" for i in range(8)}
+    assert not sched.rows
+
+
+def test_a_lone_row_out_of_memory_cannot_be_split():
+    sched = scheduler()
+    sched.add(req("a"), 0.0)
+    sched.plan(0.0)
+    plan = sched.plan(0.01)
+    assert sched.out_of_memory(plan.advance) is None and sched.max_rows(SHAPE) == 16
+
+
 def test_aging_lifts_a_low_row_to_normal_but_never_above():
     sched = scheduler(aging_lones=1.0)
     sched.add(req("low", priority="low"), 0.0)
