@@ -23,6 +23,8 @@ itself and its load test are in scripts/.
 * ``compile_cache``: how soon a compiled worker is ready: cold, restarted, and from an imported cache.
 * ``resolutions``: every listed size at compiled speed (burst, square-only and mixed Poisson traffic,
   lone requests against the raw batch of one) and the ready times: cold, restarted, imported cache.
+* ``step_policy``: BATCH_POLICY=step beside run-to-completion through the service, in one call: lone,
+  burst, users, staggered and mixed-steps arrivals, the ratios and the issue's targets.
 * ``common``: what the modules share: the card's name, the saved result, the benchmark batch.
 * ``local_service``: broker, gateway and one worker as subprocesses on loopback, started and stopped
   by process group, for the harnesses that load the whole service over HTTP (jobs_load, overload).

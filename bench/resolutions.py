@@ -415,8 +415,8 @@ async def _send(session, url: str, size: str, steps: int, seed: int, tag: str) -
     body = {"prompt": f"{PROMPT}, {tag}", "width": width, "height": height, "num_inference_steps": steps,
             "guidance_scale": GUIDANCE, "seed": seed}
     sent = time.perf_counter()
-    outcome = {"size": size, "sent_at": sent, "ok": False, "error": None, "batch_id": None, "batch_size": None,
-               "generation_ms": None}
+    outcome = {"size": size, "steps": steps, "sent_at": sent, "ok": False, "error": None, "batch_id": None,
+               "batch_size": None, "generation_ms": None}
     try:
         async with session.post(f"{url}/generate", json=body) as response:
             answer = await response.json(content_type=None)
@@ -434,9 +434,10 @@ async def _send(session, url: str, size: str, steps: int, seed: int, tag: str) -
     return outcome
 
 
-async def _arrivals(url: str, arrivals: Sequence[tuple[float, str]], steps: int, seed: int, tag: str,
-                    timeout_s: float) -> list[dict]:
-    """Each request sent at its time from now, whatever happened to the others (open loop)."""
+async def _arrivals(url: str, arrivals: Sequence[tuple[float, str] | tuple[float, str, int]], steps: int, seed: int,
+                    tag: str, timeout_s: float) -> list[dict]:
+    """Each request sent at its time from now, whatever happened to the others (open loop). An arrival
+    is ``(at_s, size)``, with ``steps`` denoising steps, or ``(at_s, size, its_own_steps)``."""
     import aiohttp
 
     loop = asyncio.get_running_loop()
@@ -444,14 +445,15 @@ async def _arrivals(url: str, arrivals: Sequence[tuple[float, str]], steps: int,
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         began = loop.time()
 
-        async def one(index: int, at_s: float, size: str) -> dict:
+        async def one(index: int, at_s: float, size: str, *own_steps: int) -> dict:
             await asyncio.sleep(max(0.0, began + at_s - loop.time()))
-            return await _send(session, url, size, steps, seed + index, f"{tag} #{index}")
+            return await _send(session, url, size, own_steps[0] if own_steps else steps, seed + index,
+                               f"{tag} #{index}")
 
-        return list(await asyncio.gather(*(one(i, at, size) for i, (at, size) in enumerate(arrivals))))
+        return list(await asyncio.gather(*(one(i, *arrival) for i, arrival in enumerate(arrivals))))
 
 
-def send(url: str, arrivals: Sequence[tuple[float, str]], steps: int, seed: int, tag: str,
+def send(url: str, arrivals: Sequence[tuple[float, str] | tuple[float, str, int]], steps: int, seed: int, tag: str,
          timeout_s: float = 900) -> list[dict]:
     return asyncio.run(_arrivals(url, arrivals, steps, seed, tag, timeout_s))
 
