@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
@@ -208,20 +209,21 @@ async def main(settings: WorkerSettings) -> None:
     compiled_sizes = settings.torch_compile and warms
     step = settings.batch_policy == STEP
     engine = None
+    size_warm_up = pipeline.warm_up
     if step:
         from gpu_worker.model.step_engine import StepEngine
-        from gpu_worker.shell.step_loop import warm_up_engine
+        from gpu_worker.shell.step_loop import warm_up_engine, warm_up_engine_size
 
         engine = StepEngine(pipeline)
+        size_warm_up = functools.partial(warm_up_engine_size, engine)
         if compiled_sizes:
             # The engine gives the UNet a timestep per row, an input the pipeline's warm-up did not compile.
             seconds = await asyncio.get_running_loop().run_in_executor(gpu_thread, warm_up_engine, engine, first)
-            log.warning("BATCH_POLICY=step with TORCH_COMPILE: the step engine is warm at %s (%.1fs); other sizes "
-                        "run eager (the step loop does not warm them in the background)", first, seconds)
-            compiled_sizes = False
+            log.info("BATCH_POLICY=step with TORCH_COMPILE: the step engine is warm at %s (%.1fs); the other "
+                     "sizes warm in the background", first, seconds)
     size_serving = SizeServing(
         sizes=sizes, unlisted=settings.unlisted_size, warm_at_start=(first,) if compiled_sizes else (),
-        warm_up=pipeline.warm_up if compiled_sizes else None, max_defer_s=settings.warm_up_max_defer_s,
+        warm_up=size_warm_up if compiled_sizes else None, max_defer_s=settings.warm_up_max_defer_s,
         cuda_graph_max_batch=settings.cuda_graph_max_batch, loaded_at=loaded_at)
     why = protocol.refusal(protocol.WORKER_LINK, registration(identity, policy, capacity, auto, sizes=size_serving))
     if why is not None:  # the broker would drop every registration: never serve, silently

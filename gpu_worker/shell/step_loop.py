@@ -37,8 +37,11 @@ the rows a step of that shape may take (StepScheduler.out_of_memory) and the nex
 rows beyond it, which run when places free up; a lone row that does not fit fails
 (``generation_failed``). Other errors of a boundary fail its rows.
 
-Not here: the background warm-up of further sizes with TORCH_COMPILE (:func:`warm_up_engine` compiles the engine's
-call at the first size before registering; other sizes run eager).
+With TORCH_COMPILE the first size is warm before the worker registers (:func:`warm_up_engine`); the
+other listed sizes warm in the background (:func:`warm_up_engine_size`, one unit at a time from the
+plan of :class:`gpu_worker.decisions.sizes.WarmUpPlan`, as under the other policies): between steps
+when no request is held, or when the last unit is WARM_UP_MAX_DEFER_S old; a size that requests ask
+for goes next.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from typing import Any, Sequence
 
 import torch
 
+from gpu_worker.decisions.sizes import WarmUpUnit
 from gpu_worker.decisions.step_scheduler import StepPlan, StepRequest, StepScheduler, StepTuning
 from gpu_worker.decisions.worker_state import failure_code, MAX_FAILURE_TEXT_CHARS
 from gpu_worker.model import acceleration, previews, schedulers
@@ -81,6 +85,33 @@ def warm_up_engine(engine: StepEngine, size: ImageSize) -> float:
     finally:
         engine.drop(WARM_UP_ROW)
     return time.perf_counter() - began
+
+
+# A further size's warm-up decodes this many images, then one: the VAE decoder's two compilations
+# (the batch dynamic from two images, and a single image); the engine's UNet call at the first.
+SIZE_WARM_UP_IMAGES = (2, 1)
+
+
+def warm_up_engine_size(engine: StepEngine, batch_sizes: Sequence[int], width: int, height: int) -> dict[int, float]:
+    """Make ``width`` x ``height`` warm for the step loop, in the GPU thread (its background warm-up
+    under TORCH_COMPILE, :class:`gpu_worker.shell.worker.SizeServing` ``warm_up``): for each count in
+    ``batch_sizes``, that many guided rows of one step are admitted, stepped and decoded, so the
+    engine's UNet call and the VAE decoder compile at this size now rather than run eager later.
+    Returns seconds per count."""
+    key = BatchKey(width, height, 1, 7.5)
+
+    def run(count: int) -> None:
+        rows = [RowSpec(f"{WARM_UP_ROW}-{index}", GenerationJob("warm-up", None, index), key) for index in range(count)]
+        engine.admit(rows)
+        try:
+            engine.step([row.row_id for row in rows])
+            engine.decode([row.row_id for row in rows])
+        finally:
+            for row in rows:
+                if row.row_id in engine.row_ids():
+                    engine.drop(row.row_id)
+
+    return acceleration.warm_up_shapes(run, list(batch_sizes))
 
 
 @dataclass
@@ -150,6 +181,8 @@ class StepWorker(Worker):
             request = replace(request, params=replace(params, width=decision.size.width, height=decision.size.height))
             params = request.params
         now = self.clock()
+        if self.warm_up is not None:
+            self.warm_up.note_demand(ImageSize(params.width, params.height))
         key = BatchKey.of(params)
         # The scheduler counts UNet calls: the engine's steps of this request.
         counted = replace(key, num_inference_steps=self.unet_calls(key.num_inference_steps))
@@ -161,6 +194,15 @@ class StepWorker(Worker):
                   extra=request_fields(request.request_id, request.label))
         self.counters.observe_queue_depth(max(0, self.scheduler.queue_depth - self.scheduler.running))
         self.arrival.set()
+
+    def _batch_sizes_at(self, size: ImageSize) -> list[int]:
+        """A size's warm-up under the step loop: the rows it steps and decodes (warm_up_engine_size)."""
+        return list(SIZE_WARM_UP_IMAGES)
+
+    def _warm_up_unit_due(self) -> WarmUpUnit | None:
+        if self.warm_up is None:
+            return None
+        return self.warm_up.next_unit(self.clock(), queue_empty=not self.scheduler.rows)
 
     def unet_calls(self, steps: int) -> int:
         """The UNet calls the engine makes for ``steps`` steps (its scheduler's timesteps)."""
@@ -205,6 +247,11 @@ class StepWorker(Worker):
         while True:
             if self.state == "draining":
                 self._let_unstarted_go()  # the broker requeues them when this worker disconnects
+            # A warm-up unit when nothing is held, or when the last unit is old enough (never in a drain).
+            unit = None if self.state == "draining" else self._warm_up_unit_due()
+            if unit is not None:
+                await self._warm(unit)
+                continue
             plan = self.scheduler.plan(self.clock())
             self._dropped(plan)
             if plan.idle:
