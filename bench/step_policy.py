@@ -32,7 +32,7 @@ the worker's settings and compile cache, ``--lone-count`` calls, median).
 
 ``ratios`` are step over run-to-completion (burst and users throughput, staggered and mixed-steps
 p50 and p95, the lone latency) and each policy's lone latency over the raw batch of one. ``targets``
-evaluates the issue's: burst and users throughput of step at least 98% of run-to-completion's, the
+evaluates the step policy's targets: burst and users throughput of step at least 98% of run-to-completion's, the
 step policy's lone request within 5% of the raw batch of one, no recompile under the step policy
 (evaluated with TORCH_COMPILE only), every request served, and staggered and mixed-steps runs
 measured beside run-to-completion; ``met`` is null where a figure is missing (no raw batch without
@@ -74,7 +74,7 @@ REPO = Path(__file__).resolve().parent.parent
 POLICIES = ("run-to-completion", "step")
 BASELINE, CANDIDATE = POLICIES
 WORKLOADS = ("lone", "burst", "users", "staggered", "mixed_steps")
-# The issue's targets.
+# The step policy's targets (docs/benchmarks.md, "Step policy against run-to-completion").
 THROUGHPUT_RATIO_FLOOR = 0.98  # step's burst and users throughput over run-to-completion's
 LONE_OVER_RAW_LIMIT = 1.05  # the step policy's lone request over the raw batch of one
 # gpu_worker/model/acceleration.py: a shape torch would have to recompile after the warm-up runs eager.
@@ -170,7 +170,7 @@ def compute_ratios(policies: dict, raw_batch1_s: float | None) -> dict:
 
 
 def evaluate_targets(policies: dict, ratios: dict, compiled: bool) -> dict:
-    """The issue's targets, each ``met`` (None where not measurable) with its figure and limit;
+    """The step policy's targets, each ``met`` (None where not measurable) with its figure and limit;
     ``all_met`` is None while any is not evaluated (``not_evaluated`` names them)."""
     targets: dict[str, Any] = {}
     for workload in ("burst", "users"):
