@@ -101,6 +101,7 @@ class ImagePipeline:
             sample_size = max(sample_size)
         self.native_size = int(sample_size) * self.vae_scale_factor
         self.images_per_part = decoding.IMAGES_PER_PART  # latents per VAE decode (gpu_worker.model.decoding)
+        self._steps_refusals: dict[int, str | None] = {}  # steps -> why the scheduler cannot run them
 
     def __repr__(self) -> str:
         return (f"ImagePipeline(model_id={self.model_id!r}, architecture={self.architecture!r}, "
@@ -179,6 +180,7 @@ class ImagePipeline:
         return estimate_per_image_memory_bytes(self.architecture, self.dtype, width, height)
 
     def _check_settings(self, settings: BatchKey) -> None:
+        """ValueError (the request's fault: invalid_request) for settings this model cannot run."""
         multiple = self.vae_scale_factor
         for name in ("width", "height"):
             value = getattr(settings, name)
@@ -187,6 +189,27 @@ class ImagePipeline:
         if settings.num_inference_steps < 1:
             raise ValueError(
                 f"num_inference_steps must be >= 1, got {settings.num_inference_steps}")
+        refusal = self._steps_refusal(settings.num_inference_steps)
+        if refusal is not None:
+            raise ValueError(refusal)
+
+    def _steps_refusal(self, steps: int) -> str | None:
+        """Why this model's scheduler cannot run ``steps`` steps, or None. A schedule whose timesteps
+        reach the number of training timesteps would index past the scheduler's tables (PNDM with
+        steps_offset 1, SD-1.5's, at 1000 steps: its last timestep is 1000 of 0..999) and fail
+        inside diffusers with an IndexError."""
+        if steps not in self._steps_refusals:
+            scheduler = self.diffusers_pipeline.scheduler
+            trained = int(getattr(scheduler.config, "num_train_timesteps", 0) or 0)
+            why = None
+            if trained and steps >= trained // 2:  # only long schedules can reach the end of the table
+                probe = type(scheduler).from_config(scheduler.config)
+                probe.set_timesteps(steps, device="cpu")
+                if int(probe.timesteps.max()) >= trained:
+                    why = (f"num_inference_steps {steps} is more than this model's scheduler "
+                           f"({type(scheduler).__name__}, {trained} training timesteps) can run: use fewer steps")
+            self._steps_refusals[steps] = why
+        return self._steps_refusals[steps]
 
     def _run(self, jobs: Sequence[GenerationJob], settings: BatchKey,
              output_type: str, preemption: Preemption | None = None) -> Any:

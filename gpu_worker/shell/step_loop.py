@@ -180,10 +180,16 @@ class StepWorker(Worker):
             self.counters.unlisted_snapped += 1
             request = replace(request, params=replace(params, width=decision.size.width, height=decision.size.height))
             params = request.params
+        key = BatchKey.of(params)
+        try:  # refused alone now, rather than failing the rows admitted beside it
+            self.engine.pipeline._check_settings(key)
+        except ValueError as exc:
+            self.link.send(Failure(request.request_id, FailureCode.INVALID_REQUEST.value,
+                                   str(exc)[:MAX_FAILURE_TEXT_CHARS]))
+            return
         now = self.clock()
         if self.warm_up is not None:
             self.warm_up.note_demand(ImageSize(params.width, params.height))
-        key = BatchKey.of(params)
         # The scheduler counts UNet calls: the engine's steps of this request.
         counted = replace(key, num_inference_steps=self.unet_calls(key.num_inference_steps))
         self.scheduler.add(StepRequest(request.request_id, counted, request, priority=request.priority,

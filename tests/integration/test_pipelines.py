@@ -310,6 +310,15 @@ def test_bad_batches_are_rejected(tiny: ImagePipeline) -> None:
         GenerationJob("x", None, -1)
 
 
+def test_steps_past_the_schedulers_tables_are_refused_not_an_index_error(tiny: ImagePipeline) -> None:
+    """PNDM with steps_offset 1 (SD-1.5's, and tiny's) at 1000 steps would reach timestep 1000 of
+    0..999 inside diffusers; 999 steps stay within it."""
+    with pytest.raises(ValueError, match=r"num_inference_steps 1000 is more than this model's scheduler "
+                                         r"\(PNDMScheduler, 1000 training timesteps\) can run"):
+        tiny.generate(JOBS[:1], BatchKey(64, 64, 1000, 7.5))
+    assert tiny._steps_refusal(999) is None and tiny._steps_refusal(25) is None
+
+
 # --- memory arithmetic ---------------------------------------------------------------------------
 
 

@@ -1,10 +1,11 @@
-"""The step loop (gpu_worker/shell/step_loop.py) when a step runs out of GPU memory, on the real tiny
-pipeline on the CPU, in this process: the worker's link goes nowhere (its messages are recorded) and
-the UNet is wrapped to raise torch.OutOfMemoryError for calls above a row count, as a GPU too small
-for the batch would. Nothing is lost: every request gets its image, equal to the image the same
-requests make on a worker that never ran out of memory; steps then take at most the rows that fit,
-and the rows left out are paused (their clients told) until they run. A lone row that does not fit
-fails with generation_failed, and the worker serves on."""
+"""The step loop (gpu_worker/shell/step_loop.py) when a step runs out of GPU memory or a request cannot
+run, on the real tiny pipeline on the CPU, in this process: the worker's link goes nowhere (its messages
+are recorded) and the UNet is wrapped to raise torch.OutOfMemoryError for calls above a row count, as a
+GPU too small for the batch would. Nothing is lost: every request gets its image, equal to the image the
+same requests make on a worker that never ran out of memory; steps then take at most the rows that fit,
+and the rows left out are paused (their clients told) until they run. A lone row that does not fit fails
+with generation_failed, and the worker serves on. A request whose steps the model's scheduler cannot run
+is refused alone (invalid_request), not failed with the rows beside it."""
 
 from __future__ import annotations
 
@@ -125,3 +126,12 @@ async def test_a_lone_row_that_does_not_fit_fails_and_the_worker_serves_on(pipel
     assert failure.request_id == "request-1" and failure.code == "generation_failed"
     assert "out of memory" in failure.message
     assert [m.request_id for m, _ in sent if isinstance(m, Result)] == ["request-2"]
+
+
+async def test_a_request_past_the_schedulers_steps_is_refused_alone_and_the_others_run(pipeline):
+    too_long = Generate("request-9", GenerationParams("a lantern 9", 64, 64, 1000, 7.5, 9), 200.0)
+    sent, _ = await serve(pipeline, [request(1), too_long, request(2)], fits=None)
+    (failure,) = [m for m, _ in sent if isinstance(m, Failure)]
+    assert failure.request_id == "request-9" and failure.code == "invalid_request"
+    assert "use fewer steps" in failure.message
+    assert sorted(m.request_id for m, _ in sent if isinstance(m, Result)) == ["request-1", "request-2"]
