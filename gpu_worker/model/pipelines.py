@@ -179,7 +179,7 @@ class ImagePipeline:
         """Estimated extra GPU memory one more image in a batch costs at width x height."""
         return estimate_per_image_memory_bytes(self.architecture, self.dtype, width, height)
 
-    def _check_settings(self, settings: BatchKey) -> None:
+    def check_settings(self, settings: BatchKey) -> None:
         """ValueError (the request's fault: invalid_request) for settings this model cannot run."""
         multiple = self.vae_scale_factor
         for name in ("width", "height"):
@@ -216,7 +216,7 @@ class ImagePipeline:
         jobs = list(jobs)
         if not jobs:
             raise ValueError("a batch needs at least one job")
-        self._check_settings(settings)
+        self.check_settings(settings)
         # CPU generators: the initial noise is the same whichever device runs the model.
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
         previewer = self._previewer(preemption)

@@ -147,7 +147,7 @@ class StepEngine:
         if in_use:
             raise ValueError(f"row ids already in the engine: {in_use}; drop or take them first")
         for row in rows:
-            self.pipeline._check_settings(row.settings)
+            self.pipeline.check_settings(row.settings)
         pipe = self.diffusers_pipeline
         prompts = [row.job.prompt for row in rows]
         # Always a string, as ImagePipeline.generate does: SDXL encodes None as zeros, "" as a prompt.

@@ -182,7 +182,7 @@ class StepWorker(Worker):
             params = request.params
         key = BatchKey.of(params)
         try:  # refused alone now, rather than failing the rows admitted beside it
-            self.engine.pipeline._check_settings(key)
+            self.engine.pipeline.check_settings(key)
         except ValueError as exc:
             self.link.send(Failure(request.request_id, FailureCode.INVALID_REQUEST.value,
                                    str(exc)[:MAX_FAILURE_TEXT_CHARS]))
