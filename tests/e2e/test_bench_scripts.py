@@ -12,11 +12,11 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from tests.support.paths import REPO
+from tests.support.procs import kill_all, processes_with
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
@@ -214,18 +214,6 @@ def test_service_half_runs_only_the_runs_asked_for(tmp_path):
     assert refused.returncode == 2 and "unknown burst5" in refused.stderr
 
 
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
 @pytest.mark.parametrize("when", ["under load", "while it starts"])
 def test_a_killed_benchmark_stops_the_service_it_started(tmp_path, when):
     """Killed (timeout, a device call's limit) at any time, the benchmark leaves no process behind: not
@@ -252,11 +240,7 @@ def test_a_killed_benchmark_stops_the_service_it_started(tmp_path, when):
             time.sleep(0.2)
         assert processes_with(marker) == [], "service processes outlived the killed benchmark"
     finally:
-        for pid in processes_with(marker) + [bench.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(processes_with(marker) + [bench.pid])
         bench.wait(timeout=10)
 
 

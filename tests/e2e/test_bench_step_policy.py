@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -19,6 +18,7 @@ import pytest
 
 from bench.step_policy import POLICIES, WORKLOADS, assign_steps
 from tests.support.paths import REPO
+from tests.support.procs import kill_all, processes_with
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -26,26 +26,6 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 # The arrival times are exponential gaps from the seed, scaled by the rate: seed 1990's first four
 # arrive within 0.27 / rate seconds, so even a slow machine (rate x 5 s well under 1) sends several.
 SEED = "1990"
-
-
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
-def kill_all(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_both_policies_run_every_workload_and_the_ratios_come_from_their_rows(tmp_path):

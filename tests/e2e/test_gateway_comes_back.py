@@ -18,6 +18,7 @@ import pytest
 from gateway.broker_client import BrokerClient, BrokerFailure
 from gateway.identity import GATEWAY_ID_FILE
 from imagegen.protocol import GenerationParams, Progress, Queued
+from tests.support import polling
 from tests.support.procs import free_port, get_json, wait_until_ready
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,19 +46,9 @@ async def link(cluster, identity: bytes | None) -> BrokerClient:
     return client
 
 
-async def until(predicate, what: str, cluster, timeout_s: float = 60.0) -> None:
+def until(predicate, what: str, cluster, timeout_s: float = 60.0):
     """Wait until ``predicate()`` (a plain function, or a coroutine function) holds, or fail with the logs."""
-    async def holds() -> bool:
-        value = predicate()
-        return await value if asyncio.iscoroutine(value) else value
-
-    async def poll() -> None:
-        while not await holds():
-            await asyncio.sleep(0.1)
-    try:
-        await asyncio.wait_for(poll(), timeout_s)
-    except asyncio.TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}\n{cluster.logs()}") from None
+    return polling.until(predicate, what, timeout_s, describe_failure=cluster.logs)
 
 
 async def stats(client: BrokerClient) -> dict:

@@ -17,6 +17,7 @@ from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.jobs.routes import JOBS
 from gateway.jobs.store import parse_store_url
+from tests.support import polling
 from tests.support.fake_job_broker import JobFakeBroker
 from tests.support.redis_server import RedisServer
 from tests.support.sse import read_until_end, sse_events
@@ -52,19 +53,8 @@ async def gateways(tmp_path, redis_server):
         await client.close()
 
 
-async def until(check, what: str, timeout_s: float = 20.0):
-    async def poll():
-        while True:
-            value = check()
-            value = await value if asyncio.iscoroutine(value) else value
-            if value:
-                return value
-            await asyncio.sleep(0.02)
-
-    try:
-        return await asyncio.wait_for(poll(), timeout_s)
-    except asyncio.TimeoutError:
-        pytest.fail(f"never: {what}")
+def until(check, what: str, timeout_s: float = 20.0):
+    return polling.until(check, what, timeout_s)
 
 
 async def status_of(client: TestClient, job_id: str) -> dict:

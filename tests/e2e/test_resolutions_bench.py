@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.paths import REPO
+from tests.support.procs import kill_all, processes_with
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,26 +30,6 @@ def harness(tmp_path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bench.resolutions", "--model", "fake:delay=0.05,warm_delay=0.2", "--sizes",
             ",".join(SIZES), "--max-batch-size", "2", "--steps", "2", "--arrival-s", "2", "--repeats", "2",
             "--lone-pause-s", "0.05", "--work", str(tmp_path / "work"), *extra]
-
-
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
-def kill_all(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_one_call_measures_every_phase_and_writes_the_issues_file(tmp_path):

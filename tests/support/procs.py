@@ -65,6 +65,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose environment holds ``marker`` (a NAME=VALUE a test put in the
+    environment of what it started, so it finds its children's children too)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL each of ``pids`` (one already gone is skipped)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def get_json(url: str, timeout_s: float = 5.0) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
