@@ -3,10 +3,23 @@ and stopping cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import subprocess
 from pathlib import Path
+from typing import Sequence
+
+
+def ordered_choices(text: str, known: Sequence[str], what: str) -> list[str]:
+    """A comma-separated subset of ``known`` (an argparse type), in ``known``'s order whatever the order
+    given; ArgumentTypeError naming the ``what`` it does not know and the choices."""
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in chosen if name not in known]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none given)'}; "
+                                         f"choose from {', '.join(known)}")
+    return [name for name in known if name in chosen]
 
 
 def card_name() -> str:

@@ -61,7 +61,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from bench.common import card_name, exit_on_sigterm, save_json
+from bench.common import card_name, exit_on_sigterm, ordered_choices, save_json
 from bench.service import Service
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,12 +287,7 @@ def merge(earlier: dict, later: dict) -> dict:
 
 
 def parse_phases(text: str) -> list[str]:
-    phases = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [phase for phase in phases if phase not in PHASES]
-    if unknown or not phases:
-        raise argparse.ArgumentTypeError(f"unknown phase(s) {', '.join(unknown) or '(none given)'}; "
-                                         f"choose from {', '.join(PHASES)}")
-    return [phase for phase in PHASES if phase in phases]  # always in this order
+    return ordered_choices(text, PHASES, "phase(s)")  # always in this order
 
 
 # --------------------------------------------------------------------------- the service

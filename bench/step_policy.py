@@ -65,7 +65,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.common import card_name, exit_on_sigterm, save_json
+from bench.common import card_name, exit_on_sigterm, ordered_choices, save_json
 from bench.resolutions import (DROPPED_ENV, card_slug, percentile, poisson_arrivals, run_raw_child, send,
                                summarize_run, versions)
 from bench.service import Service, row
@@ -96,12 +96,7 @@ def parse_steps(text: str) -> list[int]:
 
 
 def parse_policies(text: str) -> list[str]:
-    policies = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [policy for policy in policies if policy not in POLICIES]
-    if unknown or not policies:
-        raise argparse.ArgumentTypeError(f"unknown policy {', '.join(unknown) or '(none given)'}; "
-                                         f"choose from {', '.join(POLICIES)}")
-    return [policy for policy in POLICIES if policy in policies]  # always run-to-completion first
+    return ordered_choices(text, POLICIES, "policy")  # always run-to-completion first
 
 
 def assign_steps(count: int, choices: Sequence[int], seed: int) -> list[int]:
