@@ -476,6 +476,9 @@ class BrokerState:
             self.unclaimed.discard(message.request_id)  # answered, and kept for nobody now
             return []  # already answered
         del self.requests[message.request_id]
+        # Its work leaves the held work admission sums (units_ahead) now, not at the next interval:
+        # a client that cancels a long request and sends another at once must not be refused for it.
+        self._units_ahead.clear()
         self.counters.cancelled += 1
         label = record.message.label
         if record.worker is None:

@@ -231,6 +231,20 @@ def test_a_request_behind_too_much_queued_work_gets_overloaded_with_a_retry_afte
     assert s.counters.rejected_behind_queue == len(refused) and len(s.requests) == 8 - len(refused)
 
 
+def test_cancelled_work_is_not_counted_ahead_of_the_next_arrival_in_the_same_instant():
+    """Admission sums the held work at most every UNITS_AHEAD_RECOMPUTE_S: a cancelled request must
+    leave that sum at once, or a request sent right after the cancel is refused for it."""
+    s = broker()
+    s.register(W1, reg(cost=1.0), T0)
+    long = Generate("long", GenerationParams("a cat", 512, 512, 150, 7.5, 1, None), 300.0)
+    assert s.submit(CLIENT, long, T0) and "long" in s.requests  # dispatched: about 40 s of work
+    assert s.submit(CLIENT, gen("behind", 30.0), T0)[0].message.code == "overloaded"
+    s.cancel(CLIENT, Cancel("long"), T0)
+    assert s.units_ahead(T0, "tiny") == 0.0  # the same instant: no new sum, the cancelled work gone
+    accepted = s.submit(CLIENT, gen("next", 30.0), T0)
+    assert "next" in s.requests and s.counters.rejected_behind_queue == 1, accepted
+
+
 def test_a_registration_of_an_older_worker_without_a_cost_still_decodes():
     frames = protocol.encode(protocol.WORKER_LINK, reg())
     header = protocol.unpack_header(frames[2])
