@@ -73,35 +73,66 @@ IDLE_LOOK_S = 1.0  # with nothing to run, the loop looks again at least this oft
 WARM_UP_ROW = "warm-up"
 
 
+def graphed_image_limit(engine: StepEngine) -> int:
+    """The most guided rows a step runs through the UNet's CUDA graphs (CUDA_GRAPH_MAX_BATCH; 0: none,
+    or nothing compiled). More rows run the compiled UNet: a compilation of its own, warmed up apart."""
+    forward = acceleration.compiled_forward(engine.pipeline.diffusers_pipeline.unet)
+    if forward is None or forward.graphed is None:
+        return 0
+    return forward.cuda_graph_max_batch
+
+
+def warm_up_row_counts(cuda_graph_max_batch: int) -> list[int]:
+    """Guided rows of the engine's warm-up steps, one step each: with CUDA graphs, one more row than
+    they take (the compiled UNet, every larger row count) and one row (the graphs, every smaller
+    count); without, one row compiles the UNet for every count. A warm-up that stepped only rows the
+    graphs take would leave the compiled UNet cold, and every fuller step would run eager."""
+    return [cuda_graph_max_batch + 1, 1] if cuda_graph_max_batch > 0 else [1]
+
+
 def warm_up_engine(engine: StepEngine, size: ImageSize) -> float:
-    """Compile the engine's UNet call (a timestep per row, the batch dimension dynamic) with two steps of
-    one guided row at ``size``, in the GPU thread, with TORCH_COMPILE; returns the seconds it took.
-    One warm-up serves every row count (tests/e2e/test_step_engine_compiled.py)."""
+    """Compile the engine's UNet call (a timestep per row, the batch dimension dynamic) at ``size``,
+    in the GPU thread, with TORCH_COMPILE: a step of guided rows per count of
+    :func:`warm_up_row_counts`; returns the seconds it took. One compilation serves every row count
+    of its kind (tests/e2e/test_step_engine_compiled.py)."""
     began = time.perf_counter()
     key = BatchKey(size.width, size.height, 2, 7.5)
-    engine.admit([RowSpec(WARM_UP_ROW, GenerationJob("warm-up", None, 0), key)])
-    try:
-        acceleration.warm_up_shapes(lambda _rows: engine.step([WARM_UP_ROW]), [2])
-    finally:
-        engine.drop(WARM_UP_ROW)
+
+    def step(count: int) -> None:
+        rows = warm_up_rows(key, count)
+        engine.admit(rows)
+        try:
+            engine.step([row.row_id for row in rows])
+        finally:
+            for row in rows:
+                engine.drop(row.row_id)
+
+    acceleration.warm_up_shapes(step, warm_up_row_counts(graphed_image_limit(engine)))
     return time.perf_counter() - began
 
 
-# A further size's warm-up decodes this many images, then one: the VAE decoder's two compilations
-# (the batch dynamic from two images, and a single image); the engine's UNet call at the first.
-SIZE_WARM_UP_IMAGES = (2, 1)
+def warm_up_rows(key: BatchKey, count: int) -> list[RowSpec]:
+    return [RowSpec(f"{WARM_UP_ROW}-{index}", GenerationJob("warm-up", None, index), key) for index in range(count)]
+
+
+def size_warm_up_images(cuda_graph_max_batch: int) -> list[int]:
+    """A further size's warm-up: the images it steps and decodes, one count after the other. Two or
+    more images compile the VAE decoder with a dynamic batch and one image compiles its single-image
+    case; the first count also steps past the CUDA graphs' rows (the compiled UNet), the last inside
+    them (the graphs)."""
+    return [max(2, cuda_graph_max_batch + 1), 1]
 
 
 def warm_up_engine_size(engine: StepEngine, batch_sizes: Sequence[int], width: int, height: int) -> dict[int, float]:
     """Make ``width`` x ``height`` warm for the step loop, in the GPU thread (its background warm-up
     under TORCH_COMPILE, :class:`gpu_worker.shell.worker.SizeServing` ``warm_up``): for each count in
-    ``batch_sizes``, that many guided rows of one step are admitted, stepped and decoded, so the
-    engine's UNet call and the VAE decoder compile at this size now rather than run eager later.
-    Returns seconds per count."""
+    ``batch_sizes`` (:func:`size_warm_up_images`), that many guided rows of one step are admitted,
+    stepped and decoded, so the engine's UNet call and the VAE decoder compile at this size now rather
+    than run eager later. Returns seconds per count."""
     key = BatchKey(width, height, 1, 7.5)
 
     def run(count: int) -> None:
-        rows = [RowSpec(f"{WARM_UP_ROW}-{index}", GenerationJob("warm-up", None, index), key) for index in range(count)]
+        rows = warm_up_rows(key, count)
         engine.admit(rows)
         try:
             engine.step([row.row_id for row in rows])
@@ -203,7 +234,7 @@ class StepWorker(Worker):
 
     def _batch_sizes_at(self, size: ImageSize) -> list[int]:
         """A size's warm-up under the step loop: the rows it steps and decodes (warm_up_engine_size)."""
-        return list(SIZE_WARM_UP_IMAGES)
+        return size_warm_up_images(graphed_image_limit(self.engine))
 
     def _warm_up_unit_due(self) -> WarmUpUnit | None:
         if self.warm_up is None:

@@ -56,6 +56,32 @@ def test_one_warm_up_serves_every_row_count():
     assert (latents - eager).abs().max().item() <= TOLERANCE
 
 
+def test_the_step_workers_warm_up_compiles_past_the_cuda_graphs_rows_too():
+    # With CUDA_GRAPH_MAX_BATCH=1 one guided row (2 UNet rows) runs the graphed UNet and more rows the
+    # compiled one, two compilations of the same forward. On the CPU (where the worker never turns the
+    # graphs on) "reduce-overhead" compiles without recording graphs: the same split, turned on here.
+    # The worker's warm-up must leave both warm: steps of 3 guided rows (6 UNet rows) and of 1 then run
+    # compiled, none eager.
+    from gpu_worker.shell.step_loop import graphed_image_limit, warm_up_engine
+    from imagegen.protocol import ImageSize
+
+    pipeline = load_pipeline("tiny", "cpu", "float32", AccelerationConfig(compile=True, compile_encoders=False))
+    forward = compiled_forward(pipeline.diffusers_pipeline.unet)
+    assert forward is not None
+    forward.enable_cuda_graphs(1)
+    engine = StepEngine(pipeline)
+    assert graphed_image_limit(engine) == 1
+    warm_up_engine(engine, ImageSize(64, 64))
+    assert engine.row_ids() == []
+    try:
+        engine.admit([FOX, OWL, LIGHTHOUSE])
+        engine.step(["fox", "owl", "lighthouse"])  # 6 UNet rows: the compiled UNet
+        engine.step(["fox"])  # 2: the graphed one
+    finally:
+        acceleration.allow_recompiles()
+    assert forward.eager_shapes == set()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 @pytest.mark.parametrize("graph_max_batch", [0, 4], ids=["compiled", "cuda_graphs"])

@@ -55,4 +55,14 @@ def test_the_engine_warm_up_steps_a_row_of_its_own_and_leaves_the_engine_empty(p
     step = engine.step
     engine.step = lambda row_ids: calls.append(list(row_ids)) or step(row_ids)  # type: ignore[method-assign]
     assert warm_up_engine(engine, ImageSize(64, 64)) >= 0
-    assert calls == [["warm-up"]] and engine.row_ids() == []
+    assert calls == [["warm-up-0"]] and engine.row_ids() == []  # not compiled: no CUDA graphs, one row
+
+
+def test_the_engine_warm_up_steps_past_the_cuda_graphs_rows_and_inside_them():
+    from gpu_worker.shell.step_loop import size_warm_up_images, warm_up_row_counts
+
+    assert warm_up_row_counts(0) == [1]  # one compilation serves every row count
+    assert warm_up_row_counts(2) == [3, 1]  # 6 UNet rows: the compiled UNet; 2: the graphs
+    assert size_warm_up_images(0) == [2, 1]  # the decoder's dynamic batch, then a single image
+    assert size_warm_up_images(1) == [2, 1]
+    assert size_warm_up_images(4) == [5, 1]
