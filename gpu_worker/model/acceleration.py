@@ -191,11 +191,22 @@ class CompiledUnetForward:
         mode = self.mode_for(rows)
         if mode == "eager" or (shape in self.eager_shapes and not _WARMING.active):
             return self.eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
+        timestep = per_row_timestep(timestep, rows)
         _mark_batch_dynamic(rows, sample, encoder_hidden_states, kwargs, timestep)
         _mark_spatial_dynamic(sample)
         implementation = self.graphed if mode == "graphs" else self.compiled
         return _compiled_or_eager(implementation, self.eager, "UNet", shape, self.eager_shapes,
                                   (sample, timestep, encoder_hidden_states, *args), kwargs)
+
+
+def per_row_timestep(timestep: Any, rows: int) -> Any:
+    """A 0-dim timestep (the stock pipelines' one for all rows) as one per row, the step engine's form,
+    so that both batching policies call one compiled UNet: a step worker's compiled engine is then warm
+    from the pipeline's own warm-up, and neither compiles the other's. The UNet broadcasts a 0-dim
+    timestep to the batch itself, so its result is the same; contiguous, as the engine's stacked one."""
+    if isinstance(timestep, torch.Tensor) and timestep.dim() == 0:
+        return timestep.repeat(rows)
+    return timestep
 
 
 INT32_ELEMENTS = 2**31 - 1  # the largest tensor torch's generated kernels index with 32-bit integers

@@ -82,6 +82,30 @@ def test_the_step_workers_warm_up_compiles_past_the_cuda_graphs_rows_too():
     assert forward.eager_shapes == set()
 
 
+def test_the_pipelines_own_warm_up_serves_the_step_engine():
+    # Both batching policies call one compiled UNet (the stock pipeline's 0-dim timestep goes in as one
+    # per row, the engine's form): after the run-to-completion warm-up, with recompiles forbidden, the
+    # engine's steps of 6 and 2 UNet rows run compiled, none eager, and match the eager engine's.
+    compiled = load_pipeline("tiny", "cpu", "float32", AccelerationConfig(compile=True, compile_encoders=False))
+    forward = compiled_forward(compiled.diffusers_pipeline.unet)
+    assert forward is not None
+    compiled.warm_up([2], 64, 64)
+    try:
+        latents = three_rows_then_one(StepEngine(compiled))
+    finally:
+        acceleration.allow_recompiles()
+    assert forward.eager_shapes == set()
+    eager = three_rows_then_one(StepEngine(load_pipeline("tiny", "cpu", "float32")))
+    assert (latents - eager).abs().max().item() <= TOLERANCE
+
+
+def three_rows_then_one(engine: StepEngine) -> torch.Tensor:
+    engine.admit([FOX, OWL, LIGHTHOUSE])
+    engine.step(["fox", "owl", "lighthouse"])
+    engine.step(["fox"])
+    return engine.latents(["fox", "owl", "lighthouse"])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 @pytest.mark.parametrize("graph_max_batch", [0, 4], ids=["compiled", "cuda_graphs"])
