@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from gateway.broker_client import BrokerClient, BrokerFailure
+from gateway.broker_client import BrokerClient
 from gateway.identity import GATEWAY_ID_FILE
 from imagegen.protocol import GenerationParams, Progress, Queued
 from tests.support import polling
