@@ -34,7 +34,8 @@ the request's own steps.
 
 Out of memory: a step whose UNet call runs out of GPU memory changes no row; the scheduler halves
 the rows a step of that shape may take (StepScheduler.out_of_memory) and the next plan pauses the
-rows beyond it, which run when places free up; a lone row that does not fit fails
+rows beyond it, which run when places free up (from then on a paused row waits in CPU memory:
+its latents, prompt embeddings and scheduler state off the GPU); a lone row that does not fit fails
 (``generation_failed``). Other errors of a boundary fail its rows.
 
 With TORCH_COMPILE the first size is warm before the worker registers (:func:`warm_up_engine`); the
@@ -303,7 +304,7 @@ class StepWorker(Worker):
             self._start_rows(plan)
             try:
                 outcome: BoundaryOutcome = await loop.run_in_executor(
-                    self.gpu_thread, self._boundary_in_gpu_thread, plan, admitted)
+                    self.gpu_thread, self._boundary_in_gpu_thread, plan, admitted, self._memory_pressed())
             except Exception as exc:  # the pipeline's errors end this boundary's rows, never the worker
                 self._fail_rows(list(dict.fromkeys(plan.decode + plan.admit + plan.advance)), exc)
                 continue
@@ -355,13 +356,19 @@ class StepWorker(Worker):
                 held.first_step_at = now
                 held.batch_id = self._cohort_id
 
-    def _boundary_in_gpu_thread(self, plan: StepPlan, admitted: Sequence[RowSpec]) -> BoundaryOutcome:
+    def _memory_pressed(self) -> bool:
+        """Whether a step has run out of GPU memory (the scheduler then limits some shape's rows): paused
+        rows then wait in CPU memory, their latents and scheduler state off the GPU."""
+        return bool(self.scheduler.row_limits)
+
+    def _boundary_in_gpu_thread(self, plan: StepPlan, admitted: Sequence[RowSpec],
+                                offload_paused: bool = False) -> BoundaryOutcome:
         engine = self.engine
         self._forget_rows_in_gpu_thread([request_id for request_id, _ in plan.drop])
         present = set(engine.row_ids())
         for request_id in plan.pause:
-            if request_id in present and not engine.is_paused(request_id):
-                engine.pause(request_id)
+            if request_id in present and (offload_paused or not engine.is_paused(request_id)):
+                engine.pause(request_id, offload=offload_paused)  # a row paused before the pressure moves now
         outcome = BoundaryOutcome()
         if plan.decode:
             outcome.encodings = BatchEncodings(self.encoder_threads, self.stripe_threads, plan.decode)

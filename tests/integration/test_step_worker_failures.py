@@ -59,13 +59,17 @@ def request(seed: int, guidance: float = 7.5) -> Generate:
     return Generate(f"request-{seed}", GenerationParams(f"a lantern {seed}", 64, 64, STEPS, guidance, seed), 200.0)
 
 
-async def serve(pipeline: Any, requests: list[Generate], fits: int | None) -> tuple[list[Any], list[int]]:
+async def serve(pipeline: Any, requests: list[Generate], fits: int | None,
+                pauses: list[tuple[str, bool]] | None = None) -> tuple[list[Any], list[int]]:
     """Run a StepWorker on ``requests`` (sent together) until each is answered; (messages sent, UNet rows
-    of each call)."""
+    of each call). ``pauses`` receives the engine's pauses: (row, whether it moved off the device)."""
     engine = StepEngine(pipeline)
     unet = engine.diffusers_pipeline.unet
     gpu = TooSmallGpu(unet, fits if fits is not None else 10 ** 6)
     engine.diffusers_pipeline.unet = gpu
+    if pauses is not None:
+        pause = engine.pause
+        engine.pause = lambda row_id, offload=False: pauses.append((row_id, offload)) or pause(row_id, offload)
     worker = StepWorker(WorkerIdentity("w", "h", 0, "tiny", "cpu"), pipeline, CONFIG, capacity=16,
                         broker_address="tcp://127.0.0.1:9", heartbeat_interval_s=1.0, engine=engine)
     sent: list[Any] = []
@@ -103,7 +107,8 @@ def images(sent: list[Any]) -> dict[str, np.ndarray]:
 async def test_a_step_out_of_memory_halves_the_rows_pauses_the_rest_and_every_image_comes(pipeline):
     requests = [request(seed) for seed in range(4)]
     fine, _ = await serve(pipeline, requests, fits=None)
-    small, calls = await serve(pipeline, requests, fits=4)  # guided: two UNet rows a request, so two requests fit
+    pauses: list[tuple[str, bool]] = []
+    small, calls = await serve(pipeline, requests, fits=4, pauses=pauses)  # guided: two UNet rows each, so two fit
     assert calls[0] == 8 and 4 in calls[1:] and max(calls[1:]) <= 4  # one call too big, then none
     expected, got = images(fine), images(small)
     assert set(got) == {r.request_id for r in requests} and not any(isinstance(m, Failure) for m, _ in small)
@@ -112,6 +117,9 @@ async def test_a_step_out_of_memory_halves_the_rows_pauses_the_rest_and_every_im
     # The rows left out were told they wait, then ran (their steps kept: no restart from 0 after it).
     paused = {m.request_id for m, _ in small if isinstance(m, Progress) and m.paused}
     assert len(paused) == 2
+    # Under that memory pressure they wait off the GPU (on this CPU engine the tensors stay put:
+    # tests/integration/test_step_engine_gpu.py moves them on a GPU).
+    assert {row_id for row_id, offload in pauses if offload} == paused
     for request_id in paused:
         steps = [m.step for m, _ in small if isinstance(m, Progress) and m.request_id == request_id and not m.paused]
         assert steps == sorted(steps), steps
