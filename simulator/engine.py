@@ -417,9 +417,10 @@ class SimStepWorker:
     batch worker sends them. The scheduler knows the per-step costs of every row count of a shape
     from the first request of that shape on (as a worker would from its warm-up), and learns from
     every step after. A CANCEL reaching the worker goes to ``cancel``; the row is left out of the
-    next boundary. ``Simulation.batches`` gets one record per step (size: rows advanced), so a
-    run's ``avg_batch_size`` is rows per step and ``batches`` the steps run; a boundary that only
-    decodes or encodes is recorded as stopped (GPU time, no step)."""
+    next boundary. An idle plan with ``wake_at`` (rows held for batch-mates) is planned again then,
+    unless an arrival comes first. ``Simulation.batches`` gets one record per step (size: rows
+    advanced), so a run's ``avg_batch_size`` is rows per step and ``batches`` the steps run; a
+    boundary that only decodes or encodes is recorded as stopped (GPU time, no step)."""
 
     def __init__(self, sim: Simulation, index: int) -> None:
         self.sim = sim
@@ -490,6 +491,8 @@ class SimStepWorker:
             if self._members:
                 self._members = ()
                 self._send_status()
+            if plan.wake_at is not None:  # rows held for batch-mates, as run-to-completion holds them
+                self.sim.at(plan.wake_at, self._soon)
             return
         rows = self.scheduler.rows
         decode_s = sum(self.step_costs.decode_s(key, n)

@@ -171,6 +171,10 @@ class Batcher(Generic[T]):
     def queue_depth(self) -> int:
         return len(self._ids)
 
+    def __contains__(self, request_id: object) -> bool:
+        """Whether ``request_id`` is queued."""
+        return request_id in self._ids
+
     def add(self, request_id: str, key: BatchKey, item: T, now: float) -> None:
         if request_id in self._ids:
             raise ValueError(f"request {request_id} is already queued")

@@ -28,6 +28,16 @@ completion time of the rows at hand (rule 2b without its arrivals term) raised p
 and cost throughput. So the scheduler keeps run-to-completion's order and spends the step-level
 freedom only where it pays (docs/scheduling.md has the tables, and where it still falls short):
 
+0. **Uniform traffic is run-to-completion's.** While every row held, and every one of the last
+   ``uniform_window`` arrivals, is of the normal class and of one key per shape (steps and guidance
+   alike), the cohorts are run-to-completion's batches (docs/scheduling.md: what that gives and gives
+   up), chosen by its own code (:class:`gpu_worker.decisions.policies.AdaptiveBatcher`, fed the
+   cohorts' times): the same groups, the same order, the same holds (the plan is idle until
+   ``StepPlan.wake_at`` while run-to-completion would hold an idle GPU for batch-mates), no newcomer
+   joining a running cohort. Where run-to-completion stops a lone batch for a burst-mate, the mate
+   joins it instead: before its first step the cohort is formed again with it, after it the mate
+   joins at the next boundary (no step run twice). Rules 1-4 apply once the rows or the recent
+   arrivals differ.
 1. **A cohort runs to completion.** When nothing runs, the best-ranked waiting row chooses the
    shape and its cohort is every waiting row of that shape, best-ranked first, up to
    ``max_rows``, whatever their steps or guidance: one cohort where run-to-completion needs one
@@ -40,14 +50,17 @@ freedom only where it pays (docs/scheduling.md has the tables, and where it stil
    finished is decoded before the next is chosen (``decode_first``), so the next one takes the
    requests that arrived meanwhile, as run-to-completion's next batch does.
 2. **A newcomer joins a running cohort** (a) while a burst lands: it arrived within ``coalesce_s``
-   of the cohort's newest row; or (b) when the merge gain is positive: the summed seconds saved
-   over the cohort's rows, the newcomers and ``arrival_weight`` of the requests of that shape
-   expected before the cohort ends (at the observed mean gap), less the extra time the rows left
-   waiting spend waiting (:meth:`_merge_gain`). Without the merge, the newcomers would run with
-   those arrivals in a fuller cohort when this one ends; with it, they finish sooner but the
-   cohort's rows slow down and the arrivals wait for the longer cohort. Under a backlog, or where
-   a newcomer would outlast the cohort while others are due, it seldom pays; with mixed step
-   counts a short newcomer behind long rows usually does.
+   of the cohort's newest row; or (b) when the merge gain is positive (:meth:`_merge_gain`): what
+   the merge saves of the rows' summed latencies, each raised to ``latency_power`` (2: a second
+   saved for a row that has already waited long counts for more than one saved for a newcomer, as
+   p95 does), over the cohort's rows, the newcomers and ``arrival_weight`` of the requests of that
+   shape expected before the cohort ends (at the observed mean gap), less what the longer cohort
+   adds to the latencies of the rows left waiting. A row's latency is its age now plus the seconds
+   until it finishes. Without the merge, the newcomers would run with those arrivals in a fuller
+   cohort when this one ends; with it, they finish sooner but the cohort's rows slow down and the
+   arrivals wait for the longer cohort. Under a backlog, or where a newcomer would outlast the
+   cohort while others are due, it seldom pays; with mixed step counts a short newcomer behind
+   long rows usually does, unless those rows are already late.
 3. **Higher priority first, with aging.** A row's class is its priority's rank (high 0, normal 1,
    low 2) less one per ``aging_lones`` lone-request times waited, never better than normal (a
    high request stays ahead; the gateway caps who may send one). A waiting row of a better class
@@ -58,15 +71,18 @@ freedom only where it pays (docs/scheduling.md has the tables, and where it stil
 4. **Dropped rows free their share at the next boundary**: a cancelled or expired row is left out
    of the very next step.
 
-Rows are ranked by (class, arrival); the plan never holds an idle GPU.
+Rows are ranked by (class, arrival); the plan holds an idle GPU only as run-to-completion would (rule 0).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Generic, Iterable, TypeVar
+from typing import Generic, Iterable, Sequence, TypeVar
 
+from gpu_worker.decisions.batcher import Batch, BatchPolicyConfig, Pending
+from gpu_worker.decisions.policies import AdaptiveBatcher, HoldTuning
 from imagegen.batch_key import BatchKey
 from imagegen.protocol import priority_rank
 
@@ -95,6 +111,9 @@ class StepTuning:
     decode_first: bool = True  # an ended cohort is decoded before the next one is chosen
     merge: bool = True  # newcomers join a running cohort where the merge gain says so (rule 2b)
     arrival_weight: float = 0.3  # the merge gain counts this fraction of the arrivals expected meanwhile
+    latency_power: float = 2.0  # the merge gain sums the rows' latencies raised to this (1: summed latency)
+    uniform_as_batches: bool = True  # uniform traffic runs run-to-completion's batches (rule 0)
+    uniform_window: int = 32  # ...uniform: the rows held and this many latest arrivals
     rate_alpha: float = 0.1  # weight of the newest gap between arrivals (per shape) in their moving average
     break_even: bool = True  # a new cohort that waiting for one more row would pay for yields to another shape
     aging_lones: float = 4.0  # a waiting row's class improves by one per this many lone-request times waited
@@ -113,6 +132,8 @@ class StepTuning:
             raise ValueError("need 0 <= arrival_weight <= 1 and 0 < rate_alpha <= 1")
         if not 0 < self.cost_alpha <= 1:
             raise ValueError("cost_alpha must be in (0, 1]")
+        if self.latency_power < 1 or self.uniform_window < 1:
+            raise ValueError("need latency_power >= 1 and uniform_window >= 1")
 
 
 @dataclass(frozen=True)
@@ -154,7 +175,9 @@ class StepPlan:
     forget ``drop``, decode ``decode``, encode ``admit``'s prompts, step ``advance``. ``advance`` may
     be empty while ``admit`` is not (a cohort is encoded before its first step) or ``decode`` is not
     (an ended cohort is decoded before the next is chosen). :attr:`idle`: nothing for the GPU; the
-    plan never keeps an idle GPU waiting, so the shell plans again at the next arrival or CANCEL."""
+    shell plans again at the next arrival or CANCEL, or at ``wake_at`` if that comes first: rows wait
+    while run-to-completion would hold its idle GPU for their batch-mates (rule 0); otherwise the plan
+    never keeps an idle GPU waiting."""
 
     advance: tuple[str, ...] = ()
     admit: tuple[str, ...] = ()
@@ -162,6 +185,7 @@ class StepPlan:
     drop: tuple[tuple[str, str], ...] = ()  # (request id, "cancelled" | "deadline")
     decode: tuple[str, ...] = ()
     shape: Shape | None = None
+    wake_at: float | None = None  # idle while rows wait (a hold): plan again at this instant at the latest
 
     @property
     def idle(self) -> bool:
@@ -216,6 +240,15 @@ class StepScheduler(Generic[T]):
         self._arrivals: dict[Shape, tuple[float | None, float | None]] = {}
         # per shape: fewer rows than max_rows, after a step of that shape ran out of GPU memory
         self.row_limits: dict[Shape, int] = {}
+        # Rule 0: run-to-completion's own choices for uniform traffic. Its queue holds the rows that
+        # wait without ever having been admitted; ``_batch`` is the cohort it chose, running.
+        self._batches: AdaptiveBatcher[None] = AdaptiveBatcher(
+            config=BatchPolicyConfig(max_batch_size=self.tuning.max_rows), tuning=HoldTuning())
+        self._batch: Batch[None] | None = None
+        self._batch_started_at = 0.0
+        self._batch_ended: tuple[BatchKey, int, float] | None = None  # (key, size, started at), timed next plan
+        self._burst_mate = False  # a request arrived that would stop run-to-completion's lone batch
+        self._recent: deque[tuple[Shape, BatchKey, str]] = deque(maxlen=self.tuning.uniform_window)
 
     # ------------------------------------------------------------------ what the shell reports
 
@@ -238,6 +271,10 @@ class StepScheduler(Generic[T]):
             gap = max(0.0, now - last)
             mean = gap if mean is None else mean + self.tuning.rate_alpha * (gap - mean)
         self._arrivals[shape] = (now if last is None else max(last, now), mean)
+        self._recent.append((shape, request.key, request.priority))
+        self._batches.add(request.request_id, request.key, None, now)
+        if self._batch is not None and self._batches.should_preempt(self._batch, request.key, now):
+            self._burst_mate = True
 
     def cancel(self, request_id: str, now: float) -> bool:
         """Nobody waits for the request: it is dropped at the next plan. False if it is not held."""
@@ -281,6 +318,7 @@ class StepScheduler(Generic[T]):
     def decoded(self, request_ids: Iterable[str]) -> None:
         """Decoded (or failed): forget them."""
         for request_id in request_ids:
+            self._batches.cancel(request_id)
             self.rows.pop(request_id, None)
             self._unwanted.pop(request_id, None)
 
@@ -322,7 +360,22 @@ class StepScheduler(Generic[T]):
         return costs[-1] <= min(costs) * (1.0 + self.tuning.priority_slack)  # type: ignore[operator]
 
     def plan(self, now: float) -> StepPlan:
-        tuning = self.tuning
+        if self._batch_ended is not None:  # a rule-0 cohort was decoded at the last boundary: time it as a batch
+            key, size, started_at = self._batch_ended
+            self._batches.observe_batch(key, size, now - started_at, now)
+            self._batch_ended = None
+        drop = self._take_drops(now)
+        if self._uniform():
+            return self._plan_as_batches(drop, now)
+        self._batch = None  # a rule-0 cohort running goes on as a step cohort
+        self._burst_mate = False
+        plan = self._plan_steps(drop, now)
+        for request_id in plan.admit + plan.advance:
+            self._batches.cancel(request_id)  # admitted: no longer run-to-completion's to choose
+        return plan
+
+    def _take_drops(self, now: float) -> list[tuple[str, str]]:
+        """Forget the cancelled rows and those past their deadline (rule 4)."""
         drop = []
         for request_id, why in list(self._unwanted.items()):
             drop.append((request_id, why))
@@ -333,6 +386,86 @@ class StepScheduler(Generic[T]):
             if row.finished_at is None and deadline is not None and deadline < now:
                 drop.append((row.request_id, "deadline"))
                 del self.rows[row.request_id]
+        for request_id, _ in drop:
+            self._batches.cancel(request_id)
+        return drop
+
+    def _uniform(self) -> bool:
+        """Rule 0 applies: the rows held and the latest arrivals are all normal, one key per shape; no
+        step cohort is running or paused; no shape's limit fell."""
+        if not self.tuning.uniform_as_batches or self.row_limits:
+            return False
+        keys: dict[Shape, BatchKey] = {}
+        for shape, key, priority in self._recent:
+            if priority != "normal" or keys.setdefault(shape, key) != key:
+                return False
+        members = set(self.cohort)
+        for row in self.rows.values():
+            if row.finished_at is not None:
+                continue
+            if row.request.priority != "normal" or keys.setdefault(shape_of(row.key), row.key) != row.key:
+                return False
+            if row.admitted and self._batch is None and row.request_id not in self._batches:
+                return False  # a step cohort's row, running or paused
+            if row.admitted and self._batch is not None and row.request_id not in members \
+                    and row.request_id not in self._batches:
+                return False
+        return True
+
+    def _plan_as_batches(self, drop: list[tuple[str, str]], now: float) -> StepPlan:
+        """Rule 0: the cohorts are run-to-completion's batches, run to their end."""
+        live = [self.rows[i] for i in self.cohort if i in self.rows and self.rows[i].finished_at is None]
+        finished = tuple(r.request_id for r in self.rows.values() if r.finished_at is not None)
+        batch, mate, self._burst_mate = self._batch, self._burst_mate, False
+        restarted = False
+        if batch is not None and live and mate:
+            if all(r.steps_done == 0 for r in live):
+                # Stopped before its first step under run-to-completion: formed again with its burst-mates.
+                self._batches.requeue(Batch(batch.key, tuple(p for p in batch.requests if p.request_id in self.rows),
+                                            batch.formed_at))
+                self._batch, batch, live, restarted = None, None, [], True
+            else:
+                # Stopped after it, run-to-completion would run the step again: the mates join it instead.
+                room = self.max_rows(shape_of(batch.key)) - len(live)
+                mates = [self.rows[p.request_id] for p in self._batches
+                         if p.key == batch.key and p.request_id in self.rows][:room]
+                for row in mates:
+                    self._batches.cancel(row.request_id)
+                    row.admitted = True
+                self._batch = Batch(batch.key, batch.requests + tuple(self._pending(mates)), batch.formed_at)
+                self.cohort = [r.request_id for r in live + mates]
+                return StepPlan(tuple(self.cohort), tuple(r.request_id for r in mates), (), tuple(drop), finished,
+                                shape_of(batch.key))
+        if live:
+            self.cohort = [r.request_id for r in live]
+            return StepPlan(tuple(self.cohort), (), (), tuple(drop), finished, shape_of(live[0].key))
+        if batch is not None:  # it has ended: decoded now, timed at the next plan
+            if any(p.request_id in self.rows for p in batch.requests):
+                self._batch_ended = (batch.key, len(batch), self._batch_started_at)
+            self._batch = None
+        self.cohort = []
+        if finished and not restarted:
+            return StepPlan(drop=tuple(drop), decode=finished)
+        chosen = self._batches.next_batch(now)
+        if chosen is None:
+            return StepPlan(drop=tuple(drop), decode=finished, wake_at=self._batches.next_decision_at())
+        self._batch, self._batch_started_at = chosen, now
+        rows = [self.rows[p.request_id] for p in chosen.requests]
+        admit = tuple(r.request_id for r in rows if not r.admitted)
+        for row in rows:
+            row.admitted = True
+        self._last_admitted_at = max(r.arrived_at for r in rows)
+        self.cohort = [r.request_id for r in rows]
+        advance = () if admit and all(r.steps_done == 0 for r in rows) else tuple(self.cohort)
+        return StepPlan(advance, admit, (), tuple(drop), finished, shape_of(rows[0].key))
+
+    @staticmethod
+    def _pending(rows: Sequence[Row[T]]) -> Iterable[Pending[None]]:
+        return (Pending(r.request_id, r.key, r.arrived_at, None) for r in rows)
+
+    def _plan_steps(self, drop: list[tuple[str, str]], now: float) -> StepPlan:
+        """Rules 1-4."""
+        tuning = self.tuning
         previous = [i for i in self.cohort if i in self.rows]
         live = [i for i in previous if self.rows[i].finished_at is None]
         waiting = sorted((r for r in self.rows.values() if r.finished_at is None and r.request_id not in live),
@@ -479,8 +612,11 @@ class StepScheduler(Generic[T]):
         if not tuning.merge or not candidates:
             return self._add_riders(grown, waiting, lead_class, now)
         best, best_gain = 0, 0.0
+        in_cohort = {r.request_id for r in grown}
         for w in range(1, min(room, len(candidates)) + 1):
-            gain = self._merge_gain(grown, candidates[:w], len(waiting) - w)
+            joining = {r.request_id for r in candidates[:w]}
+            left = [r for r in waiting if r.request_id not in joining and r.request_id not in in_cohort]
+            gain = self._merge_gain(grown, candidates[:w], left, now)
             if gain is not None and gain > best_gain:
                 best, best_gain = w, gain
         grown += candidates[:best]
@@ -528,35 +664,63 @@ class StepScheduler(Generic[T]):
             out.append(t)
         return out
 
+    def _finish_each(self, shape: Shape, pairs: Sequence[tuple[int, int]]) -> list[float] | None:
+        """:meth:`_finish_times` of (steps left, UNet rows) pairs, in the pairs' own order."""
+        order = sorted(range(len(pairs)), key=lambda i: pairs[i][0])
+        times = self._finish_times(shape, [pairs[i] for i in order])
+        if times is None:
+            return None
+        out = [0.0] * len(pairs)
+        for position, i in enumerate(order):
+            out[i] = times[position]
+        return out
+
     def mean_gap_s(self, shape: Shape) -> float | None:
         """The moving average of the gaps between arrivals of ``shape``; None before two arrived."""
         return self._arrivals.get(shape, (None, None))[1]
 
-    def _merge_gain(self, cohort: list[Row[T]], newcomers: list[Row[T]], others: int = 0) -> float | None:
-        """Summed seconds saved if ``newcomers`` join the cohort now rather than run as a cohort of
-        their own when it ends (negative: joining costs more), over the cohort's rows, the newcomers
-        and the requests expected to arrive before the cohort ends (at the observed mean gap, with
-        the newcomers' steps): without the merge those would join the newcomers' cohort; with it
-        they wait for the merged cohort's end and run on their own. The ``others`` rows left waiting
-        (other shapes, or beyond the newcomers) wait as long as the merge makes the cohort longer."""
+    def _merge_gain(self, cohort: list[Row[T]], newcomers: list[Row[T]], others: Sequence[Row[T]] = (),
+                    now: float | None = None) -> float | None:
+        """What ``newcomers`` joining the cohort now, rather than running as a cohort of their own when
+        it ends, saves of the summed latencies raised to ``latency_power`` (negative: joining costs more),
+        a row's latency being its age at ``now`` plus the seconds until it finishes. Over the cohort's
+        rows, the newcomers and the requests expected to arrive before the cohort ends (at the observed
+        mean gap, one gap apart, with the newcomers' steps): without the merge those would join the
+        newcomers' cohort; with it they wait for the merged cohort's end and run on their own. The
+        ``others`` rows left waiting (other shapes, or beyond the newcomers) wait as much longer as the
+        merge makes the cohort. With ``latency_power`` 1 it is the summed seconds saved."""
         shape = shape_of(cohort[0].key)
-        alone = self._finish_times(shape, cohort)
-        merged = self._finish_times(shape, cohort + newcomers)
-        if alone is None or merged is None:
+        if now is None:
+            now = max(r.arrived_at for r in cohort + newcomers)
+        mine = [(r.steps_left, unet_rows(r.key)) for r in cohort]
+        theirs = [(r.steps_left, unet_rows(r.key)) for r in newcomers]
+        alone = self._finish_each(shape, mine)
+        merged = self._finish_each(shape, mine + theirs)
+        if not alone or merged is None:
             return None
-        end, merged_end = alone[-1], merged[-1]
+        end, merged_end = max(alone), max(merged)
         expected = 0
-        gap = self.mean_gap_s(shape)
+        gap = self.mean_gap_s(shape) or 0.0
         if gap:
             room = self.max_rows(shape) - len(newcomers)
             expected = max(0, min(room, round(self.tuning.arrival_weight * end / max(gap, 1e-9))))
         typical = (round(sum(r.steps_left for r in newcomers) / len(newcomers)),
                    round(sum(unet_rows(r.key) for r in newcomers) / len(newcomers)))
-        arrivals = [typical] * expected
-        after = self._finish_times(shape, [(r.steps_left, unet_rows(r.key)) for r in newcomers] + arrivals)
-        later = self._finish_times(shape, arrivals)
+        after = self._finish_each(shape, theirs + [typical] * expected)
+        later = self._finish_each(shape, [typical] * expected)
         if after is None or later is None:
             return None
-        separate = sum(alone) + sum(end + t for t in after)
-        joined = sum(merged) + sum(merged_end + t for t in later)
-        return separate - joined - others * max(0.0, merged_end - end)
+        power = self.tuning.latency_power
+
+        def cost(latency_s: float) -> float:
+            return max(0.0, latency_s) ** power
+
+        ages = [now - r.arrived_at for r in cohort]
+        newcomer_ages = [now - r.arrived_at for r in newcomers]
+        arrival_ages = [-(i + 1) * gap for i in range(expected)]  # they arrive one mean gap apart
+        separate = (sum(cost(a + t) for a, t in zip(ages, alone))
+                    + sum(cost(a + end + t) for a, t in zip(newcomer_ages + arrival_ages, after)))
+        joined = (sum(cost(a + t) for a, t in zip(ages + newcomer_ages, merged))
+                  + sum(cost(a + merged_end + t) for a, t in zip(arrival_ages, later)))
+        longer = sum(cost(now - r.arrived_at + merged_end) - cost(now - r.arrived_at + end) for r in others)
+        return separate - joined - longer

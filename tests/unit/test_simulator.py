@@ -377,6 +377,18 @@ def test_a_lone_request_under_the_step_policy_takes_one_batch_of_one():
     assert report.p50_s == pytest.approx(rtc.p50_s, rel=1e-6)
 
 
+@pytest.mark.parametrize("costs", [cost_models.SD15_H100, cost_models.SDXL_H200])
+def test_uniform_traffic_under_the_step_policy_runs_as_run_to_completion(costs):
+    """One key, normal class (rule 0): each request is answered when run-to-completion answers it, holds
+    for batch-mates included (SD-1.5 on the H100 table: a lone batch costs more than a batch of two)."""
+    key = costs.reference_key
+    workload = wl.poisson(0.9 * cost_models.capacity_img_s(costs, key, runs.MAX_BATCH), 200, [key], seed=1)
+    step, _ = simulate(workload, policy="step", costs=costs)
+    rtc, _ = simulate(workload, policy="default", costs=costs)
+    assert [r.done_at for r in step.requests.values()] == pytest.approx([r.done_at for r in rtc.requests.values()],
+                                                                        rel=1e-9)
+
+
 def test_cancelled_rows_free_their_share_within_one_step():
     case = next(c for c in runs.step_cases(SDXL, requests=150) if c.cancels)
     for policy, most in (("step", 1), ("default", None)):

@@ -79,8 +79,9 @@ def test_a_burst_landing_just_after_the_first_step_joins_at_the_next_boundary():
     assert set(plan.advance) == {"a", "b"} and plan.admit == ("b",)
 
 
-def test_under_a_backlog_a_newcomer_waits_for_the_cohort_instead_of_slowing_it():
-    sched = scheduler()
+@pytest.mark.parametrize("uniform_as_batches", [True, False])
+def test_under_a_backlog_a_newcomer_waits_for_the_cohort_instead_of_slowing_it(uniform_as_batches):
+    sched = scheduler(uniform_as_batches=uniform_as_batches)  # rule 0, or the merge gain (rule 2)
     for i in range(8):
         sched.add(req(f"a{i}"), 0.0)
     sched.plan(0.0)
@@ -126,19 +127,20 @@ def test_a_step_out_of_memory_halves_its_shape_and_the_rows_left_out_pause_then_
     sched = scheduler()
     for i in range(8):
         sched.add(req(f"a{i}"), 0.0)
-    sched.plan(0.0)
-    plan = sched.plan(0.01)
+    assert sched.plan(0.0).idle  # held 20 ms for more of the burst, as run-to-completion holds it
+    sched.plan(0.02)
+    plan = sched.plan(0.03)
     assert len(plan.advance) == 8
     assert sched.out_of_memory(plan.advance) == 4  # the step did not happen: no step_done
-    plan = sched.plan(0.02)
+    plan = sched.plan(0.04)
     assert plan.advance == ("a0", "a1", "a2", "a3") and set(plan.pause) == {"a4", "a5", "a6", "a7"}
     assert sched.max_rows(SHAPE) == 4 and sched.max_rows((768, 768)) == 16  # other shapes keep their limit
     assert sched.out_of_memory(plan.advance) == 2
-    plan = sched.plan(0.03)
+    plan = sched.plan(0.05)
     assert plan.advance == ("a0", "a1") and set(plan.pause) == {"a2", "a3"}
     # From then on every row still gets its 25 steps, two at a time, and nothing runs above the limit.
     finished: set[str] = set()
-    now = 0.03
+    now = 0.05
     for _ in range(200):
         assert len(plan.advance) <= 2
         finished.update(plan.decode)
@@ -186,6 +188,50 @@ def test_the_merge_gain_counts_the_summed_completion_time():
     sched.add(req("n"), 0.0)
     gain = sched._merge_gain(cohort, [sched.rows["n"]])
     assert gain is not None and gain < 0  # near-linear steps: joining costs the cohort more than it saves
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_the_merge_gain_weighs_the_seconds_of_rows_already_late(power):
+    """A short newcomer behind long rows lowers the summed latency whether or not those rows are late;
+    raised to the power 2, the seconds it costs rows that have waited 20 s outweigh what it saves."""
+    gains = {}
+    for age in (0.0, 20.0):
+        sched = scheduler(latency_power=power)
+        for i in range(4):
+            sched.add(req(f"a{i}", BatchKey(1024, 1024, 50, 5.0)), 100.0 - age)
+            sched.rows[f"a{i}"].steps_done = 10
+        sched.add(req("n", BatchKey(1024, 1024, 10, 5.0)), 100.0)
+        cohort = [sched.rows[f"a{i}"] for i in range(4)]
+        gains[age] = sched._merge_gain(cohort, [sched.rows["n"]], (), 100.0)
+    assert gains[0.0] > 0
+    assert (gains[20.0] > 0) if power == 1.0 else (gains[20.0] < 0)
+
+
+def test_uniform_traffic_holds_a_group_for_batch_mates_as_run_to_completion_does():
+    sched = scheduler()
+    sched.add(req("a"), 0.0)
+    sched.add(req("b"), 0.0)
+    plan = sched.plan(0.0)
+    assert plan.idle and plan.wake_at == pytest.approx(0.02)  # run-to-completion's coalescing hold
+    assert set(sched.plan(0.02).admit) == {"a", "b"}
+
+
+@pytest.mark.parametrize("other_key_seen", [False, True])
+def test_uniform_traffic_keeps_a_running_cohort_as_its_batch(other_key_seen):
+    """A newcomer of the same key waits for the cohort to end, as for run-to-completion's next batch,
+    although joining a lone row is free on these costs; once another key arrived among the latest
+    requests the step rules apply and it joins."""
+    sched = scheduler()
+    if other_key_seen:
+        sched.add(req("x", BatchKey(1024, 1024, 10, 5.0)), 0.0)
+        now = run_steps(sched, 0.0, 14)
+        assert not sched.plan(now).advance and not sched.rows  # x decoded, nothing held
+    else:
+        now = 0.0
+    sched.add(req("a"), now)
+    now = run_steps(sched, now, 6)
+    sched.add(req("b"), now)
+    assert ("b" in sched.plan(now).advance) is other_key_seen
 
 
 def test_step_is_not_a_batcher_and_the_worker_runs_it_in_its_step_loop():
