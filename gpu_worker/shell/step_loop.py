@@ -298,7 +298,7 @@ class StepWorker(Worker):
                                                [request_id for request_id, _ in plan.drop])
                 if self.state == "draining" and not self.scheduler.rows:
                     return
-                await self._sleep()
+                await self._sleep(plan.wake_at)
                 continue
             admitted = [self._row_spec(request_id) for request_id in plan.admit]
             self._start_rows(plan)
@@ -481,12 +481,13 @@ class StepWorker(Worker):
         if gone:
             log.debug("dropped %d rows from the step engine; %d rows left in it", len(gone), len(present) - len(gone))
 
-    async def _sleep(self) -> None:
-        """Nothing for the GPU: wait for an arrival or a CANCEL (the plan never keeps an idle GPU waiting
-        while rows wait), looking again every IDLE_LOOK_S all the same."""
+    async def _sleep(self, wake_at: float | None = None) -> None:
+        """Nothing for the GPU now: wait for an arrival or a CANCEL, or until ``wake_at`` (the plan holds
+        rows for batch-mates until then, StepPlan.wake_at), looking again every IDLE_LOOK_S all the same."""
         self.arrival.clear()
+        timeout_s = IDLE_LOOK_S if wake_at is None else min(IDLE_LOOK_S, max(0.0, wake_at - self.clock()))
         try:
-            await asyncio.wait_for(self.arrival.wait(), IDLE_LOOK_S)
+            await asyncio.wait_for(self.arrival.wait(), timeout_s)
         except asyncio.TimeoutError:
             pass
 

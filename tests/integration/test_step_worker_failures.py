@@ -143,3 +143,14 @@ async def test_a_request_past_the_schedulers_steps_is_refused_alone_and_the_othe
     assert failure.request_id == "request-9" and failure.code == "invalid_request"
     assert "use fewer steps" in failure.message
     assert sorted(m.request_id for m, _ in sent if isinstance(m, Result)) == ["request-1", "request-2"]
+
+
+async def test_rows_held_for_batch_mates_run_at_the_plans_wake_at_without_another_arrival(pipeline, monkeypatch):
+    # Uniform traffic: the scheduler holds an idle GPU's rows for batch-mates as run-to-completion does
+    # (StepPlan.wake_at). With the loop's own look-again period out of reach, the rows still run: the
+    # loop sleeps until wake_at, not until the next arrival or IDLE_LOOK_S.
+    from gpu_worker.shell import step_loop
+
+    monkeypatch.setattr(step_loop, "IDLE_LOOK_S", 3600.0)
+    sent, _ = await asyncio.wait_for(serve(pipeline, [request(seed) for seed in range(2)], fits=None), 180)
+    assert {m.request_id for m, _ in sent if isinstance(m, Result)} == {"request-0", "request-1"}
