@@ -644,16 +644,15 @@ class StepScheduler(Generic[T]):
                 rows = more
         return grown
 
-    def _finish_times(self, shape: Shape, rows: list[Row[T]] | list[tuple[int, int]]) -> list[float] | None:
-        """Seconds from now until each row (by steps left, ascending) finishes if ``rows`` (rows, or
-        (steps left, UNet rows) pairs) run as one cohort from now on, each step costing what its
-        remaining rows cost; None: no cost estimate."""
-        pairs = [(r.steps_left, unet_rows(r.key)) if isinstance(r, Row) else r for r in rows]
+    def _finish_times(self, shape: Shape, pairs: Sequence[tuple[int, int]]) -> list[float] | None:
+        """Seconds from now until each (steps left, UNet rows) pair finishes, in the pairs' own order, if
+        they run as one cohort from now on, each step costing what its remaining rows cost; None: no
+        cost estimate."""
         if not pairs:
             return []
         left = sorted(steps for steps, _ in pairs)
         per_row = sum(u for _, u in pairs) / len(pairs)
-        t, before, out = 0.0, 0, []
+        t, before, done_at = 0.0, 0, {}
         for i, steps in enumerate(left):
             if steps > before:
                 cost = self.step_s(shape, max(1, round(per_row * (len(left) - i))))
@@ -661,19 +660,8 @@ class StepScheduler(Generic[T]):
                     return None
                 t += (steps - before) * cost
                 before = steps
-            out.append(t)
-        return out
-
-    def _finish_each(self, shape: Shape, pairs: Sequence[tuple[int, int]]) -> list[float] | None:
-        """:meth:`_finish_times` of (steps left, UNet rows) pairs, in the pairs' own order."""
-        order = sorted(range(len(pairs)), key=lambda i: pairs[i][0])
-        times = self._finish_times(shape, [pairs[i] for i in order])
-        if times is None:
-            return None
-        out = [0.0] * len(pairs)
-        for position, i in enumerate(order):
-            out[i] = times[position]
-        return out
+            done_at[steps] = t
+        return [done_at[steps] for steps, _ in pairs]
 
     def mean_gap_s(self, shape: Shape) -> float | None:
         """The moving average of the gaps between arrivals of ``shape``; None before two arrived."""
@@ -694,8 +682,8 @@ class StepScheduler(Generic[T]):
             now = max(r.arrived_at for r in cohort + newcomers)
         mine = [(r.steps_left, unet_rows(r.key)) for r in cohort]
         theirs = [(r.steps_left, unet_rows(r.key)) for r in newcomers]
-        alone = self._finish_each(shape, mine)
-        merged = self._finish_each(shape, mine + theirs)
+        alone = self._finish_times(shape, mine)
+        merged = self._finish_times(shape, mine + theirs)
         if not alone or merged is None:
             return None
         end, merged_end = max(alone), max(merged)
@@ -706,8 +694,8 @@ class StepScheduler(Generic[T]):
             expected = max(0, min(room, round(self.tuning.arrival_weight * end / max(gap, 1e-9))))
         typical = (round(sum(r.steps_left for r in newcomers) / len(newcomers)),
                    round(sum(unet_rows(r.key) for r in newcomers) / len(newcomers)))
-        after = self._finish_each(shape, theirs + [typical] * expected)
-        later = self._finish_each(shape, [typical] * expected)
+        after = self._finish_times(shape, theirs + [typical] * expected)
+        later = self._finish_times(shape, [typical] * expected)
         if after is None or later is None:
             return None
         power = self.tuning.latency_power
