@@ -98,22 +98,24 @@ def warm_up_engine(engine: StepEngine, size: ImageSize) -> float:
     of its kind (tests/e2e/test_step_engine_compiled.py)."""
     began = time.perf_counter()
     key = BatchKey(size.width, size.height, 2, 7.5)
-
-    def step(count: int) -> None:
-        rows = warm_up_rows(key, count)
-        engine.admit(rows)
-        try:
-            engine.step([row.row_id for row in rows])
-        finally:
-            for row in rows:
-                engine.drop(row.row_id)
-
-    acceleration.warm_up_shapes(step, warm_up_row_counts(graphed_image_limit(engine)))
+    acceleration.warm_up_shapes(lambda count: step_warm_up_rows(engine, key, count, decode=False),
+                                warm_up_row_counts(graphed_image_limit(engine)))
     return time.perf_counter() - began
 
 
-def warm_up_rows(key: BatchKey, count: int) -> list[RowSpec]:
-    return [RowSpec(f"{WARM_UP_ROW}-{index}", GenerationJob("warm-up", None, index), key) for index in range(count)]
+def step_warm_up_rows(engine: StepEngine, key: BatchKey, count: int, decode: bool) -> None:
+    """Admit ``count`` warm-up rows of ``key``, take one step of them (and decode them, if asked), then
+    leave the engine as it was."""
+    rows = [RowSpec(f"{WARM_UP_ROW}-{index}", GenerationJob("warm-up", None, index), key) for index in range(count)]
+    engine.admit(rows)
+    try:
+        engine.step([row.row_id for row in rows])
+        if decode:
+            engine.decode([row.row_id for row in rows])
+    finally:
+        for row in rows:
+            if row.row_id in engine.row_ids():
+                engine.drop(row.row_id)
 
 
 def size_warm_up_images(cuda_graph_max_batch: int) -> list[int]:
@@ -131,19 +133,8 @@ def warm_up_engine_size(engine: StepEngine, batch_sizes: Sequence[int], width: i
     stepped and decoded, so the engine's UNet call and the VAE decoder compile at this size now rather
     than run eager later. Returns seconds per count."""
     key = BatchKey(width, height, 1, 7.5)
-
-    def run(count: int) -> None:
-        rows = warm_up_rows(key, count)
-        engine.admit(rows)
-        try:
-            engine.step([row.row_id for row in rows])
-            engine.decode([row.row_id for row in rows])
-        finally:
-            for row in rows:
-                if row.row_id in engine.row_ids():
-                    engine.drop(row.row_id)
-
-    return acceleration.warm_up_shapes(run, list(batch_sizes))
+    return acceleration.warm_up_shapes(lambda count: step_warm_up_rows(engine, key, count, decode=True),
+                                       list(batch_sizes))
 
 
 @dataclass
